@@ -1,0 +1,4 @@
+"""Classifier models: `model.params`, `model.loss(X)` and `model.loss(X, y)`."""
+from fastnn.classifiers.fc_net import FullyConnectedNet, TwoLayerNet
+
+__all__ = ["TwoLayerNet", "FullyConnectedNet"]

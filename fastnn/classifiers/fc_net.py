@@ -1,0 +1,163 @@
+"""Fully connected classifiers: TwoLayerNet and FullyConnectedNet.
+
+Parameters live in `model.params` (arrays of the backend active at
+construction); `model.loss(X)` gives scores, `model.loss(X, y)` gives
+`(loss, grads)`. The softmax loss here skips the label checks of
+`fastnn.layers.softmax_loss`: `Solver` checks the labels once up front (an
+out-of-range label gives a NaN loss rather than a read out of bounds).
+"""
+import numpy as np
+
+from fastnn import kernels
+from fastnn.backend import get_array_module, get_backend, xp as active_xp
+from fastnn.layer_utils import (affine_bn_relu_backward, affine_bn_relu_forward,
+                                affine_relu_backward, affine_relu_forward)
+from fastnn.layers import affine_backward, affine_forward, dropout_backward, dropout_forward
+
+
+def _standard_normal(rng, shape):
+    """Standard normal draws from a Generator, or from np.random when rng is None."""
+    return np.random.randn(*shape) if rng is None else rng.standard_normal(shape)
+
+
+class _Classifier:
+    """What both nets share: parameter creation, L2 loss, the softmax head."""
+
+    def _init_params(self, dims, weight_scale, use_batchnorm, rng):
+        """W1..WL (weight_scale * N(0, 1)), b zero; gamma one, beta zero when batchnorm."""
+        xp = active_xp()
+        self.params = {}
+        for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:]), start=1):
+            w = weight_scale * _standard_normal(rng, (fan_in, fan_out))
+            self.params[f"W{i}"] = xp.asarray(w, dtype=self.dtype)
+            self.params[f"b{i}"] = xp.zeros(fan_out, dtype=self.dtype)
+            if use_batchnorm and i < len(dims) - 1:
+                self.params[f"gamma{i}"] = xp.ones(fan_out, dtype=self.dtype)
+                self.params[f"beta{i}"] = xp.zeros(fan_out, dtype=self.dtype)
+        self.backend = get_backend()
+
+    def _weight_names(self):
+        return [f"W{i}" for i in range(1, self.num_layers + 1)]
+
+    def _loss_and_grads(self, scores, y, grads_of_scores):
+        """Softmax loss plus L2 on the weights; grads_of_scores(dscores) fills the rest."""
+        xp = get_array_module(scores, y)
+        loss, dscores = kernels.for_module(xp).softmax_loss(scores, y)
+        grads = grads_of_scores(dscores)
+        if self.reg:
+            for name in self._weight_names():
+                w = self.params[name]
+                flat = w.reshape(-1)
+                loss = loss + 0.5 * self.reg * xp.dot(flat, flat)
+                grads[name] += self.reg * w
+        return loss, grads
+
+
+class TwoLayerNet(_Classifier):
+    """affine - relu - affine - softmax, for inputs of `input_dim` features."""
+
+    def __init__(self, input_dim=3 * 32 * 32, hidden_dim=100, num_classes=10,
+                 weight_scale=1e-3, reg=0.0, dtype=np.float32):
+        self.dtype = np.dtype(dtype)
+        self.reg = reg
+        self.num_layers = 2
+        self.init_args = dict(input_dim=input_dim, hidden_dim=hidden_dim, num_classes=num_classes,
+                              weight_scale=weight_scale, reg=reg, dtype=self.dtype.name)
+        self._init_params([input_dim, hidden_dim, num_classes], weight_scale, False, None)
+
+    def loss(self, X, y=None):
+        """X (N, d1, ...) -> scores (N, C), or (loss, grads) when labels y (N,) are given."""
+        p = self.params
+        hidden, cache1 = affine_relu_forward(X, p["W1"], p["b1"])
+        scores, cache2 = affine_forward(hidden, p["W2"], p["b2"])
+        if y is None:
+            return scores
+
+        def backward(dscores):
+            dhidden, dw2, db2 = affine_backward(dscores, cache2)
+            _, dw1, db1 = affine_relu_backward(dhidden, cache1, need_dx=False)
+            return {"W1": dw1, "b1": db1, "W2": dw2, "b2": db2}
+
+        return self._loss_and_grads(scores, y, backward)
+
+
+class FullyConnectedNet(_Classifier):
+    """{affine - [batchnorm] - relu - [dropout]} x (L - 1) - affine - softmax.
+
+    `dropout` is the probability of dropping a unit (0: no dropout). With
+    `seed` set, the weights are drawn from `np.random.default_rng(seed)` and
+    the dropout masks are seeded (deterministic); without it the weights come
+    from `np.random` (so `np.random.seed` makes them reproducible) and each
+    call draws fresh masks.
+    """
+
+    def __init__(self, hidden_dims, input_dim=3 * 32 * 32, num_classes=10, dropout=0,
+                 use_batchnorm=False, reg=0.0, weight_scale=1e-2, dtype=np.float32, seed=None):
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout is the probability of dropping a unit and must be in "
+                             f"[0, 1), got {dropout}")
+        hidden_dims = [int(h) for h in hidden_dims]
+        self.dtype = np.dtype(dtype)
+        self.reg = reg
+        self.use_batchnorm = bool(use_batchnorm)
+        self.use_dropout = dropout > 0
+        self.num_layers = len(hidden_dims) + 1
+        self.init_args = dict(hidden_dims=hidden_dims, input_dim=input_dim,
+                              num_classes=num_classes, dropout=dropout,
+                              use_batchnorm=self.use_batchnorm, reg=reg,
+                              weight_scale=weight_scale, dtype=self.dtype.name, seed=seed)
+        rng = None if seed is None else np.random.default_rng(seed)
+        self._init_params([input_dim, *hidden_dims, num_classes], weight_scale,
+                          self.use_batchnorm, rng)
+        self.dropout_param = {"mode": "train", "p": float(dropout), "step": 0}
+        if seed is not None:
+            self.dropout_param["seed"] = int(seed)
+        self.bn_params = [{"mode": "train"} for _ in hidden_dims] if self.use_batchnorm else []
+
+    def _layer_dropout_param(self, layer):
+        """Layer `layer`'s dropout settings: its own seed, so equal-width layers differ."""
+        param = dict(self.dropout_param)
+        if param.get("seed") is not None:
+            param["seed"] = param["seed"] + layer
+        return param
+
+    def loss(self, X, y=None):
+        """X (N, d1, ...) -> scores (N, C), or (loss, grads) when labels y (N,) are given."""
+        mode = "test" if y is None else "train"
+        self.dropout_param["mode"] = mode
+        for bn_param in self.bn_params:
+            bn_param["mode"] = mode
+        p = self.params
+        hidden = X
+        caches = []
+        for i in range(1, self.num_layers):
+            w, b = p[f"W{i}"], p[f"b{i}"]
+            if self.use_batchnorm:
+                hidden, cache = affine_bn_relu_forward(hidden, w, b, p[f"gamma{i}"],
+                                                       p[f"beta{i}"], self.bn_params[i - 1])
+            else:
+                hidden, cache = affine_relu_forward(hidden, w, b)
+            drop_cache = None
+            if self.use_dropout:
+                hidden, drop_cache = dropout_forward(hidden, self._layer_dropout_param(i))
+            caches.append((cache, drop_cache))
+        last = self.num_layers
+        scores, last_cache = affine_forward(hidden, p[f"W{last}"], p[f"b{last}"])
+        if mode == "test":
+            return scores
+
+        def backward(dscores):
+            grads = {}
+            dhidden, grads[f"W{last}"], grads[f"b{last}"] = affine_backward(dscores, last_cache)
+            for i in range(last - 1, 0, -1):
+                cache, drop_cache = caches[i - 1]
+                dhidden = dropout_backward(dhidden, drop_cache)
+                if self.use_batchnorm:
+                    (dhidden, grads[f"W{i}"], grads[f"b{i}"], grads[f"gamma{i}"],
+                     grads[f"beta{i}"]) = affine_bn_relu_backward(dhidden, cache, need_dx=i > 1)
+                else:
+                    dhidden, grads[f"W{i}"], grads[f"b{i}"] = affine_relu_backward(
+                        dhidden, cache, need_dx=i > 1)
+            return grads
+
+        return self._loss_and_grads(scores, y, backward)

@@ -1,0 +1,62 @@
+"""One table of hot ops, per array module.
+
+`kernels.for_module(xp)` returns a namespace holding every op in `OPS`:
+the backend's fast version where one exists (cpu.py: Numba, for numpy;
+gpu.py: CuPy kernels, for cupy), else the reference (plain xp) version. The
+layers call ops only through this table, so a backend adds speed by
+defining a function of the same name and signature in its module.
+"""
+import importlib
+import types
+
+import numpy as np
+
+from fastnn.kernels import reference
+
+OPS = (
+    "relu_forward", "relu_backward",
+    "dropout_forward", "dropout_backward",
+    "softmax_loss", "svm_loss",
+    "batchnorm_train_forward", "batchnorm_backward",
+    "sgd_", "sgd_momentum_", "rmsprop_", "adam_",
+)
+
+_tables = {}
+_fast_enabled = True
+
+
+def _fast_module(name):
+    """The fast-kernel module for an array module name, or None."""
+    if not _fast_enabled:
+        return None
+    if name == "numpy":
+        return importlib.import_module("fastnn.kernels.cpu")
+    if name == "cupy":
+        return importlib.import_module("fastnn.kernels.gpu")
+    return None
+
+
+def for_module(xp):
+    """The op table (a SimpleNamespace) for array module `xp`."""
+    name = "cupy" if xp is not np else "numpy"
+    table = _tables.get(name)
+    if table is None:
+        fast = _fast_module(name)
+        # getattr(None, op, None) is None: no fast module means all reference
+        table = types.SimpleNamespace(**{
+            op: getattr(fast, op, None) or getattr(reference, op) for op in OPS})
+        table.name = name if fast else f"{name}-reference"
+        _tables[name] = table
+    return table
+
+
+def set_fast_kernels(enabled):
+    """Use the fast kernels (default) or only the reference ones; for tests and benchmarks."""
+    global _fast_enabled
+    _fast_enabled = bool(enabled)
+    _tables.clear()
+
+
+def reference_table():
+    """The reference ops, whatever the backend."""
+    return types.SimpleNamespace(**{op: getattr(reference, op) for op in OPS}, name="reference")

@@ -1,0 +1,223 @@
+"""Numba kernels for the numpy backend: the same ops, names and results as reference.py.
+
+Each op is a thin Python wrapper (shapes, flat views, output allocation)
+around one compiled kernel. Row-wise work (losses) runs rows in parallel;
+element-wise work runs in parallel chunks. Kernels are compiled on first use
+and cached on disk (`cache=True`; Numba falls back to a user cache folder
+when the install is read-only).
+"""
+import numba
+import numpy as np
+
+from fastnn.kernels.reference import GOLDEN, MIX1, MIX2, UNIT_BITS, dropout_key, keep_threshold
+from fastnn.threads import configure_thread_pools
+
+configure_thread_pools()
+
+_jit = numba.njit(cache=True, nogil=True)
+_pjit = numba.njit(cache=True, nogil=True, parallel=True)
+
+_GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_UNIT_SHIFT = np.uint64(64 - UNIT_BITS)
+_CHUNK = 4096  # elements per parallel task: large enough to hide scheduling
+
+
+def _flat(a):
+    """A 1-D view of a C-contiguous array (a copy only when it is not contiguous)."""
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+# -- relu --------------------------------------------------------------------
+@_pjit
+def _relu_forward(x, out):
+    n = x.size
+    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            v = x[i]
+            out[i] = v if v > 0 else 0
+
+
+@_pjit
+def _relu_backward(dout, out, dx):
+    n = dout.size
+    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            dx[i] = dout[i] if out[i] > 0 else 0
+
+
+def relu_forward(x):
+    out = np.empty(x.shape, dtype=x.dtype)
+    _relu_forward(_flat(x), out.reshape(-1))
+    return out
+
+
+def relu_backward(dout, out):
+    dx = np.empty(dout.shape, dtype=dout.dtype)
+    _relu_backward(_flat(dout), _flat(out), dx.reshape(-1))
+    return dx
+
+
+# -- dropout -----------------------------------------------------------------
+@_pjit
+def _dropout(x, out, key, threshold, scale):
+    n = x.size
+    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            z = np.uint64(i) * _GOLDEN + key
+            z = (z ^ (z >> _S30)) * _MIX1
+            z = (z ^ (z >> _S27)) * _MIX2
+            z = z ^ (z >> _S31)
+            out[i] = x[i] * scale if (z >> _UNIT_SHIFT) >= threshold else 0
+
+
+def dropout_forward(x, p, seed, step):
+    out = np.empty(x.shape, dtype=x.dtype)
+    _dropout(_flat(x), out.reshape(-1), np.uint64(dropout_key(seed, step)),
+             np.uint64(keep_threshold(p)), x.dtype.type(1.0 / (1.0 - p)))
+    return out
+
+
+def dropout_backward(dout, p, seed, step):
+    return dropout_forward(dout, p, seed, step)
+
+
+# -- losses ------------------------------------------------------------------
+@_pjit
+def _softmax_loss(x, y, dx, row_loss):
+    n, c = x.shape
+    inv_n = 1.0 / n
+    for i in numba.prange(n):
+        label = y[i]
+        if label < 0 or label >= c:  # unchecked labels: NaN, never an out-of-bounds read
+            row_loss[i] = np.nan
+            dx[i, :] = np.nan
+            continue
+        top = x[i, 0]
+        for j in range(1, c):
+            top = max(top, x[i, j])
+        total = 0.0
+        for j in range(c):
+            e = np.exp(np.float64(x[i, j] - top))
+            dx[i, j] = e
+            total += e
+        row_loss[i] = np.log(total) - (x[i, label] - top)
+        scale = inv_n / total
+        for j in range(c):
+            dx[i, j] = dx[i, j] * scale
+        dx[i, label] -= inv_n
+
+
+@_pjit
+def _svm_loss(x, y, dx, row_loss):
+    n, c = x.shape
+    inv_n = 1.0 / n
+    for i in numba.prange(n):
+        label = y[i]
+        if label < 0 or label >= c:
+            row_loss[i] = np.nan
+            dx[i, :] = np.nan
+            continue
+        correct = x[i, label]
+        total = 0.0
+        positive = 0
+        for j in range(c):
+            margin = x[i, j] - correct + 1
+            if j != label and margin > 0:
+                total += margin
+                positive += 1
+                dx[i, j] = inv_n
+            else:
+                dx[i, j] = 0
+        dx[i, label] = -positive * inv_n
+        row_loss[i] = total
+
+
+def _row_loss(kernel, x, y):
+    x = np.ascontiguousarray(x)
+    dx = np.empty(x.shape, dtype=x.dtype)
+    row_loss = np.empty(x.shape[0], dtype=np.float64)
+    kernel(x, np.ascontiguousarray(y), dx, row_loss)
+    return x.dtype.type(row_loss.sum() / max(x.shape[0], 1)), dx
+
+
+def softmax_loss(x, y):
+    return _row_loss(_softmax_loss, x, y)
+
+
+def svm_loss(x, y):
+    return _row_loss(_svm_loss, x, y)
+
+
+# -- update rules (in place, flat) -------------------------------------------
+# The float32 scalars are made here, as reference.py makes them, so the
+# arithmetic matches the functional rules in fastnn.optim.
+@_pjit
+def _sgd(w, dw, lr):
+    n = w.size
+    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            w[i] -= dw[i] * lr
+
+
+@_pjit
+def _sgd_momentum(w, dw, v, lr, momentum):
+    n = w.size
+    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            vi = v[i] * momentum - dw[i] * lr
+            v[i] = vi
+            w[i] += vi
+
+
+@_pjit
+def _rmsprop(w, dw, cache, lr, decay, one_minus_decay, eps):
+    n = w.size
+    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            g = dw[i]
+            ci = cache[i] * decay + one_minus_decay * (g * g)
+            cache[i] = ci
+            w[i] -= lr * g / (np.sqrt(ci) + eps)
+
+
+@_pjit
+def _adam(w, dw, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, c1, c2, eps):
+    n = w.size
+    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            g = dw[i]
+            mi = m[i] * beta1 + one_minus_beta1 * g
+            vi = v[i] * beta2 + one_minus_beta2 * (g * g)
+            m[i] = mi
+            v[i] = vi
+            w[i] -= lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
+
+
+def _flat_inplace(*arrays):
+    for a in arrays:
+        if not a.flags.c_contiguous:
+            raise ValueError("in-place updates need C-contiguous arrays")
+    return [a.reshape(-1) for a in arrays]
+
+
+def sgd_(w, dw, lr):
+    f = w.dtype.type
+    _sgd(*_flat_inplace(w, np.ascontiguousarray(dw)), f(lr))
+
+
+def sgd_momentum_(w, dw, v, lr, momentum):
+    f = w.dtype.type
+    _sgd_momentum(*_flat_inplace(w, np.ascontiguousarray(dw), v), f(lr), f(momentum))
+
+
+def rmsprop_(w, dw, cache, lr, decay_rate, eps):
+    f = w.dtype.type
+    _rmsprop(*_flat_inplace(w, np.ascontiguousarray(dw), cache), f(lr), f(decay_rate),
+             f(1 - decay_rate), f(eps))
+
+
+def adam_(w, dw, m, v, lr, beta1, beta2, eps, t):
+    f = w.dtype.type
+    _adam(*_flat_inplace(w, np.ascontiguousarray(dw), m, v), f(lr), f(beta1), f(1 - beta1),
+          f(beta2), f(1 - beta2), f(1 - beta1 ** t), f(1 - beta2 ** t), f(eps))

@@ -1,0 +1,165 @@
+"""Reference kernels: plain array-namespace code, correct on every backend.
+
+Every fast kernel (cpu.py, gpu.py) is tested against these on random inputs.
+Each function takes its array module from its arguments.
+"""
+from fastnn.backend import get_array_module
+
+# -- dropout mask: a pure function of (seed, step, position) ----------------
+# A counter-based generator (SplitMix64's finaliser): the same integer
+# arithmetic on every backend, so every backend draws the same mask. A unit
+# is kept when the top 24 bits of its hash reach `threshold`.
+_MASK64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+MIX1 = 0xBF58476D1CE4E5B9
+MIX2 = 0x94D049BB133111EB
+UNIT_BITS = 24
+
+
+def mix64(z):
+    """SplitMix64 finaliser on Python ints (host side, for the per-call key)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def dropout_key(seed, step):
+    """The 64-bit key of one (seed, step) pair; positions are hashed with it."""
+    return mix64(mix64(int(seed) * GOLDEN + 1) + int(step) * GOLDEN)
+
+
+def keep_threshold(p):
+    """Units whose 24-bit hash is >= this are kept: P(keep) = 1 - p (to 2**-24)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability p must be in [0, 1), got {p}")
+    return int(round(p * (1 << UNIT_BITS)))
+
+
+def dropout_keep(xp, size, seed, step, p):
+    """Boolean keep-mask of `size` units (flat, C order) for (seed, step)."""
+    key = xp.uint64(dropout_key(seed, step))
+    z = xp.arange(size, dtype=xp.uint64) * xp.uint64(GOLDEN) + key
+    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(MIX1)
+    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(MIX2)
+    z = z ^ (z >> xp.uint64(31))
+    return (z >> xp.uint64(64 - UNIT_BITS)) >= xp.uint64(keep_threshold(p))
+
+
+def dropout_forward(x, p, seed, step):
+    """Inverted dropout: x * keep / (1 - p); x any shape."""
+    xp = get_array_module(x)
+    keep = dropout_keep(xp, x.size, seed, step, p).reshape(x.shape)
+    return xp.where(keep, x * x.dtype.type(1.0 / (1.0 - p)), x.dtype.type(0))
+
+
+def dropout_backward(dout, p, seed, step):
+    """Gradient of dropout_forward: the same mask and scale applied to dout."""
+    return dropout_forward(dout, p, seed, step)
+
+
+# -- relu --------------------------------------------------------------------
+def relu_forward(x):
+    """max(x, 0), same shape and dtype."""
+    xp = get_array_module(x)
+    return xp.maximum(x, x.dtype.type(0))
+
+
+def relu_backward(dout, out):
+    """dout where the forward output was positive, else 0."""
+    xp = get_array_module(dout, out)
+    return xp.where(out > 0, dout, dout.dtype.type(0))
+
+
+# -- losses ------------------------------------------------------------------
+def softmax_loss(x, y):
+    """Mean softmax cross-entropy of scores x (N, C) and labels y (N,).
+
+    Returns (loss as a 0-d array, dx (N, C)); no label checks.
+    """
+    xp = get_array_module(x, y)
+    n = x.shape[0]
+    shifted = x - x.max(axis=1, keepdims=True)
+    log_z = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+    log_probs = shifted - log_z
+    rows = xp.arange(n)
+    loss = -log_probs[rows, y].sum() / x.dtype.type(n)
+    dx = xp.exp(log_probs)
+    dx[rows, y] -= 1
+    dx /= x.dtype.type(n)
+    return loss, dx
+
+
+def svm_loss(x, y):
+    """Mean multiclass hinge loss (margin 1, correct class excluded).
+
+    Returns (loss as a 0-d array, dx (N, C)); no label checks.
+    """
+    xp = get_array_module(x, y)
+    n = x.shape[0]
+    rows = xp.arange(n)
+    correct = x[rows, y][:, None]
+    margins = xp.maximum(x - correct + x.dtype.type(1), x.dtype.type(0))
+    margins[rows, y] = 0
+    loss = margins.sum() / x.dtype.type(n)
+    dx = (margins > 0).astype(x.dtype)
+    dx[rows, y] -= dx.sum(axis=1)
+    dx /= x.dtype.type(n)
+    return loss, dx
+
+
+# -- batchnorm ---------------------------------------------------------------
+def batchnorm_train_forward(x, gamma, beta, eps):
+    """Normalise x (N, D) with its batch statistics.
+
+    Returns (out, x_hat, inv_std, mean, var); var is the biased variance.
+    """
+    xp = get_array_module(x, gamma, beta)
+    mean = x.mean(axis=0)
+    centered = x - mean
+    var = (centered * centered).mean(axis=0)
+    inv_std = x.dtype.type(1) / xp.sqrt(var + x.dtype.type(eps))
+    x_hat = centered * inv_std
+    return x_hat * gamma + beta, x_hat, inv_std, mean, var
+
+
+def batchnorm_backward(dout, x_hat, gamma, inv_std):
+    """Gradients (dx, dgamma, dbeta) of batchnorm_train_forward; all (N, D) / (D,)."""
+    n = dout.shape[0]
+    dbeta = dout.sum(axis=0)
+    dgamma = (dout * x_hat).sum(axis=0)
+    scale = gamma * inv_std / dout.dtype.type(n)
+    dx = scale * (n * dout - dbeta - x_hat * dgamma)
+    return dx, dgamma, dbeta
+
+
+# -- update rules (in place, for the Solver's fused path) -------------------
+# Same arithmetic, in the same order, as fastnn.optim's functional rules.
+def sgd_(w, dw, lr):
+    w -= dw * w.dtype.type(lr)
+
+
+def sgd_momentum_(w, dw, v, lr, momentum):
+    v *= w.dtype.type(momentum)
+    v -= dw * w.dtype.type(lr)
+    w += v
+
+
+def rmsprop_(w, dw, cache, lr, decay_rate, eps):
+    xp = get_array_module(w, dw, cache)
+    t = w.dtype.type
+    cache *= t(decay_rate)
+    cache += t(1 - decay_rate) * (dw * dw)
+    w -= t(lr) * dw / (xp.sqrt(cache) + t(eps))
+
+
+def adam_(w, dw, m, v, lr, beta1, beta2, eps, t):
+    xp = get_array_module(w, dw, m, v)
+    f = w.dtype.type
+    m *= f(beta1)
+    m += f(1 - beta1) * dw
+    v *= f(beta2)
+    v += f(1 - beta2) * (dw * dw)
+    m_hat = m / f(1 - beta1 ** t)
+    v_hat = v / f(1 - beta2 ** t)
+    w -= f(lr) * m_hat / (xp.sqrt(v_hat) + f(eps))

@@ -1,0 +1,33 @@
+"""Sandwich layers: common layer sequences as one forward/backward pair."""
+from fastnn.layers import (affine_backward, affine_forward, batchnorm_backward,
+                           batchnorm_forward, relu_backward, relu_forward)
+
+
+def affine_relu_forward(x, w, b):
+    """relu(x @ w + b): x (N, D...), w (D, M), b (M,) -> out (N, M)."""
+    a, fc_cache = affine_forward(x, w, b)
+    out, relu_cache = relu_forward(a)
+    return out, (fc_cache, relu_cache)
+
+
+def affine_relu_backward(dout, cache, need_dx=True):
+    """dout (N, M) -> (dx, dw, db); dx is None when need_dx is False."""
+    fc_cache, relu_cache = cache
+    return affine_backward(relu_backward(dout, relu_cache), fc_cache, need_dx)
+
+
+def affine_bn_relu_forward(x, w, b, gamma, beta, bn_param):
+    """relu(batchnorm(x @ w + b)) -> out (N, M); bn_param as in batchnorm_forward."""
+    a, fc_cache = affine_forward(x, w, b)
+    normed, bn_cache = batchnorm_forward(a, gamma, beta, bn_param)
+    out, relu_cache = relu_forward(normed)
+    return out, (fc_cache, bn_cache, relu_cache)
+
+
+def affine_bn_relu_backward(dout, cache, need_dx=True):
+    """dout (N, M) -> (dx, dw, db, dgamma, dbeta); dx is None when need_dx is False."""
+    fc_cache, bn_cache, relu_cache = cache
+    dnormed = relu_backward(dout, relu_cache)
+    da, dgamma, dbeta = batchnorm_backward(dnormed, bn_cache)
+    dx, dw, db = affine_backward(da, fc_cache, need_dx)
+    return dx, dw, db, dgamma, dbeta

@@ -1,0 +1,167 @@
+"""Layers: each `*_forward` returns `(out, cache)`, each `*_backward` takes `(dout, cache)`.
+
+Written once against the array namespace: every function computes in the
+module of the arrays it is given and keeps their dtype. Hot element-wise ops
+go through the kernel table (`fastnn.kernels`).
+"""
+import math
+
+import numpy as np
+
+from fastnn import kernels
+from fastnn.backend import get_array_module
+
+
+def affine_forward(x, w, b):
+    """out = x.reshape(N, D) @ w + b.
+
+    x (N, d1, ..., dk) with D = d1*...*dk, w (D, M), b (M,) -> out (N, M).
+    """
+    xp = get_array_module(x, w, b)
+    width = math.prod(x.shape[1:])
+    if w.ndim != 2 or w.shape[0] != width or b.shape != (w.shape[1],):
+        raise ValueError(
+            f"affine_forward: x of shape {x.shape} (width {width}) needs w of shape "
+            f"({width}, M) and b of shape (M,); got w {w.shape} and b {b.shape}")
+    x2d = x.reshape(x.shape[0], width)
+    out = xp.matmul(x2d, w)
+    out += b
+    return out, (x, w)
+
+
+def affine_backward(dout, cache, need_dx=True):
+    """dout (N, M) -> (dx shaped like x, dw (D, M), db (M,)).
+
+    With need_dx=False (a first layer, whose input needs no gradient) dx is None.
+    """
+    x, w = cache
+    x2d = x.reshape(x.shape[0], w.shape[0])
+    dw = x2d.T @ dout
+    db = dout.sum(axis=0)
+    dx = (dout @ w.T).reshape(x.shape) if need_dx else None
+    return dx, dw, db
+
+
+def relu_forward(x):
+    """max(x, 0), any shape."""
+    xp = get_array_module(x)
+    out = kernels.for_module(xp).relu_forward(x)
+    return out, out
+
+
+def relu_backward(dout, cache):
+    """dout where the forward output was positive, else 0."""
+    xp = get_array_module(dout, cache)
+    return kernels.for_module(xp).relu_backward(dout, cache)
+
+
+def batchnorm_forward(x, gamma, beta, bn_param):
+    """Batch normalisation of x (N, D) with gamma, beta (D,) -> out (N, D).
+
+    bn_param: `mode` ("train"/"test"), optional `eps` (1e-5) and `momentum`
+    (0.9); keeps `running_mean` / `running_var` (zeros on first use), updated
+    in train mode with the biased batch variance.
+    """
+    xp = get_array_module(x, gamma, beta)
+    mode = bn_param.get("mode", "train")
+    eps = bn_param.get("eps", 1e-5)
+    momentum = bn_param.get("momentum", 0.9)
+    if x.ndim != 2 or gamma.shape != (x.shape[1],) or beta.shape != (x.shape[1],):
+        raise ValueError(f"batchnorm_forward: x of shape {x.shape} needs gamma and beta of shape "
+                         f"({x.shape[1] if x.ndim == 2 else 'D'},); got {gamma.shape} and {beta.shape}")
+    width = x.shape[1]
+    running_mean = bn_param.get("running_mean")
+    running_var = bn_param.get("running_var")
+    if running_mean is None:
+        running_mean = xp.zeros(width, dtype=x.dtype)
+    if running_var is None:
+        running_var = xp.zeros(width, dtype=x.dtype)
+    if mode == "train":
+        out, x_hat, inv_std, mean, var = kernels.for_module(xp).batchnorm_train_forward(
+            x, gamma, beta, eps)
+        bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mean
+        bn_param["running_var"] = momentum * running_var + (1 - momentum) * var
+        return out, (x_hat, gamma, inv_std)
+    if mode == "test":
+        bn_param["running_mean"], bn_param["running_var"] = running_mean, running_var
+        scale = gamma / xp.sqrt(running_var + x.dtype.type(eps))
+        return x * scale + (beta - running_mean * scale), None
+    raise ValueError(f"batchnorm mode must be 'train' or 'test', got {mode!r}")
+
+
+def batchnorm_backward(dout, cache):
+    """dout (N, D) -> (dx (N, D), dgamma (D,), dbeta (D,)); needs a train-mode cache."""
+    if cache is None:
+        raise ValueError("batchnorm_backward needs the cache of a train-mode forward pass; "
+                         "test mode uses fixed running statistics and has no backward")
+    x_hat, gamma, inv_std = cache
+    xp = get_array_module(dout, x_hat)
+    return kernels.for_module(xp).batchnorm_backward(dout, x_hat, gamma, inv_std)
+
+
+def _dropout_seed(dropout_param):
+    seed = dropout_param.get("seed")
+    if seed is None:
+        # Host generator: drawing on the device would need a sync to read it.
+        seed = int(np.random.randint(0, 2**31 - 1))
+    return seed
+
+
+def dropout_forward(x, dropout_param):
+    """Inverted dropout of x (any shape): units dropped with probability `p`.
+
+    dropout_param: `p`, `mode` ("train"/"test"), optional `seed` and `step`
+    (0). The mask is a pure function of (seed, step, position), the same on
+    every backend; kept units are scaled by 1 / (1 - p). Test mode: identity.
+    """
+    p = float(dropout_param["p"])
+    mode = dropout_param.get("mode", "train")
+    if mode not in ("train", "test"):
+        raise ValueError(f"dropout mode must be 'train' or 'test', got {mode!r}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p (the probability of dropping a unit) must be in [0, 1), got {p}")
+    if mode == "test" or p == 0.0:
+        return x, None
+    xp = get_array_module(x)
+    seed, step = _dropout_seed(dropout_param), int(dropout_param.get("step", 0))
+    return kernels.for_module(xp).dropout_forward(x, p, seed, step), (p, seed, step)
+
+
+def dropout_backward(dout, cache):
+    """Gradient of dropout_forward: dout through the same mask and scale."""
+    if cache is None:
+        return dout
+    p, seed, step = cache
+    xp = get_array_module(dout)
+    return kernels.for_module(xp).dropout_backward(dout, p, seed, step)
+
+
+def _check_scores_and_labels(x, y):
+    xp = get_array_module(x, y)
+    if x.ndim != 2:
+        raise ValueError(f"scores must be (N, C), got shape {x.shape}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"labels must have shape ({x.shape[0]},) to match scores {x.shape}, "
+                         f"got {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"labels must be an integer array, got dtype {y.dtype}; "
+                         "convert with y.astype(int) if they are whole numbers")
+    num_classes = x.shape[1]
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}) for {num_classes} classes; "
+                         f"got values from {int(y.min())} to {int(y.max())}")
+    return xp
+
+
+def svm_loss(x, y):
+    """Multiclass hinge loss: x (N, C) scores, y (N,) labels -> (loss 0-d array, dx (N, C))."""
+    xp = _check_scores_and_labels(x, y)
+    loss, dx = kernels.for_module(xp).svm_loss(x, y)
+    return xp.asarray(loss), dx
+
+
+def softmax_loss(x, y):
+    """Softmax cross-entropy: x (N, C) scores, y (N,) labels -> (loss 0-d array, dx (N, C))."""
+    xp = _check_scores_and_labels(x, y)
+    loss, dx = kernels.for_module(xp).softmax_loss(x, y)
+    return xp.asarray(loss), dx

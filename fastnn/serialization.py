@@ -1,0 +1,134 @@
+"""Saving models and checkpoints: `.npz` files with a JSON metadata entry, written atomically.
+
+`save(model, path)` / `load(path)` store a classifier (class, constructor
+arguments, dtype, parameters, batchnorm running statistics, fastnn
+version); `load` rebuilds it on the active backend. `write_npz` / `read_npz`
+are the shared atomic writer and checked reader (Solver checkpoints use them).
+"""
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from fastnn.backend import to_numpy, xp as active_xp
+
+MODEL_FORMAT = "fastnn-model"
+FORMAT_VERSION = 1
+_META = "__meta__"
+
+
+def write_npz(path, arrays, meta):
+    """Write `arrays` (name -> array of any backend) and JSON `meta` to `path` atomically.
+
+    The file appears complete or not at all: a temporary file in the same
+    folder, flushed to disk, then renamed over `path`.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    payload = {name: to_numpy(a) for name, a in arrays.items()}
+    payload[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_npz(path, expected_format):
+    """Read a file written by write_npz -> (arrays as numpy, meta dict).
+
+    Raises FileNotFoundError when it is missing and ValueError when it is
+    corrupt or of another format, saying which and why.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+        meta = json.loads(arrays.pop(_META).tobytes().decode("utf-8"))
+    except KeyError:
+        raise ValueError(f"{path} is not a fastnn file: it has no metadata entry") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is corrupt or truncated and cannot be read "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != expected_format:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path} is incompatible: it holds {found!r}, expected {expected_format!r}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} is incompatible: format version {meta['format_version']} is newer "
+                         f"than this fastnn reads ({FORMAT_VERSION}); upgrade fastnn")
+    return arrays, meta
+
+
+def model_state(model):
+    """Arrays that describe a model: its parameters and batchnorm running statistics."""
+    arrays = {f"param/{name}": value for name, value in model.params.items()}
+    for i, bn_param in enumerate(getattr(model, "bn_params", [])):
+        for key in ("running_mean", "running_var"):
+            if bn_param.get(key) is not None:
+                arrays[f"bn/{i}/{key}"] = bn_param[key]
+    return arrays
+
+
+def set_model_state(model, arrays, source):
+    """Copy arrays from model_state() into `model` (on its backend), checking names and shapes."""
+    xp = active_xp()
+    for name, current in model.params.items():
+        stored = arrays.get(f"param/{name}")
+        if stored is None:
+            raise ValueError(f"{source} is incompatible: it has no parameter {name!r}")
+        if stored.shape != current.shape:
+            raise ValueError(f"{source} is incompatible: parameter {name!r} has shape {stored.shape}"
+                             f" but the model expects {current.shape}")
+        model.params[name] = xp.asarray(stored, dtype=current.dtype)
+    extra = {k[len("param/"):] for k in arrays if k.startswith("param/")} - set(model.params)
+    if extra:
+        raise ValueError(f"{source} is incompatible: unexpected parameters {sorted(extra)}")
+    for i, bn_param in enumerate(getattr(model, "bn_params", [])):
+        for key in ("running_mean", "running_var"):
+            stored = arrays.get(f"bn/{i}/{key}")
+            if stored is not None:
+                bn_param[key] = xp.asarray(stored, dtype=model.dtype)
+
+
+def save(model, path):
+    """Write `model` to `path` (.npz) atomically."""
+    from fastnn import __version__
+
+    if not hasattr(model, "init_args"):
+        raise TypeError(f"fastnn.save needs a fastnn classifier, got {type(model).__name__}")
+    meta = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION,
+            "class": type(model).__name__, "init_args": model.init_args,
+            "dtype": np.dtype(model.dtype).name, "fastnn_version": __version__}
+    write_npz(path, model_state(model), meta)
+
+
+def load(path):
+    """Read a model written by `save`; its arrays live on the active backend."""
+    from fastnn import classifiers
+
+    arrays, meta = read_npz(path, MODEL_FORMAT)
+    cls = getattr(classifiers, str(meta.get("class")), None)
+    if cls is None or not isinstance(meta.get("init_args"), dict):
+        raise ValueError(f"{path} is incompatible: unknown model class {meta.get('class')!r}")
+    # Building the model draws initial weights; keep the user's global RNG untouched.
+    rng_state = np.random.get_state()
+    try:
+        model = cls(**meta["init_args"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is incompatible: its constructor arguments do not fit "
+                         f"{cls.__name__} ({exc})") from exc
+    finally:
+        np.random.set_state(rng_state)
+    set_model_state(model, arrays, path)
+    return model

@@ -1,0 +1,374 @@
+"""Solver: trains a classifier with minibatch gradient descent and keeps the best model.
+
+The training step does no host/device traffic: losses stay on the device and
+are read every `print_every` iterations and at epoch ends (where the
+non-finite check runs); the data are checked once, when the Solver is built.
+"""
+import contextlib
+import math
+import signal
+import threading
+
+import numpy as np
+
+from fastnn import optim
+from fastnn.backend import get_array_module, to_numpy, xp as active_xp
+from fastnn.serialization import model_state, read_npz, set_model_state, write_npz
+
+CHECKPOINT_FORMAT = "fastnn-checkpoint"
+
+OPTIONS = {
+    # the classic options
+    "update_rule": "sgd", "optim_config": None, "lr_decay": 1.0, "batch_size": 128,
+    "num_epochs": 10, "print_every": 10, "verbose": True, "num_train_samples": 1000,
+    "num_val_samples": None, "checkpoint_name": None,
+    # fastnn's additions
+    "seed": None,             # int: batch order and accuracy subsamples; None: from np.random
+    "sampling": "epoch",      # "epoch": a permutation per epoch; "replacement": classic draws
+    "fused_updates": True,    # in-place update kernels (same parameters as fastnn.optim)
+    "checkpoint_path": None,  # one checkpoint file, rewritten atomically every epoch
+    "progress": False,        # a tqdm progress bar per epoch
+}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during train(): the state was saved to `checkpoint` (or None)."""
+
+    def __init__(self, message, checkpoint):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class Solver:
+    """Train `model` on `data` (X_train, y_train, X_val, y_val); see OPTIONS for kwargs."""
+
+    def __init__(self, model, data, **kwargs):
+        unknown = sorted(set(kwargs) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown Solver option(s) {unknown}; known: {sorted(OPTIONS)}")
+        options = {**OPTIONS, **kwargs}
+        for name, value in options.items():
+            setattr(self, name, value)
+        if self.update_rule not in optim.RULES:
+            raise ValueError(f"unknown update rule {self.update_rule!r}; "
+                             f"choose one of {sorted(optim.RULES)}")
+        if self.sampling not in ("epoch", "replacement"):
+            raise ValueError(f"sampling must be 'epoch' or 'replacement', got {self.sampling!r}")
+        if int(self.batch_size) < 1 or int(self.num_epochs) < 0 or int(self.print_every) < 1:
+            raise ValueError("batch_size and print_every must be >= 1 and num_epochs >= 0; got "
+                             f"{self.batch_size}, {self.print_every}, {self.num_epochs}")
+        self.optim_config = dict(self.optim_config or {})
+        self.model = model
+        missing = [k for k in ("X_train", "y_train", "X_val", "y_val") if k not in data]
+        if missing:
+            raise ValueError(f"data is missing {missing}; it needs X_train, y_train, X_val, y_val")
+        self._xp = get_array_module(*model.params.values())
+        self.X_train, self.y_train = self._to_device(data["X_train"], data["y_train"], "train")
+        self.X_val, self.y_val = self._to_device(data["X_val"], data["y_val"], "val")
+        self._check_labels()
+        seed = self.seed if self.seed is not None else int(np.random.randint(2**31 - 1))
+        self._batch_rng, self._eval_rng = (np.random.default_rng(s)
+                                           for s in np.random.SeedSequence(seed).spawn(2))
+        self._reset()
+
+    # -- setup -------------------------------------------------------------
+    def _to_device(self, X, y, split):
+        xp = self._xp
+        X = xp.asarray(X, dtype=self.model.dtype)
+        if y.ndim != 1 or X.shape[0] != y.shape[0]:
+            raise ValueError(f"X_{split} has {X.shape[0]} rows but y_{split} has shape {y.shape}; "
+                             "they need one label per row")
+        if y.dtype.kind not in "iu":
+            raise ValueError(f"y_{split} must hold integer labels, got dtype {y.dtype}")
+        return X, xp.asarray(y, dtype=np.int64)
+
+    def _check_labels(self):
+        """One forward pass learns the class count; every label must be in range."""
+        num_classes = self.model.loss(self.X_train[:1]).shape[1]
+        for split, y in (("train", self.y_train), ("val", self.y_val)):
+            low, high = (int(v) for v in to_numpy(self._xp.stack([y.min(), y.max()])))
+            if low < 0 or high >= num_classes:
+                raise ValueError(f"y_{split} has labels from {low} to {high}, but the model has "
+                                 f"{num_classes} classes: labels must be in [0, {num_classes})")
+
+    def _reset(self):
+        self.epoch = 0
+        self.best_val_acc = 0.0
+        self.best_params = {}
+        self._best_bn = None
+        self.loss_history = []
+        self.train_acc_history = []
+        self.val_acc_history = []
+        self._pending_losses = []
+        self._t = 0
+        self._epoch_order = None
+        self._batch = None
+        self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
+
+    @property
+    def iterations_per_epoch(self):
+        return max(self.X_train.shape[0] // self.batch_size, 1)
+
+    # -- the training step ---------------------------------------------------
+    def _next_batch(self, t):
+        xp, n, bs = self._xp, self.X_train.shape[0], min(self.batch_size, self.X_train.shape[0])
+        if self.sampling == "replacement":
+            idx = xp.asarray(self._batch_rng.integers(0, n, bs))
+        else:
+            if self._epoch_order is None:
+                self._epoch_order = xp.asarray(self._batch_rng.permutation(n))
+            i = t % self.iterations_per_epoch
+            idx = self._epoch_order[i * bs:(i + 1) * bs]
+        if self._batch is None or self._batch[0].shape[0] != bs:
+            self._batch = (xp.empty((bs, *self.X_train.shape[1:]), dtype=self.X_train.dtype),
+                           xp.empty(bs, dtype=self.y_train.dtype))
+        X_batch, y_batch = self._batch
+        xp.take(self.X_train, idx, axis=0, out=X_batch)
+        xp.take(self.y_train, idx, axis=0, out=y_batch)
+        return X_batch, y_batch
+
+    def _step(self):
+        X_batch, y_batch = self._next_batch(self._t)
+        dropout_param = getattr(self.model, "dropout_param", None)
+        if dropout_param is not None:
+            dropout_param["step"] = self._t
+        loss, grads = self.model.loss(X_batch, y_batch)
+        self._pending_losses.append(loss)
+        params = self.model.params
+        for name, w in params.items():
+            if self.fused_updates:
+                optim.fused_update(self.update_rule, w, grads[name], self.optim_configs[name])
+            else:
+                params[name], self.optim_configs[name] = optim.RULES[self.update_rule](
+                    w, grads[name], self.optim_configs[name])
+
+    def _read_losses(self):
+        """Move pending losses to loss_history (one device read); stop on a non-finite one."""
+        if not self._pending_losses:
+            return
+        pending = self._pending_losses
+        self._pending_losses = []
+        values = [float(v) for v in to_numpy(self._xp.stack([self._xp.asarray(l) for l in pending]))]
+        first = len(self.loss_history)
+        self.loss_history.extend(values)
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            iteration = first + bad + 1
+            self._restore_best()
+            raise FloatingPointError(
+                f"the training loss became {values[bad]} at iteration {iteration} (epoch "
+                f"{(iteration - 1) // self.iterations_per_epoch + 1}); training stopped and "
+                "model.params holds the best parameters seen. Try a lower learning_rate, a "
+                "smaller weight_scale or stronger reg.")
+
+    # -- accuracy and the best model -------------------------------------------
+    def check_accuracy(self, X, y, num_samples=None, batch_size=128):
+        """Fraction of `X` the model classifies as `y` (a Python float).
+
+        num_samples: evaluate a random subsample of this size. Predictions
+        run in batches of `batch_size`; correct counts stay on the device.
+        """
+        xp = self._xp
+        X, y = xp.asarray(X), xp.asarray(y)
+        n = X.shape[0]
+        if num_samples is not None and n > num_samples:
+            idx = xp.asarray(self._eval_rng.choice(n, num_samples, replace=False))
+            X, y, n = X[idx], y[idx], num_samples
+        correct = xp.zeros((), dtype=np.int64)
+        for start in range(0, n, batch_size):
+            scores = self.model.loss(X[start:start + batch_size])
+            correct += (xp.argmax(scores, axis=1) == y[start:start + batch_size]).sum()
+        return float(correct) / max(n, 1)
+
+    def _record_accuracy(self):
+        train_acc = self.check_accuracy(self.X_train, self.y_train,
+                                        num_samples=self.num_train_samples)
+        val_acc = self.check_accuracy(self.X_val, self.y_val, num_samples=self.num_val_samples)
+        self.train_acc_history.append(train_acc)
+        self.val_acc_history.append(val_acc)
+        if self.verbose:
+            self._print(f"(Epoch {self.epoch} / {self.num_epochs}) "
+                        f"train acc: {train_acc:f}; val_acc: {val_acc:f}")
+        params_finite = all(bool(self._xp.isfinite(w).all()) for w in self.model.params.values())
+        if val_acc > self.best_val_acc and params_finite or not self.best_params:
+            self.best_val_acc = max(val_acc, self.best_val_acc) if params_finite else 0.0
+            self.best_params = {k: v.copy() for k, v in self.model.params.items()}
+            self._best_bn = [{k: v.copy() for k, v in p.items() if k.startswith("running_")}
+                             for p in getattr(self.model, "bn_params", [])]
+
+    def _restore_best(self):
+        """model.params (and batchnorm running statistics) <- the best seen."""
+        if not self.best_params:
+            return
+        self.model.params = {k: v.copy() for k, v in self.best_params.items()}
+        for bn_param, best in zip(getattr(self.model, "bn_params", []), self._best_bn or []):
+            bn_param.update({k: v.copy() for k, v in best.items()})
+
+    # -- the loop ------------------------------------------------------------
+    def train(self):
+        """Run the optimisation; afterwards model.params holds the best parameters seen."""
+        per_epoch = self.iterations_per_epoch
+        total = int(self.num_epochs) * per_epoch
+        bar = None
+        with self._interrupt_to_checkpoint():
+            while self._t < total:
+                if self.progress and bar is None:
+                    bar = self._progress_bar(per_epoch)
+                self._step()
+                t = self._t
+                self._t += 1
+                if bar is not None:
+                    bar.update(1)
+                if t % self.print_every == 0:
+                    self._read_losses()
+                    if self.verbose and bar is None:
+                        self._print(f"(Iteration {t + 1} / {total}) loss: {self.loss_history[-1]:f}")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{self.loss_history[-1]:.4f}")
+                epoch_end = self._t % per_epoch == 0
+                if epoch_end:
+                    self._read_losses()
+                    self.epoch += 1
+                    self._epoch_order = None
+                    for config in self.optim_configs.values():
+                        config["learning_rate"] = config.get(
+                            "learning_rate", optim.DEFAULTS[self.update_rule]["learning_rate"]
+                        ) * self.lr_decay
+                    if bar is not None:
+                        bar.close()
+                        bar = None
+                if t == 0 or epoch_end or self._t == total:
+                    self._read_losses()
+                    self._record_accuracy()
+                if epoch_end:
+                    self._write_checkpoints()
+                if self._stop_requested:
+                    self._interrupted()
+        if bar is not None:
+            bar.close()
+        self._read_losses()
+        self._restore_best()
+
+    def _progress_bar(self, per_epoch):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=per_epoch, desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
+                    unit="batch", leave=False, dynamic_ncols=True)
+
+    def _print(self, line):
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(line)
+        else:
+            print(line)
+
+    # -- checkpoints ---------------------------------------------------------
+    def _write_checkpoints(self):
+        if self.checkpoint_name is not None:
+            self.save_checkpoint(f"{self.checkpoint_name}_epoch_{self.epoch}.npz")
+        if self.checkpoint_path is not None:
+            self.save_checkpoint(self.checkpoint_path)
+
+    def save_checkpoint(self, path):
+        """Write everything train() needs to continue to `path`, atomically."""
+        from fastnn import __version__
+
+        self._read_losses()
+        arrays = {f"model/{k}": v for k, v in model_state(self.model).items()}
+        arrays.update({f"best/{k}": v for k, v in self.best_params.items()})
+        for i, best in enumerate(self._best_bn or []):
+            arrays.update({f"best_bn/{i}/{k}": v for k, v in best.items()})
+        configs = {}
+        for name, config in self.optim_configs.items():
+            configs[name] = {}
+            for key, value in config.items():
+                if hasattr(value, "shape"):
+                    arrays[f"optim/{name}/{key}"] = value
+                else:
+                    configs[name][key] = value
+        if self._epoch_order is not None:
+            arrays["epoch_order"] = self._epoch_order
+        meta = {
+            "format": CHECKPOINT_FORMAT, "format_version": 1, "fastnn_version": __version__,
+            "model_class": type(self.model).__name__,
+            "model_args": getattr(self.model, "init_args", None),
+            "update_rule": self.update_rule, "optim_configs": configs,
+            "epoch": self.epoch, "t": self._t, "best_val_acc": self.best_val_acc,
+            "loss_history": self.loss_history, "train_acc_history": self.train_acc_history,
+            "val_acc_history": self.val_acc_history,
+            "batch_rng": self._batch_rng.bit_generator.state,
+            "eval_rng": self._eval_rng.bit_generator.state,
+        }
+        write_npz(path, arrays, meta)
+
+    def load_checkpoint(self, path):
+        """Restore the state save_checkpoint wrote; train() then continues from there."""
+        arrays, meta = read_npz(path, CHECKPOINT_FORMAT)
+        if meta.get("model_class") != type(self.model).__name__ or (
+                meta.get("model_args") != getattr(self.model, "init_args", None)):
+            raise ValueError(f"{path} is incompatible: it was written for {meta.get('model_class')}"
+                             f"({meta.get('model_args')}), not this {type(self.model).__name__}"
+                             f"({getattr(self.model, 'init_args', None)})")
+        if meta.get("update_rule") != self.update_rule:
+            raise ValueError(f"{path} is incompatible: it was trained with update rule "
+                             f"{meta.get('update_rule')!r}, this Solver uses {self.update_rule!r}")
+        xp = self._xp
+
+        def section(prefix):
+            return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+        set_model_state(self.model, section("model/"), path)
+        self.best_params = {k: xp.asarray(v) for k, v in section("best/").items()}
+        best_bn = section("best_bn/")
+        self._best_bn = [{k.split("/", 1)[1]: xp.asarray(v) for k, v in best_bn.items()
+                          if k.split("/", 1)[0] == str(i)}
+                         for i in range(len(getattr(self.model, "bn_params", [])))]
+        self.optim_configs = {}
+        for name, config in meta["optim_configs"].items():
+            config = dict(config)
+            config.update({k: xp.asarray(v) for k, v in section(f"optim/{name}/").items()})
+            self.optim_configs[name] = config
+        self._epoch_order = xp.asarray(arrays["epoch_order"]) if "epoch_order" in arrays else None
+        self.epoch, self._t = int(meta["epoch"]), int(meta["t"])
+        self.best_val_acc = float(meta["best_val_acc"])
+        self.loss_history = [float(v) for v in meta["loss_history"]]
+        self.train_acc_history = [float(v) for v in meta["train_acc_history"]]
+        self.val_acc_history = [float(v) for v in meta["val_acc_history"]]
+        self._pending_losses = []
+        self._batch_rng.bit_generator.state = meta["batch_rng"]
+        self._eval_rng.bit_generator.state = meta["eval_rng"]
+
+    # -- Ctrl-C ---------------------------------------------------------------
+    _stop_requested = False
+
+    @contextlib.contextmanager
+    def _interrupt_to_checkpoint(self):
+        """While training, Ctrl-C finishes the current step, then saves and stops."""
+        self._stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self._stop_requested:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self._stop_requested = True
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _interrupted(self):
+        path = self.checkpoint_path
+        if path is None and self.checkpoint_name is not None:
+            path = f"{self.checkpoint_name}_interrupted.npz"
+        if path is not None:
+            self.save_checkpoint(path)
+            message = f"interrupted at iteration {self._t}; state saved to {path}"
+        else:
+            message = f"interrupted at iteration {self._t}; no checkpoint_path was set, nothing saved"
+        self._stop_requested = False
+        raise TrainingInterrupted(message, path)
