@@ -1,36 +1,44 @@
-"""CPU thread counts for the Numba kernels (and, through them, the BLAS pool).
+"""CPU threads: one count for the BLAS pool and Numba.
 
-`NUMBA_NUM_THREADS` sets the default; `set_num_threads(n)` changes it at
-run time. Numba is imported only when one of these is called.
+fastnn's Numba kernels are serial (see fastnn/kernels/cpu.py), so the cores
+belong to the BLAS library's matrix products and the two pools never fight.
+The count defaults to `NUMBA_NUM_THREADS` (all cores when unset);
+`set_num_threads(n)` changes it for both Numba and BLAS.
 """
 import os
 
+_blas_limiter = None
+
+
+def _limit_blas(n):
+    """Limit the BLAS pool(s) numpy uses to `n` threads (kept for the process)."""
+    global _blas_limiter
+    from threadpoolctl import ThreadpoolController
+
+    _blas_limiter = ThreadpoolController().limit(limits=int(n), user_api="blas")
+
 
 def set_num_threads(n):
-    """Use `n` threads for the Numba kernels (at most NUMBA_NUM_THREADS)."""
+    """Use `n` threads (1 to NUMBA_NUM_THREADS) for matrix products and Numba."""
     import numba
 
     limit = numba.config.NUMBA_NUM_THREADS
     if not 1 <= int(n) <= limit:
         raise ValueError(f"thread count must be in [1, {limit}] (NUMBA_NUM_THREADS), got {n}")
     numba.set_num_threads(int(n))
+    _limit_blas(n)
 
 
 def get_num_threads():
-    """The number of threads the Numba kernels use."""
+    """The number of threads fastnn's CPU work uses."""
     import numba
 
     return numba.get_num_threads()
 
 
 def configure_thread_pools():
-    """Stop Numba's and the BLAS library's thread pools from fighting over the cores.
+    """Called when the Numba kernels load: honour NUMBA_NUM_THREADS for BLAS too."""
+    if os.environ.get("NUMBA_NUM_THREADS"):
+        import numba
 
-    Called when the Numba kernels load, before Numba starts its pool. Numba's
-    OpenMP workers spin for a while after each parallel loop by default, and
-    with fastnn's steps alternating Numba kernels with BLAS matrix products,
-    those spinning threads steal the cores the BLAS threads need (and back).
-    A passive wait policy makes idle workers sleep at once. A value the user
-    set is kept.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        _limit_blas(numba.config.NUMBA_NUM_THREADS)

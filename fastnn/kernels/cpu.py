@@ -1,10 +1,17 @@
 """Numba kernels for the numpy backend: the same ops, names and results as reference.py.
 
 Each op is a thin Python wrapper (shapes, flat views, output allocation)
-around one compiled kernel. Row-wise work (losses) runs rows in parallel;
-element-wise work runs in parallel chunks. Kernels are compiled on first use
-and cached on disk (`cache=True`; Numba falls back to a user cache folder
-when the install is read-only).
+around one compiled loop that makes a single pass over its data.
+
+The loops are serial on purpose: every one of them runs between two BLAS
+matrix products, and the BLAS threads keep spinning for a while after each
+product. A parallel Numba loop started then fights them for the cores and
+ran 7-10x slower than the serial loop at every size we measured (20k to 3M
+elements, 2 cores; see benchmarks/README.md), so the cores go to BLAS and
+Numba never starts its thread pool (fastnn.threads.configure_thread_pools).
+
+Kernels are compiled on first use and cached on disk (`cache=True`; Numba
+falls back to a user cache folder when the install is read-only).
 """
 import numba
 import numpy as np
@@ -14,13 +21,12 @@ from fastnn.threads import configure_thread_pools
 
 configure_thread_pools()
 
-_jit = numba.njit(cache=True, nogil=True)
-_pjit = numba.njit(cache=True, nogil=True, parallel=True)
+# error_model="numpy": no per-division zero checks, so the loops vectorise
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 _GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _UNIT_SHIFT = np.uint64(64 - UNIT_BITS)
-_CHUNK = 4096  # elements per parallel task: large enough to hide scheduling
 
 
 def _flat(a):
@@ -29,21 +35,17 @@ def _flat(a):
 
 
 # -- relu --------------------------------------------------------------------
-@_pjit
+@_jit
 def _relu_forward(x, out):
-    n = x.size
-    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            v = x[i]
-            out[i] = v if v > 0 else 0
+    for i in range(x.size):
+        v = x[i]
+        out[i] = v if v > 0 else 0
 
 
-@_pjit
+@_jit
 def _relu_backward(dout, out, dx):
-    n = dout.size
-    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            dx[i] = dout[i] if out[i] > 0 else 0
+    for i in range(dout.size):
+        dx[i] = dout[i] if out[i] > 0 else 0
 
 
 def relu_forward(x):
@@ -59,16 +61,14 @@ def relu_backward(dout, out):
 
 
 # -- dropout -----------------------------------------------------------------
-@_pjit
+@_jit
 def _dropout(x, out, key, threshold, scale):
-    n = x.size
-    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            z = np.uint64(i) * _GOLDEN + key
-            z = (z ^ (z >> _S30)) * _MIX1
-            z = (z ^ (z >> _S27)) * _MIX2
-            z = z ^ (z >> _S31)
-            out[i] = x[i] * scale if (z >> _UNIT_SHIFT) >= threshold else 0
+    for i in range(x.size):
+        z = np.uint64(i) * _GOLDEN + key
+        z = (z ^ (z >> _S30)) * _MIX1
+        z = (z ^ (z >> _S27)) * _MIX2
+        z = z ^ (z >> _S31)
+        out[i] = x[i] * scale if (z >> _UNIT_SHIFT) >= threshold else 0
 
 
 def dropout_forward(x, p, seed, step):
@@ -83,11 +83,11 @@ def dropout_backward(dout, p, seed, step):
 
 
 # -- losses ------------------------------------------------------------------
-@_pjit
+@_jit
 def _softmax_loss(x, y, dx, row_loss):
     n, c = x.shape
     inv_n = 1.0 / n
-    for i in numba.prange(n):
+    for i in range(n):
         label = y[i]
         if label < 0 or label >= c:  # unchecked labels: NaN, never an out-of-bounds read
             row_loss[i] = np.nan
@@ -108,11 +108,11 @@ def _softmax_loss(x, y, dx, row_loss):
         dx[i, label] -= inv_n
 
 
-@_pjit
+@_jit
 def _svm_loss(x, y, dx, row_loss):
     n, c = x.shape
     inv_n = 1.0 / n
-    for i in numba.prange(n):
+    for i in range(n):
         label = y[i]
         if label < 0 or label >= c:
             row_loss[i] = np.nan
@@ -152,46 +152,38 @@ def svm_loss(x, y):
 # -- update rules (in place, flat) -------------------------------------------
 # The float32 scalars are made here, as reference.py makes them, so the
 # arithmetic matches the functional rules in fastnn.optim.
-@_pjit
+@_jit
 def _sgd(w, dw, lr):
-    n = w.size
-    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            w[i] -= dw[i] * lr
+    for i in range(w.size):
+        w[i] -= dw[i] * lr
 
 
-@_pjit
+@_jit
 def _sgd_momentum(w, dw, v, lr, momentum):
-    n = w.size
-    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            vi = v[i] * momentum - dw[i] * lr
-            v[i] = vi
-            w[i] += vi
+    for i in range(w.size):
+        vi = v[i] * momentum - dw[i] * lr
+        v[i] = vi
+        w[i] += vi
 
 
-@_pjit
+@_jit
 def _rmsprop(w, dw, cache, lr, decay, one_minus_decay, eps):
-    n = w.size
-    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            g = dw[i]
-            ci = cache[i] * decay + one_minus_decay * (g * g)
-            cache[i] = ci
-            w[i] -= lr * g / (np.sqrt(ci) + eps)
+    for i in range(w.size):
+        g = dw[i]
+        ci = cache[i] * decay + one_minus_decay * (g * g)
+        cache[i] = ci
+        w[i] -= lr * g / (np.sqrt(ci) + eps)
 
 
-@_pjit
+@_jit
 def _adam(w, dw, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, c1, c2, eps):
-    n = w.size
-    for c in numba.prange((n + _CHUNK - 1) // _CHUNK):
-        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-            g = dw[i]
-            mi = m[i] * beta1 + one_minus_beta1 * g
-            vi = v[i] * beta2 + one_minus_beta2 * (g * g)
-            m[i] = mi
-            v[i] = vi
-            w[i] -= lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
+    for i in range(w.size):
+        g = dw[i]
+        mi = m[i] * beta1 + one_minus_beta1 * g
+        vi = v[i] * beta2 + one_minus_beta2 * (g * g)
+        m[i] = mi
+        v[i] = vi
+        w[i] -= lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
 
 
 def _flat_inplace(*arrays):
