@@ -1,0 +1,260 @@
+"""The `fastnn` command: `fastnn train` and `fastnn evaluate` on CIFAR-10.
+
+    fastnn train [--out DIR] [options]     train, write a run folder
+    fastnn train --resume DIR              continue a stopped run
+    fastnn evaluate DIR                    test accuracy and confusion matrix
+
+A run folder holds config.json, metrics.json, loss.png, accuracy.png,
+weights.png, model.npz (the best-validation model, `fastnn.load` reads it)
+and checkpoint.npz (the Solver's state after the last epoch, for --resume).
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+# The defaults are the README's main job: >= 0.55 test accuracy on CIFAR-10
+# in a few minutes on a 2-core CPU.
+DEFAULTS = {
+    "model": "fc", "hidden_dims": [1024, 512, 256], "hidden_dim": 100, "batchnorm": True,
+    "dropout": 0.3, "reg": 0.0, "weight_scale": 1e-2, "update_rule": "adam",
+    "learning_rate": 1e-3, "momentum": None, "beta1": None, "beta2": None,
+    "decay_rate": None, "epsilon": None, "lr_decay": 0.9, "epochs": 15, "batch_size": 256,
+    "backend": "numpy", "seed": 0, "data": None, "num_training": 49000,
+    "num_validation": 1000, "num_test": 10000, "threads": None, "print_every": 50,
+}
+RULE_OPTIONS = {"sgd": (), "sgd_momentum": ("momentum",), "rmsprop": ("decay_rate", "epsilon"),
+                "adam": ("beta1", "beta2", "epsilon")}
+# What --resume may change: where and how fast it runs and how long, not what it trains.
+RESUMABLE = {"epochs", "backend", "data", "threads", "print_every"}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="fastnn", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a classifier on CIFAR-10",
+                                argument_default=argparse.SUPPRESS)
+    add = train.add_argument
+    add("--model", choices=["fc", "two_layer"], help="fully connected net or TwoLayerNet (fc)")
+    add("--hidden-dims", type=int, nargs="+", help="fc hidden sizes (1024 512 256)")
+    add("--hidden-dim", type=int, help="two_layer hidden size (100)")
+    add("--batchnorm", action=argparse.BooleanOptionalAction, help="fc batchnorm (on)")
+    add("--dropout", type=float, help="fc dropout: probability of dropping a unit (0.3)")
+    add("--reg", type=float, help="L2 regularisation strength (0)")
+    add("--weight-scale", type=float, help="std of the initial weights (1e-2)")
+    add("--update-rule", choices=list(RULE_OPTIONS), help="update rule (adam)")
+    add("--lr", "--learning-rate", dest="learning_rate", type=float, help="learning rate (1e-3)")
+    add("--momentum", type=float, help="sgd_momentum momentum (0.9)")
+    add("--beta1", type=float, help="adam beta1 (0.9)")
+    add("--beta2", type=float, help="adam beta2 (0.999)")
+    add("--decay-rate", type=float, help="rmsprop decay rate (0.99)")
+    add("--epsilon", type=float, help="rmsprop/adam epsilon (1e-8)")
+    add("--lr-decay", type=float, help="learning-rate factor after each epoch (0.9)")
+    add("--epochs", type=int, help="epochs (15)")
+    add("--batch-size", type=int, help="minibatch size (256)")
+    add("--backend", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (GPU)")
+    add("--seed", type=int, help="seed for weights, batches and dropout (0)")
+    add("--data", help="folder holding cifar-10-batches-py (default: $FASTNN_DATA or the cache)")
+    add("--num-training", type=int, help="training images (49000)")
+    add("--num-validation", type=int, help="validation images (1000)")
+    add("--num-test", type=int, help="test images (10000)")
+    add("--threads", type=int, help="CPU threads (all cores)")
+    add("--print-every", type=int, help="read the loss every N iterations (50)")
+    add("--out", help="run folder (default: a new one under runs/)")
+    add("--resume", metavar="DIR", help="continue the stopped run in DIR")
+
+    evaluate = commands.add_parser("evaluate", help="test accuracy and confusion matrix of a run")
+    evaluate.add_argument("run_dir", help="a run folder written by `fastnn train`")
+    evaluate.add_argument("--data", help="folder holding cifar-10-batches-py")
+    evaluate.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    return parser
+
+
+# -- helpers -----------------------------------------------------------------
+def write_json(path, obj):
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def new_run_dir():
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join("runs", stamp)
+    suffix = 1
+    while os.path.exists(path):
+        suffix += 1
+        path = os.path.join("runs", f"{stamp}-{suffix}")
+    return path
+
+
+def load_data(config, data_root=None):
+    from fastnn.data import get_cifar10_data
+
+    return get_cifar10_data(num_training=config["num_training"],
+                            num_validation=config["num_validation"],
+                            num_test=config["num_test"], root=data_root or config["data"])
+
+
+def build_model(config):
+    from fastnn.classifiers import FullyConnectedNet, TwoLayerNet
+
+    input_dim, num_classes = 3 * 32 * 32, 10
+    if config["model"] == "two_layer":
+        np.random.seed(config["seed"])  # TwoLayerNet draws its weights from np.random
+        return TwoLayerNet(input_dim, config["hidden_dim"], num_classes,
+                           weight_scale=config["weight_scale"], reg=config["reg"])
+    return FullyConnectedNet(config["hidden_dims"], input_dim, num_classes,
+                             dropout=config["dropout"], use_batchnorm=config["batchnorm"],
+                             reg=config["reg"], weight_scale=config["weight_scale"],
+                             seed=config["seed"])
+
+
+def build_solver(model, data, config, out_dir):
+    from fastnn.solver import Solver
+
+    optim_config = {"learning_rate": config["learning_rate"]}
+    optim_config.update({k: config[k] for k in RULE_OPTIONS[config["update_rule"]]
+                         if config.get(k) is not None})
+    return Solver(model, data, update_rule=config["update_rule"], optim_config=optim_config,
+                  lr_decay=config["lr_decay"], batch_size=config["batch_size"],
+                  num_epochs=config["epochs"], print_every=config["print_every"],
+                  verbose=True, progress=True, seed=config["seed"],
+                  checkpoint_path=os.path.join(out_dir, "checkpoint.npz"))
+
+
+def predict(model, X, batch_size=1000):
+    """Predicted labels (on the model's backend) for X, in batches."""
+    from fastnn.backend import get_array_module
+
+    xp = get_array_module(*model.params.values())
+    X = xp.asarray(X)
+    return xp.concatenate([xp.argmax(model.loss(X[i:i + batch_size]), axis=1)
+                           for i in range(0, X.shape[0], batch_size)])
+
+
+def setup_runtime(config):
+    import fastnn
+
+    fastnn.set_backend(config["backend"])
+    if config.get("threads"):
+        fastnn.set_num_threads(config["threads"])
+
+
+# -- commands ----------------------------------------------------------------
+def train_command(args):
+    import fastnn
+    from fastnn import plots
+    from fastnn.solver import TrainingInterrupted
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume")}
+    if "resume" in args:
+        out_dir = args.resume
+        config_path = os.path.join(out_dir, "config.json")
+        if not os.path.exists(config_path):
+            raise SystemExit(f"fastnn: cannot resume: {config_path} does not exist "
+                             "(is this a folder written by `fastnn train`?)")
+        with open(config_path) as fh:
+            config = {**DEFAULTS, **json.load(fh)}
+        fixed = sorted(set(given) - RESUMABLE)
+        if fixed:
+            raise SystemExit(f"fastnn: --resume continues a run as configured; it cannot change "
+                             f"{fixed} (only {sorted(RESUMABLE)})")
+        config.update(given)
+    else:
+        config = {**DEFAULTS, **given}
+        out_dir = getattr(args, "out", None) or new_run_dir()
+        os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "config.json"), config)
+
+    start = time.perf_counter()
+    setup_runtime(config)
+    data = load_data(config)
+    model = build_model(config)
+    solver = build_solver(model, data, config, out_dir)
+    if "resume" in args:
+        solver.load_checkpoint(os.path.join(out_dir, "checkpoint.npz"))
+        print(f"resuming {out_dir} at epoch {solver.epoch} of {config['epochs']}")
+    try:
+        solver.train()
+    except TrainingInterrupted as stop:
+        print(f"\nfastnn: {stop}. Resume with: fastnn train --resume {out_dir}", file=sys.stderr)
+        return 130
+
+    fastnn.save(model, os.path.join(out_dir, "model.npz"))
+    test_acc = float((fastnn.to_numpy(predict(model, data["X_test"])) == data["y_test"]).mean())
+    per_epoch = [{"epoch": e, "train_acc": tr, "val_acc": va}
+                 for e, (tr, va) in enumerate(zip(solver.train_acc_history, solver.val_acc_history))]
+    metrics = {"best_val_acc": solver.best_val_acc, "test_acc": test_acc,
+               "num_test": int(data["X_test"].shape[0]), "epochs": per_epoch,
+               "loss_history": solver.loss_history,
+               "seconds": round(time.perf_counter() - start, 2)}
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    plots.plot_loss(solver.loss_history, os.path.join(out_dir, "loss.png"),
+                    solver.iterations_per_epoch)
+    plots.plot_accuracy(solver.train_acc_history, solver.val_acc_history,
+                        os.path.join(out_dir, "accuracy.png"))
+    plots.plot_first_layer_weights(fastnn.to_numpy(model.params["W1"]),
+                                   os.path.join(out_dir, "weights.png"))
+    print(f"best val acc {solver.best_val_acc:.4f}; test acc {test_acc:.4f} on "
+          f"{metrics['num_test']} images; {metrics['seconds']:.0f} s; run folder {out_dir}")
+    return 0
+
+
+def confusion_matrix(y_true, y_pred, num_classes):
+    """counts[i, j]: images of class i predicted as j (host numpy arrays in)."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (y_true, y_pred), 1)
+    return counts
+
+
+def evaluate_command(args):
+    import fastnn
+    from fastnn import plots
+    from fastnn.data import CLASSES
+
+    config_path = os.path.join(args.run_dir, "config.json")
+    model_path = os.path.join(args.run_dir, "model.npz")
+    for path in (config_path, model_path):
+        if not os.path.exists(path):
+            raise SystemExit(f"fastnn: cannot evaluate: {path} does not exist "
+                             "(train first: fastnn train --out DIR)")
+    with open(config_path) as fh:
+        config = {**DEFAULTS, **json.load(fh)}
+    if args.backend:
+        config["backend"] = args.backend
+    setup_runtime(config)
+    data = load_data(config, args.data)
+    model = fastnn.load(model_path)
+    y_pred = fastnn.to_numpy(predict(model, data["X_test"]))
+    y_true = data["y_test"]
+    accuracy = float((y_pred == y_true).mean())
+    matrix = confusion_matrix(y_true, y_pred, len(CLASSES))
+    width = max(len(c) for c in CLASSES)
+    print(f"test accuracy {accuracy:.4f} on {len(y_true)} images")
+    print("confusion matrix (rows: true class, columns: predicted)")
+    print(" " * (width + 1) + " ".join(f"{c[:5]:>5}" for c in CLASSES))
+    for name, row in zip(CLASSES, matrix):
+        print(f"{name:>{width}} " + " ".join(f"{v:5d}" for v in row))
+    png = os.path.join(args.run_dir, "confusion.png")
+    plots.plot_confusion_matrix(matrix, CLASSES, png)
+    print(f"saved {png}")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return train_command(args)
+    return evaluate_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""PNG plots of a training run (matplotlib, no display needed).
+
+matplotlib is imported inside each function, so `import fastnn` stays light.
+Every figure is written atomically (a temporary file renamed into place).
+"""
+import os
+
+import numpy as np
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path):
+    plt = _figure()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_loss(loss_history, path, iterations_per_epoch=None):
+    """Training loss per iteration, with a moving average."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    loss = np.asarray(loss_history, dtype=np.float64)
+    ax.plot(loss, ".", markersize=2, alpha=0.3, label="iteration")
+    window = max(1, min(len(loss) // 20, iterations_per_epoch or 50))
+    if len(loss) >= window > 1:
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(window - 1, len(loss)), smooth, label=f"mean of {window}")
+    ax.set(xlabel="iteration", ylabel="training loss", title="Training loss")
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_accuracy(train_acc_history, val_acc_history, path):
+    """Train and validation accuracy at each check (first iteration, epoch ends)."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(train_acc_history, "o-", label="train")
+    ax.plot(val_acc_history, "o-", label="val")
+    ax.set(xlabel="check (0 = first iteration, then each epoch)", ylabel="accuracy",
+           title="Classification accuracy")
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_first_layer_weights(W1, path, image_shape=(3, 32, 32), max_images=100):
+    """The first layer's weights, each column shown as a colour image, in a grid.
+
+    W1 (3*32*32, H): column j is unit j's template, in R, G, B planes.
+    """
+    plt = _figure()
+    W1 = np.asarray(W1, dtype=np.float64)
+    count = min(W1.shape[1], max_images)
+    images = W1[:, :count].T.reshape(count, *image_shape).transpose(0, 2, 3, 1)
+    low = images.min(axis=(1, 2, 3), keepdims=True)
+    high = images.max(axis=(1, 2, 3), keepdims=True)
+    images = (images - low) / np.maximum(high - low, 1e-12)  # each template to [0, 1]
+    cols = int(np.ceil(np.sqrt(count)))
+    rows = int(np.ceil(count / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < count:
+            ax.imshow(images[k], interpolation="nearest")
+    fig.suptitle("First-layer weights")
+    _save(fig, path)
+
+
+def plot_confusion_matrix(matrix, class_names, path):
+    """Confusion matrix (rows: true class, columns: predicted), counts in the cells."""
+    plt = _figure()
+    matrix = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(im, ax=ax)
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test set)")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                color="white" if count > threshold else "black")
+    _save(fig, path)
