@@ -17,18 +17,22 @@ import time
 
 import numpy as np
 
+START_TIME = time.perf_counter()  # budgets count from the command's start
+
 # The defaults are the README's main job: >= 0.55 test accuracy on CIFAR-10
 # in a few minutes on a 2-core CPU.
 DEFAULTS = {
     "model": "fc", "hidden_dims": [1024, 512, 256], "hidden_dim": 100, "batchnorm": True,
     "dropout": 0.3, "reg": 0.0, "weight_scale": 1e-2, "update_rule": "adam",
     "learning_rate": 1e-3, "momentum": None, "beta1": None, "beta2": None,
-    "decay_rate": None, "epsilon": None, "lr_decay": 0.9, "epochs": 15, "batch_size": 256,
+    "decay_rate": None, "epsilon": None, "weight_decay": None, "lr_schedule": None,
+    "augment": False, "lr_decay": 0.9, "epochs": 15, "batch_size": 256,
     "backend": "numpy", "seed": 0, "data": None, "num_training": 49000,
     "num_validation": 1000, "num_test": 10000, "threads": None, "print_every": 50,
 }
 RULE_OPTIONS = {"sgd": (), "sgd_momentum": ("momentum",), "rmsprop": ("decay_rate", "epsilon"),
-                "adam": ("beta1", "beta2", "epsilon")}
+                "adam": ("beta1", "beta2", "epsilon"),
+                "adamw": ("beta1", "beta2", "epsilon", "weight_decay")}
 # What --resume may change: where and how fast it runs and how long, not what it trains.
 RESUMABLE = {"epochs", "backend", "data", "threads", "print_every"}
 
@@ -54,6 +58,11 @@ def build_parser():
     add("--beta2", type=float, help="adam beta2 (0.999)")
     add("--decay-rate", type=float, help="rmsprop decay rate (0.99)")
     add("--epsilon", type=float, help="rmsprop/adam epsilon (1e-8)")
+    add("--weight-decay", type=float, help="adamw decoupled weight decay (1e-2)")
+    add("--lr-schedule", choices=["step", "cosine", "onecycle"],
+        help="learning-rate schedule (none); multiplies with --lr-decay")
+    add("--augment", action=argparse.BooleanOptionalAction,
+        help="random flips and 4-pixel crops of the training images (off)")
     add("--lr-decay", type=float, help="learning-rate factor after each epoch (0.9)")
     add("--epochs", type=int, help="epochs (15)")
     add("--batch-size", type=int, help="minibatch size (256)")
@@ -67,6 +76,32 @@ def build_parser():
     add("--print-every", type=int, help="read the loss every N iterations (50)")
     add("--out", help="run folder (default: a new one under runs/)")
     add("--resume", metavar="DIR", help="continue the stopped run in DIR")
+
+    tune = commands.add_parser("tune", help="search hyperparameters with Optuna")
+    add = tune.add_argument
+    add("--trials", type=int, default=60, help="trials in the study, all workers together (60)")
+    add("--budget-minutes", type=float, default=None,
+        help="stop in time to finish within M minutes of the command's start (none)")
+    add("--parallel", type=int, default=4, help="trials trained together as one stack (4)")
+    add("--epochs", type=int, default=8, help="epochs per trial (8)")
+    add("--final-epochs", type=int, default=0,
+        help="retrain the best configuration for this many epochs at the end (0: no)")
+    add("--augment", action=argparse.BooleanOptionalAction, default=False,
+        help="random flips and crops while training (off)")
+    add("--lr-schedule", choices=["step", "cosine", "onecycle"], default=None,
+        help="learning-rate schedule of every trial (none)")
+    add("--storage", default=None,
+        help="Optuna storage URL shared by workers (default: sqlite in the run folder)")
+    add("--study-name", default="fastnn", help="study name in the storage (fastnn)")
+    add("--resume", action="store_true", help="continue the study in the storage")
+    add("--out", default=None, help="run folder (default: a new one under runs/)")
+    add("--seed", type=int, default=0, help="sampler and training seed (0)")
+    add("--backend", choices=["numpy", "cupy"], default="numpy")
+    add("--data", default=None, help="folder holding cifar-10-batches-py")
+    add("--num-training", type=int, default=49000)
+    add("--num-validation", type=int, default=1000)
+    add("--num-test", type=int, default=10000)
+    add("--threads", type=int, default=None)
 
     evaluate = commands.add_parser("evaluate", help="test accuracy and confusion matrix of a run")
     evaluate.add_argument("run_dir", help="a run folder written by `fastnn train`")
@@ -127,7 +162,8 @@ def build_solver(model, data, config, out_dir):
                   lr_decay=config["lr_decay"], batch_size=config["batch_size"],
                   num_epochs=config["epochs"], print_every=config["print_every"],
                   verbose=True, progress=True, seed=config["seed"],
-                  checkpoint_path=os.path.join(out_dir, "checkpoint.npz"))
+                  lr_schedule=config["lr_schedule"], augment=bool(config["augment"]),
+                  checkpoint_path=out_dir and os.path.join(out_dir, "checkpoint.npz"))
 
 
 def predict(model, X, batch_size=1000):
@@ -249,11 +285,25 @@ def evaluate_command(args):
     return 0
 
 
+def tune_command(args):
+    from fastnn import tune
+
+    options = {**vars(args), "start": START_TIME, "final_seconds": 0,
+               "worker": f"{os.uname().nodename}:{os.getpid()}"}
+    if options["resume"] and options["out"] is None and options["storage"] is None:
+        raise SystemExit("fastnn: --resume needs --out DIR (the earlier run folder) or --storage")
+    options["out"] = options["out"] or new_run_dir()
+    for name in ("trials", "parallel", "epochs"):
+        if options[name] < 1:
+            raise SystemExit(f"fastnn: --{name} must be >= 1, got {options[name]}")
+    tune.tune(options)
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return train_command(args)
-    return evaluate_command(args)
+    commands = {"train": train_command, "evaluate": evaluate_command, "tune": tune_command}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

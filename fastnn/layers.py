@@ -6,8 +6,6 @@ go through the kernel table (`fastnn.kernels`).
 """
 import math
 
-import numpy as np
-
 from fastnn import kernels
 from fastnn.backend import get_array_module
 
@@ -99,12 +97,18 @@ def batchnorm_backward(dout, cache):
     return kernels.for_module(xp).batchnorm_backward(dout, x_hat, gamma, inv_std)
 
 
-def _dropout_seed(dropout_param):
+def draw_seed(xp):
+    """A fresh seed from the generator of array module `xp` (np.random or cupy.random).
+
+    On cupy this reads a device value (a synchronisation): pass seeds where
+    it matters, as FullyConnectedNet does.
+    """
+    return int(xp.random.randint(0, 2**31 - 1))
+
+
+def _dropout_seed(dropout_param, xp):
     seed = dropout_param.get("seed")
-    if seed is None:
-        # Host generator: drawing on the device would need a sync to read it.
-        seed = int(np.random.randint(0, 2**31 - 1))
-    return seed
+    return draw_seed(xp) if seed is None else seed
 
 
 def dropout_forward(x, dropout_param):
@@ -123,7 +127,7 @@ def dropout_forward(x, dropout_param):
     if mode == "test" or p == 0.0:
         return x, None
     xp = get_array_module(x)
-    seed, step = _dropout_seed(dropout_param), int(dropout_param.get("step", 0))
+    seed, step = _dropout_seed(dropout_param, xp), int(dropout_param.get("step", 0))
     return kernels.for_module(xp).dropout_forward(x, p, seed, step), (p, seed, step)
 
 

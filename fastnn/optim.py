@@ -12,6 +12,8 @@ DEFAULTS = {
     "sgd_momentum": {"learning_rate": 1e-2, "momentum": 0.9},
     "rmsprop": {"learning_rate": 1e-2, "decay_rate": 0.99, "epsilon": 1e-8},
     "adam": {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8},
+    "adamw": {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8,
+              "weight_decay": 1e-2},
 }
 
 
@@ -71,7 +73,22 @@ def adam(w, dw, config=None):
     return next_w, config
 
 
-RULES = {"sgd": sgd, "sgd_momentum": sgd_momentum, "rmsprop": rmsprop, "adam": adam}
+def adamw(w, dw, config=None):
+    """Adam with decoupled weight decay: w * (1 - lr * weight_decay), then the Adam step.
+
+    Solver sets weight_decay to 0 for everything but the weight matrices
+    (biases, gamma and beta are not decayed).
+    """
+    config = _config("adamw", config)
+    decayed = w * (1 - config["learning_rate"] * config["weight_decay"])
+    adam_config = {k: v for k, v in config.items() if k != "weight_decay"}
+    next_w, adam_config = adam(decayed, dw, adam_config)
+    config.update(adam_config)
+    return next_w, config
+
+
+RULES = {"sgd": sgd, "sgd_momentum": sgd_momentum, "rmsprop": rmsprop, "adam": adam,
+         "adamw": adamw}
 
 
 def fused_update(rule, w, dw, config):
@@ -83,6 +100,8 @@ def fused_update(rule, w, dw, config):
     """
     from fastnn import kernels
 
+    if rule not in RULES:
+        raise ValueError(f"unknown update rule {rule!r}; choose one of {sorted(RULES)}")
     config = _config(rule, config)
     xp = get_array_module(w, dw)
     ops = kernels.for_module(xp)
@@ -97,13 +116,15 @@ def fused_update(rule, w, dw, config):
         if config.get("cache") is None:
             config["cache"] = xp.zeros_like(w)
         ops.rmsprop_(w, dw, config["cache"], lr, config["decay_rate"], config["epsilon"])
-    elif rule == "adam":
+    elif rule in ("adam", "adamw"):
         for key in ("m", "v"):
             if config.get(key) is None:
                 config[key] = xp.zeros_like(w)
         config["t"] = config.get("t", 0) + 1
-        ops.adam_(w, dw, config["m"], config["v"], lr, config["beta1"], config["beta2"],
-                  config["epsilon"], config["t"])
-    else:
-        raise ValueError(f"unknown update rule {rule!r}; choose one of {sorted(RULES)}")
+        args = (w, dw, config["m"], config["v"], lr, config["beta1"], config["beta2"],
+                config["epsilon"], config["t"])
+        if rule == "adam":
+            ops.adam_(*args)
+        else:
+            ops.adamw_(*args, config["weight_decay"])
     return config

@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-from fastnn import optim
+from fastnn import kernels, optim, schedules
 from fastnn.backend import get_array_module, to_numpy, xp as active_xp
 from fastnn.serialization import model_state, read_npz, set_model_state, write_npz
 
@@ -28,7 +28,11 @@ OPTIONS = {
     "fused_updates": True,    # in-place update kernels (same parameters as fastnn.optim)
     "checkpoint_path": None,  # one checkpoint file, rewritten atomically every epoch
     "progress": False,        # a tqdm progress bar per epoch
+    "lr_schedule": None,      # None, "step", "cosine" or "onecycle" (fastnn.schedules)
+    "lr_schedule_config": None,
+    "augment": None,          # None, or {"flip": True, "crop_padding": 4} (True: those)
 }
+AUGMENT_DEFAULTS = {"flip": True, "crop_padding": 4}
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -58,6 +62,9 @@ class Solver:
             raise ValueError("batch_size and print_every must be >= 1 and num_epochs >= 0; got "
                              f"{self.batch_size}, {self.print_every}, {self.num_epochs}")
         self.optim_config = dict(self.optim_config or {})
+        self.lr_schedule_config = schedules.check_schedule(self.lr_schedule,
+                                                           self.lr_schedule_config)
+        self.augment = self._check_augment(self.augment, data["X_train"])
         self.model = model
         missing = [k for k in ("X_train", "y_train", "X_val", "y_val") if k not in data]
         if missing:
@@ -67,9 +74,27 @@ class Solver:
         self.X_val, self.y_val = self._to_device(data["X_val"], data["y_val"], "val")
         self._check_labels()
         seed = self.seed if self.seed is not None else int(np.random.randint(2**31 - 1))
-        self._batch_rng, self._eval_rng = (np.random.default_rng(s)
-                                           for s in np.random.SeedSequence(seed).spawn(2))
+        batch_seq, eval_seq, augment_seq = np.random.SeedSequence(seed).spawn(3)
+        self._batch_rng = np.random.default_rng(batch_seq)
+        self._eval_rng = np.random.default_rng(eval_seq)
+        self._augment_seed = int(augment_seq.generate_state(1)[0])
         self._reset()
+
+    @staticmethod
+    def _check_augment(augment, X_train):
+        if not augment:
+            return None
+        options = dict(AUGMENT_DEFAULTS) if augment is True else {**AUGMENT_DEFAULTS, **augment}
+        unknown = sorted(set(options) - set(AUGMENT_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown augment options {unknown}; known: {sorted(AUGMENT_DEFAULTS)}")
+        if X_train.ndim != 4:
+            raise ValueError(f"augment needs images shaped (N, C, H, W); X_train has shape "
+                             f"{X_train.shape}")
+        if not 0 <= int(options["crop_padding"]) < min(X_train.shape[2:]):
+            raise ValueError(f"crop_padding must be in [0, {min(X_train.shape[2:])}), "
+                             f"got {options['crop_padding']}")
+        return options
 
     # -- setup -------------------------------------------------------------
     def _to_device(self, X, y, split):
@@ -104,6 +129,14 @@ class Solver:
         self._epoch_order = None
         self._batch = None
         self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
+        if self.update_rule == "adamw":  # decay the weight matrices only
+            for name, config in self.optim_configs.items():
+                config.setdefault("weight_decay", optim.DEFAULTS["adamw"]["weight_decay"])
+                if not name.startswith("W"):
+                    config["weight_decay"] = 0.0
+        self._base_lr = {name: config.get("learning_rate",
+                                          optim.DEFAULTS[self.update_rule]["learning_rate"])
+                         for name, config in self.optim_configs.items()}
 
     @property
     def iterations_per_epoch(self):
@@ -125,9 +158,24 @@ class Solver:
         X_batch, y_batch = self._batch
         xp.take(self.X_train, idx, axis=0, out=X_batch)
         xp.take(self.y_train, idx, axis=0, out=y_batch)
+        if self.augment:
+            X_batch = kernels.for_module(xp).flip_crop(X_batch, self._augment_seed, t,
+                                                       self.augment["flip"],
+                                                       int(self.augment["crop_padding"]))
         return X_batch, y_batch
 
+    def _set_learning_rates(self):
+        """With a schedule: learning_rate = base * lr_decay**epoch * schedule factor."""
+        per_epoch = self.iterations_per_epoch
+        factor = self.lr_decay ** self.epoch * schedules.lr_factor(
+            self.lr_schedule, self._t, int(self.num_epochs) * per_epoch, per_epoch,
+            self.lr_schedule_config)
+        for name, config in self.optim_configs.items():
+            config["learning_rate"] = self._base_lr[name] * factor
+
     def _step(self):
+        if self.lr_schedule:
+            self._set_learning_rates()
         X_batch, y_batch = self._next_batch(self._t)
         dropout_param = getattr(self.model, "dropout_param", None)
         if dropout_param is not None:
@@ -189,12 +237,16 @@ class Solver:
         if self.verbose:
             self._print(f"(Epoch {self.epoch} / {self.num_epochs}) "
                         f"train acc: {train_acc:f}; val_acc: {val_acc:f}")
-        params_finite = all(bool(self._xp.isfinite(w).all()) for w in self.model.params.values())
-        if val_acc > self.best_val_acc and params_finite or not self.best_params:
-            self.best_val_acc = max(val_acc, self.best_val_acc) if params_finite else 0.0
-            self.best_params = {k: v.copy() for k, v in self.model.params.items()}
-            self._best_bn = [{k: v.copy() for k, v in p.items() if k.startswith("running_")}
-                             for p in getattr(self.model, "bn_params", [])]
+        if val_acc > self.best_val_acc or not self.best_params:
+            # NaN parameters can still score (argmax of NaN rows is class 0): never keep them
+            if all(bool(self._xp.isfinite(w).all()) for w in self.model.params.values()):
+                self.best_val_acc = val_acc
+                self._keep_as_best()
+
+    def _keep_as_best(self):
+        self.best_params = {k: v.copy() for k, v in self.model.params.items()}
+        self._best_bn = [{k: v.copy() for k, v in p.items() if k.startswith("running_")}
+                         for p in getattr(self.model, "bn_params", [])]
 
     def _restore_best(self):
         """model.params (and batchnorm running statistics) <- the best seen."""
@@ -210,6 +262,8 @@ class Solver:
         per_epoch = self.iterations_per_epoch
         total = int(self.num_epochs) * per_epoch
         bar = None
+        if not self.best_params:  # the initial parameters: a finite fallback from the start
+            self._keep_as_best()
         with self._interrupt_to_checkpoint():
             while self._t < total:
                 if self.progress and bar is None:
@@ -230,10 +284,11 @@ class Solver:
                     self._read_losses()
                     self.epoch += 1
                     self._epoch_order = None
-                    for config in self.optim_configs.values():
-                        config["learning_rate"] = config.get(
-                            "learning_rate", optim.DEFAULTS[self.update_rule]["learning_rate"]
-                        ) * self.lr_decay
+                    if not self.lr_schedule:  # the classic decay; schedules set it per step
+                        for config in self.optim_configs.values():
+                            config["learning_rate"] = config.get(
+                                "learning_rate", optim.DEFAULTS[self.update_rule]["learning_rate"]
+                            ) * self.lr_decay
                     if bar is not None:
                         bar.close()
                         bar = None

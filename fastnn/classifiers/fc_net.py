@@ -12,7 +12,8 @@ from fastnn import kernels
 from fastnn.backend import get_array_module, get_backend, xp as active_xp
 from fastnn.layer_utils import (affine_bn_relu_backward, affine_bn_relu_forward,
                                 affine_relu_backward, affine_relu_forward)
-from fastnn.layers import affine_backward, affine_forward, dropout_backward, dropout_forward
+from fastnn.layers import (affine_backward, affine_forward, draw_seed, dropout_backward,
+                           dropout_forward)
 
 
 def _standard_normal(rng, shape):
@@ -87,8 +88,9 @@ class FullyConnectedNet(_Classifier):
     `dropout` is the probability of dropping a unit (0: no dropout). With
     `seed` set, the weights are drawn from `np.random.default_rng(seed)` and
     the dropout masks are seeded (deterministic); without it the weights come
-    from `np.random` (so `np.random.seed` makes them reproducible) and each
-    call draws fresh masks.
+    from `np.random` (so `np.random.seed` makes them reproducible) and the
+    dropout seed is drawn once from the backend's generator. Either way the
+    masks change with `dropout_param["step"]`, which Solver advances.
     """
 
     def __init__(self, hidden_dims, input_dim=3 * 32 * 32, num_classes=10, dropout=0,
@@ -110,8 +112,10 @@ class FullyConnectedNet(_Classifier):
         self._init_params([input_dim, *hidden_dims, num_classes], weight_scale,
                           self.use_batchnorm, rng)
         self.dropout_param = {"mode": "train", "p": float(dropout), "step": 0}
-        if seed is not None:
-            self.dropout_param["seed"] = int(seed)
+        if self.use_dropout:
+            # One seed for the model's life (the Solver advances `step`): drawing
+            # one per call would read a device value every step on cupy.
+            self.dropout_param["seed"] = int(seed) if seed is not None else draw_seed(active_xp())
         self.bn_params = [{"mode": "train"} for _ in hidden_dims] if self.use_batchnorm else []
 
     def _layer_dropout_param(self, layer):

@@ -18,7 +18,8 @@ OPS = (
     "dropout_forward", "dropout_backward",
     "softmax_loss", "svm_loss",
     "batchnorm_train_forward", "batchnorm_backward",
-    "sgd_", "sgd_momentum_", "rmsprop_", "adam_",
+    "sgd_", "sgd_momentum_", "rmsprop_", "adam_", "adamw_",
+    "flip_crop",
 )
 
 _tables = {}

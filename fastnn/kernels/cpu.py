@@ -39,7 +39,7 @@ def _flat(a):
 def _relu_forward(x, out):
     for i in range(x.size):
         v = x[i]
-        out[i] = v if v > 0 else 0
+        out[i] = 0 if v < 0 else v  # NaN stays NaN, as np.maximum keeps it
 
 
 @_jit
@@ -80,6 +80,37 @@ def dropout_forward(x, p, seed, step):
 
 def dropout_backward(dout, p, seed, step):
     return dropout_forward(dout, p, seed, step)
+
+
+# -- augmentation ------------------------------------------------------------
+@_jit
+def _flip_crop(x, out, key, flip, padding):
+    n, channels, height, width = x.shape
+    span = np.uint64(2 * padding + 1)
+    for i in range(n):
+        z = np.uint64(i) * _GOLDEN + key
+        z = (z ^ (z >> _S30)) * _MIX1
+        z = (z ^ (z >> _S27)) * _MIX2
+        z = z ^ (z >> _S31)
+        mirrored = flip and (z >> np.uint64(63)) == np.uint64(1)
+        dy = np.int64(((z >> np.uint64(32)) & np.uint64(0xFFFF)) % span) - padding
+        dx = np.int64((z & np.uint64(0xFFFF)) % span) - padding
+        for c in range(channels):
+            for r in range(height):
+                src_r = r + dy
+                for col in range(width):
+                    src_c = (width - 1 - col if mirrored else col) + dx
+                    if 0 <= src_r < height and 0 <= src_c < width:
+                        out[i, c, r, col] = x[i, c, src_r, src_c]
+                    else:
+                        out[i, c, r, col] = 0
+
+
+def flip_crop(x, seed, step, flip, padding):
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    _flip_crop(x, out, np.uint64(dropout_key(seed, step)), bool(flip), np.int64(padding))
+    return out
 
 
 # -- losses ------------------------------------------------------------------
@@ -128,6 +159,8 @@ def _svm_loss(x, y, dx, row_loss):
                 positive += 1
                 dx[i, j] = inv_n
             else:
+                if j != label and margin != margin:  # NaN scores make a NaN loss
+                    total += margin
                 dx[i, j] = 0
         dx[i, label] = -positive * inv_n
         row_loss[i] = total
@@ -207,6 +240,12 @@ def rmsprop_(w, dw, cache, lr, decay_rate, eps):
     f = w.dtype.type
     _rmsprop(*_flat_inplace(w, np.ascontiguousarray(dw), cache), f(lr), f(decay_rate),
              f(1 - decay_rate), f(eps))
+
+
+def adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay):
+    if weight_decay:  # decoupled decay first, as reference.adamw_ does it
+        w *= w.dtype.type(1 - lr * weight_decay)
+    adam_(w, dw, m, v, lr, beta1, beta2, eps, t)
 
 
 def adam_(w, dw, m, v, lr, beta1, beta2, eps, t):

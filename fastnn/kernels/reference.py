@@ -38,11 +38,7 @@ def keep_threshold(p):
 
 def dropout_keep(xp, size, seed, step, p):
     """Boolean keep-mask of `size` units (flat, C order) for (seed, step)."""
-    key = xp.uint64(dropout_key(seed, step))
-    z = xp.arange(size, dtype=xp.uint64) * xp.uint64(GOLDEN) + key
-    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(MIX1)
-    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(MIX2)
-    z = z ^ (z >> xp.uint64(31))
+    z = _hash_positions(xp, size, dropout_key(seed, step))
     return (z >> xp.uint64(64 - UNIT_BITS)) >= xp.uint64(keep_threshold(p))
 
 
@@ -56,6 +52,47 @@ def dropout_forward(x, p, seed, step):
 def dropout_backward(dout, p, seed, step):
     """Gradient of dropout_forward: the same mask and scale applied to dout."""
     return dropout_forward(dout, p, seed, step)
+
+
+def _hash_positions(xp, count, key):
+    """SplitMix64 of positions 0..count-1 under `key` (uint64 array)."""
+    z = xp.arange(count, dtype=xp.uint64) * xp.uint64(GOLDEN) + xp.uint64(key)
+    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(MIX1)
+    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(MIX2)
+    return z ^ (z >> xp.uint64(31))
+
+
+# -- augmentation: random flips and crops, a pure function of (seed, step, image)
+def flip_crop_offsets(xp, count, seed, step, padding):
+    """Per image: (flip as bool, row shift, column shift), shifts in [-padding, padding]."""
+    z = _hash_positions(xp, count, dropout_key(seed, step))
+    span = xp.uint64(2 * padding + 1)
+    flips = (z >> xp.uint64(63)) == xp.uint64(1)
+    dy = ((z >> xp.uint64(32)) & xp.uint64(0xFFFF)) % span
+    dx = (z & xp.uint64(0xFFFF)) % span
+    return flips, dy.astype(xp.int64) - padding, dx.astype(xp.int64) - padding
+
+
+def flip_crop(x, seed, step, flip, padding):
+    """Random horizontal flips and zero-padded random crops of images x (N, C, H, W).
+
+    Image i is shifted by (dy, dx) in [-padding, padding] (pixels shifted in
+    are 0) and, when `flip`, mirrored left-right with probability 1/2.
+    """
+    xp = get_array_module(x)
+    n, channels, height, width = x.shape
+    flips, dy, dx = flip_crop_offsets(xp, n, seed, step, padding)
+    if not flip:
+        flips = xp.zeros_like(flips)
+    rows = xp.arange(height)[None, :] + dy[:, None]
+    cols = xp.arange(width)[None, :]
+    cols = xp.where(flips[:, None], width - 1 - cols, cols) + dx[:, None]
+    valid = (((rows >= 0) & (rows < height))[:, None, :, None]
+             & ((cols >= 0) & (cols < width))[:, None, None, :])
+    picked = x[xp.arange(n)[:, None, None, None], xp.arange(channels)[None, :, None, None],
+               xp.clip(rows, 0, height - 1)[:, None, :, None],
+               xp.clip(cols, 0, width - 1)[:, None, None, :]]
+    return xp.where(valid, picked, x.dtype.type(0))
 
 
 # -- relu --------------------------------------------------------------------
@@ -151,6 +188,13 @@ def rmsprop_(w, dw, cache, lr, decay_rate, eps):
     cache *= t(decay_rate)
     cache += t(1 - decay_rate) * (dw * dw)
     w -= t(lr) * dw / (xp.sqrt(cache) + t(eps))
+
+
+def adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay):
+    """Decoupled weight decay (w *= 1 - lr * weight_decay), then the Adam step."""
+    if weight_decay:
+        w *= w.dtype.type(1 - lr * weight_decay)
+    adam_(w, dw, m, v, lr, beta1, beta2, eps, t)
 
 
 def adam_(w, dw, m, v, lr, beta1, beta2, eps, t):

@@ -1,0 +1,65 @@
+"""Learning-rate schedules: a factor on the base learning rate at each iteration.
+
+The Solver's learning rate at iteration t (epoch e) is
+
+    base_lr * lr_decay ** e * lr_factor(schedule, t, total, ...)
+
+so `lr_decay` (the classic per-epoch decay) and a schedule multiply; leave
+`lr_decay=1.0` to use a schedule alone. Factors are pure functions of the
+iteration, so a resumed run gets the same rates.
+"""
+import math
+
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
+DEFAULTS = {
+    "constant": {},
+    "step": {"step_epochs": None, "gamma": 0.1},             # None: a third of the epochs
+    "cosine": {"min_factor": 0.0},
+    "onecycle": {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4},
+}
+
+
+def check_schedule(schedule, config=None):
+    """Validate a schedule name and its options; returns the options with defaults."""
+    name = schedule or "constant"
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {schedule!r}; choose one of {SCHEDULES}")
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(DEFAULTS[name]))
+    if unknown:
+        raise ValueError(f"unknown options {unknown} for lr_schedule {name!r}; "
+                         f"known: {sorted(DEFAULTS[name])}")
+    return {**DEFAULTS[name], **config}
+
+
+def _cosine(start, end, fraction):
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(max(fraction, 0.0), 1.0)))
+
+
+def lr_factor(schedule, iteration, total_iterations, iterations_per_epoch, config=None):
+    """The factor on the base learning rate for 0-based `iteration` of `total_iterations`.
+
+    - constant: 1
+    - step: gamma ** (epoch // step_epochs)
+    - cosine: from 1 down to min_factor along half a cosine
+    - onecycle: warm-up from 1/div_factor to 1 over the first pct_start of
+      training, then down to 1/(div_factor*final_div_factor), both halves
+      cosine-shaped (as PyTorch's OneCycleLR)
+    """
+    name = schedule or "constant"
+    config = check_schedule(name, config)
+    total = max(int(total_iterations), 1)
+    if name == "constant":
+        return 1.0
+    if name == "step":
+        epochs = max(total // max(iterations_per_epoch, 1), 1)
+        step_epochs = config["step_epochs"] or max(epochs // 3, 1)
+        return config["gamma"] ** ((iteration // max(iterations_per_epoch, 1)) // step_epochs)
+    if name == "cosine":
+        return _cosine(1.0, config["min_factor"], iteration / total)
+    start = 1.0 / config["div_factor"]
+    end = start / config["final_div_factor"]
+    warmup = max(config["pct_start"] * total, 1.0)
+    if iteration < warmup:
+        return _cosine(start, 1.0, iteration / warmup)
+    return _cosine(1.0, end, (iteration - warmup) / max(total - warmup, 1.0))

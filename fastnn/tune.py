@@ -1,0 +1,304 @@
+"""`fastnn tune`: hyperparameter search on CIFAR-10 with Optuna, K trials trained as one stack.
+
+Each round asks Optuna for K trials (`--parallel K`). The structural
+choices (depth, widths, batch size, lr decay, update rule) are drawn by the
+round's first trial and given to the others as single-value ranges, so
+every trial records the values it was trained with; the continuous ones
+(learning rate, reg, weight scale, dropout) are drawn per trial. The K nets
+train together as a `StackedFullyConnectedNet`; after every epoch each trial
+reports its validation accuracy, and Optuna's pruner may stop it (it leaves
+the stack). The study lives in an Optuna storage (SQLite in the run folder by
+default), so `--resume` continues it and several workers on several machines
+can share one study through a storage URL.
+
+After the search the best configuration may be retrained for longer
+(`--final-epochs`), and the best-validation model is tested on all test
+images. Everything, loading and the test pass included, fits in
+`--budget-minutes`.
+"""
+import csv
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+UPDATE_RULES = ("adam", "adamw", "sgd_momentum")
+# What one round's trials share, and the full range each is drawn from.
+STRUCTURE_SPACE = {
+    "num_hidden": ("int", 1, 4, False),
+    "hidden_width": ("int", 256, 2048, True),
+    "width_ratio": ("float", 0.25, 1.0, False),  # each later layer is this much narrower
+    "log2_batch_size": ("int", 7, 9, False),
+    "lr_decay": ("float", 0.85, 1.0, False),
+    "update_rule_id": ("int", 0, len(UPDATE_RULES) - 1, False),  # index into UPDATE_RULES
+}
+MEMBER_SPACE = {
+    "learning_rate": ("float", 1e-4, 1e-2, True),
+    "reg": ("float", 1e-6, 1e-1, True),
+    "weight_scale": ("float", 1e-3, 1e-1, True),
+    "dropout": ("float", 0.0, 0.6, False),
+}
+RESERVE_SECONDS = 45  # the final test pass, plots and files
+
+
+def _suggest(trial, name, spec, fixed=None):
+    kind, low, high, log = spec
+    if fixed is not None:  # a single-value range: the trial records the value it trains with
+        low = high = fixed
+        log = False
+    if kind == "int":
+        return trial.suggest_int(name, low, high, log=log)
+    return trial.suggest_float(name, low, high, log=log)
+
+
+def suggest_structure(trial, fixed=None):
+    """The round's shared choices; `fixed` (another trial's) pins each to one value."""
+    return {name: _suggest(trial, name, spec, None if fixed is None else fixed[name])
+            for name, spec in STRUCTURE_SPACE.items()}
+
+
+def suggest_member(trial):
+    return {name: _suggest(trial, name, spec) for name, spec in MEMBER_SPACE.items()}
+
+
+def hidden_dims(structure):
+    width = structure["hidden_width"]
+    return [max(16, int(round(width * structure["width_ratio"] ** i)))
+            for i in range(structure["num_hidden"])]
+
+
+def train_config(structure, member, options):
+    """A `fastnn train` configuration (cli.DEFAULTS keys) for one trial."""
+    return {
+        "model": "fc", "hidden_dims": hidden_dims(structure), "batchnorm": True,
+        "dropout": member["dropout"], "reg": member["reg"],
+        "weight_scale": member["weight_scale"],
+        "update_rule": UPDATE_RULES[structure["update_rule_id"]],
+        "learning_rate": member["learning_rate"], "lr_decay": structure["lr_decay"],
+        "lr_schedule": options["lr_schedule"], "augment": options["augment"],
+        "batch_size": 2 ** structure["log2_batch_size"], "epochs": options["epochs"],
+        "seed": options["seed"],
+    }
+
+
+class Clock:
+    """Seconds left of the budget, counted from the command's start."""
+
+    def __init__(self, budget_minutes, start):
+        self.deadline = None if budget_minutes is None else start + 60 * budget_minutes
+        self.start = start
+
+    def left(self):
+        return math.inf if self.deadline is None else self.deadline - time.perf_counter()
+
+
+def create_study(options):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=options["seed"], n_startup_trials=8)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2)
+    try:
+        return optuna.create_study(study_name=options["study_name"], storage=options["storage"],
+                                   direction="maximize", sampler=sampler, pruner=pruner,
+                                   load_if_exists=options["resume"])
+    except optuna.exceptions.DuplicatedStudyError:
+        raise SystemExit(f"fastnn: study {options['study_name']!r} already exists in "
+                         f"{options['storage']}; pass --resume to continue it") from None
+
+
+def finished_count(study):
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(
+        TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)))
+
+
+def run_round(study, data, options, clock, k, log):
+    """Train k trials as one stack; returns [(trial, config, val_acc, model or None)]."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from fastnn.stacked import StackedFullyConnectedNet, StackedSolver
+
+    trials = []
+    for _ in range(k):
+        trial = study.ask()
+        if trial.number >= options["trials"]:  # another worker took the last ones
+            trial.set_user_attr("skipped", "the study reached --trials before this one ran")
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        trials.append(trial)
+    if not trials:
+        return []
+    structure = suggest_structure(trials[0])
+    members = []
+    configs = []
+    for i, trial in enumerate(trials):
+        if i:
+            suggest_structure(trial, fixed=structure)
+        member = suggest_member(trial)
+        config = train_config(structure, member, options)
+        trial.set_user_attr("config", config)
+        trial.set_user_attr("worker", options["worker"])
+        members.append({"weight_scale": member["weight_scale"], "reg": member["reg"],
+                        "dropout": member["dropout"], "seed": options["seed"] + trial.number})
+        configs.append(config)
+
+    stack = StackedFullyConnectedNet(hidden_dims(structure), members, use_batchnorm=True)
+    by_member = dict(enumerate(trials))
+    round_start = time.perf_counter()
+
+    def on_epoch_end(epoch, val_accs):
+        prune = []
+        out_of_time = clock.left() < RESERVE_SECONDS + options["final_seconds"]
+        for member_id, acc in val_accs.items():
+            trial = by_member[member_id]
+            trial.report(acc, epoch)
+            if out_of_time or trial.should_prune():
+                prune.append(member_id)
+        return prune
+
+    solver = StackedSolver(
+        stack, data, update_rule=configs[0]["update_rule"],
+        optim_configs=[{"learning_rate": c["learning_rate"]} for c in configs],
+        lr_decay=structure["lr_decay"], lr_schedule=options["lr_schedule"],
+        batch_size=configs[0]["batch_size"], num_epochs=options["epochs"],
+        seed=options["seed"], augment=options["augment"] or None, on_epoch_end=on_epoch_end)
+    solver.train()
+    outcome = []
+    for member_id, trial in by_member.items():
+        result = solver.results[member_id]
+        value = result["best_val_acc"]
+        if result["status"] == "failed" or not np.isfinite(value):
+            study.tell(trial, state=TrialState.FAIL)
+            outcome.append((trial, configs[member_id], None, None))
+            continue
+        state = TrialState.PRUNED if result["status"] == "pruned" else TrialState.COMPLETE
+        if state == TrialState.PRUNED:
+            study.tell(trial, state=state)
+        else:
+            study.tell(trial, value)
+        outcome.append((trial, configs[member_id], value, solver.best_model(member_id)))
+        log(f"trial {trial.number}: val {value:.4f} ({result['status']}) "
+            f"{configs[member_id]['hidden_dims']} bs {configs[member_id]['batch_size']} "
+            f"{configs[member_id]['update_rule']} lr {configs[member_id]['learning_rate']:.2e}")
+    del optuna
+    log(f"round of {len(trials)} took {time.perf_counter() - round_start:.0f} s; "
+        f"{clock.left():.0f} s of budget left")
+    return outcome
+
+
+def retrain(config, data, epochs, log):
+    """Train `config` for `epochs` with the plain Solver; returns (model, best val acc)."""
+    from fastnn.cli import build_model, build_solver
+
+    config = {**config, "epochs": epochs, "print_every": 10**9}
+    model = build_model(config)
+    solver = build_solver(model, data, config, out_dir=None)
+    solver.verbose = False
+    solver.train()
+    log(f"retrained the best configuration for {epochs} epochs: val {solver.best_val_acc:.4f}")
+    return model, solver.best_val_acc
+
+
+def write_trials_table(study, path):
+    """All trials of the study, best first, as CSV."""
+    trials = sorted(study.get_trials(deepcopy=False),
+                    key=lambda t: -(t.value if t.value is not None else -1))
+    names = sorted({name for t in trials for name in t.params})
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["rank", "number", "state", "val_acc", "epochs_reported", *names])
+        for rank, t in enumerate(trials, start=1):
+            writer.writerow([rank, t.number, t.state.name, t.value, len(t.intermediate_values),
+                             *[t.params.get(n) for n in names]])
+    os.replace(tmp, path)
+
+
+def plot_study(study, out_dir):
+    """val_acc per trial (final and per-epoch), and parameter importances when Optuna can."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in study.get_trials(deepcopy=False):
+        if t.intermediate_values:
+            ax.plot([t.number] * len(t.intermediate_values), list(t.intermediate_values.values()),
+                    ".", color="0.7", markersize=3)
+        if t.value is not None:
+            ax.plot(t.number, t.value, "o", color="C0")
+    ax.set(xlabel="trial", ylabel="validation accuracy",
+           title="Validation accuracy per trial (grey: per epoch)")
+    fig.savefig(os.path.join(out_dir, "trials.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    try:
+        importances = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError):  # too few finished trials
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(importances)[::-1]
+    ax.barh(names, [importances[n] for n in names])
+    ax.set(xlabel="importance (fANOVA)", title="Hyperparameter importances")
+    fig.savefig(os.path.join(out_dir, "importances.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def tune(options, log=print):
+    """Run the search described by `options` (see cli.py's tune flags); returns best.json's dict."""
+    import fastnn
+    from fastnn.cli import load_data, predict, setup_runtime, write_json
+
+    clock = Clock(options["budget_minutes"], options["start"])
+    out_dir = options["out"]
+    os.makedirs(out_dir, exist_ok=True)
+    if options["storage"] is None:
+        options["storage"] = f"sqlite:///{os.path.abspath(os.path.join(out_dir, 'study.db'))}"
+    setup_runtime(options)
+    data = load_data(options)
+    study = create_study(options)
+    best = None  # (val_acc, config, model, trial number)
+    while finished_count(study) < options["trials"]:
+        if best is not None and clock.left() < RESERVE_SECONDS + options["final_seconds"] + \
+                options.get("_round_seconds", 0):
+            log("stopping the search: the budget is nearly spent")
+            break
+        k = min(options["parallel"], options["trials"] - finished_count(study))
+        round_start = time.perf_counter()
+        outcome = run_round(study, data, options, clock, k, log)
+        options["_round_seconds"] = time.perf_counter() - round_start
+        if not outcome:
+            break
+        if options["final_epochs"]:  # what a retrain will cost, from this round's pace
+            per_model_epoch = options["_round_seconds"] / (len(outcome) * options["epochs"])
+            options["final_seconds"] = 1.5 * per_model_epoch * options["final_epochs"]
+        for trial, config, value, model in outcome:
+            if value is not None and (best is None or value > best[0]):
+                best = (value, config, model, trial.number)
+    if best is None:
+        raise SystemExit("fastnn: no trial finished; raise --budget-minutes or --trials")
+    value, config, model, number = best
+    if options["final_epochs"] and clock.left() > RESERVE_SECONDS:
+        retrained, retrained_val = retrain(config, data, options["final_epochs"], log)
+        if retrained_val >= value:
+            value, model = retrained_val, retrained
+            config = {**config, "epochs": options["final_epochs"]}
+    fastnn.save(model, os.path.join(out_dir, "best_model.npz"))
+    test_acc = float((fastnn.to_numpy(predict(model, data["X_test"])) == data["y_test"]).mean())
+    result = {"config": config, "val_acc": value, "test_acc": test_acc,
+              "num_test": int(data["X_test"].shape[0]), "trial": number,
+              "study_best_trial": study.best_trial.number,
+              "study_best_val_acc": study.best_value, "trials_finished": finished_count(study),
+              "seconds": round(time.perf_counter() - options["start"], 1)}
+    write_json(os.path.join(out_dir, "best.json"), result)
+    write_trials_table(study, os.path.join(out_dir, "trials.csv"))
+    plot_study(study, out_dir)
+    log(f"best: val {value:.4f}, test {test_acc:.4f} on {result['num_test']} images "
+        f"(trial {number}); {result['seconds']:.0f} s; folder {out_dir}")
+    return result

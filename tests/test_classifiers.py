@@ -1,0 +1,255 @@
+"""Tests for fastnn.classifiers: parameters, dtypes, scores, and whole-net gradient checks."""
+import numpy as np
+import pytest
+
+import fastnn
+from fastnn.classifiers import FullyConnectedNet, TwoLayerNet
+from fastnn.gradient_check import eval_numerical_gradient, rel_error
+
+GRAD_TOL = 1e-6
+N, D, C = 3, 5, 4
+
+
+def _data(seed=0, n=N, d=D, c=C):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)), rng.integers(0, c, n)
+
+
+def _check_model_gradients(model, X, y, zero=()):
+    """Every parameter's analytic gradient against central differences of the loss.
+
+    `zero` names parameters whose true gradient is 0 (a bias feeding a
+    batchnorm layer, which subtracts it again): both gradients must be ~0 in
+    absolute terms, since a relative error between round-off values means nothing.
+    """
+    loss, grads = model.loss(X, y)
+    assert np.isfinite(float(loss))
+    assert set(grads) == set(model.params)
+    for name in model.params:
+        numeric = eval_numerical_gradient(lambda _: model.loss(X, y)[0], model.params[name],
+                                          verbose=False, h=1e-5)
+        assert grads[name].shape == model.params[name].shape, name
+        if name in zero:
+            np.testing.assert_allclose(fastnn.to_numpy(grads[name]), 0, atol=1e-12, err_msg=name)
+            np.testing.assert_allclose(numeric, 0, atol=1e-8, err_msg=name)
+            continue
+        err = rel_error(grads[name], numeric)
+        assert err < GRAD_TOL, f"{name}: relative error {err:.2e}"
+
+
+# -- parameters --------------------------------------------------------------------
+def test_two_layer_net_params(backend):
+    xp = backend
+    np.random.seed(0)
+    model = TwoLayerNet(input_dim=300, hidden_dim=200, num_classes=7, weight_scale=0.05)
+    shapes = {"W1": (300, 200), "b1": (200,), "W2": (200, 7), "b2": (7,)}
+    assert {k: tuple(v.shape) for k, v in model.params.items()} == shapes
+    for name, value in model.params.items():
+        assert isinstance(value, xp.ndarray) and value.dtype == np.float32, name
+    for b in ("b1", "b2"):
+        np.testing.assert_array_equal(fastnn.to_numpy(model.params[b]), 0)
+    w1 = fastnn.to_numpy(model.params["W1"])
+    assert abs(w1.std() - 0.05) < 0.05 * 0.03
+    assert abs(w1.mean()) < 0.05 * 0.02
+
+
+@pytest.mark.parametrize("use_batchnorm", [False, True])
+def test_fully_connected_net_params(backend, use_batchnorm):
+    xp = backend
+    model = FullyConnectedNet([150, 120, 9], input_dim=200, num_classes=6, weight_scale=0.02,
+                              use_batchnorm=use_batchnorm, seed=0)
+    dims = [200, 150, 120, 9, 6]
+    expected = {}
+    for i in range(1, 5):
+        expected[f"W{i}"] = (dims[i - 1], dims[i])
+        expected[f"b{i}"] = (dims[i],)
+        if use_batchnorm and i < 4:
+            expected[f"gamma{i}"] = (dims[i],)
+            expected[f"beta{i}"] = (dims[i],)
+    assert {k: tuple(v.shape) for k, v in model.params.items()} == expected
+    for name, value in model.params.items():
+        assert isinstance(value, xp.ndarray) and value.dtype == np.float32, name
+        host = fastnn.to_numpy(value)
+        if name.startswith(("b", "beta")):
+            np.testing.assert_array_equal(host, 0, err_msg=name)
+        elif name.startswith("gamma"):
+            np.testing.assert_array_equal(host, 1, err_msg=name)
+    for name in ("W1", "W2"):
+        w = fastnn.to_numpy(model.params[name])
+        assert abs(w.std() - 0.02) < 0.02 * 0.03, name
+        assert abs(w.mean()) < 0.02 * 0.02, name
+
+
+@pytest.mark.parametrize("make", [
+    lambda dtype: TwoLayerNet(input_dim=D, hidden_dim=6, num_classes=C, dtype=dtype),
+    lambda dtype: FullyConnectedNet([6, 5], input_dim=D, num_classes=C, dtype=dtype,
+                                    use_batchnorm=True, dropout=0.2, seed=1),
+], ids=["two_layer", "fc"])
+def test_dtype_everywhere(backend, make, dtype):
+    xp = backend
+    model = make(dtype)
+    for name, value in model.params.items():
+        assert value.dtype == dtype, name
+    X, y = _data()
+    scores = model.loss(xp.asarray(X, dtype=dtype))
+    assert isinstance(scores, xp.ndarray) and scores.shape == (N, C) and scores.dtype == dtype
+    loss, grads = model.loss(xp.asarray(X, dtype=dtype), xp.asarray(y))
+    assert np.isfinite(float(loss))
+    assert set(grads) == set(model.params)
+    for name, g in grads.items():
+        assert isinstance(g, xp.ndarray) and g.dtype == dtype and g.shape == model.params[name].shape
+
+
+def test_default_dtype_is_float32():
+    assert TwoLayerNet(input_dim=4, hidden_dim=3, num_classes=2).params["W1"].dtype == np.float32
+    assert FullyConnectedNet([3], input_dim=4, num_classes=2).params["W1"].dtype == np.float32
+
+
+def test_two_layer_net_scores_by_hand():
+    model = TwoLayerNet(input_dim=D, hidden_dim=6, num_classes=C, dtype=np.float64)
+    rng = np.random.default_rng(3)
+    for name in model.params:
+        model.params[name] = rng.standard_normal(model.params[name].shape)
+    X, _ = _data()
+    p = model.params
+    expected = np.maximum(X @ p["W1"] + p["b1"], 0) @ p["W2"] + p["b2"]
+    np.testing.assert_allclose(model.loss(X), expected, rtol=1e-12)
+    # image-shaped input is flattened per example
+    np.testing.assert_allclose(model.loss(X.reshape(N, 1, D)), expected, rtol=1e-12)
+
+
+def test_fully_connected_scores_use_test_mode():
+    """loss(X) uses batchnorm running statistics and no dropout: deterministic, row-independent."""
+    model = FullyConnectedNet([6, 5], input_dim=D, num_classes=C, dtype=np.float64,
+                              use_batchnorm=True, dropout=0.5, seed=2)
+    X, y = _data(n=8)
+    model.loss(X, y)  # one training pass sets running statistics
+    scores = model.loss(X)
+    np.testing.assert_array_equal(model.loss(X), scores)
+    np.testing.assert_allclose(model.loss(X[:1]), scores[:1], rtol=1e-12)
+
+
+# -- gradients -------------------------------------------------------------------------
+@pytest.mark.parametrize("reg", [0.0, 0.7])
+def test_two_layer_net_gradients(backend, reg):
+    xp = backend
+    np.random.seed(0)
+    model = TwoLayerNet(input_dim=D, hidden_dim=6, num_classes=C, weight_scale=0.5, reg=reg,
+                        dtype=np.float64)
+    _perturb_non_weights(model, seed=1)
+    X, y = _data(1, n=10)
+    _check_model_gradients(model, xp.asarray(X), xp.asarray(y))
+
+
+def _perturb_non_weights(model, seed):
+    """Random biases, gammas and betas instead of the initial 0 / 1.
+
+    With zero biases an example whose hidden units are all off feeds exactly 0
+    into the next relu, right on its kink, where the central difference sees
+    half a slope; random biases keep pre-activations off 0 (and check the
+    gradients at general values).
+    """
+    rng = np.random.default_rng(seed)
+    for name, value in model.params.items():
+        if not name.startswith("W"):
+            host = fastnn.to_numpy(value) + 0.3 * rng.standard_normal(value.shape)
+            model.params[name] = fastnn.xp().asarray(host, dtype=value.dtype)
+
+
+FC_CASES = {
+    "plain": dict(),
+    "batchnorm": dict(use_batchnorm=True),
+    "dropout": dict(dropout=0.25),
+    "batchnorm_dropout": dict(use_batchnorm=True, dropout=0.25),
+}
+
+
+@pytest.mark.parametrize("case", FC_CASES)
+@pytest.mark.parametrize("reg", [0.0, 3.14])
+def test_fully_connected_net_gradients(backend, case, reg):
+    # 10 examples: with fewer, batchnorm statistics of near-constant columns make
+    # some gradient entries tiny, and the relative error of those measures only
+    # the round-off of the central difference (~1e-11 absolute)
+    xp = backend
+    options = FC_CASES[case]
+    model = FullyConnectedNet([6, 5], input_dim=D, num_classes=C, reg=reg, weight_scale=5e-1,
+                              dtype=np.float64, seed=123, **options)
+    _perturb_non_weights(model, seed=3)
+    X, y = _data(2, n=10)
+    zero = ("b1", "b2") if options.get("use_batchnorm") else ()
+    _check_model_gradients(model, xp.asarray(X), xp.asarray(y), zero=zero)
+
+
+# -- regularisation ------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda reg: TwoLayerNet(input_dim=D, hidden_dim=6, num_classes=C, weight_scale=0.3, reg=reg,
+                            dtype=np.float64),
+    lambda reg: FullyConnectedNet([6, 5], input_dim=D, num_classes=C, weight_scale=0.3, reg=reg,
+                                  use_batchnorm=True, dtype=np.float64, seed=4),
+], ids=["two_layer", "fc_batchnorm"])
+def test_l2_is_half_reg_sum_of_squared_weights(backend, make):
+    xp = backend
+    reg = 2.5
+    plain, regularised = make(0.0), make(reg)
+    for name, value in plain.params.items():  # same weights in both, biases non-zero too
+        value = value + (0.1 if not name.startswith("W") else 0.0)
+        plain.params[name] = value
+        regularised.params[name] = value.copy()
+    X, y = (xp.asarray(a) for a in _data(5))
+    loss0, grads0 = plain.loss(X, y)
+    loss1, grads1 = regularised.loss(X, y)
+    weights = [k for k in plain.params if k.startswith("W")]
+    penalty = 0.5 * reg * sum(float((fastnn.to_numpy(plain.params[k]) ** 2).sum()) for k in weights)
+    assert float(loss1) - float(loss0) == pytest.approx(penalty, rel=1e-10)
+    for name in plain.params:
+        diff = fastnn.to_numpy(grads1[name]) - fastnn.to_numpy(grads0[name])
+        expected = reg * fastnn.to_numpy(plain.params[name]) if name.startswith("W") else 0
+        np.testing.assert_allclose(diff, expected, atol=1e-12, err_msg=name)
+
+
+# -- reproducibility -----------------------------------------------------------------------
+def test_seed_none_follows_np_random_seed():
+    np.random.seed(42)
+    a = FullyConnectedNet([5, 4], input_dim=D, num_classes=C)
+    np.random.seed(42)
+    b = FullyConnectedNet([5, 4], input_dim=D, num_classes=C)
+    c = FullyConnectedNet([5, 4], input_dim=D, num_classes=C)
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name])
+    assert not np.array_equal(a.params["W1"], c.params["W1"])
+    np.random.seed(7)
+    d = TwoLayerNet(input_dim=D, hidden_dim=5, num_classes=C)
+    np.random.seed(7)
+    e = TwoLayerNet(input_dim=D, hidden_dim=5, num_classes=C)
+    np.testing.assert_array_equal(d.params["W1"], e.params["W1"])
+
+
+def test_same_seed_same_weights_and_masks():
+    a = FullyConnectedNet([5, 4], input_dim=D, num_classes=C, dropout=0.5, seed=9)
+    np.random.seed(1)  # the global generator does not matter when a seed is given
+    b = FullyConnectedNet([5, 4], input_dim=D, num_classes=C, dropout=0.5, seed=9)
+    other = FullyConnectedNet([5, 4], input_dim=D, num_classes=C, dropout=0.5, seed=10)
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name])
+    assert not np.array_equal(a.params["W1"], other.params["W1"])
+    X, y = _data(6)
+    loss_a, grads_a = a.loss(X.astype(np.float32), y)
+    loss_b, grads_b = b.loss(X.astype(np.float32), y)
+    assert float(loss_a) == float(loss_b)
+    for name in grads_a:
+        np.testing.assert_array_equal(grads_a[name], grads_b[name])
+
+
+def test_dropout_masks_follow_step():
+    model = FullyConnectedNet([50], input_dim=D, num_classes=C, dropout=0.5, seed=3,
+                              dtype=np.float64)
+    X, y = _data(7, n=20)
+    first = model.loss(X, y)[1]["W1"]
+    np.testing.assert_array_equal(model.loss(X, y)[1]["W1"], first)
+    model.dropout_param["step"] = 1
+    assert not np.array_equal(model.loss(X, y)[1]["W1"], first)
+
+
+def test_fully_connected_rejects_bad_dropout():
+    with pytest.raises(ValueError):
+        FullyConnectedNet([3], input_dim=D, num_classes=C, dropout=1.0)

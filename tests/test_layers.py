@@ -1,0 +1,367 @@
+"""Tests for fastnn.layers: backward passes against numerical gradients, dtypes, contract details.
+
+Gradient checks run in float64 on tiny shapes with central differences
+(fastnn.gradient_check); every test body runs on each backend.
+"""
+import numpy as np
+import pytest
+
+import fastnn
+from fastnn import layers
+from fastnn.gradient_check import eval_numerical_gradient, eval_numerical_gradient_array, rel_error
+from helpers import is_0d_array
+
+GRAD_TOL = 1e-7
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _away_from_zero(rng, shape, margin=1e-2):
+    """Standard normals with every entry at least `margin` from 0 (no relu kink in reach of h)."""
+    x = rng.standard_normal(shape)
+    return np.where(np.abs(x) < margin, margin + np.abs(x), x)
+
+
+# -- affine ------------------------------------------------------------------
+@pytest.mark.parametrize("x_shape", [(4, 6), (3, 2, 4), (2, 3, 2, 2)])
+def test_affine_backward_matches_numerical(backend, x_shape):
+    xp, rng = backend, _rng(1)
+    D, M = int(np.prod(x_shape[1:])), 5
+    x = xp.asarray(rng.standard_normal(x_shape))
+    w = xp.asarray(rng.standard_normal((D, M)))
+    b = xp.asarray(rng.standard_normal(M))
+    dout = xp.asarray(rng.standard_normal((x_shape[0], M)))
+
+    out, cache = layers.affine_forward(x, w, b)
+    dx, dw, db = layers.affine_backward(dout, cache)
+
+    expected = fastnn.to_numpy(x).reshape(x_shape[0], D) @ fastnn.to_numpy(w) + fastnn.to_numpy(b)
+    np.testing.assert_allclose(fastnn.to_numpy(out), expected, rtol=1e-12)
+    assert dx.shape == x.shape and dw.shape == w.shape and db.shape == b.shape
+    dx_num = eval_numerical_gradient_array(lambda v: layers.affine_forward(v, w, b)[0], x, dout)
+    dw_num = eval_numerical_gradient_array(lambda v: layers.affine_forward(x, v, b)[0], w, dout)
+    db_num = eval_numerical_gradient_array(lambda v: layers.affine_forward(x, w, v)[0], b, dout)
+    assert rel_error(dx, dx_num) < GRAD_TOL
+    assert rel_error(dw, dw_num) < GRAD_TOL
+    assert rel_error(db, db_num) < GRAD_TOL
+
+
+def test_affine_keeps_dtype(backend, dtype):
+    xp, rng = backend, _rng(2)
+    x = xp.asarray(rng.standard_normal((3, 2, 2)), dtype=dtype)
+    w = xp.asarray(rng.standard_normal((4, 5)), dtype=dtype)
+    b = xp.asarray(rng.standard_normal(5), dtype=dtype)
+    out, cache = layers.affine_forward(x, w, b)
+    dx, dw, db = layers.affine_backward(xp.ones_like(out), cache)
+    assert isinstance(out, xp.ndarray) and out.shape == (3, 5)
+    for a in (out, dx, dw, db):
+        assert a.dtype == dtype
+
+
+def test_affine_shape_mismatch_names_both_shapes(backend):
+    xp = backend
+    x = xp.zeros((2, 3072))
+    w = xp.zeros((3000, 10))
+    b = xp.zeros(10)
+    with pytest.raises(ValueError) as info:
+        layers.affine_forward(x, w, b)
+    message = str(info.value)
+    assert str((2, 3072)) in message and str((3000, 10)) in message
+
+
+# -- relu ----------------------------------------------------------------------
+def test_relu_forward_backward(backend):
+    xp, rng = backend, _rng(3)
+    x_host = _away_from_zero(rng, (4, 5))
+    x = xp.asarray(x_host)
+    dout = xp.asarray(rng.standard_normal((4, 5)))
+    out, cache = layers.relu_forward(x)
+    np.testing.assert_array_equal(fastnn.to_numpy(out), np.maximum(x_host, 0))
+    dx = layers.relu_backward(dout, cache)
+    dx_num = eval_numerical_gradient_array(lambda v: layers.relu_forward(v)[0], x, dout)
+    assert rel_error(dx, dx_num) < GRAD_TOL
+    np.testing.assert_array_equal(fastnn.to_numpy(dx), np.where(x_host > 0, fastnn.to_numpy(dout), 0))
+
+
+def test_relu_keeps_dtype_and_shape(backend, dtype):
+    xp = backend
+    x = xp.asarray(_rng(4).standard_normal((2, 3, 4)), dtype=dtype)
+    out, cache = layers.relu_forward(x)
+    dx = layers.relu_backward(xp.ones_like(x), cache)
+    assert out.dtype == dtype and dx.dtype == dtype
+    assert out.shape == x.shape and dx.shape == x.shape
+
+
+# -- batchnorm -----------------------------------------------------------------
+def _bn_inputs(xp, rng, N=6, D=4, dtype=np.float64):
+    x = xp.asarray(3.0 * rng.standard_normal((N, D)) + 2.0, dtype=dtype)
+    gamma = xp.asarray(rng.standard_normal(D) + 1.0, dtype=dtype)
+    beta = xp.asarray(rng.standard_normal(D), dtype=dtype)
+    return x, gamma, beta
+
+
+def test_batchnorm_backward_matches_numerical(backend):
+    xp, rng = backend, _rng(5)
+    x, gamma, beta = _bn_inputs(xp, rng)
+    dout = xp.asarray(rng.standard_normal(x.shape))
+    bn_param = {"mode": "train"}
+
+    _, cache = layers.batchnorm_forward(x, gamma, beta, bn_param)
+    dx, dgamma, dbeta = layers.batchnorm_backward(dout, cache)
+
+    def f(x_, g_, b_):
+        return layers.batchnorm_forward(x_, g_, b_, {"mode": "train"})[0]
+
+    dx_num = eval_numerical_gradient_array(lambda v: f(v, gamma, beta), x, dout)
+    dgamma_num = eval_numerical_gradient_array(lambda v: f(x, v, beta), gamma, dout)
+    dbeta_num = eval_numerical_gradient_array(lambda v: f(x, gamma, v), beta, dout)
+    assert rel_error(dx, dx_num) < GRAD_TOL
+    assert rel_error(dgamma, dgamma_num) < GRAD_TOL
+    assert rel_error(dbeta, dbeta_num) < GRAD_TOL
+
+
+def test_batchnorm_train_normalises_columns(backend):
+    xp, rng = backend, _rng(6)
+    x, _, _ = _bn_inputs(xp, rng, N=200, D=3)
+    D = x.shape[1]
+    out, _ = layers.batchnorm_forward(x, xp.ones(D), xp.zeros(D), {"mode": "train"})
+    out = fastnn.to_numpy(out)
+    np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-10)
+    np.testing.assert_allclose(out.std(axis=0), 1, atol=1e-5)
+
+    gamma, beta = np.array([2.0, 0.5, 3.0]), np.array([-1.0, 0.0, 4.0])
+    out, _ = layers.batchnorm_forward(x, xp.asarray(gamma), xp.asarray(beta), {"mode": "train"})
+    out = fastnn.to_numpy(out)
+    np.testing.assert_allclose(out.mean(axis=0), beta, atol=1e-10)
+    np.testing.assert_allclose(out.std(axis=0), gamma, rtol=1e-5)
+
+
+def test_batchnorm_running_statistics(backend):
+    xp, rng = backend, _rng(7)
+    D = 3
+    gamma, beta = xp.ones(D), xp.zeros(D)
+    batches = [3.0 * rng.standard_normal((10, D)) + 5.0 for _ in range(3)]
+    bn_param = {"mode": "train"}
+    expect_mean, expect_var = np.zeros(D), np.zeros(D)  # zeros on first use
+    for batch in batches:
+        layers.batchnorm_forward(xp.asarray(batch), gamma, beta, bn_param)
+        expect_mean = 0.9 * expect_mean + 0.1 * batch.mean(axis=0)
+        expect_var = 0.9 * expect_var + 0.1 * batch.var(axis=0)  # biased variance
+        np.testing.assert_allclose(fastnn.to_numpy(bn_param["running_mean"]), expect_mean, rtol=1e-12)
+        np.testing.assert_allclose(fastnn.to_numpy(bn_param["running_var"]), expect_var, rtol=1e-12)
+        assert isinstance(bn_param["running_mean"], xp.ndarray)
+
+    # momentum and eps are honoured
+    bn_param = {"mode": "train", "momentum": 0.5, "eps": 1e-3}
+    out, _ = layers.batchnorm_forward(xp.asarray(batches[0]), gamma, beta, bn_param)
+    np.testing.assert_allclose(fastnn.to_numpy(bn_param["running_mean"]), 0.5 * batches[0].mean(axis=0),
+                               rtol=1e-12)
+    expected = (batches[0] - batches[0].mean(0)) / np.sqrt(batches[0].var(0) + 1e-3)
+    np.testing.assert_allclose(fastnn.to_numpy(out), expected, rtol=1e-10)
+
+
+def test_batchnorm_test_mode_uses_running_statistics(backend):
+    xp, rng = backend, _rng(8)
+    x, gamma, beta = _bn_inputs(xp, rng, N=5, D=4)
+    mean, var = rng.standard_normal(4), rng.uniform(0.5, 2.0, 4)
+    bn_param = {"mode": "test", "running_mean": xp.asarray(mean), "running_var": xp.asarray(var)}
+    out, _ = layers.batchnorm_forward(x, gamma, beta, bn_param)
+    expected = (fastnn.to_numpy(gamma) * (fastnn.to_numpy(x) - mean) / np.sqrt(var + 1e-5)
+                + fastnn.to_numpy(beta))
+    np.testing.assert_allclose(fastnn.to_numpy(out), expected, rtol=1e-10)
+    # test mode leaves the running statistics alone
+    np.testing.assert_array_equal(fastnn.to_numpy(bn_param["running_mean"]), mean)
+    np.testing.assert_array_equal(fastnn.to_numpy(bn_param["running_var"]), var)
+    # a train pass then test pass: test output depends only on the running values
+    bn_param = {"mode": "train"}
+    layers.batchnorm_forward(x, gamma, beta, bn_param)
+    bn_param["mode"] = "test"
+    one_row, _ = layers.batchnorm_forward(x[:1], gamma, beta, bn_param)
+    all_rows, _ = layers.batchnorm_forward(x, gamma, beta, bn_param)
+    np.testing.assert_allclose(fastnn.to_numpy(one_row), fastnn.to_numpy(all_rows)[:1], rtol=1e-12)
+
+
+def test_batchnorm_keeps_dtype(backend, dtype):
+    xp, rng = backend, _rng(9)
+    x, gamma, beta = _bn_inputs(xp, rng, dtype=dtype)
+    bn_param = {"mode": "train"}
+    out, cache = layers.batchnorm_forward(x, gamma, beta, bn_param)
+    grads = layers.batchnorm_backward(xp.ones_like(out), cache)
+    for a in (out, *grads, bn_param["running_mean"], bn_param["running_var"]):
+        assert a.dtype == dtype
+    bn_param["mode"] = "test"
+    out, _ = layers.batchnorm_forward(x, gamma, beta, bn_param)
+    assert out.dtype == dtype
+
+
+# -- dropout -------------------------------------------------------------------
+def test_dropout_backward_matches_numerical(backend):
+    xp, rng = backend, _rng(10)
+    x = xp.asarray(rng.standard_normal((5, 6)))
+    dout = xp.asarray(rng.standard_normal((5, 6)))
+    param = {"mode": "train", "p": 0.3, "seed": 123}
+    _, cache = layers.dropout_forward(x, param)
+    dx = layers.dropout_backward(dout, cache)
+    dx_num = eval_numerical_gradient_array(lambda v: layers.dropout_forward(v, param)[0], x, dout)
+    assert rel_error(dx, dx_num) < GRAD_TOL
+
+
+def _mask(xp, shape, **param):
+    out, _ = layers.dropout_forward(xp.ones(shape), {"mode": "train", **param})
+    return fastnn.to_numpy(out) != 0
+
+
+def test_dropout_mask_is_a_function_of_seed_and_step(backend):
+    xp, shape = backend, (40, 50)
+    first = _mask(xp, shape, p=0.5, seed=7)
+    np.testing.assert_array_equal(first, _mask(xp, shape, p=0.5, seed=7))
+    np.testing.assert_array_equal(first, _mask(xp, shape, p=0.5, seed=7, step=0))
+    np.testing.assert_array_equal(_mask(xp, shape, p=0.5, seed=7, step=3),
+                                  _mask(xp, shape, p=0.5, seed=7, step=3))
+    assert (first != _mask(xp, shape, p=0.5, seed=7, step=1)).mean() > 0.3
+    assert (first != _mask(xp, shape, p=0.5, seed=8)).mean() > 0.3
+
+
+def test_dropout_keeps_one_minus_p_and_scales(backend, dtype):
+    xp, rng = backend, _rng(11)
+    p = 0.3
+    x_host = rng.uniform(1.0, 2.0, (200, 250)).astype(dtype)
+    out, cache = layers.dropout_forward(xp.asarray(x_host), {"mode": "train", "p": p, "seed": 1})
+    assert out.dtype == dtype
+    out = fastnn.to_numpy(out)
+    kept = out != 0
+    assert abs(kept.mean() - (1 - p)) < 0.01
+    rtol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(out[kept], x_host[kept] / (1 - p), rtol=rtol)
+    dout = rng.standard_normal(x_host.shape).astype(dtype)
+    dx = layers.dropout_backward(xp.asarray(dout), cache)
+    assert dx.dtype == dtype
+    dx = fastnn.to_numpy(dx)
+    np.testing.assert_array_equal(dx[~kept], 0)
+    np.testing.assert_allclose(dx[kept], dout[kept] / (1 - p), rtol=rtol)
+
+
+def test_dropout_test_mode_is_identity(backend, dtype):
+    xp, rng = backend, _rng(12)
+    x_host = rng.standard_normal((4, 5)).astype(dtype)
+    out, cache = layers.dropout_forward(xp.asarray(x_host), {"mode": "test", "p": 0.5, "seed": 3})
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(fastnn.to_numpy(out), x_host)
+    dout = rng.standard_normal((4, 5)).astype(dtype)
+    np.testing.assert_array_equal(fastnn.to_numpy(layers.dropout_backward(xp.asarray(dout), cache)),
+                                  dout)
+
+
+def test_dropout_without_seed_uses_the_backend_generator(backend):
+    xp, shape = backend, (30, 40)
+    first, second = _mask(xp, shape, p=0.5), _mask(xp, shape, p=0.5)
+    assert (first != second).mean() > 0.3  # fresh masks each call
+    xp.random.seed(2024)
+    again = _mask(xp, shape, p=0.5)
+    xp.random.seed(2024)
+    np.testing.assert_array_equal(again, _mask(xp, shape, p=0.5))
+
+
+# -- losses --------------------------------------------------------------------
+def _softmax_loss_reference(x, y):
+    loss = 0.0
+    for scores, label in zip(x, y):
+        shifted = scores - scores.max()
+        loss += np.log(np.exp(shifted).sum()) - shifted[label]
+    return loss / len(y)
+
+
+def _svm_loss_reference(x, y):
+    loss = 0.0
+    for scores, label in zip(x, y):
+        for j, s in enumerate(scores):
+            if j != label:
+                loss += max(0.0, s - scores[label] + 1.0)
+    return loss / len(y)
+
+
+LOSSES = {"softmax": (layers.softmax_loss, _softmax_loss_reference),
+          "svm": (layers.svm_loss, _svm_loss_reference)}
+
+
+def _scores_off_hinge(rng, N, C, y):
+    """Scores whose hinge margins x_ij - x_iy + 1 are all at least 1e-3 from 0.
+
+    Unit scale keeps every softmax probability well above the float64 noise
+    of the central differences (h = 1e-5).
+    """
+    while True:
+        x = rng.standard_normal((N, C))
+        margins = x - x[np.arange(N), y][:, None] + 1
+        margins[np.arange(N), y] = 1.0
+        if np.abs(margins).min() > 1e-3:
+            return x
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_loss_gradient_matches_numerical(backend, name):
+    xp, rng = backend, _rng(13)
+    N, C = 6, 5
+    y_host = rng.integers(0, C, N)
+    x_host = _scores_off_hinge(rng, N, C, y_host)
+    loss_fn, _ = LOSSES[name]
+    x, y = xp.asarray(x_host), xp.asarray(y_host)
+    loss, dx = loss_fn(x, y)
+    dx_num = eval_numerical_gradient(lambda v: loss_fn(v, y)[0], x, verbose=False)
+    assert rel_error(dx, dx_num) < GRAD_TOL
+    assert dx.shape == (N, C)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_loss_value_matches_plain_formula(backend, name, dtype):
+    xp, rng = backend, _rng(14)
+    N, C = 7, 4
+    y_host = rng.integers(0, C, N)
+    y_host[:2] = (0, C - 1)
+    x_host = rng.standard_normal((N, C)).astype(dtype)
+    x_host[2] = 0.5  # ties: every class scores the same
+    loss_fn, reference = LOSSES[name]
+    loss, dx = loss_fn(xp.asarray(x_host), xp.asarray(y_host))
+    assert is_0d_array(loss, xp)
+    assert isinstance(float(loss), float)
+    assert loss.dtype == dtype and dx.dtype == dtype
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(float(loss), reference(x_host.astype(np.float64), y_host), rtol=rtol)
+
+
+def test_svm_excludes_the_correct_class():
+    # all scores equal: each of the C - 1 wrong classes contributes margin 1; the correct one nothing
+    x = np.zeros((3, 5))
+    loss, dx = layers.svm_loss(x, np.array([0, 2, 4]))
+    assert float(loss) == pytest.approx(4.0, abs=1e-12)
+    # correct class far ahead: zero loss and zero gradient
+    x = np.array([[10.0, 0.0, 0.0], [0.0, 0.0, 10.0]])
+    loss, dx = layers.svm_loss(x, np.array([0, 2]))
+    assert float(loss) == 0.0
+    np.testing.assert_array_equal(dx, 0)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("bad", [[0, 1, 5], [0, -1, 2], [7, 7, 7]])
+def test_loss_rejects_labels_out_of_range(backend, name, bad):
+    xp = backend
+    with pytest.raises(ValueError):
+        LOSSES[name][0](xp.zeros((3, 5)), xp.asarray(np.array(bad)))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_loss_rejects_non_integer_labels(backend, name):
+    xp = backend
+    with pytest.raises(ValueError):
+        LOSSES[name][0](xp.zeros((3, 5)), xp.asarray(np.array([0.0, 1.0, 2.0])))
+    with pytest.raises(ValueError):
+        LOSSES[name][0](xp.zeros((3, 5)), xp.asarray(np.array([0.5, 1.0, 2.0])))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_loss_accepts_labels_at_both_ends(backend, name):
+    xp = backend
+    loss, _ = LOSSES[name][0](xp.zeros((2, 5)), xp.asarray(np.array([0, 4])))
+    assert np.isfinite(float(loss))

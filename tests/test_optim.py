@@ -1,0 +1,137 @@
+"""Tests for fastnn.optim: each rule against the contract's formulas, and the fused in-place path."""
+import numpy as np
+import pytest
+
+import fastnn
+from fastnn import optim
+
+DEFAULTS = {
+    "sgd": {"learning_rate": 1e-2},
+    "sgd_momentum": {"learning_rate": 1e-2, "momentum": 0.9},
+    "rmsprop": {"learning_rate": 1e-2, "decay_rate": 0.99, "epsilon": 1e-8},
+    "adam": {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8},
+}
+STATE = {"sgd": (), "sgd_momentum": ("velocity",), "rmsprop": ("cache",), "adam": ("m", "v")}
+RULES = list(DEFAULTS)
+STEPS = 3
+
+
+def _contract_steps(rule, w, grads, hp):
+    """The contract's formulas in float64, written out; returns (w, state)."""
+    w = w.astype(np.float64)
+    state = {"velocity": np.zeros_like(w), "cache": np.zeros_like(w),
+             "m": np.zeros_like(w), "v": np.zeros_like(w), "t": 0}
+    for dw in grads:
+        dw = dw.astype(np.float64)
+        lr = hp["learning_rate"]
+        if rule == "sgd":
+            w = w - lr * dw
+        elif rule == "sgd_momentum":
+            state["velocity"] = hp["momentum"] * state["velocity"] - lr * dw
+            w = w + state["velocity"]
+        elif rule == "rmsprop":
+            d = hp["decay_rate"]
+            state["cache"] = d * state["cache"] + (1 - d) * dw ** 2
+            w = w - lr * dw / (np.sqrt(state["cache"]) + hp["epsilon"])
+        elif rule == "adam":
+            b1, b2 = hp["beta1"], hp["beta2"]
+            state["t"] += 1
+            t = state["t"]
+            state["m"] = b1 * state["m"] + (1 - b1) * dw
+            state["v"] = b2 * state["v"] + (1 - b2) * dw ** 2
+            w = w - lr * (state["m"] / (1 - b1 ** t)) / (np.sqrt(state["v"] / (1 - b2 ** t))
+                                                          + hp["epsilon"])
+    return w, state
+
+
+def _problem(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(dtype)
+    grads = [rng.standard_normal(shape).astype(dtype) for _ in range(STEPS)]
+    return w, grads
+
+
+HYPER = {  # non-default values, so a rule that ignores its config fails
+    "sgd": {"learning_rate": 0.05},
+    "sgd_momentum": {"learning_rate": 0.05, "momentum": 0.8},
+    "rmsprop": {"learning_rate": 0.02, "decay_rate": 0.9, "epsilon": 1e-6},
+    "adam": {"learning_rate": 0.01, "beta1": 0.8, "beta2": 0.99, "epsilon": 1e-6},
+    "adamw": {"learning_rate": 0.01, "beta1": 0.8, "beta2": 0.99, "epsilon": 1e-6,
+              "weight_decay": 0.1},  # a later addition to the contract's four
+}
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("given", ["defaults", "custom"])
+def test_rule_matches_contract_formula(backend, rule, dtype, given):
+    xp = backend
+    w_host, grads = _problem((4, 5), dtype)
+    hp = DEFAULTS[rule] if given == "defaults" else HYPER[rule]
+    config = None if given == "defaults" else dict(HYPER[rule])
+    w = xp.asarray(w_host)
+    for dw in grads:
+        w, config = getattr(optim, rule)(w, xp.asarray(dw), config)
+        assert isinstance(w, xp.ndarray) and w.dtype == dtype and w.shape == (4, 5)
+    expected_w, expected_state = _contract_steps(rule, w_host, grads, hp)
+    rtol, atol = (2e-5, 1e-6) if dtype == np.float32 else (1e-12, 1e-14)
+    np.testing.assert_allclose(fastnn.to_numpy(w), expected_w, rtol=rtol, atol=atol)
+    for key in STATE[rule]:
+        assert isinstance(config[key], xp.ndarray) and config[key].dtype == dtype, key
+        np.testing.assert_allclose(fastnn.to_numpy(config[key]), expected_state[key], rtol=rtol,
+                                   atol=atol, err_msg=key)
+    if rule == "adam":
+        assert type(config["t"]) is int and config["t"] == STEPS
+    for key, value in hp.items():
+        assert config[key] == value and type(config[key]) is float, key
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_rule_fills_missing_defaults(rule):
+    w, grads = _problem((3,), np.float64)
+    _, config = getattr(optim, rule)(w, grads[0], None)
+    assert {k: config[k] for k in DEFAULTS[rule]} == DEFAULTS[rule]
+    # a partial config keeps what it has and gets the rest
+    _, config = getattr(optim, rule)(w, grads[0], {"learning_rate": 0.123})
+    assert config["learning_rate"] == 0.123
+    for key, value in DEFAULTS[rule].items():
+        if key != "learning_rate":
+            assert config[key] == value
+
+
+def _fused_vs_functional(xp, rule, shape, dtype, hp):
+    w_host, grads = _problem(shape, dtype, seed=3)
+    w_fun, config_fun = xp.asarray(w_host), None if hp is None else dict(hp)
+    w_fused, config_fused = xp.asarray(w_host), None if hp is None else dict(hp)
+    for dw in grads:
+        w_fun, config_fun = getattr(optim, rule)(w_fun, xp.asarray(dw), config_fun)
+        before = w_fused
+        config_fused = optim.fused_update(rule, w_fused, xp.asarray(dw), config_fused)
+        assert w_fused is before  # in place
+    return w_fun, config_fun, w_fused, config_fused
+
+
+@pytest.mark.parametrize("rule", sorted(optim.RULES))  # every rule, those added later too
+@pytest.mark.parametrize("shape", [(3, 4), (7,), (70, 100)])  # 7000 > one parallel chunk
+@pytest.mark.parametrize("given", ["defaults", "custom"])
+def test_fused_update_is_bit_identical_to_rule(backend, rule, dtype, shape, given):
+    xp = backend
+    if given == "custom" and rule not in HYPER:
+        pytest.skip(f"no custom hyperparameters for {rule!r} here")
+    hp = None if given == "defaults" else HYPER[rule]
+    w_fun, config_fun, w_fused, config_fused = _fused_vs_functional(xp, rule, shape, dtype, hp)
+    assert w_fused.dtype == dtype
+    np.testing.assert_array_equal(fastnn.to_numpy(w_fused), fastnn.to_numpy(w_fun))
+    assert set(config_fused) == set(config_fun)
+    for key, value in config_fun.items():
+        if isinstance(value, xp.ndarray):
+            assert config_fused[key].dtype == value.dtype, key
+            np.testing.assert_array_equal(fastnn.to_numpy(config_fused[key]), fastnn.to_numpy(value),
+                                          err_msg=key)
+        else:
+            assert config_fused[key] == value and type(config_fused[key]) is type(value), key
+
+
+def test_fused_update_unknown_rule():
+    w = np.zeros(3)
+    with pytest.raises(ValueError, match="adagrad"):
+        optim.fused_update("adagrad", w, np.ones(3), {})

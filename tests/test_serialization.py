@@ -1,0 +1,181 @@
+"""Tests for fastnn.save / fastnn.load: round trips, atomic writes, and clear errors."""
+import os
+
+import numpy as np
+import pytest
+
+import fastnn
+from fastnn.classifiers import FullyConnectedNet, TwoLayerNet
+
+D, C = 6, 3
+
+
+def _models():
+    np.random.seed(0)
+    yield "two_layer", TwoLayerNet(input_dim=D, hidden_dim=5, num_classes=C, weight_scale=0.1,
+                                   reg=0.1)
+    yield "fc", FullyConnectedNet([5, 4], input_dim=D, num_classes=C, weight_scale=0.1, seed=3)
+    yield "fc_bn_dropout", FullyConnectedNet([5, 4], input_dim=D, num_classes=C, dropout=0.3,
+                                             use_batchnorm=True, reg=0.5, dtype=np.float64, seed=4)
+    yield "fc_seedless", FullyConnectedNet([7], input_dim=D, num_classes=C, use_batchnorm=True)
+
+
+MODELS = dict(_models())
+
+
+def _trained(name, xp):
+    """A fresh copy of MODELS[name] on the active backend, after some training forward passes."""
+    np.random.seed(1)
+    model = dict(_models())[name]
+    rng = np.random.default_rng(5)
+    for name_, value in model.params.items():  # move away from the initial values
+        host = fastnn.to_numpy(value) + 0.1 * rng.standard_normal(value.shape)
+        model.params[name_] = xp.asarray(host, dtype=value.dtype)
+    for _ in range(3):  # batchnorm running statistics move
+        X = xp.asarray(2 * rng.standard_normal((8, D)) + 1, dtype=model.dtype)
+        model.loss(X, xp.asarray(rng.integers(0, C, 8)))
+    return model
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_round_trip_gives_identical_scores(backend, tmp_path, name):
+    xp = backend
+    model = _trained(name, xp)
+    path = tmp_path / "model.npz"
+    fastnn.save(model, str(path))
+    loaded = fastnn.load(str(path))
+    assert type(loaded) is type(model)
+    assert loaded.dtype == model.dtype
+    assert loaded.reg == model.reg
+    assert set(loaded.params) == set(model.params)
+    for key, value in model.params.items():
+        assert isinstance(loaded.params[key], xp.ndarray) and loaded.params[key].dtype == value.dtype
+        np.testing.assert_array_equal(fastnn.to_numpy(loaded.params[key]), fastnn.to_numpy(value))
+    for mine, theirs in zip(getattr(model, "bn_params", []), getattr(loaded, "bn_params", [])):
+        for key in ("running_mean", "running_var"):
+            np.testing.assert_array_equal(fastnn.to_numpy(theirs[key]), fastnn.to_numpy(mine[key]))
+    X = xp.asarray(np.random.default_rng(6).standard_normal((5, D)), dtype=model.dtype)
+    np.testing.assert_array_equal(fastnn.to_numpy(loaded.loss(X)), fastnn.to_numpy(model.loss(X)))
+    if getattr(model, "use_batchnorm", False):
+        # the running statistics really matter to these scores
+        fresh = dict(_models())[name]
+        fresh.params = model.params
+        assert not np.allclose(fastnn.to_numpy(fresh.loss(X)), fastnn.to_numpy(model.loss(X)))
+
+
+def test_load_uses_the_active_backend(backend, tmp_path):
+    path = tmp_path / "model.npz"
+    with fastnn.use_backend("numpy"):
+        fastnn.save(_trained("fc", np), str(path))
+    loaded = fastnn.load(str(path))
+    assert all(isinstance(v, backend.ndarray) for v in loaded.params.values())
+
+
+def test_save_accepts_pathlike_and_overwrites(tmp_path):
+    path = tmp_path / "model.npz"
+    fastnn.save(_trained("fc", np), path)
+    model = _trained("two_layer", np)
+    fastnn.save(model, path)  # replaces the first file
+    loaded = fastnn.load(path)
+    assert type(loaded) is TwoLayerNet
+    np.testing.assert_array_equal(loaded.params["W1"], model.params["W1"])
+
+
+def test_save_is_atomic_leaves_no_temporary_files(tmp_path):
+    path = tmp_path / "model.npz"
+    fastnn.save(_trained("fc_bn_dropout", np), str(path))
+    fastnn.save(_trained("fc_bn_dropout", np), str(path))
+    assert sorted(os.listdir(tmp_path)) == ["model.npz"]
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A save that fails half-way neither leaves a temporary file nor touches the old file."""
+    import fastnn.serialization as serialization
+
+    path = tmp_path / "model.npz"
+    fastnn.save(_trained("fc", np), str(path))
+    before = path.read_bytes()
+
+    def broken_savez(fh, **arrays):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(serialization.np, "savez", broken_savez)
+    with pytest.raises(OSError):
+        fastnn.save(_trained("two_layer", np), str(path))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["model.npz"]
+    assert path.read_bytes() == before
+
+
+def _saved(tmp_path):
+    path = tmp_path / "model.npz"
+    fastnn.save(_trained("fc_bn_dropout", np), str(path))
+    return path
+
+
+def test_truncated_file_is_corrupt(tmp_path):
+    path = _saved(tmp_path)
+    blob = path.read_bytes()
+    for size in (0, 10, len(blob) // 2, len(blob) - 1):
+        path.write_bytes(blob[:size])
+        with pytest.raises(ValueError, match="corrupt"):
+            fastnn.load(str(path))
+
+
+def test_random_bytes_are_corrupt(tmp_path):
+    path = tmp_path / "noise.npz"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(ValueError, match="corrupt"):
+        fastnn.load(str(path))
+
+
+def test_damaged_array_data_is_corrupt(tmp_path):
+    path = _saved(tmp_path)
+    blob = bytearray(path.read_bytes())
+    start = blob.index(b"\x93NUMPY")  # the first array's header; damage its data after it
+    for i in range(start + 200, start + 260):
+        blob[i] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="corrupt"):
+        fastnn.load(str(path))
+
+
+def test_foreign_npz_is_rejected(tmp_path):
+    path = tmp_path / "other.npz"
+    np.savez(path, W1=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="not a fastnn file"):
+        fastnn.load(str(path))
+
+
+def test_checkpoint_is_not_a_model(tmp_path):
+    from fastnn.solver import Solver
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((10, D)), rng.integers(0, C, 10)
+    solver = Solver(_trained("fc", np), dict(X_train=X, y_train=y, X_val=X, y_val=y), verbose=False)
+    path = tmp_path / "ck.npz"
+    solver.save_checkpoint(str(path))
+    with pytest.raises(ValueError, match="incompatible"):
+        fastnn.load(str(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        fastnn.load(str(tmp_path / "absent.npz"))
+
+
+@pytest.mark.parametrize("name", ["fc_seedless", "two_layer"])
+def test_load_leaves_global_random_state_alone(tmp_path, name):
+    path = tmp_path / "model.npz"
+    fastnn.save(_trained(name, np), str(path))
+    np.random.seed(123)
+    expected = np.random.rand(5)
+    np.random.seed(123)
+    fastnn.load(str(path))
+    np.testing.assert_array_equal(np.random.rand(5), expected)
+
+
+def test_save_rejects_non_models(tmp_path):
+    with pytest.raises(TypeError):
+        fastnn.save(object(), str(tmp_path / "x.npz"))

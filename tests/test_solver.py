@@ -1,0 +1,392 @@
+"""Tests for fastnn.solver.Solver: training, histories, the best model, errors, checkpoints."""
+import numpy as np
+import pytest
+
+import fastnn
+from fastnn.classifiers import FullyConnectedNet, TwoLayerNet
+from fastnn.solver import Solver
+
+
+def _data(n_train=50, n_val=20, shape=(3, 8, 8), classes=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return dict(X_train=rng.standard_normal((n_train, *shape)).astype(np.float32),
+                y_train=rng.integers(0, classes, n_train),
+                X_val=rng.standard_normal((n_val, *shape)).astype(np.float32),
+                y_val=rng.integers(0, classes, n_val))
+
+
+def _small(seed=0, **kwargs):
+    """A small net over 12 features and 4 classes (fast)."""
+    options = dict(input_dim=12, num_classes=4, weight_scale=0.1, seed=seed)
+    options.update(kwargs)
+    return FullyConnectedNet([16, 8], **options)
+
+
+def _small_data(n_train=40, n_val=15, seed=1):
+    return _data(n_train, n_val, shape=(12,), classes=4, seed=seed)
+
+
+def _host_params(model):
+    """Host copies (to_numpy of a numpy array is the array itself, updated in place later)."""
+    return {k: fastnn.to_numpy(v).copy() for k, v in model.params.items()}
+
+
+def _assert_finite(params):
+    bad = [name for name, value in params.items() if not np.isfinite(fastnn.to_numpy(value)).all()]
+    assert not bad, f"non-finite parameters: {bad}"
+
+
+def _assert_params_equal(a, b):
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_array_equal(fastnn.to_numpy(a[name]), fastnn.to_numpy(b[name]), err_msg=name)
+
+
+# -- training ----------------------------------------------------------------------------
+@pytest.mark.parametrize("rule, lr", [("sgd_momentum", 2e-2), ("adam", 5e-3)])
+def test_overfits_small_data(backend, rule, lr):
+    data = _data()
+    model = FullyConnectedNet([100, 100], input_dim=3 * 8 * 8, weight_scale=0.1, seed=0)
+    solver = Solver(model, data, update_rule=rule, optim_config={"learning_rate": lr},
+                    num_epochs=20, batch_size=25, verbose=False, seed=0)
+    assert isinstance(solver.X_train, backend.ndarray)  # the data live on the active backend
+    assert isinstance(solver.y_val, backend.ndarray)
+    solver.train()
+    assert solver.train_acc_history[-1] == 1.0
+    assert solver.loss_history[-1] < 0.2 * solver.loss_history[0]
+
+
+def test_histories_are_python_floats_with_contract_lengths(backend):
+    data = _small_data(n_train=53)  # 53 // 10 = 5 iterations per epoch
+    solver = Solver(_small(), data, num_epochs=3, batch_size=10, print_every=7, verbose=False,
+                    seed=0)
+    solver.train()
+    assert len(solver.loss_history) == 3 * 5
+    # one entry at the first iteration, then one per epoch end (the last iteration is one)
+    assert len(solver.train_acc_history) == len(solver.val_acc_history) == 1 + 3
+    for history in (solver.loss_history, solver.train_acc_history, solver.val_acc_history):
+        assert all(type(v) is float for v in history)
+    assert type(solver.best_val_acc) is float
+    assert all(0.0 <= v <= 1.0 for v in solver.train_acc_history + solver.val_acc_history)
+    assert solver.best_val_acc == max(solver.val_acc_history)
+
+
+def test_verbose_prints_progress(capsys):
+    Solver(_small(), _small_data(), num_epochs=1, batch_size=10, print_every=2, verbose=True,
+           seed=0).train()
+    out = capsys.readouterr().out
+    assert "Iteration 1 /" in out and "Epoch 1 / 1" in out
+    Solver(_small(), _small_data(), num_epochs=1, batch_size=10, verbose=False, seed=0).train()
+    assert capsys.readouterr().out == ""
+
+
+def test_best_params_restored_after_training(backend):
+    data = _small_data()
+
+    def run(num_epochs):
+        model = _small(use_batchnorm=True, dropout=0.1)
+        solver = Solver(model, data, update_rule="adam", optim_config={"learning_rate": 1e-2},
+                        num_epochs=num_epochs, batch_size=10, verbose=False, seed=0)
+        solver.train()
+        return solver, model
+
+    solver, model = run(6)
+    _assert_params_equal(model.params, solver.best_params)
+    assert solver.best_val_acc == max(solver.val_acc_history)
+    # the restored model scores that accuracy again
+    assert solver.check_accuracy(data["X_val"], data["y_val"]) == solver.best_val_acc
+
+    # The same run stopped at the best epoch ends in the state the restore must give back,
+    # batchnorm running statistics included. (Entry k of the history is epoch k's end.)
+    best_epoch = solver.val_acc_history.index(solver.best_val_acc)
+    assert 1 <= best_epoch < 6, "this seed should peak mid-run, else the check is empty"
+    _, model_at_best = run(best_epoch)
+    _assert_params_equal(model.params, model_at_best.params)
+    for restored, expected in zip(model.bn_params, model_at_best.bn_params):
+        for key in ("running_mean", "running_var"):
+            np.testing.assert_array_equal(fastnn.to_numpy(restored[key]),
+                                          fastnn.to_numpy(expected[key]), err_msg=key)
+
+
+def test_check_accuracy_is_a_python_float(backend):
+    data = _small_data()
+    model = _small()
+    solver = Solver(model, data, verbose=False, seed=0)
+    acc = solver.check_accuracy(data["X_val"], data["y_val"])
+    assert type(acc) is float
+    scores = fastnn.to_numpy(model.loss(fastnn.xp().asarray(data["X_val"])))
+    assert acc == pytest.approx(np.mean(scores.argmax(1) == data["y_val"]))
+    assert acc == solver.check_accuracy(data["X_val"], data["y_val"], batch_size=4)
+    sub = solver.check_accuracy(data["X_train"], data["y_train"], num_samples=10)
+    assert type(sub) is float and round(sub * 10) == pytest.approx(sub * 10)
+
+
+# -- options ----------------------------------------------------------------------------------
+def test_unknown_option_is_named():
+    with pytest.raises(ValueError, match="learning_rate"):
+        Solver(_small(), _small_data(), learning_rate=0.1)
+
+
+def test_unknown_update_rule_is_named():
+    with pytest.raises(ValueError, match="adagrad"):
+        Solver(_small(), _small_data(), update_rule="adagrad")
+
+
+def test_lr_decay_each_epoch(backend):
+    solver = Solver(_small(), _small_data(), update_rule="sgd_momentum",
+                    optim_config={"learning_rate": 0.01}, lr_decay=0.5, num_epochs=3,
+                    batch_size=10, verbose=False, seed=0)
+    solver.train()
+    for name, config in solver.optim_configs.items():
+        assert config["learning_rate"] == pytest.approx(0.01 * 0.5 ** 3, rel=1e-12), name
+
+
+def test_lr_decay_with_default_learning_rate():
+    solver = Solver(_small(), _small_data(), update_rule="adam", lr_decay=0.9, num_epochs=2,
+                    batch_size=20, verbose=False, seed=0)
+    solver.train()
+    for config in solver.optim_configs.values():
+        assert config["learning_rate"] == pytest.approx(1e-3 * 0.9 ** 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["sgd", "sgd_momentum", "rmsprop", "adam"])
+def test_fused_and_functional_updates_agree(backend, rule):
+    runs = []
+    for fused in (True, False):
+        model = _small(seed=3, use_batchnorm=True, dropout=0.2)
+        solver = Solver(model, _small_data(), update_rule=rule, num_epochs=2, batch_size=10,
+                        fused_updates=fused, verbose=False, seed=5)
+        solver.train()
+        runs.append((solver, model))
+    (a, model_a), (b, model_b) = runs
+    assert a.loss_history == b.loss_history
+    _assert_params_equal(model_a.params, model_b.params)
+
+
+def test_sampling_with_replacement(backend):
+    histories = []
+    for sampling in ("replacement", "replacement", "epoch"):
+        solver = Solver(_small(), _small_data(), sampling=sampling, num_epochs=2, batch_size=10,
+                        verbose=False, seed=0)
+        solver.train()
+        assert len(solver.loss_history) == 2 * 4
+        assert all(np.isfinite(solver.loss_history))
+        histories.append(solver.loss_history)
+    assert histories[0] == histories[1]
+    assert histories[0] != histories[2]
+    with pytest.raises(ValueError, match="sampling"):
+        Solver(_small(), _small_data(), sampling="bootstrap")
+
+
+def test_same_seed_same_run(backend):
+    def run(seed):
+        model = _small(seed=2, dropout=0.3)
+        solver = Solver(model, _small_data(), update_rule="adam", num_epochs=2, batch_size=10,
+                        verbose=False, seed=seed)
+        solver.train()
+        return solver, model
+
+    (a, ma), (b, mb), (c, _) = run(7), run(7), run(8)
+    assert a.loss_history == b.loss_history
+    assert a.train_acc_history == b.train_acc_history and a.val_acc_history == b.val_acc_history
+    _assert_params_equal(ma.params, mb.params)
+    assert a.loss_history != c.loss_history
+
+
+def test_seed_none_follows_np_random():
+    def run():
+        np.random.seed(11)
+        solver = Solver(_small(seed=1), _small_data(), num_epochs=1, batch_size=10, verbose=False)
+        solver.train()
+        return solver.loss_history
+
+    assert run() == run()
+
+
+def test_two_layer_net_trains(backend):
+    data = _small_data()
+    np.random.seed(0)
+    model = TwoLayerNet(input_dim=12, hidden_dim=20, num_classes=4, weight_scale=0.1)
+    solver = Solver(model, data, update_rule="sgd", optim_config={"learning_rate": 0.1},
+                    num_epochs=5, batch_size=10, verbose=False, seed=0)
+    solver.train()
+    assert solver.loss_history[-1] < solver.loss_history[0]
+
+
+# -- bad data -------------------------------------------------------------------------------
+@pytest.mark.parametrize("split, labels", [
+    ("y_train", "too_high"), ("y_train", "negative"), ("y_val", "too_high"), ("y_val", "negative")])
+def test_labels_out_of_range(split, labels):
+    data = _small_data()
+    data[split] = data[split].copy()
+    data[split][3] = 4 if labels == "too_high" else -1
+    with pytest.raises(ValueError, match=split):
+        Solver(_small(), data, verbose=False)
+
+
+@pytest.mark.parametrize("split", ["y_train", "y_val"])
+def test_non_integer_labels(split):
+    data = _small_data()
+    data[split] = data[split].astype(np.float64)
+    with pytest.raises(ValueError):
+        Solver(_small(), data, verbose=False)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_mismatched_lengths(split):
+    data = _small_data()
+    data[f"y_{split}"] = data[f"y_{split}"][:-1]
+    with pytest.raises(ValueError):
+        Solver(_small(), data, verbose=False)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_non_finite_loss_from_huge_learning_rate(backend):
+    model = _small()
+    solver = Solver(model, _small_data(), update_rule="sgd", optim_config={"learning_rate": 1e10},
+                    num_epochs=5, batch_size=10, verbose=False, seed=0)
+    with pytest.raises(FloatingPointError, match=r"iteration \d+"):
+        solver.train()
+    _assert_finite(model.params)
+    _assert_params_equal(model.params, solver.best_params)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("hidden", [[], [16, 8]], ids=["softmax_only", "hidden_layers"])
+def test_non_finite_loss_from_inf_input_keeps_finite_params(backend, hidden):
+    """An inf input makes the very first loss NaN: FloatingPointError, and model.params
+    still finite (the initial ones, the only finite ones seen).
+
+    With hidden layers the NaN passes through relu units on its way to the loss.
+    """
+    data = _small_data()
+    data["X_train"] = data["X_train"].copy()
+    data["X_train"][3, 0] = np.inf
+    model = FullyConnectedNet(hidden, input_dim=12, num_classes=4, weight_scale=0.1, seed=0)
+    initial = _host_params(model)
+    solver = Solver(model, data, num_epochs=2, batch_size=len(data["X_train"]), verbose=False,
+                    seed=0)
+    with pytest.raises(FloatingPointError, match=r"iteration \d+"):
+        solver.train()
+    _assert_finite(model.params)
+    _assert_params_equal(model.params, initial)
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def _resumable(seed=4, kind="fc", **kwargs):
+    if kind == "fc":
+        model = _small(seed=seed, use_batchnorm=True, dropout=0.2)
+    else:
+        np.random.seed(seed)
+        model = TwoLayerNet(input_dim=12, hidden_dim=10, num_classes=4, weight_scale=0.1)
+    options = dict(update_rule="adam", optim_config={"learning_rate": 5e-3}, lr_decay=0.9,
+                   batch_size=8, verbose=False, seed=9, num_train_samples=20)
+    options.update(kwargs)
+    return model, options
+
+
+def _scramble(model):
+    for name, value in model.params.items():
+        model.params[name] = value + 1.0
+
+
+@pytest.mark.parametrize("kind", ["fc", "two_layer"])
+def test_checkpoint_resume_is_bit_identical(tmp_path, kind):
+    """2 epochs, checkpoint, 2 more == 4 epochs in one go (same seeds), bit for bit."""
+    data = _small_data()
+    path = tmp_path / "run.npz"
+
+    model, options = _resumable(kind=kind)
+    first = Solver(model, data, num_epochs=2, checkpoint_path=str(path), **options)
+    first.train()
+    assert path.exists()
+
+    model, options = _resumable(kind=kind)
+    _scramble(model)  # the checkpoint must replace the weights
+    resumed = Solver(model, data, num_epochs=4, **options)
+    resumed.load_checkpoint(str(path))
+    assert resumed.epoch == 2
+    resumed.train()
+
+    model_full, options = _resumable(kind=kind)
+    full = Solver(model_full, data, num_epochs=4, **options)
+    full.train()
+
+    assert resumed.loss_history == full.loss_history
+    assert resumed.train_acc_history == full.train_acc_history
+    assert resumed.val_acc_history == full.val_acc_history
+    assert resumed.best_val_acc == full.best_val_acc
+    _assert_params_equal(model.params, model_full.params)
+    for a, b in zip(getattr(model, "bn_params", []), getattr(model_full, "bn_params", [])):
+        np.testing.assert_array_equal(a["running_mean"], b["running_mean"])
+        np.testing.assert_array_equal(a["running_var"], b["running_var"])
+
+
+def test_save_checkpoint_then_load_restores_state(tmp_path):
+    data = _small_data()
+    model, options = _resumable()
+    solver = Solver(model, data, num_epochs=1, **options)
+    solver.train()
+    path = tmp_path / "state.npz"
+    solver.save_checkpoint(str(path))
+    model2, options = _resumable()
+    _scramble(model2)
+    other = Solver(model2, data, num_epochs=1, **options)
+    other.load_checkpoint(str(path))
+    _assert_params_equal(model2.params, model.params)
+    assert other.loss_history == solver.loss_history
+    assert other.best_val_acc == solver.best_val_acc
+    assert other.epoch == solver.epoch
+    for name in model.params:
+        a, b = solver.optim_configs[name], other.optim_configs[name]
+        assert set(a) == set(b)
+        assert a["t"] == b["t"] and a["learning_rate"] == b["learning_rate"]
+        np.testing.assert_array_equal(fastnn.to_numpy(a["m"]), fastnn.to_numpy(b["m"]))
+
+
+def test_checkpoint_name_writes_one_file_per_epoch(tmp_path):
+    prefix = tmp_path / "ck"
+    Solver(_small(), _small_data(), num_epochs=2, batch_size=20, verbose=False, seed=0,
+           checkpoint_name=str(prefix)).train()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["ck_epoch_1.npz", "ck_epoch_2.npz"]
+
+
+def test_truncated_checkpoint_is_value_error(tmp_path):
+    model, options = _resumable()
+    solver = Solver(model, _small_data(), num_epochs=1, **options)
+    path = tmp_path / "state.npz"
+    solver.save_checkpoint(str(path))
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        solver.load_checkpoint(str(path))
+
+
+def test_checkpoint_of_another_model_is_value_error(tmp_path):
+    data = _small_data()
+    model, options = _resumable()
+    path = tmp_path / "state.npz"
+    Solver(model, data, num_epochs=1, **options).save_checkpoint(str(path))
+    other = FullyConnectedNet([16, 9], input_dim=12, num_classes=4, seed=0, use_batchnorm=True,
+                              dropout=0.2)
+    with pytest.raises(ValueError, match="incompatible"):
+        Solver(other, data, **options).load_checkpoint(str(path))
+    model, options = _resumable()
+    options["update_rule"] = "sgd"
+    with pytest.raises(ValueError, match="incompatible"):
+        Solver(model, data, **options).load_checkpoint(str(path))
+
+
+def test_model_file_is_not_a_checkpoint(tmp_path):
+    model, options = _resumable()
+    path = tmp_path / "model.npz"
+    fastnn.save(model, str(path))
+    with pytest.raises(ValueError, match="incompatible"):
+        Solver(model, _small_data(), **options).load_checkpoint(str(path))
+
+
+def test_missing_checkpoint_is_file_not_found(tmp_path):
+    model, options = _resumable()
+    with pytest.raises(FileNotFoundError):
+        Solver(model, _small_data(), **options).load_checkpoint(str(tmp_path / "nope.npz"))
