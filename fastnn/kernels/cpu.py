@@ -21,8 +21,17 @@ from fastnn.threads import configure_thread_pools
 
 configure_thread_pools()
 
-# error_model="numpy": no per-division zero checks, so the loops vectorise
-_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+
+
+def _jit(function):
+    """Compile with Numba, cached on disk where any cache folder is writable.
+
+    error_model="numpy": no per-division zero checks, so the loops vectorise.
+    """
+    try:
+        return numba.njit(cache=True, nogil=True, error_model="numpy")(function)
+    except RuntimeError:  # no writable cache folder at all: compile in each process
+        return numba.njit(cache=False, nogil=True, error_model="numpy")(function)
 
 _GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
