@@ -1,0 +1,82 @@
+"""Thread configuration: the BLAS pool gets the cores and Numba's pool never starts.
+
+fastnn/kernels/cpu.py explains why (a parallel Numba loop right after a BLAS
+product fights the spinning BLAS threads and ran 7-10x slower). These tests
+pin that configuration down without timing anything.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numba
+import pytest
+from threadpoolctl import threadpool_info
+
+import fastnn
+from fastnn.kernels import cpu
+
+
+def _dispatchers():
+    return {name: obj for name, obj in vars(cpu).items()
+            if isinstance(obj, numba.core.registry.CPUDispatcher)}
+
+
+def test_every_numba_kernel_is_serial():
+    kernels = _dispatchers()
+    assert len(kernels) >= 8
+    parallel = [name for name, d in kernels.items() if d.targetoptions.get("parallel")]
+    assert parallel == []
+
+
+def test_a_training_step_never_starts_numbas_thread_pool():
+    script = """
+import numpy as np, numba.np.ufunc.parallel as p
+from fastnn.classifiers import FullyConnectedNet
+from fastnn.solver import Solver
+X = np.random.default_rng(0).standard_normal((64, 20)).astype(np.float32)
+y = np.arange(64) % 10
+model = FullyConnectedNet([16], input_dim=20, dropout=0.2, use_batchnorm=True, seed=0)
+Solver(model, dict(X_train=X, y_train=y, X_val=X, y_val=y), update_rule="adam",
+       batch_size=32, num_epochs=1, verbose=False).train()
+print(p._is_initialized)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def _blas_threads():
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_set_num_threads_sets_numba_and_blas():
+    before = fastnn.get_num_threads()
+    try:
+        fastnn.set_num_threads(1)
+        assert fastnn.get_num_threads() == 1 == numba.get_num_threads()
+        assert _blas_threads() and set(_blas_threads()) == {1}
+    finally:
+        fastnn.set_num_threads(before)
+    assert set(_blas_threads()) == {before}
+
+
+def test_set_num_threads_rejects_a_bad_count():
+    with pytest.raises(ValueError, match="thread count"):
+        fastnn.set_num_threads(0)
+    with pytest.raises(ValueError, match="thread count"):
+        fastnn.set_num_threads(numba.config.NUMBA_NUM_THREADS + 1)
+
+
+def test_numba_num_threads_is_respected_by_blas_too():
+    script = """
+import json, fastnn
+from threadpoolctl import threadpool_info
+import fastnn.kernels.cpu  # loading the kernels applies the thread count
+print(json.dumps([fastnn.get_num_threads(),
+                  [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]]))
+"""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, env=env)
+    numba_threads, blas_threads = json.loads(out.stdout)
+    assert numba_threads == 1 and blas_threads and set(blas_threads) == {1}
