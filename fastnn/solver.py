@@ -35,6 +35,15 @@ OPTIONS = {
 AUGMENT_DEFAULTS = {"flip": True, "crop_padding": 4}
 
 
+def _gather(xp, source, idx, out):
+    """out[:] = source[idx] along axis 0, without a temporary."""
+    if xp is np:
+        # numpy buffers `out` in its default mode="raise"; the indices are in range
+        np.take(source, idx, axis=0, out=out, mode="clip")
+    else:
+        xp.take(source, idx, axis=0, out=out)
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during train(): the state was saved to `checkpoint` (or None)."""
 
@@ -156,8 +165,8 @@ class Solver:
             self._batch = (xp.empty((bs, *self.X_train.shape[1:]), dtype=self.X_train.dtype),
                            xp.empty(bs, dtype=self.y_train.dtype))
         X_batch, y_batch = self._batch
-        xp.take(self.X_train, idx, axis=0, out=X_batch)
-        xp.take(self.y_train, idx, axis=0, out=y_batch)
+        _gather(xp, self.X_train, idx, X_batch)
+        _gather(xp, self.y_train, idx, y_batch)
         if self.augment:
             X_batch = kernels.for_module(xp).flip_crop(X_batch, self._augment_seed, t,
                                                        self.augment["flip"],

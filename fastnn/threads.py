@@ -8,6 +8,7 @@ The count defaults to `NUMBA_NUM_THREADS` (all cores when unset);
 import os
 
 _blas_limiter = None
+_num_threads = None  # set by set_num_threads; None: NUMBA_NUM_THREADS
 
 
 def _limit_blas(n):
@@ -25,15 +26,19 @@ def set_num_threads(n):
     limit = numba.config.NUMBA_NUM_THREADS
     if not 1 <= int(n) <= limit:
         raise ValueError(f"thread count must be in [1, {limit}] (NUMBA_NUM_THREADS), got {n}")
-    numba.set_num_threads(int(n))
+    global _num_threads
+    numba.set_num_threads(int(n))  # for the user's own parallel Numba code
     _limit_blas(n)
+    _num_threads = int(n)
 
 
 def get_num_threads():
-    """The number of threads fastnn's CPU work uses."""
+    """The number of threads fastnn's CPU work uses (starts no thread pool)."""
+    if _num_threads is not None:
+        return _num_threads
     import numba
 
-    return numba.get_num_threads()
+    return numba.config.NUMBA_NUM_THREADS
 
 
 def configure_thread_pools():
