@@ -26,7 +26,7 @@ DEFAULTS = {
     "dropout": 0.3, "reg": 0.0, "weight_scale": 1e-2, "update_rule": "adam",
     "learning_rate": 1e-3, "momentum": None, "beta1": None, "beta2": None,
     "decay_rate": None, "epsilon": None, "weight_decay": None, "lr_schedule": None,
-    "augment": False, "lr_decay": 0.9, "epochs": 15, "batch_size": 256,
+    "augment": False, "crop_padding": 0, "lr_decay": 0.9, "epochs": 15, "batch_size": 256,
     "backend": "numpy", "seed": 0, "data": None, "num_training": 49000,
     "num_validation": 1000, "num_test": 10000, "threads": None, "print_every": 50,
 }
@@ -62,7 +62,9 @@ def build_parser():
     add("--lr-schedule", choices=["step", "cosine", "onecycle"],
         help="learning-rate schedule (none); multiplies with --lr-decay")
     add("--augment", action=argparse.BooleanOptionalAction,
-        help="random flips and 4-pixel crops of the training images (off)")
+        help="random horizontal flips of the training images (off)")
+    add("--crop-padding", type=int,
+        help="with --augment, also random crops shifted by up to this many pixels (0)")
     add("--lr-decay", type=float, help="learning-rate factor after each epoch (0.9)")
     add("--epochs", type=int, help="epochs (15)")
     add("--batch-size", type=int, help="minibatch size (256)")
@@ -82,14 +84,15 @@ def build_parser():
     add("--trials", type=int, default=60, help="trials in the study, all workers together (60)")
     add("--budget-minutes", type=float, default=None,
         help="stop in time to finish within M minutes of the command's start (none)")
-    add("--parallel", type=int, default=4, help="trials trained together as one stack (4)")
-    add("--epochs", type=int, default=8, help="epochs per trial (8)")
+    add("--parallel", type=int, default=2,
+        help="trials trained together as one stack (2; more pays for small nets and on GPUs)")
+    add("--epochs", type=int, default=30, help="epochs per trial (30)")
     add("--final-epochs", type=int, default=0,
         help="retrain the best configuration for this many epochs at the end (0: no)")
-    add("--augment", action=argparse.BooleanOptionalAction, default=False,
-        help="random flips and crops while training (off)")
-    add("--lr-schedule", choices=["step", "cosine", "onecycle"], default=None,
-        help="learning-rate schedule of every trial (none)")
+    add("--crop-padding", type=int, default=0,
+        help="trials that augment (a searched choice) also crop, shifted by up to this (0)")
+    add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"], default="onecycle",
+        help="learning-rate schedule of every trial (onecycle)")
     add("--storage", default=None,
         help="Optuna storage URL shared by workers (default: sqlite in the run folder)")
     add("--study-name", default="fastnn", help="study name in the storage (fastnn)")
@@ -162,8 +165,15 @@ def build_solver(model, data, config, out_dir):
                   lr_decay=config["lr_decay"], batch_size=config["batch_size"],
                   num_epochs=config["epochs"], print_every=config["print_every"],
                   verbose=True, progress=True, seed=config["seed"],
-                  lr_schedule=config["lr_schedule"], augment=bool(config["augment"]),
+                  lr_schedule=config["lr_schedule"], augment=augment_options(config),
                   checkpoint_path=out_dir and os.path.join(out_dir, "checkpoint.npz"))
+
+
+def augment_options(config):
+    """The Solver's `augment` option from a run configuration (None: no augmentation)."""
+    if not config.get("augment"):
+        return None
+    return {"flip": True, "crop_padding": int(config.get("crop_padding") or 0)}
 
 
 def predict(model, X, batch_size=1000):

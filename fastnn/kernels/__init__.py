@@ -20,6 +20,11 @@ OPS = (
     "batchnorm_train_forward", "batchnorm_backward",
     "sgd_", "sgd_momentum_", "rmsprop_", "adam_", "adamw_",
     "flip_crop",
+    # stacked models (fastnn.stacked): K members along a model axis
+    "dropout_stacked_forward", "dropout_stacked_backward", "softmax_loss_stacked",
+    "batchnorm_rows_train_forward", "batchnorm_rows_backward",
+    "l2_stacked_", "sgd_stacked_", "sgd_momentum_stacked_", "rmsprop_stacked_",
+    "adam_stacked_", "adamw_stacked_",
 )
 
 _tables = {}

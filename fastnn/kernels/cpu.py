@@ -5,10 +5,10 @@ around one compiled loop that makes a single pass over its data.
 
 The loops are serial on purpose: every one of them runs between two BLAS
 matrix products, and the BLAS threads keep spinning for a while after each
-product. A parallel Numba loop started then fights them for the cores and
-ran 7-10x slower than the serial loop at every size we measured (20k to 3M
-elements, 2 cores; see benchmarks/README.md), so the cores go to BLAS and
-Numba never starts its thread pool (fastnn.threads.configure_thread_pools).
+product. A parallel Numba loop started then fights them for the cores: on 2
+cores it took about 4 ms whatever its size, 7x slower than the serial loop at
+3M elements and 40-400x slower at 20k-524k (benchmarks/thread_pools.py). So
+the cores go to BLAS and fastnn's kernels never use Numba's thread pool.
 
 Kernels are compiled on first use and cached on disk (`cache=True`; Numba
 falls back to a user cache folder when the install is read-only).
@@ -191,6 +191,69 @@ def svm_loss(x, y):
     return _row_loss(_svm_loss, x, y)
 
 
+# -- batchnorm (x is (N, D), C order: rows are read whole, columns accumulate)
+@_jit
+def _batchnorm_train_forward(x, gamma, beta, eps, out, x_hat, inv_std, mean, var):
+    n, d = x.shape
+    total = np.zeros(d, dtype=np.float64)
+    for i in range(n):
+        for j in range(d):
+            total[j] += x[i, j]
+    for j in range(d):
+        mean[j] = total[j] / n
+        total[j] = 0.0
+    for i in range(n):
+        for j in range(d):
+            centered = x[i, j] - mean[j]
+            total[j] += centered * centered
+    for j in range(d):
+        var[j] = total[j] / n
+        inv_std[j] = 1.0 / np.sqrt(var[j] + eps)
+    for i in range(n):
+        for j in range(d):
+            normed = (x[i, j] - mean[j]) * inv_std[j]
+            x_hat[i, j] = normed
+            out[i, j] = normed * gamma[j] + beta[j]
+
+
+@_jit
+def _batchnorm_backward(dout, x_hat, gamma, inv_std, dx, dgamma, dbeta):
+    n, d = dout.shape
+    sum_dout = np.zeros(d, dtype=np.float64)
+    sum_dout_xhat = np.zeros(d, dtype=np.float64)
+    for i in range(n):
+        for j in range(d):
+            g = dout[i, j]
+            sum_dout[j] += g
+            sum_dout_xhat[j] += g * x_hat[i, j]
+    scale = np.empty(d, dtype=dx.dtype)
+    for j in range(d):
+        dbeta[j] = sum_dout[j]
+        dgamma[j] = sum_dout_xhat[j]
+        scale[j] = gamma[j] * inv_std[j] / n
+    for i in range(n):
+        for j in range(d):
+            dx[i, j] = scale[j] * (n * dout[i, j] - dbeta[j] - x_hat[i, j] * dgamma[j])
+
+
+def batchnorm_train_forward(x, gamma, beta, eps):
+    x = np.ascontiguousarray(x)
+    out, x_hat = np.empty_like(x), np.empty_like(x)
+    inv_std, mean, var = (np.empty(x.shape[1], dtype=x.dtype) for _ in range(3))
+    _batchnorm_train_forward(x, np.ascontiguousarray(gamma), np.ascontiguousarray(beta),
+                             x.dtype.type(eps), out, x_hat, inv_std, mean, var)
+    return out, x_hat, inv_std, mean, var
+
+
+def batchnorm_backward(dout, x_hat, gamma, inv_std):
+    dout = np.ascontiguousarray(dout)
+    dx = np.empty_like(dout)
+    dgamma, dbeta = np.empty(dout.shape[1], dtype=dout.dtype), np.empty(dout.shape[1], dtype=dout.dtype)
+    _batchnorm_backward(dout, np.ascontiguousarray(x_hat), np.ascontiguousarray(gamma),
+                        np.ascontiguousarray(inv_std), dx, dgamma, dbeta)
+    return dx, dgamma, dbeta
+
+
 # -- update rules (in place, flat) -------------------------------------------
 # The float32 scalars are made here, as reference.py makes them, so the
 # arithmetic matches the functional rules in fastnn.optim.
@@ -218,14 +281,15 @@ def _rmsprop(w, dw, cache, lr, decay, one_minus_decay, eps):
 
 
 @_jit
-def _adam(w, dw, m, v, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, c1, c2, eps):
+def _adam(w, dw, m, v, decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, c1, c2, eps):
     for i in range(w.size):
         g = dw[i]
         mi = m[i] * beta1 + one_minus_beta1 * g
         vi = v[i] * beta2 + one_minus_beta2 * (g * g)
         m[i] = mi
         v[i] = vi
-        w[i] -= lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
+        # decay: adamw's decoupled weight decay (1 for adam; w * 1 is exact)
+        w[i] = w[i] * decay - lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
 
 
 def _flat_inplace(*arrays):
@@ -252,12 +316,304 @@ def rmsprop_(w, dw, cache, lr, decay_rate, eps):
 
 
 def adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay):
-    if weight_decay:  # decoupled decay first, as reference.adamw_ does it
-        w *= w.dtype.type(1 - lr * weight_decay)
-    adam_(w, dw, m, v, lr, beta1, beta2, eps, t)
+    f = w.dtype.type
+    _adam(*_flat_inplace(w, np.ascontiguousarray(dw), m, v), f(1 - lr * weight_decay), f(lr),
+          f(beta1), f(1 - beta1), f(beta2), f(1 - beta2), f(1 - beta1 ** t), f(1 - beta2 ** t),
+          f(eps))
 
 
 def adam_(w, dw, m, v, lr, beta1, beta2, eps, t):
+    adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, 0.0)
+
+
+# -- stacked models (fastnn.stacked) -----------------------------------------
+# Same results as the reference.py versions; per-member values are (K,)
+# arrays, cast here to the data's dtype as reference.py casts them.
+@_jit
+def _dropout_stacked(x, out, seed_keys, step_term, thresholds, scales):
+    n, members, width = x.shape
+    for k in range(members):
+        key = seed_keys[k] + step_term
+        key = (key ^ (key >> _S30)) * _MIX1
+        key = (key ^ (key >> _S27)) * _MIX2
+        key = key ^ (key >> _S31)
+        threshold, scale = thresholds[k], scales[k]
+        # positions are C order over member k's (N, H); the loop order follows
+        # the stack's (K, H, N) memory layout, whatever x's strides are
+        for j in range(width):
+            for i in range(n):
+                z = np.uint64(i * width + j) * _GOLDEN + key
+                z = (z ^ (z >> _S30)) * _MIX1
+                z = (z ^ (z >> _S27)) * _MIX2
+                z = z ^ (z >> _S31)
+                out[i, k, j] = x[i, k, j] * scale if (z >> _UNIT_SHIFT) >= threshold else 0
+
+
+def dropout_stacked_forward(x, seed_keys, thresholds, scales, step):
+    from fastnn.kernels.reference import dropout_step_term
+
+    out = np.empty_like(x)  # keeps x's memory layout
+    _dropout_stacked(x, out, np.ascontiguousarray(seed_keys, dtype=np.uint64),
+                     np.uint64(dropout_step_term(step)),
+                     np.ascontiguousarray(thresholds, dtype=np.uint64),
+                     np.ascontiguousarray(scales, dtype=x.dtype))
+    return out
+
+
+def dropout_stacked_backward(dout, seed_keys, thresholds, scales, step):
+    return dropout_stacked_forward(dout, seed_keys, thresholds, scales, step)
+
+
+@_jit
+def _softmax_loss_stacked(x, y, dx, row_loss):
+    for k in range(x.shape[0]):
+        _softmax_loss(x[k], y, dx[k], row_loss[k])
+
+
+def softmax_loss_stacked(x, y):
+    x = np.ascontiguousarray(x)
+    dx = np.empty(x.shape, dtype=x.dtype)
+    row_loss = np.empty(x.shape[:2], dtype=np.float64)
+    _softmax_loss_stacked(x, np.ascontiguousarray(y), dx, row_loss)
+    return (row_loss.sum(axis=1) / max(x.shape[1], 1)).astype(x.dtype), dx
+
+
+def _jit_sums(function):
+    """_jit for float64 sums along a row: reassociation lets them vectorise.
+
+    Only these small helpers get the flag; the kernels that call them keep
+    the ordinary float semantics (and NaN/inf handling: no other fastmath).
+    """
+    try:
+        return numba.njit(cache=True, nogil=True, error_model="numpy",
+                          fastmath={"reassoc"})(function)
+    except RuntimeError:  # no writable cache folder at all
+        return numba.njit(cache=False, nogil=True, error_model="numpy",
+                          fastmath={"reassoc"})(function)
+
+
+@_jit_sums
+def _row_sum(x, j):
+    total = 0.0
+    for i in range(x.shape[1]):
+        total += x[j, i]
+    return total
+
+
+@_jit_sums
+def _row_squared_deviation(x, j, center):
+    total = 0.0
+    for i in range(x.shape[1]):
+        centered = x[j, i] - center
+        total += centered * centered
+    return total
+
+
+@_jit_sums
+def _row_dot(a, b, j):
+    total = 0.0
+    for i in range(a.shape[1]):
+        total += a[j, i] * b[j, i]
+    return total
+
+
+# batchnorm with features as rows (x (D, N)): the same arithmetic as the
+# column kernels above, each feature's N values read as one contiguous row
+@_jit
+def _batchnorm_rows_train_forward(x, gamma, beta, eps, out, x_hat, inv_std, mean, var):
+    d, n = x.shape
+    for j in range(d):
+        mean[j] = _row_sum(x, j) / n
+        var[j] = _row_squared_deviation(x, j, mean[j]) / n
+        inv_std[j] = 1.0 / np.sqrt(var[j] + eps)
+        center, scale, g, b = mean[j], inv_std[j], gamma[j], beta[j]
+        for i in range(n):
+            normed = (x[j, i] - center) * scale
+            x_hat[j, i] = normed
+            out[j, i] = normed * g + b
+
+
+@_jit
+def _batchnorm_rows_backward(dout, x_hat, gamma, inv_std, dx, dgamma, dbeta):
+    d, n = dout.shape
+    scale = np.empty(d, dtype=dx.dtype)
+    for j in range(d):
+        dbeta[j] = _row_sum(dout, j)
+        dgamma[j] = _row_dot(dout, x_hat, j)
+        scale[j] = gamma[j] * inv_std[j] / n
+        s, db, dg = scale[j], dbeta[j], dgamma[j]
+        for i in range(n):
+            dx[j, i] = s * (n * dout[j, i] - db - x_hat[j, i] * dg)
+
+
+def batchnorm_rows_train_forward(x, gamma, beta, eps):
+    x = np.ascontiguousarray(x)
+    out, x_hat = np.empty_like(x), np.empty_like(x)
+    inv_std, mean, var = (np.empty(x.shape[0], dtype=x.dtype) for _ in range(3))
+    _batchnorm_rows_train_forward(x, np.ascontiguousarray(gamma), np.ascontiguousarray(beta),
+                                  x.dtype.type(eps), out, x_hat, inv_std, mean, var)
+    return out, x_hat, inv_std, mean, var
+
+
+def batchnorm_rows_backward(dout, x_hat, gamma, inv_std):
+    dout = np.ascontiguousarray(dout)
+    dx = np.empty_like(dout)
+    dgamma, dbeta = (np.empty(dout.shape[0], dtype=dout.dtype) for _ in range(2))
+    _batchnorm_rows_backward(dout, np.ascontiguousarray(x_hat), np.ascontiguousarray(gamma),
+                             np.ascontiguousarray(inv_std), dx, dgamma, dbeta)
+    return dx, dgamma, dbeta
+
+
+@_jit
+def _l2_stacked(dw, w, reg, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            reg_k = reg[k]
+            # partial sums per (member, column): the inner loop vectorises
+            for b in range(inner):
+                wi = w[a, k, b]
+                dw[a, k, b] += reg_k * wi
+                partial[k, b] += wi * wi
+
+
+def l2_stacked_(dw, w, reg):
+    _stacked_inplace(dw, w)
+    partial = np.zeros(w.shape[1:], dtype=w.dtype)
+    _l2_stacked(dw, w, _cast(reg, w.dtype), partial)
+    return partial.sum(axis=1, dtype=np.float64).astype(w.dtype)
+
+
+def _stacked_inplace(*arrays):
+    for a in arrays:
+        if a.ndim != 3 or not a.flags.c_contiguous:
+            raise ValueError("stacked in-place updates need C-contiguous (A, K, B) arrays, got "
+                             f"shape {a.shape} (C-contiguous: {a.flags.c_contiguous})")
+    return arrays
+
+
+def _cast(values, dtype):
+    return np.ascontiguousarray(values, dtype=dtype)
+
+
+# `partial` (K, B) of w.dtype collects sum(w**2) per member and column when
+# use_l2 is set: per column, so the inner loop still vectorises (float64
+# partial sums of float32 weights cost the update a third more time).
+@_jit
+def _sgd_stacked(w, dw, lr, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr_k, l2_k = lr[k], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                w[a, k, b] = wi - g * lr_k
+
+
+@_jit
+def _sgd_momentum_stacked(w, dw, v, lr, momentum, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr_k, l2_k = lr[k], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                vi = v[a, k, b] * momentum - g * lr_k
+                v[a, k, b] = vi
+                w[a, k, b] = wi + vi
+
+
+@_jit
+def _rmsprop_stacked(w, dw, cache, lr, decay, one_minus_decay, eps, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr_k, l2_k = lr[k], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                ci = cache[a, k, b] * decay + one_minus_decay * (g * g)
+                cache[a, k, b] = ci
+                w[a, k, b] = wi - lr_k * g / (np.sqrt(ci) + eps)
+
+
+@_jit
+def _adam_stacked(w, dw, m, v, lr, decay, use_decay, beta1, one_minus_beta1, beta2,
+                  one_minus_beta2, c1, c2, eps, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr_k, decay_k, l2_k = lr[k], decay[k], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                mi = m[a, k, b] * beta1 + one_minus_beta1 * g
+                vi = v[a, k, b] * beta2 + one_minus_beta2 * (g * g)
+                m[a, k, b] = mi
+                v[a, k, b] = vi
+                if use_decay:
+                    wi = wi * decay_k
+                w[a, k, b] = wi - lr_k * (mi / c1) / (np.sqrt(vi / c2) + eps)
+
+
+def _l2_args(w, l2):
+    """(l2 in w.dtype, whether to use it, the partial sums array) for the kernels."""
+    if l2 is None:
+        return np.zeros(w.shape[1], dtype=w.dtype), False, np.zeros((1, 1), dtype=w.dtype)
+    return _cast(l2, w.dtype), True, np.zeros(w.shape[1:], dtype=w.dtype)
+
+
+def _l2_result(w, use_l2, partial):
+    return partial.sum(axis=1, dtype=np.float64).astype(w.dtype) if use_l2 else None
+
+
+def sgd_stacked_(w, dw, lr, l2=None):
+    l2_args = _l2_args(w, l2)
+    _sgd_stacked(*_stacked_inplace(w, np.ascontiguousarray(dw)), _cast(lr, w.dtype), *l2_args)
+    return _l2_result(w, *l2_args[1:])
+
+
+def sgd_momentum_stacked_(w, dw, v, lr, momentum, l2=None):
+    l2_args = _l2_args(w, l2)
+    _sgd_momentum_stacked(*_stacked_inplace(w, np.ascontiguousarray(dw), v), _cast(lr, w.dtype),
+                          w.dtype.type(momentum), *l2_args)
+    return _l2_result(w, *l2_args[1:])
+
+
+def rmsprop_stacked_(w, dw, cache, lr, decay_rate, eps, l2=None):
     f = w.dtype.type
-    _adam(*_flat_inplace(w, np.ascontiguousarray(dw), m, v), f(lr), f(beta1), f(1 - beta1),
-          f(beta2), f(1 - beta2), f(1 - beta1 ** t), f(1 - beta2 ** t), f(eps))
+    l2_args = _l2_args(w, l2)
+    _rmsprop_stacked(*_stacked_inplace(w, np.ascontiguousarray(dw), cache), _cast(lr, w.dtype),
+                     f(decay_rate), f(1 - decay_rate), f(eps), *l2_args)
+    return _l2_result(w, *l2_args[1:])
+
+
+def _adam_stacked_call(w, dw, m, v, lr, decay, beta1, beta2, eps, t, l2):
+    f = w.dtype.type
+    lr_f = _cast(lr, w.dtype)
+    l2_args = _l2_args(w, l2)
+    _adam_stacked(*_stacked_inplace(w, np.ascontiguousarray(dw), m, v), lr_f,
+                  lr_f if decay is None else _cast(decay, w.dtype), decay is not None,
+                  f(beta1), f(1 - beta1), f(beta2), f(1 - beta2), f(1 - beta1 ** t),
+                  f(1 - beta2 ** t), f(eps), *l2_args)
+    return _l2_result(w, *l2_args[1:])
+
+
+def adam_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t, l2=None):
+    return _adam_stacked_call(w, dw, m, v, lr, None, beta1, beta2, eps, t, l2)
+
+
+def adamw_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay, l2=None):
+    lr = np.asarray(lr)
+    return _adam_stacked_call(w, dw, m, v, lr, 1 - lr * np.asarray(weight_decay), beta1, beta2,
+                              eps, t, l2)

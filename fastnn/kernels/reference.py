@@ -207,3 +207,161 @@ def adam_(w, dw, m, v, lr, beta1, beta2, eps, t):
     m_hat = m / f(1 - beta1 ** t)
     v_hat = v / f(1 - beta2 ** t)
     w -= f(lr) * m_hat / (xp.sqrt(v_hat) + f(eps))
+
+
+# -- stacked models (fastnn.stacked): K members along a model axis ----------
+# Member k's dropout mask is the one dropout_keep draws for its own
+# (seed_k, step) over its own (N, H) activation in C order, so a member of
+# a stack drops exactly the units the same net trained alone would drop.
+# The per-member key is split: `dropout_seed_keys` (host, once per stack)
+# and the step term added on the device, so a step sends nothing to the GPU.
+def dropout_seed_keys(seeds):
+    """Host uint64 array: the seed half of dropout_key for each seed in `seeds`."""
+    import numpy as np
+
+    return np.array([mix64(int(s) * GOLDEN + 1) for s in seeds], dtype=np.uint64)
+
+
+def dropout_step_term(step):
+    """The step half of dropout_key, as a uint64 (the key is mix64(seed_key + this))."""
+    return (int(step) * GOLDEN) & _MASK64
+
+
+def _mix64_array(xp, z):
+    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(MIX1)
+    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(MIX2)
+    return z ^ (z >> xp.uint64(31))
+
+
+def dropout_stacked_forward(x, seed_keys, thresholds, scales, step):
+    """Inverted dropout of K members' activations, each member with its own mask.
+
+    x (N, K, H), any strides: member k's activation is x[:, k, :].
+    seed_keys (K,) uint64 (dropout_seed_keys of the members' seeds),
+    thresholds (K,) uint64 (keep_threshold(p_k); 0 keeps every unit),
+    scales (K,) of x.dtype (1 / (1 - p_k)). Returns out (N, K, H).
+    """
+    xp = get_array_module(x, seed_keys, thresholds, scales)
+    n, _, width = x.shape
+    keys = _mix64_array(xp, seed_keys + xp.uint64(dropout_step_term(step)))
+    positions = (xp.arange(n, dtype=xp.uint64)[:, None, None] * xp.uint64(width)
+                 + xp.arange(width, dtype=xp.uint64)[None, None, :])
+    z = _mix64_array(xp, positions * xp.uint64(GOLDEN) + keys[None, :, None])
+    keep = (z >> xp.uint64(64 - UNIT_BITS)) >= thresholds[None, :, None]
+    return xp.where(keep, x * scales[None, :, None], x.dtype.type(0))
+
+
+def dropout_stacked_backward(dout, seed_keys, thresholds, scales, step):
+    """Gradient of dropout_stacked_forward: the same masks and scales applied to dout."""
+    return dropout_stacked_forward(dout, seed_keys, thresholds, scales, step)
+
+
+def softmax_loss_stacked(x, y):
+    """Softmax loss of K members' scores x (K, N, C) on shared labels y (N,).
+
+    Returns (losses (K,) of x.dtype, each the mean over N; dx (K, N, C)).
+    No label checks.
+    """
+    xp = get_array_module(x, y)
+    n = x.shape[1]
+    shifted = x - x.max(axis=2, keepdims=True)
+    log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=2, keepdims=True))
+    rows = xp.arange(n)
+    losses = -log_probs[:, rows, y].sum(axis=1) / x.dtype.type(max(n, 1))
+    dx = xp.exp(log_probs)
+    dx[:, rows, y] -= 1
+    dx /= x.dtype.type(max(n, 1))
+    return losses, dx
+
+
+def batchnorm_rows_train_forward(x, gamma, beta, eps):
+    """batchnorm_train_forward with features as rows: x (D, N), feature j is x[j].
+
+    The stack keeps activations feature-major, (K*H, N). Returns (out (D, N),
+    x_hat (D, N), inv_std, mean, var (D,)).
+    """
+    out, x_hat, inv_std, mean, var = batchnorm_train_forward(x.T, gamma, beta, eps)
+    return out.T, x_hat.T, inv_std, mean, var
+
+
+def batchnorm_rows_backward(dout, x_hat, gamma, inv_std):
+    """Gradients (dx (D, N), dgamma (D,), dbeta (D,)) of batchnorm_rows_train_forward."""
+    dx, dgamma, dbeta = batchnorm_backward(dout.T, x_hat.T, gamma, inv_std)
+    return dx.T, dgamma, dbeta
+
+
+def l2_stacked_(dw, w, reg):
+    """L2 regularisation of K members in one pass: dw += reg_k * w in place.
+
+    w, dw (A, K, B), member k owning [:, k, :]; reg (K,) floats. Returns the
+    per-member sum(w_k ** 2) as a (K,) array of w.dtype.
+    """
+    xp = get_array_module(dw, w, reg)
+    dw += _per_member(reg, w.dtype) * w
+    return xp.einsum("akb,akb->k", w, w)
+
+
+# In-place stacked updates: w, dw and the state are (A, K, B) C-contiguous
+# arrays, member k owning w[:, k, :]; per-member hyperparameters are (K,)
+# float arrays (float64 keeps learning rates exactly as the Solver's Python
+# floats), cast to w.dtype here, as the scalar rules cast theirs.
+# Optional `l2` (K,): the step uses the gradient dw + l2_k * w (the L2 term
+# FullyConnectedNet adds to dW, so the loss can leave it out and dw is not
+# rewritten) and returns each member's sum(w ** 2) before the step (the
+# term's share of the loss); without it the step returns None.
+def _per_member(values, dtype):
+    return values.astype(dtype)[None, :, None]
+
+
+def _with_l2(dw, w, l2):
+    """(the gradient to step with, per-member sum(w**2) or None)."""
+    if l2 is None:
+        return dw, None
+    xp = get_array_module(dw, w, l2)
+    return dw + _per_member(l2, w.dtype) * w, xp.einsum("akb,akb->k", w, w)
+
+
+def sgd_stacked_(w, dw, lr, l2=None):
+    dw, sum_squares = _with_l2(dw, w, l2)
+    w -= dw * _per_member(lr, w.dtype)
+    return sum_squares
+
+
+def sgd_momentum_stacked_(w, dw, v, lr, momentum, l2=None):
+    dw, sum_squares = _with_l2(dw, w, l2)
+    v *= w.dtype.type(momentum)
+    v -= dw * _per_member(lr, w.dtype)
+    w += v
+    return sum_squares
+
+
+def rmsprop_stacked_(w, dw, cache, lr, decay_rate, eps, l2=None):
+    xp = get_array_module(w, dw, cache)
+    dw, sum_squares = _with_l2(dw, w, l2)
+    t = w.dtype.type
+    cache *= t(decay_rate)
+    cache += t(1 - decay_rate) * (dw * dw)
+    w -= _per_member(lr, w.dtype) * dw / (xp.sqrt(cache) + t(eps))
+    return sum_squares
+
+
+def adam_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t, l2=None):
+    xp = get_array_module(w, dw, m, v)
+    dw, sum_squares = _with_l2(dw, w, l2)
+    f = w.dtype.type
+    m *= f(beta1)
+    m += f(1 - beta1) * dw
+    v *= f(beta2)
+    v += f(1 - beta2) * (dw * dw)
+    m_hat = m / f(1 - beta1 ** t)
+    v_hat = v / f(1 - beta2 ** t)
+    w -= _per_member(lr, w.dtype) * m_hat / (xp.sqrt(v_hat) + f(eps))
+    return sum_squares
+
+
+def adamw_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay, l2=None):
+    """Per member: w *= 1 - lr_k * weight_decay_k (in lr's precision), then the Adam step."""
+    dw, sum_squares = _with_l2(dw, w, l2)
+    w *= _per_member(1 - lr * weight_decay, w.dtype)
+    adam_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t)
+    return sum_squares

@@ -1,0 +1,172 @@
+"""Per-kernel benchmarks: every op in fastnn.kernels.OPS, fast table vs reference.
+
+Implementations, grouped by op and shape so pytest-benchmark compares them:
+  reference       fastnn.kernels.reference on numpy arrays (plain NumPy)
+  numpy           fastnn.kernels.for_module(numpy) (the Numba kernels, or the
+                  reference where cpu.py has none: the group name then says so)
+  cupy-reference  the reference on cupy arrays      } GPU only; skipped with
+  cupy            fastnn.kernels.for_module(cupy)   } the reason elsewhere
+
+    python -m pytest benchmarks/test_bench_kernels.py
+    python -m pytest benchmarks/test_bench_kernels.py -k "adam_ and 3072x1024"
+
+Each op runs once before timing (Numba compilation, CuPy kernel builds);
+GPU timings synchronise the device inside the timed function.
+"""
+import numpy as np
+import pytest
+
+from fastnn import kernels
+from fastnn.kernels import OPS, reference
+
+import workloads
+
+ACTIVATIONS = [(200, 100), (512, 1024), (512, 4096)]  # batch x width
+SCORES = [(200, 10), (512, 10)]                       # batch x classes
+PARAMETERS = [(3072, 100), (1024, 1024), (3072, 1024)]  # weight matrices the nets update
+IMAGES = [(200, 3, 32, 32), (512, 3, 32, 32)]         # CIFAR-10 minibatches, NCHW
+# stacked models (fastnn.stacked): 16 two_layer members, or 4 deep_bn-width members
+STACKED_ACTIVATIONS = [(200, 16, 100), (512, 4, 1024)]  # (N, K, H) views of (K, H, N) arrays
+STACKED_SCORES = [(16, 200, 10), (4, 512, 10)]          # (K, N, C)
+STACKED_PARAMETERS = [(3072, 16, 100), (1024, 4, 1024)]  # (A, K, B)
+
+SHAPES = {
+    "relu_forward": ACTIVATIONS, "relu_backward": ACTIVATIONS,
+    "dropout_forward": ACTIVATIONS, "dropout_backward": ACTIVATIONS,
+    "softmax_loss": SCORES, "svm_loss": SCORES,
+    "batchnorm_train_forward": ACTIVATIONS, "batchnorm_backward": ACTIVATIONS,
+    "sgd_": PARAMETERS, "sgd_momentum_": PARAMETERS, "rmsprop_": PARAMETERS, "adam_": PARAMETERS,
+    "adamw_": PARAMETERS,
+    "flip_crop": IMAGES,
+    "dropout_stacked_forward": STACKED_ACTIVATIONS, "dropout_stacked_backward": STACKED_ACTIVATIONS,
+    "softmax_loss_stacked": STACKED_SCORES,
+    "l2_stacked_": STACKED_PARAMETERS, "sgd_stacked_": STACKED_PARAMETERS,
+    "sgd_momentum_stacked_": STACKED_PARAMETERS, "rmsprop_stacked_": STACKED_PARAMETERS,
+    "adam_stacked_": STACKED_PARAMETERS, "adamw_stacked_": STACKED_PARAMETERS,
+}
+IMPLEMENTATIONS = ["reference", "numpy", "cupy-reference", "cupy"]
+
+
+def make_args(op, shape, rng, xp=np):
+    """Arguments for `op` at `shape`, float32 like the models; numpy arrays (moved to
+    `xp` by the caller) except where the layout matters."""
+    if op == "flip_crop":
+        return rng.standard_normal(shape, dtype=np.float32), 1234, 7, True, 4
+    if op.endswith("_stacked_") or op.startswith(("dropout_stacked", "softmax_loss_stacked")):
+        return make_stacked_args(op, shape, rng, xp)
+    n, d = shape
+
+    def normal(*s):
+        return rng.standard_normal(s, dtype=np.float32)
+
+    def positive(*s):
+        return rng.random(s, dtype=np.float32) + np.float32(0.1)
+
+    if op == "relu_forward":
+        return (normal(n, d),)
+    if op == "relu_backward":
+        return normal(n, d), np.maximum(normal(n, d), 0)
+    if op in ("dropout_forward", "dropout_backward"):
+        return normal(n, d), 0.2, 1234, 7
+    if op in ("softmax_loss", "svm_loss"):
+        return normal(n, d), rng.integers(0, d, n, dtype=np.int64)
+    if op == "batchnorm_train_forward":
+        return normal(n, d), positive(d), normal(d), 1e-5
+    if op == "batchnorm_backward":
+        return normal(n, d), normal(n, d), positive(d), positive(d)
+    # update rules, in place: small steps so that repeated calls stay finite
+    w, dw = normal(n, d), np.float32(1e-3) * normal(n, d)
+    if op == "sgd_":
+        return w, dw, 1e-4
+    if op == "sgd_momentum_":
+        return w, dw, np.zeros_like(w), 1e-4, 0.9
+    if op == "rmsprop_":
+        return w, dw, np.zeros_like(w), 1e-4, 0.99, 1e-8
+    if op == "adam_":
+        return w, dw, np.zeros_like(w), np.zeros_like(w), 1e-4, 0.9, 0.999, 1e-8, 10
+    if op == "adamw_":
+        return w, dw, np.zeros_like(w), np.zeros_like(w), 1e-4, 0.9, 0.999, 1e-8, 10, 1e-2
+    raise AssertionError(f"no arguments defined for op {op!r}; add it to make_args")
+
+
+def shape_name(shape):
+    return "x".join(str(d) for d in shape)
+
+
+def make_stacked_args(op, shape, rng, xp=np):
+    """Arguments of the stacked ops (K members along a model axis; see fastnn.stacked)."""
+    x = rng.standard_normal(shape, dtype=np.float32)
+    if op in ("dropout_stacked_forward", "dropout_stacked_backward"):
+        n, k, h = shape
+        # fastnn.stacked keeps activations feature-major, (K, H, N), and passes this view
+        x = xp.asarray(rng.standard_normal((k, h, n), dtype=np.float32)).transpose(2, 0, 1)
+        keys = rng.integers(0, 2**63, k, dtype=np.uint64)
+        thresholds = np.full(k, reference.keep_threshold(0.2), dtype=np.uint64)
+        return x, keys, thresholds, np.full(k, 1 / 0.8, dtype=np.float32), 7
+    if op == "softmax_loss_stacked":
+        k, n, c = shape
+        return x, rng.integers(0, c, n, dtype=np.int64)
+    k = shape[1]
+    w, dw = x, np.float32(1e-3) * rng.standard_normal(shape, dtype=np.float32)
+    lr = np.geomspace(1e-5, 1e-3, k)  # per-member hyperparameters, float64 like the Solver's
+    if op == "l2_stacked_":
+        return dw, w, np.geomspace(1e-4, 1e-1, k)
+    if op == "sgd_stacked_":
+        return w, dw, lr
+    if op == "sgd_momentum_stacked_":
+        return w, dw, np.zeros_like(w), lr, 0.9
+    if op == "rmsprop_stacked_":
+        return w, dw, np.zeros_like(w), lr, 0.99, 1e-8
+    state = (np.zeros_like(w), np.zeros_like(w), lr, 0.9, 0.999, 1e-8, 10)
+    if op == "adam_stacked_":
+        return (w, dw, *state)
+    if op == "adamw_stacked_":
+        return (w, dw, *state, np.full(k, 1e-2))
+    raise AssertionError(f"no arguments defined for op {op!r}; add it to make_args")
+
+
+def _cases():
+    for op in OPS:
+        if op not in SHAPES:  # a new op: say so rather than break the whole suite
+            yield pytest.param(op, None, "numpy", id=f"{op}-no-shapes", marks=pytest.mark.skip(
+                reason=f"op {op!r} has no benchmark shapes: add it to SHAPES and make_args "
+                       "in benchmarks/test_bench_kernels.py"))
+            continue
+        for shape in SHAPES[op]:
+            for impl in IMPLEMENTATIONS:
+                yield pytest.param(op, shape, impl, id=f"{op}-{shape_name(shape)}-{impl}")
+
+
+@pytest.mark.parametrize("op, shape, impl", list(_cases()))
+def test_kernel(benchmark, op, shape, impl):
+    if impl.startswith("cupy"):
+        reason = workloads.skip_reason("fastnn-cupy")
+        if reason:
+            pytest.skip(reason)
+        import cupy as xp
+
+        def sync():
+            xp.cuda.Device().synchronize()
+    else:
+        xp = np
+
+        def sync():
+            pass
+
+    fn = getattr(reference if impl.endswith("reference") else kernels.for_module(xp), op)
+    args = tuple(xp.asarray(a) if isinstance(a, np.ndarray) else a
+                 for a in make_args(op, shape, np.random.default_rng(0), xp))
+
+    def run():
+        fn(*args)
+        sync()
+
+    run()  # compile / build and first touch, untimed
+    benchmark.group = f"{op} {shape_name(shape)}"
+    if kernels.for_module(np).__dict__[op] is getattr(reference, op):
+        benchmark.group += " (the numpy table uses the reference here)"
+    benchmark.extra_info.update(
+        op=op, shape=list(shape), implementation=impl,
+        function=f"{fn.__module__}.{fn.__name__}",
+        bytes_per_call=int(sum(a.nbytes for a in args if hasattr(a, "nbytes"))))
+    benchmark(run)

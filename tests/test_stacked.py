@@ -1,0 +1,528 @@
+"""Tests for fastnn.stacked: a stack of K nets is K FullyConnectedNets, trained as K Solvers.
+
+Member k of a stack must start from, compute, and (under StackedSolver)
+train to what FullyConnectedNet(seed=seed_k) under Solver(seed=...) gives;
+the stacked kernel ops must match their reference versions.
+"""
+import numpy as np
+import pytest
+
+import fastnn
+from fastnn import kernels
+from fastnn.classifiers import FullyConnectedNet
+from fastnn.gradient_check import eval_numerical_gradient, rel_error
+from fastnn.kernels import reference
+from fastnn.solver import Solver
+from fastnn.stacked import StackedFullyConnectedNet, StackedSolver, as_member_blocks, model_axis
+from helpers import tolerances
+
+MEMBERS = [dict(seed=1, weight_scale=0.1, reg=0.1, dropout=0.3),
+           dict(seed=2, weight_scale=0.05, reg=0.0, dropout=0.0),
+           dict(seed=3, weight_scale=0.2, reg=0.05, dropout=0.5)]
+# the ops fastnn.stacked added to the kernel table; compared with reference here
+STACKED_OPS = [op for op in kernels.OPS if "stacked" in op or op.startswith("batchnorm_rows")]
+
+
+def _host(a):
+    return fastnn.to_numpy(a)
+
+
+def _member_slice(a, name, k):
+    a = _host(a)
+    return a[:, k] if model_axis(name) == 1 else a[k]
+
+
+def _data(shape=(48,), n_train=300, n_val=50, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"X_train": rng.standard_normal((n_train, *shape)).astype(np.float32),
+            "y_train": rng.integers(0, 10, n_train),
+            "X_val": rng.standard_normal((n_val, *shape)).astype(np.float32),
+            "y_val": rng.integers(0, 10, n_val)}
+
+
+def _pre_bn_biases(stack):
+    """Biases that feed a batchnorm layer: their true gradient is 0 (batchnorm subtracts them)."""
+    return {f"b{i}" for i in range(1, stack.num_layers)} if stack.use_batchnorm else set()
+
+
+# -- the stack is K FullyConnectedNets ----------------------------------------------
+@pytest.mark.parametrize("use_batchnorm", [False, True])
+def test_initial_params_are_those_of_fully_connected_net(backend, use_batchnorm):
+    stack = StackedFullyConnectedNet([7, 5], MEMBERS, input_dim=12, num_classes=4,
+                                     use_batchnorm=use_batchnorm)
+    shapes = {"W1": (12, 3, 7), "b1": (3, 7), "W2": (3, 7, 5), "b2": (3, 5), "W3": (3, 5, 4),
+              "b3": (3, 4)}
+    if use_batchnorm:
+        shapes.update({"gamma1": (3, 7), "beta1": (3, 7), "gamma2": (3, 5), "beta2": (3, 5)})
+    assert {k: v.shape for k, v in stack.params.items()} == shapes
+    for k, m in enumerate(MEMBERS):
+        net = FullyConnectedNet([7, 5], input_dim=12, num_classes=4,
+                                use_batchnorm=use_batchnorm, **m)
+        assert list(net.params) == list(stack.params)
+        for name, value in net.params.items():
+            assert isinstance(stack.params[name], backend.ndarray)
+            assert stack.params[name].dtype == np.float32
+            np.testing.assert_array_equal(_member_slice(stack.params[name], name, k),
+                                          _host(value), err_msg=name)
+
+
+@pytest.mark.parametrize("use_batchnorm", [False, True])
+def test_member_computes_what_fully_connected_net_computes(backend, use_batchnorm):
+    """Scores, losses, grads and batchnorm statistics of member k = the separate net's (float64)."""
+    stack = StackedFullyConnectedNet([7, 5], MEMBERS, input_dim=12, num_classes=4,
+                                     use_batchnorm=use_batchnorm, dtype=np.float64)
+    nets = [FullyConnectedNet([7, 5], input_dim=12, num_classes=4, use_batchnorm=use_batchnorm,
+                              dtype=np.float64, **m) for m in MEMBERS]
+    rng = np.random.default_rng(0)
+    for step in (0, 5):  # dropout masks change with the step
+        X = backend.asarray(rng.standard_normal((9, 3, 2, 2)))
+        y = backend.asarray(rng.integers(0, 4, 9))
+        losses, grads = stack.loss(X, y, step=step)
+        assert losses.shape == (3,) and isinstance(losses, backend.ndarray)
+        assert {k: g.shape for k, g in grads.items()} == {
+            k: p.shape for k, p in stack.params.items()}
+        for k, net in enumerate(nets):
+            net.dropout_param["step"] = step
+            loss, net_grads = net.loss(X, y)
+            np.testing.assert_allclose(_host(losses)[k], float(loss), rtol=1e-12)
+            for name, g in net_grads.items():
+                np.testing.assert_allclose(_member_slice(grads[name], name, k), _host(g),
+                                           rtol=1e-10, atol=1e-12, err_msg=name)
+    scores = stack.loss(X)
+    assert scores.shape == (3, 9, 4)
+    for k, net in enumerate(nets):
+        np.testing.assert_allclose(_host(scores[k]), _host(net.loss(X)), rtol=1e-10, atol=1e-12)
+        member = stack.member(k)
+        for stacked_bn, bn in zip(member.bn_params, net.bn_params):
+            for key in ("running_mean", "running_var"):
+                np.testing.assert_allclose(_host(stacked_bn[key]), _host(bn[key]), rtol=1e-10,
+                                           atol=1e-14)
+
+
+def test_gradient_check():
+    """K=3 members, batchnorm, dropout with seeds, reg > 0: grads vs central differences."""
+    stack = StackedFullyConnectedNet([5, 4], MEMBERS, input_dim=6, num_classes=3,
+                                     use_batchnorm=True, dtype=np.float64)
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((4, 6)), rng.integers(0, 3, 4)
+    losses, grads = stack.loss(X, y, step=2)
+    zero = _pre_bn_biases(stack)
+    for name, param in stack.params.items():
+        numeric = eval_numerical_gradient(lambda _: stack.loss(X, y, step=2)[0].sum(), param,
+                                          verbose=False, h=1e-5)
+        if name in zero:  # round-off on both sides: compare absolutely
+            np.testing.assert_allclose(grads[name], 0, atol=1e-12, err_msg=name)
+            np.testing.assert_allclose(numeric, 0, atol=1e-8, err_msg=name)
+            continue
+        err = rel_error(grads[name], numeric)
+        assert err < 1e-6, f"{name}: relative error {err:.2e}"
+
+
+def test_member_saves_and_loads(tmp_path):
+    stack = StackedFullyConnectedNet([6], MEMBERS, input_dim=8, num_classes=3, use_batchnorm=True)
+    X = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    stack.loss(X, np.array([0, 1, 2, 0, 1]))  # running statistics move
+    fastnn.save(stack.member(2), tmp_path / "m.npz")
+    loaded = fastnn.load(tmp_path / "m.npz")
+    np.testing.assert_allclose(loaded.loss(X), _host(stack.loss(X)[2]), rtol=1e-6, atol=1e-7)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="seed"):
+        StackedFullyConnectedNet([4], [dict(weight_scale=0.1)], input_dim=3)
+    with pytest.raises(ValueError, match="unknown keys"):
+        StackedFullyConnectedNet([4], [dict(seed=0, lr=1)], input_dim=3)
+    with pytest.raises(ValueError, match="dropout"):
+        StackedFullyConnectedNet([4], [dict(seed=0, dropout=1.0)], input_dim=3)
+    stack = StackedFullyConnectedNet([4], MEMBERS, input_dim=48)
+    with pytest.raises(ValueError, match="input_dim"):
+        stack.loss(np.zeros((2, 5), np.float32))
+    data = _data()
+    with pytest.raises(ValueError, match="3 members"):
+        StackedSolver(stack, data, optim_configs=[{}])
+    with pytest.raises(ValueError, match="beta1"):
+        StackedSolver(stack, data, optim_configs=[{}, {"beta1": 0.5}, {}])
+    with pytest.raises(ValueError, match="unknown keys"):
+        StackedSolver(stack, data, update_rule="sgd", optim_configs=[{"beta1": 0.5}, {}, {}])
+    with pytest.raises(KeyError):
+        stack.member(7)
+
+
+# -- StackedSolver = K Solvers ---------------------------------------------------
+class _KeepFinal(Solver):
+    """A Solver that leaves model.params at the last step (Solver restores the best)."""
+
+    def _restore_best(self):
+        pass
+
+
+def _separate_runs(data, members, configs, hidden_dims, use_batchnorm, **options):
+    runs = []
+    input_dim = int(np.prod(data["X_train"].shape[1:]))
+    for member, config in zip(members, configs):
+        net = FullyConnectedNet(hidden_dims, input_dim=input_dim, num_classes=10,
+                                use_batchnorm=use_batchnorm, **member)
+        solver = _KeepFinal(net, data, optim_config=dict(config), verbose=False,
+                            print_every=10**6, **options)
+        solver.train()
+        runs.append(solver)
+    return runs
+
+
+def _assert_member_equals_solver(stacked, member_id, solver, net_params, loose=()):
+    """Member `member_id` of a StackedSolver run against a separate Solver run.
+
+    `loose`: parameters compared only to within their possible drift (see the key test).
+    """
+    result = stacked.results[member_id]
+    np.testing.assert_allclose(result["loss_history"], solver.loss_history, rtol=2e-5, atol=1e-6)
+    assert result["train_acc_history"] == solver.train_acc_history
+    assert result["val_acc_history"] == solver.val_acc_history
+    assert result["best_val_acc"] == solver.best_val_acc
+    best = stacked.best_model(member_id)
+    for name, value in net_params.items():
+        for mine, theirs in ((net_params[name], solver.model.params[name]),
+                             (best.params[name], solver.best_params[name])):
+            if name in loose:
+                np.testing.assert_allclose(_host(mine), _host(theirs), atol=loose[name],
+                                           err_msg=name)
+            else:
+                np.testing.assert_allclose(_host(mine), _host(theirs), rtol=1e-4, atol=2e-6,
+                                           err_msg=name)
+
+
+CASES = {
+    "adam-batchnorm": dict(shape=(48,), use_batchnorm=True, update_rule="adam", lr_decay=0.9,
+                           epsilon=1e-6),
+    "adamw-cosine-augment": dict(shape=(3, 8, 8), use_batchnorm=False, update_rule="adamw",
+                                 lr_schedule="cosine", augment=True, lr_decay=0.95),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_stacked_run_equals_separate_solver_runs(backend, case):
+    """THE key test: K=3 members (own lr, reg, weight scale, dropout) = 3 separate Solver runs.
+
+    Batchnorm: a bias that feeds a batchnorm layer has a true gradient of 0,
+    so its computed gradient is round-off (~1e-9), which Adam with its
+    default epsilon (1e-8) turns into steps of a good part of lr: its value
+    then follows the order of float sums, which a stack and a lone net do
+    differently, and through the running mean it moves test-mode scores
+    enough to flip an argmax now and then. The test uses epsilon=1e-6 (steps
+    on round-off ~1e-3 lr; no other gradient is that small) and still only
+    bounds those biases.
+    """
+    options = dict(CASES[case])
+    shape, use_batchnorm = options.pop("shape"), options.pop("use_batchnorm")
+    epsilon = options.pop("epsilon", None)
+    data = _data(shape)
+    lrs = [1e-3, 3e-3, 5e-4]
+    configs = [{"learning_rate": lr} for lr in lrs]
+    if epsilon is not None:
+        configs = [dict(c, epsilon=epsilon) for c in configs]
+    if options["update_rule"] == "adamw":
+        configs = [dict(c, weight_decay=wd) for c, wd in zip(configs, [1e-2, 0.1, 0.0])]
+    options.update(batch_size=50, num_epochs=3, num_train_samples=100, seed=7)
+    stack = StackedFullyConnectedNet([32, 16], MEMBERS, input_dim=int(np.prod(shape)),
+                                     use_batchnorm=use_batchnorm)
+    stacked = StackedSolver(stack, data, optim_configs=configs, **options)
+    stacked.train()
+    solvers = _separate_runs(data, MEMBERS, configs, [32, 16], use_batchnorm, **options)
+    steps = 3 * 300 // 50
+    for k, solver in enumerate(solvers):
+        assert stacked.results[k]["status"] == "complete"
+        assert len(stacked.results[k]["loss_history"]) == steps
+        loose = {b: 1e-2 * lrs[k] * steps for b in _pre_bn_biases(stack)}
+        _assert_member_equals_solver(stacked, k, solver, stack.member(k).params, loose)
+
+
+@pytest.mark.parametrize("rule", ["sgd", "sgd_momentum", "rmsprop", "adam"])
+def test_each_update_rule_equals_solver(rule):
+    data = _data((20,), n_train=120)
+    configs = [{"learning_rate": lr} for lr in (1e-2, 3e-2, 3e-3)]
+    options = dict(update_rule=rule, batch_size=40, num_epochs=2, seed=3, lr_decay=0.5,
+                   sampling="replacement")
+    stack = StackedFullyConnectedNet([16], MEMBERS, input_dim=20)
+    stacked = StackedSolver(stack, data, optim_configs=configs, **options)
+    stacked.train()
+    for k, solver in enumerate(_separate_runs(data, MEMBERS, configs, [16], False, **options)):
+        _assert_member_equals_solver(stacked, k, solver, stack.member(k).params)
+
+
+# -- pruning and failures ----------------------------------------------------------
+def test_remove_members_shrinks_every_array():
+    stack = StackedFullyConnectedNet([6, 5], MEMBERS, input_dim=8, num_classes=3,
+                                     use_batchnorm=True)
+    X = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    stack.loss(X, np.array([0, 1, 2, 0]), step=1)
+    before = {k: stack.member(k) for k in (0, 2)}
+    assert stack.remove_members([1]) == [0, 2]
+    assert stack.member_ids == [0, 2] and stack.num_members == 2
+    for name, value in stack.params.items():
+        assert value.shape[model_axis(name)] == 2, name
+    for bn in stack.bn_params:
+        assert bn["running_mean"].shape == (2, bn["running_mean"].shape[1])
+    for k, net in before.items():
+        after = stack.member(k)
+        for name in net.params:
+            np.testing.assert_array_equal(after.params[name], net.params[name])
+        np.testing.assert_array_equal(after.bn_params[1]["running_var"],
+                                      net.bn_params[1]["running_var"])
+    with pytest.raises(KeyError):
+        stack.remove_members([1])
+
+
+def test_pruned_member_leaves_and_the_others_continue_unchanged(backend):
+    data = _data()
+    # epsilon=1e-6: see the key test (biases that feed batchnorm)
+    configs = [{"learning_rate": lr, "epsilon": 1e-6} for lr in (1e-3, 3e-3, 5e-4)]
+    options = dict(batch_size=50, num_epochs=3, num_train_samples=100, seed=5)
+
+    def run(prune):
+        stack = StackedFullyConnectedNet([32, 16], MEMBERS, input_dim=48, use_batchnorm=True)
+        seen = []
+
+        def on_epoch_end(epoch, val_accs):
+            seen.append((epoch, sorted(val_accs)))
+            return [1] if prune and epoch == 1 else None
+
+        solver = StackedSolver(stack, data, optim_configs=configs, on_epoch_end=on_epoch_end,
+                               **options)
+        solver.train()
+        return stack, solver, seen
+
+    full_stack, full, _ = run(prune=False)
+    stack, pruned, seen = run(prune=True)
+    assert seen == [(1, [0, 1, 2]), (2, [0, 2]), (3, [0, 2])]
+    assert stack.member_ids == [0, 2]
+    for name, value in stack.params.items():
+        assert value.shape[model_axis(name)] == 2
+        for state in pruned._state[name].values():
+            assert state.shape == value.shape
+    assert [r["status"] for r in pruned.results.values()] == ["complete", "pruned", "complete"]
+    assert len(pruned.results[1]["loss_history"]) == 6
+    assert len(pruned.results[1]["val_acc_history"]) == 2  # first iteration and epoch 1
+    for k in (0, 2):
+        ours, theirs = pruned.results[k], full.results[k]
+        np.testing.assert_allclose(ours["loss_history"], theirs["loss_history"], rtol=1e-6)
+        assert ours["val_acc_history"] == theirs["val_acc_history"]
+        mine, full_member = stack.member(k), full_stack.member(k)
+        for name in mine.params:  # pre-batchnorm biases: see the key test
+            rtol, atol = (0, 1e-2 * 18 * 3e-3) if name in _pre_bn_biases(stack) else (1e-5, 1e-6)
+            np.testing.assert_allclose(_host(mine.params[name]), _host(full_member.params[name]),
+                                       rtol=rtol, atol=atol, err_msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+def test_failed_member_leaves_and_the_others_go_on():
+    data = _data((20,), n_train=120)
+    members = [MEMBERS[0], dict(seed=9, weight_scale=1.0), MEMBERS[2]]
+    configs = [{"learning_rate": 1e-2}, {"learning_rate": 1e30}, {"learning_rate": 3e-3}]
+    options = dict(update_rule="sgd", batch_size=40, num_epochs=2, seed=1)
+    stack = StackedFullyConnectedNet([16], members, input_dim=20)
+    stacked = StackedSolver(stack, data, optim_configs=configs, **options)
+    stacked.train()
+    assert stacked.results[1]["status"] == "failed"
+    assert not np.isfinite(stacked.results[1]["loss_history"]).all()
+    assert stack.member_ids == [0, 2]
+    best = stacked.best_model(1)  # the best finite parameters seen (here the initial ones)
+    assert all(np.isfinite(_host(p)).all() for p in best.params.values())
+    for k, solver in zip((0, 2), _separate_runs(data, [members[0], members[2]],
+                                               [configs[0], configs[2]], [16], False, **options)):
+        assert stacked.results[k]["status"] == "complete"
+        _assert_member_equals_solver(stacked, k, solver, stack.member(k).params)
+
+
+# -- the stacked kernel ops: fast vs reference ------------------------------------
+def test_stacked_ops_are_in_the_table():
+    assert set(STACKED_OPS) == {"dropout_stacked_forward", "dropout_stacked_backward",
+                                "softmax_loss_stacked", "batchnorm_rows_train_forward",
+                                "batchnorm_rows_backward", "l2_stacked_", "sgd_stacked_",
+                                "sgd_momentum_stacked_", "rmsprop_stacked_", "adam_stacked_",
+                                "adamw_stacked_"}
+    from fastnn.kernels import cpu
+
+    table = kernels.for_module(np)
+    for op in STACKED_OPS:
+        assert getattr(table, op) is getattr(cpu, op), op
+
+
+@pytest.fixture
+def ops(backend):
+    return backend, kernels.for_module(backend)
+
+
+@pytest.mark.parametrize("n,k,h", [(1, 1, 1), (1, 3, 7), (6, 4, 5), (33, 2, 17)])
+def test_dropout_stacked(ops, dtype, n, k, h):
+    """Fast = reference, bit for bit; member k's mask is dropout_forward's for its seed."""
+    xp, table = ops
+    rng = np.random.default_rng(0)
+    ps = [0.0, 0.5, 0.3, 0.9][:k]
+    seeds = [3, 11, 4, 2**40][:k]
+    # a (K, H, N) array seen as (N, K, H), as the stack keeps its activations
+    x = xp.asarray(rng.standard_normal((k, h, n)), dtype=dtype).transpose(2, 0, 1)
+    args = (xp.asarray(reference.dropout_seed_keys(seeds)),
+            xp.asarray(np.array([reference.keep_threshold(p) for p in ps], np.uint64)),
+            xp.asarray(np.array([1 / (1 - p) for p in ps], dtype)), 7)
+    out = table.dropout_stacked_forward(x, *args)
+    expected = reference.dropout_stacked_forward(x, *args)
+    assert out.shape == (n, k, h) and out.dtype == dtype
+    np.testing.assert_array_equal(_host(out), _host(expected))
+    np.testing.assert_array_equal(_host(table.dropout_stacked_backward(x, *args)), _host(expected))
+    for member, (p, seed) in enumerate(zip(ps, seeds)):
+        alone = xp.ascontiguousarray(x[:, member, :])
+        single = alone if p == 0 else reference.dropout_forward(alone, p, seed, 7)
+        np.testing.assert_array_equal(_host(out[:, member, :]), _host(single))
+
+
+@pytest.mark.parametrize("k,n,c", [(1, 1, 10), (3, 1, 2), (4, 16, 10), (2, 300, 7)])
+def test_softmax_loss_stacked(ops, dtype, k, n, c):
+    xp, table = ops
+    rng = np.random.default_rng(1)
+    x = xp.asarray(rng.standard_normal((k, n, c)) * 3, dtype=dtype)
+    y = xp.asarray(rng.integers(0, c, n))
+    losses, dx = table.softmax_loss_stacked(x, y)
+    ref_losses, ref_dx = reference.softmax_loss_stacked(x, y)
+    assert losses.shape == (k,) and losses.dtype == dtype and dx.dtype == dtype
+    rtol, atol = tolerances(dtype)
+    np.testing.assert_allclose(_host(losses), _host(ref_losses), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(_host(dx), _host(ref_dx), rtol=rtol, atol=atol)
+    for member in range(k):
+        loss, single_dx = reference.softmax_loss(x[member], y)
+        np.testing.assert_allclose(_host(losses)[member], float(loss), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(_host(dx[member]), _host(single_dx), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("d,n", [(1, 1), (1, 6), (5, 2), (48, 130)])
+def test_batchnorm_rows(ops, dtype, d, n):
+    """Features as rows: fast = reference = the column batchnorm of the transpose."""
+    xp, table = ops
+    rng = np.random.default_rng(4)
+    x = xp.asarray(rng.standard_normal((d, n)) * 3 + 1, dtype=dtype)
+    gamma = xp.asarray(rng.standard_normal(d), dtype=dtype)
+    beta = xp.asarray(rng.standard_normal(d), dtype=dtype)
+    dout = xp.asarray(rng.standard_normal((d, n)), dtype=dtype)
+    rtol, atol = tolerances(dtype)
+    fast = table.batchnorm_rows_train_forward(x, gamma, beta, 1e-5)
+    ref = reference.batchnorm_rows_train_forward(x, gamma, beta, 1e-5)
+    columns = reference.batchnorm_train_forward(x.T, gamma, beta, 1e-5)
+    for name, a, b, c in zip(["out", "x_hat", "inv_std", "mean", "var"], fast, ref, columns):
+        assert a.shape == b.shape and a.dtype == dtype, name
+        np.testing.assert_allclose(_host(a), _host(b), rtol=rtol, atol=atol, err_msg=name)
+        c = c.T if c.ndim == 2 else c
+        np.testing.assert_allclose(_host(a), _host(c), rtol=rtol, atol=atol, err_msg=name)
+    x_hat, inv_std = fast[1], fast[2]
+    grads = table.batchnorm_rows_backward(dout, x_hat, gamma, inv_std)
+    ref_grads = reference.batchnorm_rows_backward(dout, x_hat, gamma, inv_std)
+    for name, a, b in zip(["dx", "dgamma", "dbeta"], grads, ref_grads):
+        assert a.shape == b.shape and a.dtype == dtype, name
+        np.testing.assert_allclose(_host(a), _host(b), rtol=rtol * 10, atol=atol * 10,
+                                   err_msg=name)
+
+
+BLOCKS = [(1, 1, 1), (1, 3, 5), (7, 4, 9), (40, 2, 33)]
+
+
+@pytest.mark.parametrize("shape", BLOCKS)
+def test_l2_stacked(ops, dtype, shape):
+    """dw += reg_k * w (as FullyConnectedNet adds it) and the per-member sum of w**2."""
+    xp, table = ops
+    rng = np.random.default_rng(2)
+    w = xp.asarray(rng.standard_normal(shape), dtype=dtype)
+    dw = xp.asarray(rng.standard_normal(shape), dtype=dtype)
+    reg = rng.uniform(0, 1, shape[1])
+    reg[0] = 0.0
+    fast, ref = dw.copy(), dw.copy()
+    out = table.l2_stacked_(fast, w, xp.asarray(reg))
+    ref_out = reference.l2_stacked_(ref, w, xp.asarray(reg))
+    assert out.shape == (shape[1],) and out.dtype == dtype
+    rtol, atol = tolerances(dtype)
+    np.testing.assert_allclose(_host(out), _host(ref_out), rtol=rtol * 10, atol=atol)
+    np.testing.assert_array_equal(_host(fast), _host(ref))
+    for k in range(shape[1]):
+        alone = _host(w)[:, k, :]
+        expected = _host(dw)[:, k, :] + dtype.type(reg[k]) * alone
+        np.testing.assert_array_equal(_host(fast)[:, k, :], expected)
+        np.testing.assert_allclose(_host(out)[k], np.sum(alone.astype(np.float64) ** 2),
+                                   rtol=rtol * 10, atol=atol)
+
+
+UPDATES = {
+    "sgd_stacked_": ((), ()),
+    "sgd_momentum_stacked_": (("v",), (0.9,)),
+    "rmsprop_stacked_": (("cache",), (0.99, 1e-8)),
+    "adam_stacked_": (("m", "v"), (0.9, 0.999, 1e-8, 3)),
+    "adamw_stacked_": (("m", "v"), (0.9, 0.999, 1e-8, 3)),
+}
+
+
+@pytest.mark.parametrize("with_l2", [False, True], ids=["", "l2"])
+@pytest.mark.parametrize("op", sorted(UPDATES))
+@pytest.mark.parametrize("shape", BLOCKS)
+def test_stacked_updates(ops, dtype, op, shape, with_l2):
+    """Fast = reference; member k's slice = the single-model fused op with member k's values.
+
+    With l2, the step is the single-model step on dw + l2_k * w (dw itself is
+    left alone) and returns each member's sum(w**2) from before the step.
+    """
+    xp, table = ops
+    rng = np.random.default_rng(3)
+    state_names, scalars = UPDATES[op]
+    members = shape[1]
+    lr = rng.uniform(1e-3, 1e-1, members)
+    extra = (rng.uniform(0, 0.5, members),) if op == "adamw_stacked_" else ()
+    l2 = rng.uniform(0, 0.3, members) if with_l2 else None
+    arrays = [rng.standard_normal(shape), rng.standard_normal(shape)]
+    arrays += [np.abs(rng.standard_normal(shape)) for _ in state_names]
+    inputs = [xp.asarray(a, dtype=dtype) for a in arrays]
+    fast = [a.copy() for a in inputs]
+    ref = [a.copy() for a in inputs]
+    device_args = (xp.asarray(lr), *scalars, *[xp.asarray(e) for e in extra])
+    device_l2 = None if l2 is None else xp.asarray(l2)
+    fast_sums = getattr(table, op)(*fast, *device_args, l2=device_l2)
+    ref_sums = getattr(reference, op)(*ref, *device_args, l2=device_l2)
+    rtol, atol = tolerances(dtype)
+    for name, a, b in zip(["w", "dw", *state_names], fast, ref):
+        np.testing.assert_allclose(_host(a), _host(b), rtol=rtol, atol=atol, err_msg=name)
+    np.testing.assert_array_equal(_host(fast[1]), _host(inputs[1]))  # dw is not written
+    if l2 is None:
+        assert fast_sums is None and ref_sums is None
+    else:
+        assert fast_sums.shape == (members,) and fast_sums.dtype == dtype
+        np.testing.assert_allclose(_host(fast_sums), _host(ref_sums), rtol=rtol * 10, atol=atol)
+    single_op = getattr(reference, op.replace("_stacked_", "_"))
+    for member in range(members):
+        alone = [xp.ascontiguousarray(a[:, member, :]) for a in inputs]
+        if l2 is not None:
+            np.testing.assert_allclose(
+                _host(fast_sums)[member], np.sum(_host(alone[0]).astype(np.float64) ** 2),
+                rtol=rtol * 10, atol=atol)
+            alone[1] = alone[1] + dtype.type(l2[member]) * alone[0]  # as FullyConnectedNet adds it
+        single_op(*alone, float(lr[member]), *scalars, *[float(e[member]) for e in extra])
+        for name, a, b in zip(["w", *state_names], [fast[0], *fast[2:]], [alone[0], *alone[2:]]):
+            np.testing.assert_allclose(_host(a[:, member, :]), _host(b), rtol=rtol, atol=atol,
+                                       err_msg=f"{name}, member {member}")
+
+
+def test_as_member_blocks_is_a_view():
+    stack = StackedFullyConnectedNet([6, 5], MEMBERS, input_dim=8, num_classes=3)
+    for name, value in stack.params.items():
+        blocks = as_member_blocks(value, name)
+        assert blocks.ndim == 3 and blocks.shape[1] == 3
+        assert np.shares_memory(blocks, value), name
+
+
+def test_pruning_every_member_ends_training():
+    data = _data((20,), n_train=120)
+    stack = StackedFullyConnectedNet([16], MEMBERS, input_dim=20, use_batchnorm=True)
+    solver = StackedSolver(stack, data, batch_size=40, num_epochs=3, seed=0,
+                           on_epoch_end=lambda epoch, accs: list(accs))
+    solver.train()
+    assert stack.num_members == 0 and solver.epoch == 1
+    for k in range(3):
+        assert solver.results[k]["status"] == "pruned"
+        assert len(solver.results[k]["loss_history"]) == 3
+        assert solver.best_model(k).loss(data["X_val"]).shape == (50, 10)
+    with pytest.raises(KeyError, match="no such members"):
+        solver.remove_members([5])

@@ -1,0 +1,92 @@
+"""`fastnn tune`: a search that writes its folder, keeps its budget, and shares a study."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from fastnn.cli import main
+from tiny_cifar import write_tiny_cifar
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    return str(write_tiny_cifar(tmp_path_factory.mktemp("cifar")))
+
+
+def tune_args(root, out, *extra):
+    return ["tune", "--out", str(out), "--data", root, "--num-training", "160",
+            "--num-validation", "40", "--num-test", "50", "--epochs", "2", *extra]
+
+
+def test_tune_writes_best_json_table_model_and_plots(cifar_root, tmp_path):
+    out = tmp_path / "tune"
+    assert main(tune_args(cifar_root, out, "--trials", "6", "--parallel", "3")) == 0
+    best = json.loads((out / "best.json").read_text())
+    assert {"config", "val_acc", "test_acc"} <= best.keys()
+    assert best["num_test"] == 50 and 0 <= best["test_acc"] <= 1
+    assert best["config"]["model"] == "fc" and best["config"]["hidden_dims"]
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert rows[0].startswith("rank,number,state,val_acc") and len(rows) == 1 + 6
+    assert (out / "best_model.npz").exists()
+    assert (out / "trials.png").read_bytes()[:8] == PNG_MAGIC
+    study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.trials) == 6
+    assert abs(study.best_value - max(t.value for t in study.trials if t.value is not None)) < 1e-12
+
+
+def test_stack_members_share_structure_and_differ_in_the_rest(cifar_root, tmp_path):
+    out = tmp_path / "tune"
+    assert main(tune_args(cifar_root, out, "--trials", "4", "--parallel", "4")) == 0
+    study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
+    params = [t.params for t in study.trials]
+    for name in ("num_hidden", "hidden_width", "log2_batch_size", "update_rule_id"):
+        assert len({p[name] for p in params}) == 1, name
+    assert len({p["learning_rate"] for p in params}) == 4
+
+
+def test_resume_continues_the_study(cifar_root, tmp_path):
+    out = tmp_path / "tune"
+    assert main(tune_args(cifar_root, out, "--trials", "2", "--parallel", "2")) == 0
+    with pytest.raises(SystemExit, match="--resume"):
+        main(tune_args(cifar_root, out, "--trials", "4", "--parallel", "2"))
+    assert main(tune_args(cifar_root, out, "--trials", "4", "--parallel", "2", "--resume")) == 0
+    study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+
+
+def test_budget_bounds_the_whole_command(cifar_root, tmp_path):
+    start = time.perf_counter()
+    assert main(tune_args(cifar_root, tmp_path / "tune", "--trials", "1000", "--parallel", "2",
+                          "--budget-minutes", "0.75")) == 0
+    assert time.perf_counter() - start < 0.75 * 60 + 15
+    assert json.loads((tmp_path / "tune" / "best.json").read_text())["trials_started"] < 1000
+
+
+def test_two_workers_share_one_study_without_losing_or_repeating_trials(cifar_root, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    trials = 8
+    procs = [subprocess.Popen([sys.executable, "-m", "fastnn",
+                               *tune_args(cifar_root, tmp_path / f"worker{i}", "--trials", str(trials),
+                                          "--parallel", "2", "--storage", storage, "--seed", str(i))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr
+    trained = [int(n) for stdout, _ in outputs for n in re.findall(r"^trial (\d+):", stdout, re.M)]
+    assert sorted(trained) == list(range(trials)), "each trial trained exactly once"
+    study = optuna.load_study(study_name="fastnn", storage=storage)
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert sorted(t.number for t in finished) == list(range(trials))
+    others = [t for t in study.trials if t.number >= trials]
+    assert all(t.state.name == "FAIL" and "skipped" in t.user_attrs for t in others)
+    workers = {t.user_attrs["worker"] for t in finished}
+    assert len(workers) == 2, "both workers took part"
