@@ -44,6 +44,23 @@ def _gather(xp, source, idx, out):
         xp.take(source, idx, axis=0, out=out)
 
 
+def check_augment(augment, X_train):
+    """The `augment` option with defaults filled in (None: off); checks it fits X_train."""
+    if not augment:
+        return None
+    options = dict(AUGMENT_DEFAULTS) if augment is True else {**AUGMENT_DEFAULTS, **augment}
+    unknown = sorted(set(options) - set(AUGMENT_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown augment options {unknown}; known: {sorted(AUGMENT_DEFAULTS)}")
+    if X_train.ndim != 4:
+        raise ValueError(f"augment needs images shaped (N, C, H, W); X_train has shape "
+                         f"{X_train.shape}")
+    if not 0 <= int(options["crop_padding"]) < min(X_train.shape[2:]):
+        raise ValueError(f"crop_padding must be in [0, {min(X_train.shape[2:])}), "
+                         f"got {options['crop_padding']}")
+    return options
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during train(): the state was saved to `checkpoint` (or None)."""
 
@@ -73,7 +90,7 @@ class Solver:
         self.optim_config = dict(self.optim_config or {})
         self.lr_schedule_config = schedules.check_schedule(self.lr_schedule,
                                                            self.lr_schedule_config)
-        self.augment = self._check_augment(self.augment, data["X_train"])
+        self.augment = check_augment(self.augment, data["X_train"])
         self.model = model
         missing = [k for k in ("X_train", "y_train", "X_val", "y_val") if k not in data]
         if missing:
@@ -88,22 +105,6 @@ class Solver:
         self._eval_rng = np.random.default_rng(eval_seq)
         self._augment_seed = int(augment_seq.generate_state(1)[0])
         self._reset()
-
-    @staticmethod
-    def _check_augment(augment, X_train):
-        if not augment:
-            return None
-        options = dict(AUGMENT_DEFAULTS) if augment is True else {**AUGMENT_DEFAULTS, **augment}
-        unknown = sorted(set(options) - set(AUGMENT_DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown augment options {unknown}; known: {sorted(AUGMENT_DEFAULTS)}")
-        if X_train.ndim != 4:
-            raise ValueError(f"augment needs images shaped (N, C, H, W); X_train has shape "
-                             f"{X_train.shape}")
-        if not 0 <= int(options["crop_padding"]) < min(X_train.shape[2:]):
-            raise ValueError(f"crop_padding must be in [0, {min(X_train.shape[2:])}), "
-                             f"got {options['crop_padding']}")
-        return options
 
     # -- setup -------------------------------------------------------------
     def _to_device(self, X, y, split):

@@ -368,7 +368,7 @@ class StackedSolver:
                  lr_schedule=None, lr_schedule_config=None, batch_size=128, num_epochs=10,
                  num_train_samples=1000, num_val_samples=None, seed=None, augment=None,
                  sampling="epoch", on_epoch_end=None, verbose=False):
-        from fastnn.solver import Solver
+        from fastnn.solver import check_augment
 
         if update_rule not in optim.RULES:
             raise ValueError(f"unknown update rule {update_rule!r}; choose one of "
@@ -388,7 +388,7 @@ class StackedSolver:
         self.lr_schedule_config = schedules.check_schedule(lr_schedule, lr_schedule_config)
         self.num_train_samples, self.num_val_samples = num_train_samples, num_val_samples
         self.sampling, self.on_epoch_end, self.verbose = sampling, on_epoch_end, verbose
-        self.augment = Solver._check_augment(augment, data["X_train"])
+        self.augment = check_augment(augment, data["X_train"])
         self._xp = xp = active_xp_of(stack)
         self._ops = kernels.for_module(xp)
         self.X_train, self.y_train = self._to_device(data["X_train"], data["y_train"], "train")
