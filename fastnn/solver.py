@@ -69,7 +69,40 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.checkpoint = checkpoint
 
 
-class Solver:
+class MinibatchSource:
+    """The minibatches of Solver and StackedSolver: one code path, so both draw the same.
+
+    Needs X_train, y_train, batch_size, sampling, augment, _xp, _batch_rng,
+    _augment_seed, and _epoch_order / _batch (None to start).
+    """
+
+    @property
+    def iterations_per_epoch(self):
+        return max(self.X_train.shape[0] // self.batch_size, 1)
+
+    def _next_batch(self, t):
+        xp, n, bs = self._xp, self.X_train.shape[0], min(self.batch_size, self.X_train.shape[0])
+        if self.sampling == "replacement":
+            idx = xp.asarray(self._batch_rng.integers(0, n, bs))
+        else:
+            if self._epoch_order is None:
+                self._epoch_order = xp.asarray(self._batch_rng.permutation(n))
+            i = t % self.iterations_per_epoch
+            idx = self._epoch_order[i * bs:(i + 1) * bs]
+        if self._batch is None or self._batch[0].shape[0] != bs:
+            self._batch = (xp.empty((bs, *self.X_train.shape[1:]), dtype=self.X_train.dtype),
+                           xp.empty(bs, dtype=self.y_train.dtype))
+        X_batch, y_batch = self._batch
+        _gather(xp, self.X_train, idx, X_batch)
+        _gather(xp, self.y_train, idx, y_batch)
+        if self.augment:
+            X_batch = kernels.for_module(xp).flip_crop(X_batch, self._augment_seed, t,
+                                                       self.augment["flip"],
+                                                       int(self.augment["crop_padding"]))
+        return X_batch, y_batch
+
+
+class Solver(MinibatchSource):
     """Train `model` on `data` (X_train, y_train, X_val, y_val); see OPTIONS for kwargs."""
 
     def __init__(self, model, data, **kwargs):
@@ -148,32 +181,7 @@ class Solver:
                                           optim.DEFAULTS[self.update_rule]["learning_rate"])
                          for name, config in self.optim_configs.items()}
 
-    @property
-    def iterations_per_epoch(self):
-        return max(self.X_train.shape[0] // self.batch_size, 1)
-
     # -- the training step ---------------------------------------------------
-    def _next_batch(self, t):
-        xp, n, bs = self._xp, self.X_train.shape[0], min(self.batch_size, self.X_train.shape[0])
-        if self.sampling == "replacement":
-            idx = xp.asarray(self._batch_rng.integers(0, n, bs))
-        else:
-            if self._epoch_order is None:
-                self._epoch_order = xp.asarray(self._batch_rng.permutation(n))
-            i = t % self.iterations_per_epoch
-            idx = self._epoch_order[i * bs:(i + 1) * bs]
-        if self._batch is None or self._batch[0].shape[0] != bs:
-            self._batch = (xp.empty((bs, *self.X_train.shape[1:]), dtype=self.X_train.dtype),
-                           xp.empty(bs, dtype=self.y_train.dtype))
-        X_batch, y_batch = self._batch
-        _gather(xp, self.X_train, idx, X_batch)
-        _gather(xp, self.y_train, idx, y_batch)
-        if self.augment:
-            X_batch = kernels.for_module(xp).flip_crop(X_batch, self._augment_seed, t,
-                                                       self.augment["flip"],
-                                                       int(self.augment["crop_padding"]))
-        return X_batch, y_batch
-
     def _set_learning_rates(self):
         """With a schedule: learning_rate = base * lr_decay**epoch * schedule factor."""
         per_epoch = self.iterations_per_epoch

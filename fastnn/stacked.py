@@ -48,6 +48,7 @@ from fastnn import kernels, optim, schedules
 from fastnn.backend import get_array_module, get_backend, to_numpy, use_backend, xp as active_xp
 from fastnn.classifiers import FullyConnectedNet
 from fastnn.kernels.reference import dropout_seed_keys, keep_threshold
+from fastnn.solver import MinibatchSource, check_augment
 
 MEMBER_DEFAULTS = {"weight_scale": 1e-2, "reg": 0.0, "dropout": 0.0}
 MEMBER_KEYS = ("weight_scale", "reg", "dropout", "seed")
@@ -344,7 +345,7 @@ _PER_MEMBER = ("learning_rate", "weight_decay")   # hyperparameters that may dif
 EVAL_BATCH_SIZE = 512
 
 
-class StackedSolver:
+class StackedSolver(MinibatchSource):
     """Train every member of a StackedFullyConnectedNet at once, as K Solvers would.
 
     data: X_train, y_train, X_val, y_val (as for Solver). update_rule: a
@@ -368,8 +369,6 @@ class StackedSolver:
                  lr_schedule=None, lr_schedule_config=None, batch_size=128, num_epochs=10,
                  num_train_samples=1000, num_val_samples=None, seed=None, augment=None,
                  sampling="epoch", on_epoch_end=None, verbose=False):
-        from fastnn.solver import check_augment
-
         if update_rule not in optim.RULES:
             raise ValueError(f"unknown update rule {update_rule!r}; choose one of "
                              f"{sorted(optim.RULES)}")
@@ -461,33 +460,7 @@ class StackedSolver:
             self._shared[key] = configs[0][key]
         return configs
 
-    @property
-    def iterations_per_epoch(self):
-        return max(self.X_train.shape[0] // self.batch_size, 1)
-
     # -- the training step -------------------------------------------------------
-    def _next_batch(self, t):
-        """Solver._next_batch: the same indices, into preallocated buffers."""
-        xp, n = self._xp, self.X_train.shape[0]
-        bs = min(self.batch_size, n)
-        if self.sampling == "replacement":
-            idx = xp.asarray(self._batch_rng.integers(0, n, bs))
-        else:
-            if self._epoch_order is None:
-                self._epoch_order = xp.asarray(self._batch_rng.permutation(n))
-            i = t % self.iterations_per_epoch
-            idx = self._epoch_order[i * bs:(i + 1) * bs]
-        if self._batch is None:
-            self._batch = (xp.empty((bs, *self.X_train.shape[1:]), dtype=self.X_train.dtype),
-                           xp.empty(bs, dtype=self.y_train.dtype))
-        X_batch, y_batch = self._batch
-        xp.take(self.X_train, idx, axis=0, out=X_batch)
-        xp.take(self.y_train, idx, axis=0, out=y_batch)
-        if self.augment:
-            X_batch = self._ops.flip_crop(X_batch, self._augment_seed, t, self.augment["flip"],
-                                          int(self.augment["crop_padding"]))
-        return X_batch, y_batch
-
     def _step(self):
         t = self._t
         if self.lr_schedule:  # as Solver: base * lr_decay**epoch * schedule factor
