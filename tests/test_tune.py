@@ -6,8 +6,9 @@ import subprocess
 import sys
 import time
 
-import optuna
 import pytest
+
+optuna = pytest.importorskip("optuna", reason="fastnn tune needs Optuna (a required dependency)")
 
 from fastnn.cli import main
 from tiny_cifar import write_tiny_cifar
