@@ -12,7 +12,7 @@ import zipfile
 
 import numpy as np
 
-from fastnn.backend import to_numpy, xp as active_xp
+from fastnn.backend import get_array_module, to_numpy
 
 MODEL_FORMAT = "fastnn-model"
 FORMAT_VERSION = 1
@@ -32,6 +32,9 @@ def write_npz(path, arrays, meta):
     payload[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; a saved model is not
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **payload)
             fh.flush()
@@ -53,7 +56,10 @@ def read_npz(path, expected_format):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
+            raise ValueError(f"{path} is not a fastnn file: it holds one array, not an .npz archive")
+        with data:
             arrays = {name: data[name] for name in data.files}
         meta = json.loads(arrays.pop(_META).tobytes().decode("utf-8"))
     except KeyError:
@@ -82,7 +88,7 @@ def model_state(model):
 
 def set_model_state(model, arrays, source):
     """Copy arrays from model_state() into `model` (on its backend), checking names and shapes."""
-    xp = active_xp()
+    xp = get_array_module(*model.params.values())
     for name, current in model.params.items():
         stored = arrays.get(f"param/{name}")
         if stored is None:

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 
 from fastnn import kernels, optim, schedules
-from fastnn.backend import get_array_module, to_numpy, xp as active_xp
+from fastnn.backend import get_array_module, to_numpy
 from fastnn.serialization import model_state, read_npz, set_model_state, write_npz
 
 CHECKPOINT_FORMAT = "fastnn-checkpoint"
@@ -123,11 +123,11 @@ class Solver(MinibatchSource):
         self.optim_config = dict(self.optim_config or {})
         self.lr_schedule_config = schedules.check_schedule(self.lr_schedule,
                                                            self.lr_schedule_config)
-        self.augment = check_augment(self.augment, data["X_train"])
         self.model = model
         missing = [k for k in ("X_train", "y_train", "X_val", "y_val") if k not in data]
         if missing:
             raise ValueError(f"data is missing {missing}; it needs X_train, y_train, X_val, y_val")
+        self.augment = check_augment(self.augment, data["X_train"])
         self._xp = get_array_module(*model.params.values())
         self.X_train, self.y_train = self._to_device(data["X_train"], data["y_train"], "train")
         self.X_val, self.y_val = self._to_device(data["X_val"], data["y_val"], "val")
@@ -142,7 +142,7 @@ class Solver(MinibatchSource):
     # -- setup -------------------------------------------------------------
     def _to_device(self, X, y, split):
         xp = self._xp
-        X = xp.asarray(X, dtype=self.model.dtype)
+        X = xp.asarray(X, dtype=getattr(self.model, "dtype", None))
         if y.ndim != 1 or X.shape[0] != y.shape[0]:
             raise ValueError(f"X_{split} has {X.shape[0]} rows but y_{split} has shape {y.shape}; "
                              "they need one label per row")
@@ -283,44 +283,49 @@ class Solver(MinibatchSource):
         if not self.best_params:  # the initial parameters: a finite fallback from the start
             self._keep_as_best()
         with self._interrupt_to_checkpoint():
-            while self._t < total:
-                if self.progress and bar is None:
-                    bar = self._progress_bar(per_epoch)
-                self._step()
-                t = self._t
-                self._t += 1
+            try:
+                while self._t < total:
+                    if self.progress and bar is None:
+                        bar = self._progress_bar(per_epoch)
+                    self._step()
+                    t = self._t
+                    self._t += 1
+                    if bar is not None:
+                        bar.update(1)
+                    if t % self.print_every == 0:
+                        self._read_losses()
+                        if self.verbose and bar is None:
+                            self._print(f"(Iteration {t + 1} / {total}) "
+                                        f"loss: {self.loss_history[-1]:f}")
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{self.loss_history[-1]:.4f}")
+                    epoch_end = self._t % per_epoch == 0
+                    if epoch_end:
+                        self._read_losses()
+                        self.epoch += 1
+                        self._epoch_order = None
+                        if not self.lr_schedule:  # the classic decay; schedules set it per step
+                            self._decay_learning_rates()
+                        if bar is not None:
+                            bar.close()
+                            bar = None
+                    if t == 0 or epoch_end or self._t == total:
+                        self._read_losses()
+                        self._record_accuracy()
+                    if epoch_end:
+                        self._write_checkpoints()
+                    if self._stop_requested:
+                        self._interrupted()
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                if t % self.print_every == 0:
-                    self._read_losses()
-                    if self.verbose and bar is None:
-                        self._print(f"(Iteration {t + 1} / {total}) loss: {self.loss_history[-1]:f}")
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{self.loss_history[-1]:.4f}")
-                epoch_end = self._t % per_epoch == 0
-                if epoch_end:
-                    self._read_losses()
-                    self.epoch += 1
-                    self._epoch_order = None
-                    if not self.lr_schedule:  # the classic decay; schedules set it per step
-                        for config in self.optim_configs.values():
-                            config["learning_rate"] = config.get(
-                                "learning_rate", optim.DEFAULTS[self.update_rule]["learning_rate"]
-                            ) * self.lr_decay
-                    if bar is not None:
-                        bar.close()
-                        bar = None
-                if t == 0 or epoch_end or self._t == total:
-                    self._read_losses()
-                    self._record_accuracy()
-                if epoch_end:
-                    self._write_checkpoints()
-                if self._stop_requested:
-                    self._interrupted()
-        if bar is not None:
-            bar.close()
+                    bar.close()
         self._read_losses()
         self._restore_best()
+
+    def _decay_learning_rates(self):
+        default = optim.DEFAULTS[self.update_rule]["learning_rate"]
+        for config in self.optim_configs.values():
+            config["learning_rate"] = config.get("learning_rate", default) * self.lr_decay
 
     def _progress_bar(self, per_epoch):
         from tqdm.auto import tqdm
@@ -372,6 +377,9 @@ class Solver(MinibatchSource):
             "val_acc_history": self.val_acc_history,
             "batch_rng": self._batch_rng.bit_generator.state,
             "eval_rng": self._eval_rng.bit_generator.state,
+            "augment_seed": self._augment_seed,
+            # drawn at construction when the model was built without a seed
+            "dropout_seed": getattr(self.model, "dropout_param", {}).get("seed"),
         }
         write_npz(path, arrays, meta)
 
@@ -411,6 +419,9 @@ class Solver(MinibatchSource):
         self._pending_losses = []
         self._batch_rng.bit_generator.state = meta["batch_rng"]
         self._eval_rng.bit_generator.state = meta["eval_rng"]
+        self._augment_seed = int(meta["augment_seed"])
+        if meta.get("dropout_seed") is not None:
+            self.model.dropout_param["seed"] = int(meta["dropout_seed"])
 
     # -- Ctrl-C ---------------------------------------------------------------
     _stop_requested = False

@@ -179,3 +179,28 @@ def test_load_leaves_global_random_state_alone(tmp_path, name):
 def test_save_rejects_non_models(tmp_path):
     with pytest.raises(TypeError):
         fastnn.save(object(), str(tmp_path / "x.npz"))
+
+
+def test_a_bare_npy_array_is_a_clear_error(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    (tmp_path / "x.npy").rename(tmp_path / "x.npz")
+    with pytest.raises(ValueError, match="not a fastnn file"):
+        fastnn.load(tmp_path / "x.npz")
+
+
+def test_numpy_scalar_constructor_arguments_save(tmp_path):
+    model = FullyConnectedNet([np.int64(5)], input_dim=np.prod((3, 2, 2)), num_classes=np.int64(3),
+                              reg=np.float32(0.5), seed=np.int64(1))
+    fastnn.save(model, tmp_path / "m.npz")
+    loaded = fastnn.load(tmp_path / "m.npz")
+    assert loaded.init_args == model.init_args
+
+
+def test_saved_files_are_readable_by_others_as_umask_allows(tmp_path):
+    model = FullyConnectedNet([4], input_dim=6, num_classes=3, seed=0)
+    old = os.umask(0o022)
+    try:
+        fastnn.save(model, tmp_path / "m.npz")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.npz").stat().st_mode & 0o777 == 0o644

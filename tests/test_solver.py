@@ -390,3 +390,39 @@ def test_missing_checkpoint_is_file_not_found(tmp_path):
     model, options = _resumable()
     with pytest.raises(FileNotFoundError):
         Solver(model, _small_data(), **options).load_checkpoint(str(tmp_path / "nope.npz"))
+
+
+def test_resume_without_seeds_is_bit_identical(tmp_path):
+    """No model seed (dropout seed drawn), no Solver seed, augmentation on: still exact."""
+    data = _data(n_train=40, n_val=15, shape=(3, 4, 4), classes=4, seed=1)
+    path = tmp_path / "run.npz"
+
+    def build():
+        np.random.seed(5)  # the weights; the seeds drawn below differ between builds
+        model = FullyConnectedNet([16], input_dim=48, num_classes=4, dropout=0.3,
+                                  weight_scale=0.1)
+        options = dict(update_rule="adam", batch_size=8, verbose=False,
+                       augment={"flip": True, "crop_padding": 1},
+                       num_train_samples=20)
+        return model, options
+
+    model, options = build()
+    first = Solver(model, data, num_epochs=1, checkpoint_path=str(path), **options)
+    first.train()
+    full = Solver(model, data, num_epochs=2, **options)
+    full.load_checkpoint(str(path))
+    full.train()
+
+    model2, options = build()
+    np.random.seed(123)  # another Solver seed and dropout seed if they were not restored
+    model2.dropout_param["seed"] = 77
+    resumed = Solver(model2, data, num_epochs=2, **options)
+    resumed.load_checkpoint(str(path))
+    resumed.train()
+    assert resumed.loss_history == full.loss_history
+    _assert_params_equal(model2.params, model.params)
+
+
+def test_missing_data_key_is_a_value_error():
+    with pytest.raises(ValueError, match="X_train"):
+        Solver(_small(), {"y_train": np.zeros(3, dtype=int)})

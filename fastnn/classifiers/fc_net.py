@@ -62,8 +62,9 @@ class TwoLayerNet(_Classifier):
         self.dtype = np.dtype(dtype)
         self.reg = reg
         self.num_layers = 2
-        self.init_args = dict(input_dim=input_dim, hidden_dim=hidden_dim, num_classes=num_classes,
-                              weight_scale=weight_scale, reg=reg, dtype=self.dtype.name)
+        self.init_args = dict(input_dim=int(input_dim), hidden_dim=int(hidden_dim),
+                              num_classes=int(num_classes), weight_scale=float(weight_scale),
+                              reg=float(reg), dtype=self.dtype.name)
         self._init_params([input_dim, hidden_dim, num_classes], weight_scale, False, None)
 
     def loss(self, X, y=None):
@@ -104,10 +105,12 @@ class FullyConnectedNet(_Classifier):
         self.use_batchnorm = bool(use_batchnorm)
         self.use_dropout = dropout > 0
         self.num_layers = len(hidden_dims) + 1
-        self.init_args = dict(hidden_dims=hidden_dims, input_dim=input_dim,
-                              num_classes=num_classes, dropout=dropout,
-                              use_batchnorm=self.use_batchnorm, reg=reg,
-                              weight_scale=weight_scale, dtype=self.dtype.name, seed=seed)
+        # plain Python values: fastnn.save writes them as JSON
+        self.init_args = dict(hidden_dims=hidden_dims, input_dim=int(input_dim),
+                              num_classes=int(num_classes), dropout=float(dropout),
+                              use_batchnorm=self.use_batchnorm, reg=float(reg),
+                              weight_scale=float(weight_scale), dtype=self.dtype.name,
+                              seed=None if seed is None else int(seed))
         rng = None if seed is None else np.random.default_rng(seed)
         self._init_params([input_dim, *hidden_dims, num_classes], weight_scale,
                           self.use_batchnorm, rng)
