@@ -149,10 +149,11 @@ def build_model(config):
         np.random.seed(config["seed"])  # TwoLayerNet draws its weights from np.random
         return TwoLayerNet(input_dim, config["hidden_dim"], num_classes,
                            weight_scale=config["weight_scale"], reg=config["reg"])
+    # model_seed (written by fastnn tune) draws the weights and dropout; seed the batches
     return FullyConnectedNet(config["hidden_dims"], input_dim, num_classes,
                              dropout=config["dropout"], use_batchnorm=config["batchnorm"],
                              reg=config["reg"], weight_scale=config["weight_scale"],
-                             seed=config["seed"])
+                             seed=config.get("model_seed", config["seed"]))
 
 
 def build_solver(model, data, config, out_dir):

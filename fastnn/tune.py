@@ -17,7 +17,6 @@ images. Everything, loading and the test pass included, fits in
 `--budget-minutes`.
 """
 import csv
-import json
 import math
 import os
 import time
@@ -70,8 +69,12 @@ def hidden_dims(structure):
             for i in range(structure["num_hidden"])]
 
 
-def train_config(structure, member, options):
-    """A `fastnn train` configuration (cli.DEFAULTS keys) for one trial."""
+def train_config(structure, member, options, trial_number):
+    """A `fastnn train` configuration (cli.DEFAULTS keys) for one trial.
+
+    `seed` orders the batches (shared by a stack); `model_seed` draws the
+    trial's weights and dropout masks.
+    """
     return {
         "model": "fc", "hidden_dims": hidden_dims(structure), "batchnorm": True,
         "dropout": member["dropout"], "reg": member["reg"],
@@ -82,7 +85,7 @@ def train_config(structure, member, options):
         "augment": bool(structure["augment"]),
         "crop_padding": options["crop_padding"],
         "batch_size": 2 ** structure["log2_batch_size"], "epochs": options["epochs"],
-        "seed": options["seed"],
+        "seed": options["seed"], "model_seed": options["seed"] + trial_number,
     }
 
 
@@ -137,8 +140,13 @@ def trials_started(study):
 
 
 def run_round(study, data, options, clock, k, log):
-    """Train k trials as one stack; returns [(trial, config, val_acc, model or None)]."""
-    import optuna
+    """Train k trials as one stack.
+
+    Returns (outcome, round_best, model_epochs): outcome lists (trial number,
+    val_acc or None) per trial; round_best is (val_acc, config, model, trial
+    number) of the round's best trial, or None; model_epochs counts the
+    epochs its nets trained, for pacing.
+    """
     from optuna.trial import TrialState
 
     from fastnn.cli import augment_options
@@ -161,11 +169,11 @@ def run_round(study, data, options, clock, k, log):
         if i:
             suggest_structure(trial, fixed=structure)
         member = suggest_member(trial)
-        config = train_config(structure, member, options)
+        config = train_config(structure, member, options, trial.number)
         trial.set_user_attr("config", config)
         trial.set_user_attr("worker", options["worker"])
         members.append({"weight_scale": member["weight_scale"], "reg": member["reg"],
-                        "dropout": member["dropout"], "seed": options["seed"] + trial.number})
+                        "dropout": member["dropout"], "seed": config["model_seed"]})
         configs.append(config)
 
     stack = StackedFullyConnectedNet(hidden_dims(structure), members, use_batchnorm=True)
@@ -178,8 +186,8 @@ def run_round(study, data, options, clock, k, log):
         for member_id, acc in val_accs.items():
             trial = by_member[member_id]
             trial.report(acc, epoch)
-            if out_of_time or trial.should_prune():
-                prune.append(member_id)
+            if epoch < options["epochs"] and (out_of_time or trial.should_prune()):
+                prune.append(member_id)  # never at the last epoch: that trial is complete
         return prune
 
     solver = StackedSolver(
@@ -189,27 +197,33 @@ def run_round(study, data, options, clock, k, log):
         batch_size=configs[0]["batch_size"], num_epochs=options["epochs"],
         seed=options["seed"], augment=augment_options(configs[0]), on_epoch_end=on_epoch_end)
     solver.train()
-    outcome = []
+    outcome, best_id, model_epochs = [], None, 0
     for member_id, trial in by_member.items():
         result = solver.results[member_id]
+        model_epochs += max(len(result["val_acc_history"]) - 1, 0)
         value = result["best_val_acc"]
         if result["status"] == "failed" or not np.isfinite(value):
             study.tell(trial, state=TrialState.FAIL)
-            outcome.append((trial, configs[member_id], None, None))
+            outcome.append((trial.number, None))
             continue
-        state = TrialState.PRUNED if result["status"] == "pruned" else TrialState.COMPLETE
-        if state == TrialState.PRUNED:
-            study.tell(trial, state=state)
+        if result["status"] == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)
         else:
             study.tell(trial, value)
-        outcome.append((trial, configs[member_id], value, solver.best_model(member_id)))
+        outcome.append((trial.number, value))
+        if best_id is None or value > solver.results[best_id]["best_val_acc"]:
+            best_id = member_id
+        config = configs[member_id]
         log(f"trial {trial.number}: val {value:.4f} ({result['status']}) "
-            f"{configs[member_id]['hidden_dims']} bs {configs[member_id]['batch_size']} "
-            f"{configs[member_id]['update_rule']} lr {configs[member_id]['learning_rate']:.2e}")
-    del optuna
+            f"{config['hidden_dims']} bs {config['batch_size']} "
+            f"{config['update_rule']} lr {config['learning_rate']:.2e}")
     log(f"round of {len(trials)} took {time.perf_counter() - round_start:.0f} s; "
         f"{clock.left():.0f} s of budget left")
-    return outcome
+    round_best = None
+    if best_id is not None:  # only the round's best becomes a model: building one costs
+        round_best = (solver.results[best_id]["best_val_acc"], configs[best_id],
+                      solver.best_model(best_id), by_member[best_id].number)
+    return outcome, round_best, model_epochs
 
 
 def retrain(config, data, epochs, log):
@@ -293,27 +307,27 @@ def tune(options, log=print):
         # stack whose structure differs from the enqueued one.
         study.enqueue_trial(BASELINE)
     best = None  # (val_acc, config, model, trial number)
+    round_seconds = None  # the first round always runs; its trials stop at the deadline
     while trials_started(study) < options["trials"]:
-        if best is not None and clock.left() < RESERVE_SECONDS + options["final_seconds"] + \
-                options.get("_round_seconds", 0):
+        if round_seconds is not None and \
+                clock.left() < RESERVE_SECONDS + options["final_seconds"] + round_seconds:
             log("stopping the search: the budget is nearly spent")
             break
         k = min(options["parallel"], options["trials"] - trials_started(study))
         round_start = time.perf_counter()
-        outcome = run_round(study, data, options, clock, k, log)
-        options["_round_seconds"] = time.perf_counter() - round_start
+        outcome, round_best, model_epochs = run_round(study, data, options, clock, k, log)
+        round_seconds = time.perf_counter() - round_start
         if not outcome:
             break
-        if options["final_epochs"]:  # what a retrain will cost, from this round's pace
-            per_model_epoch = options["_round_seconds"] / (len(outcome) * options["epochs"])
+        if options["final_epochs"] and model_epochs:  # a retrain's cost, at this round's pace
+            per_model_epoch = round_seconds / model_epochs
             options["final_seconds"] = 1.5 * per_model_epoch * options["final_epochs"]
-        for trial, config, value, model in outcome:
-            if value is not None and (best is None or value > best[0]):
-                best = (value, config, model, trial.number)
+        if round_best is not None and (best is None or round_best[0] > best[0]):
+            best = round_best
     if best is None:
         raise SystemExit("fastnn: no trial finished; raise --budget-minutes or --trials")
     value, config, model, number = best
-    if options["final_epochs"] and clock.left() > RESERVE_SECONDS:
+    if options["final_epochs"] and clock.left() > RESERVE_SECONDS + options["final_seconds"]:
         retrained, retrained_val = retrain(config, data, options["final_epochs"], log)
         if retrained_val >= value:
             value, model = retrained_val, retrained
