@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -115,22 +116,32 @@ def build_parser():
 
 # -- helpers -----------------------------------------------------------------
 def write_json(path, obj):
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (a temporary file of its own, then rename)."""
+    text = json.dumps(obj, indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def new_run_dir():
+    """Create and return a new folder runs/YYYYmmdd-HHMMSS[-N] (never one another run took)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = os.path.join("runs", stamp)
-    suffix = 1
-    while os.path.exists(path):
-        suffix += 1
-        path = os.path.join("runs", f"{stamp}-{suffix}")
-    return path
+    for suffix in range(1, 10**6):
+        path = os.path.join("runs", stamp if suffix == 1 else f"{stamp}-{suffix}")
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError("no free run folder name under runs/")
 
 
 def load_data(config, data_root=None):

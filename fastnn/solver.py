@@ -76,6 +76,25 @@ class MinibatchSource:
     _augment_seed, and _epoch_order / _batch (None to start).
     """
 
+    def _to_device(self, X, y, split, dtype):
+        """(X, y) of one split on the device, checked once: the step needs no checks."""
+        xp = self._xp
+        X = xp.asarray(X, dtype=dtype)
+        if y.ndim != 1 or X.shape[0] != y.shape[0]:
+            raise ValueError(f"X_{split} has {X.shape[0]} rows but y_{split} has shape {y.shape}; "
+                             "they need one label per row")
+        if y.dtype.kind not in "iu":
+            raise ValueError(f"y_{split} must hold integer labels, got dtype {y.dtype}")
+        return X, xp.asarray(y, dtype=np.int64)
+
+    def _check_labels(self, num_classes):
+        """Every train and val label in [0, num_classes) (one device read)."""
+        for split, y in (("train", self.y_train), ("val", self.y_val)):
+            low, high = (int(v) for v in to_numpy(self._xp.stack([y.min(), y.max()])))
+            if low < 0 or high >= num_classes:
+                raise ValueError(f"y_{split} has labels from {low} to {high}, but the model has "
+                                 f"{num_classes} classes: labels must be in [0, {num_classes})")
+
     @property
     def iterations_per_epoch(self):
         return max(self.X_train.shape[0] // self.batch_size, 1)
@@ -129,35 +148,17 @@ class Solver(MinibatchSource):
             raise ValueError(f"data is missing {missing}; it needs X_train, y_train, X_val, y_val")
         self.augment = check_augment(self.augment, data["X_train"])
         self._xp = get_array_module(*model.params.values())
-        self.X_train, self.y_train = self._to_device(data["X_train"], data["y_train"], "train")
-        self.X_val, self.y_val = self._to_device(data["X_val"], data["y_val"], "val")
-        self._check_labels()
+        dtype = getattr(self.model, "dtype", None)
+        self.X_train, self.y_train = self._to_device(data["X_train"], data["y_train"], "train", dtype)
+        self.X_val, self.y_val = self._to_device(data["X_val"], data["y_val"], "val", dtype)
+        # one forward pass learns the class count
+        self._check_labels(self.model.loss(self.X_train[:1]).shape[1])
         seed = self.seed if self.seed is not None else int(np.random.randint(2**31 - 1))
         batch_seq, eval_seq, augment_seq = np.random.SeedSequence(seed).spawn(3)
         self._batch_rng = np.random.default_rng(batch_seq)
         self._eval_rng = np.random.default_rng(eval_seq)
         self._augment_seed = int(augment_seq.generate_state(1)[0])
         self._reset()
-
-    # -- setup -------------------------------------------------------------
-    def _to_device(self, X, y, split):
-        xp = self._xp
-        X = xp.asarray(X, dtype=getattr(self.model, "dtype", None))
-        if y.ndim != 1 or X.shape[0] != y.shape[0]:
-            raise ValueError(f"X_{split} has {X.shape[0]} rows but y_{split} has shape {y.shape}; "
-                             "they need one label per row")
-        if y.dtype.kind not in "iu":
-            raise ValueError(f"y_{split} must hold integer labels, got dtype {y.dtype}")
-        return X, xp.asarray(y, dtype=np.int64)
-
-    def _check_labels(self):
-        """One forward pass learns the class count; every label must be in range."""
-        num_classes = self.model.loss(self.X_train[:1]).shape[1]
-        for split, y in (("train", self.y_train), ("val", self.y_val)):
-            low, high = (int(v) for v in to_numpy(self._xp.stack([y.min(), y.max()])))
-            if low < 0 or high >= num_classes:
-                raise ValueError(f"y_{split} has labels from {low} to {high}, but the model has "
-                                 f"{num_classes} classes: labels must be in [0, {num_classes})")
 
     def _reset(self):
         self.epoch = 0
@@ -257,7 +258,8 @@ class Solver(MinibatchSource):
                         f"train acc: {train_acc:f}; val_acc: {val_acc:f}")
         if val_acc > self.best_val_acc or not self.best_params:
             # NaN parameters can still score (argmax of NaN rows is class 0): never keep them
-            if all(bool(self._xp.isfinite(w).all()) for w in self.model.params.values()):
+            xp = self._xp
+            if bool(xp.stack([xp.isfinite(w).all() for w in self.model.params.values()]).all()):
                 self.best_val_acc = val_acc
                 self._keep_as_best()
 

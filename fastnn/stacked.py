@@ -390,9 +390,10 @@ class StackedSolver(MinibatchSource):
         self.augment = check_augment(augment, data["X_train"])
         self._xp = xp = active_xp_of(stack)
         self._ops = kernels.for_module(xp)
-        self.X_train, self.y_train = self._to_device(data["X_train"], data["y_train"], "train")
-        self.X_val, self.y_val = self._to_device(data["X_val"], data["y_val"], "val")
-        self._check_labels()
+        dtype = stack.dtype
+        self.X_train, self.y_train = self._to_device(data["X_train"], data["y_train"], "train", dtype)
+        self.X_val, self.y_val = self._to_device(data["X_val"], data["y_val"], "val", dtype)
+        self._check_labels(stack.num_classes)
         configs = self._check_configs(optim_configs)
         seed = seed if seed is not None else int(np.random.randint(2**31 - 1))
         batch_seq, eval_seq, augment_seq = np.random.SeedSequence(seed).spawn(3)
@@ -416,23 +417,6 @@ class StackedSolver(MinibatchSource):
         self._best = {}
 
     # -- setup -----------------------------------------------------------------
-    def _to_device(self, X, y, split):
-        X = self._xp.asarray(X, dtype=self.stack.dtype)
-        if y.ndim != 1 or X.shape[0] != y.shape[0]:
-            raise ValueError(f"X_{split} has {X.shape[0]} rows but y_{split} has shape {y.shape}; "
-                             "they need one label per row")
-        if y.dtype.kind not in "iu":
-            raise ValueError(f"y_{split} must hold integer labels, got dtype {y.dtype}")
-        return X, self._xp.asarray(y, dtype=np.int64)
-
-    def _check_labels(self):
-        num_classes = self.stack.num_classes
-        for split, y in (("train", self.y_train), ("val", self.y_val)):
-            low, high = (int(v) for v in to_numpy(self._xp.stack([y.min(), y.max()])))
-            if low < 0 or high >= num_classes:
-                raise ValueError(f"y_{split} has labels from {low} to {high}, but the stack has "
-                                 f"{num_classes} classes: labels must be in [0, {num_classes})")
-
     def _check_configs(self, optim_configs):
         """One filled config per member; the shared hyperparameters kept in self._shared."""
         k_count = self.stack.num_members
