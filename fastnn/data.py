@@ -30,7 +30,6 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-from tqdm.auto import tqdm
 
 __all__ = ["CLASSES", "URL", "MD5", "load_cifar10", "get_cifar10_data",
            "load_CIFAR10", "get_CIFAR10_data", "default_root"]
@@ -84,6 +83,8 @@ def _fetch(url, dest):
     """
     # URLError, HTTPError, timeouts and resets are all OSError; a malformed
     # or cut-off response can also surface as HTTPException.
+    from tqdm.auto import tqdm  # only a download needs it
+
     net_errors = (OSError, http.client.HTTPException)
     try:
         resp = urllib.request.urlopen(url, timeout=_TIMEOUT_S)
