@@ -91,3 +91,31 @@ def test_two_workers_share_one_study_without_losing_or_repeating_trials(cifar_ro
     assert all(t.state.name == "FAIL" and "skipped" in t.user_attrs for t in others)
     workers = {t.user_attrs["worker"] for t in finished}
     assert len(workers) == 2, "both workers took part"
+
+
+def test_a_trials_config_reproduces_it_with_fastnn_train(cifar_root, tmp_path):
+    """A trial's recorded config (model_seed included) retrains to the same per-epoch val acc."""
+    from fastnn.cli import build_model, build_solver, load_data
+
+    out = tmp_path / "tune"
+    assert main(tune_args(cifar_root, out, "--trials", "2", "--parallel", "2")) == 0
+    study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
+    trial = study.trials[1]  # its model seed differs from the batch seed
+    config = {**trial.user_attrs["config"], "data": cifar_root, "num_training": 160,
+              "num_validation": 40, "num_test": 50, "print_every": 10**6}
+    assert config["model_seed"] == config["seed"] + 1
+    model = build_model(config)
+    solver = build_solver(model, load_data(config), config, out_dir=None)
+    solver.verbose = False
+    solver.train()
+    reported = [trial.intermediate_values[e] for e in sorted(trial.intermediate_values)]
+    assert solver.val_acc_history[-len(reported):] == reported  # the epoch-end entries
+
+
+def test_final_epochs_retrains_within_the_budget(cifar_root, tmp_path):
+    out = tmp_path / "tune"
+    assert main(tune_args(cifar_root, out, "--trials", "2", "--parallel", "2",
+                          "--final-epochs", "3")) == 0
+    best = json.loads((out / "best.json").read_text())
+    assert best["config"]["epochs"] in (2, 3)  # 3 when the retrain beat the trials
+    assert (out / "best_model.npz").exists()
