@@ -69,10 +69,12 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.checkpoint = checkpoint
 
 
-class MinibatchSource:
-    """The minibatches of Solver and StackedSolver: one code path, so both draw the same.
+class SolverBase:
+    """What Solver and StackedSolver share, so that both train alike for one seed:
+    the data checks, the minibatches and the learning-rate schedule.
 
-    Needs X_train, y_train, batch_size, sampling, augment, _xp, _batch_rng,
+    Needs X_train, y_train, batch_size, sampling, augment, lr_decay,
+    lr_schedule(_config), num_epochs, epoch, _t, _xp, _batch_rng,
     _augment_seed, and _epoch_order / _batch (None to start).
     """
 
@@ -99,6 +101,13 @@ class MinibatchSource:
     def iterations_per_epoch(self):
         return max(self.X_train.shape[0] // self.batch_size, 1)
 
+    def _scheduled_factor(self):
+        """With a schedule, the learning rate is base * this: lr_decay**epoch * the factor."""
+        per_epoch = self.iterations_per_epoch
+        return self.lr_decay ** self.epoch * schedules.lr_factor(
+            self.lr_schedule, self._t, int(self.num_epochs) * per_epoch, per_epoch,
+            self.lr_schedule_config)
+
     def _next_batch(self, t):
         xp, n, bs = self._xp, self.X_train.shape[0], min(self.batch_size, self.X_train.shape[0])
         if self.sampling == "replacement":
@@ -121,7 +130,7 @@ class MinibatchSource:
         return X_batch, y_batch
 
 
-class Solver(MinibatchSource):
+class Solver(SolverBase):
     """Train `model` on `data` (X_train, y_train, X_val, y_val); see OPTIONS for kwargs."""
 
     def __init__(self, model, data, **kwargs):
@@ -185,10 +194,7 @@ class Solver(MinibatchSource):
     # -- the training step ---------------------------------------------------
     def _set_learning_rates(self):
         """With a schedule: learning_rate = base * lr_decay**epoch * schedule factor."""
-        per_epoch = self.iterations_per_epoch
-        factor = self.lr_decay ** self.epoch * schedules.lr_factor(
-            self.lr_schedule, self._t, int(self.num_epochs) * per_epoch, per_epoch,
-            self.lr_schedule_config)
+        factor = self._scheduled_factor()
         for name, config in self.optim_configs.items():
             config["learning_rate"] = self._base_lr[name] * factor
 

@@ -48,7 +48,7 @@ from fastnn import kernels, optim, schedules
 from fastnn.backend import get_array_module, get_backend, to_numpy, use_backend, xp as active_xp
 from fastnn.classifiers import FullyConnectedNet
 from fastnn.kernels.reference import dropout_seed_keys, keep_threshold
-from fastnn.solver import MinibatchSource, check_augment
+from fastnn.solver import SolverBase, check_augment
 
 MEMBER_DEFAULTS = {"weight_scale": 1e-2, "reg": 0.0, "dropout": 0.0}
 MEMBER_KEYS = ("weight_scale", "reg", "dropout", "seed")
@@ -345,7 +345,7 @@ _PER_MEMBER = ("learning_rate", "weight_decay")   # hyperparameters that may dif
 EVAL_BATCH_SIZE = 512
 
 
-class StackedSolver(MinibatchSource):
+class StackedSolver(SolverBase):
     """Train every member of a StackedFullyConnectedNet at once, as K Solvers would.
 
     data: X_train, y_train, X_val, y_val (as for Solver). update_rule: a
@@ -448,11 +448,7 @@ class StackedSolver(MinibatchSource):
     def _step(self):
         t = self._t
         if self.lr_schedule:  # as Solver: base * lr_decay**epoch * schedule factor
-            per_epoch = self.iterations_per_epoch
-            factor = self.lr_decay ** self.epoch * schedules.lr_factor(
-                self.lr_schedule, t, self.num_epochs * per_epoch, per_epoch,
-                self.lr_schedule_config)
-            self._lr = self._base_lr * factor
+            self._lr = self._base_lr * self._scheduled_factor()
         X_batch, y_batch = self._next_batch(t)
         stack = self.stack
         losses, grads = stack._loss(X_batch, y_batch, t, self._grad_buffers, with_l2=False)
