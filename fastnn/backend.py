@@ -116,7 +116,3 @@ def to_numpy(a):
         return a.get()
     return np.asarray(a)
 
-
-def asarray(a, dtype=None):
-    """`a` as an array of the active backend (a host-to-device copy for cupy)."""
-    return xp().asarray(a, dtype=dtype)

@@ -28,13 +28,10 @@ OPS = (
 )
 
 _tables = {}
-_fast_enabled = True
 
 
 def _fast_module(name):
     """The fast-kernel module for an array module name, or None."""
-    if not _fast_enabled:
-        return None
     if name == "numpy":
         return importlib.import_module("fastnn.kernels.cpu")
     if name == "cupy":
@@ -54,15 +51,3 @@ def for_module(xp):
         table.name = name if fast else f"{name}-reference"
         _tables[name] = table
     return table
-
-
-def set_fast_kernels(enabled):
-    """Use the fast kernels (default) or only the reference ones; for tests and benchmarks."""
-    global _fast_enabled
-    _fast_enabled = bool(enabled)
-    _tables.clear()
-
-
-def reference_table():
-    """The reference ops, whatever the backend."""
-    return types.SimpleNamespace(**{op: getattr(reference, op) for op in OPS}, name="reference")

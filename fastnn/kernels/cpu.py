@@ -23,15 +23,16 @@ configure_thread_pools()
 
 
 
-def _jit(function):
+def _jit(function, **flags):
     """Compile with Numba, cached on disk where any cache folder is writable.
 
     error_model="numpy": no per-division zero checks, so the loops vectorise.
     """
+    options = dict(nogil=True, error_model="numpy", **flags)
     try:
-        return numba.njit(cache=True, nogil=True, error_model="numpy")(function)
+        return numba.njit(cache=True, **options)(function)
     except RuntimeError:  # no writable cache folder at all: compile in each process
-        return numba.njit(cache=False, nogil=True, error_model="numpy")(function)
+        return numba.njit(cache=False, **options)(function)
 
 _GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
@@ -386,12 +387,7 @@ def _jit_sums(function):
     Only these small helpers get the flag; the kernels that call them keep
     the ordinary float semantics (and NaN/inf handling: no other fastmath).
     """
-    try:
-        return numba.njit(cache=True, nogil=True, error_model="numpy",
-                          fastmath={"reassoc"})(function)
-    except RuntimeError:  # no writable cache folder at all
-        return numba.njit(cache=False, nogil=True, error_model="numpy",
-                          fastmath={"reassoc"})(function)
+    return _jit(function, fastmath={"reassoc"})
 
 
 @_jit_sums
