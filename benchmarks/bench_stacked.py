@@ -150,6 +150,9 @@ def main(argv=None):
     for blas in env["blas"]:
         print(f"BLAS: {blas['internal_api']} {blas['version']} ({blas['num_threads']} threads, "
               f"{blas['architecture']})")
+    note = workloads.blas_override_note(env)
+    if note:
+        print(note)
     data_set = workloads.load_data(random=args.random_data)
     data = data_set.arrays(args.backend)
     print(f"data: {data_set.source}")

@@ -82,8 +82,10 @@ def header_lines(env, rates, data_source, args, sgemm_other=None):
                f"layer {env['numba_threading_layer']}) | BLAS {blas or 'none found'}")
     if env.get("torch_threads") is not None:
         threads += f" | torch {env['torch_threads']}"
+    note = workloads.blas_override_note(env)
     return [
         "fastnn end-to-end benchmark",
+        *([note] if note else []),
         " | ".join(versions),
         f"CPU: {env['cpu']} ({env['logical_cpus']} logical CPUs) | GPU: {env['gpu'] or 'none'}",
         threads,

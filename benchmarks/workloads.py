@@ -587,6 +587,20 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def blas_override_note(env):
+    """A warning line when the environment pins OpenBLAS's kernels, else None."""
+    if not env.get("blas_overrides"):
+        return None
+    pinned = " ".join(f"{k}={v}" for k, v in env["blas_overrides"].items())
+    return (f"NOTE: {pinned} is set: OpenBLAS runs the kernels it names, not the ones it would "
+            "pick for this CPU (some machines set it for old OpenBLAS builds; on an AVX-512 CPU "
+            "a current numpy is about 2x faster without it). To measure a current numpy, unset "
+            f"both for this command alone: env -u {' -u '.join(BLAS_OVERRIDES)} python ...")
+
+
 def environment():
     """Versions, thread counts and hardware, for the report header and extra_info."""
     import numba
@@ -604,6 +618,7 @@ def environment():
     env["blas"] = [{k: p.get(k) for k in ("internal_api", "version", "num_threads",
                                           "threading_layer", "architecture", "filepath")}
                    for p in threadpool_info() if p.get("user_api") == "blas"]
+    env["blas_overrides"] = {k: os.environ[k] for k in BLAS_OVERRIDES if k in os.environ}
     if _torch_reason() is None:
         import torch
 
