@@ -29,6 +29,7 @@ IMAGES = [(200, 3, 32, 32), (512, 3, 32, 32)]         # CIFAR-10 minibatches, NC
 STACKED_ACTIVATIONS = [(200, 16, 100), (512, 4, 1024)]  # (N, K, H) views of (K, H, N) arrays
 STACKED_SCORES = [(16, 200, 10), (4, 512, 10)]          # (K, N, C)
 STACKED_PARAMETERS = [(3072, 16, 100), (1024, 4, 1024)]  # (A, K, B)
+STACKED_FEATURE_ROWS = [(1600, 200), (4096, 512)]        # (K*H, N): feature-major activations
 
 SHAPES = {
     "relu_forward": ACTIVATIONS, "relu_backward": ACTIVATIONS,
@@ -40,6 +41,8 @@ SHAPES = {
     "flip_crop": IMAGES,
     "dropout_stacked_forward": STACKED_ACTIVATIONS, "dropout_stacked_backward": STACKED_ACTIVATIONS,
     "softmax_loss_stacked": STACKED_SCORES,
+    "batchnorm_rows_train_forward": STACKED_FEATURE_ROWS,
+    "batchnorm_rows_backward": STACKED_FEATURE_ROWS,
     "l2_stacked_": STACKED_PARAMETERS, "sgd_stacked_": STACKED_PARAMETERS,
     "sgd_momentum_stacked_": STACKED_PARAMETERS, "rmsprop_stacked_": STACKED_PARAMETERS,
     "adam_stacked_": STACKED_PARAMETERS, "adamw_stacked_": STACKED_PARAMETERS,
@@ -74,6 +77,10 @@ def make_args(op, shape, rng, xp=np):
         return normal(n, d), positive(d), normal(d), 1e-5
     if op == "batchnorm_backward":
         return normal(n, d), normal(n, d), positive(d), positive(d)
+    if op == "batchnorm_rows_train_forward":  # shape is (features, N)
+        return normal(n, d), positive(n), normal(n), 1e-5
+    if op == "batchnorm_rows_backward":
+        return normal(n, d), normal(n, d), positive(n), positive(n)
     # update rules, in place: small steps so that repeated calls stay finite
     w, dw = normal(n, d), np.float32(1e-3) * normal(n, d)
     if op == "sgd_":
