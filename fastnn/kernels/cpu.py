@@ -237,22 +237,32 @@ def _batchnorm_backward(dout, x_hat, gamma, inv_std, dx, dgamma, dbeta):
             dx[i, j] = scale[j] * (n * dout[i, j] - dbeta[j] - x_hat[i, j] * dgamma[j])
 
 
-def batchnorm_train_forward(x, gamma, beta, eps):
+def _batchnorm_forward_call(kernel, x, gamma, beta, eps, feature_axis):
+    """Run a batchnorm forward kernel: (out, x_hat, inv_std, mean, var)."""
     x = np.ascontiguousarray(x)
     out, x_hat = np.empty_like(x), np.empty_like(x)
-    inv_std, mean, var = (np.empty(x.shape[1], dtype=x.dtype) for _ in range(3))
-    _batchnorm_train_forward(x, np.ascontiguousarray(gamma), np.ascontiguousarray(beta),
-                             x.dtype.type(eps), out, x_hat, inv_std, mean, var)
+    inv_std, mean, var = (np.empty(x.shape[feature_axis], dtype=x.dtype) for _ in range(3))
+    kernel(x, np.ascontiguousarray(gamma), np.ascontiguousarray(beta), x.dtype.type(eps),
+           out, x_hat, inv_std, mean, var)
     return out, x_hat, inv_std, mean, var
 
 
-def batchnorm_backward(dout, x_hat, gamma, inv_std):
+def _batchnorm_backward_call(kernel, dout, x_hat, gamma, inv_std, feature_axis):
+    """Run a batchnorm backward kernel: (dx, dgamma, dbeta)."""
     dout = np.ascontiguousarray(dout)
     dx = np.empty_like(dout)
-    dgamma, dbeta = np.empty(dout.shape[1], dtype=dout.dtype), np.empty(dout.shape[1], dtype=dout.dtype)
-    _batchnorm_backward(dout, np.ascontiguousarray(x_hat), np.ascontiguousarray(gamma),
-                        np.ascontiguousarray(inv_std), dx, dgamma, dbeta)
+    dgamma, dbeta = (np.empty(dout.shape[feature_axis], dtype=dout.dtype) for _ in range(2))
+    kernel(dout, np.ascontiguousarray(x_hat), np.ascontiguousarray(gamma),
+           np.ascontiguousarray(inv_std), dx, dgamma, dbeta)
     return dx, dgamma, dbeta
+
+
+def batchnorm_train_forward(x, gamma, beta, eps):
+    return _batchnorm_forward_call(_batchnorm_train_forward, x, gamma, beta, eps, 1)
+
+
+def batchnorm_backward(dout, x_hat, gamma, inv_std):
+    return _batchnorm_backward_call(_batchnorm_backward, dout, x_hat, gamma, inv_std, 1)
 
 
 # -- update rules (in place, flat) -------------------------------------------
@@ -445,21 +455,11 @@ def _batchnorm_rows_backward(dout, x_hat, gamma, inv_std, dx, dgamma, dbeta):
 
 
 def batchnorm_rows_train_forward(x, gamma, beta, eps):
-    x = np.ascontiguousarray(x)
-    out, x_hat = np.empty_like(x), np.empty_like(x)
-    inv_std, mean, var = (np.empty(x.shape[0], dtype=x.dtype) for _ in range(3))
-    _batchnorm_rows_train_forward(x, np.ascontiguousarray(gamma), np.ascontiguousarray(beta),
-                                  x.dtype.type(eps), out, x_hat, inv_std, mean, var)
-    return out, x_hat, inv_std, mean, var
+    return _batchnorm_forward_call(_batchnorm_rows_train_forward, x, gamma, beta, eps, 0)
 
 
 def batchnorm_rows_backward(dout, x_hat, gamma, inv_std):
-    dout = np.ascontiguousarray(dout)
-    dx = np.empty_like(dout)
-    dgamma, dbeta = (np.empty(dout.shape[0], dtype=dout.dtype) for _ in range(2))
-    _batchnorm_rows_backward(dout, np.ascontiguousarray(x_hat), np.ascontiguousarray(gamma),
-                             np.ascontiguousarray(inv_std), dx, dgamma, dbeta)
-    return dx, dgamma, dbeta
+    return _batchnorm_backward_call(_batchnorm_rows_backward, dout, x_hat, gamma, inv_std, 0)
 
 
 @_jit

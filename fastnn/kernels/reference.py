@@ -197,16 +197,22 @@ def adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay):
     adam_(w, dw, m, v, lr, beta1, beta2, eps, t)
 
 
-def adam_(w, dw, m, v, lr, beta1, beta2, eps, t):
-    xp = get_array_module(w, dw, m, v)
-    f = w.dtype.type
+def _adam_moments_(dw, m, v, beta1, beta2, eps, t):
+    """Advance Adam's moments m, v in place; returns (m_hat, sqrt(v_hat) + eps)."""
+    xp = get_array_module(dw, m, v)
+    f = m.dtype.type
     m *= f(beta1)
     m += f(1 - beta1) * dw
     v *= f(beta2)
     v += f(1 - beta2) * (dw * dw)
     m_hat = m / f(1 - beta1 ** t)
     v_hat = v / f(1 - beta2 ** t)
-    w -= f(lr) * m_hat / (xp.sqrt(v_hat) + f(eps))
+    return m_hat, xp.sqrt(v_hat) + f(eps)
+
+
+def adam_(w, dw, m, v, lr, beta1, beta2, eps, t):
+    m_hat, denominator = _adam_moments_(dw, m, v, beta1, beta2, eps, t)
+    w -= w.dtype.type(lr) * m_hat / denominator
 
 
 # -- stacked models (fastnn.stacked): K members along a model axis ----------
@@ -346,16 +352,9 @@ def rmsprop_stacked_(w, dw, cache, lr, decay_rate, eps, l2=None):
 
 
 def adam_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t, l2=None):
-    xp = get_array_module(w, dw, m, v)
     dw, sum_squares = _with_l2(dw, w, l2)
-    f = w.dtype.type
-    m *= f(beta1)
-    m += f(1 - beta1) * dw
-    v *= f(beta2)
-    v += f(1 - beta2) * (dw * dw)
-    m_hat = m / f(1 - beta1 ** t)
-    v_hat = v / f(1 - beta2 ** t)
-    w -= _per_member(lr, w.dtype) * m_hat / (xp.sqrt(v_hat) + f(eps))
+    m_hat, denominator = _adam_moments_(dw, m, v, beta1, beta2, eps, t)
+    w -= _per_member(lr, w.dtype) * m_hat / denominator
     return sum_squares
 
 
