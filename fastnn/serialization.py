@@ -57,16 +57,17 @@ def read_npz(path, expected_format):
         raise FileNotFoundError(f"no such file: {path}")
     try:
         data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
-            raise ValueError(f"{path} is not a fastnn file: it holds one array, not an .npz archive")
-        with data:
-            arrays = {name: data[name] for name in data.files}
-        meta = json.loads(arrays.pop(_META).tobytes().decode("utf-8"))
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                arrays = {name: data[name] for name in data.files}
+            meta = json.loads(arrays.pop(_META).tobytes().decode("utf-8"))
     except KeyError:
         raise ValueError(f"{path} is not a fastnn file: it has no metadata entry") from None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is corrupt or truncated and cannot be read "
                          f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
+        raise ValueError(f"{path} is not a fastnn file: it holds one array, not an .npz archive")
     if not isinstance(meta, dict) or meta.get("format") != expected_format:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise ValueError(f"{path} is incompatible: it holds {found!r}, expected {expected_format!r}")
@@ -86,6 +87,17 @@ def model_state(model):
     return arrays
 
 
+def _checked(stored, what, shape, dtype, xp, source):
+    """`stored` as an xp array of `dtype`, after checking its shape and that it holds numbers."""
+    if stored.shape != tuple(shape):
+        raise ValueError(f"{source} is incompatible: {what} has shape {stored.shape} but the "
+                         f"model expects {tuple(shape)}")
+    if stored.dtype.kind not in "fiu":
+        raise ValueError(f"{source} is incompatible: {what} holds {stored.dtype} values, not "
+                         "numbers")
+    return xp.asarray(stored, dtype=dtype)
+
+
 def set_model_state(model, arrays, source):
     """Copy arrays from model_state() into `model` (on its backend), checking names and shapes."""
     xp = get_array_module(*model.params.values())
@@ -93,18 +105,28 @@ def set_model_state(model, arrays, source):
         stored = arrays.get(f"param/{name}")
         if stored is None:
             raise ValueError(f"{source} is incompatible: it has no parameter {name!r}")
-        if stored.shape != current.shape:
-            raise ValueError(f"{source} is incompatible: parameter {name!r} has shape {stored.shape}"
-                             f" but the model expects {current.shape}")
-        model.params[name] = xp.asarray(stored, dtype=current.dtype)
+        model.params[name] = _checked(stored, f"parameter {name!r}", current.shape,
+                                      current.dtype, xp, source)
     extra = {k[len("param/"):] for k in arrays if k.startswith("param/")} - set(model.params)
     if extra:
         raise ValueError(f"{source} is incompatible: unexpected parameters {sorted(extra)}")
-    for i, bn_param in enumerate(getattr(model, "bn_params", [])):
+    bn_params = getattr(model, "bn_params", [])
+    for i, bn_param in enumerate(bn_params):
+        # layer i + 1's statistics have one entry per feature, as its gamma has
+        gamma = model.params.get(f"gamma{i + 1}")
         for key in ("running_mean", "running_var"):
             stored = arrays.get(f"bn/{i}/{key}")
             if stored is not None:
-                bn_param[key] = xp.asarray(stored, dtype=model.dtype)
+                bn_param[key] = _checked(
+                    stored, f"batchnorm statistic bn/{i}/{key}",
+                    stored.shape if gamma is None else gamma.shape,
+                    gamma.dtype if gamma is not None else getattr(model, "dtype", stored.dtype),
+                    xp, source)
+    extra = sorted(k for k in arrays if k.startswith("bn/")
+                   and not (k.count("/") == 2 and k.split("/")[1].isdigit()
+                            and int(k.split("/")[1]) < len(bn_params)))
+    if extra:
+        raise ValueError(f"{source} is incompatible: unexpected batchnorm statistics {extra}")
 
 
 def save(model, path):

@@ -184,8 +184,42 @@ def test_save_rejects_non_models(tmp_path):
 def test_a_bare_npy_array_is_a_clear_error(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros(3))
     (tmp_path / "x.npy").rename(tmp_path / "x.npz")
-    with pytest.raises(ValueError, match="not a fastnn file"):
+    with pytest.raises(ValueError, match="not a fastnn file") as info:
         fastnn.load(tmp_path / "x.npz")
+    assert "corrupt" not in str(info.value)
+
+
+def _tampered(tmp_path, change):
+    """A saved fc_bn_dropout model whose arrays went through change(arrays) -> its path."""
+    from fastnn.serialization import MODEL_FORMAT, read_npz, write_npz
+
+    path = tmp_path / "model.npz"
+    fastnn.save(_trained("fc_bn_dropout", np), path)
+    arrays, meta = read_npz(path, MODEL_FORMAT)
+    change(arrays)
+    write_npz(path, arrays, meta)
+    return path
+
+
+@pytest.mark.parametrize("key", ["bn/0/running_mean", "bn/1/running_var"])
+def test_batchnorm_statistics_of_the_wrong_shape_are_incompatible(tmp_path, key):
+    path = _tampered(tmp_path, lambda arrays: arrays.update({key: np.zeros(99)}))
+    with pytest.raises(ValueError, match=f"incompatible: batchnorm statistic {key} has shape"):
+        fastnn.load(path)
+
+
+def test_unexpected_batchnorm_statistics_are_incompatible(tmp_path):
+    path = _tampered(tmp_path, lambda arrays: arrays.update({"bn/7/running_mean": np.zeros(5)}))
+    with pytest.raises(ValueError, match="unexpected batchnorm statistics"):
+        fastnn.load(path)
+
+
+def test_non_numeric_parameters_are_incompatible(tmp_path):
+    def to_text(arrays):
+        arrays["param/b1"] = np.array(["x"] * arrays["param/b1"].size)
+
+    with pytest.raises(ValueError, match="parameter 'b1' holds <U1 values, not numbers"):
+        fastnn.load(_tampered(tmp_path, to_text))
 
 
 def test_numpy_scalar_constructor_arguments_save(tmp_path):
