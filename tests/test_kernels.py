@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastnn
-from fastnn import kernels
+from fastnn import kernels, layers
 from fastnn.kernels import reference
 from helpers import tolerances
 
@@ -67,12 +67,41 @@ def test_numpy_table_uses_the_numba_kernels():
     table = kernels.for_module(np)
     assert table.name == "numpy"
     for op in kernels.OPS:
-        if hasattr(cpu, op):
-            assert getattr(table, op) is getattr(cpu, op), op
+        if hasattr(cpu, op):  # behind the dtype guard (see test_other_dtypes_run_the_reference)
+            assert getattr(table, op).__wrapped__ is getattr(cpu, op), op
     # the ops this module promises to speed up are there
     for op in ("relu_forward", "relu_backward", "dropout_forward", "dropout_backward",
                "softmax_loss", "svm_loss", "sgd_", "sgd_momentum_", "rmsprop_", "adam_"):
         assert hasattr(cpu, op), op
+
+
+def test_other_dtypes_run_the_reference():
+    """float16 (which the Numba kernels do not take) gets the reference ops, dtype kept."""
+    table = kernels.for_module(np)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5)).astype(np.float16)
+    y = rng.integers(0, 5, 6)
+    gamma, beta = np.ones(5, np.float16), np.zeros(5, np.float16)
+    calls = {
+        "relu_forward": (x,),
+        "relu_backward": (x, np.maximum(x, 0)),
+        "dropout_forward": (x, 0.3, 7, 2),
+        "softmax_loss": (x, y),
+        "svm_loss": (x, y),
+        "batchnorm_train_forward": (x, gamma, beta, 1e-3),
+    }
+    for op, args in calls.items():
+        got, expected = getattr(table, op)(*args), getattr(reference, op)(*args)
+        for g, e in zip(got if isinstance(got, tuple) else [got],
+                        expected if isinstance(expected, tuple) else [expected]):
+            assert np.asarray(g).dtype == np.asarray(e).dtype, op
+            np.testing.assert_array_equal(g, e, err_msg=op)
+    w, dw = x.copy(), x[::-1].copy()
+    w_ref = w.copy()
+    table.sgd_(w, dw, 0.1)
+    reference.sgd_(w_ref, dw, 0.1)
+    np.testing.assert_array_equal(w, w_ref)
+    assert layers.relu_forward(x)[0].dtype == np.float16
 
 
 # -- relu ----------------------------------------------------------------------

@@ -131,6 +131,21 @@ def test_fused_update_is_bit_identical_to_rule(backend, rule, dtype, shape, give
             assert config_fused[key] == value and type(config_fused[key]) is type(value), key
 
 
+@pytest.mark.parametrize("rule", sorted(optim.RULES))
+def test_fused_update_of_a_transposed_parameter(rule):
+    """A parameter that is a strided view (W = A.T) updates in place like the rule."""
+    w_host, grads = _problem((5, 4), np.float32, seed=4)
+    w_fun, config_fun = w_host.T.copy(), None
+    base = np.ascontiguousarray(w_host)
+    w_fused, config_fused = base.T, None
+    assert not w_fused.flags.c_contiguous
+    for dw in grads:
+        w_fun, config_fun = optim.RULES[rule](w_fun, dw.T, config_fun)
+        config_fused = optim.fused_update(rule, w_fused, dw.T, config_fused)
+    np.testing.assert_array_equal(w_fused, w_fun)
+    np.testing.assert_array_equal(base.T, w_fun)  # in place, through the view
+
+
 def test_fused_update_unknown_rule():
     w = np.zeros(3)
     with pytest.raises(ValueError, match="adagrad"):

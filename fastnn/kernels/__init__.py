@@ -5,7 +5,12 @@ the backend's fast version where one exists (cpu.py: Numba, for numpy;
 gpu.py: CuPy kernels, for cupy), else the reference (plain xp) version. The
 layers call ops only through this table, so a backend adds speed by
 defining a function of the same name and signature in its module.
+
+A fast module's kernels take the floating dtypes in its `DTYPES`; an op
+called with another dtype (judged by its first argument, the data array,
+e.g. float16) runs the reference version instead.
 """
+import functools
 import importlib
 import types
 
@@ -39,6 +44,21 @@ def _fast_module(name):
     return None
 
 
+def _for_dtypes(fast_op, reference_op, dtypes):
+    """fast_op for data of `dtypes` (the first argument's dtype), else reference_op."""
+    if fast_op is None:
+        return reference_op
+    dtypes = tuple(np.dtype(d).type for d in dtypes)
+
+    @functools.wraps(fast_op)
+    def op(data, *args, **kwargs):
+        if data.dtype.type in dtypes:
+            return fast_op(data, *args, **kwargs)
+        return reference_op(data, *args, **kwargs)
+
+    return op
+
+
 def for_module(xp):
     """The op table (a SimpleNamespace) for array module `xp`."""
     name = "cupy" if xp is not np else "numpy"
@@ -47,7 +67,8 @@ def for_module(xp):
         fast = _fast_module(name)
         # getattr(None, op, None) is None: no fast module means all reference
         table = types.SimpleNamespace(**{
-            op: getattr(fast, op, None) or getattr(reference, op) for op in OPS})
+            op: _for_dtypes(getattr(fast, op, None), getattr(reference, op),
+                            getattr(fast, "DTYPES", ())) for op in OPS})
         table.name = name if fast else f"{name}-reference"
         _tables[name] = table
     return table

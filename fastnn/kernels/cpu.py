@@ -16,10 +16,13 @@ falls back to a user cache folder when the install is read-only).
 import numba
 import numpy as np
 
+from fastnn.kernels import reference
 from fastnn.kernels.reference import GOLDEN, MIX1, MIX2, UNIT_BITS, dropout_key, keep_threshold
 from fastnn.threads import configure_thread_pools
 
 configure_thread_pools()
+
+DTYPES = (np.float32, np.float64)  # other dtypes (float16) run reference.py (kernels/__init__)
 
 
 
@@ -303,37 +306,49 @@ def _adam(w, dw, m, v, decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2
         w[i] = w[i] * decay - lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
 
 
-def _flat_inplace(*arrays):
-    for a in arrays:
-        if not a.flags.c_contiguous:
-            raise ValueError("in-place updates need C-contiguous arrays")
-    return [a.reshape(-1) for a in arrays]
+def _contiguous(w, *state):
+    """Whether the in-place kernels can walk w and its state arrays as flat C-order arrays.
+
+    When not (a parameter that is a transposed view, say), the update ops run
+    reference.py's in-place version, which takes any strides and gives the
+    same values.
+    """
+    return w.flags.c_contiguous and all(a.flags.c_contiguous for a in state)
 
 
 def sgd_(w, dw, lr):
+    if not _contiguous(w):
+        return reference.sgd_(w, dw, lr)
     f = w.dtype.type
-    _sgd(*_flat_inplace(w, np.ascontiguousarray(dw)), f(lr))
+    _sgd(_flat(w), _flat(dw), f(lr))
 
 
 def sgd_momentum_(w, dw, v, lr, momentum):
+    if not _contiguous(w, v):
+        return reference.sgd_momentum_(w, dw, v, lr, momentum)
     f = w.dtype.type
-    _sgd_momentum(*_flat_inplace(w, np.ascontiguousarray(dw), v), f(lr), f(momentum))
+    _sgd_momentum(_flat(w), _flat(dw), _flat(v), f(lr), f(momentum))
 
 
 def rmsprop_(w, dw, cache, lr, decay_rate, eps):
+    if not _contiguous(w, cache):
+        return reference.rmsprop_(w, dw, cache, lr, decay_rate, eps)
     f = w.dtype.type
-    _rmsprop(*_flat_inplace(w, np.ascontiguousarray(dw), cache), f(lr), f(decay_rate),
-             f(1 - decay_rate), f(eps))
+    _rmsprop(_flat(w), _flat(dw), _flat(cache), f(lr), f(decay_rate), f(1 - decay_rate), f(eps))
 
 
 def adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay):
+    if not _contiguous(w, m, v):
+        return reference.adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay)
     f = w.dtype.type
-    _adam(*_flat_inplace(w, np.ascontiguousarray(dw), m, v), f(1 - lr * weight_decay), f(lr),
+    _adam(_flat(w), _flat(dw), _flat(m), _flat(v), f(1 - lr * weight_decay), f(lr),
           f(beta1), f(1 - beta1), f(beta2), f(1 - beta2), f(1 - beta1 ** t), f(1 - beta2 ** t),
           f(eps))
 
 
 def adam_(w, dw, m, v, lr, beta1, beta2, eps, t):
+    if not _contiguous(w, m, v):
+        return reference.adam_(w, dw, m, v, lr, beta1, beta2, eps, t)
     adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, 0.0)
 
 

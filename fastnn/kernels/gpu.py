@@ -17,6 +17,8 @@ import numpy as np
 
 from fastnn.kernels.reference import GOLDEN, MIX1, MIX2, UNIT_BITS, dropout_key, keep_threshold
 
+DTYPES = (np.float32, np.float64)  # other dtypes (float16) run reference.py (kernels/__init__)
+
 _HASH = f"""
 unsigned long long z = (unsigned long long)i * {GOLDEN}ULL + key;
 z = (z ^ (z >> 30)) * {MIX1}ULL;
