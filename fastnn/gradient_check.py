@@ -1,10 +1,11 @@
 """Numerical gradients for checking backward passes (central differences).
 
-Works on numpy and cupy arrays; run checks in float64 for tight errors.
+Works on numpy and cupy arrays: the gradients come back as arrays of x's
+module (float64). Run checks in float64 for tight errors.
 """
 import numpy as np
 
-from fastnn.backend import to_numpy
+from fastnn.backend import get_array_module, to_numpy
 
 
 def eval_numerical_gradient(f, x, verbose=True, h=1e-5):
@@ -20,7 +21,7 @@ def eval_numerical_gradient(f, x, verbose=True, h=1e-5):
         grad[ix] = (fxph - fxmh) / (2 * h)
         if verbose:
             print(ix, grad[ix])
-    return grad
+    return get_array_module(x).asarray(grad)
 
 
 def eval_numerical_gradient_array(f, x, df, h=1e-5):
@@ -35,7 +36,7 @@ def eval_numerical_gradient_array(f, x, df, h=1e-5):
         neg = to_numpy(f(x)).astype(np.float64)
         x[ix] = old
         grad[ix] = np.sum((pos - neg) * df) / (2 * h)
-    return grad
+    return get_array_module(x).asarray(grad)
 
 
 def rel_error(x, y):

@@ -13,6 +13,7 @@ def test_eval_numerical_gradient_sum_of_squares(backend):
     grad = eval_numerical_gradient(lambda v: (v * v).sum(), x, verbose=False)
     np.testing.assert_allclose(fastnn.to_numpy(grad), 2 * x_host, rtol=1e-8, atol=1e-10)
     assert grad.shape == x.shape
+    assert isinstance(grad, xp.ndarray)  # the module of x, as the contract says
     np.testing.assert_array_equal(fastnn.to_numpy(x), x_host)  # x restored
 
 
@@ -45,6 +46,7 @@ def test_eval_numerical_gradient_array(backend):
     grad = eval_numerical_gradient_array(lambda v: v * v, x, df)
     np.testing.assert_allclose(fastnn.to_numpy(grad), 2 * x_host * df_host, rtol=1e-8, atol=1e-10)
     np.testing.assert_array_equal(fastnn.to_numpy(x), x_host)
+    assert isinstance(grad, xp.ndarray)
 
 
 def test_eval_numerical_gradient_array_matrix_product():
