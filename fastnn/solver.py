@@ -82,6 +82,11 @@ class SolverBase:
         """(X, y) of one split on the device, checked once: the step needs no checks."""
         xp = self._xp
         X = xp.asarray(X, dtype=dtype)
+        if not hasattr(y, "ndim"):  # a list of labels
+            y = np.asarray(y)
+        if X.shape[0] == 0:
+            raise ValueError(f"the {split} split is empty (X_{split} has shape {X.shape}); Solver "
+                             f"needs at least one {split} example")
         if y.ndim != 1 or X.shape[0] != y.shape[0]:
             raise ValueError(f"X_{split} has {X.shape[0]} rows but y_{split} has shape {y.shape}; "
                              "they need one label per row")
@@ -149,6 +154,10 @@ class Solver(SolverBase):
             raise ValueError("batch_size and print_every must be >= 1 and num_epochs >= 0; got "
                              f"{self.batch_size}, {self.print_every}, {self.num_epochs}")
         self.optim_config = dict(self.optim_config or {})
+        unknown = sorted(set(self.optim_config) - set(optim.DEFAULTS[self.update_rule]))
+        if unknown:
+            raise ValueError(f"optim_config has unknown keys {unknown} for update rule "
+                             f"{self.update_rule!r}; known: {sorted(optim.DEFAULTS[self.update_rule])}")
         self.lr_schedule_config = schedules.check_schedule(self.lr_schedule,
                                                            self.lr_schedule_config)
         self.model = model

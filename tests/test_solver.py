@@ -132,6 +132,13 @@ def test_unknown_update_rule_is_named():
         Solver(_small(), _small_data(), update_rule="adagrad")
 
 
+@pytest.mark.parametrize("rule, key", [("adam", "learnin_rate"), ("adam", "weight_decay"),
+                                       ("sgd", "momentum")])
+def test_unknown_optim_config_key_is_named(rule, key):
+    with pytest.raises(ValueError, match=f"unknown keys \\['{key}'\\] for update rule '{rule}'"):
+        Solver(_small(), _small_data(), update_rule=rule, optim_config={key: 0.1})
+
+
 def test_lr_decay_each_epoch(backend):
     solver = Solver(_small(), _small_data(), update_rule="sgd_momentum",
                     optim_config={"learning_rate": 0.01}, lr_decay=0.5, num_epochs=3,
@@ -230,6 +237,22 @@ def test_non_integer_labels(split):
     data[split] = data[split].astype(np.float64)
     with pytest.raises(ValueError):
         Solver(_small(), data, verbose=False)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_empty_split_is_named(split):
+    data = _small_data()
+    data[f"X_{split}"], data[f"y_{split}"] = data[f"X_{split}"][:0], data[f"y_{split}"][:0]
+    with pytest.raises(ValueError, match=f"the {split} split is empty"):
+        Solver(_small(), data, verbose=False)
+
+
+def test_labels_may_be_lists():
+    data = _small_data()
+    data["y_train"], data["y_val"] = data["y_train"].tolist(), data["y_val"].tolist()
+    solver = Solver(_small(), data, num_epochs=1, batch_size=10, verbose=False, seed=0)
+    solver.train()
+    assert solver.y_train.dtype == np.int64
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
