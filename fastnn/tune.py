@@ -17,6 +17,7 @@ images. Everything, loading and the test pass included, fits in
 `--budget-minutes`.
 """
 import csv
+import json
 import math
 import os
 import time
@@ -287,6 +288,19 @@ def plot_study(study, out_dir):
     plt.close(fig)
 
 
+def previous_best(out_dir):
+    """The best of an earlier session in out_dir (--resume), as tune() keeps it, or None."""
+    import fastnn
+
+    json_path = os.path.join(out_dir, "best.json")
+    model_path = os.path.join(out_dir, "best_model.npz")
+    if not (os.path.exists(json_path) and os.path.exists(model_path)):
+        return None
+    with open(json_path) as fh:
+        saved = json.load(fh)
+    return saved["val_acc"], saved["config"], fastnn.load(model_path), saved["trial"]
+
+
 def tune(options, log=print):
     """Run the search described by `options` (see cli.py's tune flags); returns best.json's dict."""
     import fastnn
@@ -306,7 +320,7 @@ def tune(options, log=print):
         # Not with a shared storage: another worker could take it as a member of a
         # stack whose structure differs from the enqueued one.
         study.enqueue_trial(BASELINE)
-    best = None  # (val_acc, config, model, trial number)
+    best = previous_best(out_dir)  # (val_acc, config, model, trial number)
     round_seconds = None  # the first round always runs; its trials stop at the deadline
     while trials_started(study) < options["trials"]:
         if round_seconds is not None and \

@@ -62,6 +62,21 @@ def test_resume_continues_the_study(cifar_root, tmp_path):
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
 
 
+def test_resume_keeps_the_earlier_best_unless_beaten(cifar_root, tmp_path):
+    out = tmp_path / "tune"
+    assert main(tune_args(cifar_root, out, "--trials", "2", "--parallel", "2")) == 0
+    first = json.loads((out / "best.json").read_text())
+    first["val_acc"] = 2.0  # no trial of the resumed session can beat this
+    (out / "best.json").write_text(json.dumps(first))
+    model_bytes = (out / "best_model.npz").read_bytes()
+    assert main(tune_args(cifar_root, out, "--trials", "4", "--parallel", "2", "--resume")) == 0
+    resumed = json.loads((out / "best.json").read_text())
+    assert (resumed["val_acc"], resumed["trial"], resumed["config"]) == \
+        (2.0, first["trial"], first["config"])
+    assert resumed["trials_started"] == 4
+    assert (out / "best_model.npz").read_bytes() == model_bytes
+
+
 def test_budget_bounds_the_whole_command(cifar_root, tmp_path):
     start = time.perf_counter()
     assert main(tune_args(cifar_root, tmp_path / "tune", "--trials", "1000", "--parallel", "2",
