@@ -229,6 +229,10 @@ def train_command(args):
     else:
         config = {**DEFAULTS, **given}
         out_dir = getattr(args, "out", None) or new_run_dir()
+        if os.path.exists(os.path.join(out_dir, "config.json")):
+            raise SystemExit(f"fastnn: {out_dir} already holds a run (config.json); continue it "
+                             f"with `fastnn train --resume {out_dir}`, or choose another --out "
+                             "(nothing was overwritten)")
         os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "config.json"), config)
 

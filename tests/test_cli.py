@@ -78,6 +78,15 @@ def test_resume_refuses_to_change_the_model(cifar_root, tmp_path):
         main(["train", "--resume", str(tmp_path / "nothing")])
 
 
+def test_train_refuses_a_folder_that_holds_a_run(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    assert main(small_args(cifar_root, out, "--epochs", "1")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit, match="already holds a run.*--resume"):
+        main(small_args(cifar_root, out, "--epochs", "2"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_corrupt_checkpoint_is_a_clear_error(cifar_root, tmp_path):
     out = tmp_path / "run"
     assert main(small_args(cifar_root, out, "--epochs", "1")) == 0
