@@ -313,7 +313,12 @@ def _contiguous(w, *state):
     reference.py's in-place version, which takes any strides and gives the
     same values.
     """
-    return w.flags.c_contiguous and all(a.flags.c_contiguous for a in state)
+    if not w.flags.c_contiguous:
+        return False
+    for a in state:
+        if not a.flags.c_contiguous:
+            return False
+    return True
 
 
 def sgd_(w, dw, lr):
@@ -337,19 +342,23 @@ def rmsprop_(w, dw, cache, lr, decay_rate, eps):
     _rmsprop(_flat(w), _flat(dw), _flat(cache), f(lr), f(decay_rate), f(1 - decay_rate), f(eps))
 
 
+def _adam_call(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay):
+    f = w.dtype.type
+    _adam(w.reshape(-1), _flat(dw), m.reshape(-1), v.reshape(-1), f(1 - lr * weight_decay),
+          f(lr), f(beta1), f(1 - beta1), f(beta2), f(1 - beta2), f(1 - beta1 ** t),
+          f(1 - beta2 ** t), f(eps))
+
+
 def adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay):
     if not _contiguous(w, m, v):
         return reference.adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay)
-    f = w.dtype.type
-    _adam(_flat(w), _flat(dw), _flat(m), _flat(v), f(1 - lr * weight_decay), f(lr),
-          f(beta1), f(1 - beta1), f(beta2), f(1 - beta2), f(1 - beta1 ** t), f(1 - beta2 ** t),
-          f(eps))
+    _adam_call(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay)
 
 
 def adam_(w, dw, m, v, lr, beta1, beta2, eps, t):
     if not _contiguous(w, m, v):
         return reference.adam_(w, dw, m, v, lr, beta1, beta2, eps, t)
-    adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, 0.0)
+    _adam_call(w, dw, m, v, lr, beta1, beta2, eps, t, 0.0)
 
 
 # -- stacked models (fastnn.stacked) -----------------------------------------
