@@ -17,6 +17,14 @@ DEFAULTS = {
 }
 
 
+def check_config_keys(rule, config, where):
+    """Raise ValueError naming the keys of `config` that rule `rule` does not know (typos)."""
+    unknown = sorted(set(config) - set(DEFAULTS[rule]))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown} for update rule {rule!r}; "
+                         f"known: {sorted(DEFAULTS[rule])}")
+
+
 def _config(name, config):
     config = {} if config is None else config
     for key, value in DEFAULTS[name].items():

@@ -111,20 +111,19 @@ def set_model_state(model, arrays, source):
     if extra:
         raise ValueError(f"{source} is incompatible: unexpected parameters {sorted(extra)}")
     bn_params = getattr(model, "bn_params", [])
+    known = set()
     for i, bn_param in enumerate(bn_params):
         # layer i + 1's statistics have one entry per feature, as its gamma has
         gamma = model.params.get(f"gamma{i + 1}")
         for key in ("running_mean", "running_var"):
-            stored = arrays.get(f"bn/{i}/{key}")
+            name = f"bn/{i}/{key}"
+            known.add(name)
+            stored = arrays.get(name)
             if stored is not None:
-                bn_param[key] = _checked(
-                    stored, f"batchnorm statistic bn/{i}/{key}",
-                    stored.shape if gamma is None else gamma.shape,
-                    gamma.dtype if gamma is not None else getattr(model, "dtype", stored.dtype),
-                    xp, source)
-    extra = sorted(k for k in arrays if k.startswith("bn/")
-                   and not (k.count("/") == 2 and k.split("/")[1].isdigit()
-                            and int(k.split("/")[1]) < len(bn_params)))
+                shape = stored.shape if gamma is None else gamma.shape
+                bn_param[key] = _checked(stored, f"batchnorm statistic {name}", shape,
+                                         model.dtype, xp, source)
+    extra = sorted(k for k in arrays if k.startswith("bn/") and k not in known)
     if extra:
         raise ValueError(f"{source} is incompatible: unexpected batchnorm statistics {extra}")
 

@@ -154,10 +154,7 @@ class Solver(SolverBase):
             raise ValueError("batch_size and print_every must be >= 1 and num_epochs >= 0; got "
                              f"{self.batch_size}, {self.print_every}, {self.num_epochs}")
         self.optim_config = dict(self.optim_config or {})
-        unknown = sorted(set(self.optim_config) - set(optim.DEFAULTS[self.update_rule]))
-        if unknown:
-            raise ValueError(f"optim_config has unknown keys {unknown} for update rule "
-                             f"{self.update_rule!r}; known: {sorted(optim.DEFAULTS[self.update_rule])}")
+        optim.check_config_keys(self.update_rule, self.optim_config, "optim_config")
         self.lr_schedule_config = schedules.check_schedule(self.lr_schedule,
                                                            self.lr_schedule_config)
         self.model = model

@@ -427,10 +427,7 @@ class StackedSolver(SolverBase):
                              f"{k_count} members; give one dict per member")
         defaults = optim.DEFAULTS[self.update_rule]
         for k, config in enumerate(configs):
-            unknown = sorted(set(config) - set(defaults))
-            if unknown:
-                raise ValueError(f"optim_configs[{k}] has unknown keys {unknown} for update rule "
-                                 f"{self.update_rule!r}; known: {sorted(defaults)}")
+            optim.check_config_keys(self.update_rule, config, f"optim_configs[{k}]")
             for key, value in defaults.items():
                 config.setdefault(key, value)
         self._shared = {}

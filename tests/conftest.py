@@ -49,3 +49,11 @@ def _numpy_backend_by_default():
     yield
     fastnn.set_backend("numpy")
 
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory):
+    """A folder holding a tiny cifar-10-batches-py (tests/tiny_cifar.py), made once per run."""
+    from tiny_cifar import write_tiny_cifar
+
+    return str(write_tiny_cifar(tmp_path_factory.mktemp("cifar")))
+

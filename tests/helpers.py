@@ -1,6 +1,8 @@
 """Small helpers shared by the test modules (plain functions, no fixtures)."""
 import numpy as np
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
+
 
 def tolerances(dtype):
     """(rtol, atol) for comparing two computations of the same value in `dtype`."""

@@ -12,14 +12,7 @@ import pytest
 import fastnn
 from fastnn.cli import main
 from fastnn.serialization import read_npz
-from tiny_cifar import write_tiny_cifar
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    return str(write_tiny_cifar(tmp_path_factory.mktemp("cifar")))
+from helpers import PNG_MAGIC
 
 
 def small_args(root, out, *extra):

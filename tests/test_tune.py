@@ -11,14 +11,7 @@ import pytest
 optuna = pytest.importorskip("optuna", reason="fastnn tune needs Optuna (a required dependency)")
 
 from fastnn.cli import main
-from tiny_cifar import write_tiny_cifar
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    return str(write_tiny_cifar(tmp_path_factory.mktemp("cifar")))
+from helpers import PNG_MAGIC
 
 
 def tune_args(root, out, *extra):

@@ -344,9 +344,9 @@ def rmsprop_(w, dw, cache, lr, decay_rate, eps):
 
 def _adam_call(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay):
     f = w.dtype.type
-    _adam(w.reshape(-1), _flat(dw), m.reshape(-1), v.reshape(-1), f(1 - lr * weight_decay),
-          f(lr), f(beta1), f(1 - beta1), f(beta2), f(1 - beta2), f(1 - beta1 ** t),
-          f(1 - beta2 ** t), f(eps))
+    _adam(_flat(w), _flat(dw), _flat(m), _flat(v), f(1 - lr * weight_decay), f(lr),
+          f(beta1), f(1 - beta1), f(beta2), f(1 - beta2), f(1 - beta1 ** t), f(1 - beta2 ** t),
+          f(eps))
 
 
 def adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay):
