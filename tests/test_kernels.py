@@ -37,7 +37,8 @@ def _close(actual, expected, dtype, scale=1.0):
 COVERED = {"relu_forward", "relu_backward", "dropout_forward", "dropout_backward",
            "softmax_loss", "svm_loss", "batchnorm_train_forward", "batchnorm_backward",
            "sgd_", "sgd_momentum_", "rmsprop_", "adam_", "adamw_", "flip_crop",
-           "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward"}
+           "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward",
+           "batchnorm_relu_train_forward", "batchnorm_relu_backward"}
 # The stacked-model ops are compared with their references in test_stacked.py.
 STACKED_OPS = {"dropout_stacked_forward", "dropout_stacked_backward", "softmax_loss_stacked",
                "batchnorm_rows_train_forward", "batchnorm_rows_backward", "l2_stacked_",
@@ -493,3 +494,28 @@ def test_max_pool_ties_go_to_the_first_maximum(ops, dtype):
     expected[0, 1, 0, 0] = 0
     expected[0, 1, 0, 1] = 1
     np.testing.assert_array_equal(dx, expected)
+
+
+# (rows, channels): the last ones span the numpy kernels' thread blocks
+BN_RELU_SHAPES = [(1, 3), (7, 5), (64, 24), (3000, 24), (4097, 33)]
+
+
+@pytest.mark.parametrize("shape", BN_RELU_SHAPES)
+def test_batchnorm_relu(ops, dtype, shape):
+    xp, table = ops
+    rng = np.random.default_rng(7)
+    x = xp.asarray(rng.standard_normal(shape) * 3 + 10, dtype=dtype)  # offset: the shifted sums
+    gamma = xp.asarray(rng.standard_normal(shape[1]), dtype=dtype)
+    beta = xp.asarray(rng.standard_normal(shape[1]), dtype=dtype)
+    got = table.batchnorm_relu_train_forward(x, gamma, beta, 1e-5)
+    expected = reference.batchnorm_relu_train_forward(x, gamma, beta, 1e-5)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.shape == e.shape
+        _close(g, e, dtype, 10.0)
+    out, mean, inv_std, _ = expected
+    dout = xp.asarray(rng.standard_normal(shape), dtype=dtype)
+    got = table.batchnorm_relu_backward(dout, x, out, gamma, mean, inv_std)
+    expected = reference.batchnorm_relu_backward(dout, x, out, gamma, mean, inv_std)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.shape == e.shape
+        _close(g, e, dtype, float(np.abs(_host(e)).max()) + 1)

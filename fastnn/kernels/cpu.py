@@ -957,7 +957,7 @@ def max_pool_forward(x, pool_height, pool_width, stride):
         _max_pool_forward(x_nhwc[start:stop], pool_height, pool_width, stride, out[start:stop],
                           argmax[start:stop])
 
-    _run_chunks(work, n, _row_blocks(n))
+    _run_chunks(work, n, _row_blocks(n, out[0].size))
     return out.transpose(0, 3, 1, 2), (x_nhwc.shape, argmax, pool_width, stride)
 
 
@@ -971,7 +971,7 @@ def max_pool_backward(dout, saved):
         _max_pool_backward(dout_nhwc[start:stop], argmax[start:stop], pool_width, stride,
                            dx[start:stop])
 
-    _run_chunks(work, x_shape[0], _row_blocks(x_shape[0]))
+    _run_chunks(work, x_shape[0], _row_blocks(x_shape[0], dout_nhwc[0].size))
     return dx.transpose(0, 3, 1, 2)
 
 
@@ -991,11 +991,12 @@ def _bn_stats(x, shift, total, total_sq):
 
 
 @_jit
-def _bn_relu_apply(x, scale, offset, out):
+def _bn_relu_apply(x, mean, scale, beta, out):
     rows, channels = x.shape
     for r in range(rows):
         for c in range(channels):
-            v = x[r, c] * scale[c] + offset[c]
+            # centred first: x * scale + (beta - mean * scale) loses digits when |mean| >> std
+            v = (x[r, c] - mean[c]) * scale[c] + beta[c]
             out[r, c] = v if v > 0 else 0
 
 
@@ -1011,17 +1012,23 @@ def _bn_relu_grad_sums(dout, x, out, mean, inv_std, total, total_xhat):
 
 
 @_jit
-def _bn_relu_grad_apply(dout, x, out, mean, inv_std, a, b, k, dx):
-    """dx = a * g - b - k * x_hat, with g = dout where out > 0 (per channel a, b, k)."""
+def _bn_relu_grad_apply(dout, x, out, mean, inv_std, factor, m, dbeta, dgamma, dx):
+    """dx = factor * (m g - dbeta - x_hat dgamma), g = dout where out > 0 (as reference.py)."""
     rows, channels = x.shape
     for r in range(rows):
         for c in range(channels):
             g = dout[r, c] if out[r, c] > 0 else 0
-            dx[r, c] = a[c] * g - b[c] - k[c] * ((x[r, c] - mean[c]) * inv_std[c])
+            x_hat = (x[r, c] - mean[c]) * inv_std[c]
+            dx[r, c] = factor[c] * (m * g - dbeta[c] - x_hat * dgamma[c])
 
 
-def _row_blocks(rows):
-    """Rows per thread for the row-parallel kernels (one block each)."""
+PARALLEL_MIN_VALUES = 1 << 16  # smaller arrays: one thread (a hand-off costs ~50 us)
+
+
+def _row_blocks(rows, values_per_row):
+    """Rows per thread for the row-parallel kernels (one block each; all rows when small)."""
+    if rows * values_per_row < PARALLEL_MIN_VALUES:
+        return max(rows, 1)
     return max(1, -(-rows // max(1, get_num_threads())))
 
 
@@ -1034,7 +1041,7 @@ def _partial_sums(kernel, row_arrays, args):
         parts[start] = (np.zeros(channels), np.zeros(channels))
         kernel(*(a[start:stop] for a in row_arrays), *args, *parts[start])
 
-    _run_chunks(work, rows, _row_blocks(rows))
+    _run_chunks(work, rows, _row_blocks(rows, channels))
     first, second = np.zeros(channels), np.zeros(channels)
     for start in sorted(parts):  # block order: the same sums for the same thread count
         first += parts[start][0]
@@ -1047,7 +1054,7 @@ def _run_rows(kernel, rows, row_arrays, *args):
     def work(start, stop, worker):
         kernel(*(a[start:stop] for a in row_arrays[:-1]), *args, row_arrays[-1][start:stop])
 
-    _run_chunks(work, rows, _row_blocks(rows))
+    _run_chunks(work, rows, _row_blocks(rows, row_arrays[0].shape[1]))
 
 
 def batchnorm_relu_train_forward(x, gamma, beta, eps):
@@ -1059,11 +1066,11 @@ def batchnorm_relu_train_forward(x, gamma, beta, eps):
     var = np.maximum(total_sq / max(rows, 1) - centered_mean ** 2, 0.0)
     mean = shift + centered_mean
     inv_std = 1.0 / np.sqrt(var + eps)
-    scale = (inv_std * gamma).astype(x.dtype)
-    offset = (beta - mean * inv_std * gamma).astype(x.dtype)
+    mean, inv_std = mean.astype(x.dtype), inv_std.astype(x.dtype)
     out = np.empty_like(x)
-    _run_rows(_bn_relu_apply, rows, (x, out), scale, offset)
-    return out, mean.astype(x.dtype), inv_std.astype(x.dtype), var.astype(x.dtype)
+    _run_rows(_bn_relu_apply, rows, (x, out), mean, (inv_std * gamma).astype(x.dtype),
+              beta.astype(x.dtype))
+    return out, mean, inv_std, var.astype(x.dtype)
 
 
 def batchnorm_relu_backward(dout, x, out, gamma, mean, inv_std):
@@ -1071,11 +1078,9 @@ def batchnorm_relu_backward(dout, x, out, gamma, mean, inv_std):
     rows, channels = x.shape
     mean, inv_std = mean.astype(x.dtype), inv_std.astype(x.dtype)
     dbeta, dgamma = _partial_sums(_bn_relu_grad_sums, (dout, x, out), (mean, inv_std))
-    # dx = gamma inv_std / M * (M g - dbeta - x_hat dgamma)
-    factor = gamma.astype(np.float64) * inv_std / max(rows, 1)
-    a = (factor * rows).astype(x.dtype)
-    b = (factor * dbeta).astype(x.dtype)
-    k = (factor * dgamma).astype(x.dtype)
+    dgamma, dbeta = dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+    factor = (gamma * inv_std / x.dtype.type(max(rows, 1))).astype(x.dtype)
     dx = np.empty_like(x)
-    _run_rows(_bn_relu_grad_apply, rows, (dout, x, out, dx), mean, inv_std, a, b, k)
-    return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+    _run_rows(_bn_relu_grad_apply, rows, (dout, x, out, dx), mean, inv_std, factor,
+              x.dtype.type(rows), dbeta, dgamma)
+    return dx, dgamma, dbeta
