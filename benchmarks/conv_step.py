@@ -129,6 +129,33 @@ class OpTimer:
             setattr(conv_net_module, name, original)
 
 
+def memory_profile(model, X, y):
+    """(MB kept for the backward at the end of the forward, MB peak of the step above that).
+
+    tracemalloc sees numpy's allocations; the end of the forward is the head's
+    affine_forward call.
+    """
+    import tracemalloc
+
+    marks = {}
+    original = conv_net_module.affine_forward
+
+    def marked(*args, **kwargs):
+        marks["forward"] = tracemalloc.get_traced_memory()[0]
+        return original(*args, **kwargs)
+
+    conv_net_module.affine_forward = marked
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        model.loss(X, y)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        conv_net_module.affine_forward = original
+    return (marks["forward"] - base) / 2**20, (peak - marks["forward"]) / 2**20
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
@@ -179,7 +206,10 @@ def main():
         print(f"{name:<22}{1e3 * median:>10.1f}{args.batch / median:>10.0f}"
               f"{3 * mflop * args.batch / median / 1e3:>10.0f}{ratio:>15}")
     print(f"fastnn peak RSS after warm-up: {rss_fastnn / 1024:.0f} MB "
-          f"({(rss_fastnn - rss_start) / 1024:.0f} MB above the start)")
+          f"({(rss_fastnn - rss_start) / 1024:.0f} MB above the start, Numba's compiler included)")
+    kept, scratch = memory_profile(model, X, y)
+    print(f"fastnn step memory (tracemalloc): {kept:.0f} MB kept for the backward, peak "
+          f"{scratch:.0f} MB above that during the backward (gradients and scratch)")
 
     step = contenders["fastnn numpy"]
     with OpTimer() as timer:

@@ -932,6 +932,26 @@ def _max_pool_forward(x, pool_height, pool_width, stride, out, argmax):
 
 
 @_jit
+def _max_pool_backward_tiled(dout, argmax, pool_height, pool_width, dx):
+    """Windows that tile the input (stride = window): each dx value written once, no scatter."""
+    n, out_height, out_width, channels = dout.shape
+    height, width = dx.shape[1], dx.shape[2]
+    for image in range(n):
+        for y in range(height):
+            oy, i = y // pool_height, y % pool_height
+            for xx in range(width):
+                ox, j = xx // pool_width, xx % pool_width
+                if oy >= out_height or ox >= out_width:  # the floored-off edge: no window
+                    for c in range(channels):
+                        dx[image, y, xx, c] = 0
+                    continue
+                tap = i * pool_width + j
+                for c in range(channels):
+                    hit = argmax[image, oy, ox, c] == tap
+                    dx[image, y, xx, c] = dout[image, oy, ox, c] if hit else 0
+
+
+@_jit
 def _max_pool_backward(dout, argmax, pool_width, stride, dx):
     n, out_height, out_width, channels = dout.shape
     dx[:] = 0
@@ -958,18 +978,24 @@ def max_pool_forward(x, pool_height, pool_width, stride):
                           argmax[start:stop])
 
     _run_chunks(work, n, _row_blocks(n, out[0].size))
-    return out.transpose(0, 3, 1, 2), (x_nhwc.shape, argmax, pool_width, stride)
+    return out.transpose(0, 3, 1, 2), (x_nhwc.shape, argmax, pool_height, pool_width, stride)
 
 
 def max_pool_backward(dout, saved):
     """dout (N, C, H', W') any strides -> dx, an (N, C, H, W) channels-last view."""
-    x_shape, argmax, pool_width, stride = saved
+    x_shape, argmax, pool_height, pool_width, stride = saved
     dout_nhwc = _channels_last(dout)
     dx = np.empty(x_shape, dtype=dout_nhwc.dtype)
 
+    tiled = stride == pool_height == pool_width
+
     def work(start, stop, worker):
-        _max_pool_backward(dout_nhwc[start:stop], argmax[start:stop], pool_width, stride,
-                           dx[start:stop])
+        if tiled:
+            _max_pool_backward_tiled(dout_nhwc[start:stop], argmax[start:stop], pool_height,
+                                     pool_width, dx[start:stop])
+        else:
+            _max_pool_backward(dout_nhwc[start:stop], argmax[start:stop], pool_width, stride,
+                               dx[start:stop])
 
     _run_chunks(work, x_shape[0], _row_blocks(x_shape[0], dout_nhwc[0].size))
     return dx.transpose(0, 3, 1, 2)
@@ -1005,10 +1031,9 @@ def _bn_relu_grad_sums(dout, x, out, mean, inv_std, total, total_xhat):
     rows, channels = x.shape
     for r in range(rows):
         for c in range(channels):
-            if out[r, c] > 0:
-                g = dout[r, c]
-                total[c] += g
-                total_xhat[c] += g * ((x[r, c] - mean[c]) * inv_std[c])
+            g = dout[r, c] if out[r, c] > 0 else 0  # a select, not a branch: it vectorises
+            total[c] += g
+            total_xhat[c] += g * ((x[r, c] - mean[c]) * inv_std[c])
 
 
 @_jit
