@@ -30,6 +30,12 @@ STACKED_ACTIVATIONS = [(200, 16, 100), (512, 4, 1024)]  # (N, K, H) views of (K,
 STACKED_SCORES = [(16, 200, 10), (4, 512, 10)]          # (K, N, C)
 STACKED_PARAMETERS = [(3072, 16, 100), (1024, 4, 1024)]  # (A, K, B)
 STACKED_FEATURE_ROWS = [(1600, 200), (4096, 512)]        # (K*H, N): feature-major activations
+# convolution: layers of the reference ConvNet at batch 64, channels-last views like its own
+CONVS = [(64, 3, 32, 32, 24), (64, 24, 32, 32, 32), (64, 64, 8, 8, 128)]  # (N, C, H, W, F), 3x3 pad 1
+POOLS = [(64, 32, 32, 32), (64, 128, 8, 8)]                             # (N, C, H, W), 2x2 stride 2
+BN_RELU_ROWS = [(65536, 32), (4096, 128)]                               # (N*H*W, C)
+# backward ops whose saved state comes from the same implementation's forward
+FORWARD_OF = {"conv_backward": "conv_forward", "max_pool_backward": "max_pool_forward"}
 
 SHAPES = {
     "relu_forward": ACTIVATIONS, "relu_backward": ACTIVATIONS,
@@ -46,6 +52,9 @@ SHAPES = {
     "l2_stacked_": STACKED_PARAMETERS, "sgd_stacked_": STACKED_PARAMETERS,
     "sgd_momentum_stacked_": STACKED_PARAMETERS, "rmsprop_stacked_": STACKED_PARAMETERS,
     "adam_stacked_": STACKED_PARAMETERS, "adamw_stacked_": STACKED_PARAMETERS,
+    "conv_forward": CONVS, "conv_backward": CONVS,
+    "max_pool_forward": POOLS, "max_pool_backward": POOLS,
+    "batchnorm_relu_train_forward": BN_RELU_ROWS, "batchnorm_relu_backward": BN_RELU_ROWS,
 }
 IMPLEMENTATIONS = ["reference", "numpy", "cupy-reference", "cupy"]
 
@@ -57,6 +66,13 @@ def make_args(op, shape, rng, xp=np):
         return rng.standard_normal(shape, dtype=np.float32), 1234, 7, True, 4
     if op.endswith("_stacked_") or op.startswith(("dropout_stacked", "softmax_loss_stacked")):
         return make_stacked_args(op, shape, rng, xp)
+    if op in ("conv_forward", "max_pool_forward"):
+        x = rng.standard_normal(shape[:1] + shape[2:4] + shape[1:2], dtype=np.float32)
+        x = xp.asarray(x).transpose(0, 3, 1, 2)  # channels-last seen as NCHW
+        if op == "max_pool_forward":
+            return x, 2, 2, 2
+        n, c, h, w, f = shape
+        return x, rng.standard_normal((f, c, 3, 3), dtype=np.float32), None, 1, 1
     n, d = shape
 
     def normal(*s):
@@ -81,6 +97,11 @@ def make_args(op, shape, rng, xp=np):
         return normal(n, d), positive(n), normal(n), 1e-5
     if op == "batchnorm_rows_backward":
         return normal(n, d), normal(n, d), positive(n), positive(n)
+    if op == "batchnorm_relu_train_forward":
+        return normal(n, d), positive(d), normal(d), 1e-5
+    if op == "batchnorm_relu_backward":
+        x = normal(n, d)
+        return normal(n, d), x, np.maximum(x, 0), positive(d), normal(d), positive(d)
     # update rules, in place: small steps so that repeated calls stay finite
     w, dw = normal(n, d), np.float32(1e-3) * normal(n, d)
     if op == "sgd_":
@@ -94,6 +115,15 @@ def make_args(op, shape, rng, xp=np):
     if op == "adamw_":
         return w, dw, np.zeros_like(w), np.zeros_like(w), 1e-4, 0.9, 0.999, 1e-8, 10, 1e-2
     raise AssertionError(f"no arguments defined for op {op!r}; add it to make_args")
+
+
+def make_backward_args(op, shape, rng, xp, table):
+    """(dout, saved) for a backward op, saved by `table`'s own forward (FORWARD_OF)."""
+    out, saved = getattr(table, FORWARD_OF[op])(*make_args(FORWARD_OF[op], shape, rng, xp))
+    dout = xp.asarray(rng.standard_normal(out.shape, dtype=np.float32))
+    # the layout the forward made (channels-last on numpy), as the next layer hands it back
+    dout = xp.ascontiguousarray(dout.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    return (dout, saved) + ((False,) if op == "conv_backward" and shape[1] == 3 else ())
 
 
 def shape_name(shape):
@@ -160,9 +190,12 @@ def test_kernel(benchmark, op, shape, impl):
         def sync():
             pass
 
-    fn = getattr(reference if impl.endswith("reference") else kernels.for_module(xp), op)
-    args = tuple(xp.asarray(a) if isinstance(a, np.ndarray) else a
-                 for a in make_args(op, shape, np.random.default_rng(0), xp))
+    table = reference if impl.endswith("reference") else kernels.for_module(xp)
+    fn = getattr(table, op)
+    rng = np.random.default_rng(0)
+    raw = (make_backward_args(op, shape, rng, xp, table) if op in FORWARD_OF
+           else make_args(op, shape, rng, xp))
+    args = tuple(xp.asarray(a) if isinstance(a, np.ndarray) else a for a in raw)
 
     def run():
         fn(*args)
