@@ -118,7 +118,8 @@ def header_lines(env, rates, data_source, args, sgemm_other=None):
         f"timing: {args.epochs_timed} epoch(s) per run x {args.repeat} run(s) (median) after "
         "1 warm-up epoch; accuracy checks (1000 train + 1000 val) included",
         *([f"conv workloads: an epoch is the first {min(args.conv_images, workloads.NUM_TRAIN)} "
-           f"of the {workloads.NUM_TRAIN} training images (--conv-images)"]
+           f"of the {workloads.NUM_TRAIN} training images (--conv-images); their warm-up epoch "
+           "is 4 steps"]
           if any(WORKLOADS[n].kind == "conv" for n in args.workloads) else []),
     ]
 

@@ -84,6 +84,7 @@ class Workload:
     description: str = ""
     kind = "fc"
     update_rule = "adam"
+    warmup_images = None  # the warm-up is a whole epoch
 
     @property
     def dims(self):
@@ -170,6 +171,11 @@ class ConvWorkload:
     description: str = ""
     num_train: int = CONV_NUM_TRAIN
     kind = "conv"
+
+    @property
+    def warmup_images(self):
+        """The warm-up epoch's images: 4 steps (compilation, first touch, optimizer state)."""
+        return 4 * self.batch_size
 
     @property
     def update_rule(self):
@@ -397,8 +403,9 @@ class _Trainer:
         self.data = data
 
     def warm_up(self):
-        """One epoch, untimed: compilation, first-touch, optimizer state, graph capture."""
-        self._train(1)
+        """One epoch (a conv workload's: of warmup_images), untimed: compilation, first
+        touch, optimizer state, graph capture."""
+        self._train(1, warmup=True)
         synchronize(self.device)
 
     def timed(self, epochs=1):
@@ -433,23 +440,27 @@ class FastnnTrainer(_Trainer):
         self._solver = None
         self._runs = 0
 
-    def prepare(self, epochs=1):
+    def prepare(self, epochs=1, warmup=False):
         from fastnn.solver import Solver
 
         self._runs += 1
+        data = self.solver_data
+        if warmup and self.workload.warmup_images:
+            data = dict(data, X_train=data["X_train"][:self.workload.warmup_images],
+                        y_train=data["y_train"][:self.workload.warmup_images])
         # built outside the clock: it checks the labels (a forward pass and a device read)
-        self._solver = Solver(self.model, self.solver_data, **self.workload.solver_options(),
+        self._solver = Solver(self.model, data, **self.workload.solver_options(),
                               batch_size=self.workload.batch_size, num_epochs=epochs,
                               num_train_samples=NUM_TRAIN_SAMPLES, verbose=False,
                               seed=self._runs)
 
     def warm_up(self):
-        self.prepare(1)
+        self.prepare(1, warmup=True)
         super().warm_up()
 
-    def _train(self, epochs):
+    def _train(self, epochs, warmup=False):
         if self._solver is None or self._solver.num_epochs != epochs:
-            self.prepare(epochs)
+            self.prepare(epochs, warmup)
         solver, self._solver = self._solver, None
         with fastnn.use_backend(self.backend):
             solver.train()
@@ -470,7 +481,7 @@ class NaiveTrainer(_Trainer):
                                         num_train_samples=NUM_TRAIN_SAMPLES,
                                         check_batch_size=CHECK_BATCH_SIZE)
 
-    def _train(self, epochs):
+    def _train(self, epochs, warmup=False):
         self.solver.train(epochs)
 
 
@@ -594,9 +605,11 @@ class TorchTrainer(_Trainer):
                                    for k, v in self.model.state_dict().items()}
         self.model.train()
 
-    def _train(self, epochs):
+    def _train(self, epochs, warmup=False):
         torch = self.torch
         n, bs = self.X_train.shape[0], self.workload.batch_size
+        if warmup and self.workload.warmup_images:
+            n = min(n, self.workload.warmup_images)
         per_epoch = self.workload.iterations_per_epoch(n)
         step = self._graph_step if self.graph is not None else self._eager_step
         self.model.train()
