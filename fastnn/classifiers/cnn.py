@@ -54,17 +54,17 @@ class ThreeLayerConvNet(_Classifier):
                               num_classes=num_classes, weight_scale=float(weight_scale),
                               reg=float(reg), dtype=self.dtype.name)
         pooled = num_filters * (1 + (conv_h - 2) // 2) * (1 + (conv_w - 2) // 2)
-        shapes = {"W1": (num_filters, channels, filter_size, filter_size), "b1": (num_filters,),
-                  "W2": (pooled, hidden_dim), "b2": (hidden_dim,),
-                  "W3": (hidden_dim, num_classes), "b3": (num_classes,)}
+        layout = [("W1", (num_filters, channels, filter_size, filter_size), "weight"),
+                  ("b1", (num_filters,), "bias"), ("W2", (pooled, hidden_dim), "weight"),
+                  ("b2", (hidden_dim,), "bias"), ("W3", (hidden_dim, num_classes), "weight"),
+                  ("b3", (num_classes,), "bias")]
         xp = active_xp()
-        self.params = {}
-        for name, shape in shapes.items():
-            value = (weight_scale * _standard_normal(None, shape) if name.startswith("W")
-                     else np.zeros(shape))
+        self.params, self.param_roles = {}, {}
+        for name, shape, role in layout:  # weights drawn in the course's order: W1, W2, W3
+            value = weight_scale * _standard_normal(None, shape) if role == "weight" \
+                else np.zeros(shape)
             self.params[name] = xp.asarray(value, dtype=self.dtype)
-        self.param_roles = {name: "weight" if name.startswith("W") else "bias"
-                            for name in self.params}
+            self.param_roles[name] = role
         self.norm_params = {}  # no layer keeps running statistics
         self.backend = get_backend()
 
