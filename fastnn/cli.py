@@ -265,7 +265,8 @@ def train_command(args):
                     solver.iterations_per_epoch)
     plots.plot_accuracy(solver.train_acc_history, solver.val_acc_history,
                         os.path.join(out_dir, "accuracy.png"))
-    plots.plot_first_layer_weights(fastnn.to_numpy(model.params["W1"]),
+    first_weight = next(name for name, role in model.param_roles.items() if role == "weight")
+    plots.plot_first_layer_weights(fastnn.to_numpy(model.params[first_weight]),
                                    os.path.join(out_dir, "weights.png"))
     print(f"best val acc {solver.best_val_acc:.4f}; test acc {test_acc:.4f} on "
           f"{metrics['num_test']} images; {metrics['seconds']:.0f} s; run folder {out_dir}")
