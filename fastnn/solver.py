@@ -1,8 +1,10 @@
 """Solver: trains a classifier with minibatch gradient descent and keeps the best model.
 
 The training step does no host/device traffic: losses stay on the device and
-are read every `print_every` iterations and at epoch ends (where the
-non-finite check runs); the data are checked once, when the Solver is built.
+are read when printed (every `print_every` iterations, when verbose or with a
+progress bar) and at epoch ends, where the non-finite check runs; minibatch
+indices go to the device once per epoch; the data are checked once, when the
+Solver is built.
 """
 import contextlib
 import math
@@ -136,13 +138,13 @@ class SolverBase:
 
     def _next_batch(self, t):
         xp, n, bs = self._xp, self.X_train.shape[0], min(self.batch_size, self.X_train.shape[0])
-        if self.sampling == "replacement":
-            idx = xp.asarray(self._batch_rng.integers(0, n, bs))
-        else:
-            if self._epoch_order is None:
-                self._epoch_order = xp.asarray(self._batch_rng.permutation(n))
-            i = t % self.iterations_per_epoch
-            idx = self._epoch_order[i * bs:(i + 1) * bs]
+        if self._epoch_order is None:  # one host-to-device copy per epoch, none per step
+            per_epoch = self.iterations_per_epoch
+            order = (self._batch_rng.integers(0, n, per_epoch * bs)
+                     if self.sampling == "replacement" else self._batch_rng.permutation(n))
+            self._epoch_order = xp.asarray(order)
+        i = t % self.iterations_per_epoch
+        idx = self._epoch_order[i * bs:(i + 1) * bs]
         if self._batch is None or self._batch[0].shape[0] != bs:
             self._batch = (xp.empty((bs, *self.X_train.shape[1:]), dtype=self.X_train.dtype),
                            xp.empty(bs, dtype=self.y_train.dtype))
@@ -328,7 +330,8 @@ class Solver(SolverBase):
                     self._t += 1
                     if bar is not None:
                         bar.update(1)
-                    if t % self.print_every == 0:
+                    # a device read only when something is shown (else at epoch ends)
+                    if t % self.print_every == 0 and (self.verbose or bar is not None):
                         self._read_losses()
                         if self.verbose and bar is None:
                             self._print(f"(Iteration {t + 1} / {total}) "

@@ -185,6 +185,44 @@ def test_sampling_with_replacement(backend):
         Solver(_small(), _small_data(), sampling="bootstrap")
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_losses_are_read_only_when_shown_and_at_epoch_ends(verbose, capsys):
+    data = _small_data(n_train=40)  # 4 iterations per epoch
+    solver = Solver(_small(), data, num_epochs=2, batch_size=10, print_every=1, verbose=verbose,
+                    seed=0)
+    reads = []
+    read = solver._read_losses
+
+    def spy():
+        if solver._pending_losses:
+            reads.append(solver._t)
+        read()
+
+    solver._read_losses = spy
+    solver.train()
+    assert reads == ([1, 2, 3, 4, 5, 6, 7, 8] if verbose else [1, 4, 8])
+    assert len(solver.loss_history) == 8
+
+
+def test_replacement_sampling_copies_indices_once_per_epoch(monkeypatch):
+    """The epoch's draws are made at once: one index array per epoch, sliced per step."""
+    solver = Solver(_small(), _small_data(n_train=40), num_epochs=2, batch_size=10,
+                    sampling="replacement", verbose=False, seed=0)
+    orders = []
+    step = solver._step
+
+    def spy():
+        step()
+        if not orders or orders[-1] is not solver._epoch_order:
+            orders.append(solver._epoch_order)
+
+    solver._step = spy
+    solver.train()
+    assert len(orders) == 2 and all(o.shape == (40,) for o in orders)
+    assert not np.array_equal(orders[0], orders[1])
+    assert len(set(orders[0].tolist())) < 40  # drawn with replacement (fixed seed)
+
+
 def test_same_seed_same_run(backend):
     def run(seed):
         model = _small(seed=2, dropout=0.3)
