@@ -354,7 +354,8 @@ def run_training(solver, model, data, config, out_dir):
     failure = None
     try:
         with failing_as(CommandError, OSError, "training stopped: ",
-                        f"; the last complete checkpoint is kept: fix it, then {resume_hint}"):
+                        f"; the last complete checkpoint is kept: fix it, then {resume_hint}"), \
+                np.errstate(over="ignore", invalid="ignore"):  # a divergence is reported below
             solver.train()
     except TrainingInterrupted as stop:
         print(f"\nfastnn: {stop}. Resume with: {resume_hint}", file=sys.stderr)

@@ -42,6 +42,17 @@ def read_npz(path, expected_format):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a fastnn file; give the .npz file in it "
+                                "(a run folder's model.npz, for example)")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if not magic:
+        raise ValueError(f"{path} is empty: corrupt or truncated (written by a process that was "
+                         "stopped?)")
+    if not magic.startswith((b"PK", b"\x93NUMPY")):  # neither an .npz (zip) nor an .npy
+        raise ValueError(f"{path} is not a fastnn .npz file: corrupt, or another kind of file "
+                         f"(it starts with {magic!r})")
     try:
         data = np.load(path, allow_pickle=False)
         if isinstance(data, np.lib.npyio.NpzFile):

@@ -353,7 +353,8 @@ class Solver(SolverBase):
         from tqdm.auto import tqdm
 
         return tqdm(total=per_epoch, desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
-                    unit="batch", leave=False, dynamic_ncols=True)
+                    unit="batch", leave=False, dynamic_ncols=True,
+                    disable=None)  # None: no bar when stderr is not a terminal (a log file)
 
     def _print(self, line):
         if self.progress:

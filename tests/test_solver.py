@@ -449,3 +449,14 @@ def test_resume_without_seeds_is_bit_identical(tmp_path):
 def test_missing_data_key_is_a_value_error():
     with pytest.raises(ValueError, match="X_train"):
         Solver(_small(), {"y_train": np.zeros(3, dtype=int)})
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_nan_data_is_named_before_training(split):
+    data = _data()
+    data[f"X_{split}"] = data[f"X_{split}"].copy()
+    data[f"X_{split}"][3, 0, 1, 2] = np.nan
+    model = FullyConnectedNet([8], input_dim=3 * 8 * 8, seed=0)
+    with pytest.raises(ValueError, match=f"X_{split} holds 1 NaN or infinite values") as info:
+        Solver(model, data, num_epochs=1, verbose=False)
+    assert "learning_rate" not in str(info.value)
