@@ -181,17 +181,18 @@ def new_run_dir():
     raise CommandError("no free run folder name under runs/")
 
 
-def check_new_folder(out_dir, holds_run):
+def check_new_folder(out_dir, holds_run, resume="fastnn train --resume {}"):
     """Raise CommandError when `out_dir` cannot become a new run folder; nothing is created.
 
-    holds_run(folder) says whether an existing folder already holds a run.
+    holds_run(folder) says whether an existing folder already holds a run;
+    `resume` is the command that continues one.
     """
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise CommandError(f"--out {out_dir} is a file, not a folder; choose another --out")
     if os.path.isdir(out_dir):
         if holds_run(out_dir):
-            raise CommandError(f"{out_dir} already holds a run (config.json); continue it with "
-                               f"`fastnn train --resume {out_dir}`, or choose another --out "
+            raise CommandError(f"{out_dir} already holds a run; continue it with "
+                               f"`{resume.format(out_dir)}`, or choose another --out "
                                "(nothing was overwritten)")
         existing = out_dir
     else:
@@ -207,7 +208,7 @@ def check_new_folder(out_dir, holds_run):
 
 
 @contextlib.contextmanager
-def claimed_folder(out_dir, holds_run):
+def claimed_folder(out_dir, holds_run, resume="fastnn train --resume {}"):
     """Create (if needed) and lock a new run folder for the block; yields its path.
 
     Refused when another process holds it or when it holds a run by now (a
@@ -229,7 +230,7 @@ def claimed_folder(out_dir, holds_run):
         try:
             if holds_run(out_dir):
                 raise CommandError(f"{out_dir} already holds a run (another process started "
-                                   f"it); continue it with `fastnn train --resume {out_dir}`, "
+                                   f"it); continue it with `{resume.format(out_dir)}`, "
                                    "or choose another --out")
             yield out_dir
         except BaseException:
@@ -463,6 +464,9 @@ def evaluate_command(args):
 
 
 # -- fastnn tune -------------------------------------------------------------
+TUNE_RESUME = "fastnn tune --resume --out {}"
+
+
 def tune_holds_run(folder):
     return any(os.path.exists(os.path.join(folder, name)) for name in ("study.db", "best.json"))
 
@@ -498,15 +502,20 @@ def tune_command(args):
             raise CommandError(f"cannot resume: {out_dir} holds no study (no study.db); start "
                                f"one with fastnn tune --out {out_dir}")
         if not (options["resume"] and os.path.isdir(out_dir)):
-            check_new_folder(out_dir, tune_holds_run)
+            check_new_folder(out_dir, tune_holds_run, TUNE_RESUME)
     with failing_as(CommandError, (RuntimeError, ValueError), "backend: "):
         setup_runtime(options)
     with failing_as(CommandError, (RuntimeError, ValueError, OSError), "CIFAR-10 data: "):
         data = load_data(options)
-    with claimed_folder(out_dir, holds_run) as out_dir:
+    with claimed_folder(out_dir, holds_run, TUNE_RESUME) as out_dir:
         options["out"] = out_dir
-        with failing_as(CommandError, OSError):
-            tune.tune(options, data=data)
+        try:
+            with failing_as(CommandError, OSError):
+                tune.tune(options, data=data)
+        except SystemExit as stop:  # fastnn.tune's own one-line refusals
+            if not isinstance(stop.code, str):
+                raise
+            raise CommandError(stop.code.removeprefix("fastnn: ")) from None
     return 0
 
 

@@ -93,6 +93,9 @@ def train_config(structure, member, options, trial_number):
         "crop_padding": options["crop_padding"],
         "batch_size": 2 ** structure["log2_batch_size"], "epochs": options["epochs"],
         "seed": options["seed"], "model_seed": options["seed"] + trial_number,
+        # the split decides the mean image subtracted from every input
+        "data": options["data"], "num_training": options["num_training"],
+        "num_validation": options["num_validation"], "num_test": options["num_test"],
     })
 
 
