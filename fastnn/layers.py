@@ -135,6 +135,9 @@ def dropout_forward(x, dropout_param):
         raise ValueError(f"dropout p (the probability of dropping a unit) must be in [0, 1), got {p}")
     if mode == "test" or p == 0.0:
         return x, None
+    if x.dtype.kind != "f":  # the 1 / (1 - p) scale would be truncated
+        raise ValueError(f"dropout_forward: x must be a floating array, got dtype {x.dtype}; "
+                         "convert it first (x.astype(np.float32))")
     xp = get_array_module(x)
     seed, step = _dropout_seed(dropout_param, xp), int(dropout_param.get("step", 0))
     return kernels.for_module(xp).dropout_forward(x, p, seed, step), (p, seed, step)

@@ -382,3 +382,5 @@ def test_bad_inputs_get_value_errors_naming_the_array():
             loss(x[:0], np.zeros(0, np.int64))
         with pytest.raises(ValueError, match="scores x must be a floating array, got dtype int32"):
             loss(np.ones((2, 3), np.int32), np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="dropout_forward: x must be a floating array"):
+        layers.dropout_forward(np.ones((4, 3), np.int64), {"p": 0.3, "mode": "train", "seed": 0})
