@@ -286,3 +286,10 @@ def test_dropout_masks_follow_step():
 def test_fully_connected_rejects_bad_dropout():
     with pytest.raises(ValueError):
         FullyConnectedNet([3], input_dim=D, num_classes=C, dropout=1.0)
+
+
+def test_zero_width_layers_are_refused():
+    with pytest.raises(ValueError, match=r"hidden_dims must be layer widths >= 1, got \[8, 0\]"):
+        FullyConnectedNet([8, 0])
+    with pytest.raises(ValueError, match="hidden_dim must be a layer width >= 1, got 0"):
+        TwoLayerNet(hidden_dim=0)

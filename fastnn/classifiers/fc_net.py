@@ -42,6 +42,8 @@ class TwoLayerNet(_FullyConnected):
 
     def __init__(self, input_dim=3 * 32 * 32, hidden_dim=100, num_classes=10,
                  weight_scale=1e-3, reg=0.0, dtype=np.float32):
+        if int(hidden_dim) != hidden_dim or hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be a layer width >= 1, got {hidden_dim}")
         self.dtype = np.dtype(dtype)
         self.reg = reg
         self.num_layers = 2
@@ -82,6 +84,8 @@ class FullyConnectedNet(_FullyConnected):
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout is the probability of dropping a unit and must be in "
                              f"[0, 1), got {dropout}")
+        if any(int(h) != h or h < 1 for h in hidden_dims):
+            raise ValueError(f"hidden_dims must be layer widths >= 1, got {list(hidden_dims)}")
         hidden_dims = [int(h) for h in hidden_dims]
         self.dtype = np.dtype(dtype)
         self.reg = reg
