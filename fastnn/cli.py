@@ -95,8 +95,13 @@ def build_parser():
     add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"], default="onecycle",
         help="learning-rate schedule of every trial (onecycle)")
     add("--storage", default=None,
-        help="Optuna storage URL shared by workers (default: sqlite in the run folder)")
+        help="study storage shared by workers: postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB, "
+             "sqlite:///PATH or journal:PATH (default: sqlite in the run folder)")
     add("--study-name", default="fastnn", help="study name in the storage (fastnn)")
+    add("--heartbeat-seconds", type=int, default=10,
+        help="a worker records a heartbeat for its running trials this often (10)")
+    add("--grace-seconds", type=int, default=60,
+        help="a trial with no heartbeat for this long is lost: FAIL, and run again (60)")
     add("--resume", action="store_true", help="continue the study in the storage")
     add("--out", default=None, help="run folder (default: a new one under runs/)")
     add("--seed", type=int, default=0, help="sampler and training seed (0)")
@@ -319,9 +324,14 @@ def tune_command(args):
     if options["resume"] and options["out"] is None and options["storage"] is None:
         raise SystemExit("fastnn: --resume needs --out DIR (the earlier run folder) or --storage")
     options["out"] = options["out"] or new_run_dir()
-    for name in ("trials", "parallel", "epochs"):
+    for name in ("trials", "parallel", "epochs", "heartbeat_seconds"):
         if options[name] < 1:
-            raise SystemExit(f"fastnn: --{name} must be >= 1, got {options[name]}")
+            flag = name.replace("_", "-")
+            raise SystemExit(f"fastnn: --{flag} must be >= 1, got {options[name]}")
+    if options["grace_seconds"] <= options["heartbeat_seconds"]:
+        raise SystemExit(f"fastnn: --grace-seconds ({options['grace_seconds']}) must exceed "
+                         f"--heartbeat-seconds ({options['heartbeat_seconds']}), or every running "
+                         "trial looks lost between two heartbeats")
     tune.tune(options)
     return 0
 

@@ -66,7 +66,7 @@ def test_resume_keeps_the_earlier_best_unless_beaten(cifar_root, tmp_path):
     resumed = json.loads((out / "best.json").read_text())
     assert (resumed["val_acc"], resumed["trial"], resumed["config"]) == \
         (2.0, first["trial"], first["config"])
-    assert resumed["trials_started"] == 4
+    assert resumed["study_results"] == 4
     assert (out / "best_model.npz").read_bytes() == model_bytes
 
 
@@ -75,7 +75,7 @@ def test_budget_bounds_the_whole_command(cifar_root, tmp_path):
     assert main(tune_args(cifar_root, tmp_path / "tune", "--trials", "1000", "--parallel", "2",
                           "--budget-minutes", "0.75")) == 0
     assert time.perf_counter() - start < 0.75 * 60 + 15
-    assert json.loads((tmp_path / "tune" / "best.json").read_text())["trials_started"] < 1000
+    assert json.loads((tmp_path / "tune" / "best.json").read_text())["study_results"] < 1000
 
 
 def test_two_workers_share_one_study_without_losing_or_repeating_trials(cifar_root, tmp_path):
