@@ -122,7 +122,7 @@ def describe_storage(url):
 
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return parsed.render_as_string(hide_password=True)
+        return f"SQLite file {parsed.database}"
     port = parsed.port or DEFAULT_PORTS.get(parsed.get_backend_name(), "?")
     return f"{parsed.get_backend_name()} server {parsed.host}:{port} database {parsed.database}"
 
@@ -222,10 +222,11 @@ def check_search_space(study, where):
             for param, dist in trial.distributions.items():
                 spec = ours.get(param)
                 inside = spec is not None and spec[1] <= dist.low <= dist.high <= spec[2]
-                theirs.setdefault(param, spec if inside else [type(dist).__name__, dist.low,
-                                                              dist.high, dist.log])
-        if all(ours.get(param) == spec for param, spec in theirs.items()):
-            study.set_user_attr(SEARCH_SPACE_ATTR, ours)
+                if not inside:
+                    theirs[param] = [type(dist).__name__, dist.low, dist.high, dist.log]
+        ours = {param: ours.get(param) for param in theirs}  # only what its trials drew
+        if not theirs:
+            study.set_user_attr(SEARCH_SPACE_ATTR, search_space())
             return
     differ = sorted(p for p in ours.keys() | theirs.keys() if ours.get(p) != theirs.get(p))
     if differ:
@@ -499,9 +500,13 @@ def run_round(worker, taken, data, options, clock, log):
     members = []
     configs = []
     for i, (trial, slot) in enumerate(taken):
-        if i:
-            suggest_structure(trial, fixed=structure)
-        member = suggest_member(trial)
+        with warnings.catch_warnings():
+            # A retry holds its lost trial's values already: they win over the ranges asked
+            # for here (a lost stack's first trial can lead the new stack, or follow).
+            warnings.filterwarnings("ignore", "Inconsistent parameter values", RuntimeWarning)
+            if i:
+                suggest_structure(trial, fixed=structure)
+            member = suggest_member(trial)
         # A retry draws the weights its lost trial would have: the seed follows the slot.
         config = train_config(structure, member, options, slot)
         trial.set_user_attr("config", config)
