@@ -1,15 +1,18 @@
 """`fastnn tune`: hyperparameter search on CIFAR-10 with Optuna, K trials trained as one stack.
 
-Each round asks Optuna for K trials (`--parallel K`). The structural
-choices (depth, widths, batch size, lr decay, update rule) are drawn by the
-round's first trial and given to the others as single-value ranges, so
-every trial records the values it was trained with; the continuous ones
-(learning rate, reg, weight scale, dropout) are drawn per trial. The K nets
-train together as a `StackedFullyConnectedNet`; after every epoch each trial
-reports its validation accuracy, and Optuna's pruner may stop it (it leaves
-the stack). The study lives in an Optuna storage (SQLite in the run folder by
-default), so `--resume` continues it and several workers on several machines
-can share one study through a storage URL.
+Each round takes K trials (`--parallel K`). The structural choices (depth,
+widths, batch size, lr decay, update rule) are drawn by the round's first
+trial and given to the others as single-value ranges, so every trial records
+the values it was trained with; the continuous ones (learning rate, reg,
+weight scale, dropout) are drawn per trial. The K nets train together as a
+`StackedFullyConnectedNet`; after every epoch each trial reports its
+validation accuracy, and Optuna's pruner may stop it (it leaves the stack).
+
+The study lives in an Optuna storage: SQLite in the run folder by default, so
+`--resume` continues it; a database server (or a journal file) shared by
+workers on several machines. `Worker` decides which worker trains which
+trial: `--trials N` slots for the whole study, heartbeats for the trials a
+worker trains, and the trials of a worker that died queued again for a live one.
 
 After the search the best configuration may be retrained for longer
 (`--final-epochs`), and the best-validation model is tested on all test
@@ -117,7 +120,7 @@ MAX_RETRIES = 2  # a trial that takes its worker down every time (out of memory)
 def describe_storage(url):
     """`url` for messages: a database's host and port, never its password."""
     if url.startswith("journal:"):
-        return f"the journal file {url[len('journal:'):]}"
+        return f"journal file {url[len('journal:'):]}"
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
@@ -598,10 +601,27 @@ def write_trials_table(study, path):
     names = sorted({name for t in trials for name in t.params})
     with atomic_write(path, text=True, newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["rank", "number", "state", "val_acc", "epochs_reported", *names])
+        writer.writerow(["rank", "number", "state", "val_acc", "epochs_reported", "worker",
+                         "note", *names])
         for rank, t in enumerate(trials, start=1):
             writer.writerow([rank, t.number, t.state.name, t.value, len(t.intermediate_values),
+                             t.user_attrs.get("worker"), trial_note(t),
                              *[t.params.get(n) for n in names]])
+
+
+def trial_note(trial):
+    """Why a trial is as it is, for trials.csv: failed, skipped, lost, or a retry."""
+    from optuna.trial import TrialState
+
+    notes = []
+    if trial_key(trial) != trial.number:
+        notes.append(f"retry of {trial_key(trial)}")
+    for attr in ("failed", "skipped"):
+        if attr in trial.user_attrs:
+            notes.append(f"{attr}: {trial.user_attrs[attr]}")
+    if trial.state == TrialState.FAIL and not {"failed", "skipped"} & trial.user_attrs.keys():
+        notes.append("lost: its worker stopped")
+    return "; ".join(notes)
 
 
 def plot_study(study, out_dir):

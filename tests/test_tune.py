@@ -160,6 +160,24 @@ def test_two_workers_racing_for_the_last_slot_agree_on_who_gets_it(tmp_path, mon
     assert worker_b.progress() == (0, {0, 1, 2}, 3)
 
 
+def test_a_trial_that_fails_by_itself_is_a_result_and_a_lost_one_runs_again(tmp_path):
+    from fastnn import tune
+
+    options = worker_options(f"sqlite:///{tmp_path / 'lost.db'}", trials=2)
+    worker = tune.Worker(tune.create_study(options, tune.open_storage(options)), options, print)
+    (diverged, _), (lost, _) = worker.take(2)
+    lost.suggest_float("learning_rate", 1e-3, 1e-3, log=True)
+    assert worker.finish(diverged, state=optuna.trial.TrialState.FAIL, failed="non-finite loss")
+    worker.hand_back(lost._trial_id)  # what a worker that finds it stale does
+    assert worker.progress()[0] == 1  # the diverged trial counts; the lost one does not
+    [(retry, slot)] = worker.take(2)  # no room for a new trial: only the retry
+    assert slot == lost.number and retry.number == 2
+    with pytest.warns(RuntimeWarning, match="Inconsistent parameter values"):  # it keeps 1e-3
+        assert retry.suggest_float("learning_rate", 1e-4, 1e-2, log=True) == 1e-3
+    assert worker.finish(retry, 0.5)
+    assert worker.progress()[0] == 2 and worker.take(2) == []
+
+
 def test_a_worker_that_finds_the_study_full_waits_for_the_others(cifar_root, tmp_path):
     """tune() with every slot held elsewhere waits, then ends when they have results."""
     from fastnn import tune
@@ -351,3 +369,5 @@ def test_a_killed_workers_trials_run_again_on_the_others(postgres, cifar_root, t
     assert all(t.user_attrs["worker"] in names[1:] for t in retried.values())
     for number in caught:
         assert study.trials[number].state.name == "FAIL"
+    table = (tmp_path / "worker1" / "trials.csv").read_text()
+    assert "lost: its worker stopped" in table and f"retry of {caught[0]}" in table
