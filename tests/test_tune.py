@@ -301,23 +301,36 @@ def test_wrong_database_credentials_are_one_line_naming_host_and_port(postgres, 
     assert_one_line_error(done, f"127.0.0.1:{postgres.port}", "password authentication failed")
 
 
-def start_workers(cifar_root, tmp_path, storage, count, trials, *extra):
-    """`count` fastnn tune processes on one study, and each one's worker name."""
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "fastnn",
-         *tune_args(cifar_root, tmp_path / f"worker{i}", "--trials", str(trials), "--parallel",
-                    "2", "--storage", storage, "--seed", str(i), "--threads", "1",
-                    "--heartbeat-seconds", "1", "--grace-seconds", "4", *extra)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}) for i in range(count)]
-    return procs, [f"{os.uname().nodename}:{p.pid}" for p in procs]
+@pytest.fixture
+def start_workers(cifar_root, tmp_path):
+    """start(storage, count, trials, *flags): `count` fastnn tune processes on one study and
+    each one's worker name; any still running at the test's end are killed."""
+    procs = []
+
+    def start(storage, count, trials, *extra):
+        started = [subprocess.Popen(
+            [sys.executable, "-m", "fastnn",
+             *tune_args(cifar_root, tmp_path / f"worker{i}", "--trials", str(trials),
+                        "--parallel", "2", "--storage", storage, "--seed", str(i),
+                        "--threads", "1", "--heartbeat-seconds", "1", "--grace-seconds", "4",
+                        "--budget-minutes", "4", *extra)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}) for i in range(count)]
+        procs.extend(started)
+        return started, [f"{os.uname().nodename}:{p.pid}" for p in started]
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
-def test_three_workers_on_postgresql_train_each_trial_once(postgres, cifar_root, tmp_path):
+def test_three_workers_on_postgresql_train_each_trial_once(postgres, start_workers, tmp_path):
     from fastnn import tune
 
     storage, trials = postgres.create_database("three"), 6
-    procs, names = start_workers(cifar_root, tmp_path, storage, 3, trials)
+    procs, names = start_workers(storage, 3, trials)
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr
@@ -337,11 +350,11 @@ def test_three_workers_on_postgresql_train_each_trial_once(postgres, cifar_root,
         assert best["study_results"] == trials and best["worker_trials"] == len(own)
 
 
-def test_a_killed_workers_trials_run_again_on_the_others(postgres, cifar_root, tmp_path):
+def test_a_killed_workers_trials_run_again_on_the_others(postgres, start_workers, tmp_path):
     from fastnn import tune
 
     storage, trials = postgres.create_database("killed"), 6
-    procs, names = start_workers(cifar_root, tmp_path, storage, 3, trials, "--epochs", "8")
+    procs, names = start_workers(storage, 3, trials, "--epochs", "8")
     victim, survivors = procs[0], procs[1:]
     caught, deadline = [], time.monotonic() + 240
     while not caught:  # until the victim is mid-trial: it has reported an epoch, not the last
