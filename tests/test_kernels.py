@@ -382,3 +382,76 @@ def test_flip_crop_moves_pixels_only(ops):
         assert any(np.array_equal(result, c) for c in candidates)
     identity = _host(table.flip_crop(xp.asarray(x_host), 5, 0, False, 0))
     np.testing.assert_array_equal(identity, x_host)
+
+
+# -- norms: layernorm and groupnorm -------------------------------------------
+COVERED |= {"layernorm_forward", "layernorm_backward", "groupnorm_forward", "groupnorm_backward"}
+
+
+def _norm_case(xp, shape, dtype, seed, channels_last=False):
+    """Random (x, gamma, beta, dout) on xp; x offset and scaled, as activations are."""
+    rng = np.random.default_rng(seed)
+    x = 3.0 * rng.standard_normal(shape) + 2.0
+    if channels_last:  # an NHWC array seen as NCHW
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    gamma, beta = rng.standard_normal(shape[1]) + 1.0, rng.standard_normal(shape[1])
+    dout = rng.standard_normal(shape)
+    x = xp.asarray(x, dtype=dtype)
+    return x, xp.asarray(gamma, dtype=dtype), xp.asarray(beta, dtype=dtype), \
+        xp.asarray(dout, dtype=dtype)
+
+
+def _compare_with_numpy_reference(got, op, args, dtype, scale=1.0):
+    """`got` (the backend's table) against reference `op` run on host copies of `args`."""
+    expected = getattr(reference, op)(*(_host(a) if hasattr(a, "shape") else a for a in args))
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.shape == e.shape, op
+        _close(g, e, dtype, scale)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (5, 3), (64, 10), (33, 300)])
+def test_layernorm(ops, dtype, shape):
+    xp, table = ops
+    x, gamma, beta, dout = _norm_case(xp, shape, dtype, 40)
+    out, x_hat, inv_std = table.layernorm_forward(x, gamma, beta, 1e-5)
+    _compare_with_numpy_reference((out, x_hat, inv_std), "layernorm_forward",
+                                  (x, gamma, beta, 1e-5), dtype)
+    got = table.layernorm_backward(dout, x_hat, gamma, inv_std)
+    # sums over N rows: tolerances grow with N
+    _compare_with_numpy_reference(got, "layernorm_backward", (dout, x_hat, gamma, inv_std), dtype,
+                                  scale=shape[0])
+
+
+@pytest.mark.parametrize("shape,groups", [((1, 4, 1, 1), 2), ((2, 6, 3, 5), 3), ((3, 8, 7, 7), 1),
+                                          ((4, 16, 6, 6), 16), ((2, 12, 9, 11), 4)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc_view"])
+def test_groupnorm(ops, dtype, shape, groups, channels_last):
+    xp, table = ops
+    x, gamma, beta, dout = _norm_case(xp, shape, dtype, 41, channels_last)
+    out, x_hat, inv_std = table.groupnorm_forward(x, gamma, beta, groups, 1e-5)
+    assert inv_std.shape == (shape[0], groups)
+    _compare_with_numpy_reference((out, x_hat, inv_std), "groupnorm_forward",
+                                  (x, gamma, beta, groups, 1e-5), dtype)
+    got = table.groupnorm_backward(dout, x_hat, gamma, inv_std, groups)
+    _compare_with_numpy_reference(got, "groupnorm_backward",
+                                  (dout, x_hat, gamma, inv_std, groups), dtype,
+                                  scale=shape[0] * shape[2] * shape[3])
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_norm_cuda_source_compiles(tmp_path, dtype_name):
+    """gpu.py's norm kernels compile with nvcc (no GPU needed); skipped without nvcc."""
+    import shutil
+    import subprocess
+
+    from fastnn.kernels import gpu
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    source = tmp_path / f"norms_{dtype_name}.cu"
+    source.write_text(gpu.norm_source(dtype_name))
+    result = subprocess.run([nvcc, "-c", "-Werror", "all-warnings", "-o",
+                             str(tmp_path / "norms.o"), str(source)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

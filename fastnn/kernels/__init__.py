@@ -30,6 +30,8 @@ OPS = (
     "batchnorm_rows_train_forward", "batchnorm_rows_backward",
     "l2_stacked_", "sgd_stacked_", "sgd_momentum_stacked_", "rmsprop_stacked_",
     "adam_stacked_", "adamw_stacked_",
+    # norms (fastnn.layers: layernorm, spatial groupnorm)
+    "layernorm_forward", "layernorm_backward", "groupnorm_forward", "groupnorm_backward",
 )
 
 _tables = {}

@@ -364,3 +364,60 @@ def adamw_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay, l2=None)
     w *= _per_member(1 - lr * weight_decay, w.dtype)
     adam_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t)
     return sum_squares
+
+
+# -- norms: layernorm and groupnorm -------------------------------------------
+# Both normalise rows of their own: a sample's D features (layernorm) or a
+# sample's group of C/G channels over all positions (groupnorm), with the
+# biased variance; gamma and beta are per feature / per channel.
+def _normalise_rows(rows, eps):
+    """rows (R, L) -> (x_hat (R, L), inv_std (R,)), each row to mean 0 and variance 1."""
+    xp = get_array_module(rows)
+    centered = rows - rows.mean(axis=1, keepdims=True)
+    var = (centered * centered).mean(axis=1)
+    inv_std = rows.dtype.type(1) / xp.sqrt(var + rows.dtype.type(eps))
+    return centered * inv_std[:, None], inv_std
+
+
+def _normalise_rows_backward(g, x_hat, inv_std):
+    """dx (R, L) of _normalise_rows from g = dL/dx_hat (R, L)."""
+    return inv_std[:, None] * (g - g.mean(axis=1, keepdims=True)
+                               - x_hat * (g * x_hat).mean(axis=1, keepdims=True))
+
+
+def layernorm_forward(x, gamma, beta, eps):
+    """Normalise each row of x (N, D); gamma, beta (D,).
+
+    Returns (out (N, D), x_hat (N, D), inv_std (N,)).
+    """
+    x_hat, inv_std = _normalise_rows(x, eps)
+    return x_hat * gamma + beta, x_hat, inv_std
+
+
+def layernorm_backward(dout, x_hat, gamma, inv_std):
+    """Gradients (dx (N, D), dgamma (D,), dbeta (D,)) of layernorm_forward."""
+    dbeta = dout.sum(axis=0)
+    dgamma = (dout * x_hat).sum(axis=0)
+    return _normalise_rows_backward(dout * gamma, x_hat, inv_std), dgamma, dbeta
+
+
+def groupnorm_forward(x, gamma, beta, groups, eps):
+    """Normalise x (N, C, H, W) over each sample's `groups` groups of C/groups channels.
+
+    gamma, beta (C,). Returns (out, x_hat (both N, C, H, W), inv_std (N, groups)).
+    """
+    n = x.shape[0]
+    x_hat, inv_std = _normalise_rows(x.reshape(n * groups, -1), eps)
+    x_hat = x_hat.reshape(x.shape)
+    return (x_hat * gamma[None, :, None, None] + beta[None, :, None, None], x_hat,
+            inv_std.reshape(n, groups))
+
+
+def groupnorm_backward(dout, x_hat, gamma, inv_std, groups):
+    """Gradients (dx (N, C, H, W), dgamma (C,), dbeta (C,)) of groupnorm_forward."""
+    n = dout.shape[0]
+    dbeta = dout.sum(axis=(0, 2, 3))
+    dgamma = (dout * x_hat).sum(axis=(0, 2, 3))
+    g = (dout * gamma[None, :, None, None]).reshape(n * groups, -1)
+    dx = _normalise_rows_backward(g, x_hat.reshape(n * groups, -1), inv_std.reshape(-1))
+    return dx.reshape(dout.shape), dgamma, dbeta
