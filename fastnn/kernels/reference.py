@@ -109,20 +109,37 @@ def relu_backward(dout, out):
 
 
 # -- losses ------------------------------------------------------------------
+# The losses do not check their labels (fastnn.layers does, Solver does once
+# up front). A label outside [0, C) makes the loss and that row of dx NaN,
+# as the Numba kernels do: computed on the device, with no sync, where plain
+# indexing would raise (numpy), or wrap around to a plausible loss on the
+# wrong class (negative labels on numpy; every bad label on cupy).
+def _labels_to_index(xp, y, num_classes):
+    """(valid (N,) bool, labels with each bad one replaced by class 0)."""
+    valid = (y >= 0) & (y < num_classes)
+    return valid, xp.where(valid, y, 0)
+
+
+def _nan_rows(xp, a, valid):
+    """a with the rows (axis -2) of invalid labels set to NaN."""
+    return xp.where(valid[..., :, None], a, a.dtype.type(float("nan")))
+
+
 def softmax_loss(x, y):
     """Mean softmax cross-entropy of scores x (N, C) and labels y (N,).
 
-    Returns (loss as a 0-d array, dx (N, C)); no label checks.
+    Returns (loss as a 0-d array, dx (N, C)); no label checks (a bad label: NaN).
     """
     xp = get_array_module(x, y)
     n = x.shape[0]
+    valid, labels = _labels_to_index(xp, y, x.shape[1])
     shifted = x - x.max(axis=1, keepdims=True)
     log_z = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
-    log_probs = shifted - log_z
+    log_probs = _nan_rows(xp, shifted - log_z, valid)
     rows = xp.arange(n)
-    loss = -log_probs[rows, y].sum() / x.dtype.type(n)
+    loss = -log_probs[rows, labels].sum() / x.dtype.type(n)
     dx = xp.exp(log_probs)
-    dx[rows, y] -= 1
+    dx[rows, labels] -= 1
     dx /= x.dtype.type(n)
     return loss, dx
 
@@ -130,19 +147,20 @@ def softmax_loss(x, y):
 def svm_loss(x, y):
     """Mean multiclass hinge loss (margin 1, correct class excluded).
 
-    Returns (loss as a 0-d array, dx (N, C)); no label checks.
+    Returns (loss as a 0-d array, dx (N, C)); no label checks (a bad label: NaN).
     """
     xp = get_array_module(x, y)
     n = x.shape[0]
+    valid, labels = _labels_to_index(xp, y, x.shape[1])
     rows = xp.arange(n)
-    correct = x[rows, y][:, None]
+    correct = x[rows, labels][:, None]
     margins = xp.maximum(x - correct + x.dtype.type(1), x.dtype.type(0))
-    margins[rows, y] = 0
-    loss = margins.sum() / x.dtype.type(n)
+    margins[rows, labels] = 0
+    loss = _nan_rows(xp, margins, valid).sum() / x.dtype.type(n)
     dx = (margins > 0).astype(x.dtype)
-    dx[rows, y] -= dx.sum(axis=1)
+    dx[rows, labels] -= dx.sum(axis=1)
     dx /= x.dtype.type(n)
-    return loss, dx
+    return loss, _nan_rows(xp, dx, valid)
 
 
 # -- batchnorm ---------------------------------------------------------------
@@ -266,16 +284,17 @@ def softmax_loss_stacked(x, y):
     """Softmax loss of K members' scores x (K, N, C) on shared labels y (N,).
 
     Returns (losses (K,) of x.dtype, each the mean over N; dx (K, N, C)).
-    No label checks.
+    No label checks (a bad label: NaN, as in softmax_loss).
     """
     xp = get_array_module(x, y)
     n = x.shape[1]
+    valid, labels = _labels_to_index(xp, y, x.shape[2])
     shifted = x - x.max(axis=2, keepdims=True)
-    log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=2, keepdims=True))
+    log_probs = _nan_rows(xp, shifted - xp.log(xp.exp(shifted).sum(axis=2, keepdims=True)), valid)
     rows = xp.arange(n)
-    losses = -log_probs[:, rows, y].sum(axis=1) / x.dtype.type(max(n, 1))
+    losses = -log_probs[:, rows, labels].sum(axis=1) / x.dtype.type(max(n, 1))
     dx = xp.exp(log_probs)
-    dx[:, rows, y] -= 1
+    dx[:, rows, labels] -= 1
     dx /= x.dtype.type(max(n, 1))
     return losses, dx
 
