@@ -135,6 +135,38 @@ def test_relu_non_finite_like_reference(ops, dtype):
     assert np.isnan(_host(table.relu_forward(x))[0, 0])
 
 
+def test_relu_subnormals_and_nan_on_numpy(dtype):
+    """Positive subnormals pass, negative ones (and -0, -inf) give 0, NaN stays NaN: in
+    the reference and in the Numba kernel (a GPU flushes subnormals: not compared there)."""
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = np.array([tiny, -tiny, 3 * tiny, -3 * tiny, np.nan, -np.nan, np.inf, -np.inf, -0.0,
+                  0.0, 1.5, -1.5], dtype=dtype)
+    expected = np.array([tiny, 0, 3 * tiny, 0, np.nan, np.nan, np.inf, 0, 0, 0, 1.5, 0],
+                        dtype=dtype)
+    from fastnn.kernels import cpu
+
+    for op in (reference.relu_forward, cpu.relu_forward, kernels.for_module(np).relu_forward):
+        out = op(x)
+        assert out.dtype == dtype
+        np.testing.assert_array_equal(out, expected)
+    dout = np.arange(1, x.size + 1, dtype=dtype)
+    keep = expected > 0  # dout passes where the output was positive, subnormals included
+    for op in (reference.relu_backward, cpu.relu_backward):
+        np.testing.assert_array_equal(op(dout, expected), np.where(keep, dout, 0))
+
+
+def test_relu_never_passes_a_negative_subnormal(ops, dtype):
+    """On every backend: a negative subnormal gives +0, never itself (CuPy's -ftz=true
+    flushes it to 0 in a comparison, so `x < 0 ? 0 : x` let it through); NaN stays NaN; a
+    positive subnormal gives itself, or 0 where the device flushes subnormals."""
+    xp, table = ops
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = xp.asarray(np.array([-tiny, -5 * tiny, np.nan, tiny, 2.0], dtype=dtype))
+    out = _host(table.relu_forward(x))
+    assert (out[:2] == 0).all() and not np.signbit(out[:2]).any()
+    assert np.isnan(out[2]) and out[3] in (0, tiny) and out[4] == 2
+
+
 def test_relu_non_contiguous_input(ops, dtype):
     xp, table = ops
     x = xp.asarray(np.random.default_rng(1).standard_normal((6, 9)), dtype=dtype).T
@@ -458,20 +490,49 @@ def test_groupnorm(ops, dtype, shape, groups, channels_last):
                                   scale=shape[0] * shape[2] * shape[3])
 
 
-@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
-def test_norm_cuda_source_compiles(tmp_path, dtype_name):
-    """gpu.py's norm kernels compile with nvcc (no GPU needed); skipped without nvcc."""
+# -- CUDA sources compile (nvcc, no GPU needed; skipped without nvcc) ----------
+def _nvcc_compiles(tmp_path, name, source):
     import shutil
     import subprocess
-
-    from fastnn.kernels import gpu
 
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not installed")
-    source = tmp_path / f"norms_{dtype_name}.cu"
-    source.write_text(gpu.norm_source(dtype_name))
-    result = subprocess.run([nvcc, "-c", "-Werror", "all-warnings", "-o",
-                             str(tmp_path / "norms.o"), str(source)],
+    path = tmp_path / f"{name}.cu"
+    path.write_text(source)
+    result = subprocess.run([nvcc, "--ptx", "-ftz=true", "-Werror", "all-warnings", "-o",
+                             str(tmp_path / f"{name}.ptx"), str(path)],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, f"{name}:\n{result.stderr}"
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_norm_cuda_source_compiles(tmp_path, dtype_name):
+    from fastnn.kernels import gpu
+
+    _nvcc_compiles(tmp_path, f"norms_{dtype_name}", gpu.norm_source(dtype_name))
+
+
+def _elementwise_as_cuda(name, in_params, out_params, operation):
+    """One of gpu.py's ElementwiseKernel sources as a plain CUDA kernel: inputs by value,
+    outputs as references to element i, as CuPy's generated code sees them."""
+    def params(text):
+        return [p.split() for p in text.split(",")]
+
+    args = [f"const {t} {n}" for t, n in params(in_params)]
+    args += [f"{t}* {n}_out" for t, n in params(out_params)]
+    outputs = "".join(f"{t}& {n} = {n}_out[i];" for t, n in params(out_params))
+    return (f'extern "C" __global__ void fastnn_{name}({", ".join(args)}) {{\n'
+            f"const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
+            f"{outputs}\n{operation};\n}}\n")
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_elementwise_cuda_sources_compile(tmp_path, dtype_name):
+    """Every ElementwiseKernel body of gpu.py compiles (with CuPy's -ftz=true)."""
+    from fastnn.kernels import gpu
+
+    ctype = {"float32": "float", "float64": "double"}[dtype_name]
+    source = f"#define T {ctype}\ntypedef unsigned long long uint64;\n" + "".join(
+        _elementwise_as_cuda(name, *parts) for name, parts in gpu._SOURCES.items())
+    _nvcc_compiles(tmp_path, f"elementwise_{dtype_name}", source)

@@ -52,7 +52,10 @@ def _flat(a):
 def _relu_forward(x, out):
     for i in range(x.size):
         v = x[i]
-        out[i] = 0 if v < 0 else v  # NaN stays NaN, as np.maximum keeps it
+        # only positive values (subnormals too) and NaN (as np.maximum keeps it)
+        # pass; the form of gpu.py's relu, which must not let a flushed
+        # negative subnormal through
+        out[i] = v if (v > 0 or v != v) else 0
 
 
 @_jit

@@ -29,7 +29,10 @@ const bool keep = (z >> {64 - UNIT_BITS}) >= threshold;
 """
 
 _SOURCES = {
-    "relu_forward": ("T x", "T y", "y = x < (T)0 ? (T)0 : x"),
+    # CuPy compiles with -ftz=true, where `x < 0 ? 0 : x` may pass a negative
+    # subnormal through; this form keeps NaN (as np.maximum does) and lets
+    # only positive values through
+    "relu_forward": ("T x", "T y", "y = (x > (T)0 || isnan(x)) ? x : (T)0"),
     "relu_backward": ("T dout, T out", "T dx", "dx = out > (T)0 ? dout : (T)0"),
     # i is the element's C-order position, as in reference.dropout_keep
     "dropout": ("T x, uint64 key, uint64 threshold, T scale", "T y",
