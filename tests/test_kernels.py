@@ -111,6 +111,46 @@ def test_other_dtypes_run_the_reference():
     assert layers.relu_forward(x)[0].dtype == np.float16
 
 
+def test_mixed_dtypes_run_the_reference(ops):
+    """float32 data mixed with float64 (judged over all data arguments, not the first
+    alone) gets the reference op, which promotes as the array module does, on every
+    backend: the fast kernels take one dtype and CuPy's raise on a mix."""
+    xp, table = ops
+    assert set(kernels.DATA_ARGS) <= set(kernels.OPS)
+    rng = np.random.default_rng(14)
+
+    def arrays(*shapes_and_dtypes):
+        return [xp.asarray(rng.standard_normal(shape) + 1.5, dtype=dtype)
+                for shape, dtype in shapes_and_dtypes]
+
+    f32, f64 = np.float32, np.float64
+    calls = {
+        "relu_backward": arrays(((5, 4), f32), ((5, 4), f64)),
+        "batchnorm_train_forward": arrays(((6, 4), f32), ((4,), f64), ((4,), f32)) + [1e-5],
+        "batchnorm_backward": arrays(((6, 4), f64), ((6, 4), f32), ((4,), f32), ((4,), f32)),
+        "layernorm_forward": arrays(((6, 4), f32), ((4,), f32), ((4,), f64)) + [1e-5],
+        "layernorm_backward": arrays(((6, 4), f32), ((6, 4), f32), ((4,), f64), ((6,), f32)),
+        "groupnorm_forward": arrays(((2, 4, 3, 3), f32), ((4,), f64), ((4,), f64)) + [2, 1e-5],
+    }
+    for op, args in calls.items():
+        assert op in kernels.DATA_ARGS, op
+        got = getattr(table, op)(*args)
+        expected = _reference(op, *args)
+        for g, e in zip(got if isinstance(got, tuple) else [got],
+                        expected if isinstance(expected, tuple) else [expected]):
+            assert g.dtype == e.dtype, op
+            rtol, atol = backend_tolerances(xp, np.float32)
+            np.testing.assert_allclose(_host(g), e, rtol=rtol, atol=atol, err_msg=op)
+    # an in-place update keeps w's dtype; the gradient and state may be float64
+    w, dw, v = arrays(((4, 3), f32), ((4, 3), f64), ((4, 3), f32))
+    w_host, dw_host, v_host = host_copies(w, dw, v)
+    table.sgd_momentum_(w, dw, v, 0.1, 0.9)
+    reference.sgd_momentum_(w_host, dw_host, v_host, 0.1, 0.9)
+    assert w.dtype == f32 and v.dtype == f32
+    np.testing.assert_allclose(_host(w), w_host, rtol=1e-6)
+    np.testing.assert_allclose(_host(v), v_host, rtol=1e-6)
+
+
 # -- relu ----------------------------------------------------------------------
 @pytest.mark.parametrize("shape", X_SHAPES)
 def test_relu(ops, dtype, shape):
