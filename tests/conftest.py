@@ -24,7 +24,7 @@ def _cupy_skip_reason():
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return "CuPy is not installed (pip install 'fastnn[cuda]')"
+        return "CuPy is not installed (pip install 'fastnn[cuda13]' or 'fastnn[cuda12]')"
     return "CuPy is installed but no CUDA GPU is usable"
 
 

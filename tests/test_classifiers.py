@@ -406,3 +406,17 @@ def test_layernorm_net_trains_with_solver(backend):
     assert solver.train_acc_history[-1] == 1.0
     assert solver.loss_history[-1] < 0.2 * solver.loss_history[0]
     assert float(fastnn.to_numpy(model.params["gamma1"]).std()) > 0  # the scales were trained
+
+
+@pytest.mark.parametrize("bad", [-1, C, 1000])
+def test_out_of_range_labels_give_a_nan_loss_on_every_backend(backend, bad):
+    """model.loss skips the label check: a bad label is a NaN loss, not a wrapped-around class
+    (CuPy's fancy indexing wraps) and not an exception or a sync."""
+    xp = backend
+    model = FullyConnectedNet([6], input_dim=D, num_classes=C, seed=0)
+    X, y = _data(12)
+    y[1] = bad
+    loss, grads = model.loss(xp.asarray(X, dtype=np.float32), xp.asarray(y))
+    assert np.isnan(float(loss))
+    two_layer = TwoLayerNet(input_dim=D, hidden_dim=6, num_classes=C)
+    assert np.isnan(float(two_layer.loss(xp.asarray(X, dtype=np.float32), xp.asarray(y))[0]))

@@ -3,8 +3,9 @@
 Parameters live in `model.params` (arrays of the backend active at
 construction); `model.loss(X)` gives scores, `model.loss(X, y)` gives
 `(loss, grads)`. The softmax loss here skips the label checks of
-`fastnn.layers.softmax_loss`: `Solver` checks the labels once up front (an
-out-of-range label gives a NaN loss rather than a read out of bounds).
+`fastnn.layers.softmax_loss`: `Solver` checks the labels once up front. On
+every backend an out-of-range label gives a NaN loss (computed on the device,
+no synchronisation), never a read out of bounds or a wrapped-around class.
 """
 import numpy as np
 
