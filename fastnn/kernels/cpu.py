@@ -661,21 +661,30 @@ def _layernorm_forward(x, gamma, beta, eps, out, x_hat, inv_std):
             out[i, j] = normed * gamma[j] + beta[j]
 
 
+@_jit_sums
+def _row_gamma_sums(dout, x_hat, gamma, i):
+    """Over row i: (sum of g, sum of g * x_hat) with g = dout * gamma, the gradient
+    reaching x_hat."""
+    total = 0.0
+    total_xhat = 0.0
+    for j in range(dout.shape[1]):
+        g = dout[i, j] * gamma[j]
+        total += g
+        total_xhat += g * x_hat[i, j]
+    return total, total_xhat
+
+
 @_jit
 def _layernorm_backward(dout, x_hat, gamma, inv_std, dx, dgamma, dbeta):
     n, d = dout.shape
     sum_dout = np.zeros(d, dtype=np.float64)
     sum_dout_xhat = np.zeros(d, dtype=np.float64)
     for i in range(n):
-        mean_g = 0.0  # g = dout * gamma, the gradient reaching x_hat
-        mean_g_xhat = 0.0
         for j in range(d):
             grad = dout[i, j]
             sum_dout[j] += grad
             sum_dout_xhat[j] += grad * x_hat[i, j]
-            g = grad * gamma[j]
-            mean_g += g
-            mean_g_xhat += g * x_hat[i, j]
+        mean_g, mean_g_xhat = _row_gamma_sums(dout, x_hat, gamma, i)
         mean_g /= d
         mean_g_xhat /= d
         scale = inv_std[i]
