@@ -47,6 +47,13 @@ SHAPES = {
     "sgd_momentum_stacked_": STACKED_PARAMETERS, "rmsprop_stacked_": STACKED_PARAMETERS,
     "adam_stacked_": STACKED_PARAMETERS, "adamw_stacked_": STACKED_PARAMETERS,
 }
+# norms: layernorm over deep_bn-width activations; groupnorm over conv activations
+SHAPES.update({
+    "layernorm_forward": ACTIVATIONS[1:], "layernorm_backward": ACTIVATIONS[1:],
+    "groupnorm_forward": [(256, 32, 32, 32), (256, 128, 8, 8)],
+    "groupnorm_backward": [(256, 32, 32, 32), (256, 128, 8, 8)],
+})
+NORM_GROUPS = 8
 IMPLEMENTATIONS = ["reference", "numpy", "cupy-reference", "cupy"]
 
 
@@ -57,6 +64,8 @@ def make_args(op, shape, rng, xp=np):
         return rng.standard_normal(shape, dtype=np.float32), 1234, 7, True, 4
     if op.endswith("_stacked_") or op.startswith(("dropout_stacked", "softmax_loss_stacked")):
         return make_stacked_args(op, shape, rng, xp)
+    if op.startswith(("layernorm", "groupnorm")):
+        return make_norm_args(op, shape, rng)
     n, d = shape
 
     def normal(*s):
@@ -129,6 +138,25 @@ def make_stacked_args(op, shape, rng, xp=np):
         return (w, dw, *state)
     if op == "adamw_stacked_":
         return (w, dw, *state, np.full(k, 1e-2))
+    raise AssertionError(f"no arguments defined for op {op!r}; add it to make_args")
+
+
+def make_norm_args(op, shape, rng):
+    """Arguments of the layernorm (N, D) and groupnorm (N, C, H, W) ops, float32."""
+    x = rng.standard_normal(shape, dtype=np.float32)
+    gamma = rng.random(shape[1], dtype=np.float32) + np.float32(0.5)
+    beta = rng.standard_normal(shape[1], dtype=np.float32)
+    if op == "layernorm_forward":
+        return x, gamma, beta, 1e-5
+    if op == "groupnorm_forward":
+        return x, gamma, beta, NORM_GROUPS, 1e-5
+    _, x_hat, inv_std, *_ = getattr(reference, op.replace("backward", "forward"))(
+        *make_norm_args(op.replace("backward", "forward"), shape, rng))
+    dout = rng.standard_normal(shape, dtype=np.float32)
+    if op == "layernorm_backward":
+        return dout, x_hat, gamma, inv_std
+    if op == "groupnorm_backward":
+        return dout, x_hat, gamma, inv_std, NORM_GROUPS
     raise AssertionError(f"no arguments defined for op {op!r}; add it to make_args")
 
 
