@@ -12,7 +12,7 @@ import fastnn
 from fastnn import kernels, layers
 from fastnn.backend import get_array_module
 from fastnn.kernels import reference
-from helpers import backend_tolerances, host_copies, tolerances
+from helpers import backend_tolerances, host_copies
 
 X_SHAPES = [(1, 7), (5, 3), (64, 10), (3, 4, 5), (97, 130)]  # the last spans several chunks
 LOSS_SHAPES = [(1, 10), (1, 1), (2, 2), (16, 10), (300, 7)]
