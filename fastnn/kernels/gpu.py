@@ -1,15 +1,17 @@
 """CuPy kernels for the cupy backend: the same ops, names and results as reference.py.
 
 NOT YET RUN ON A GPU: written without one (see the GPU-speed issue). The
-tests in tests/test_kernels.py compare every op here with the reference on
-cupy; `bash benchmarks/gpu_check.sh` runs them. Ops not defined here (the
+tests in tests/test_kernels.py compare every op here with the reference run by
+numpy on host copies; `bash benchmarks/gpu_check.sh` runs them. Ops not defined here (the
 losses, batchnorm, augmentation, the stacked ops) use the reference code.
 
 Each kernel is an ElementwiseKernel built on first use and cached
 (`_kernel`), so importing this module does not touch CuPy. They are compiled
 with `--fmad=false`: a fused multiply-add would round differently from the
 separate cupy operations of the reference and of fastnn.optim, and the
-update rules must give the same parameters.
+update rules must give the same parameters. The norms (layernorm, groupnorm;
+at the end) are one RawModule per dtype, also built on first use.
+tests/test_kernels.py compile-checks every CUDA source here with nvcc.
 """
 import functools
 import math
