@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from fastnn import optim
+
 START_TIME = time.perf_counter()  # budgets count from the command's start
 
 # The defaults are the README's main job: >= 0.55 test accuracy on CIFAR-10
@@ -31,9 +33,9 @@ DEFAULTS = {
     "backend": "numpy", "seed": 0, "data": None, "num_training": 49000,
     "num_validation": 1000, "num_test": 10000, "threads": None, "print_every": 50,
 }
-RULE_OPTIONS = {"sgd": (), "sgd_momentum": ("momentum",), "rmsprop": ("decay_rate", "epsilon"),
-                "adam": ("beta1", "beta2", "epsilon"),
-                "adamw": ("beta1", "beta2", "epsilon", "weight_decay")}
+# each rule's hyperparameters besides the learning rate, from fastnn.optim's one table
+RULE_OPTIONS = {rule: tuple(k for k in optim.DEFAULTS[rule] if k != "learning_rate")
+                for rule in optim.RULES}
 # What --resume may change: where and how fast it runs and how long, not what it trains.
 RESUMABLE = {"epochs", "backend", "data", "threads", "print_every"}
 
@@ -54,7 +56,7 @@ def build_parser():
     add("--weight-scale", type=float, help="std of the initial weights (1e-2)")
     add("--update-rule", choices=list(RULE_OPTIONS), help="update rule (adam)")
     add("--lr", "--learning-rate", dest="learning_rate", type=float, help="learning rate (1e-3)")
-    add("--momentum", type=float, help="sgd_momentum momentum (0.9)")
+    add("--momentum", type=float, help="sgd_momentum / sgd_nesterov momentum (0.9)")
     add("--beta1", type=float, help="adam beta1 (0.9)")
     add("--beta2", type=float, help="adam beta2 (0.999)")
     add("--decay-rate", type=float, help="rmsprop decay rate (0.99)")
@@ -263,7 +265,8 @@ def train_command(args):
                     solver.iterations_per_epoch)
     plots.plot_accuracy(solver.train_acc_history, solver.val_acc_history,
                         os.path.join(out_dir, "accuracy.png"))
-    plots.plot_first_layer_weights(fastnn.to_numpy(model.params["W1"]),
+    first_weight = next(name for name, role in model.param_roles.items() if role == "weight")
+    plots.plot_first_layer_weights(fastnn.to_numpy(model.params[first_weight]),
                                    os.path.join(out_dir, "weights.png"))
     print(f"best val acc {solver.best_val_acc:.4f}; test acc {test_acc:.4f} on "
           f"{metrics['num_test']} images; {metrics['seconds']:.0f} s; run folder {out_dir}")

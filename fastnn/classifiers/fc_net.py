@@ -9,8 +9,8 @@ no synchronisation), never a read out of bounds or a wrapped-around class.
 """
 import numpy as np
 
-from fastnn import kernels
-from fastnn.backend import get_array_module, get_backend, xp as active_xp
+from fastnn.backend import xp as active_xp
+from fastnn.classifiers.base import Classifier, standard_normal
 from fastnn.layer_utils import (affine_bn_relu_backward, affine_bn_relu_forward,
                                 affine_ln_relu_backward, affine_ln_relu_forward,
                                 affine_relu_backward, affine_relu_forward)
@@ -18,49 +18,31 @@ from fastnn.layers import (affine_backward, affine_forward, draw_seed, dropout_b
                            dropout_forward)
 
 
-def _standard_normal(rng, shape):
-    """Standard normal draws from a Generator, or from np.random when rng is None."""
-    return np.random.randn(*shape) if rng is None else rng.standard_normal(shape)
+class _FullyConnected(Classifier):
+    """What both nets share: their parameters, in the order of the initial draws."""
 
+    def _init_params(self, dims, weight_scale, normalization, rng):
+        """W1..WL (weight_scale * N(0, 1)), b zero; gamma one, beta zero after each hidden
+        affine when `normalization` is "batchnorm" or "layernorm".
 
-class _Classifier:
-    """What both nets share: parameter creation, L2 loss, the softmax head."""
-
-    def _init_params(self, dims, weight_scale, normalized, rng):
-        """W1..WL (weight_scale * N(0, 1)), b zero; with `normalized` (a batchnorm or
-        layernorm after each hidden affine) gamma one, beta zero. Fills param_roles."""
-        xp = active_xp()
-        self.params = {}
-        self.param_roles = {}
+        Each batchnorm also gets a running-statistics layer (norm_params "1",
+        ...; bn_params lists the same dicts, as the course's nets do);
+        layernorm keeps none.
+        """
+        self._start_params()
         for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:]), start=1):
-            w = weight_scale * _standard_normal(rng, (fan_in, fan_out))
-            self.params[f"W{i}"] = xp.asarray(w, dtype=self.dtype)
-            self.params[f"b{i}"] = xp.zeros(fan_out, dtype=self.dtype)
-            self.param_roles.update({f"W{i}": "weight", f"b{i}": "bias"})
-            if normalized and i < len(dims) - 1:
-                self.params[f"gamma{i}"] = xp.ones(fan_out, dtype=self.dtype)
-                self.params[f"beta{i}"] = xp.zeros(fan_out, dtype=self.dtype)
-                self.param_roles.update({f"gamma{i}": "scale", f"beta{i}": "shift"})
-        self.backend = get_backend()
-
-    def _weight_names(self):
-        return [f"W{i}" for i in range(1, self.num_layers + 1)]
-
-    def _loss_and_grads(self, scores, y, grads_of_scores):
-        """Softmax loss plus L2 on the weights; grads_of_scores(dscores) fills the rest."""
-        xp = get_array_module(scores, y)
-        loss, dscores = kernels.for_module(xp).softmax_loss(scores, y)
-        grads = grads_of_scores(dscores)
-        if self.reg:
-            for name in self._weight_names():
-                w = self.params[name]
-                flat = w.reshape(-1)
-                loss = loss + 0.5 * self.reg * xp.dot(flat, flat)
-                grads[name] += self.reg * w
-        return loss, grads
+            self._add_param(f"W{i}", weight_scale * standard_normal(rng, (fan_in, fan_out)),
+                            "weight")
+            self._add_param(f"b{i}", np.zeros(fan_out), "bias")
+            if normalization and i < len(dims) - 1:
+                self._add_param(f"gamma{i}", np.ones(fan_out), "scale")
+                self._add_param(f"beta{i}", np.zeros(fan_out), "shift")
+                if normalization == "batchnorm":
+                    self._add_norm(i, fan_out)
+        self.bn_params = list(self.norm_params.values())
 
 
-class TwoLayerNet(_Classifier):
+class TwoLayerNet(_FullyConnected):
     """affine - relu - affine - softmax, for inputs of `input_dim` features."""
 
     def __init__(self, input_dim=3 * 32 * 32, hidden_dim=100, num_classes=10,
@@ -71,7 +53,7 @@ class TwoLayerNet(_Classifier):
         self.init_args = dict(input_dim=int(input_dim), hidden_dim=int(hidden_dim),
                               num_classes=int(num_classes), weight_scale=float(weight_scale),
                               reg=float(reg), dtype=self.dtype.name)
-        self._init_params([input_dim, hidden_dim, num_classes], weight_scale, False, None)
+        self._init_params([input_dim, hidden_dim, num_classes], weight_scale, None, None)
 
     def loss(self, X, y=None):
         """X (N, d1, ...) -> scores (N, C), or (loss, grads) when labels y (N,) are given."""
@@ -126,7 +108,7 @@ def _resolve_dropout(dropout, dropout_keep_ratio):
     return p
 
 
-class FullyConnectedNet(_Classifier):
+class FullyConnectedNet(_FullyConnected):
     """{affine - [batchnorm | layernorm] - relu - [dropout]} x (L - 1) - affine - softmax.
 
     `dropout` is the probability of dropping a unit (0: no dropout); the later
@@ -165,21 +147,15 @@ class FullyConnectedNet(_Classifier):
             self.init_args["normalization"] = "layernorm"
         rng = None if seed is None else np.random.default_rng(seed)
         self._init_params([input_dim, *hidden_dims, num_classes], weight_scale,
-                          self.normalization is not None, rng)
+                          self.normalization, rng)
         self.dropout_param = {"mode": "train", "p": dropout, "step": 0}
         if self.use_dropout:
             # One seed for the model's life (the Solver advances `step`): drawing
             # one per call would read a device value every step on cupy.
             self.dropout_param["seed"] = int(seed) if seed is not None else draw_seed(active_xp())
-        self.bn_params = [{"mode": "train"} for _ in hidden_dims] if self.use_batchnorm else []
         # layernorm keeps no state: one ln_param (eps) per layer, never saved
         self.ln_params = ([{} for _ in hidden_dims] if self.normalization == "layernorm"
                           else [])
-
-    @property
-    def norm_params(self):
-        """Layer key ("1" for gamma1) -> bn_param, for the layers with running statistics."""
-        return {str(i): bn_param for i, bn_param in enumerate(self.bn_params, start=1)}
 
     def _layer_dropout_param(self, layer):
         """Layer `layer`'s dropout settings: its own seed, so equal-width layers differ."""

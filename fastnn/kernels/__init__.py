@@ -26,13 +26,13 @@ OPS = (
     "dropout_forward", "dropout_backward",
     "softmax_loss", "svm_loss",
     "batchnorm_train_forward", "batchnorm_backward",
-    "sgd_", "sgd_momentum_", "rmsprop_", "adam_", "adamw_",
+    # update rules, in place, for lone parameters and stacked members alike
+    # (fastnn.optim.SPECS names each rule's op)
+    "sgd_", "sgd_momentum_", "sgd_nesterov_", "rmsprop_", "adam_",
     "flip_crop",
     # stacked models (fastnn.stacked): K members along a model axis
     "dropout_stacked_forward", "dropout_stacked_backward", "softmax_loss_stacked",
-    "batchnorm_rows_train_forward", "batchnorm_rows_backward",
-    "l2_stacked_", "sgd_stacked_", "sgd_momentum_stacked_", "rmsprop_stacked_",
-    "adam_stacked_", "adamw_stacked_",
+    "batchnorm_rows_train_forward", "batchnorm_rows_backward", "l2_stacked_",
     # norms (fastnn.layers: layernorm, spatial groupnorm)
     "layernorm_forward", "layernorm_backward", "groupnorm_forward", "groupnorm_backward",
 )
@@ -40,13 +40,14 @@ OPS = (
 # How many leading arguments of an op are data arrays that share one dtype;
 # ops not named here have one. The arguments after them are labels, seeds,
 # masks and hyperparameters (a stack's per-member learning rates stay float64).
+# An update rule's data are w, dw and its state (a tuple of arrays); its
+# scalars h (per-member ones stay float64) are not.
 DATA_ARGS = {
     "relu_backward": 2,
     "batchnorm_train_forward": 3, "batchnorm_backward": 4,
-    "sgd_": 2, "sgd_momentum_": 3, "rmsprop_": 3, "adam_": 4, "adamw_": 4,
+    "sgd_": 3, "sgd_momentum_": 3, "sgd_nesterov_": 3, "rmsprop_": 3, "adam_": 3,
     "batchnorm_rows_train_forward": 3, "batchnorm_rows_backward": 4,
-    "l2_stacked_": 2, "sgd_stacked_": 2, "sgd_momentum_stacked_": 3, "rmsprop_stacked_": 3,
-    "adam_stacked_": 4, "adamw_stacked_": 4,
+    "l2_stacked_": 2,
     "layernorm_forward": 3, "layernorm_backward": 4,
     "groupnorm_forward": 3, "groupnorm_backward": 4,
 }
@@ -70,10 +71,14 @@ def _for_dtypes(fast_op, reference_op, dtypes, data_args):
         return reference_op
     dtypes = tuple(np.dtype(d).type for d in dtypes)
 
+    def same_dtype(values, dtype):
+        return all(same_dtype(v, dtype) if isinstance(v, (tuple, list)) else v.dtype == dtype
+                   for v in values)
+
     @functools.wraps(fast_op)
     def op(*args, **kwargs):
         dtype = args[0].dtype
-        if dtype.type in dtypes and all(a.dtype == dtype for a in args[1:data_args]):
+        if dtype.type in dtypes and same_dtype(args[1:data_args], dtype):
             return fast_op(*args, **kwargs)
         return reference_op(*args, **kwargs)
 
