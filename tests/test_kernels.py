@@ -622,13 +622,26 @@ def test_norm_cuda_source_compiles(tmp_path, dtype_name):
     _nvcc_compiles(tmp_path, f"norms_{dtype_name}", gpu.norm_source(dtype_name))
 
 
+# CuPy's view of a `raw` argument, enough for the sources to compile: x[j], x.size()
+_RAW = """template <typename U> struct Raw {
+    const U* data; long long n;
+    __device__ U operator[](long long j) const { return data[j]; }
+    __device__ long long size() const { return n; }
+};
+typedef unsigned long long uint64;
+typedef long long int64;
+"""
+
+
 def _elementwise_as_cuda(name, in_params, out_params, operation):
-    """One of gpu.py's ElementwiseKernel sources as a plain CUDA kernel: inputs by value,
-    outputs as references to element i, as CuPy's generated code sees them."""
+    """One of gpu.py's ElementwiseKernel sources as a plain CUDA kernel: inputs by value
+    (`raw` ones as Raw<T>), outputs as references to element i, as CuPy's generated code
+    sees them."""
     def params(text):
         return [p.split() for p in text.split(",")]
 
-    args = [f"const {t} {n}" for t, n in params(in_params)]
+    args = [f"const Raw<{p[1]}> {p[2]}" if p[0] == "raw" else f"const {p[0]} {p[1]}"
+            for p in params(in_params)]
     args += [f"{t}* {n}_out" for t, n in params(out_params)]
     outputs = "".join(f"{t}& {n} = {n}_out[i];" for t, n in params(out_params))
     return (f'extern "C" __global__ void fastnn_{name}({", ".join(args)}) {{\n'
@@ -638,10 +651,18 @@ def _elementwise_as_cuda(name, in_params, out_params, operation):
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
 def test_elementwise_cuda_sources_compile(tmp_path, dtype_name):
-    """Every ElementwiseKernel body of gpu.py compiles (with CuPy's -ftz=true)."""
+    """Every ElementwiseKernel body of gpu.py (relu, dropout, each update rule) and the
+    softmax loss's RawKernel compile (with CuPy's -ftz=true)."""
     from fastnn.kernels import gpu
 
     ctype = {"float32": "float", "float64": "double"}[dtype_name]
-    source = f"#define T {ctype}\ntypedef unsigned long long uint64;\n" + "".join(
-        _elementwise_as_cuda(name, *parts) for name, parts in gpu._SOURCES.items())
+    kernels_ = [_elementwise_as_cuda(name, *parts) for name, parts in gpu._SOURCES.items()]
+    for rule, (_, scalars, _) in gpu._RULES.items():  # each scalar by value and on the device
+        for on_device in {(False,) * len(scalars), (True,) * len(scalars)}:
+            mask = "".join("d" if d else "s" for d in on_device)
+            kernels_.append(_elementwise_as_cuda(f"{rule}_{mask}",
+                                                 *gpu.rule_source(rule, on_device)))
+    source = f"#define T {ctype}\n{_RAW}" + "".join(kernels_)
     _nvcc_compiles(tmp_path, f"elementwise_{dtype_name}", source)
+    _nvcc_compiles(tmp_path, f"softmax_loss_{dtype_name}",
+                   gpu.SOFTMAX_LOSS_SOURCE.replace("{T}", ctype))
