@@ -85,11 +85,15 @@ def check_augment(augment, X_train):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during train(): the state was saved to `checkpoint` (or None)."""
+    """Ctrl-C or SIGTERM during train(): the state was saved to `checkpoint` (or None).
 
-    def __init__(self, message, checkpoint):
+    `signum` is the signal that stopped it (signal.SIGINT or signal.SIGTERM).
+    """
+
+    def __init__(self, message, checkpoint, signum=signal.SIGINT):
         super().__init__(message)
         self.checkpoint = checkpoint
+        self.signum = signum
 
 
 class SolverBase:
@@ -115,6 +119,10 @@ class SolverBase:
                              "they need one label per row")
         if y.dtype.kind not in "iu":
             raise ValueError(f"y_{split} must hold integer labels, got dtype {y.dtype}")
+        bad = int((~xp.isfinite(X)).sum())  # once here, so that the step never checks
+        if bad:
+            raise ValueError(f"X_{split} holds {bad} NaN or infinite values; clean or drop those "
+                             "rows before training")
         return X, xp.asarray(y, dtype=np.int64)
 
     def _check_labels(self, num_classes):
@@ -370,7 +378,8 @@ class Solver(SolverBase):
         from tqdm.auto import tqdm
 
         return tqdm(total=per_epoch, desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
-                    unit="batch", leave=False, dynamic_ncols=True)
+                    unit="batch", leave=False, dynamic_ncols=True,
+                    disable=None)  # None: no bar when stderr is not a terminal (a log file)
 
     def _print(self, line):
         if self.progress:
@@ -469,7 +478,7 @@ class Solver(SolverBase):
 
     @contextlib.contextmanager
     def _interrupt_to_checkpoint(self):
-        """While training, Ctrl-C finishes the current step, then saves and stops."""
+        """While training, Ctrl-C (or SIGTERM) finishes the current step, then saves and stops."""
         self._stop_requested = False
         if threading.current_thread() is not threading.main_thread():
             yield
@@ -478,15 +487,17 @@ class Solver(SolverBase):
         def request_stop(signum, frame):
             if self._stop_requested:  # a second Ctrl-C stops at once
                 raise KeyboardInterrupt
-            self._stop_requested = True
+            self._stop_requested = signum
 
-        previous = signal.signal(signal.SIGINT, request_stop)
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def _interrupted(self):
+        signum = self._stop_requested
         path = self.checkpoint_path
         if path is None and self.checkpoint_name is not None:
             path = f"{self.checkpoint_name}_interrupted.npz"
@@ -496,4 +507,6 @@ class Solver(SolverBase):
         else:
             message = f"interrupted at iteration {self._t}; no checkpoint_path was set, nothing saved"
         self._stop_requested = False
-        raise TrainingInterrupted(message, path)
+        if signum == signal.SIGTERM:
+            message = f"stopped by SIGTERM: {message}"
+        raise TrainingInterrupted(message, path, signal.Signals(signum))

@@ -453,3 +453,10 @@ def test_out_of_range_labels_give_a_nan_loss_on_every_backend(backend, bad):
     assert np.isnan(float(loss))
     two_layer = TwoLayerNet(input_dim=D, hidden_dim=6, num_classes=C)
     assert np.isnan(float(two_layer.loss(xp.asarray(X, dtype=np.float32), xp.asarray(y))[0]))
+
+
+def test_zero_width_layers_are_refused():
+    with pytest.raises(ValueError, match=r"hidden_dims must be layer widths >= 1, got \[8, 0\]"):
+        FullyConnectedNet([8, 0])
+    with pytest.raises(ValueError, match="hidden_dim must be a layer width >= 1, got 0"):
+        TwoLayerNet(hidden_dim=0)

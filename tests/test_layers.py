@@ -487,6 +487,11 @@ def test_norms_reject_bad_shapes(backend):
                                          xp.zeros((1, 6, 1, 1)), 2, {})
     with pytest.raises(ValueError, match=r"\(1, 6, 1, 1\).*\(6,\)"):
         layers.spatial_groupnorm_forward(xp.zeros((2, 6, 3, 3)), xp.ones(6), xp.zeros(6), 2, {})
+    with pytest.raises(ValueError, match="layernorm_forward: x must be a floating array"):
+        layers.layernorm_forward(xp.ones((2, 4), dtype=np.int64), xp.ones(4), xp.zeros(4), {})
+    with pytest.raises(ValueError, match="groupnorm_forward: x must be a floating array"):
+        layers.spatial_groupnorm_forward(xp.ones((2, 6, 3, 3), dtype=np.int32),
+                                         xp.ones((1, 6, 1, 1)), xp.zeros((1, 6, 1, 1)), 2, {})
 
 
 # PyTorch as an optional oracle, forward and backward, in float64 on the host
@@ -527,3 +532,22 @@ def test_spatial_groupnorm_matches_pytorch(G):
     np.testing.assert_allclose(dx, dx_t, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(dgamma.reshape(6), dgamma_t, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(dbeta.reshape(6), dbeta_t, rtol=1e-9, atol=1e-11)
+
+
+def test_bad_inputs_get_value_errors_naming_the_array():
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=r"x must be 2-D \(N, D\), got shape \(4, 3, 1\)") as info:
+        layers.batchnorm_forward(x[:, :, None], gamma, beta, {"mode": "train"})
+    assert "gamma" not in str(info.value)  # the shape of x is what is wrong
+    with pytest.raises(ValueError, match="x must be a floating array, got dtype int64"):
+        layers.batchnorm_forward(np.ones((4, 3), np.int64), gamma, beta, {"mode": "train"})
+    with pytest.raises(ValueError, match="x is an empty batch"):
+        layers.batchnorm_forward(x[:0], gamma, beta, {"mode": "train"})
+    for loss in (layers.softmax_loss, layers.svm_loss):
+        with pytest.raises(ValueError, match=r"scores x is an empty batch \(shape \(0, 3\)\)"):
+            loss(x[:0], np.zeros(0, np.int64))
+        with pytest.raises(ValueError, match="scores x must be a floating array, got dtype int32"):
+            loss(np.ones((2, 3), np.int32), np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="dropout_forward: x must be a floating array"):
+        layers.dropout_forward(np.ones((4, 3), np.int64), {"p": 0.3, "mode": "train", "seed": 0})

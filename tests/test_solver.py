@@ -321,12 +321,12 @@ def test_non_finite_loss_from_inf_input_keeps_finite_params(backend, hidden):
     With hidden layers the NaN passes through relu units on its way to the loss.
     """
     data = _small_data()
-    data["X_train"] = data["X_train"].copy()
-    data["X_train"][3, 0] = np.inf
     model = FullyConnectedNet(hidden, input_dim=12, num_classes=4, weight_scale=0.1, seed=0)
     initial = _host_params(model)
     solver = Solver(model, data, num_epochs=2, batch_size=len(data["X_train"]), verbose=False,
                     seed=0)
+    # Solver refuses non-finite data up front; put the inf in after that check
+    solver.X_train[3, 0] = np.inf
     with pytest.raises(FloatingPointError, match=r"iteration \d+"):
         solver.train()
     _assert_finite(model.params)
@@ -576,3 +576,14 @@ def test_a_version_1_checkpoint_resumes(tmp_path):
 def test_missing_data_key_is_a_value_error():
     with pytest.raises(ValueError, match="X_train"):
         Solver(_small(), {"y_train": np.zeros(3, dtype=int)})
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_nan_data_is_named_before_training(split):
+    data = _data()
+    data[f"X_{split}"] = data[f"X_{split}"].copy()
+    data[f"X_{split}"][3, 0, 1, 2] = np.nan
+    model = FullyConnectedNet([8], input_dim=3 * 8 * 8, seed=0)
+    with pytest.raises(ValueError, match=f"X_{split} holds 1 NaN or infinite values") as info:
+        Solver(model, data, num_epochs=1, verbose=False)
+    assert "learning_rate" not in str(info.value)

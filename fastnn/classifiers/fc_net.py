@@ -47,6 +47,8 @@ class TwoLayerNet(_FullyConnected):
 
     def __init__(self, input_dim=3 * 32 * 32, hidden_dim=100, num_classes=10,
                  weight_scale=1e-3, reg=0.0, dtype=np.float32):
+        if int(hidden_dim) != hidden_dim or hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be a layer width >= 1, got {hidden_dim}")
         self.dtype = np.dtype(dtype)
         self.reg = reg
         self.num_layers = 2
@@ -128,6 +130,8 @@ class FullyConnectedNet(_FullyConnected):
                  normalization=None, dropout_keep_ratio=None):
         self.normalization = _resolve_normalization(use_batchnorm, normalization)
         dropout = _resolve_dropout(dropout, dropout_keep_ratio)
+        if any(int(h) != h or h < 1 for h in hidden_dims):
+            raise ValueError(f"hidden_dims must be layer widths >= 1, got {list(hidden_dims)}")
         hidden_dims = [int(h) for h in hidden_dims]
         self.dtype = np.dtype(dtype)
         self.reg = reg
