@@ -6,8 +6,7 @@ conv - relu - 2x2 max pool - affine - relu - affine - softmax, on images
 """
 import numpy as np
 
-from fastnn.backend import get_backend, xp as active_xp
-from fastnn.classifiers.fc_net import _Classifier, _standard_normal
+from fastnn.classifiers.base import Classifier, standard_normal
 from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, max_pool_backward_fast,
                                 max_pool_forward_fast)
 from fastnn.layer_utils import affine_relu_backward, affine_relu_forward
@@ -16,7 +15,7 @@ from fastnn.layers import affine_backward, affine_forward, relu_backward, relu_f
 POOL_PARAM = {"pool_height": 2, "pool_width": 2, "stride": 2}
 
 
-class ThreeLayerConvNet(_Classifier):
+class ThreeLayerConvNet(Classifier):
     """conv - relu - 2x2 max pool - affine - relu - affine - softmax.
 
     input_dim (C, H, W); W1 (F, C, fs, fs), b1 (F,); W2 (F * H'' * W'', hidden_dim),
@@ -58,15 +57,11 @@ class ThreeLayerConvNet(_Classifier):
                   ("b1", (num_filters,), "bias"), ("W2", (pooled, hidden_dim), "weight"),
                   ("b2", (hidden_dim,), "bias"), ("W3", (hidden_dim, num_classes), "weight"),
                   ("b3", (num_classes,), "bias")]
-        xp = active_xp()
-        self.params, self.param_roles = {}, {}
+        self._start_params()  # no layer keeps running statistics: norm_params stays {}
         for name, shape, role in layout:  # weights drawn in the course's order: W1, W2, W3
-            value = weight_scale * _standard_normal(None, shape) if role == "weight" \
+            value = weight_scale * standard_normal(None, shape) if role == "weight" \
                 else np.zeros(shape)
-            self.params[name] = xp.asarray(value, dtype=self.dtype)
-            self.param_roles[name] = role
-        self.norm_params = {}  # no layer keeps running statistics
-        self.backend = get_backend()
+            self._add_param(name, value, role)
 
     def loss(self, X, y=None):
         """X (N, C, H, W) -> scores (N, num_classes), or (loss, grads) with labels y (N,)."""
