@@ -86,6 +86,8 @@ def test_resume_refuses_to_change_the_model(cifar_root, tmp_path, capsys):
     assert "cannot change --hidden-dims" in last_error(capsys)
     assert main(["train", "--resume", str(out), "--out", str(tmp_path / "other")]) == 2
     assert "--out does not apply with --resume" in last_error(capsys)
+    assert main(["train", "--resume", str(out), "--epochs", "0"]) == 2
+    assert "--epochs must be >= 1" in last_error(capsys)
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 1
     assert "no folder" in last_error(capsys)
     assert folder_bytes(out) == before and not (tmp_path / "other").exists()
