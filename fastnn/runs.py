@@ -10,13 +10,15 @@ per trial). This module is the one place that knows what the keys mean:
     load_data / build_model / build_solver / predict / setup_runtime
 
 Which option applies to which model, update rule or switch is listed in
-three tables (MODEL_OPTIONS, RULE_OPTIONS, NEEDS); a new model or rule adds
-a row there.
+three tables (MODEL_OPTIONS, RULE_OPTIONS, NEEDS); a new model adds a row to
+MODEL_OPTIONS, a new rule arrives through fastnn.optim's table.
 """
 import numbers
 import os
 
 import numpy as np
+
+from fastnn import optim
 
 # The defaults are the README's main job: >= 0.55 test accuracy on CIFAR-10
 # in a few minutes on a 2-core CPU.
@@ -33,9 +35,9 @@ DEFAULTS = {
 MODEL_OPTIONS = {"fc": ("hidden_dims", "batchnorm", "dropout", "model_seed"),
                  "two_layer": ("hidden_dim",)}
 # The optim_config keys each update rule takes besides learning_rate.
-RULE_OPTIONS = {"sgd": (), "sgd_momentum": ("momentum",), "rmsprop": ("decay_rate", "epsilon"),
-                "adam": ("beta1", "beta2", "epsilon"),
-                "adamw": ("beta1", "beta2", "epsilon", "weight_decay")}
+# (from fastnn.optim's one table of rules)
+RULE_OPTIONS = {rule: tuple(k for k in optim.DEFAULTS[rule] if k != "learning_rate")
+                for rule in optim.RULES}
 # Options that do something only when another option is on: option -> (switch, why).
 NEEDS = {"crop_padding": ("augment", "--crop-padding shifts the crops of --augment")}
 # What --resume may change: where and how fast it runs and how long, not what it trains.
