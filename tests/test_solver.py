@@ -321,12 +321,13 @@ def test_non_finite_loss_from_inf_input_keeps_finite_params(backend, hidden):
     With hidden layers the NaN passes through relu units on its way to the loss.
     """
     data = _small_data()
-    data["X_train"] = data["X_train"].copy()
-    data["X_train"][3, 0] = np.inf
     model = FullyConnectedNet(hidden, input_dim=12, num_classes=4, weight_scale=0.1, seed=0)
     initial = _host_params(model)
     solver = Solver(model, data, num_epochs=2, batch_size=len(data["X_train"]), verbose=False,
                     seed=0)
+    # after construction, which refuses non-finite data (test_nan_data_is_named_before_training)
+    solver.X_train = solver.X_train.copy()
+    solver.X_train[3, 0] = np.inf
     with pytest.raises(FloatingPointError, match=r"iteration \d+"):
         solver.train()
     _assert_finite(model.params)

@@ -172,3 +172,14 @@ def test_final_epochs_retrains_within_the_budget(cifar_root, tmp_path):
     best = json.loads((out / "best.json").read_text())
     assert best["config"]["epochs"] in (2, 3)  # 3 when the retrain beat the trials
     assert (out / "best_model.npz").exists()
+
+
+def test_a_tune_folder_held_by_another_process_is_refused(cifar_root, tmp_path, capsys):
+    from fastnn.files import lock_folder
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    with lock_folder(out):
+        assert main(tune_args(cifar_root, out, "--trials", "2")) == 1
+    assert "in use by another fastnn process" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".lock"]
