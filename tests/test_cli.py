@@ -138,7 +138,7 @@ def test_a_run_stopped_in_its_first_epoch_resumes_from_the_start(cifar_root, tmp
     (("--lr", "-1"), "--lr must be > 0"),
     (("--hidden-dims", "0"), "--hidden-dims must be one or more sizes >= 1"),
     (("--momentum", "0.9"), r"--momentum does not apply \(it applies to --update-rule "
-                            r"sgd_momentum[/a-z_]*, not adam\); drop it"),
+                            r"sgd_momentum/sgd_nesterov, not adam\); drop it"),
     (("--update-rule", "adam", "--weight-decay", "0.1"), "--weight-decay does not apply"),
     (("--crop-padding", "4"), "--crop-padding does not apply.*--augment is off"),
     (("--model", "two_layer", "--dropout", "0.1"),
