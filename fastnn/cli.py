@@ -122,8 +122,13 @@ def build_parser():
     add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"], default="onecycle",
         help="learning-rate schedule of every trial (onecycle)")
     add("--storage", default=None,
-        help="Optuna storage URL shared by workers (default: sqlite in the run folder)")
+        help="study storage shared by workers: postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB, "
+             "sqlite:///PATH or journal:PATH (default: sqlite in the run folder)")
     add("--study-name", default="fastnn", help="study name in the storage (fastnn)")
+    add("--heartbeat-seconds", type=int, default=10,
+        help="a worker records a heartbeat for its running trials this often (10)")
+    add("--grace-seconds", type=int, default=60,
+        help="a trial with no heartbeat for this long is lost: FAIL, and run again (60)")
     add("--resume", action="store_true", help="continue the study in the storage")
     add("--out", default=None, help="run folder (default: a new one under runs/)")
     add("--seed", type=int, default=0, help="sampler and training seed (0)")
@@ -476,9 +481,14 @@ def tune_holds_run(folder):
 
 
 def check_tune_options(options):
-    for name, low in (("trials", 1), ("parallel", 1), ("epochs", 1), ("final_epochs", 0)):
+    for name, low in (("trials", 1), ("parallel", 1), ("epochs", 1), ("final_epochs", 0),
+                      ("heartbeat_seconds", 1)):
         if options[name] < low:
             raise UsageError(f"{option_name(name)} must be >= {low}, got {options[name]}")
+    if options["grace_seconds"] <= options["heartbeat_seconds"]:
+        raise UsageError(f"--grace-seconds ({options['grace_seconds']}) must exceed "
+                         f"--heartbeat-seconds ({options['heartbeat_seconds']}), or every running "
+                         "trial looks lost between two heartbeats")
     budget = options["budget_minutes"]
     if budget is not None and not (np.isfinite(budget) and budget > 0):
         raise UsageError(f"--budget-minutes must be a positive number of minutes, got {budget}")
