@@ -174,6 +174,17 @@ def test_final_epochs_retrains_within_the_budget(cifar_root, tmp_path):
     assert (out / "best_model.npz").exists()
 
 
+def test_a_tune_folder_held_by_another_process_is_refused(cifar_root, tmp_path, capsys):
+    from fastnn.files import lock_folder
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    with lock_folder(out):
+        assert main(tune_args(cifar_root, out, "--trials", "2")) == 1
+    assert "in use by another fastnn process" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".lock"]
+
+
 # -- several workers: the race for the last trials, lost trials, a real server --------------
 def worker_options(storage, trials, **extra):
     return {"storage": storage, "study_name": "fastnn", "trials": trials, "seed": 0,
