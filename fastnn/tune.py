@@ -97,6 +97,9 @@ def train_config(structure, member, options, trial_number):
         "crop_padding": options["crop_padding"],
         "batch_size": 2 ** structure["log2_batch_size"], "epochs": options["epochs"],
         "seed": options["seed"], "model_seed": options["seed"] + trial_number,
+        # the split decides the mean image subtracted from every input
+        "data": options["data"], "num_training": options["num_training"],
+        "num_validation": options["num_validation"], "num_test": options["num_test"],
     })
 
 
@@ -574,8 +577,8 @@ def run_round(worker, taken, data, options, clock, log):
         log(f"{name}: val {value:.4f} ({result['status']}) "
             f"{config['hidden_dims']} bs {config['batch_size']} "
             f"{config['update_rule']} lr {config['learning_rate']:.2e}")
-    log(f"round of {len(trials)} took {time.perf_counter() - round_start:.0f} s; "
-        f"{clock.left():.0f} s of budget left")
+    budget = "" if clock.deadline is None else f"; {clock.left():.0f} s of budget left"
+    log(f"round of {len(trials)} took {time.perf_counter() - round_start:.0f} s{budget}")
     round_best = None
     if best_id is not None:  # only the round's best becomes a model: building one costs
         round_best = (solver.results[best_id]["best_val_acc"], configs[best_id],
@@ -630,6 +633,7 @@ def plot_study(study, out_dir):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import optuna
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -641,6 +645,7 @@ def plot_study(study, out_dir):
             ax.plot(t.number, t.value, "o", color="C0")
     ax.set(xlabel="trial", ylabel="validation accuracy",
            title="Validation accuracy per trial (grey: per epoch)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # trial numbers
     save_figure(fig, os.path.join(out_dir, "trials.png"))
     try:
         with warnings.catch_warnings():  # few trials per value: rough, and it says so
@@ -667,8 +672,11 @@ def previous_best(out_dir):
     return saved["val_acc"], saved["config"], fastnn.load(model_path), saved["trial"]
 
 
-def tune(options, log=print):
-    """Run the search described by `options` (see cli.py's tune flags); returns best.json's dict."""
+def tune(options, log=print, data=None):
+    """Run the search described by `options` (see cli.py's tune flags); returns best.json's dict.
+
+    `data`: the CIFAR-10 split, when the caller has loaded it already.
+    """
     import fastnn
 
     clock = Clock(options["budget_minutes"], options["start"])
@@ -678,9 +686,9 @@ def tune(options, log=print):
     options["shared"] = options["storage"] is not None
     if options["storage"] is None:
         options["storage"] = f"sqlite:///{os.path.abspath(os.path.join(out_dir, 'study.db'))}"
-    study = create_study(options, open_storage(options))  # before the data: bad URLs fail fast
+    study = create_study(options, open_storage(options))
     setup_runtime(options)
-    data = load_data(options)
+    data = load_data(options) if data is None else data
     if not options["shared"] and not study.trials:
         # Not with a shared storage: workers starting together would each enqueue it.
         study.enqueue_trial(BASELINE)
