@@ -22,6 +22,7 @@ images. Everything, loading and the test pass included, fits in
 import csv
 import math
 import os
+import signal
 import threading
 import time
 import warnings
@@ -278,6 +279,10 @@ def pinned_structure(trial):
     return tuple(pinned.get(name) for name in STRUCTURE_SPACE)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 class Worker:
     """This process's share of a study: takes trials, keeps them alive, finds lost ones.
 
@@ -305,18 +310,30 @@ class Worker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
+        self._sigterm = None
 
     def __enter__(self):
         if self.heartbeats:
             self._thread = threading.Thread(target=self._beat, daemon=True,
                                             name="fastnn-heartbeat")
             self._thread.start()
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (a scheduler's preemption) stops this worker as Ctrl-C does.
+            self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, traceback):
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if exc_type is not None:  # stopped or broken: hand the trials back at once, not after
+            for trial_id in list(self.held):  # the grace period
+                try:
+                    self.hand_back(trial_id)
+                except Exception:  # the storage is what broke: the grace period will do it
+                    break
 
     def _beat(self):
         while not self._stop.wait(self.interval):
@@ -457,17 +474,13 @@ class Worker:
                     self.finish(trial, state=TrialState.FAIL)
         return taken
 
-    def finish(self, trial, value=None, state=None, failed=None, lost=False):
+    def finish(self, trial, value=None, state=None, failed=None):
         """Tell Optuna the trial's end; False when another worker declared it lost meanwhile.
 
-        `failed` (a reason) marks a trial that failed by itself: a result, not run again;
-        `lost` hands the trial back to be run again (this worker is stopping).
+        `failed` (a reason) marks a trial that failed by itself: a result, not run again.
         """
         from optuna.exceptions import UpdateFinishedTrialError
 
-        if lost:
-            self.hand_back(trial._trial_id)
-            return False
         with self._lock:
             self.held.pop(trial._trial_id, None)
         try:
@@ -546,12 +559,7 @@ def run_round(worker, taken, data, options, clock, log):
         lr_decay=structure["lr_decay"], lr_schedule=configs[0]["lr_schedule"],
         batch_size=configs[0]["batch_size"], num_epochs=options["epochs"],
         seed=options["seed"], augment=augment_options(configs[0]), on_epoch_end=on_epoch_end)
-    try:
-        solver.train()
-    except KeyboardInterrupt:  # hand the trials back at once rather than after the grace period
-        for trial in trials:
-            worker.finish(trial, state=TrialState.FAIL, lost=True)
-        raise
+    solver.train()
     outcome, best_id, model_epochs = [], None, 0
     for member_id, trial in by_member.items():
         result = solver.results[member_id]
