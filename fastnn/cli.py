@@ -47,11 +47,6 @@ class CommandError(Exception):
     """A predictable failure (a folder, the data, a file): one line, exit status 1."""
 
 
-def takers(key):
-    """The update rules that take optim_config `key`, for help texts: 'adam/adamw'."""
-    return "/".join(rule for rule, keys in RULE_OPTIONS.items() if key in keys)
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="fastnn", description="Train, evaluate and tune classifiers on CIFAR-10 "
@@ -80,13 +75,12 @@ def build_parser():
     add("--weight-scale", type=float, help="std of the initial weights (1e-2)")
     add("--update-rule", choices=list(RULE_OPTIONS), help="update rule (adam)")
     add("--lr", "--learning-rate", dest="learning_rate", type=float, help="learning rate (1e-3)")
-    add("--momentum", type=float, help=f"{takers('momentum')} momentum (0.9)")
-    add("--beta1", type=float, help=f"{takers('beta1')} beta1 (0.9)")
-    add("--beta2", type=float, help=f"{takers('beta2')} beta2 (0.999)")
-    add("--decay-rate", type=float, help=f"{takers('decay_rate')} decay rate (0.99)")
-    add("--epsilon", type=float, help=f"{takers('epsilon')} epsilon (1e-8)")
-    add("--weight-decay", type=float, help=f"{takers('weight_decay')} decoupled weight decay "
-                                           "(1e-2)")
+    add("--momentum", type=float, help="sgd_momentum / sgd_nesterov momentum (0.9)")
+    add("--beta1", type=float, help="adam/adamw beta1 (0.9)")
+    add("--beta2", type=float, help="adam/adamw beta2 (0.999)")
+    add("--decay-rate", type=float, help="rmsprop decay rate (0.99)")
+    add("--epsilon", type=float, help="rmsprop/adam/adamw epsilon (1e-8)")
+    add("--weight-decay", type=float, help="adamw decoupled weight decay (1e-2)")
     add("--lr-schedule", choices=["step", "cosine", "onecycle"],
         help="learning-rate schedule (none); multiplies with --lr-decay")
     add("--augment", action=argparse.BooleanOptionalAction,
@@ -414,12 +408,10 @@ def write_results(solver, model, data, out_dir, start, failure):
     plots.plot_loss(finite_loss, os.path.join(out_dir, "loss.png"), solver.iterations_per_epoch)
     plots.plot_accuracy(solver.train_acc_history, solver.val_acc_history,
                         os.path.join(out_dir, "accuracy.png"))
-    # the first weight's columns are image templates when it is an affine map of the pixels
-    first = next((model.params[k] for k, role in model.param_roles.items() if role == "weight"),
-                 None)
-    if first is not None and first.ndim == 2 and first.shape[0] == 3 * 32 * 32:
-        plots.plot_first_layer_weights(fastnn.to_numpy(first),
-                                       os.path.join(out_dir, "weights.png"))
+    first_weight = next((n for n, role in model.param_roles.items() if role == "weight"), None)
+    W1 = model.params.get(first_weight)
+    if W1 is not None and W1.ndim == 2 and W1.shape[0] == 3 * 32 * 32:  # image templates
+        plots.plot_first_layer_weights(fastnn.to_numpy(W1), os.path.join(out_dir, "weights.png"))
     return metrics
 
 

@@ -35,7 +35,6 @@ DEFAULTS = {
 MODEL_OPTIONS = {"fc": ("hidden_dims", "batchnorm", "dropout", "model_seed"),
                  "two_layer": ("hidden_dim",)}
 # The optim_config keys each update rule takes besides learning_rate.
-# (from fastnn.optim's one table of rules)
 RULE_OPTIONS = {rule: tuple(k for k in optim.DEFAULTS[rule] if k != "learning_rate")
                 for rule in optim.RULES}
 # Options that do something only when another option is on: option -> (switch, why).

@@ -138,7 +138,7 @@ def test_a_run_stopped_in_its_first_epoch_resumes_from_the_start(cifar_root, tmp
     (("--lr", "-1"), "--lr must be > 0"),
     (("--hidden-dims", "0"), "--hidden-dims must be one or more sizes >= 1"),
     (("--momentum", "0.9"), r"--momentum does not apply \(it applies to --update-rule "
-                            r"sgd_momentum, not adam\); drop it"),
+                            r"sgd_momentum/sgd_nesterov, not adam\); drop it"),
     (("--update-rule", "adam", "--weight-decay", "0.1"), "--weight-decay does not apply"),
     (("--crop-padding", "4"), "--crop-padding does not apply.*--augment is off"),
     (("--model", "two_layer", "--dropout", "0.1"),
@@ -355,6 +355,30 @@ def test_python_dash_m_fastnn_shows_help():
     assert "--resume" in result.stdout and "--lr-schedule" in result.stdout
 
 
+@pytest.mark.parametrize("backend", ["cupy"], indirect=True)  # the numpy runs are the tests above
+def test_train_resume_and_evaluate_on_cupy(backend, cifar_root, tmp_path, capsys):
+    """What a GPU user runs: train and resume with --backend cupy (bit for bit, as on the
+    CPU), evaluate on the GPU, and the saved model loads on the CPU."""
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    options = ("--backend", "cupy", "--dropout", "0.2", "--augment", "--batchnorm")
+    assert main(small_args(cifar_root, whole, "--epochs", "2", *options)) == 0
+    assert main(small_args(cifar_root, part, "--epochs", "1", *options)) == 0
+    assert main(["train", "--resume", str(part), "--epochs", "2"]) == 0
+    assert json.loads((part / "config.json").read_text())["backend"] == "cupy"
+    want, want_meta = checkpoint_params(whole)
+    got, got_meta = checkpoint_params(part)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert got_meta["loss_history"] == want_meta["loss_history"]
+    capsys.readouterr()
+    assert main(["evaluate", str(whole), "--backend", "cupy"]) == 0
+    test_acc = json.loads((whole / "metrics.json").read_text())["test_acc"]
+    assert f"test accuracy {test_acc:.4f} on 50 images" in capsys.readouterr().out
+    with fastnn.use_backend("numpy"):
+        model = fastnn.load(whole / "model.npz")
+        assert isinstance(model.params["W1"], np.ndarray)
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(cifar_root, tmp_path, capsys,
                                                                monkeypatch):
     import errno
@@ -378,3 +402,20 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(cifar_root, tmp_p
     assert meta["epoch"] == 1
     monkeypatch.setattr(solver_module, "write_npz", real_write)
     assert main(["train", "--resume", str(out)]) == 0
+
+
+def test_a_double_ctrl_c_stops_at_once_without_a_traceback(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fastnn",
+                             *small_args(cifar_root, out, "--epochs", "40")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.npz").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and f"fastnn train --resume {out}" in stderr
+    checkpoint_params(out)  # whole: an interrupted write never replaces it

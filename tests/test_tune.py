@@ -174,6 +174,17 @@ def test_final_epochs_retrains_within_the_budget(cifar_root, tmp_path):
     assert (out / "best_model.npz").exists()
 
 
+def test_a_tune_folder_held_by_another_process_is_refused(cifar_root, tmp_path, capsys):
+    from fastnn.files import lock_folder
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    with lock_folder(out):
+        assert main(tune_args(cifar_root, out, "--trials", "2")) == 1
+    assert "in use by another fastnn process" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".lock"]
+
+
 # -- several workers: the race for the last trials, lost trials, a real server --------------
 def worker_options(storage, trials, **extra):
     return {"storage": storage, "study_name": "fastnn", "trials": trials, "seed": 0,
@@ -339,6 +350,7 @@ def test_a_study_name_taken_by_another_search_space_is_refused(cifar_root, tmp_p
     assert main(tune_args(cifar_root, tmp_path / "w", "--trials", "2", "--storage", storage)) == 1
     error = capsys.readouterr().err
     assert re.search(expected, error) and "choose another --study-name" in error, error
+    assert len(error.strip().splitlines()) == 1, error
 
 
 def fastnn_command(*args, timeout=300):
