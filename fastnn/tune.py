@@ -215,7 +215,7 @@ def search_space():
 
 
 def check_search_space(study, where):
-    """SystemExit unless `study` draws from this fastnn's search space; records it in a new study."""
+    """SystemExit unless `study` draws from this fastnn's search space; a new study records it."""
     from optuna.study import StudyDirection
 
     name, ours = study.study_name, search_space()
@@ -227,10 +227,10 @@ def check_search_space(study, where):
         theirs = {}
         for trial in study.get_trials(deepcopy=False):
             for param, dist in trial.distributions.items():
-                spec = ours.get(param)
-                inside = spec is not None and spec[1] <= dist.low <= dist.high <= spec[2]
-                if not inside:
-                    theirs[param] = [type(dist).__name__, dist.low, dist.high, dist.log]
+                spec, low, high = ours.get(param), getattr(dist, "low", None), \
+                    getattr(dist, "high", None)
+                if spec is None or low is None or not spec[1] <= low <= high <= spec[2]:
+                    theirs[param] = [type(dist).__name__, low, high, getattr(dist, "log", None)]
         ours = {param: ours.get(param) for param in theirs}  # only what its trials drew
         if not theirs:
             study.set_user_attr(SEARCH_SPACE_ATTR, search_space())
@@ -302,7 +302,8 @@ class Worker:
         self.study_id = self.storage.get_study_id_from_name(study.study_name)
         self.trials = options["trials"]
         self.worker = options["worker"]
-        self.heartbeats = getattr(self.storage, "get_heartbeat_interval", lambda: None)() is not None
+        interval = getattr(self.storage, "get_heartbeat_interval", lambda: None)()
+        self.heartbeats = interval is not None  # database storages; a journal keeps none
         self.interval, self.grace = options["heartbeat_seconds"], options["grace_seconds"]
         self.held = {}  # trial id -> number, for the trials this worker trains
         self.first_seen = {}  # others' RUNNING trial number -> time.monotonic() first seen
@@ -427,7 +428,7 @@ class Worker:
                 callback(self.study, self.storage.get_trial(trial_id))
 
     def reclaim_running(self):
-        """A study of this worker alone (its own folder): queue again what a killed session left RUNNING."""
+        """Queue again what a killed session left RUNNING (a study in this worker's own folder)."""
         from optuna.trial import TrialState
 
         for trial in self.study.get_trials(states=(TrialState.RUNNING,)):
@@ -495,7 +496,8 @@ class Worker:
 
 
 # A configuration known to do well on CIFAR-10 (about 0.62 test accuracy after
-# 30 epochs with flips and a one-cycle schedule): the first trial of a new study, so the search starts from it.
+# 30 epochs with flips and a one-cycle schedule): the first trial of a new study, so the
+# search starts from it.
 BASELINE = {"num_hidden": 3, "hidden_width": 1024, "width_ratio": 0.5, "log2_batch_size": 8,
             "lr_decay": 1.0, "update_rule_id": UPDATE_RULES.index("adamw"), "augment": 1,
             "learning_rate": 1e-3, "reg": 1e-6, "weight_scale": 1e-2, "dropout": 0.3}

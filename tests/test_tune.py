@@ -467,7 +467,8 @@ def test_a_killed_workers_trials_run_again_on_the_others(postgres, start_workers
     results = [t for t in study.trials if tune.has_result(t)]
     assert sorted(tune.trial_key(t) for t in results) == list(range(trials)), \
         "one result per trial: none lost, none twice"
-    retried = {t.system_attrs["failed_trial"]: t for t in results if "failed_trial" in t.system_attrs}
+    retried = {t.system_attrs["failed_trial"]: t for t in results
+               if "failed_trial" in t.system_attrs}
     assert set(caught) <= set(retried), "every trial the victim was training ran again"
     assert all(t.user_attrs["worker"] in names[1:] for t in retried.values())
     for number in caught:
