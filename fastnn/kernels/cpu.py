@@ -13,6 +13,8 @@ the cores go to BLAS and fastnn's kernels never use Numba's thread pool.
 Kernels are compiled on first use and cached on disk (`cache=True`; Numba
 falls back to a user cache folder when the install is read-only).
 """
+import os
+
 import numba
 import numpy as np
 
@@ -749,6 +751,8 @@ def _col2im(dcols, channels, width, filter_height, filter_width, stride, pad, ou
 
 
 _conv_workers = {}  # thread count -> (ThreadPoolExecutor, threadpoolctl controller)
+# a forked child (multiprocessing, say) has none of the parent's threads: new pools there
+os.register_at_fork(after_in_child=_conv_workers.clear)
 
 
 def _run_chunks(work, n, step):
