@@ -107,7 +107,8 @@ class OpTimer:
              "spatial_batchnorm_relu_forward", "spatial_batchnorm_relu_backward",
              "affine_forward", "affine_backward")
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
         self.totals = collections.defaultdict(float)
         self.originals = {}
 
@@ -122,9 +123,9 @@ class OpTimer:
 
     def _timed(self, name, function):
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start = self.clock()
             result = function(*args, **kwargs)
-            self.totals[name] += time.perf_counter() - start
+            self.totals[name] += self.clock() - start
             return result
         return timed
 
@@ -226,9 +227,9 @@ def main():
           f"{scratch:.0f} MB above that during the backward (gradients and scratch)")
 
     step = contenders["fastnn numpy"]
-    with OpTimer() as timer:
+    with OpTimer(clock) as timer:
         count = args.steps * args.rounds
-        total = sum(time_steps(step, count)) / count
+        total = sum(time_steps(step, count, clock)) / count
     print(f"fastnn per-op time per step (of {1e3 * total:.1f} ms with the timers):")
     for name, seconds in sorted(timer.totals.items(), key=lambda item: -item[1]):
         print(f"  {name:<34}{1e3 * seconds / count:>8.1f} ms")
