@@ -13,8 +13,8 @@ from fastnn.classifiers import FullyConnectedNet
 from fastnn.gradient_check import eval_numerical_gradient, rel_error
 from fastnn.kernels import reference
 from fastnn.solver import Solver
-from fastnn.stacked import StackedFullyConnectedNet, StackedSolver, as_member_blocks, model_axis
-from helpers import tolerances
+from fastnn.stacked import StackedFullyConnectedNet, StackedSolver, as_member_blocks
+from helpers import backend_tolerances, host_copies
 
 MEMBERS = [dict(seed=1, weight_scale=0.1, reg=0.1, dropout=0.3),
            dict(seed=2, weight_scale=0.05, reg=0.0, dropout=0.0),
@@ -29,7 +29,7 @@ def _host(a):
 
 def _member_slice(a, name, k):
     a = _host(a)
-    return a[:, k] if model_axis(name) == 1 else a[k]
+    return a[:, k] if name == "W1" else a[k]  # the stack's layout, written out
 
 
 def _data(shape=(48,), n_train=300, n_val=50, seed=0):
@@ -259,7 +259,7 @@ def test_remove_members_shrinks_every_array():
     assert stack.remove_members([1]) == [0, 2]
     assert stack.member_ids == [0, 2] and stack.num_members == 2
     for name, value in stack.params.items():
-        assert value.shape[model_axis(name)] == 2, name
+        assert value.shape[stack.member_axes[name]] == 2, name
     for bn in stack.bn_params:
         assert bn["running_mean"].shape == (2, bn["running_mean"].shape[1])
     for k, net in before.items():
@@ -296,7 +296,7 @@ def test_pruned_member_leaves_and_the_others_continue_unchanged(backend):
     assert seen == [(1, [0, 1, 2]), (2, [0, 2]), (3, [0, 2])]
     assert stack.member_ids == [0, 2]
     for name, value in stack.params.items():
-        assert value.shape[model_axis(name)] == 2
+        assert value.shape[stack.member_axes[name]] == 2
         for state in pruned._state[name].values():
             assert state.shape == value.shape
     assert [r["status"] for r in pruned.results.values()] == ["complete", "pruned", "complete"]
@@ -338,9 +338,7 @@ def test_failed_member_leaves_and_the_others_go_on():
 def test_stacked_ops_are_in_the_table():
     assert set(STACKED_OPS) == {"dropout_stacked_forward", "dropout_stacked_backward",
                                 "softmax_loss_stacked", "batchnorm_rows_train_forward",
-                                "batchnorm_rows_backward", "l2_stacked_", "sgd_stacked_",
-                                "sgd_momentum_stacked_", "rmsprop_stacked_", "adam_stacked_",
-                                "adamw_stacked_"}
+                                "batchnorm_rows_backward", "l2_stacked_"}
     from fastnn.kernels import cpu
 
     table = kernels.for_module(np)
@@ -366,13 +364,13 @@ def test_dropout_stacked(ops, dtype, n, k, h):
             xp.asarray(np.array([reference.keep_threshold(p) for p in ps], np.uint64)),
             xp.asarray(np.array([1 / (1 - p) for p in ps], dtype)), 7)
     out = table.dropout_stacked_forward(x, *args)
-    expected = reference.dropout_stacked_forward(x, *args)
+    expected = reference.dropout_stacked_forward(*host_copies(x, *args))  # on numpy
     assert out.shape == (n, k, h) and out.dtype == dtype
     np.testing.assert_array_equal(_host(out), _host(expected))
     np.testing.assert_array_equal(_host(table.dropout_stacked_backward(x, *args)), _host(expected))
     for member, (p, seed) in enumerate(zip(ps, seeds)):
         alone = xp.ascontiguousarray(x[:, member, :])
-        single = alone if p == 0 else reference.dropout_forward(alone, p, seed, 7)
+        single = alone if p == 0 else reference.dropout_forward(_host(alone), p, seed, 7)
         np.testing.assert_array_equal(_host(out[:, member, :]), _host(single))
 
 
@@ -383,13 +381,13 @@ def test_softmax_loss_stacked(ops, dtype, k, n, c):
     x = xp.asarray(rng.standard_normal((k, n, c)) * 3, dtype=dtype)
     y = xp.asarray(rng.integers(0, c, n))
     losses, dx = table.softmax_loss_stacked(x, y)
-    ref_losses, ref_dx = reference.softmax_loss_stacked(x, y)
+    ref_losses, ref_dx = reference.softmax_loss_stacked(*host_copies(x, y))
     assert losses.shape == (k,) and losses.dtype == dtype and dx.dtype == dtype
-    rtol, atol = tolerances(dtype)
+    rtol, atol = backend_tolerances(xp, dtype)
     np.testing.assert_allclose(_host(losses), _host(ref_losses), rtol=rtol, atol=atol)
     np.testing.assert_allclose(_host(dx), _host(ref_dx), rtol=rtol, atol=atol)
     for member in range(k):
-        loss, single_dx = reference.softmax_loss(x[member], y)
+        loss, single_dx = reference.softmax_loss(*host_copies(x[member], y))
         np.testing.assert_allclose(_host(losses)[member], float(loss), rtol=rtol, atol=atol)
         np.testing.assert_allclose(_host(dx[member]), _host(single_dx), rtol=rtol, atol=atol)
 
@@ -403,10 +401,10 @@ def test_batchnorm_rows(ops, dtype, d, n):
     gamma = xp.asarray(rng.standard_normal(d), dtype=dtype)
     beta = xp.asarray(rng.standard_normal(d), dtype=dtype)
     dout = xp.asarray(rng.standard_normal((d, n)), dtype=dtype)
-    rtol, atol = tolerances(dtype)
+    rtol, atol = backend_tolerances(xp, dtype)
     fast = table.batchnorm_rows_train_forward(x, gamma, beta, 1e-5)
-    ref = reference.batchnorm_rows_train_forward(x, gamma, beta, 1e-5)
-    columns = reference.batchnorm_train_forward(x.T, gamma, beta, 1e-5)
+    ref = reference.batchnorm_rows_train_forward(*host_copies(x, gamma, beta), 1e-5)
+    columns = reference.batchnorm_train_forward(*host_copies(x.T, gamma, beta), 1e-5)
     for name, a, b, c in zip(["out", "x_hat", "inv_std", "mean", "var"], fast, ref, columns):
         assert a.shape == b.shape and a.dtype == dtype, name
         np.testing.assert_allclose(_host(a), _host(b), rtol=rtol, atol=atol, err_msg=name)
@@ -414,7 +412,7 @@ def test_batchnorm_rows(ops, dtype, d, n):
         np.testing.assert_allclose(_host(a), _host(c), rtol=rtol, atol=atol, err_msg=name)
     x_hat, inv_std = fast[1], fast[2]
     grads = table.batchnorm_rows_backward(dout, x_hat, gamma, inv_std)
-    ref_grads = reference.batchnorm_rows_backward(dout, x_hat, gamma, inv_std)
+    ref_grads = reference.batchnorm_rows_backward(*host_copies(dout, x_hat, gamma, inv_std))
     for name, a, b in zip(["dx", "dgamma", "dbeta"], grads, ref_grads):
         assert a.shape == b.shape and a.dtype == dtype, name
         np.testing.assert_allclose(_host(a), _host(b), rtol=rtol * 10, atol=atol * 10,
@@ -435,9 +433,10 @@ def test_l2_stacked(ops, dtype, shape):
     reg[0] = 0.0
     fast, ref = dw.copy(), dw.copy()
     out = table.l2_stacked_(fast, w, xp.asarray(reg))
-    ref_out = reference.l2_stacked_(ref, w, xp.asarray(reg))
+    ref, w_host = host_copies(ref, w)
+    ref_out = reference.l2_stacked_(ref, w_host, reg)
     assert out.shape == (shape[1],) and out.dtype == dtype
-    rtol, atol = tolerances(dtype)
+    rtol, atol = backend_tolerances(xp, dtype)
     np.testing.assert_allclose(_host(out), _host(ref_out), rtol=rtol * 10, atol=atol)
     np.testing.assert_array_equal(_host(fast), _host(ref))
     for k in range(shape[1]):
@@ -448,67 +447,19 @@ def test_l2_stacked(ops, dtype, shape):
                                    rtol=rtol * 10, atol=atol)
 
 
-UPDATES = {
-    "sgd_stacked_": ((), ()),
-    "sgd_momentum_stacked_": (("v",), (0.9,)),
-    "rmsprop_stacked_": (("cache",), (0.99, 1e-8)),
-    "adam_stacked_": (("m", "v"), (0.9, 0.999, 1e-8, 3)),
-    "adamw_stacked_": (("m", "v"), (0.9, 0.999, 1e-8, 3)),
-}
-
-
-@pytest.mark.parametrize("with_l2", [False, True], ids=["", "l2"])
-@pytest.mark.parametrize("op", sorted(UPDATES))
-@pytest.mark.parametrize("shape", BLOCKS)
-def test_stacked_updates(ops, dtype, op, shape, with_l2):
-    """Fast = reference; member k's slice = the single-model fused op with member k's values.
-
-    With l2, the step is the single-model step on dw + l2_k * w (dw itself is
-    left alone) and returns each member's sum(w**2) from before the step.
-    """
-    xp, table = ops
-    rng = np.random.default_rng(3)
-    state_names, scalars = UPDATES[op]
-    members = shape[1]
-    lr = rng.uniform(1e-3, 1e-1, members)
-    extra = (rng.uniform(0, 0.5, members),) if op == "adamw_stacked_" else ()
-    l2 = rng.uniform(0, 0.3, members) if with_l2 else None
-    arrays = [rng.standard_normal(shape), rng.standard_normal(shape)]
-    arrays += [np.abs(rng.standard_normal(shape)) for _ in state_names]
-    inputs = [xp.asarray(a, dtype=dtype) for a in arrays]
-    fast = [a.copy() for a in inputs]
-    ref = [a.copy() for a in inputs]
-    device_args = (xp.asarray(lr), *scalars, *[xp.asarray(e) for e in extra])
-    device_l2 = None if l2 is None else xp.asarray(l2)
-    fast_sums = getattr(table, op)(*fast, *device_args, l2=device_l2)
-    ref_sums = getattr(reference, op)(*ref, *device_args, l2=device_l2)
-    rtol, atol = tolerances(dtype)
-    for name, a, b in zip(["w", "dw", *state_names], fast, ref):
-        np.testing.assert_allclose(_host(a), _host(b), rtol=rtol, atol=atol, err_msg=name)
-    np.testing.assert_array_equal(_host(fast[1]), _host(inputs[1]))  # dw is not written
-    if l2 is None:
-        assert fast_sums is None and ref_sums is None
-    else:
-        assert fast_sums.shape == (members,) and fast_sums.dtype == dtype
-        np.testing.assert_allclose(_host(fast_sums), _host(ref_sums), rtol=rtol * 10, atol=atol)
-    single_op = getattr(reference, op.replace("_stacked_", "_"))
-    for member in range(members):
-        alone = [xp.ascontiguousarray(a[:, member, :]) for a in inputs]
-        if l2 is not None:
-            np.testing.assert_allclose(
-                _host(fast_sums)[member], np.sum(_host(alone[0]).astype(np.float64) ** 2),
-                rtol=rtol * 10, atol=atol)
-            alone[1] = alone[1] + dtype.type(l2[member]) * alone[0]  # as FullyConnectedNet adds it
-        single_op(*alone, float(lr[member]), *scalars, *[float(e[member]) for e in extra])
-        for name, a, b in zip(["w", *state_names], [fast[0], *fast[2:]], [alone[0], *alone[2:]]):
-            np.testing.assert_allclose(_host(a[:, member, :]), _host(b), rtol=rtol, atol=atol,
-                                       err_msg=f"{name}, member {member}")
+@pytest.mark.parametrize("use_batchnorm", [False, True])
+def test_stack_declares_the_roles_of_its_members(use_batchnorm):
+    stack = StackedFullyConnectedNet([6, 5], MEMBERS, input_dim=8, num_classes=3,
+                                     use_batchnorm=use_batchnorm)
+    net = FullyConnectedNet([6, 5], input_dim=8, num_classes=3, use_batchnorm=use_batchnorm)
+    assert stack.param_roles == net.param_roles
+    assert list(stack.params) == list(net.params)
 
 
 def test_as_member_blocks_is_a_view():
     stack = StackedFullyConnectedNet([6, 5], MEMBERS, input_dim=8, num_classes=3)
     for name, value in stack.params.items():
-        blocks = as_member_blocks(value, name)
+        blocks = as_member_blocks(value, stack.member_axes[name])
         assert blocks.ndim == 3 and blocks.shape[1] == 3
         assert np.shares_memory(blocks, value), name
 
