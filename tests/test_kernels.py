@@ -910,3 +910,22 @@ def test_cuda_convolution_kernels_on_the_host(tmp_path, ctype):
         launch("max_pool_backward", dx.size, dpool, argmax, np.int32(c), np.int32(h), np.int32(w),
                np.int32(ph), np.int32(pw), np.int32(s), np.int32(po_h), np.int32(po_w), dx)
         np.testing.assert_allclose(dx, reference.max_pool_backward(dpool, saved), rtol=1e-6)
+
+
+def test_conv_threads_work_in_a_forked_child():
+    """The conv ops' thread pool, made before a fork, is not reused (dead) in the child."""
+    import multiprocessing
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((16, 8, 16, 16)).astype(np.float32)
+    w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    table = kernels.for_module(np)
+    expected = table.conv_forward(x, w, None, 1, 1)[0]  # starts the pool here
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        got = pool.apply_async(_conv_in_child, (x, w)).get(timeout=120)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def _conv_in_child(x, w):
+    return np.ascontiguousarray(kernels.for_module(np).conv_forward(x, w, None, 1, 1)[0])
