@@ -28,7 +28,7 @@ OPS = (
     "sgd_", "sgd_momentum_", "sgd_nesterov_", "rmsprop_", "adam_",
     "flip_crop",
     # stacked models (fastnn.stacked): K members along a model axis
-    "dropout_stacked_forward", "dropout_stacked_backward", "softmax_loss_stacked",
+    "dropout_stacked_forward", "dropout_stacked_backward",
     "batchnorm_rows_train_forward", "batchnorm_rows_backward", "l2_stacked_",
 )
 

@@ -61,15 +61,34 @@ def _relu_backward(dout, out, dx):
         dx[i] = dout[i] if out[i] > 0 else 0
 
 
+def _memory_order(*arrays):
+    """Flat views of arrays that share one dense layout (e.g. the stack's feature-major
+    (K, N, H) views of (K, H, N) arrays), walked in memory order; None when they do not."""
+    a = arrays[0]
+    perm = sorted(range(a.ndim), key=lambda i: -a.strides[i])
+    views = [b.transpose(perm) for b in arrays]
+    if all(v.flags.c_contiguous and v.strides == views[0].strides for v in views):
+        return [v.reshape(-1) for v in views]
+    return None
+
+
 def relu_forward(x):
-    out = np.empty(x.shape, dtype=x.dtype)
-    _relu_forward(_flat(x), out.reshape(-1))
+    out = np.empty_like(x)  # x's layout (order "K")
+    flat = _memory_order(x, out)
+    if flat is None:
+        out = np.empty(x.shape, dtype=x.dtype)
+        flat = [_flat(x), out.reshape(-1)]
+    _relu_forward(*flat)
     return out
 
 
 def relu_backward(dout, out):
-    dx = np.empty(dout.shape, dtype=dout.dtype)
-    _relu_backward(_flat(dout), _flat(out), dx.reshape(-1))
+    dx = np.empty_like(out)
+    flat = _memory_order(dout, out, dx)
+    if flat is None:
+        dx = np.empty(dout.shape, dtype=dout.dtype)
+        flat = [_flat(dout), _flat(out), dx.reshape(-1)]
+    _relu_backward(*flat)
     return dx
 
 
@@ -128,9 +147,8 @@ def flip_crop(x, seed, step, flip, padding):
 
 # -- losses ------------------------------------------------------------------
 @_jit
-def _softmax_loss(x, y, smoothing, dx, row_loss):
+def _softmax_loss(x, y, smoothing, inv_n, dx, row_loss):
     n, c = x.shape
-    inv_n = 1.0 / n
     off = smoothing / c            # label smoothing: q = (1 - s) * onehot + s / C
     on = 1.0 - smoothing
     for i in range(n):
@@ -202,7 +220,16 @@ def _row_loss(kernel, x, y, *args):
 
 
 def softmax_loss(x, y, smoothing=0.0):
-    return _row_loss(_softmax_loss, x, y, float(smoothing))
+    if x.ndim == 3:  # members (K, N, C) on shared labels: per-member means
+        members, n, c = x.shape
+        x2d = np.ascontiguousarray(x).reshape(members * n, c)
+        dx = np.empty(x2d.shape, dtype=x.dtype)
+        row_loss = np.empty(members * n, dtype=np.float64)
+        _softmax_loss(x2d, np.tile(np.ascontiguousarray(y), members), float(smoothing),
+                      1.0 / max(n, 1), dx, row_loss)
+        losses = row_loss.reshape(members, n).sum(axis=1) / max(n, 1)
+        return losses.astype(x.dtype), dx.reshape(x.shape)
+    return _row_loss(_softmax_loss, x, y, float(smoothing), 1.0 / max(x.shape[0], 1))
 
 
 def svm_loss(x, y):
@@ -463,20 +490,6 @@ def dropout_stacked_forward(x, seed_keys, thresholds, scales, step):
 
 def dropout_stacked_backward(dout, seed_keys, thresholds, scales, step):
     return dropout_stacked_forward(dout, seed_keys, thresholds, scales, step)
-
-
-@_jit
-def _softmax_loss_stacked(x, y, dx, row_loss):
-    for k in range(x.shape[0]):
-        _softmax_loss(x[k], y, 0.0, dx[k], row_loss[k])
-
-
-def softmax_loss_stacked(x, y):
-    x = np.ascontiguousarray(x)
-    dx = np.empty(x.shape, dtype=x.dtype)
-    row_loss = np.empty(x.shape[:2], dtype=np.float64)
-    _softmax_loss_stacked(x, np.ascontiguousarray(y), dx, row_loss)
-    return (row_loss.sum(axis=1) / max(x.shape[1], 1)).astype(x.dtype), dx
 
 
 def _jit_sums(function):

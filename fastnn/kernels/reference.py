@@ -115,25 +115,26 @@ def softmax_loss(x, y, smoothing=0.0):
     smoothing s: the target of row i is q = (1 - s) * onehot(y_i) + s / C
     (label smoothing; 0: the plain loss), loss = mean_i -sum_j q_ij log p_ij,
     dx = (p - q) / N. Returns (loss as a 0-d array, dx (N, C)); no label checks.
+    Member axis: x (K, N, C) with shared labels -> (losses (K,), dx (K, N, C)).
     """
     xp = get_array_module(x, y)
-    n, classes = x.shape
-    shifted = x - x.max(axis=1, keepdims=True)
-    log_z = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+    n, classes = x.shape[-2:]
+    f = x.dtype.type
+    shifted = x - x.max(axis=-1, keepdims=True)
+    log_z = xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
     log_probs = shifted - log_z
     rows = xp.arange(n)
+    picked = log_probs[..., rows, y]
     dx = xp.exp(log_probs)
     if smoothing:
-        f = x.dtype.type
-        per_row = (f(1 - smoothing) * log_probs[rows, y]
-                   + f(smoothing / classes) * log_probs.sum(axis=1))
-        loss = -per_row.sum() / f(n)
-        dx[rows, y] -= f(1 - smoothing)
+        per_row = f(1 - smoothing) * picked + f(smoothing / classes) * log_probs.sum(axis=-1)
+        loss = -per_row.sum(axis=-1) / f(n)
+        dx[..., rows, y] -= f(1 - smoothing)
         dx -= f(smoothing / classes)
     else:
-        loss = -log_probs[rows, y].sum() / x.dtype.type(n)
-        dx[rows, y] -= 1
-    dx /= x.dtype.type(n)
+        loss = -picked.sum(axis=-1) / f(n)
+        dx[..., rows, y] -= 1
+    dx /= f(n)
     return loss, dx
 
 
@@ -310,24 +311,6 @@ def dropout_stacked_forward(x, seed_keys, thresholds, scales, step):
 def dropout_stacked_backward(dout, seed_keys, thresholds, scales, step):
     """Gradient of dropout_stacked_forward: the same masks and scales applied to dout."""
     return dropout_stacked_forward(dout, seed_keys, thresholds, scales, step)
-
-
-def softmax_loss_stacked(x, y):
-    """Softmax loss of K members' scores x (K, N, C) on shared labels y (N,).
-
-    Returns (losses (K,) of x.dtype, each the mean over N; dx (K, N, C)).
-    No label checks.
-    """
-    xp = get_array_module(x, y)
-    n = x.shape[1]
-    shifted = x - x.max(axis=2, keepdims=True)
-    log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=2, keepdims=True))
-    rows = xp.arange(n)
-    losses = -log_probs[:, rows, y].sum(axis=1) / x.dtype.type(max(n, 1))
-    dx = xp.exp(log_probs)
-    dx[:, rows, y] -= 1
-    dx /= x.dtype.type(max(n, 1))
-    return losses, dx
 
 
 def batchnorm_rows_train_forward(x, gamma, beta, eps):
