@@ -152,6 +152,13 @@ def set_model_state(model, arrays, source):
         raise ValueError(f"{source} is incompatible: unexpected running statistics {extra}")
 
 
+def write_checkpoint(path, arrays, meta):
+    """Write a checkpoint (the layout read_checkpoint describes) atomically, format and version
+    added to `meta`."""
+    write_npz(path, arrays, {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                             **meta})
+
+
 def read_checkpoint(path):
     """(arrays, meta) of a checkpoint (fastnn.solver writes them), in the current layout.
 

@@ -10,12 +10,12 @@ import math
 
 import numpy as np
 
-from fastnn import kernels, optim, schedules, serialization
+from fastnn import kernels, optim, schedules
 from fastnn.backend import get_array_module, to_numpy
 from fastnn.classifiers.base import check_roles, norm_params
 from fastnn.interrupt import TrainingInterrupted, stop_requests
 from fastnn.serialization import (CHECKPOINT_FORMAT, STATISTICS, model_state, read_checkpoint,
-                                  set_model_state, write_npz)
+                                  set_model_state, write_checkpoint)
 
 __all__ = ["Solver", "TrainingInterrupted", "CHECKPOINT_FORMAT"]
 
@@ -401,7 +401,6 @@ class Solver(SolverBase):
             arrays["epoch_order"] = self._epoch_order
         seed = getattr(self.model, "dropout_param", {}).get("seed")
         meta = {
-            "format": CHECKPOINT_FORMAT, "format_version": serialization.CHECKPOINT_VERSION,
             "fastnn_version": __version__,
             "model_class": type(self.model).__name__,
             "model_args": getattr(self.model, "init_args", None),
@@ -416,7 +415,7 @@ class Solver(SolverBase):
             "dropout_seed": seed if isinstance(seed, int) else None,
         }
         self._save_extra(arrays, meta)
-        write_npz(path, arrays, meta)
+        write_checkpoint(path, arrays, meta)
 
     def _save_extra(self, arrays, meta):
         """Add what a subclass keeps beyond Solver's state to a checkpoint's arrays and meta."""

@@ -361,3 +361,55 @@ def test_pruning_every_member_ends_training():
         assert solver.best_model(k).loss(data["X_val"]).shape == (50, 10)
     with pytest.raises(KeyError, match="no such members"):
         solver.remove_members([5])
+
+
+# -- checkpoints, printing: Solver's, for a stack -----------------------------------
+def _resumable_stack(tmp_path, num_epochs, **extra):
+    data = _data((20,), n_train=120)
+    stack = StackedFullyConnectedNet([16], MEMBERS, input_dim=20, use_batchnorm=True)
+    configs = [{"learning_rate": lr} for lr in (1e-2, 3e-3, 5e-3)]
+    prune_at_1 = lambda epoch, accs: [1] if epoch == 1 else None  # noqa: E731
+    solver = StackedSolver(stack, data, optim_configs=configs, batch_size=40, seed=2,
+                           num_epochs=num_epochs, on_epoch_end=prune_at_1, lr_decay=0.9, **extra)
+    return stack, solver
+
+
+def test_stacked_checkpoint_resume_is_bit_identical(tmp_path):
+    """2 epochs (a member pruned after the first), checkpoint, 2 more == 4 in one go."""
+    path = tmp_path / "stack.npz"
+    _, first = _resumable_stack(tmp_path, 2, checkpoint_path=str(path))
+    first.train()
+    stack, resumed = _resumable_stack(tmp_path, 4)
+    resumed.load_checkpoint(str(path))
+    assert stack.member_ids == [0, 2] and resumed.epoch == 2
+    resumed.train()
+    full_stack, full = _resumable_stack(tmp_path, 4)
+    full.train()
+    for mid in (0, 1, 2):
+        ours, theirs = resumed.results[mid], full.results[mid]
+        assert ours == theirs, mid
+    for name, value in full_stack.params.items():
+        np.testing.assert_array_equal(stack.params[name], value, err_msg=name)
+    for a, b in zip(stack.bn_params, full_stack.bn_params):
+        np.testing.assert_array_equal(a["running_var"], b["running_var"])
+    for mid in (0, 2):
+        for name, value in full.best_model(mid).params.items():
+            np.testing.assert_array_equal(resumed.best_model(mid).params[name], value)
+
+
+def test_a_solver_checkpoint_is_not_a_stack_checkpoint(tmp_path):
+    data = _data((20,), n_train=120)
+    net = FullyConnectedNet([16], input_dim=20, seed=1)
+    Solver(net, data, num_epochs=1, batch_size=40, verbose=False,
+           checkpoint_path=str(tmp_path / "c.npz")).train()
+    _, solver = _resumable_stack(tmp_path, 1)
+    with pytest.raises(ValueError, match="incompatible"):
+        solver.load_checkpoint(str(tmp_path / "c.npz"))
+
+
+def test_stacked_solver_prints_like_solver(capsys):
+    _, solver = _resumable_stack(None, 1, verbose=True, print_every=1)
+    solver.train()
+    out = capsys.readouterr().out
+    assert "(Iteration 1 / 3) loss:" in out and "(Iteration 3 / 3) loss:" in out
+    assert "(Epoch 1 / 1) 3 members; best val_acc" in out

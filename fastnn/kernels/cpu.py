@@ -17,7 +17,8 @@ import numba
 import numpy as np
 
 from fastnn.kernels import reference
-from fastnn.kernels.reference import GOLDEN, MIX1, MIX2, UNIT_BITS, dropout_key, keep_threshold
+from fastnn.kernels.reference import (GOLDEN, MIX1, MIX2, UNIT_BITS, augment_key, dropout_key,
+                                     keep_threshold)
 from fastnn.threads import configure_thread_pools
 
 configure_thread_pools()
@@ -40,6 +41,14 @@ def _jit(function, **flags):
 _GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _UNIT_SHIFT = np.uint64(64 - UNIT_BITS)
+
+
+@_jit
+def _mix64(z):
+    """SplitMix64's finaliser (reference.mix64): cpu.py's one copy."""
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
 
 
 def _flat(a):
@@ -96,10 +105,7 @@ def relu_backward(dout, out):
 @_jit
 def _dropout(x, out, key, threshold, scale):
     for i in range(x.size):
-        z = np.uint64(i) * _GOLDEN + key
-        z = (z ^ (z >> _S30)) * _MIX1
-        z = (z ^ (z >> _S27)) * _MIX2
-        z = z ^ (z >> _S31)
+        z = _mix64(np.uint64(i) * _GOLDEN + key)
         out[i] = x[i] * scale if (z >> _UNIT_SHIFT) >= threshold else 0
 
 
@@ -120,10 +126,7 @@ def _flip_crop(x, out, key, flip, padding):
     n, channels, height, width = x.shape
     span = np.uint64(2 * padding + 1)
     for i in range(n):
-        z = np.uint64(i) * _GOLDEN + key
-        z = (z ^ (z >> _S30)) * _MIX1
-        z = (z ^ (z >> _S27)) * _MIX2
-        z = z ^ (z >> _S31)
+        z = _mix64(np.uint64(i) * _GOLDEN + key)
         mirrored = flip and (z >> np.uint64(63)) == np.uint64(1)
         dy = np.int64(((z >> np.uint64(32)) & np.uint64(0xFFFF)) % span) - padding
         dx = np.int64((z & np.uint64(0xFFFF)) % span) - padding
@@ -141,7 +144,7 @@ def _flip_crop(x, out, key, flip, padding):
 def flip_crop(x, seed, step, flip, padding):
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
-    _flip_crop(x, out, np.uint64(dropout_key(seed, step)), bool(flip), np.int64(padding))
+    _flip_crop(x, out, np.uint64(augment_key(seed, step)), bool(flip), np.int64(padding))
     return out
 
 
@@ -459,17 +462,11 @@ adam_ = _update_op(_adam, reference.adam_)
 def _dropout_stacked(x, out, seed_keys, step_term, thresholds, scales):
     members, width, n = x.shape  # C-contiguous (K, H, N): the stack's activation layout
     for k in range(members):
-        key = seed_keys[k] + step_term
-        key = (key ^ (key >> _S30)) * _MIX1
-        key = (key ^ (key >> _S27)) * _MIX2
-        key = key ^ (key >> _S31)
+        key = _mix64(seed_keys[k] + step_term)
         threshold, scale = thresholds[k], scales[k]
         for j in range(width):
             for i in range(n):  # positions are C order over member k's (N, H)
-                z = np.uint64(i * width + j) * _GOLDEN + key
-                z = (z ^ (z >> _S30)) * _MIX1
-                z = (z ^ (z >> _S27)) * _MIX2
-                z = z ^ (z >> _S31)
+                z = _mix64(np.uint64(i * width + j) * _GOLDEN + key)
                 out[k, j, i] = x[k, j, i] * scale if (z >> _UNIT_SHIFT) >= threshold else 0
 
 
