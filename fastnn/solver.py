@@ -1,5 +1,9 @@
 """Solver: trains a classifier with minibatch gradient descent and keeps the best model.
 
+One loop for a lone model and for a stack of K (fastnn.stacked.StackedSolver
+overrides the per-member bookkeeping: its `_loss`, `_update`, `_read_losses`,
+`_record_accuracy`, `_after_epoch`, best-model and checkpoint hooks).
+
 The training step does no host/device traffic: losses stay on the device and
 are read when printed (every `print_every` iterations, when verbose or with a
 progress bar) and at epoch ends, where the non-finite check runs; minibatch
@@ -64,8 +68,8 @@ def check_augment(augment, X_train):
 
 
 class SolverBase:
-    """What Solver and StackedSolver share, so that both train alike for one seed:
-    the data checks, the minibatches and the learning-rate schedule.
+    """Solver's data checks, minibatches and learning-rate schedule (StackedSolver is a
+    Solver, so a stack and K lone nets train alike for one seed).
 
     Needs X_train, y_train, batch_size, sampling, augment, lr_decay,
     lr_schedule(_config), num_epochs, epoch, _t, _xp, _batch_rng,
