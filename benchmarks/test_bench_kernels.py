@@ -45,6 +45,13 @@ SHAPES = {
     "batchnorm_rows_backward": STACKED_FEATURE_ROWS,
     "l2_stacked_": STACKED_PARAMETERS,
 }
+# norms: layernorm over deep_bn-width activations; groupnorm over conv activations
+SHAPES.update({
+    "layernorm_forward": ACTIVATIONS[1:], "layernorm_backward": ACTIVATIONS[1:],
+    "groupnorm_forward": [(256, 32, 32, 32), (256, 128, 8, 8)],
+    "groupnorm_backward": [(256, 32, 32, 32), (256, 128, 8, 8)],
+})
+NORM_GROUPS = 8
 UPDATE_OPS = {spec.op: name for name, spec in optim.SPECS.items()}  # adam_ serves adamw too
 IMPLEMENTATIONS = ["reference", "numpy", "cupy-reference", "cupy"]
 
@@ -58,6 +65,8 @@ def make_args(op, shape, rng, xp=np):
         return make_update_args(op, shape, rng, xp)
     if op.endswith("_stacked_") or op.startswith(("dropout_stacked", "softmax_loss_stacked")):
         return make_stacked_args(op, shape, rng, xp)
+    if op.startswith(("layernorm", "groupnorm")):
+        return make_norm_args(op, shape, rng)
     n, d = shape
 
     def normal(*s):
@@ -117,6 +126,25 @@ def make_stacked_args(op, shape, rng, xp=np):
     dw = np.float32(1e-3) * rng.standard_normal(shape, dtype=np.float32)
     if op == "l2_stacked_":
         return dw, x, np.geomspace(1e-4, 1e-1, k)
+    raise AssertionError(f"no arguments defined for op {op!r}; add it to make_args")
+
+
+def make_norm_args(op, shape, rng):
+    """Arguments of the layernorm (N, D) and groupnorm (N, C, H, W) ops, float32."""
+    x = rng.standard_normal(shape, dtype=np.float32)
+    gamma = rng.random(shape[1], dtype=np.float32) + np.float32(0.5)
+    beta = rng.standard_normal(shape[1], dtype=np.float32)
+    if op == "layernorm_forward":
+        return x, gamma, beta, 1e-5
+    if op == "groupnorm_forward":
+        return x, gamma, beta, NORM_GROUPS, 1e-5
+    _, x_hat, inv_std, *_ = getattr(reference, op.replace("backward", "forward"))(
+        *make_norm_args(op.replace("backward", "forward"), shape, rng))
+    dout = rng.standard_normal(shape, dtype=np.float32)
+    if op == "layernorm_backward":
+        return dout, x_hat, gamma, inv_std
+    if op == "groupnorm_backward":
+        return dout, x_hat, gamma, inv_std, NORM_GROUPS
     raise AssertionError(f"no arguments defined for op {op!r}; add it to make_args")
 
 

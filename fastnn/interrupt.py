@@ -1,42 +1,55 @@
-"""Ctrl-C during training: finish the current step, then save and stop.
+"""Ctrl-C (or SIGTERM) during training: finish the current step, then save and stop.
 
 `stop_requests()` is a context manager that yields a `StopRequest` whose
-`requested` turns True at the first SIGINT (a second one raises
-KeyboardInterrupt at once). Outside the main thread it installs nothing.
+`signum` becomes the signal (SIGINT or SIGTERM) at the first one (a second
+one raises KeyboardInterrupt at once); the training loop reads it between
+steps. Outside the main thread it installs nothing.
 """
 import contextlib
 import signal
 import threading
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class StopRequest:
-    """Set by the SIGINT handler; the training loop reads it between steps."""
-    requested = False
+    """Set by the signal handler: `signum` (None until a stop is asked for)."""
+    signum = None
+
+    @property
+    def requested(self):
+        return self.signum is not None
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during train(): the state was saved to `checkpoint` (or None)."""
+    """Ctrl-C or SIGTERM during train(): the state was saved to `checkpoint` (or None).
 
-    def __init__(self, message, checkpoint):
+    `signum` is the signal that stopped it (signal.SIGINT or signal.SIGTERM).
+    """
+
+    def __init__(self, message, checkpoint, signum=signal.SIGINT):
         super().__init__(message)
         self.checkpoint = checkpoint
+        self.signum = signum
 
 
 @contextlib.contextmanager
 def stop_requests():
-    """While inside, the first Ctrl-C sets the yielded StopRequest; the previous handler returns."""
+    """While inside, the first SIGINT/SIGTERM sets the yielded StopRequest; then the previous
+    handlers return."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
 
     def handler(signum, frame):
-        if request.requested:  # a second Ctrl-C stops at once
+        if request.requested:  # a second one stops at once
             raise KeyboardInterrupt
-        request.requested = True
+        request.signum = signum
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in SIGNALS}
     try:
         yield request
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)

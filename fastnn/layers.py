@@ -133,11 +133,19 @@ def batchnorm_forward(x, gamma, beta, bn_param):
     momentum = bn_param.get("momentum", 0.9)
     members = x.ndim == 3 and gamma.ndim == 2
     features = gamma.shape
-    if (not members and x.ndim != 2) or gamma.shape != x.shape[:-2] + x.shape[-1:] or (
-            beta.shape != gamma.shape):
+    if not members and x.ndim != 2:
+        raise ValueError(f"batchnorm_forward: x must be 2-D (N, D), got shape {x.shape}; "
+                         "reshape it (x.reshape(N, -1)) or use a spatial batchnorm for images")
+    if x.dtype.kind != "f":
+        raise ValueError(f"batchnorm_forward: x must be a floating array, got dtype {x.dtype}; "
+                         "convert it first (x.astype(np.float32))")
+    if x.shape[-2] == 0 and mode == "train":
+        raise ValueError(f"batchnorm_forward: x is an empty batch (shape {x.shape}); train mode "
+                         "needs at least one row to compute the batch statistics")
+    if gamma.shape != x.shape[:-2] + x.shape[-1:] or beta.shape != gamma.shape:
         raise ValueError(f"batchnorm_forward: x of shape {x.shape} needs gamma and beta of shape "
-                         f"({x.shape[-1] if x.ndim in (2, 3) else 'D'},) (or (K, D) for x "
-                         f"(K, N, D)); got {gamma.shape} and {beta.shape}")
+                         f"({x.shape[-1]},) (or (K, D) for x (K, N, D)); got {gamma.shape} and "
+                         f"{beta.shape}")
     running_mean = bn_param.get("running_mean")
     running_var = bn_param.get("running_var")
     if running_mean is None:
@@ -221,6 +229,9 @@ def dropout_forward(x, dropout_param):
         raise ValueError(f"dropout p (the probability of dropping a unit) must be in [0, 1), got {p}")
     if mode == "test" or p == 0.0:
         return x, None
+    if x.dtype.kind != "f":  # the 1 / (1 - p) scale would be truncated
+        raise ValueError(f"dropout_forward: x must be a floating array, got dtype {x.dtype}; "
+                         "convert it first (x.astype(np.float32))")
     xp = get_array_module(x)
     seed, step = _dropout_seed(dropout_param, xp), int(dropout_param.get("step", 0))
     return kernels.for_module(xp).dropout_forward(x, p, seed, step), (p, seed, step)
@@ -275,6 +286,12 @@ def _check_scores_and_labels(x, y):
     xp = get_array_module(x, y)
     if x.ndim != 2:
         raise ValueError(f"scores must be (N, C), got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"scores x is an empty batch (shape {x.shape}); the loss is a mean over "
+                         "rows and needs at least one")
+    if x.dtype.kind != "f":
+        raise ValueError(f"scores x must be a floating array, got dtype {x.dtype}; "
+                         "convert it first (x.astype(np.float32))")
     if y.shape != (x.shape[0],):
         raise ValueError(f"labels must have shape ({x.shape[0]},) to match scores {x.shape}, "
                          f"got {y.shape}")
@@ -300,3 +317,68 @@ def softmax_loss(x, y):
     xp = _check_scores_and_labels(x, y)
     loss, dx = kernels.for_module(xp).softmax_loss(x, y)
     return xp.asarray(loss), dx
+
+
+# -- norms: layernorm and spatial groupnorm -----------------------------------
+def layernorm_forward(x, gamma, beta, ln_param):
+    """Layer normalisation of x (N, D): each row over its D features -> out (N, D).
+
+    gamma, beta (D,); ln_param: optional `eps` (1e-5). The same in train and
+    test mode (no running statistics).
+    """
+    xp = get_array_module(x, gamma, beta)
+    if x.ndim != 2 or gamma.shape != (x.shape[1],) or beta.shape != (x.shape[1],):
+        raise ValueError(f"layernorm_forward: x of shape {x.shape} needs gamma and beta of shape "
+                         f"({x.shape[1] if x.ndim == 2 else 'D'},) and x of shape (N, D); "
+                         f"got gamma {gamma.shape} and beta {beta.shape}")
+    if x.dtype.kind != "f":
+        raise ValueError(f"layernorm_forward: x must be a floating array, got dtype {x.dtype}; "
+                         "convert it first (x.astype(np.float32))")
+    eps = (ln_param or {}).get("eps", 1e-5)
+    out, x_hat, inv_std = kernels.for_module(xp).layernorm_forward(x, gamma, beta, eps)
+    return out, (x_hat, gamma, inv_std)
+
+
+def layernorm_backward(dout, cache):
+    """dout (N, D) -> (dx (N, D), dgamma (D,), dbeta (D,))."""
+    x_hat, gamma, inv_std = cache
+    xp = get_array_module(dout, x_hat)
+    return kernels.for_module(xp).layernorm_backward(dout, x_hat, gamma, inv_std)
+
+
+def spatial_groupnorm_forward(x, gamma, beta, G, gn_param):
+    """Group normalisation of images x (N, C, H, W) -> out (N, C, H, W).
+
+    Each sample's C channels form G groups of C/G channels, each normalised
+    over its channels and positions; gamma, beta (1, C, 1, 1); gn_param:
+    optional `eps` (1e-5). The same in train and test mode.
+    """
+    xp = get_array_module(x, gamma, beta)
+    if x.ndim != 4:
+        raise ValueError(f"spatial_groupnorm_forward: x must be images (N, C, H, W), got shape "
+                         f"{x.shape}")
+    channels = x.shape[1]
+    if gamma.shape != (1, channels, 1, 1) or beta.shape != (1, channels, 1, 1):
+        raise ValueError(f"spatial_groupnorm_forward: x of shape {x.shape} needs gamma and beta "
+                         f"of shape (1, {channels}, 1, 1); got {gamma.shape} and {beta.shape}")
+    if isinstance(G, bool) or int(G) != G or G < 1 or channels % G:
+        raise ValueError(f"spatial_groupnorm_forward: G={G} groups must be a positive integer "
+                         f"that divides the C={channels} channels of x {x.shape}")
+    if x.dtype.kind != "f":
+        raise ValueError(f"spatial_groupnorm_forward: x must be a floating array, got dtype "
+                         f"{x.dtype}; convert it first (x.astype(np.float32))")
+    groups = int(G)
+    eps = (gn_param or {}).get("eps", 1e-5)
+    out, x_hat, inv_std = kernels.for_module(xp).groupnorm_forward(
+        x, gamma.reshape(channels), beta.reshape(channels), groups, eps)
+    return out, (x_hat, gamma, inv_std, groups)
+
+
+def spatial_groupnorm_backward(dout, cache):
+    """dout (N, C, H, W) -> (dx (N, C, H, W), dgamma (1, C, 1, 1), dbeta (1, C, 1, 1))."""
+    x_hat, gamma, inv_std, groups = cache
+    xp = get_array_module(dout, x_hat)
+    channels = gamma.size
+    dx, dgamma, dbeta = kernels.for_module(xp).groupnorm_backward(
+        dout, x_hat, gamma.reshape(channels), inv_std, groups)
+    return dx, dgamma.reshape(1, channels, 1, 1), dbeta.reshape(1, channels, 1, 1)

@@ -11,13 +11,13 @@ the layer of gamma{i+1}; they load as norm layer str(i + 1)).
 """
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
 from fastnn.backend import get_array_module, to_numpy
 from fastnn.classifiers.base import norm_params
+from fastnn.files import atomic_write
 
 MODEL_FORMAT = "fastnn-model"
 CHECKPOINT_FORMAT = "fastnn-checkpoint"
@@ -30,28 +30,15 @@ STATISTICS = ("running_mean", "running_var")
 def write_npz(path, arrays, meta):
     """Write `arrays` (name -> array of any backend) and JSON `meta` to `path` atomically.
 
-    The file appears complete or not at all: a temporary file in the same
-    folder, flushed to disk, then renamed over `path`.
+    The file appears complete or not at all (fastnn.files.atomic_write).
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     payload = {name: to_numpy(a) for name, a in arrays.items()}
     payload[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; a saved model is not
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as fh:
+        np.savez(fh, **payload)
 
 
 def read_npz(path, expected_format, version=FORMAT_VERSION):
@@ -64,6 +51,17 @@ def read_npz(path, expected_format, version=FORMAT_VERSION):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a fastnn file; give the .npz file in it "
+                                "(a run folder's model.npz, for example)")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if not magic:
+        raise ValueError(f"{path} is empty: corrupt or truncated (written by a process that was "
+                         "stopped?)")
+    if not magic.startswith((b"PK", b"\x93NUMPY")):  # neither an .npz (zip) nor an .npy
+        raise ValueError(f"{path} is not a fastnn .npz file: corrupt, or another kind of file "
+                         f"(it starts with {magic!r})")
     try:
         data = np.load(path, allow_pickle=False)
         if isinstance(data, np.lib.npyio.NpzFile):

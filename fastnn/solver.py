@@ -11,6 +11,7 @@ indices go to the device once per epoch; the data are checked once, when the
 Solver is built.
 """
 import math
+import signal
 
 import numpy as np
 
@@ -90,6 +91,10 @@ class SolverBase:
                              "they need one label per row")
         if y.dtype.kind not in "iu":
             raise ValueError(f"y_{split} must hold integer labels, got dtype {y.dtype}")
+        bad = int((~xp.isfinite(X)).sum())  # once here, so that the step never checks
+        if bad:
+            raise ValueError(f"X_{split} holds {bad} NaN or infinite values; clean or drop those "
+                             "rows before training")
         return X, xp.asarray(y, dtype=np.int64)
 
     def _check_labels(self, num_classes):
@@ -326,7 +331,7 @@ class Solver(SolverBase):
                         self._after_epoch()
                         self._write_checkpoints()
                     if stop.requested:
-                        self._interrupted()
+                        self._interrupted(stop.signum)
             finally:
                 if bar is not None:
                     bar.close()
@@ -367,7 +372,8 @@ class Solver(SolverBase):
         from tqdm.auto import tqdm
 
         return tqdm(total=per_epoch, desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
-                    unit="batch", leave=False, dynamic_ncols=True)
+                    unit="batch", leave=False, dynamic_ncols=True,
+                    disable=None)  # None: no bar when stderr is not a terminal (a log file)
 
     def _print(self, line):
         if self.progress:
@@ -469,7 +475,7 @@ class Solver(SolverBase):
             self.model.dropout_param["seed"] = meta["dropout_seed"]
 
     # -- Ctrl-C (fastnn.interrupt) -----------------------------------------------
-    def _interrupted(self):
+    def _interrupted(self, signum):
         path = self.checkpoint_path
         if path is None and self.checkpoint_name is not None:
             path = f"{self.checkpoint_name}_interrupted.npz"
@@ -478,4 +484,6 @@ class Solver(SolverBase):
             message = f"interrupted at iteration {self._t}; state saved to {path}"
         else:
             message = f"interrupted at iteration {self._t}; no checkpoint_path was set, nothing saved"
-        raise TrainingInterrupted(message, path)
+        if signum == signal.SIGTERM:
+            message = f"stopped by SIGTERM: {message}"
+        raise TrainingInterrupted(message, path, signal.Signals(signum))

@@ -95,6 +95,8 @@ class StackedFullyConnectedNet(FullyConnectedNet):
         self.dtype = np.dtype(dtype)
         self.hidden_dims, self.input_dim, self.num_classes = hidden_dims, int(input_dim), int(num_classes)
         self.use_batchnorm = bool(use_batchnorm)
+        self.normalization = "batchnorm" if self.use_batchnorm else None
+        self.ln_params = []  # layernorm members are not stacked yet
         self.num_layers = len(hidden_dims) + 1
         self.dims = [self.input_dim, *hidden_dims, self.num_classes]
         self.init_args = dict(hidden_dims=hidden_dims, members=members, input_dim=self.input_dim,

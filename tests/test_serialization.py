@@ -126,8 +126,15 @@ def test_truncated_file_is_corrupt(tmp_path):
 def test_random_bytes_are_corrupt(tmp_path):
     path = tmp_path / "noise.npz"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="corrupt") as info:
         fastnn.load(str(path))
+    assert "allow_pickle" not in str(info.value)  # numpy's advice does not apply to model files
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder, not a fastnn file") as info:
+        fastnn.load(str(tmp_path))
+    assert "corrupt" not in str(info.value)
 
 
 def test_damaged_array_data_is_corrupt(tmp_path):

@@ -13,7 +13,7 @@ from fastnn.classifiers.base import member_blocks
 from fastnn.gradient_check import eval_numerical_gradient, rel_error
 from fastnn.solver import Solver
 from fastnn.stacked import StackedFullyConnectedNet, StackedSolver
-from helpers import tolerances
+from helpers import backend_tolerances, host_copies
 
 MEMBERS = [dict(seed=1, weight_scale=0.1, reg=0.1, dropout=0.3),
            dict(seed=2, weight_scale=0.05, reg=0.0, dropout=0.0),

@@ -61,7 +61,10 @@ def _flat(a):
 def _relu_forward(x, out):
     for i in range(x.size):
         v = x[i]
-        out[i] = 0 if v < 0 else v  # NaN stays NaN, as np.maximum keeps it
+        # only positive values (subnormals too) and NaN (as np.maximum keeps it)
+        # pass; the form of gpu.py's relu, which must not let a flushed
+        # negative subnormal through
+        out[i] = v if (v > 0 or v != v) else 0
 
 
 @_jit
@@ -579,3 +582,149 @@ def l2_stacked_(dw, w, reg):
     partial = np.zeros(w.shape[1:], dtype=w.dtype)
     _l2_stacked(dw, w, np.ascontiguousarray(reg, dtype=w.dtype), partial)
     return partial.sum(axis=1, dtype=np.float64).astype(w.dtype)
+
+
+# -- norms: layernorm and groupnorm -------------------------------------------
+# One row per normalised unit (a sample for layernorm, a sample's group for
+# groupnorm), read whole and contiguous: the row sums use the vectorised
+# float64 helpers above; gamma and beta sums accumulate in float64 too.
+@_jit
+def _layernorm_forward(x, gamma, beta, eps, out, x_hat, inv_std):
+    n, d = x.shape
+    for i in range(n):
+        mean = _row_sum(x, i) / d
+        scale = 1.0 / np.sqrt(_row_squared_deviation(x, i, mean) / d + eps)
+        inv_std[i] = scale
+        for j in range(d):
+            normed = (x[i, j] - mean) * scale
+            x_hat[i, j] = normed
+            out[i, j] = normed * gamma[j] + beta[j]
+
+
+@_jit_sums
+def _row_gamma_sums(dout, x_hat, gamma, i):
+    """Over row i: (sum of g, sum of g * x_hat) with g = dout * gamma, the gradient
+    reaching x_hat."""
+    total = 0.0
+    total_xhat = 0.0
+    for j in range(dout.shape[1]):
+        g = dout[i, j] * gamma[j]
+        total += g
+        total_xhat += g * x_hat[i, j]
+    return total, total_xhat
+
+
+@_jit
+def _layernorm_backward(dout, x_hat, gamma, inv_std, dx, dgamma, dbeta):
+    n, d = dout.shape
+    sum_dout = np.zeros(d, dtype=np.float64)
+    sum_dout_xhat = np.zeros(d, dtype=np.float64)
+    for i in range(n):
+        for j in range(d):
+            grad = dout[i, j]
+            sum_dout[j] += grad
+            sum_dout_xhat[j] += grad * x_hat[i, j]
+        mean_g, mean_g_xhat = _row_gamma_sums(dout, x_hat, gamma, i)
+        mean_g /= d
+        mean_g_xhat /= d
+        scale = inv_std[i]
+        for j in range(d):
+            dx[i, j] = scale * (dout[i, j] * gamma[j] - mean_g - x_hat[i, j] * mean_g_xhat)
+    for j in range(d):
+        dgamma[j] = sum_dout_xhat[j]
+        dbeta[j] = sum_dout[j]
+
+
+def layernorm_forward(x, gamma, beta, eps):
+    x = np.ascontiguousarray(x)
+    out, x_hat = np.empty_like(x), np.empty_like(x)
+    inv_std = np.empty(x.shape[0], dtype=x.dtype)
+    _layernorm_forward(x, np.ascontiguousarray(gamma), np.ascontiguousarray(beta),
+                       x.dtype.type(eps), out, x_hat, inv_std)
+    return out, x_hat, inv_std
+
+
+def layernorm_backward(dout, x_hat, gamma, inv_std):
+    dout = np.ascontiguousarray(dout)
+    dx = np.empty_like(dout)
+    dgamma, dbeta = (np.empty(dout.shape[1], dtype=dout.dtype) for _ in range(2))
+    _layernorm_backward(dout, np.ascontiguousarray(x_hat), np.ascontiguousarray(gamma),
+                        np.ascontiguousarray(inv_std), dx, dgamma, dbeta)
+    return dx, dgamma, dbeta
+
+
+# groupnorm: x seen as rows (N * G, C/G, H * W) for the affine part and as
+# (N * G, C/G * H * W) for the statistics; row r is group r % G of a sample
+@_jit
+def _groupnorm_forward(x, rows, gamma, beta, groups, eps, out, x_hat, inv_std):
+    count, channels, positions = x.shape
+    length = channels * positions
+    for r in range(count):
+        first = (r % groups) * channels
+        mean = _row_sum(rows, r) / length
+        scale = 1.0 / np.sqrt(_row_squared_deviation(rows, r, mean) / length + eps)
+        inv_std[r] = scale
+        for c in range(channels):
+            g, b = gamma[first + c], beta[first + c]
+            for k in range(positions):
+                normed = (x[r, c, k] - mean) * scale
+                x_hat[r, c, k] = normed
+                out[r, c, k] = normed * g + b
+
+
+@_jit
+def _groupnorm_backward(dout, x_hat, gamma, inv_std, groups, dx, dgamma, dbeta):
+    count, channels, positions = dout.shape
+    length = channels * positions
+    sum_dout = np.zeros(groups * channels, dtype=np.float64)
+    sum_dout_xhat = np.zeros(groups * channels, dtype=np.float64)
+    for r in range(count):
+        first = (r % groups) * channels
+        mean_g = 0.0  # g = dout * gamma, the gradient reaching x_hat
+        mean_g_xhat = 0.0
+        for c in range(channels):
+            channel_sum = 0.0
+            channel_dot = 0.0
+            for k in range(positions):
+                grad = dout[r, c, k]
+                channel_sum += grad
+                channel_dot += grad * x_hat[r, c, k]
+            sum_dout[first + c] += channel_sum
+            sum_dout_xhat[first + c] += channel_dot
+            mean_g += gamma[first + c] * channel_sum
+            mean_g_xhat += gamma[first + c] * channel_dot
+        mean_g /= length
+        mean_g_xhat /= length
+        scale = inv_std[r]
+        for c in range(channels):
+            g = gamma[first + c]
+            for k in range(positions):
+                dx[r, c, k] = scale * (dout[r, c, k] * g - mean_g - x_hat[r, c, k] * mean_g_xhat)
+    for c in range(groups * channels):
+        dgamma[c] = sum_dout_xhat[c]
+        dbeta[c] = sum_dout[c]
+
+
+def _group_rows(a, groups):
+    """A C-contiguous (N, C, H, W) array as (N * groups, C / groups, H * W)."""
+    n, c = a.shape[:2]
+    return np.ascontiguousarray(a).reshape(n * groups, c // groups, -1)
+
+
+def groupnorm_forward(x, gamma, beta, groups, eps):
+    x3 = _group_rows(x, groups)
+    out, x_hat = np.empty_like(x3), np.empty_like(x3)
+    inv_std = np.empty(x3.shape[0], dtype=x3.dtype)
+    _groupnorm_forward(x3, x3.reshape(x3.shape[0], -1), np.ascontiguousarray(gamma),
+                       np.ascontiguousarray(beta), groups, x3.dtype.type(eps), out, x_hat, inv_std)
+    return (out.reshape(x.shape), x_hat.reshape(x.shape),
+            inv_std.reshape(x.shape[0], groups))
+
+
+def groupnorm_backward(dout, x_hat, gamma, inv_std, groups):
+    dout3 = _group_rows(dout, groups)
+    dx = np.empty_like(dout3)
+    dgamma, dbeta = (np.empty(dout.shape[1], dtype=dout.dtype) for _ in range(2))
+    _groupnorm_backward(dout3, _group_rows(x_hat, groups), np.ascontiguousarray(gamma),
+                        np.ascontiguousarray(inv_std).reshape(-1), groups, dx, dgamma, dbeta)
+    return dx.reshape(dout.shape), dgamma, dbeta
