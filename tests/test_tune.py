@@ -6,9 +6,8 @@ import subprocess
 import sys
 import time
 
+import optuna  # a required dependency: its absence is a failure, not a skip
 import pytest
-
-optuna = pytest.importorskip("optuna", reason="fastnn tune needs Optuna (a required dependency)")
 
 from fastnn.cli import build_parser, main
 from helpers import PNG_MAGIC
