@@ -13,11 +13,14 @@ the cores go to BLAS and fastnn's kernels never use Numba's thread pool.
 Kernels are compiled on first use and cached on disk (`cache=True`; Numba
 falls back to a user cache folder when the install is read-only).
 """
+import os
+
 import numba
 import numpy as np
 
 from fastnn.kernels import reference
-from fastnn.kernels.reference import GOLDEN, MIX1, MIX2, UNIT_BITS, dropout_key, keep_threshold
+from fastnn.kernels.reference import (GOLDEN, MIX1, MIX2, UNIT_BITS, augment_key, dropout_key,
+                                     keep_threshold)
 from fastnn.threads import configure_thread_pools, get_num_threads
 
 configure_thread_pools()
@@ -42,6 +45,14 @@ _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _UNIT_SHIFT = np.uint64(64 - UNIT_BITS)
 
 
+@_jit
+def _mix64(z):
+    """SplitMix64's finaliser (reference.mix64): cpu.py's one copy."""
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
 def _flat(a):
     """A 1-D view of a C-contiguous array (a copy only when it is not contiguous)."""
     return np.ascontiguousarray(a).reshape(-1)
@@ -64,29 +75,34 @@ def _relu_backward(dout, out, dx):
         dx[i] = dout[i] if out[i] > 0 else 0
 
 
-def _memory_order(a):
-    """Axes of `a` from the largest stride to the smallest: a.transpose(them) is its memory order."""
-    return tuple(sorted(range(a.ndim), key=lambda axis: -abs(a.strides[axis])))
+def _memory_order(*arrays):
+    """Flat views of arrays that share one dense layout (e.g. the stack's feature-major
+    (K, N, H) views of (K, H, N) arrays), walked in memory order; None when they do not."""
+    a = arrays[0]
+    perm = sorted(range(a.ndim), key=lambda i: -a.strides[i])
+    views = [b.transpose(perm) for b in arrays]
+    if all(v.flags.c_contiguous and v.strides == views[0].strides for v in views):
+        return [v.reshape(-1) for v in views]
+    return None
 
 
-def _flat_in(a, order):
-    """a.transpose(order) as a flat C-order array (a view when a is laid out that way)."""
-    return _flat(a.transpose(order))
-
-
-# The outputs keep the input's memory layout (np.empty_like's order "K"), so a
-# channels-last conv activation seen as (N, C, H, W) stays channels-last.
 def relu_forward(x):
-    out = np.empty_like(x)
-    order = _memory_order(out)
-    _relu_forward(_flat_in(x, order), _flat_in(out, order))
+    out = np.empty_like(x)  # x's layout (order "K")
+    flat = _memory_order(x, out)
+    if flat is None:
+        out = np.empty(x.shape, dtype=x.dtype)
+        flat = [_flat(x), out.reshape(-1)]
+    _relu_forward(*flat)
     return out
 
 
 def relu_backward(dout, out):
-    dx = np.empty_like(out, dtype=dout.dtype)
-    order = _memory_order(dx)
-    _relu_backward(_flat_in(dout, order), _flat_in(out, order), _flat_in(dx, order))
+    dx = np.empty_like(out)
+    flat = _memory_order(dout, out, dx)
+    if flat is None:
+        dx = np.empty(dout.shape, dtype=dout.dtype)
+        flat = [_flat(dout), _flat(out), dx.reshape(-1)]
+    _relu_backward(*flat)
     return dx
 
 
@@ -94,10 +110,7 @@ def relu_backward(dout, out):
 @_jit
 def _dropout(x, out, key, threshold, scale):
     for i in range(x.size):
-        z = np.uint64(i) * _GOLDEN + key
-        z = (z ^ (z >> _S30)) * _MIX1
-        z = (z ^ (z >> _S27)) * _MIX2
-        z = z ^ (z >> _S31)
+        z = _mix64(np.uint64(i) * _GOLDEN + key)
         out[i] = x[i] * scale if (z >> _UNIT_SHIFT) >= threshold else 0
 
 
@@ -118,10 +131,7 @@ def _flip_crop(x, out, key, flip, padding):
     n, channels, height, width = x.shape
     span = np.uint64(2 * padding + 1)
     for i in range(n):
-        z = np.uint64(i) * _GOLDEN + key
-        z = (z ^ (z >> _S30)) * _MIX1
-        z = (z ^ (z >> _S27)) * _MIX2
-        z = z ^ (z >> _S31)
+        z = _mix64(np.uint64(i) * _GOLDEN + key)
         mirrored = flip and (z >> np.uint64(63)) == np.uint64(1)
         dy = np.int64(((z >> np.uint64(32)) & np.uint64(0xFFFF)) % span) - padding
         dx = np.int64((z & np.uint64(0xFFFF)) % span) - padding
@@ -139,15 +149,14 @@ def _flip_crop(x, out, key, flip, padding):
 def flip_crop(x, seed, step, flip, padding):
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
-    _flip_crop(x, out, np.uint64(dropout_key(seed, step)), bool(flip), np.int64(padding))
+    _flip_crop(x, out, np.uint64(augment_key(seed, step)), bool(flip), np.int64(padding))
     return out
 
 
 # -- losses ------------------------------------------------------------------
 @_jit
-def _softmax_loss(x, y, smoothing, dx, row_loss):
+def _softmax_loss(x, y, smoothing, inv_n, dx, row_loss):
     n, c = x.shape
-    inv_n = 1.0 / n
     off = smoothing / c            # label smoothing: q = (1 - s) * onehot + s / C
     on = 1.0 - smoothing
     for i in range(n):
@@ -219,7 +228,16 @@ def _row_loss(kernel, x, y, *args):
 
 
 def softmax_loss(x, y, smoothing=0.0):
-    return _row_loss(_softmax_loss, x, y, float(smoothing))
+    if x.ndim == 3:  # members (K, N, C) on shared labels: per-member means
+        members, n, c = x.shape
+        x2d = np.ascontiguousarray(x).reshape(members * n, c)
+        dx = np.empty(x2d.shape, dtype=x.dtype)
+        row_loss = np.empty(members * n, dtype=np.float64)
+        _softmax_loss(x2d, np.tile(np.ascontiguousarray(y), members), float(smoothing),
+                      1.0 / max(n, 1), dx, row_loss)
+        losses = row_loss.reshape(members, n).sum(axis=1) / max(n, 1)
+        return losses.astype(x.dtype), dx.reshape(x.shape)
+    return _row_loss(_softmax_loss, x, y, float(smoothing), 1.0 / max(x.shape[0], 1))
 
 
 def svm_loss(x, y):
@@ -449,17 +467,11 @@ adam_ = _update_op(_adam, reference.adam_)
 def _dropout_stacked(x, out, seed_keys, step_term, thresholds, scales):
     members, width, n = x.shape  # C-contiguous (K, H, N): the stack's activation layout
     for k in range(members):
-        key = seed_keys[k] + step_term
-        key = (key ^ (key >> _S30)) * _MIX1
-        key = (key ^ (key >> _S27)) * _MIX2
-        key = key ^ (key >> _S31)
+        key = _mix64(seed_keys[k] + step_term)
         threshold, scale = thresholds[k], scales[k]
         for j in range(width):
             for i in range(n):  # positions are C order over member k's (N, H)
-                z = np.uint64(i * width + j) * _GOLDEN + key
-                z = (z ^ (z >> _S30)) * _MIX1
-                z = (z ^ (z >> _S27)) * _MIX2
-                z = z ^ (z >> _S31)
+                z = _mix64(np.uint64(i * width + j) * _GOLDEN + key)
                 out[k, j, i] = x[k, j, i] * scale if (z >> _UNIT_SHIFT) >= threshold else 0
 
 
@@ -480,20 +492,6 @@ def dropout_stacked_forward(x, seed_keys, thresholds, scales, step):
 
 def dropout_stacked_backward(dout, seed_keys, thresholds, scales, step):
     return dropout_stacked_forward(dout, seed_keys, thresholds, scales, step)
-
-
-@_jit
-def _softmax_loss_stacked(x, y, dx, row_loss):
-    for k in range(x.shape[0]):
-        _softmax_loss(x[k], y, 0.0, dx[k], row_loss[k])
-
-
-def softmax_loss_stacked(x, y):
-    x = np.ascontiguousarray(x)
-    dx = np.empty(x.shape, dtype=x.dtype)
-    row_loss = np.empty(x.shape[:2], dtype=np.float64)
-    _softmax_loss_stacked(x, np.ascontiguousarray(y), dx, row_loss)
-    return (row_loss.sum(axis=1) / max(x.shape[1], 1)).astype(x.dtype), dx
 
 
 def _jit_sums(function):
@@ -759,71 +757,77 @@ def _chunk_images(n, rows_per_image, row_bytes):
 
 
 @_jit
-def _pad_images(x, pad, out):
-    """x (n, H, W, C) -> out (n, H + 2 pad, (W + 2 pad) * C): zero borders, x inside."""
-    n, height, width, channels = x.shape
-    row = (width + 2 * pad) * channels
-    for image in range(n):
-        for y in range(out.shape[1]):
-            inside = pad <= y < pad + height
-            for t in range(row):
-                out[image, y, t] = 0
-            if inside:
-                for xx in range(width):
-                    for c in range(channels):
-                        out[image, y, (xx + pad) * channels + c] = x[image, y - pad, xx, c]
-
-
-@_jit
-def _im2col(x_padded, channels, filter_height, filter_width, stride, out_height, out_width,
+def _im2col(x, channels, width, filter_height, filter_width, stride, pad, out_height, out_width,
             cols):
-    """x_padded (n, Hp, Wp*C) -> cols (n*H'*W', HH*WW*C): a row per output pixel, taps (i, j, c).
+    """x (n, H, W*C) -> cols (n*H'*W', HH*WW*C): a row per output pixel, taps (i, j, c).
 
-    Each filter row's taps are one contiguous run of WW*C values of the padded
-    image: one copy per filter row, no bounds checks.
+    Zero padding is implicit. A filter row whose window lies inside the image
+    is one contiguous run of WW*C values: one copy; only edge windows go tap by tap.
     """
+    height = x.shape[1]
     run = filter_width * channels
     row = 0
-    for image in range(x_padded.shape[0]):
+    for image in range(x.shape[0]):
         for oy in range(out_height):
             for ox in range(out_width):
-                start = ox * stride * channels
+                x0 = ox * stride - pad
+                inside = x0 >= 0 and x0 + filter_width <= width
                 for i in range(filter_height):
+                    y = oy * stride - pad + i
                     k = i * run
-                    for t in range(run):
-                        cols[row, k + t] = x_padded[image, oy * stride + i, start + t]
+                    if y < 0 or y >= height:
+                        for t in range(run):
+                            cols[row, k + t] = 0
+                    elif inside:
+                        base = x0 * channels
+                        for t in range(run):
+                            cols[row, k + t] = x[image, y, base + t]
+                    else:
+                        for j in range(filter_width):
+                            xx = x0 + j
+                            if 0 <= xx < width:
+                                for c in range(channels):
+                                    cols[row, k + j * channels + c] = x[image, y, xx * channels + c]
+                            else:
+                                for c in range(channels):
+                                    cols[row, k + j * channels + c] = 0
                 row += 1
 
 
 @_jit
-def _col2im(dcols, channels, filter_height, filter_width, stride, out_height, out_width, pad,
-            dx_padded, dx):
-    """The adjoint of _pad_images + _im2col: dx (n, H, W, C) from the columns' gradient.
-
-    dx_padded (n, Hp, Wp*C) is scratch: the sums land there, then the inside goes to dx.
-    """
+def _col2im(dcols, channels, width, filter_height, filter_width, stride, pad, out_height,
+            out_width, dx):
+    """The adjoint of _im2col: dx (n, H, W*C) = the sum of the column entries read from each value."""
+    height = dx.shape[1]
     run = filter_width * channels
-    n = dx.shape[0]
-    dx_padded[:n] = 0
+    dx[:] = 0
     row = 0
-    for image in range(n):
+    for image in range(dx.shape[0]):
         for oy in range(out_height):
             for ox in range(out_width):
-                start = ox * stride * channels
+                x0 = ox * stride - pad
+                inside = x0 >= 0 and x0 + filter_width <= width
                 for i in range(filter_height):
+                    y = oy * stride - pad + i
                     k = i * run
-                    for t in range(run):
-                        dx_padded[image, oy * stride + i, start + t] += dcols[row, k + t]
+                    if y < 0 or y >= height:
+                        continue
+                    if inside:
+                        base = x0 * channels
+                        for t in range(run):
+                            dx[image, y, base + t] += dcols[row, k + t]
+                    else:
+                        for j in range(filter_width):
+                            xx = x0 + j
+                            if 0 <= xx < width:
+                                for c in range(channels):
+                                    dx[image, y, xx * channels + c] += dcols[row, k + j * channels + c]
                 row += 1
-    height, width = dx.shape[1], dx.shape[2]
-    for image in range(n):
-        for y in range(height):
-            for xx in range(width):
-                for c in range(channels):
-                    dx[image, y, xx, c] = dx_padded[image, y + pad, (xx + pad) * channels + c]
 
 
 _conv_workers = {}  # thread count -> (ThreadPoolExecutor, threadpoolctl controller)
+# a forked child (multiprocessing, say) has none of the parent's threads: new pools there
+os.register_at_fork(after_in_child=_conv_workers.clear)
 
 
 def _run_chunks(work, n, step):
@@ -860,13 +864,6 @@ def _run_chunks(work, n, step):
             future.result()
 
 
-def _conv_buffers(x_nhwc, step, pixels, depth, pad):
-    """One worker's scratch: a column buffer and a padded-images buffer for `step` images."""
-    _, height, width, channels = x_nhwc.shape
-    return (np.empty((step * pixels, depth), dtype=x_nhwc.dtype),
-            np.empty((step, height + 2 * pad, (width + 2 * pad) * channels), dtype=x_nhwc.dtype))
-
-
 def _conv_shapes(x_nhwc, w_shape, stride, pad):
     n, height, width, channels = x_nhwc.shape
     _, _, filter_height, filter_width = w_shape
@@ -893,16 +890,15 @@ def conv_forward(x, w, b, stride, pad):
     bias = None if b is None else b.astype(dtype, copy=False)
     out = np.empty((n, out_height, out_width, filters), dtype=dtype)
     out_rows = out.reshape(n * pixels, filters)
+    x_rows = x_nhwc.reshape(n, x_nhwc.shape[1], -1)  # (N, H, W*C): a pixel row per image row
     buffers = {}
 
     def work(start, stop, worker):
         if worker not in buffers:
-            buffers[worker] = _conv_buffers(x_nhwc, step, pixels, depth, pad)
-        cols, padded = buffers[worker]
-        chunk_cols = cols[:(stop - start) * pixels]
-        _pad_images(x_nhwc[start:stop], pad, padded)
-        _im2col(padded[:stop - start], channels, filter_height, filter_width, stride, out_height,
-                out_width, chunk_cols)
+            buffers[worker] = np.empty((step * pixels, depth), dtype=dtype)
+        chunk_cols = buffers[worker][:(stop - start) * pixels]
+        _im2col(x_rows[start:stop], channels, x_nhwc.shape[2], filter_height, filter_width, stride,
+                pad, out_height, out_width, chunk_cols)
         chunk_out = out_rows[start * pixels:stop * pixels]
         np.matmul(chunk_cols, w_mat, out=chunk_out)
         if bias is not None:
@@ -930,31 +926,31 @@ def conv_backward(dout, saved, need_dx=True):
     dout_nhwc = _channels_last(dout).astype(dtype, copy=False)
     dout_rows = dout_nhwc.reshape(n * pixels, filters)
     dx = np.empty_like(x_nhwc) if need_dx else None
+    height, width = x_nhwc.shape[1:3]
+    x_rows = x_nhwc.reshape(n, height, width * channels)
+    dx_rows = None if dx is None else dx.reshape(n, height, width * channels)
     w_mat_t = w_mat.T
-    partial = {}  # worker -> (dw sum, db sum, dw of one chunk, column buffer, padding buffer)
+    partial = {}  # worker -> (dw sum, db sum, dw of one chunk, column buffer)
 
     def work(start, stop, worker):
         state = partial.get(worker)
         if state is None:
-            state = (np.zeros((depth, filters), dtype=dtype), np.zeros(filters, dtype=dtype),
-                     np.empty((depth, filters), dtype=dtype),
-                     *_conv_buffers(x_nhwc, step, pixels, depth, pad))
-            partial[worker] = state
-        dw_sum, db_sum, dw_chunk, cols, padded = state
-        count = stop - start
-        chunk_cols = cols[:count * pixels]
+            state = partial[worker] = (
+                np.zeros((depth, filters), dtype=dtype), np.zeros(filters, dtype=dtype),
+                np.empty((depth, filters), dtype=dtype), np.empty((step * pixels, depth), dtype=dtype))
+        dw_sum, db_sum, dw_chunk, cols = state
+        chunk_cols = cols[:(stop - start) * pixels]
         chunk_dout = dout_rows[start * pixels:stop * pixels]
-        _pad_images(x_nhwc[start:stop], pad, padded)
-        _im2col(padded[:count], channels, filter_height, filter_width, stride, out_height,
-                out_width, chunk_cols)
+        _im2col(x_rows[start:stop], channels, width, filter_height, filter_width, stride, pad,
+                out_height, out_width, chunk_cols)
         np.matmul(chunk_cols.T, chunk_dout, out=dw_chunk)
         dw_sum += dw_chunk
         if has_bias:
             db_sum += chunk_dout.sum(axis=0)
         if need_dx:
             np.matmul(chunk_dout, w_mat_t, out=chunk_cols)  # the columns' gradient, in place
-            _col2im(chunk_cols, channels, filter_height, filter_width, stride, out_height,
-                    out_width, pad, padded, dx[start:stop])
+            _col2im(chunk_cols, channels, width, filter_height, filter_width, stride, pad,
+                    out_height, out_width, dx_rows[start:stop])
 
     _run_chunks(work, n, step)
     states = [partial[worker] for worker in sorted(partial)]
