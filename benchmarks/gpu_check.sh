@@ -11,8 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FASTNN_REQUIRE_CUPY=1
+python=${PYTHON:-python3}  # the interpreter that has CuPy
 
-python - <<'PY'
+"$python" - <<'PY'
 import cupy, fastnn
 props = cupy.cuda.runtime.getDeviceProperties(0)
 print("GPU:", props["name"].decode(), "| driver", cupy.cuda.runtime.driverGetVersion(),
@@ -23,8 +24,8 @@ assert float(x.sum()) == 6.0, "a CuPy reduction gave a wrong result"
 PY
 
 status=0
-python -m pytest -q tests -k "cupy" -p no:cacheprovider --maxfail=30 -rfEs --durations=15 \
+"$python" -m pytest -q tests -k "cupy" -p no:cacheprovider --maxfail=30 -rfEs --durations=15 \
     || status=$?
-python benchmarks/report.py --backends numpy cupy --contenders fastnn naive torch "$@" \
+"$python" benchmarks/report.py --backends numpy cupy --contenders fastnn naive torch "$@" \
     || { report=$?; [ "$status" -ne 0 ] || status=$report; }
 exit "$status"

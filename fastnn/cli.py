@@ -342,6 +342,9 @@ def resume_run(args, given):
             with failing_as(CommandError, (OSError, ValueError), "cannot resume: ",
                             f" (nothing in {out_dir} was changed)"):
                 solver.load_checkpoint(checkpoint)
+            if solver.epoch > config["epochs"]:
+                raise UsageError(f"--epochs {config['epochs']} is below the {solver.epoch} "
+                                 f"epochs {out_dir} has trained already")
             print(f"resuming {out_dir} at epoch {solver.epoch} of {config['epochs']}")
         else:  # it stopped in its first epoch: nothing to continue, so it starts over
             print(f"{out_dir} has no checkpoint yet (it stopped in its first epoch): "

@@ -10,8 +10,8 @@ per trial). This module is the one place that knows what the keys mean:
     load_data / build_model / build_solver / predict / setup_runtime
 
 Which option applies to which model, update rule or switch is listed in
-three tables (MODEL_OPTIONS, RULE_OPTIONS, NEEDS); a new model or rule adds
-a row there.
+three tables (MODEL_OPTIONS, RULE_OPTIONS, NEEDS); a new model adds a row to
+MODEL_OPTIONS, a new rule arrives through fastnn.optim's table.
 """
 import numbers
 import os

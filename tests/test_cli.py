@@ -86,6 +86,8 @@ def test_resume_refuses_to_change_the_model(cifar_root, tmp_path, capsys):
     assert "cannot change --hidden-dims" in last_error(capsys)
     assert main(["train", "--resume", str(out), "--out", str(tmp_path / "other")]) == 2
     assert "--out does not apply with --resume" in last_error(capsys)
+    assert main(["train", "--resume", str(out), "--epochs", "0"]) == 2
+    assert "--epochs must be >= 1" in last_error(capsys)
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 1
     assert "no folder" in last_error(capsys)
     assert folder_bytes(out) == before and not (tmp_path / "other").exists()
@@ -400,3 +402,20 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(cifar_root, tmp_p
     assert meta["epoch"] == 1
     monkeypatch.setattr(solver_module, "write_checkpoint", real_write)
     assert main(["train", "--resume", str(out)]) == 0
+
+
+def test_a_double_ctrl_c_stops_at_once_without_a_traceback(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fastnn",
+                             *small_args(cifar_root, out, "--epochs", "40")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.npz").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and f"fastnn train --resume {out}" in stderr
+    checkpoint_params(out)  # whole: an interrupted write never replaces it

@@ -40,8 +40,11 @@ def _reference(op, *args):
     return getattr(reference, op)(*host_copies(*args))
 
 
-def _op_args(op, rng):
-    """Small float32 host arguments for every op in kernels.OPS (a new op needs a line here)."""
+def _op_args(op, rng, impl, xp):
+    """Small float32 arguments for every op in kernels.OPS (a new op needs a line here).
+
+    impl (the table or reference.py) makes what a backward op takes from its forward.
+    """
     def normal(*shape):
         return rng.standard_normal(shape).astype(np.float32)
 
@@ -67,12 +70,26 @@ def _op_args(op, rng):
         "groupnorm_forward": (normal(2, 4, 3, 3), positive(4), normal(4), 2, 1e-5),
         "groupnorm_backward": (normal(2, 4, 3, 3), normal(2, 4, 3, 3), positive(4),
                                positive(2, 2), 2),
+        "conv_forward": (normal(2, 3, 5, 5), normal(4, 3, 3, 3), normal(4), 1, 1),
+        "max_pool_forward": (normal(2, 3, 6, 6), 2, 2, 2),
+        "batchnorm_relu_train_forward": (normal(9, 4), positive(4), normal(4), 1e-5),
     }
+    if op == "conv_backward":
+        x, w, b, stride, pad = _to(xp, cases["conv_forward"])
+        out, saved = impl.conv_forward(x, w, b, stride, pad)
+        return xp.asarray(normal(*out.shape)), saved
+    if op == "max_pool_backward":
+        out, saved = impl.max_pool_forward(*_to(xp, cases["max_pool_forward"]))
+        return xp.asarray(normal(*out.shape)), saved
+    if op == "batchnorm_relu_backward":
+        x, gamma, beta, eps = _to(xp, cases["batchnorm_relu_train_forward"])
+        out, mean, inv_std, _ = impl.batchnorm_relu_train_forward(x, gamma, beta, eps)
+        return xp.asarray(normal(*x.shape)), x, out, gamma, mean, inv_std
     for name, spec in optim.SPECS.items():  # every rule's op, with its default scalars
         config = {**spec.defaults, "t": 2}
         cases[spec.op] = (normal(5, 6), normal(5, 6),
                           tuple(positive(5, 6) for _ in spec.state), spec.scalars(config))
-    return cases[op]
+    return _to(xp, cases[op])
 
 
 def _to(xp, value):
@@ -81,12 +98,15 @@ def _to(xp, value):
     return xp.asarray(value) if isinstance(value, np.ndarray) else value
 
 
-def _outputs(result, args):
-    """What an op produced: its results, and the arrays it updates in place."""
+def _outputs(op, result, args):
+    """What an op produced: its array results, and the arrays it updates in place (an update
+    rule's state tuple too; not what a forward saves for its backward, which is each
+    implementation's own business)."""
     results = list(result) if isinstance(result, tuple) else [] if result is None else [result]
     arrays = [a for a in args if hasattr(a, "shape")]
-    arrays += [b for a in args if isinstance(a, tuple) for b in a]
-    return results + arrays
+    if op in {spec.op for spec in optim.SPECS.values()}:
+        arrays += list(args[2])
+    return [r for r in results + arrays if hasattr(r, "shape")]
 
 
 @pytest.mark.parametrize("op", kernels.OPS)
@@ -94,10 +114,10 @@ def test_every_op_matches_its_reference(ops, op):
     """Each op of the table gives what reference.py gives on numpy (a fast kernel that drifts
     fails; on cupy the comparison is with numpy's result, never with itself)."""
     xp, table = ops
-    fast_args = _to(xp, _op_args(op, np.random.default_rng(20)))
-    ref_args = _op_args(op, np.random.default_rng(20))
-    got = _outputs(getattr(table, op)(*fast_args), fast_args)
-    want = _outputs(getattr(reference, op)(*ref_args), ref_args)
+    fast_args = _op_args(op, np.random.default_rng(20), table, xp)
+    ref_args = _op_args(op, np.random.default_rng(20), reference, np)
+    got = _outputs(op, getattr(table, op)(*fast_args), fast_args)
+    want = _outputs(op, getattr(reference, op)(*ref_args), ref_args)
     assert len(got) == len(want)
     rtol, atol = backend_tolerances(xp, np.float32)
     for g, w in zip(got, want):
@@ -795,3 +815,264 @@ def test_elementwise_cuda_sources_compile(tmp_path, dtype_name):
     _nvcc_compiles(tmp_path, f"elementwise_{dtype_name}", source)
     _nvcc_compiles(tmp_path, f"softmax_loss_{dtype_name}",
                    gpu.SOFTMAX_LOSS_SOURCE.replace("{T}", ctype))
+
+
+# == convolution ===============================================================
+# (x shape, w shape, stride, pad): non-square images and filters, stride 1 and 2, pad 0-2
+CONV_CASES = [((2, 3, 8, 8), (4, 3, 3, 3), 1, 1), ((3, 2, 7, 5), (3, 2, 3, 1), 2, 1),
+              ((1, 4, 6, 9), (5, 4, 2, 4), 2, 2), ((2, 5, 5, 5), (2, 5, 1, 1), 1, 0),
+              ((2, 3, 9, 6), (6, 3, 5, 2), 1, 2), ((2, 2, 6, 7), (3, 2, 3, 3), 1, 0),
+              ((1, 3, 5, 6), (2, 3, 5, 5), 1, 2)]
+POOL_CASES = [((2, 3, 8, 8), 2, 2, 2), ((2, 4, 7, 9), 2, 3, 2), ((1, 2, 6, 5), 3, 3, 1),
+              ((3, 5, 4, 4), 4, 4, 1), ((2, 3, 7, 5), 2, 2, 2), ((1, 2, 8, 7), 3, 3, 3)]
+
+
+def _channels_last_view(xp, a):
+    """The (N, C, H, W) view of a channels-last copy of a: the fast layers' own layout."""
+    return xp.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv(ops, dtype, case, layout):
+    xp, table = ops
+    x_shape, w_shape, stride, pad = case
+    rng = np.random.default_rng(3)
+    x = xp.asarray(rng.standard_normal(x_shape), dtype=dtype)
+    if layout == "channels_last":
+        x = _channels_last_view(xp, x)
+    w = xp.asarray(rng.standard_normal(w_shape), dtype=dtype)
+    b = xp.asarray(rng.standard_normal(w_shape[0]), dtype=dtype)
+    out, saved = table.conv_forward(x, w, b, stride, pad)
+    out_ref, saved_ref = reference.conv_forward(x, w, b, stride, pad)
+    assert out.dtype == dtype and out.shape == out_ref.shape
+    scale = float(np.abs(_host(out_ref)).max())
+    _close(out, out_ref, dtype, scale)
+    dout = xp.asarray(rng.standard_normal(out_ref.shape), dtype=dtype)
+    if layout == "channels_last":
+        dout = _channels_last_view(xp, dout)
+    for got, expected in zip(table.conv_backward(dout, saved),
+                             reference.conv_backward(dout, saved_ref)):
+        assert got.dtype == dtype and got.shape == expected.shape
+        _close(got, expected, dtype, float(np.abs(_host(expected)).max()))
+    dx, dw, db = table.conv_backward(dout, saved, False)
+    assert dx is None
+    _close(dw, reference.conv_backward(dout, saved_ref)[1], dtype, scale)
+
+
+def test_conv_without_bias(ops, dtype):
+    xp, table = ops
+    rng = np.random.default_rng(4)
+    x = xp.asarray(rng.standard_normal((2, 3, 6, 6)), dtype=dtype)
+    w = xp.asarray(rng.standard_normal((4, 3, 3, 3)), dtype=dtype)
+    out, saved = table.conv_forward(x, w, None, 1, 1)
+    zero = xp.zeros(4, dtype=dtype)
+    _close(out, reference.conv_forward(x, w, zero, 1, 1)[0], dtype, 10.0)
+    dx, dw, db = table.conv_backward(xp.ones(out.shape, dtype=dtype), saved)
+    assert db is None and dx.shape == x.shape and dw.shape == w.shape
+
+
+def test_conv_many_chunks_match_the_reference(ops, monkeypatch):
+    """Batches that span several of the numpy kernels' column chunks (a small chunk size here)."""
+    xp, table = ops
+    from fastnn.kernels import cpu
+
+    monkeypatch.setattr(cpu, "CONV_CHUNK_BYTES", 3000)
+    rng = np.random.default_rng(5)
+    x = xp.asarray(rng.standard_normal((7, 3, 6, 5)))
+    w = xp.asarray(rng.standard_normal((4, 3, 3, 3)))
+    b = xp.asarray(rng.standard_normal(4))
+    out, saved = table.conv_forward(x, w, b, 1, 1)
+    out_ref, saved_ref = reference.conv_forward(x, w, b, 1, 1)
+    _close(out, out_ref, np.float64, 10.0)
+    dout = xp.asarray(rng.standard_normal(out.shape))
+    for got, expected in zip(table.conv_backward(dout, saved),
+                             reference.conv_backward(dout, saved_ref)):
+        _close(got, expected, np.float64, 10.0)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_max_pool(ops, dtype, case, layout):
+    xp, table = ops
+    x_shape, pool_height, pool_width, stride = case
+    rng = np.random.default_rng(6)
+    x = xp.asarray(rng.standard_normal(x_shape), dtype=dtype)
+    if layout == "channels_last":
+        x = _channels_last_view(xp, x)
+    out, saved = table.max_pool_forward(x, pool_height, pool_width, stride)
+    out_ref, saved_ref = reference.max_pool_forward(x, pool_height, pool_width, stride)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(_host(out), _host(out_ref))
+    dout = xp.asarray(rng.standard_normal(out.shape), dtype=dtype)
+    dx = table.max_pool_backward(dout, saved)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    # overlapping windows add up their gradients in another order: equal to rounding
+    _close(dx, reference.max_pool_backward(dout, saved_ref), dtype, 10.0)
+
+
+def test_max_pool_ties_go_to_the_first_maximum(ops, dtype):
+    """Equal values in a window (relu zeros, say): the gradient goes to the first, row-major."""
+    xp, table = ops
+    x = np.zeros((1, 2, 4, 4))
+    x[0, 1, 0, 1] = x[0, 1, 1, 0] = 3.0   # window (0, 0) of channel 1: two maxima
+    x_dev = xp.asarray(x, dtype=dtype)
+    out, saved = table.max_pool_forward(x_dev, 2, 2, 2)
+    dx = _host(table.max_pool_backward(xp.ones(out.shape, dtype=dtype), saved))
+    expected = np.zeros_like(x)
+    expected[0, 0, ::2, ::2] = 1  # all-zero windows: their first position
+    expected[0, 1, ::2, ::2] = 1
+    expected[0, 1, 0, 0] = 0
+    expected[0, 1, 0, 1] = 1
+    np.testing.assert_array_equal(dx, expected)
+
+
+# (rows, channels): the last ones span the numpy kernels' thread blocks
+BN_RELU_SHAPES = [(1, 3), (7, 5), (64, 24), (3000, 24), (4097, 33)]
+
+
+@pytest.mark.parametrize("shape", BN_RELU_SHAPES)
+def test_batchnorm_relu(ops, dtype, shape):
+    xp, table = ops
+    rng = np.random.default_rng(7)
+    x = xp.asarray(rng.standard_normal(shape) * 3 + 10, dtype=dtype)  # offset: the shifted sums
+    gamma = xp.asarray(rng.standard_normal(shape[1]), dtype=dtype)
+    beta = xp.asarray(rng.standard_normal(shape[1]), dtype=dtype)
+    got = table.batchnorm_relu_train_forward(x, gamma, beta, 1e-5)
+    expected = reference.batchnorm_relu_train_forward(x, gamma, beta, 1e-5)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.shape == e.shape
+        _close(g, e, dtype, 10.0)
+    out, mean, inv_std, _ = expected
+    dout = xp.asarray(rng.standard_normal(shape), dtype=dtype)
+    got = table.batchnorm_relu_backward(dout, x, out, gamma, mean, inv_std)
+    expected = reference.batchnorm_relu_backward(dout, x, out, gamma, mean, inv_std)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.shape == e.shape
+        _close(g, e, dtype, float(np.abs(_host(e)).max()) + 1)
+
+
+def test_cuda_convolution_sources_compile(tmp_path):
+    """The CuPy RawKernels' CUDA source, for float and double, through nvcc (when installed)."""
+    import shutil
+    import subprocess
+
+    from fastnn.kernels import gpu
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    source = tmp_path / "conv.cu"
+    source.write_text(gpu.conv_source("float") + gpu.conv_source("double"))
+    result = subprocess.run([nvcc, "--ptx", "-o", str(tmp_path / "conv.ptx"), str(source)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    ptx = (tmp_path / "conv.ptx").read_text()
+    for name in gpu._CONV_KERNELS:
+        for ctype in ("float", "double"):
+            assert f"fastnn_{name}_{ctype}" in ptx
+
+
+def _host_cuda_kernels(tmp_path, ctype):
+    """The convolution RawKernels compiled for the host (g++): each call runs one CUDA thread.
+
+    threadIdx.x becomes a global the test sets before each call, so the
+    kernels' index arithmetic runs on small numpy arrays without a GPU.
+    """
+    import ctypes
+    import shutil
+    import subprocess
+
+    from fastnn.kernels import gpu
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ is not installed")
+    prelude = ("struct Dim { long long x; };\nstatic Dim blockIdx = {0}, blockDim = {1};\n"
+               "static long long thread_index = 0;\n"
+               'extern "C" void set_thread(long long i) { thread_index = i; }\n'
+               "#define threadIdx (Dim{thread_index})\n#define __global__\n")
+    source = tmp_path / f"conv_{ctype}.cpp"
+    source.write_text(prelude + gpu.conv_source(ctype))
+    library = tmp_path / f"conv_{ctype}.so"
+    result = subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(library), str(source)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lib = ctypes.CDLL(str(library))
+
+    def launch(name, total, *args):
+        kernel = getattr(lib, f"fastnn_{name}_{ctype}")
+        converted = [a.ctypes.data_as(ctypes.c_void_p) if isinstance(a, np.ndarray)
+                     else ctypes.c_longlong(int(a)) if isinstance(a, np.int64)
+                     else ctypes.c_int(int(a)) for a in args] + [ctypes.c_longlong(total)]
+        for i in range(total):
+            lib.set_thread(ctypes.c_longlong(i))
+            kernel(*converted)
+
+    return launch
+
+
+@pytest.mark.parametrize("ctype", ["float", "double"])
+def test_cuda_convolution_kernels_on_the_host(tmp_path, ctype):
+    """im2col, col2im and the pool kernels of gpu.py against the reference ops."""
+    from fastnn.kernels.reference import _im2col
+
+    launch = _host_cuda_kernels(tmp_path, ctype)
+    dtype = np.float32 if ctype == "float" else np.float64
+    rng = np.random.default_rng(8)
+    n, c, h, w, hh, ww, stride, pad = 2, 3, 5, 7, 3, 2, 2, 1
+    ho, wo = 1 + (h + 2 * pad - hh) // stride, 1 + (w + 2 * pad - ww) // stride
+    x = _channels_last_view(np, rng.standard_normal((n, c, h, w)).astype(dtype))  # strided
+    geometry = [np.int32(v) for v in (c, h, w, hh, ww, stride, pad, ho, wo)]
+    strides = [np.int64(s // x.itemsize) for s in x.strides]
+    cols = np.zeros((n * ho * wo, c * hh * ww), dtype=dtype)
+    launch("im2col", cols.size, x, *strides, *geometry, np.int32(0), cols)
+    expected = _im2col(np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))), hh, ww, stride, ho, wo)
+    np.testing.assert_array_equal(cols, expected.transpose(0, 2, 1).reshape(cols.shape))
+
+    # col2im is the adjoint of im2col: <im2col(x), d> == <x, col2im(d)>
+    dcols = rng.standard_normal(cols.shape).astype(dtype)
+    dx = np.zeros((n, c, h, w), dtype=dtype)
+    launch("col2im", dx.size, dcols, *geometry, dx)
+    assert float((cols * dcols).sum()) == pytest.approx(float((x * dx).sum()), rel=1e-5)
+    wmat = rng.standard_normal((4, c * hh * ww)).astype(dtype)
+    dout = rng.standard_normal((n, 4, ho, wo)).astype(dtype)
+    _, saved = reference.conv_forward(x, wmat.reshape(4, c, hh, ww), None, stride, pad)
+    dx_ref = reference.conv_backward(dout, saved)[0]
+    dx = np.zeros((n, c, h, w), dtype=dtype)
+    launch("col2im", dx.size, dout.transpose(0, 2, 3, 1).reshape(-1, 4) @ wmat, *geometry, dx)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+
+    for ph, pw, s in ((2, 2, 2), (3, 2, 1)):
+        po_h, po_w = 1 + (h - ph) // s, 1 + (w - pw) // s
+        out = np.zeros((n, c, po_h, po_w), dtype=dtype)
+        argmax = np.zeros(out.shape, dtype=np.int32)
+        launch("max_pool_forward", out.size, x, *strides, np.int32(c), np.int32(ph),
+               np.int32(pw), np.int32(s), np.int32(po_h), np.int32(po_w), out, argmax)
+        out_ref, saved = reference.max_pool_forward(x, ph, pw, s)
+        np.testing.assert_array_equal(out, out_ref)
+        np.testing.assert_array_equal(argmax, saved[1])
+        dpool = rng.standard_normal(out.shape).astype(dtype)
+        dx = np.zeros((n, c, h, w), dtype=dtype)
+        launch("max_pool_backward", dx.size, dpool, argmax, np.int32(c), np.int32(h), np.int32(w),
+               np.int32(ph), np.int32(pw), np.int32(s), np.int32(po_h), np.int32(po_w), dx)
+        np.testing.assert_allclose(dx, reference.max_pool_backward(dpool, saved), rtol=1e-6)
+
+
+def test_conv_threads_work_in_a_forked_child():
+    """The conv ops' thread pool, made before a fork, is not reused (dead) in the child."""
+    import multiprocessing
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((16, 8, 16, 16)).astype(np.float32)
+    w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    table = kernels.for_module(np)
+    expected = table.conv_forward(x, w, None, 1, 1)[0]  # starts the pool here
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        got = pool.apply_async(_conv_in_child, (x, w)).get(timeout=120)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def _conv_in_child(x, w):
+    return np.ascontiguousarray(kernels.for_module(np).conv_forward(x, w, None, 1, 1)[0])

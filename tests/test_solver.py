@@ -56,6 +56,18 @@ def test_overfits_small_data(backend, rule, lr):
     assert solver.loss_history[-1] < 0.2 * solver.loss_history[0]
 
 
+def test_overfits_a_small_conv_batch(backend):
+    from fastnn.classifiers import ConvNet
+
+    data = _data(n_train=20, n_val=10)
+    model = ConvNet(widths=(8, 16), stem_width=8, input_dim=(3, 8, 8), seed=0)
+    solver = Solver(model, data, update_rule="adam", optim_config={"learning_rate": 5e-3},
+                    num_epochs=20, batch_size=10, verbose=False, seed=0)
+    solver.train()
+    assert solver.train_acc_history[-1] == 1.0
+    assert solver.loss_history[-1] < 0.2 * solver.loss_history[0]
+
+
 def test_histories_are_python_floats_with_contract_lengths(backend):
     data = _small_data(n_train=53)  # 53 // 10 = 5 iterations per epoch
     solver = Solver(_small(), data, num_epochs=3, batch_size=10, print_every=7, verbose=False,

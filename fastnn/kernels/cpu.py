@@ -13,13 +13,15 @@ the cores go to BLAS and fastnn's kernels never use Numba's thread pool.
 Kernels are compiled on first use and cached on disk (`cache=True`; Numba
 falls back to a user cache folder when the install is read-only).
 """
+import os
+
 import numba
 import numpy as np
 
 from fastnn.kernels import reference
 from fastnn.kernels.reference import (GOLDEN, MIX1, MIX2, UNIT_BITS, augment_key, dropout_key,
                                      keep_threshold)
-from fastnn.threads import configure_thread_pools
+from fastnn.threads import configure_thread_pools, get_num_threads
 
 configure_thread_pools()
 
@@ -73,34 +75,29 @@ def _relu_backward(dout, out, dx):
         dx[i] = dout[i] if out[i] > 0 else 0
 
 
-def _memory_order(*arrays):
-    """Flat views of arrays that share one dense layout (e.g. the stack's feature-major
-    (K, N, H) views of (K, H, N) arrays), walked in memory order; None when they do not."""
-    a = arrays[0]
-    perm = sorted(range(a.ndim), key=lambda i: -a.strides[i])
-    views = [b.transpose(perm) for b in arrays]
-    if all(v.flags.c_contiguous and v.strides == views[0].strides for v in views):
-        return [v.reshape(-1) for v in views]
-    return None
+def _memory_order(a):
+    """Axes of `a` from the largest stride to the smallest: a.transpose(them) is its memory order."""
+    return tuple(sorted(range(a.ndim), key=lambda axis: -abs(a.strides[axis])))
 
 
+def _flat_in(a, order):
+    """a.transpose(order) as a flat C-order array (a view when a is laid out that way)."""
+    return _flat(a.transpose(order))
+
+
+# The outputs keep the input's memory layout (np.empty_like's order "K"), so a
+# channels-last conv activation seen as (N, C, H, W) stays channels-last.
 def relu_forward(x):
-    out = np.empty_like(x)  # x's layout (order "K")
-    flat = _memory_order(x, out)
-    if flat is None:
-        out = np.empty(x.shape, dtype=x.dtype)
-        flat = [_flat(x), out.reshape(-1)]
-    _relu_forward(*flat)
+    out = np.empty_like(x)
+    order = _memory_order(out)
+    _relu_forward(_flat_in(x, order), _flat_in(out, order))
     return out
 
 
 def relu_backward(dout, out):
-    dx = np.empty_like(out)
-    flat = _memory_order(dout, out, dx)
-    if flat is None:
-        dx = np.empty(dout.shape, dtype=dout.dtype)
-        flat = [_flat(dout), _flat(out), dx.reshape(-1)]
-    _relu_backward(*flat)
+    dx = np.empty_like(out, dtype=dout.dtype)
+    order = _memory_order(dx)
+    _relu_backward(_flat_in(dout, order), _flat_in(out, order), _flat_in(dx, order))
     return dx
 
 
@@ -728,3 +725,438 @@ def groupnorm_backward(dout, x_hat, gamma, inv_std, groups):
     _groupnorm_backward(dout3, _group_rows(x_hat, groups), np.ascontiguousarray(gamma),
                         np.ascontiguousarray(inv_std).reshape(-1), groups, dx, dgamma, dbeta)
     return dx.reshape(dout.shape), dgamma, dbeta
+
+
+# == convolution ==============================================================
+# Activations live channels-last (N, H, W, C) in memory and are handed out
+# as (N, C, H, W) views: then every pixel's channels are one contiguous
+# vector, the im2col rows are contiguous copies of them, and the product of
+# the columns with the filters writes the next layer's channels-last rows
+# directly. Any other input layout is copied to channels-last once.
+#
+# A convolution runs over chunks of images: im2col of one chunk (Numba) and
+# one sgemm on it (numpy's BLAS). No full-batch column buffer exists: the
+# backward pass rebuilds each chunk's columns, which costs less than keeping
+# them (9x the input for a 3x3 filter).
+CONV_CHUNK_BYTES = 1 << 20  # column buffer per chunk: it and the product stay in L2 (2 MB here)
+
+
+def _channels_last(x):
+    """(N, C, H, W) any strides -> a C-contiguous (N, H, W, C) array (no copy if already so)."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def _chunk_images(n, rows_per_image, row_bytes):
+    """Images per chunk: the column buffer within CONV_CHUNK_BYTES, at least one image."""
+    return max(1, min(n, CONV_CHUNK_BYTES // max(1, rows_per_image * row_bytes)))
+
+
+@_jit
+def _im2col(x, channels, width, filter_height, filter_width, stride, pad, out_height, out_width,
+            cols):
+    """x (n, H, W*C) -> cols (n*H'*W', HH*WW*C): a row per output pixel, taps (i, j, c).
+
+    Zero padding is implicit. A filter row whose window lies inside the image
+    is one contiguous run of WW*C values: one copy; only edge windows go tap by tap.
+    """
+    height = x.shape[1]
+    run = filter_width * channels
+    row = 0
+    for image in range(x.shape[0]):
+        for oy in range(out_height):
+            for ox in range(out_width):
+                x0 = ox * stride - pad
+                inside = x0 >= 0 and x0 + filter_width <= width
+                for i in range(filter_height):
+                    y = oy * stride - pad + i
+                    k = i * run
+                    if y < 0 or y >= height:
+                        for t in range(run):
+                            cols[row, k + t] = 0
+                    elif inside:
+                        base = x0 * channels
+                        for t in range(run):
+                            cols[row, k + t] = x[image, y, base + t]
+                    else:
+                        for j in range(filter_width):
+                            xx = x0 + j
+                            if 0 <= xx < width:
+                                for c in range(channels):
+                                    cols[row, k + j * channels + c] = x[image, y, xx * channels + c]
+                            else:
+                                for c in range(channels):
+                                    cols[row, k + j * channels + c] = 0
+                row += 1
+
+
+@_jit
+def _col2im(dcols, channels, width, filter_height, filter_width, stride, pad, out_height,
+            out_width, dx):
+    """The adjoint of _im2col: dx (n, H, W*C) = the sum of the column entries read from each value."""
+    height = dx.shape[1]
+    run = filter_width * channels
+    dx[:] = 0
+    row = 0
+    for image in range(dx.shape[0]):
+        for oy in range(out_height):
+            for ox in range(out_width):
+                x0 = ox * stride - pad
+                inside = x0 >= 0 and x0 + filter_width <= width
+                for i in range(filter_height):
+                    y = oy * stride - pad + i
+                    k = i * run
+                    if y < 0 or y >= height:
+                        continue
+                    if inside:
+                        base = x0 * channels
+                        for t in range(run):
+                            dx[image, y, base + t] += dcols[row, k + t]
+                    else:
+                        for j in range(filter_width):
+                            xx = x0 + j
+                            if 0 <= xx < width:
+                                for c in range(channels):
+                                    dx[image, y, xx * channels + c] += dcols[row, k + j * channels + c]
+                row += 1
+
+
+_conv_workers = {}  # thread count -> (ThreadPoolExecutor, threadpoolctl controller)
+# a forked child (multiprocessing, say) has none of the parent's threads: new pools there
+os.register_at_fork(after_in_child=_conv_workers.clear)
+
+
+def _run_chunks(work, n, step):
+    """work(start, stop, worker) for the image chunks [start, stop) of a batch of n.
+
+    With T threads (fastnn.threads), T Python threads take every T-th chunk,
+    each running its own Numba kernels (nogil) and single-threaded sgemms:
+    no core waits on another between the small products, and the BLAS pool
+    does not spin against the kernels (see the module docstring). The BLAS
+    thread count is restored afterwards.
+    """
+    chunks = [(start, min(n, start + step)) for start in range(0, n, step)]
+    threads = min(get_num_threads(), len(chunks))
+    if threads <= 1:
+        for start, stop in chunks:
+            work(start, stop, 0)
+        return
+    pool = _conv_workers.get(threads)
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import ThreadpoolController
+
+        pool = _conv_workers[threads] = (ThreadPoolExecutor(threads, "fastnn-conv"),
+                                          ThreadpoolController())
+
+    def run(worker):
+        for start, stop in chunks[worker::threads]:
+            work(start, stop, worker)
+
+    executor, controller = pool
+    with controller.limit(limits=1, user_api="blas"):
+        for future in [executor.submit(run, worker) for worker in range(threads)]:
+            future.result()
+
+
+def _conv_shapes(x_nhwc, w_shape, stride, pad):
+    n, height, width, channels = x_nhwc.shape
+    _, _, filter_height, filter_width = w_shape
+    out_height = 1 + (height + 2 * pad - filter_height) // stride
+    out_width = 1 + (width + 2 * pad - filter_width) // stride
+    pixels = out_height * out_width
+    depth = filter_height * filter_width * channels
+    step = _chunk_images(n, pixels, depth * x_nhwc.itemsize)
+    return out_height, out_width, pixels, depth, step
+
+
+def conv_forward(x, w, b, stride, pad):
+    """x (N, C, H, W) any strides, w (F, C, HH, WW), b (F,) or None -> (out, saved).
+
+    out is an (N, F, H', W') view of channels-last memory.
+    """
+    x_nhwc = _channels_last(x)
+    n, channels = x_nhwc.shape[0], x_nhwc.shape[3]
+    filters, _, filter_height, filter_width = w.shape
+    out_height, out_width, pixels, depth, step = _conv_shapes(x_nhwc, w.shape, stride, pad)
+    dtype = x_nhwc.dtype
+    # (HH*WW*C, F): row order (i, j, c), as _im2col lays out a column row
+    w_mat = np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=dtype).reshape(depth, filters)
+    bias = None if b is None else b.astype(dtype, copy=False)
+    out = np.empty((n, out_height, out_width, filters), dtype=dtype)
+    out_rows = out.reshape(n * pixels, filters)
+    x_rows = x_nhwc.reshape(n, x_nhwc.shape[1], -1)  # (N, H, W*C): a pixel row per image row
+    buffers = {}
+
+    def work(start, stop, worker):
+        if worker not in buffers:
+            buffers[worker] = np.empty((step * pixels, depth), dtype=dtype)
+        chunk_cols = buffers[worker][:(stop - start) * pixels]
+        _im2col(x_rows[start:stop], channels, x_nhwc.shape[2], filter_height, filter_width, stride,
+                pad, out_height, out_width, chunk_cols)
+        chunk_out = out_rows[start * pixels:stop * pixels]
+        np.matmul(chunk_cols, w_mat, out=chunk_out)
+        if bias is not None:
+            chunk_out += bias
+
+    _run_chunks(work, n, step)
+    saved = (x_nhwc, w_mat, w.shape, stride, pad, b is not None)
+    return out.transpose(0, 3, 1, 2), saved
+
+
+def conv_backward(dout, saved, need_dx=True):
+    """dout (N, F, H', W') any strides -> (dx (N, C, H, W) view or None, dw, db or None).
+
+    Per chunk: the columns rebuilt (dw = columns^T dout), and the columns'
+    gradient dout w^T back through col2im into dx. (dx as the convolution of
+    dout with the flipped filters, an im2col of dout instead of the col2im,
+    measured 0-45% slower on the reference net's layers: its im2col is F/C
+    times wider.)
+    """
+    x_nhwc, w_mat, w_shape, stride, pad, has_bias = saved
+    filters, channels, filter_height, filter_width = w_shape
+    n = x_nhwc.shape[0]
+    dtype = x_nhwc.dtype
+    out_height, out_width, pixels, depth, step = _conv_shapes(x_nhwc, w_shape, stride, pad)
+    dout_nhwc = _channels_last(dout).astype(dtype, copy=False)
+    dout_rows = dout_nhwc.reshape(n * pixels, filters)
+    dx = np.empty_like(x_nhwc) if need_dx else None
+    height, width = x_nhwc.shape[1:3]
+    x_rows = x_nhwc.reshape(n, height, width * channels)
+    dx_rows = None if dx is None else dx.reshape(n, height, width * channels)
+    w_mat_t = w_mat.T
+    partial = {}  # worker -> (dw sum, db sum, dw of one chunk, column buffer)
+
+    def work(start, stop, worker):
+        state = partial.get(worker)
+        if state is None:
+            state = partial[worker] = (
+                np.zeros((depth, filters), dtype=dtype), np.zeros(filters, dtype=dtype),
+                np.empty((depth, filters), dtype=dtype), np.empty((step * pixels, depth), dtype=dtype))
+        dw_sum, db_sum, dw_chunk, cols = state
+        chunk_cols = cols[:(stop - start) * pixels]
+        chunk_dout = dout_rows[start * pixels:stop * pixels]
+        _im2col(x_rows[start:stop], channels, width, filter_height, filter_width, stride, pad,
+                out_height, out_width, chunk_cols)
+        np.matmul(chunk_cols.T, chunk_dout, out=dw_chunk)
+        dw_sum += dw_chunk
+        if has_bias:
+            db_sum += chunk_dout.sum(axis=0)
+        if need_dx:
+            np.matmul(chunk_dout, w_mat_t, out=chunk_cols)  # the columns' gradient, in place
+            _col2im(chunk_cols, channels, width, filter_height, filter_width, stride, pad,
+                    out_height, out_width, dx_rows[start:stop])
+
+    _run_chunks(work, n, step)
+    states = [partial[worker] for worker in sorted(partial)]
+    dw_mat, db = states[0][0], states[0][1] if has_bias else None
+    for state in states[1:]:  # the workers' partial sums, in worker order (deterministic)
+        dw_mat += state[0]
+        if has_bias:
+            db += state[1]
+    dw = np.ascontiguousarray(
+        dw_mat.reshape(filter_height, filter_width, channels, filters).transpose(3, 2, 0, 1))
+    return (None if dx is None else dx.transpose(0, 3, 1, 2)), dw, db
+
+
+@_jit
+def _max_pool_forward(x, pool_height, pool_width, stride, out, argmax):
+    """x (n, H, W, C) -> out, argmax (n, H', W', C): the window's max and its first tap."""
+    n, out_height, out_width, channels = out.shape
+    for image in range(n):
+        for oy in range(out_height):
+            for ox in range(out_width):
+                y0, x0 = oy * stride, ox * stride
+                for c in range(channels):
+                    out[image, oy, ox, c] = x[image, y0, x0, c]
+                    argmax[image, oy, ox, c] = 0
+                tap = 0
+                for i in range(pool_height):
+                    for j in range(pool_width):
+                        if tap > 0:  # strictly greater: ties keep the first tap (row-major)
+                            for c in range(channels):
+                                v = x[image, y0 + i, x0 + j, c]
+                                if v > out[image, oy, ox, c]:
+                                    out[image, oy, ox, c] = v
+                                    argmax[image, oy, ox, c] = tap
+                        tap += 1
+
+
+@_jit
+def _max_pool_backward_tiled(dout, argmax, pool_height, pool_width, dx):
+    """Windows that tile the input (stride = window): each dx value written once, no scatter."""
+    n, out_height, out_width, channels = dout.shape
+    height, width = dx.shape[1], dx.shape[2]
+    for image in range(n):
+        for y in range(height):
+            oy, i = y // pool_height, y % pool_height
+            for xx in range(width):
+                ox, j = xx // pool_width, xx % pool_width
+                if oy >= out_height or ox >= out_width:  # the floored-off edge: no window
+                    for c in range(channels):
+                        dx[image, y, xx, c] = 0
+                    continue
+                tap = i * pool_width + j
+                for c in range(channels):
+                    hit = argmax[image, oy, ox, c] == tap
+                    dx[image, y, xx, c] = dout[image, oy, ox, c] if hit else 0
+
+
+@_jit
+def _max_pool_backward(dout, argmax, pool_width, stride, dx):
+    n, out_height, out_width, channels = dout.shape
+    dx[:] = 0
+    for image in range(n):
+        for oy in range(out_height):
+            for ox in range(out_width):
+                for c in range(channels):
+                    tap = argmax[image, oy, ox, c]
+                    dx[image, oy * stride + tap // pool_width, ox * stride + tap % pool_width,
+                       c] += dout[image, oy, ox, c]
+
+
+def max_pool_forward(x, pool_height, pool_width, stride):
+    """x (N, C, H, W) any strides -> (out, saved); out an (N, C, H', W') channels-last view."""
+    x_nhwc = _channels_last(x)
+    n, height, width, channels = x_nhwc.shape
+    out_height = 1 + (height - pool_height) // stride
+    out_width = 1 + (width - pool_width) // stride
+    out = np.empty((n, out_height, out_width, channels), dtype=x_nhwc.dtype)
+    argmax = np.empty(out.shape, dtype=np.uint8 if pool_height * pool_width <= 256 else np.int32)
+
+    def work(start, stop, worker):
+        _max_pool_forward(x_nhwc[start:stop], pool_height, pool_width, stride, out[start:stop],
+                          argmax[start:stop])
+
+    _run_chunks(work, n, _row_blocks(n, out[0].size))
+    return out.transpose(0, 3, 1, 2), (x_nhwc.shape, argmax, pool_height, pool_width, stride)
+
+
+def max_pool_backward(dout, saved):
+    """dout (N, C, H', W') any strides -> dx, an (N, C, H, W) channels-last view."""
+    x_shape, argmax, pool_height, pool_width, stride = saved
+    dout_nhwc = _channels_last(dout)
+    dx = np.empty(x_shape, dtype=dout_nhwc.dtype)
+
+    tiled = stride == pool_height == pool_width
+
+    def work(start, stop, worker):
+        if tiled:
+            _max_pool_backward_tiled(dout_nhwc[start:stop], argmax[start:stop], pool_height,
+                                     pool_width, dx[start:stop])
+        else:
+            _max_pool_backward(dout_nhwc[start:stop], argmax[start:stop], pool_width, stride,
+                               dx[start:stop])
+
+    _run_chunks(work, x_shape[0], _row_blocks(x_shape[0], dout_nhwc[0].size))
+    return dx.transpose(0, 3, 1, 2)
+
+
+# -- batchnorm + relu on channels-last rows (M, C), for the conv nets ---------
+# Two passes each way: statistics (float64 sums per channel, shifted by the
+# first row so that the one-pass variance keeps its precision), then the
+# output. The T threads of _run_chunks take a block of rows each; their
+# partial sums are added in thread order (deterministic).
+@_jit
+def _bn_stats(x, shift, total, total_sq):
+    rows, channels = x.shape
+    for r in range(rows):
+        for c in range(channels):
+            d = np.float64(x[r, c]) - shift[c]
+            total[c] += d
+            total_sq[c] += d * d
+
+
+@_jit
+def _bn_relu_apply(x, mean, scale, beta, out):
+    rows, channels = x.shape
+    for r in range(rows):
+        for c in range(channels):
+            # centred first: x * scale + (beta - mean * scale) loses digits when |mean| >> std
+            v = (x[r, c] - mean[c]) * scale[c] + beta[c]
+            out[r, c] = v if v > 0 else 0
+
+
+@_jit
+def _bn_relu_grad_sums(dout, x, out, mean, inv_std, total, total_xhat):
+    rows, channels = x.shape
+    for r in range(rows):
+        for c in range(channels):
+            g = dout[r, c] if out[r, c] > 0 else 0  # a select, not a branch: it vectorises
+            total[c] += g
+            total_xhat[c] += g * ((x[r, c] - mean[c]) * inv_std[c])
+
+
+@_jit
+def _bn_relu_grad_apply(dout, x, out, mean, inv_std, factor, m, dbeta, dgamma, dx):
+    """dx = factor * (m g - dbeta - x_hat dgamma), g = dout where out > 0 (as reference.py)."""
+    rows, channels = x.shape
+    for r in range(rows):
+        for c in range(channels):
+            g = dout[r, c] if out[r, c] > 0 else 0
+            x_hat = (x[r, c] - mean[c]) * inv_std[c]
+            dx[r, c] = factor[c] * (m * g - dbeta[c] - x_hat * dgamma[c])
+
+
+PARALLEL_MIN_VALUES = 1 << 16  # smaller arrays: one thread (a hand-off costs ~50 us)
+
+
+def _row_blocks(rows, values_per_row):
+    """Rows per thread for the row-parallel kernels (one block each; all rows when small)."""
+    if rows * values_per_row < PARALLEL_MIN_VALUES:
+        return max(rows, 1)
+    return max(1, -(-rows // max(1, get_num_threads())))
+
+
+def _partial_sums(kernel, row_arrays, args):
+    """kernel(*row blocks, *args, total, total2) per thread block -> the two (C,) float64 sums."""
+    rows, channels = row_arrays[0].shape
+    parts = {}
+
+    def work(start, stop, worker):
+        parts[start] = (np.zeros(channels), np.zeros(channels))
+        kernel(*(a[start:stop] for a in row_arrays), *args, *parts[start])
+
+    _run_chunks(work, rows, _row_blocks(rows, channels))
+    first, second = np.zeros(channels), np.zeros(channels)
+    for start in sorted(parts):  # block order: the same sums for the same thread count
+        first += parts[start][0]
+        second += parts[start][1]
+    return first, second
+
+
+def _run_rows(kernel, rows, row_arrays, *args):
+    """kernel(*row blocks of row_arrays, *args) over the thread blocks of rows."""
+    def work(start, stop, worker):
+        kernel(*(a[start:stop] for a in row_arrays[:-1]), *args, row_arrays[-1][start:stop])
+
+    _run_chunks(work, rows, _row_blocks(rows, row_arrays[0].shape[1]))
+
+
+def batchnorm_relu_train_forward(x, gamma, beta, eps):
+    x = np.ascontiguousarray(x)
+    rows, channels = x.shape
+    shift = x[0].astype(np.float64) if rows else np.zeros(channels)
+    total, total_sq = _partial_sums(_bn_stats, (x,), (shift,))
+    centered_mean = total / max(rows, 1)
+    var = np.maximum(total_sq / max(rows, 1) - centered_mean ** 2, 0.0)
+    mean = shift + centered_mean
+    inv_std = 1.0 / np.sqrt(var + eps)
+    mean, inv_std = mean.astype(x.dtype), inv_std.astype(x.dtype)
+    out = np.empty_like(x)
+    _run_rows(_bn_relu_apply, rows, (x, out), mean, (inv_std * gamma).astype(x.dtype),
+              beta.astype(x.dtype))
+    return out, mean, inv_std, var.astype(x.dtype)
+
+
+def batchnorm_relu_backward(dout, x, out, gamma, mean, inv_std):
+    dout, x, out = (np.ascontiguousarray(a) for a in (dout, x, out))
+    rows, channels = x.shape
+    mean, inv_std = mean.astype(x.dtype), inv_std.astype(x.dtype)
+    dbeta, dgamma = _partial_sums(_bn_relu_grad_sums, (dout, x, out), (mean, inv_std))
+    dgamma, dbeta = dgamma.astype(x.dtype), dbeta.astype(x.dtype)
+    factor = (gamma * inv_std / x.dtype.type(max(rows, 1))).astype(x.dtype)
+    dx = np.empty_like(x)
+    _run_rows(_bn_relu_grad_apply, rows, (dout, x, out, dx), mean, inv_std, factor,
+              x.dtype.type(rows), dbeta, dgamma)
+    return dx, dgamma, dbeta
