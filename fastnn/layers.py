@@ -19,8 +19,8 @@ import math
 import numpy as np
 
 from fastnn import kernels
-from fastnn.backend import get_array_module, module_by_name
 from fastnn.kernels import reference
+from fastnn.backend import get_array_module, module_by_name
 
 
 def affine_forward(x, w, b):

@@ -187,9 +187,14 @@ def save(model, path):
 
     if not hasattr(model, "init_args"):
         raise TypeError(f"fastnn.save needs a fastnn classifier, got {type(model).__name__}")
+    init_args = dict(model.init_args)
+    if "reg" in init_args and hasattr(model, "reg"):  # classic code sets model.reg later
+        init_args["reg"] = float(model.reg)
     meta = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION,
-            "class": type(model).__name__, "init_args": model.init_args,
-            "dtype": np.dtype(model.dtype).name, "fastnn_version": __version__}
+            "class": type(model).__name__, "init_args": init_args,
+            "dtype": np.dtype(model.dtype).name, "fastnn_version": __version__,
+            # drawn at construction when the model was built without a seed
+            "dropout_seed": getattr(model, "dropout_param", {}).get("seed")}
     write_npz(path, model_state(model), meta)
 
 
@@ -212,4 +217,6 @@ def load(path):
     finally:
         np.random.set_state(rng_state)
     set_model_state(model, arrays, path)
+    if meta.get("dropout_seed") is not None and hasattr(model, "dropout_param"):
+        model.dropout_param["seed"] = int(meta["dropout_seed"])
     return model

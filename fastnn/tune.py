@@ -699,6 +699,10 @@ def tune(options, log=print, data=None):
     study = create_study(options, open_storage(options))
     setup_runtime(options)
     data = load_data(options) if data is None else data
+    # The training splits go to the backend once: every round's Solver then finds them there
+    # (on cupy, not one upload of X_train per round). The test split stays on the host.
+    data = {**data, **{k: fastnn.xp().asarray(data[k])
+                       for k in ("X_train", "y_train", "X_val", "y_val")}}
     if not options["shared"] and not study.trials:
         # Not with a shared storage: workers starting together would each enqueue it.
         study.enqueue_trial(BASELINE)

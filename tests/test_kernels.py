@@ -40,11 +40,8 @@ def _reference(op, *args):
     return getattr(reference, op)(*host_copies(*args))
 
 
-def _op_args(op, rng, impl, xp):
-    """Small float32 arguments for every op in kernels.OPS (a new op needs a line here).
-
-    impl (the table or reference.py) makes what a backward op takes from its forward.
-    """
+def _op_args(op, rng):
+    """Small float32 host arguments for every op in kernels.OPS (a new op needs a line here)."""
     def normal(*shape):
         return rng.standard_normal(shape).astype(np.float32)
 
@@ -70,26 +67,19 @@ def _op_args(op, rng, impl, xp):
         "groupnorm_forward": (normal(2, 4, 3, 3), positive(4), normal(4), 2, 1e-5),
         "groupnorm_backward": (normal(2, 4, 3, 3), normal(2, 4, 3, 3), positive(4),
                                positive(2, 2), 2),
-        "conv_forward": (normal(2, 3, 5, 5), normal(4, 3, 3, 3), normal(4), 1, 1),
+        # convolution: forwards here; their backwards take the same table's saved state
+        "conv_forward": (normal(2, 3, 6, 5), normal(4, 3, 3, 3), normal(4), 1, 1),
         "max_pool_forward": (normal(2, 3, 6, 6), 2, 2, 2),
-        "batchnorm_relu_train_forward": (normal(9, 4), positive(4), normal(4), 1e-5),
+        "batchnorm_relu_train_forward": (normal(8, 6), positive(6), normal(6), 1e-5),
     }
-    if op == "conv_backward":
-        x, w, b, stride, pad = _to(xp, cases["conv_forward"])
-        out, saved = impl.conv_forward(x, w, b, stride, pad)
-        return xp.asarray(normal(*out.shape)), saved
-    if op == "max_pool_backward":
-        out, saved = impl.max_pool_forward(*_to(xp, cases["max_pool_forward"]))
-        return xp.asarray(normal(*out.shape)), saved
-    if op == "batchnorm_relu_backward":
-        x, gamma, beta, eps = _to(xp, cases["batchnorm_relu_train_forward"])
-        out, mean, inv_std, _ = impl.batchnorm_relu_train_forward(x, gamma, beta, eps)
-        return xp.asarray(normal(*x.shape)), x, out, gamma, mean, inv_std
+    x, gamma = normal(8, 6), positive(6)
+    out, mean, inv_std, _ = reference.batchnorm_relu_train_forward(x, gamma, normal(6), 1e-5)
+    cases["batchnorm_relu_backward"] = (normal(8, 6), x, out, gamma, mean, inv_std)
     for name, spec in optim.SPECS.items():  # every rule's op, with its default scalars
         config = {**spec.defaults, "t": 2}
         cases[spec.op] = (normal(5, 6), normal(5, 6),
                           tuple(positive(5, 6) for _ in spec.state), spec.scalars(config))
-    return _to(xp, cases[op])
+    return cases[op]
 
 
 def _to(xp, value):
@@ -98,15 +88,16 @@ def _to(xp, value):
     return xp.asarray(value) if isinstance(value, np.ndarray) else value
 
 
-def _outputs(op, result, args):
-    """What an op produced: its array results, and the arrays it updates in place (an update
-    rule's state tuple too; not what a forward saves for its backward, which is each
-    implementation's own business)."""
+def _outputs(result, args):
+    """What an op produced: its results, and the arrays it updates in place."""
     results = list(result) if isinstance(result, tuple) else [] if result is None else [result]
     arrays = [a for a in args if hasattr(a, "shape")]
-    if op in {spec.op for spec in optim.SPECS.values()}:
-        arrays += list(args[2])
-    return [r for r in results + arrays if hasattr(r, "shape")]
+    arrays += [b for a in args if isinstance(a, tuple) for b in a]
+    return results + arrays
+
+
+# backward ops whose saved state comes from a forward (its layout is each implementation's own)
+SAVED_BY = {"conv_backward": "conv_forward", "max_pool_backward": "max_pool_forward"}
 
 
 @pytest.mark.parametrize("op", kernels.OPS)
@@ -114,10 +105,23 @@ def test_every_op_matches_its_reference(ops, op):
     """Each op of the table gives what reference.py gives on numpy (a fast kernel that drifts
     fails; on cupy the comparison is with numpy's result, never with itself)."""
     xp, table = ops
-    fast_args = _op_args(op, np.random.default_rng(20), table, xp)
-    ref_args = _op_args(op, np.random.default_rng(20), reference, np)
-    got = _outputs(op, getattr(table, op)(*fast_args), fast_args)
-    want = _outputs(op, getattr(reference, op)(*ref_args), ref_args)
+    if op in SAVED_BY:  # a backward: its input is the state its own table's forward saved
+        forward = SAVED_BY[op]
+        forward_args = _op_args(forward, np.random.default_rng(20))
+        _, fast_saved = getattr(table, forward)(*_to(xp, forward_args))
+        ref_out, ref_saved = getattr(reference, forward)(*forward_args)
+        dout = np.random.default_rng(21).standard_normal(ref_out.shape).astype(np.float32)
+        got = _outputs(getattr(table, op)(xp.asarray(dout), fast_saved), ())
+        want = _outputs(getattr(reference, op)(dout, ref_saved), ())
+    else:
+        fast_args = _to(xp, _op_args(op, np.random.default_rng(20)))
+        ref_args = _op_args(op, np.random.default_rng(20))
+        got = _outputs(getattr(table, op)(*fast_args), fast_args)
+        want = _outputs(getattr(reference, op)(*ref_args), ref_args)
+        if op in SAVED_BY.values():  # (out, saved): the saved state is each table's own
+            got, want = got[:1], want[:1]
+    got = [g for g in got if g is not None]
+    want = [w for w in want if w is not None]
     assert len(got) == len(want)
     rtol, atol = backend_tolerances(xp, np.float32)
     for g, w in zip(got, want):

@@ -75,29 +75,34 @@ def _relu_backward(dout, out, dx):
         dx[i] = dout[i] if out[i] > 0 else 0
 
 
-def _memory_order(a):
-    """Axes of `a` from the largest stride to the smallest: a.transpose(them) is its memory order."""
-    return tuple(sorted(range(a.ndim), key=lambda axis: -abs(a.strides[axis])))
+def _memory_order(*arrays):
+    """Flat views of arrays that share one dense layout (e.g. the stack's feature-major
+    (K, N, H) views of (K, H, N) arrays), walked in memory order; None when they do not."""
+    a = arrays[0]
+    perm = sorted(range(a.ndim), key=lambda i: -a.strides[i])
+    views = [b.transpose(perm) for b in arrays]
+    if all(v.flags.c_contiguous and v.strides == views[0].strides for v in views):
+        return [v.reshape(-1) for v in views]
+    return None
 
 
-def _flat_in(a, order):
-    """a.transpose(order) as a flat C-order array (a view when a is laid out that way)."""
-    return _flat(a.transpose(order))
-
-
-# The outputs keep the input's memory layout (np.empty_like's order "K"), so a
-# channels-last conv activation seen as (N, C, H, W) stays channels-last.
 def relu_forward(x):
-    out = np.empty_like(x)
-    order = _memory_order(out)
-    _relu_forward(_flat_in(x, order), _flat_in(out, order))
+    out = np.empty_like(x)  # x's layout (order "K")
+    flat = _memory_order(x, out)
+    if flat is None:
+        out = np.empty(x.shape, dtype=x.dtype)
+        flat = [_flat(x), out.reshape(-1)]
+    _relu_forward(*flat)
     return out
 
 
 def relu_backward(dout, out):
-    dx = np.empty_like(out, dtype=dout.dtype)
-    order = _memory_order(dx)
-    _relu_backward(_flat_in(dout, order), _flat_in(out, order), _flat_in(dx, order))
+    dx = np.empty_like(out)
+    flat = _memory_order(dout, out, dx)
+    if flat is None:
+        dx = np.empty(dout.shape, dtype=dout.dtype)
+        flat = [_flat(dout), _flat(out), dx.reshape(-1)]
+    _relu_backward(*flat)
     return dx
 
 
