@@ -8,7 +8,7 @@ scores of the image and of its left-right mirror.
 """
 import numpy as np
 
-from fastnn.backend import get_array_module
+from fastnn.backend import get_array_module, to_numpy
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -75,3 +75,26 @@ def count_correct(model, X, y, batch_size=DEFAULT_BATCH_SIZE, flip=False):
 def accuracy(model, X, y, batch_size=DEFAULT_BATCH_SIZE, flip=False):
     """Fraction of X (N, ...) the model labels as y (N,): a Python float (0.0 for N = 0)."""
     return float(count_correct(model, X, y, batch_size, flip)) / max(X.shape[0], 1)
+
+
+def plain_and_flip_accuracy(model, X, y, batch_size=DEFAULT_BATCH_SIZE):
+    """(accuracy without, accuracy with flip averaging) of X (N, C, H, W) against y (N,),
+    Python floats, from one pass: each batch is scored once as given and once mirrored."""
+    _check(X, batch_size, flip=True)
+    xp = get_array_module(*model.params.values())
+    y = xp.asarray(y)
+    if y.shape != (X.shape[0],):
+        raise ValueError(f"X has {X.shape[0]} rows but y has shape {y.shape}; "
+                         "they need one label per row")
+    dtype = getattr(model, "dtype", None)
+    correct = xp.zeros(2, dtype=np.int64)
+    for start in range(0, X.shape[0], batch_size):
+        batch = xp.asarray(X[start:start + batch_size], dtype=dtype)
+        labels = y[start:start + batch.shape[0]]
+        plain = model.loss(batch)
+        both = (plain + model.loss(xp.ascontiguousarray(batch[..., ::-1]))) * plain.dtype.type(0.5)
+        correct += xp.stack([(xp.argmax(plain, axis=1) == labels).sum(),
+                             (xp.argmax(both, axis=1) == labels).sum()])
+    plain_correct, flip_correct = (int(v) for v in to_numpy(correct))
+    n = max(X.shape[0], 1)
+    return plain_correct / n, flip_correct / n

@@ -61,6 +61,14 @@ def test_count_correct_stays_on_the_device_and_accuracy_is_a_float(backend):
     assert type(acc) is float and 0 <= acc <= 1
 
 
+def test_plain_and_flip_accuracy_in_one_pass(backend):
+    model, X, y = small_model_and_images()
+    plain, flipped = inference.plain_and_flip_accuracy(model, X, y, batch_size=4)
+    assert type(plain) is float and type(flipped) is float
+    assert plain == inference.accuracy(model, X, y)
+    assert flipped == inference.accuracy(model, X, y, flip=True)
+
+
 def test_empty_input_and_bad_arguments():
     model, X, y = small_model_and_images()
     assert inference.predict(model, X[:0]).shape == (0,)
