@@ -42,6 +42,16 @@ MEMBER_SPACE = {
     "weight_scale": ("float", 1e-3, 1e-1, True),
     "dropout": ("float", 0.0, 0.6, False),
 }
+# --model convnet: one ConvNet trial at a time (a stack of conv nets would save
+# nothing: their products are already large), around the main job's recipe, in
+# a small space; every trial trains all its epochs (the plain Solver has no
+# per-epoch pruning hook), and its per-epoch validation accuracy is reported.
+CONV_SPACE = {
+    "learning_rate": ("float", 0.05, 0.5, True),
+    "reg": ("float", 1e-4, 2e-3, True),
+    "momentum": ("float", 0.8, 0.95, False),
+    "label_smoothing": ("float", 0.0, 0.3, False),
+}
 RESERVE_SECONDS = 45  # the final test pass, plots and files
 
 
@@ -130,6 +140,63 @@ def create_study(options):
 BASELINE = {"num_hidden": 3, "hidden_width": 1024, "width_ratio": 0.5, "log2_batch_size": 8,
             "lr_decay": 1.0, "update_rule_id": UPDATE_RULES.index("adamw"), "augment": 1,
             "learning_rate": 1e-3, "reg": 1e-6, "weight_scale": 1e-2, "dropout": 0.3}
+
+
+def conv_baseline():
+    """The main job's recipe, as CONV_SPACE values: a new convnet study's first trial."""
+    from fastnn.runs import defaults_for
+
+    recipe = defaults_for("convnet")
+    return {name: recipe[name] for name in CONV_SPACE}
+
+
+def conv_train_config(params, options, trial_number):
+    """A `fastnn train` configuration for one convnet trial: the recipe with `params`."""
+    from fastnn.runs import defaults_for, recorded
+
+    config = {**defaults_for("convnet"), **params, "epochs": options["epochs"],
+              "seed": options["seed"], "model_seed": options["seed"] + trial_number}
+    if options["lr_schedule"] is not None:
+        config["lr_schedule"] = None if options["lr_schedule"] == "none" \
+            else options["lr_schedule"]
+    if options["crop_padding"] is not None:
+        config["crop_padding"] = options["crop_padding"]
+    return recorded(config)
+
+
+def run_conv_trial(study, data, options, clock, log):
+    """Train one convnet trial; returns (outcome, trial_best, model_epochs) as run_round."""
+    from optuna.trial import TrialState
+
+    from fastnn.runs import build_model, build_solver
+
+    trial = study.ask()
+    if trial.number >= options["trials"]:  # another worker took the last one
+        trial.set_user_attr("skipped", "the study reached --trials before this one ran")
+        study.tell(trial, state=TrialState.FAIL)
+        return [], None, 0
+    params = {name: _suggest(trial, name, spec) for name, spec in CONV_SPACE.items()}
+    config = conv_train_config(params, options, trial.number)
+    trial.set_user_attr("config", config)
+    trial.set_user_attr("worker", options["worker"])
+    start = time.perf_counter()
+    model = build_model(config)
+    solver = build_solver(model, data, config, out_dir=None, verbose=False)
+    try:
+        solver.train()
+    except FloatingPointError as error:
+        study.tell(trial, state=TrialState.FAIL)
+        log(f"trial {trial.number}: failed ({error})")
+        return [(trial.number, None)], None, solver.epoch
+    for epoch, acc in enumerate(solver.val_acc_history[1:], start=1):
+        trial.report(acc, epoch)
+    value = solver.best_val_acc
+    study.tell(trial, value)
+    log(f"trial {trial.number}: val {value:.4f} (complete) convnet "
+        f"lr {config['learning_rate']:.2e} reg {config['reg']:.1e} "
+        f"momentum {config['momentum']:.3f} smoothing {config['label_smoothing']:.2f}; "
+        f"{time.perf_counter() - start:.0f} s; {clock.left():.0f} s of budget left")
+    return [(trial.number, value)], (value, config, model, trial.number), solver.epoch
 
 
 def trials_started(study):
@@ -319,7 +386,7 @@ def tune(options, log=print):
     if not options["shared"] and not study.trials:
         # Not with a shared storage: another worker could take it as a member of a
         # stack whose structure differs from the enqueued one.
-        study.enqueue_trial(BASELINE)
+        study.enqueue_trial(conv_baseline() if options["model"] == "convnet" else BASELINE)
     best = previous_best(out_dir)  # (val_acc, config, model, trial number)
     round_seconds = None  # the first round always runs; its trials stop at the deadline
     while trials_started(study) < options["trials"]:
@@ -329,7 +396,10 @@ def tune(options, log=print):
             break
         k = min(options["parallel"], options["trials"] - trials_started(study))
         round_start = time.perf_counter()
-        outcome, round_best, model_epochs = run_round(study, data, options, clock, k, log)
+        if options["model"] == "convnet":
+            outcome, round_best, model_epochs = run_conv_trial(study, data, options, clock, log)
+        else:
+            outcome, round_best, model_epochs = run_round(study, data, options, clock, k, log)
         round_seconds = time.perf_counter() - round_start
         if not outcome:
             break
@@ -347,7 +417,9 @@ def tune(options, log=print):
             value, model = retrained_val, retrained
             config = {**config, "epochs": options["final_epochs"]}
     fastnn.save(model, os.path.join(out_dir, "best_model.npz"))
-    test_acc = float((fastnn.to_numpy(predict(model, data["X_test"])) == data["y_test"]).mean())
+    test_acc = float((fastnn.to_numpy(predict(model, data["X_test"],
+                                              flip=config.get("flip_test", False)))
+                      == data["y_test"]).mean())
     try:  # completed trials only; pruned ones (still ranked here) do not count for Optuna
         study_best = {"study_best_trial": study.best_trial.number,
                       "study_best_val_acc": study.best_value}
