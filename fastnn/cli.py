@@ -10,32 +10,18 @@ and checkpoint.npz (the Solver's state after the last epoch, for --resume).
 """
 import argparse
 import datetime
-import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 START_TIME = time.perf_counter()  # budgets count from the command's start
 
-# The defaults are the README's main job: >= 0.55 test accuracy on CIFAR-10
-# in a few minutes on a 2-core CPU.
-DEFAULTS = {
-    "model": "fc", "hidden_dims": [1024, 512, 256], "hidden_dim": 100, "batchnorm": True,
-    "dropout": 0.3, "reg": 0.0, "weight_scale": 1e-2, "update_rule": "adam",
-    "learning_rate": 1e-3, "momentum": None, "beta1": None, "beta2": None,
-    "decay_rate": None, "epsilon": None, "weight_decay": None, "lr_schedule": None,
-    "augment": False, "crop_padding": 0, "lr_decay": 0.9, "epochs": 15, "batch_size": 256,
-    "backend": "numpy", "seed": 0, "data": None, "num_training": 49000,
-    "num_validation": 1000, "num_test": 10000, "threads": None, "print_every": 50,
-}
-RULE_OPTIONS = {"sgd": (), "sgd_momentum": ("momentum",), "rmsprop": ("decay_rate", "epsilon"),
-                "adam": ("beta1", "beta2", "epsilon"),
-                "adamw": ("beta1", "beta2", "epsilon", "weight_decay")}
-# What --resume may change: where and how fast it runs and how long, not what it trains.
-RESUMABLE = {"epochs", "backend", "data", "threads", "print_every"}
+from fastnn.files import read_json, write_json
+from fastnn.runs import (CONFIG_FORMAT, DEFAULTS, FORMAT_VERSION, METRICS_FORMAT, RESUMABLE,
+                         RULE_OPTIONS, build_model, build_solver, load_data, predict,
+                         setup_runtime)
 
 
 def build_parser():
@@ -115,22 +101,6 @@ def build_parser():
 
 
 # -- helpers -----------------------------------------------------------------
-def write_json(path, obj):
-    """Write JSON atomically (a temporary file of its own, then rename)."""
-    text = json.dumps(obj, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def new_run_dir():
     """Create and return a new folder runs/YYYYmmdd-HHMMSS[-N] (never one another run took)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -142,68 +112,6 @@ def new_run_dir():
         except FileExistsError:
             continue
     raise RuntimeError("no free run folder name under runs/")
-
-
-def load_data(config, data_root=None):
-    from fastnn.data import get_cifar10_data
-
-    return get_cifar10_data(num_training=config["num_training"],
-                            num_validation=config["num_validation"],
-                            num_test=config["num_test"], root=data_root or config["data"])
-
-
-def build_model(config):
-    from fastnn.classifiers import FullyConnectedNet, TwoLayerNet
-
-    input_dim, num_classes = 3 * 32 * 32, 10
-    if config["model"] == "two_layer":
-        np.random.seed(config["seed"])  # TwoLayerNet draws its weights from np.random
-        return TwoLayerNet(input_dim, config["hidden_dim"], num_classes,
-                           weight_scale=config["weight_scale"], reg=config["reg"])
-    # model_seed (written by fastnn tune) draws the weights and dropout; seed the batches
-    return FullyConnectedNet(config["hidden_dims"], input_dim, num_classes,
-                             dropout=config["dropout"], use_batchnorm=config["batchnorm"],
-                             reg=config["reg"], weight_scale=config["weight_scale"],
-                             seed=config.get("model_seed", config["seed"]))
-
-
-def build_solver(model, data, config, out_dir):
-    from fastnn.solver import Solver
-
-    optim_config = {"learning_rate": config["learning_rate"]}
-    optim_config.update({k: config[k] for k in RULE_OPTIONS[config["update_rule"]]
-                         if config.get(k) is not None})
-    return Solver(model, data, update_rule=config["update_rule"], optim_config=optim_config,
-                  lr_decay=config["lr_decay"], batch_size=config["batch_size"],
-                  num_epochs=config["epochs"], print_every=config["print_every"],
-                  verbose=True, progress=True, seed=config["seed"],
-                  lr_schedule=config["lr_schedule"], augment=augment_options(config),
-                  checkpoint_path=out_dir and os.path.join(out_dir, "checkpoint.npz"))
-
-
-def augment_options(config):
-    """The Solver's `augment` option from a run configuration (None: no augmentation)."""
-    if not config.get("augment"):
-        return None
-    return {"flip": True, "crop_padding": int(config.get("crop_padding") or 0)}
-
-
-def predict(model, X, batch_size=1000):
-    """Predicted labels (on the model's backend) for X, in batches."""
-    from fastnn.backend import get_array_module
-
-    xp = get_array_module(*model.params.values())
-    X = xp.asarray(X)
-    return xp.concatenate([xp.argmax(model.loss(X[i:i + batch_size]), axis=1)
-                           for i in range(0, X.shape[0], batch_size)])
-
-
-def setup_runtime(config):
-    import fastnn
-
-    fastnn.set_backend(config["backend"])
-    if config.get("threads"):
-        fastnn.set_num_threads(config["threads"])
 
 
 # -- commands ----------------------------------------------------------------
@@ -219,8 +127,7 @@ def train_command(args):
         if not os.path.exists(config_path):
             raise SystemExit(f"fastnn: cannot resume: {config_path} does not exist "
                              "(is this a folder written by `fastnn train`?)")
-        with open(config_path) as fh:
-            config = {**DEFAULTS, **json.load(fh)}
+        config = {**DEFAULTS, **read_json(config_path, CONFIG_FORMAT, FORMAT_VERSION)}
         fixed = sorted(set(given) - RESUMABLE)
         if fixed:
             raise SystemExit(f"fastnn: --resume continues a run as configured; it cannot change "
@@ -234,7 +141,7 @@ def train_command(args):
                              f"with `fastnn train --resume {out_dir}`, or choose another --out "
                              "(nothing was overwritten)")
         os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "config.json"), config)
+    write_json(os.path.join(out_dir, "config.json"), config, CONFIG_FORMAT, FORMAT_VERSION)
 
     start = time.perf_counter()
     setup_runtime(config)
@@ -258,7 +165,7 @@ def train_command(args):
                "num_test": int(data["X_test"].shape[0]), "epochs": per_epoch,
                "loss_history": solver.loss_history,
                "seconds": round(time.perf_counter() - start, 2)}
-    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    write_json(os.path.join(out_dir, "metrics.json"), metrics, METRICS_FORMAT, FORMAT_VERSION)
     plots.plot_loss(solver.loss_history, os.path.join(out_dir, "loss.png"),
                     solver.iterations_per_epoch)
     plots.plot_accuracy(solver.train_acc_history, solver.val_acc_history,
@@ -288,8 +195,7 @@ def evaluate_command(args):
         if not os.path.exists(path):
             raise SystemExit(f"fastnn: cannot evaluate: {path} does not exist "
                              "(train first: fastnn train --out DIR)")
-    with open(config_path) as fh:
-        config = {**DEFAULTS, **json.load(fh)}
+    config = {**DEFAULTS, **read_json(config_path, CONFIG_FORMAT, FORMAT_VERSION)}
     if args.backend:
         config["backend"] = args.backend
     setup_runtime(config)

@@ -1,11 +1,13 @@
 """PNG plots of a training run (matplotlib, no display needed).
 
 matplotlib is imported inside each function, so `import fastnn` stays light.
-Every figure is written atomically (a temporary file renamed into place).
+Every figure is written atomically (fastnn.files.atomic_write) by `save_figure`.
 """
-import os
-
 import numpy as np
+
+from fastnn.files import atomic_write
+
+FORMAT_VERSION = 1  # a PNG text chunk "fastnn format version" says it
 
 
 def _figure():
@@ -17,12 +19,18 @@ def _figure():
     return plt
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+    """Write `fig` as a PNG to `path` atomically, tagged with fastnn's plot format version."""
+    from fastnn import __version__
+
     plt = _figure()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path) as fh:
+            fig.savefig(fh, format="png", dpi=100, bbox_inches="tight",
+                        metadata={"Software": f"fastnn {__version__}",
+                                  "fastnn format version": str(FORMAT_VERSION)})
+    finally:
+        plt.close(fig)
 
 
 def plot_loss(loss_history, path, iterations_per_epoch=None):
@@ -37,7 +45,7 @@ def plot_loss(loss_history, path, iterations_per_epoch=None):
         ax.plot(np.arange(window - 1, len(loss)), smooth, label=f"mean of {window}")
     ax.set(xlabel="iteration", ylabel="training loss", title="Training loss")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_accuracy(train_acc_history, val_acc_history, path):
@@ -49,7 +57,7 @@ def plot_accuracy(train_acc_history, val_acc_history, path):
     ax.set(xlabel="check (0 = first iteration, then each epoch)", ylabel="accuracy",
            title="Classification accuracy")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_first_layer_weights(W1, path, image_shape=(3, 32, 32), max_images=100):
@@ -80,7 +88,7 @@ def plot_first_layer_weights(W1, path, image_shape=(3, 32, 32), max_images=100):
         if k < count:
             ax.imshow(images[k], interpolation="nearest")
     fig.suptitle("First-layer filters" if W1.ndim == 4 else "First-layer weights")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion_matrix(matrix, class_names, path):
@@ -98,4 +106,4 @@ def plot_confusion_matrix(matrix, class_names, path):
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
                 color="white" if count > threshold else "black")
-    _save(fig, path)
+    save_figure(fig, path)

@@ -7,12 +7,12 @@ are the shared atomic writer and checked reader (Solver checkpoints use them).
 """
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
 from fastnn.backend import get_array_module, to_numpy
+from fastnn.files import atomic_write
 
 MODEL_FORMAT = "fastnn-model"
 FORMAT_VERSION = 1
@@ -22,28 +22,15 @@ _META = "__meta__"
 def write_npz(path, arrays, meta):
     """Write `arrays` (name -> array of any backend) and JSON `meta` to `path` atomically.
 
-    The file appears complete or not at all: a temporary file in the same
-    folder, flushed to disk, then renamed over `path`.
+    The file appears complete or not at all (fastnn.files.atomic_write).
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     payload = {name: to_numpy(a) for name, a in arrays.items()}
     payload[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; a saved model is not
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as fh:
+        np.savez(fh, **payload)
 
 
 def read_npz(path, expected_format):

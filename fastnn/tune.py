@@ -17,13 +17,19 @@ images. Everything, loading and the test pass included, fits in
 `--budget-minutes`.
 """
 import csv
-import json
 import math
 import os
 import time
 import warnings
 
 import numpy as np
+
+from fastnn.files import atomic_write, read_json, write_json
+from fastnn.plots import save_figure
+from fastnn.runs import (augment_options, build_model, build_solver, load_data, predict,
+                         recorded, setup_runtime)
+
+BEST_FORMAT, FORMAT_VERSION = "fastnn-tune-best", 1
 
 UPDATE_RULES = ("adam", "adamw", "sgd_momentum")
 # What one round's trials share, and the full range each is drawn from.
@@ -81,12 +87,12 @@ def hidden_dims(structure):
 
 
 def train_config(structure, member, options, trial_number):
-    """A `fastnn train` configuration (cli.DEFAULTS keys) for one trial.
+    """A `fastnn train` configuration (runs.DEFAULTS keys) for one trial, of what applies.
 
     `seed` orders the batches (shared by a stack); `model_seed` draws the
     trial's weights and dropout masks.
     """
-    return {
+    return recorded({
         "model": "fc", "hidden_dims": hidden_dims(structure), "batchnorm": True,
         "dropout": member["dropout"], "reg": member["reg"],
         "weight_scale": member["weight_scale"],
@@ -97,7 +103,7 @@ def train_config(structure, member, options, trial_number):
         "crop_padding": options["crop_padding"],
         "batch_size": 2 ** structure["log2_batch_size"], "epochs": options["epochs"],
         "seed": options["seed"], "model_seed": options["seed"] + trial_number,
-    }
+    })
 
 
 class Clock:
@@ -217,7 +223,6 @@ def run_round(study, data, options, clock, k, log):
     """
     from optuna.trial import TrialState
 
-    from fastnn.cli import augment_options
     from fastnn.stacked import StackedFullyConnectedNet, StackedSolver
 
     trials = []
@@ -296,8 +301,6 @@ def run_round(study, data, options, clock, k, log):
 
 def retrain(config, data, epochs, log):
     """Train `config` for `epochs` with the plain Solver; returns (model, best val acc)."""
-    from fastnn.cli import build_model, build_solver
-
     config = {**config, "epochs": epochs, "print_every": 10**9}
     model = build_model(config)
     solver = build_solver(model, data, config, out_dir=None)
@@ -312,14 +315,12 @@ def write_trials_table(study, path):
     trials = sorted(study.get_trials(deepcopy=False),
                     key=lambda t: -(t.value if t.value is not None else -1))
     names = sorted({name for t in trials for name in t.params})
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as fh:
+    with atomic_write(path, text=True, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["rank", "number", "state", "val_acc", "epochs_reported", *names])
         for rank, t in enumerate(trials, start=1):
             writer.writerow([rank, t.number, t.state.name, t.value, len(t.intermediate_values),
                              *[t.params.get(n) for n in names]])
-    os.replace(tmp, path)
 
 
 def plot_study(study, out_dir):
@@ -339,8 +340,7 @@ def plot_study(study, out_dir):
             ax.plot(t.number, t.value, "o", color="C0")
     ax.set(xlabel="trial", ylabel="validation accuracy",
            title="Validation accuracy per trial (grey: per epoch)")
-    fig.savefig(os.path.join(out_dir, "trials.png"), dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, os.path.join(out_dir, "trials.png"))
     try:
         with warnings.catch_warnings():  # few trials per value: rough, and it says so
             warnings.simplefilter("ignore")
@@ -351,8 +351,7 @@ def plot_study(study, out_dir):
     names = list(importances)[::-1]
     ax.barh(names, [importances[n] for n in names])
     ax.set(xlabel="importance (Optuna default evaluator)", title="Hyperparameter importances")
-    fig.savefig(os.path.join(out_dir, "importances.png"), dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, os.path.join(out_dir, "importances.png"))
 
 
 def previous_best(out_dir):
@@ -363,15 +362,13 @@ def previous_best(out_dir):
     model_path = os.path.join(out_dir, "best_model.npz")
     if not (os.path.exists(json_path) and os.path.exists(model_path)):
         return None
-    with open(json_path) as fh:
-        saved = json.load(fh)
+    saved = read_json(json_path, BEST_FORMAT, FORMAT_VERSION)
     return saved["val_acc"], saved["config"], fastnn.load(model_path), saved["trial"]
 
 
 def tune(options, log=print):
     """Run the search described by `options` (see cli.py's tune flags); returns best.json's dict."""
     import fastnn
-    from fastnn.cli import load_data, predict, setup_runtime, write_json
 
     clock = Clock(options["budget_minutes"], options["start"])
     out_dir = options["out"]
@@ -429,7 +426,7 @@ def tune(options, log=print):
               "num_test": int(data["X_test"].shape[0]), "trial": number, **study_best,
               "trials_started": trials_started(study),
               "seconds": round(time.perf_counter() - options["start"], 1)}
-    write_json(os.path.join(out_dir, "best.json"), result)
+    write_json(os.path.join(out_dir, "best.json"), result, BEST_FORMAT, FORMAT_VERSION)
     write_trials_table(study, os.path.join(out_dir, "trials.csv"))
     plot_study(study, out_dir)
     log(f"best: val {value:.4f}, test {test_acc:.4f} on {result['num_test']} images "

@@ -103,7 +103,7 @@ def test_two_workers_share_one_study_without_losing_or_repeating_trials(cifar_ro
 
 def test_a_trials_config_reproduces_it_with_fastnn_train(cifar_root, tmp_path):
     """A trial's recorded config (model_seed included) retrains to the same per-epoch val acc."""
-    from fastnn.cli import build_model, build_solver, load_data
+    from fastnn.runs import build_model, build_solver, load_data
 
     out = tmp_path / "tune"
     assert main(tune_args(cifar_root, out, "--trials", "2", "--parallel", "2")) == 0

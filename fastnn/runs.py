@@ -1,0 +1,221 @@
+"""Run configurations: from a config dict to data, model and Solver.
+
+A run configuration is a flat dict with the keys of DEFAULTS (`fastnn
+train` writes it to a run folder's config.json, `fastnn tune` records one
+per trial). This module is the one place that knows what the keys mean:
+
+    check_config(config)       ValueError naming the first bad value
+    not_applicable(config, keys)  the keys that do nothing under this model / rule
+    recorded(config)           the config without keys that do not apply
+    load_data / build_model / build_solver / predict / setup_runtime
+
+Which option applies to which model, update rule or switch is listed in
+three tables (MODEL_OPTIONS, RULE_OPTIONS, NEEDS); a new model or rule adds
+a row there.
+"""
+import numbers
+import os
+
+import numpy as np
+
+# The defaults are the README's main job: >= 0.55 test accuracy on CIFAR-10
+# in a few minutes on a 2-core CPU.
+DEFAULTS = {
+    "model": "fc", "hidden_dims": [1024, 512, 256], "hidden_dim": 100, "batchnorm": True,
+    "dropout": 0.3, "reg": 0.0, "weight_scale": 1e-2, "update_rule": "adam",
+    "learning_rate": 1e-3, "momentum": None, "beta1": None, "beta2": None,
+    "decay_rate": None, "epsilon": None, "weight_decay": None, "lr_schedule": None,
+    "augment": False, "crop_padding": 0, "lr_decay": 0.9, "epochs": 15, "batch_size": 256,
+    "backend": "numpy", "seed": 0, "data": None, "num_training": 49000,
+    "num_validation": 1000, "num_test": 10000, "threads": None, "print_every": 50,
+}
+# Options only some models take (every model takes reg and weight_scale).
+MODEL_OPTIONS = {"fc": ("hidden_dims", "batchnorm", "dropout", "model_seed"),
+                 "two_layer": ("hidden_dim",)}
+# The optim_config keys each update rule takes besides learning_rate.
+RULE_OPTIONS = {"sgd": (), "sgd_momentum": ("momentum",), "rmsprop": ("decay_rate", "epsilon"),
+                "adam": ("beta1", "beta2", "epsilon"),
+                "adamw": ("beta1", "beta2", "epsilon", "weight_decay")}
+# Options that do something only when another option is on: option -> (switch, why).
+NEEDS = {"crop_padding": ("augment", "--crop-padding shifts the crops of --augment")}
+# What --resume may change: where and how fast it runs and how long, not what it trains.
+RESUMABLE = {"epochs", "backend", "data", "threads", "print_every"}
+
+CONFIG_FORMAT, METRICS_FORMAT, FORMAT_VERSION = "fastnn-run-config", "fastnn-run-metrics", 1
+
+# value checks: key -> (low, high, low_open, high_open); None: unbounded on that side
+_INT_RANGES = {"epochs": (1, None), "batch_size": (1, None), "num_training": (1, None),
+               "num_validation": (1, None), "num_test": (1, None), "hidden_dim": (1, None),
+               "crop_padding": (0, None), "print_every": (1, None), "threads": (1, None),
+               "seed": (0, None), "model_seed": (0, None)}
+_FLOAT_RANGES = {"learning_rate": (0, None, True), "weight_scale": (0, None, True),
+                 "reg": (0, None, False), "lr_decay": (0, None, True),
+                 "dropout": (0, 1, False, True), "momentum": (0, 1, False, True),
+                 "beta1": (0, 1, False, True), "beta2": (0, 1, False, True),
+                 "decay_rate": (0, 1, False, True), "epsilon": (0, None, True),
+                 "weight_decay": (0, None, False)}
+_CHOICES = {"backend": ("numpy", "cupy"), "lr_schedule": (None, "step", "cosine", "onecycle")}
+
+
+def complete(config):
+    """`config` with the DEFAULTS filled in for every key it lacks."""
+    return {**DEFAULTS, **config}
+
+
+def option_name(key):
+    """The command-line flag of a config key: learning_rate -> --lr."""
+    return "--lr" if key == "learning_rate" else "--" + key.replace("_", "-")
+
+
+def not_applicable(config, keys):
+    """{key: reason} for the keys (of `keys`) that do nothing under `config`'s model and rule."""
+    config = complete(config)
+    model_keys = {k for keys_ in MODEL_OPTIONS.values() for k in keys_}
+    rule_keys = {k for keys_ in RULE_OPTIONS.values() for k in keys_}
+    reasons = {}
+    for key in keys:
+        if key in model_keys and key not in MODEL_OPTIONS.get(config["model"], ()):
+            takers = [m for m, ks in MODEL_OPTIONS.items() if key in ks]
+            reasons[key] = f"it applies to --model {'/'.join(takers)}, not {config['model']}"
+        elif key in rule_keys and key not in RULE_OPTIONS.get(config["update_rule"], ()):
+            takers = [r for r, ks in RULE_OPTIONS.items() if key in ks]
+            reasons[key] = (f"it applies to --update-rule {'/'.join(takers)}, "
+                            f"not {config['update_rule']}")
+        elif key in NEEDS and not config[NEEDS[key][0]]:
+            switch, why = NEEDS[key]
+            reasons[key] = f"{option_name(switch)} is off ({why})"
+    return reasons
+
+
+def recorded(config):
+    """`config` without the keys that do not apply: what a run folder or a trial records."""
+    skip = not_applicable(config, config)
+    return {k: v for k, v in config.items() if k not in skip}
+
+
+def _check_number(key, value, bounds, integer):
+    low, high, low_open, high_open = (*bounds, False, False)[:4]
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"{option_name(key)} must be {'an integer' if integer else 'a number'}, "
+                         f"got {value!r}")
+    if not np.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
+            or (high is not None and (value >= high if high_open else value > high)):
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        span = f"{left}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{right}"
+        raise ValueError(f"{option_name(key)} must be in {span}, got {value!r}")
+
+
+def check_config(config):
+    """Raise ValueError naming the first option of `config` (complete or not) that is invalid."""
+    config = complete(config)
+    if config["model"] not in MODEL_OPTIONS:
+        raise ValueError(f"--model must be one of {sorted(MODEL_OPTIONS)}, got {config['model']!r}")
+    if config["update_rule"] not in RULE_OPTIONS:
+        raise ValueError(f"--update-rule must be one of {sorted(RULE_OPTIONS)}, "
+                         f"got {config['update_rule']!r}")
+    for key, choices in _CHOICES.items():
+        if config[key] not in choices:
+            raise ValueError(f"{option_name(key)} must be one of {list(choices)}, "
+                             f"got {config[key]!r}")
+    skip = not_applicable(config, config)
+    for key, bounds in _INT_RANGES.items():
+        if config.get(key) is not None and key not in skip:
+            _check_number(key, config[key], bounds, integer=True)
+    for key, bounds in _FLOAT_RANGES.items():
+        if config.get(key) is not None and key not in skip:
+            _check_number(key, config[key], bounds, integer=False)
+    if config["model"] == "fc":
+        dims = config["hidden_dims"]
+        if not isinstance(dims, (list, tuple)) or not dims or any(
+                isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in dims):
+            raise ValueError(f"--hidden-dims must be one or more sizes >= 1, got {dims!r}")
+    if config["augment"] and config["crop_padding"] >= 32:
+        raise ValueError(f"--crop-padding must be below the image size 32, "
+                         f"got {config['crop_padding']}")
+    if config["num_training"] + config["num_validation"] > 50000:
+        raise ValueError(f"--num-training + --num-validation must be at most CIFAR-10's 50000 "
+                         f"training images, got {config['num_training']} + "
+                         f"{config['num_validation']}")
+    if config["num_test"] > 10000:
+        raise ValueError(f"--num-test must be at most CIFAR-10's 10000 test images, "
+                         f"got {config['num_test']}")
+
+
+def load_data(config, data_root=None):
+    """The CIFAR-10 split `config` asks for (fastnn.data.get_cifar10_data's dict)."""
+    from fastnn.data import get_cifar10_data
+
+    config = complete(config)
+    return get_cifar10_data(num_training=config["num_training"],
+                            num_validation=config["num_validation"],
+                            num_test=config["num_test"], root=data_root or config["data"])
+
+
+def build_model(config):
+    """A new, initialised classifier for CIFAR-10 images (3x32x32, 10 classes)."""
+    from fastnn.classifiers import FullyConnectedNet, TwoLayerNet
+
+    config = complete(config)
+    input_dim, num_classes = 3 * 32 * 32, 10
+    if config["model"] == "two_layer":
+        np.random.seed(config["seed"])  # TwoLayerNet draws its weights from np.random
+        return TwoLayerNet(input_dim, config["hidden_dim"], num_classes,
+                           weight_scale=config["weight_scale"], reg=config["reg"])
+    # model_seed (written by fastnn tune) draws the weights and dropout; seed the batches
+    return FullyConnectedNet(config["hidden_dims"], input_dim, num_classes,
+                             dropout=config["dropout"], use_batchnorm=config["batchnorm"],
+                             reg=config["reg"], weight_scale=config["weight_scale"],
+                             seed=config.get("model_seed", config["seed"]))
+
+
+def optim_config(config):
+    """The Solver's optim_config: the learning rate and the rule's options that were set."""
+    config = complete(config)
+    options = {"learning_rate": config["learning_rate"]}
+    options.update({k: config[k] for k in RULE_OPTIONS[config["update_rule"]]
+                    if config.get(k) is not None})
+    return options
+
+
+def augment_options(config):
+    """The Solver's `augment` option from a run configuration (None: no augmentation)."""
+    if not config.get("augment"):
+        return None
+    return {"flip": True, "crop_padding": int(config.get("crop_padding") or 0)}
+
+
+def build_solver(model, data, config, out_dir=None, verbose=True):
+    """A Solver for `model` as `config` says; checkpoints go to out_dir/checkpoint.npz."""
+    from fastnn.solver import Solver
+
+    config = complete(config)
+    return Solver(model, data, update_rule=config["update_rule"],
+                  optim_config=optim_config(config),
+                  lr_decay=config["lr_decay"], batch_size=config["batch_size"],
+                  num_epochs=config["epochs"], print_every=config["print_every"],
+                  verbose=verbose, progress=verbose, seed=config["seed"],
+                  lr_schedule=config["lr_schedule"], augment=augment_options(config),
+                  checkpoint_path=out_dir and os.path.join(out_dir, "checkpoint.npz"))
+
+
+def predict(model, X, batch_size=1000):
+    """Predicted labels (N,) on the model's backend for X (N, ...), in batches."""
+    from fastnn.backend import get_array_module
+
+    xp = get_array_module(*model.params.values())
+    X = xp.asarray(X)
+    if X.shape[0] == 0:
+        return xp.zeros(0, dtype=np.int64)
+    return xp.concatenate([xp.argmax(model.loss(X[i:i + batch_size]), axis=1)
+                           for i in range(0, X.shape[0], batch_size)])
+
+
+def setup_runtime(config):
+    """Make config's backend active and apply its thread count (None: leave as is)."""
+    import fastnn
+
+    fastnn.set_backend(config.get("backend", DEFAULTS["backend"]))
+    if config.get("threads"):
+        fastnn.set_num_threads(config["threads"])

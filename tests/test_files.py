@@ -1,0 +1,92 @@
+"""fastnn.files: atomic writes (unique temporary, umask, nothing left on failure) and versioned JSON."""
+import json
+import os
+import threading
+
+import pytest
+
+from fastnn.files import atomic_write, read_json, write_json
+
+
+def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+    with atomic_write(path) as fh:
+        fh.write(b"new")
+        assert path.read_bytes() == b"old"  # readers see the old file until the rename
+    assert path.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="disk"):
+        with atomic_write(path, text=True) as fh:
+            fh.write("half")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["a.txt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_the_umask_decides_the_permissions(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with atomic_write(tmp_path / "f") as fh:
+            fh.write(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_concurrent_writers_of_one_file_never_collide(tmp_path):
+    path = tmp_path / "shared.json"
+    errors = []
+
+    def writer(i):
+        try:
+            for _ in range(20):
+                write_json(path, {"writer": i, "pad": "x" * 10000}, "test", 1)
+        except Exception as exc:  # noqa: BLE001 - the test reports any
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert read_json(path, "test", 1)["writer"] in range(4)  # one whole file, not a mix
+    assert os.listdir(tmp_path) == ["shared.json"]
+
+
+def test_json_carries_its_format_and_version(tmp_path):
+    path = tmp_path / "c.json"
+    write_json(path, {"epochs": 3}, "fastnn-run-config", 1)
+    assert json.loads(path.read_text()) == {"format": "fastnn-run-config", "format_version": 1,
+                                            "epochs": 3}
+    assert read_json(path, "fastnn-run-config", 1) == {"epochs": 3}
+
+
+def test_files_without_a_version_still_load(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text('{"epochs": 3}')
+    assert read_json(path, "fastnn-run-config", 1) == {"epochs": 3}
+
+
+def test_newer_other_and_broken_files_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('{"format": "fastnn-run-config", "format_version": 2}')
+    with pytest.raises(ValueError, match=r"format version 2, newer than this fastnn reads \(1\)"):
+        read_json(path, "fastnn-run-config", 1)
+    path.write_text('{"format": "fastnn-tune-best", "format_version": 1}')
+    with pytest.raises(ValueError, match="'fastnn-tune-best' file, not 'fastnn-run-config'"):
+        read_json(path, "fastnn-run-config", 1)
+    path.write_text('{"epochs": ')
+    with pytest.raises(ValueError, match="not valid JSON") as info:
+        read_json(path, "fastnn-run-config", 1)
+    assert "\n" not in str(info.value)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON list"):
+        read_json(path, "fastnn-run-config", 1)
