@@ -1,6 +1,9 @@
 """Sandwich layers: common layer sequences as one forward/backward pair."""
+from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, max_pool_backward_fast,
+                                max_pool_forward_fast)
 from fastnn.layers import (affine_backward, affine_forward, batchnorm_backward,
-                           batchnorm_forward, relu_backward, relu_forward)
+                           batchnorm_forward, relu_backward, relu_forward,
+                           spatial_batchnorm_backward, spatial_batchnorm_forward)
 
 
 def affine_relu_forward(x, w, b):
@@ -30,4 +33,49 @@ def affine_bn_relu_backward(dout, cache, need_dx=True):
     dnormed = relu_backward(dout, relu_cache)
     da, dgamma, dbeta = batchnorm_backward(dnormed, bn_cache)
     dx, dw, db = affine_backward(da, fc_cache, need_dx)
+    return dx, dw, db, dgamma, dbeta
+
+
+# -- convolutional sandwiches (on the fast layers, as in the course) ----------
+def conv_relu_forward(x, w, b, conv_param):
+    """relu(conv(x, w) + b): x (N, C, H, W), w (F, C, HH, WW), b (F,) -> out (N, F, H', W')."""
+    a, conv_cache = conv_forward_fast(x, w, b, conv_param)
+    out, relu_cache = relu_forward(a)
+    return out, (conv_cache, relu_cache)
+
+
+def conv_relu_backward(dout, cache):
+    """dout (N, F, H', W') -> (dx, dw, db)."""
+    conv_cache, relu_cache = cache
+    return conv_backward_fast(relu_backward(dout, relu_cache), conv_cache)
+
+
+def conv_relu_pool_forward(x, w, b, conv_param, pool_param):
+    """max_pool(relu(conv(x, w) + b)) -> out (N, F, H'', W'')."""
+    a, conv_cache = conv_forward_fast(x, w, b, conv_param)
+    s, relu_cache = relu_forward(a)
+    out, pool_cache = max_pool_forward_fast(s, pool_param)
+    return out, (conv_cache, relu_cache, pool_cache)
+
+
+def conv_relu_pool_backward(dout, cache):
+    """dout (N, F, H'', W'') -> (dx, dw, db)."""
+    conv_cache, relu_cache, pool_cache = cache
+    ds = max_pool_backward_fast(dout, pool_cache)
+    return conv_backward_fast(relu_backward(ds, relu_cache), conv_cache)
+
+
+def conv_bn_relu_forward(x, w, b, gamma, beta, conv_param, bn_param):
+    """relu(spatial_batchnorm(conv(x, w) + b)) -> out (N, F, H', W'); gamma, beta (F,)."""
+    a, conv_cache = conv_forward_fast(x, w, b, conv_param)
+    an, bn_cache = spatial_batchnorm_forward(a, gamma, beta, bn_param)
+    out, relu_cache = relu_forward(an)
+    return out, (conv_cache, bn_cache, relu_cache)
+
+
+def conv_bn_relu_backward(dout, cache):
+    """dout (N, F, H', W') -> (dx, dw, db, dgamma, dbeta)."""
+    conv_cache, bn_cache, relu_cache = cache
+    dan, dgamma, dbeta = spatial_batchnorm_backward(relu_backward(dout, relu_cache), bn_cache)
+    dx, dw, db = conv_backward_fast(dan, conv_cache)
     return dx, dw, db, dgamma, dbeta

@@ -7,6 +7,7 @@ go through the kernel table (`fastnn.kernels`).
 import math
 
 from fastnn import kernels
+from fastnn.kernels import reference
 from fastnn.backend import get_array_module
 
 
@@ -169,3 +170,115 @@ def softmax_loss(x, y):
     xp = _check_scores_and_labels(x, y)
     loss, dx = kernels.for_module(xp).softmax_loss(x, y)
     return xp.asarray(loss), dx
+
+
+# -- convolution, max pooling, spatial batchnorm -----------------------------
+# The naive layers run the reference ops (plain xp; fastnn.kernels.reference);
+# fastnn.fast_layers has the same layers on the fast kernels.
+def conv_geometry(x, w, b, conv_param, where="conv_forward"):
+    """Check a convolution's arguments -> (stride, pad, out_height, out_width).
+
+    x (N, C, H, W), w (F, C, HH, WW), b (F,); H + 2*pad - HH must be divisible
+    by the stride (W likewise) and the filter must fit the padded input.
+    """
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"{where}: x must be 4-D (N, C, H, W), got shape {x.shape}; "
+                         "add the missing axis (e.g. x[None] for one image)")
+    if w.ndim != 4 or w.shape[1] != x.shape[1] or b.shape != (w.shape[0],):
+        raise ValueError(f"{where}: x of shape {x.shape} needs w of shape (F, {x.shape[1]}, HH, WW) "
+                         f"and b of shape (F,); got w {w.shape} and b {b.shape}")
+    stride, pad = int(conv_param["stride"]), int(conv_param["pad"])
+    if stride < 1 or pad < 0:
+        raise ValueError(f"{where}: stride must be >= 1 and pad >= 0, got stride {stride}, pad {pad}")
+    sizes = []
+    for axis, name in ((2, "H"), (3, "W")):
+        size, filter_size = x.shape[axis], w.shape[axis]
+        padded = size + 2 * pad
+        if filter_size > padded:
+            raise ValueError(f"{where}: the filter ({name} {filter_size}) is larger than the "
+                             f"padded input ({name} {size} + 2*pad {pad} = {padded}); use a "
+                             "smaller filter or more padding")
+        if (padded - filter_size) % stride:
+            raise ValueError(f"{where}: {name} + 2*pad - filter = {size} + 2*{pad} - "
+                             f"{filter_size} = {padded - filter_size} is not divisible by the "
+                             f"stride {stride}; change the padding or the stride")
+        sizes.append(1 + (padded - filter_size) // stride)
+    return stride, pad, sizes[0], sizes[1]
+
+
+def pool_geometry(x, pool_param, where="max_pool_forward"):
+    """Check a max pool's arguments -> (pool_height, pool_width, stride)."""
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"{where}: x must be 4-D (N, C, H, W), got shape {x.shape}")
+    pool_height, pool_width = int(pool_param["pool_height"]), int(pool_param["pool_width"])
+    stride = int(pool_param["stride"])
+    if pool_height < 1 or pool_width < 1 or stride < 1:
+        raise ValueError(f"{where}: pool_height, pool_width and stride must be >= 1, got "
+                         f"{pool_height}, {pool_width}, {stride}")
+    if pool_height > x.shape[2] or pool_width > x.shape[3]:
+        raise ValueError(f"{where}: the {pool_height}x{pool_width} window is larger than the "
+                         f"{x.shape[2]}x{x.shape[3]} input")
+    return pool_height, pool_width, stride
+
+
+def conv_forward_naive(x, w, b, conv_param):
+    """Convolution (cross-correlation) of x (N, C, H, W) with w (F, C, HH, WW), plus b (F,).
+
+    conv_param: `stride`, `pad` (zeros on all four sides; x is not modified)
+    -> out (N, F, H', W'), H' = 1 + (H + 2*pad - HH) / stride, W' likewise.
+    """
+    get_array_module(x, w, b)
+    stride, pad, _, _ = conv_geometry(x, w, b, conv_param, "conv_forward_naive")
+    return reference.conv_forward(x, w, b, stride, pad)
+
+
+def conv_backward_naive(dout, cache):
+    """dout (N, F, H', W') -> (dx (N, C, H, W), dw (F, C, HH, WW), db (F,))."""
+    return reference.conv_backward(dout, cache)
+
+
+def max_pool_forward_naive(x, pool_param):
+    """Max pooling of x (N, C, H, W); pool_param: `pool_height`, `pool_width`, `stride`.
+
+    -> out (N, C, H', W'), H' = 1 + (H - pool_height) // stride (floored).
+    """
+    get_array_module(x)
+    pool_height, pool_width, stride = pool_geometry(x, pool_param, "max_pool_forward_naive")
+    return reference.max_pool_forward(x, pool_height, pool_width, stride)
+
+
+def max_pool_backward_naive(dout, cache):
+    """dout (N, C, H', W') -> dx (N, C, H, W); each window's gradient to its first maximum
+    (row-major), zero where no window reaches."""
+    return reference.max_pool_backward(dout, cache)
+
+
+def _channels_last_rows(x):
+    """x (N, C, H, W) -> (N*H*W, C) rows: no copy when x is a channels-last array seen as NCHW."""
+    n, channels, height, width = x.shape
+    return x.transpose(0, 2, 3, 1).reshape(n * height * width, channels)
+
+
+def _from_channels_last_rows(rows, shape):
+    """(N*H*W, C) rows -> an (N, C, H, W) view of them."""
+    n, channels, height, width = shape
+    return rows.reshape(n, height, width, channels).transpose(0, 3, 1, 2)
+
+
+def spatial_batchnorm_forward(x, gamma, beta, bn_param):
+    """Batchnorm of x (N, C, H, W) per channel over N, H and W; gamma, beta (C,).
+
+    bn_param as in batchnorm_forward. The output is channels-last in memory
+    (an (N, C, H, W) view), as the fast conv layers make and take it.
+    """
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"spatial_batchnorm_forward: x must be 4-D (N, C, H, W), got shape "
+                         f"{x.shape}")
+    out, cache = batchnorm_forward(_channels_last_rows(x), gamma, beta, bn_param)
+    return _from_channels_last_rows(out, x.shape), cache
+
+
+def spatial_batchnorm_backward(dout, cache):
+    """dout (N, C, H, W) -> (dx (N, C, H, W), dgamma (C,), dbeta (C,))."""
+    dx, dgamma, dbeta = batchnorm_backward(_channels_last_rows(dout), cache)
+    return _from_channels_last_rows(dx, dout.shape), dgamma, dbeta

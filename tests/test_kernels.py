@@ -36,7 +36,8 @@ def _close(actual, expected, dtype, scale=1.0):
 # Ops compared with the reference somewhere in this file; a new op in OPS needs a test here.
 COVERED = {"relu_forward", "relu_backward", "dropout_forward", "dropout_backward",
            "softmax_loss", "svm_loss", "batchnorm_train_forward", "batchnorm_backward",
-           "sgd_", "sgd_momentum_", "rmsprop_", "adam_", "adamw_", "flip_crop"}
+           "sgd_", "sgd_momentum_", "rmsprop_", "adam_", "adamw_", "flip_crop",
+           "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward"}
 # The stacked-model ops are compared with their references in test_stacked.py.
 STACKED_OPS = {"dropout_stacked_forward", "dropout_stacked_backward", "softmax_loss_stacked",
                "batchnorm_rows_train_forward", "batchnorm_rows_backward", "l2_stacked_",
@@ -382,3 +383,112 @@ def test_flip_crop_moves_pixels_only(ops):
         assert any(np.array_equal(result, c) for c in candidates)
     identity = _host(table.flip_crop(xp.asarray(x_host), 5, 0, False, 0))
     np.testing.assert_array_equal(identity, x_host)
+
+
+# == convolution ===============================================================
+# (x shape, w shape, stride, pad): non-square images and filters, stride 1 and 2, pad 0-2
+CONV_CASES = [((2, 3, 8, 8), (4, 3, 3, 3), 1, 1), ((3, 2, 7, 5), (3, 2, 3, 1), 2, 1),
+              ((1, 4, 6, 9), (5, 4, 2, 4), 2, 2), ((2, 5, 5, 5), (2, 5, 1, 1), 1, 0),
+              ((2, 3, 9, 6), (6, 3, 5, 2), 1, 2)]
+POOL_CASES = [((2, 3, 8, 8), 2, 2, 2), ((2, 4, 7, 9), 2, 3, 2), ((1, 2, 6, 5), 3, 3, 1),
+              ((3, 5, 4, 4), 4, 4, 1)]
+
+
+def _channels_last_view(xp, a):
+    """The (N, C, H, W) view of a channels-last copy of a: the fast layers' own layout."""
+    return xp.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv(ops, dtype, case, layout):
+    xp, table = ops
+    x_shape, w_shape, stride, pad = case
+    rng = np.random.default_rng(3)
+    x = xp.asarray(rng.standard_normal(x_shape), dtype=dtype)
+    if layout == "channels_last":
+        x = _channels_last_view(xp, x)
+    w = xp.asarray(rng.standard_normal(w_shape), dtype=dtype)
+    b = xp.asarray(rng.standard_normal(w_shape[0]), dtype=dtype)
+    out, saved = table.conv_forward(x, w, b, stride, pad)
+    out_ref, saved_ref = reference.conv_forward(x, w, b, stride, pad)
+    assert out.dtype == dtype and out.shape == out_ref.shape
+    scale = float(np.abs(_host(out_ref)).max())
+    _close(out, out_ref, dtype, scale)
+    dout = xp.asarray(rng.standard_normal(out_ref.shape), dtype=dtype)
+    if layout == "channels_last":
+        dout = _channels_last_view(xp, dout)
+    for got, expected in zip(table.conv_backward(dout, saved),
+                             reference.conv_backward(dout, saved_ref)):
+        assert got.dtype == dtype and got.shape == expected.shape
+        _close(got, expected, dtype, float(np.abs(_host(expected)).max()))
+    dx, dw, db = table.conv_backward(dout, saved, False)
+    assert dx is None
+    _close(dw, reference.conv_backward(dout, saved_ref)[1], dtype, scale)
+
+
+def test_conv_without_bias(ops, dtype):
+    xp, table = ops
+    rng = np.random.default_rng(4)
+    x = xp.asarray(rng.standard_normal((2, 3, 6, 6)), dtype=dtype)
+    w = xp.asarray(rng.standard_normal((4, 3, 3, 3)), dtype=dtype)
+    out, saved = table.conv_forward(x, w, None, 1, 1)
+    zero = xp.zeros(4, dtype=dtype)
+    _close(out, reference.conv_forward(x, w, zero, 1, 1)[0], dtype, 10.0)
+    dx, dw, db = table.conv_backward(xp.ones(out.shape, dtype=dtype), saved)
+    assert db is None and dx.shape == x.shape and dw.shape == w.shape
+
+
+def test_conv_many_chunks_match_the_reference(ops, monkeypatch):
+    """Batches that span several of the numpy kernels' column chunks (a small chunk size here)."""
+    xp, table = ops
+    from fastnn.kernels import cpu
+
+    monkeypatch.setattr(cpu, "CONV_CHUNK_BYTES", 3000)
+    rng = np.random.default_rng(5)
+    x = xp.asarray(rng.standard_normal((7, 3, 6, 5)))
+    w = xp.asarray(rng.standard_normal((4, 3, 3, 3)))
+    b = xp.asarray(rng.standard_normal(4))
+    out, saved = table.conv_forward(x, w, b, 1, 1)
+    out_ref, saved_ref = reference.conv_forward(x, w, b, 1, 1)
+    _close(out, out_ref, np.float64, 10.0)
+    dout = xp.asarray(rng.standard_normal(out.shape))
+    for got, expected in zip(table.conv_backward(dout, saved),
+                             reference.conv_backward(dout, saved_ref)):
+        _close(got, expected, np.float64, 10.0)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_max_pool(ops, dtype, case, layout):
+    xp, table = ops
+    x_shape, pool_height, pool_width, stride = case
+    rng = np.random.default_rng(6)
+    x = xp.asarray(rng.standard_normal(x_shape), dtype=dtype)
+    if layout == "channels_last":
+        x = _channels_last_view(xp, x)
+    out, saved = table.max_pool_forward(x, pool_height, pool_width, stride)
+    out_ref, saved_ref = reference.max_pool_forward(x, pool_height, pool_width, stride)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(_host(out), _host(out_ref))
+    dout = xp.asarray(rng.standard_normal(out.shape), dtype=dtype)
+    dx = table.max_pool_backward(dout, saved)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    # overlapping windows add up their gradients in another order: equal to rounding
+    _close(dx, reference.max_pool_backward(dout, saved_ref), dtype, 10.0)
+
+
+def test_max_pool_ties_go_to_the_first_maximum(ops, dtype):
+    """Equal values in a window (relu zeros, say): the gradient goes to the first, row-major."""
+    xp, table = ops
+    x = np.zeros((1, 2, 4, 4))
+    x[0, 1, 0, 1] = x[0, 1, 1, 0] = 3.0   # window (0, 0) of channel 1: two maxima
+    x_dev = xp.asarray(x, dtype=dtype)
+    out, saved = table.max_pool_forward(x_dev, 2, 2, 2)
+    dx = _host(table.max_pool_backward(xp.ones(out.shape, dtype=dtype), saved))
+    expected = np.zeros_like(x)
+    expected[0, 0, ::2, ::2] = 1  # all-zero windows: their first position
+    expected[0, 1, ::2, ::2] = 1
+    expected[0, 1, 0, 0] = 0
+    expected[0, 1, 0, 1] = 1
+    np.testing.assert_array_equal(dx, expected)

@@ -30,6 +30,8 @@ OPS = (
     "batchnorm_rows_train_forward", "batchnorm_rows_backward",
     "l2_stacked_", "sgd_stacked_", "sgd_momentum_stacked_", "rmsprop_stacked_",
     "adam_stacked_", "adamw_stacked_",
+    # convolution (fastnn.fast_layers; the naive layers run the reference ops)
+    "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward",
 )
 
 _tables = {}

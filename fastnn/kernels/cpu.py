@@ -61,15 +61,29 @@ def _relu_backward(dout, out, dx):
         dx[i] = dout[i] if out[i] > 0 else 0
 
 
+def _memory_order(a):
+    """Axes of `a` from the largest stride to the smallest: a.transpose(them) is its memory order."""
+    return tuple(sorted(range(a.ndim), key=lambda axis: -abs(a.strides[axis])))
+
+
+def _flat_in(a, order):
+    """a.transpose(order) as a flat C-order array (a view when a is laid out that way)."""
+    return _flat(a.transpose(order))
+
+
+# The outputs keep the input's memory layout (np.empty_like's order "K"), so a
+# channels-last conv activation seen as (N, C, H, W) stays channels-last.
 def relu_forward(x):
-    out = np.empty(x.shape, dtype=x.dtype)
-    _relu_forward(_flat(x), out.reshape(-1))
+    out = np.empty_like(x)
+    order = _memory_order(out)
+    _relu_forward(_flat_in(x, order), _flat_in(out, order))
     return out
 
 
 def relu_backward(dout, out):
-    dx = np.empty(dout.shape, dtype=dout.dtype)
-    _relu_backward(_flat(dout), _flat(out), dx.reshape(-1))
+    dx = np.empty_like(out, dtype=dout.dtype)
+    order = _memory_order(dx)
+    _relu_backward(_flat_in(dout, order), _flat_in(out, order), _flat_in(dx, order))
     return dx
 
 
@@ -639,3 +653,193 @@ def adamw_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay, l2=None)
     lr = np.asarray(lr)
     return _adam_stacked_call(w, dw, m, v, lr, 1 - lr * np.asarray(weight_decay), beta1, beta2,
                               eps, t, l2)
+
+
+# == convolution ==============================================================
+# Activations live channels-last (N, H, W, C) in memory and are handed out
+# as (N, C, H, W) views: then every pixel's channels are one contiguous
+# vector, the im2col rows are contiguous copies of them, and the product of
+# the columns with the filters writes the next layer's channels-last rows
+# directly. Any other input layout is copied to channels-last once.
+#
+# A convolution runs over chunks of images: im2col of one chunk (Numba) and
+# one sgemm on it (numpy's BLAS). No full-batch column buffer exists: the
+# backward pass rebuilds each chunk's columns, which costs less than keeping
+# them (9x the input for a 3x3 filter).
+CONV_CHUNK_BYTES = 4 << 20  # column buffer per chunk: stays in the L2/L3 caches
+
+
+def _channels_last(x):
+    """(N, C, H, W) any strides -> a C-contiguous (N, H, W, C) array (no copy if already so)."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def _chunk_images(n, rows_per_image, row_bytes):
+    """Images per chunk: the column buffer within CONV_CHUNK_BYTES, at least one image."""
+    return max(1, min(n, CONV_CHUNK_BYTES // max(1, rows_per_image * row_bytes)))
+
+
+@_jit
+def _im2col(x, filter_height, filter_width, stride, pad, out_height, out_width, cols):
+    """x (n, H, W, C) -> cols (n*H'*W', HH*WW*C): a row per output pixel, taps (i, j, c)."""
+    n, height, width, channels = x.shape
+    row = 0
+    for image in range(n):
+        for oy in range(out_height):
+            for ox in range(out_width):
+                k = 0
+                for i in range(filter_height):
+                    y = oy * stride - pad + i
+                    for j in range(filter_width):
+                        xx = ox * stride - pad + j
+                        if 0 <= y < height and 0 <= xx < width:
+                            for c in range(channels):
+                                cols[row, k + c] = x[image, y, xx, c]
+                        else:
+                            for c in range(channels):
+                                cols[row, k + c] = 0
+                        k += channels
+                row += 1
+
+
+@_jit
+def _col2im(dcols, filter_height, filter_width, stride, pad, out_height, out_width, dx):
+    """The adjoint of _im2col: dx (n, H, W, C) = the sum of each column entry at its pixel."""
+    n, height, width, channels = dx.shape
+    dx[:] = 0
+    row = 0
+    for image in range(n):
+        for oy in range(out_height):
+            for ox in range(out_width):
+                k = 0
+                for i in range(filter_height):
+                    y = oy * stride - pad + i
+                    for j in range(filter_width):
+                        xx = ox * stride - pad + j
+                        if 0 <= y < height and 0 <= xx < width:
+                            for c in range(channels):
+                                dx[image, y, xx, c] += dcols[row, k + c]
+                        k += channels
+                row += 1
+
+
+def conv_forward(x, w, b, stride, pad):
+    """x (N, C, H, W) any strides, w (F, C, HH, WW), b (F,) or None -> (out, saved).
+
+    out is an (N, F, H', W') view of channels-last memory.
+    """
+    x_nhwc = _channels_last(x)
+    n, height, width, channels = x_nhwc.shape
+    filters, _, filter_height, filter_width = w.shape
+    out_height = 1 + (height + 2 * pad - filter_height) // stride
+    out_width = 1 + (width + 2 * pad - filter_width) // stride
+    depth = filter_height * filter_width * channels
+    # (HH*WW*C, F): row order (i, j, c), as _im2col lays out a column row
+    w_mat = np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=x_nhwc.dtype).reshape(depth, filters)
+    pixels = out_height * out_width
+    out = np.empty((n, out_height, out_width, filters), dtype=x_nhwc.dtype)
+    out_rows = out.reshape(n * pixels, filters)
+    step = _chunk_images(n, pixels, depth * x_nhwc.itemsize)
+    cols = np.empty((step * pixels, depth), dtype=x_nhwc.dtype)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        chunk_cols = cols[:(stop - start) * pixels]
+        _im2col(x_nhwc[start:stop], filter_height, filter_width, stride, pad, out_height,
+                out_width, chunk_cols)
+        chunk_out = out_rows[start * pixels:stop * pixels]
+        np.matmul(chunk_cols, w_mat, out=chunk_out)
+        if b is not None:
+            chunk_out += b.astype(x_nhwc.dtype, copy=False)
+    saved = (x_nhwc, w_mat, w.shape, stride, pad, b is not None)
+    return out.transpose(0, 3, 1, 2), saved
+
+
+def conv_backward(dout, saved, need_dx=True):
+    """dout (N, F, H', W') any strides -> (dx (N, C, H, W) view or None, dw, db or None)."""
+    x_nhwc, w_mat, w_shape, stride, pad, has_bias = saved
+    filters, channels, filter_height, filter_width = w_shape
+    n, height, width, _ = x_nhwc.shape
+    dout_nhwc = _channels_last(dout).astype(x_nhwc.dtype, copy=False)
+    out_height, out_width = dout_nhwc.shape[1:3]
+    pixels = out_height * out_width
+    depth = w_mat.shape[0]
+    dout_rows = dout_nhwc.reshape(n * pixels, filters)
+    db = dout_rows.sum(axis=0) if has_bias else None
+    dw_mat = np.zeros((depth, filters), dtype=x_nhwc.dtype)
+    dw_part = np.empty_like(dw_mat)
+    dx = np.empty_like(x_nhwc) if need_dx else None
+    step = _chunk_images(n, pixels, depth * x_nhwc.itemsize)
+    cols = np.empty((step * pixels, depth), dtype=x_nhwc.dtype)
+    w_mat_t = w_mat.T
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        chunk_cols = cols[:(stop - start) * pixels]
+        chunk_dout = dout_rows[start * pixels:stop * pixels]
+        _im2col(x_nhwc[start:stop], filter_height, filter_width, stride, pad, out_height,
+                out_width, chunk_cols)
+        np.matmul(chunk_cols.T, chunk_dout, out=dw_part)
+        dw_mat += dw_part
+        if need_dx:
+            np.matmul(chunk_dout, w_mat_t, out=chunk_cols)  # the columns' gradient, in place
+            _col2im(chunk_cols, filter_height, filter_width, stride, pad, out_height, out_width,
+                    dx[start:stop])
+    dw = np.ascontiguousarray(
+        dw_mat.reshape(filter_height, filter_width, channels, filters).transpose(3, 2, 0, 1))
+    return (None if dx is None else dx.transpose(0, 3, 1, 2)), dw, db
+
+
+@_jit
+def _max_pool_forward(x, pool_height, pool_width, stride, out, argmax):
+    """x (n, H, W, C) -> out, argmax (n, H', W', C): the window's max and its first tap."""
+    n, out_height, out_width, channels = out.shape
+    for image in range(n):
+        for oy in range(out_height):
+            for ox in range(out_width):
+                y0, x0 = oy * stride, ox * stride
+                for c in range(channels):
+                    out[image, oy, ox, c] = x[image, y0, x0, c]
+                    argmax[image, oy, ox, c] = 0
+                tap = 0
+                for i in range(pool_height):
+                    for j in range(pool_width):
+                        if tap > 0:  # strictly greater: ties keep the first tap (row-major)
+                            for c in range(channels):
+                                v = x[image, y0 + i, x0 + j, c]
+                                if v > out[image, oy, ox, c]:
+                                    out[image, oy, ox, c] = v
+                                    argmax[image, oy, ox, c] = tap
+                        tap += 1
+
+
+@_jit
+def _max_pool_backward(dout, argmax, pool_width, stride, dx):
+    n, out_height, out_width, channels = dout.shape
+    dx[:] = 0
+    for image in range(n):
+        for oy in range(out_height):
+            for ox in range(out_width):
+                for c in range(channels):
+                    tap = argmax[image, oy, ox, c]
+                    dx[image, oy * stride + tap // pool_width, ox * stride + tap % pool_width,
+                       c] += dout[image, oy, ox, c]
+
+
+def max_pool_forward(x, pool_height, pool_width, stride):
+    """x (N, C, H, W) any strides -> (out, saved); out an (N, C, H', W') channels-last view."""
+    x_nhwc = _channels_last(x)
+    n, height, width, channels = x_nhwc.shape
+    out_height = 1 + (height - pool_height) // stride
+    out_width = 1 + (width - pool_width) // stride
+    out = np.empty((n, out_height, out_width, channels), dtype=x_nhwc.dtype)
+    argmax = np.empty(out.shape, dtype=np.uint8 if pool_height * pool_width <= 256 else np.int32)
+    _max_pool_forward(x_nhwc, pool_height, pool_width, stride, out, argmax)
+    return out.transpose(0, 3, 1, 2), (x_nhwc.shape, argmax, pool_width, stride)
+
+
+def max_pool_backward(dout, saved):
+    """dout (N, C, H', W') any strides -> dx, an (N, C, H, W) channels-last view."""
+    x_shape, argmax, pool_width, stride = saved
+    dout_nhwc = _channels_last(dout)
+    dx = np.empty(x_shape, dtype=dout_nhwc.dtype)
+    _max_pool_backward(dout_nhwc, argmax, pool_width, stride, dx)
+    return dx.transpose(0, 3, 1, 2)

@@ -364,3 +364,96 @@ def adamw_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay, l2=None)
     w *= _per_member(1 - lr * weight_decay, w.dtype)
     adam_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t)
     return sum_squares
+
+
+# == convolution ==============================================================
+# Convolution and max pooling on NCHW arrays of any strides, in plain xp: the
+# naive layers (fastnn.layers.*_naive) run these, and the fast kernels are
+# tested against them. No Python loop over pixels: the loops run over the
+# filter's (or window's) taps, each tap a strided slice of the whole batch.
+# The saved state of a forward goes only to the backward of the same table.
+def _tap_slices(tap_row, tap_col, out_height, out_width, stride):
+    """The (rows, cols) slices that tap (tap_row, tap_col) reads for every output position."""
+    return (slice(tap_row, tap_row + stride * (out_height - 1) + 1, stride),
+            slice(tap_col, tap_col + stride * (out_width - 1) + 1, stride))
+
+
+def _im2col(x_padded, filter_height, filter_width, stride, out_height, out_width):
+    """x_padded (N, C, Hp, Wp) -> columns (N, C*HH*WW, H'*W'), rows ordered (c, i, j) like w."""
+    xp = get_array_module(x_padded)
+    n, channels = x_padded.shape[:2]
+    taps = [x_padded[(slice(None), slice(None)) + _tap_slices(i, j, out_height, out_width, stride)]
+            for i in range(filter_height) for j in range(filter_width)]
+    return xp.stack(taps, axis=2).reshape(n, channels * filter_height * filter_width,
+                                          out_height * out_width)
+
+
+def conv_out_size(size, filter_size, stride, pad):
+    """1 + (size + 2*pad - filter_size) // stride (checked by the layers first)."""
+    return 1 + (size + 2 * pad - filter_size) // stride
+
+
+def conv_forward(x, w, b, stride, pad):
+    """x (N, C, H, W), w (F, C, HH, WW), b (F,) or None (no bias) -> (out (N, F, H', W'), saved)."""
+    xp = get_array_module(x, w, b)
+    n, _, height, width = x.shape
+    filters, _, filter_height, filter_width = w.shape
+    out_height = conv_out_size(height, filter_height, stride, pad)
+    out_width = conv_out_size(width, filter_width, stride, pad)
+    x_padded = xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    cols = _im2col(x_padded, filter_height, filter_width, stride, out_height, out_width)
+    out = xp.matmul(w.reshape(filters, -1), cols).reshape(n, filters, out_height, out_width)
+    if b is not None:
+        out += b.reshape(filters, 1, 1)
+    return out, (x, w, stride, pad, b is not None)
+
+
+def conv_backward(dout, saved, need_dx=True):
+    """dout (N, F, H', W') -> (dx (N, C, H, W) or None, dw (F, C, HH, WW), db (F,) or None)."""
+    x, w, stride, pad, has_bias = saved
+    xp = get_array_module(dout, x, w)
+    n, channels, height, width = x.shape
+    filters, _, filter_height, filter_width = w.shape
+    out_height, out_width = dout.shape[2:]
+    dout3 = dout.reshape(n, filters, out_height * out_width)
+    db = dout.sum(axis=(0, 2, 3)) if has_bias else None
+    x_padded = xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    cols = _im2col(x_padded, filter_height, filter_width, stride, out_height, out_width)
+    dw = xp.tensordot(dout3, cols, axes=([0, 2], [0, 2])).reshape(w.shape)
+    if not need_dx:
+        return None, dw, db
+    dcols = xp.matmul(w.reshape(filters, -1).T, dout3).reshape(
+        n, channels, filter_height * filter_width, out_height, out_width)
+    dx_padded = xp.zeros(x_padded.shape, dtype=dout.dtype)
+    for tap in range(filter_height * filter_width):
+        rows, cols_ = _tap_slices(tap // filter_width, tap % filter_width, out_height,
+                                  out_width, stride)
+        dx_padded[:, :, rows, cols_] += dcols[:, :, tap]
+    return xp.ascontiguousarray(dx_padded[:, :, pad:pad + height, pad:pad + width]), dw, db
+
+
+def max_pool_forward(x, pool_height, pool_width, stride):
+    """x (N, C, H, W) -> (out (N, C, H', W'), saved), H' = 1 + (H - pool_height) // stride."""
+    xp = get_array_module(x)
+    out_height = 1 + (x.shape[2] - pool_height) // stride
+    out_width = 1 + (x.shape[3] - pool_width) // stride
+    # taps in row-major order: argmax's first maximum is the window's first in row-major order
+    windows = xp.stack([x[(slice(None), slice(None)) + _tap_slices(i, j, out_height, out_width,
+                                                                   stride)]
+                        for i in range(pool_height) for j in range(pool_width)], axis=-1)
+    argmax = xp.argmax(windows, axis=-1)
+    out = xp.take_along_axis(windows, argmax[..., None], axis=-1)[..., 0]
+    return out, (x.shape, argmax, pool_height, pool_width, stride)
+
+
+def max_pool_backward(dout, saved):
+    """dout (N, C, H', W') -> dx (N, C, H, W): each window's gradient to its first maximum."""
+    x_shape, argmax, pool_height, pool_width, stride = saved
+    xp = get_array_module(dout, argmax)
+    out_height, out_width = dout.shape[2:]
+    dx = xp.zeros(x_shape, dtype=dout.dtype)
+    zero = dout.dtype.type(0)
+    for tap in range(pool_height * pool_width):
+        rows, cols = _tap_slices(tap // pool_width, tap % pool_width, out_height, out_width, stride)
+        dx[:, :, rows, cols] += xp.where(argmax == tap, dout, zero)
+    return dx

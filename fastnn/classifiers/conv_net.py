@@ -1,0 +1,156 @@
+"""ConvNet: a stem and groups of 3x3 convolutions with spatial batchnorm, a global max, softmax.
+
+    stem:      conv 3x3 (pad 1, C -> stem_width) - spatial batchnorm - relu
+    per width: conv 3x3 - 2x2 max pool (stride 2) - spatial batchnorm - relu -
+               conv 3x3 - spatial batchnorm - relu
+    head:      max over the remaining positions of each channel - affine - softmax
+
+Convolutions have no bias (each feeds a batchnorm). Parameters: `W1` the
+stem's filters, `W2, W3` the first group's, ... (`W{2g}`, `W{2g+1}` for
+group g), `gamma{i}` / `beta{i}` the batchnorm after conv `W{i}`, and
+`W{L}`, `b{L}` the affine layer (L = 2 * len(widths) + 2). The layers run
+channels-last on numpy (fastnn.fast_layers); inputs are (N, C, H, W).
+"""
+import numpy as np
+
+from fastnn import kernels
+from fastnn.backend import get_array_module, get_backend, xp as active_xp
+from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, max_pool_backward_fast,
+                                max_pool_forward_fast)
+from fastnn.layers import (affine_backward, affine_forward, relu_backward, relu_forward,
+                           spatial_batchnorm_backward, spatial_batchnorm_forward)
+
+_CONV = {"stride": 1, "pad": 1}
+_POOL = {"pool_height": 2, "pool_width": 2, "stride": 2}
+
+
+def init_weight(rng, shape, fan_in, gain=2.0):
+    """He-style initial weights: N(0, gain / fan_in) (gain 2 suits relu layers).
+
+    rng: a numpy Generator, or None for np.random (np.random.seed reproduces it).
+    """
+    draws = np.random.randn(*shape) if rng is None else rng.standard_normal(shape)
+    return np.sqrt(gain / fan_in) * draws
+
+
+class ConvNet:
+    """The contract's ConvNet (see the module docstring); `loss(X)` / `loss(X, y)`.
+
+    widths: channels of each group (each halves the image size); stem_width:
+    the stem's channels. label_smoothing (default 0: the plain softmax loss)
+    mixes the one-hot targets with the uniform distribution.
+    """
+
+    def __init__(self, widths=(32, 64, 128), stem_width=24, input_dim=(3, 32, 32),
+                 num_classes=10, reg=0.0, dtype=np.float32, seed=None, label_smoothing=0.0):
+        widths = [int(w) for w in widths]
+        channels, height, width = (int(d) for d in input_dim)
+        if not widths or min(widths) < 1 or int(stem_width) < 1:
+            raise ValueError(f"ConvNet needs at least one group width and every width >= 1; "
+                             f"got widths {widths}, stem_width {stem_width}")
+        if min(height, width) < 2 ** len(widths):
+            raise ValueError(f"ConvNet: {len(widths)} groups halve the image {len(widths)} times, "
+                             f"which needs at least {2 ** len(widths)} pixels a side; input_dim "
+                             f"{tuple(input_dim)} has {min(height, width)}: use fewer widths")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.dtype = np.dtype(dtype)
+        self.reg = float(reg)
+        self.label_smoothing = float(label_smoothing)
+        self.widths, self.stem_width = widths, int(stem_width)
+        self.init_args = dict(widths=widths, stem_width=self.stem_width,
+                              input_dim=[channels, height, width], num_classes=int(num_classes),
+                              reg=self.reg, dtype=self.dtype.name,
+                              seed=None if seed is None else int(seed),
+                              label_smoothing=self.label_smoothing)
+        rng = None if seed is None else np.random.default_rng(seed)
+        xp = active_xp()
+        self.params, self.param_roles = {}, {}
+        conv_channels = [channels, self.stem_width]
+        for w in widths:
+            conv_channels += [w, w]
+        self.num_convs = len(conv_channels) - 1
+        for i in range(1, self.num_convs + 1):
+            c_in, c_out = conv_channels[i - 1], conv_channels[i]
+            self._add(f"W{i}", "weight", init_weight(rng, (c_out, c_in, 3, 3), 9 * c_in), xp)
+            self._add(f"gamma{i}", "scale", np.ones(c_out), xp)
+            self._add(f"beta{i}", "shift", np.zeros(c_out), xp)
+        last = self.num_convs + 1
+        self._add(f"W{last}", "weight",
+                  init_weight(rng, (conv_channels[-1], int(num_classes)), conv_channels[-1], 1.0),
+                  xp)
+        self._add(f"b{last}", "bias", np.zeros(int(num_classes)), xp)
+        self.num_layers = last
+        # bn_params[i] belongs to gamma{i + 1}; norm_params names the same dicts by that suffix
+        self.bn_params = [{"mode": "train"} for _ in range(self.num_convs)]
+        self.norm_params = {str(i + 1): p for i, p in enumerate(self.bn_params)}
+        self.backend = get_backend()
+
+    def _add(self, name, role, value, xp):
+        self.params[name] = xp.asarray(value, dtype=self.dtype)
+        self.param_roles[name] = role
+
+    def loss(self, X, y=None):
+        """X (N, C, H, W) -> scores (N, num_classes), or (loss, grads) given labels y (N,)."""
+        mode = "test" if y is None else "train"
+        for bn_param in self.bn_params:
+            bn_param["mode"] = mode
+        p = self.params
+        xp = get_array_module(X)
+        hidden = xp.asarray(X, dtype=self.dtype)
+        caches = []
+        for i in range(1, self.num_convs + 1):
+            # convs 2, 4, ... open a group and are followed by the pool
+            pooled = i % 2 == 0
+            hidden, conv_cache = conv_forward_fast(hidden, p[f"W{i}"], None, _CONV)
+            pool_cache = None
+            if pooled:
+                hidden, pool_cache = max_pool_forward_fast(hidden, _POOL)
+            hidden, bn_cache = spatial_batchnorm_forward(hidden, p[f"gamma{i}"], p[f"beta{i}"],
+                                                         self.bn_params[i - 1])
+            hidden, relu_cache = relu_forward(hidden)
+            caches.append((conv_cache, pool_cache, bn_cache, relu_cache))
+        n, channels, height, width = hidden.shape
+        pooled_max, head_pool_cache = max_pool_forward_fast(
+            hidden, {"pool_height": height, "pool_width": width, "stride": 1})
+        last = self.num_layers
+        scores, affine_cache = affine_forward(pooled_max.reshape(n, channels), p[f"W{last}"],
+                                              p[f"b{last}"])
+        if y is None:
+            return scores
+
+        loss, dscores = self._data_loss(scores, y)
+        grads = {}
+        dfeatures, grads[f"W{last}"], grads[f"b{last}"] = affine_backward(dscores, affine_cache)
+        dhidden = max_pool_backward_fast(dfeatures.reshape(n, channels, 1, 1), head_pool_cache)
+        for i in range(self.num_convs, 0, -1):
+            conv_cache, pool_cache, bn_cache, relu_cache = caches[i - 1]
+            dhidden = relu_backward(dhidden, relu_cache)
+            dhidden, grads[f"gamma{i}"], grads[f"beta{i}"] = spatial_batchnorm_backward(
+                dhidden, bn_cache)
+            if pool_cache is not None:
+                dhidden = max_pool_backward_fast(dhidden, pool_cache)
+            dhidden, grads[f"W{i}"], _ = conv_backward_fast(dhidden, conv_cache, need_dx=i > 1)
+        if self.reg:
+            for name, role in self.param_roles.items():
+                if role == "weight":
+                    w = p[name]
+                    flat = w.reshape(-1)
+                    loss = loss + 0.5 * self.reg * xp.dot(flat, flat)
+                    grads[name] += self.reg * w
+        return loss, grads
+
+    def _data_loss(self, scores, y):
+        """Softmax cross-entropy (label-smoothed when label_smoothing > 0) -> (loss, dscores)."""
+        xp = get_array_module(scores, y)
+        loss, dscores = kernels.for_module(xp).softmax_loss(scores, y)
+        if self.label_smoothing:
+            # targets (1 - s) * onehot + s / C: the loss mixes in the mean over classes of
+            # -log p, and dscores = (p - targets) / N mixes in (p - 1 / C) / N
+            s, (n, classes) = self.label_smoothing, scores.shape
+            shifted = scores - scores.max(axis=1, keepdims=True)
+            log_p = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+            loss = (1 - s) * loss - s * log_p.mean()
+            dscores = (1 - s) * dscores + (s / n) * (xp.exp(log_p) - 1.0 / classes)
+            dscores = dscores.astype(scores.dtype, copy=False)
+        return loss, dscores
