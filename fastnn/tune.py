@@ -26,8 +26,8 @@ import numpy as np
 
 from fastnn.files import atomic_write, read_json, write_json
 from fastnn.plots import save_figure
-from fastnn.runs import (augment_options, build_model, build_solver, load_data, predict,
-                         recorded, setup_runtime)
+from fastnn.runs import (augment_options, build_model, build_solver, complete, defaults_for,
+                         load_data, predict, recorded, setup_runtime)
 
 BEST_FORMAT, FORMAT_VERSION = "fastnn-tune-best", 1
 
@@ -150,31 +150,26 @@ BASELINE = {"num_hidden": 3, "hidden_width": 1024, "width_ratio": 0.5, "log2_bat
 
 def conv_baseline():
     """The main job's recipe, as CONV_SPACE values: a new convnet study's first trial."""
-    from fastnn.runs import defaults_for
-
     recipe = defaults_for("convnet")
     return {name: recipe[name] for name in CONV_SPACE}
 
 
 def conv_train_config(params, options, trial_number):
-    """A `fastnn train` configuration for one convnet trial: the recipe with `params`."""
-    from fastnn.runs import defaults_for, recorded
-
+    """A `fastnn train` configuration for one convnet trial: the recipe with `params`,
+    the architecture and schedule of `options` (cli's tune flags)."""
     config = {**defaults_for("convnet"), **params, "epochs": options["epochs"],
-              "seed": options["seed"], "model_seed": options["seed"] + trial_number}
-    if options["lr_schedule"] is not None:
-        config["lr_schedule"] = None if options["lr_schedule"] == "none" \
-            else options["lr_schedule"]
-    if options["crop_padding"] is not None:
-        config["crop_padding"] = options["crop_padding"]
+              "lr_schedule": None if options["lr_schedule"] == "none" else options["lr_schedule"],
+              "crop_padding": options["crop_padding"], "seed": options["seed"],
+              "model_seed": options["seed"] + trial_number}
+    for key in ("widths", "stem_width"):
+        if options.get(key) is not None:
+            config[key] = options[key]
     return recorded(config)
 
 
 def run_conv_trial(study, data, options, clock, log):
     """Train one convnet trial; returns (outcome, trial_best, model_epochs) as run_round."""
     from optuna.trial import TrialState
-
-    from fastnn.runs import build_model, build_solver
 
     trial = study.ask()
     if trial.number >= options["trials"]:  # another worker took the last one
@@ -415,7 +410,7 @@ def tune(options, log=print):
             config = {**config, "epochs": options["final_epochs"]}
     fastnn.save(model, os.path.join(out_dir, "best_model.npz"))
     test_acc = float((fastnn.to_numpy(predict(model, data["X_test"],
-                                              flip=config.get("flip_test", False)))
+                                              flip=complete(config)["flip_test"]))
                       == data["y_test"]).mean())
     try:  # completed trials only; pruned ones (still ranked here) do not count for Optuna
         study_best = {"study_best_trial": study.best_trial.number,
