@@ -16,7 +16,7 @@ GPU timings synchronise the device inside the timed function.
 import numpy as np
 import pytest
 
-from fastnn import kernels
+from fastnn import kernels, optim
 from fastnn.kernels import OPS, reference
 
 import workloads
@@ -36,17 +36,16 @@ SHAPES = {
     "dropout_forward": ACTIVATIONS, "dropout_backward": ACTIVATIONS,
     "softmax_loss": SCORES, "svm_loss": SCORES,
     "batchnorm_train_forward": ACTIVATIONS, "batchnorm_backward": ACTIVATIONS,
-    "sgd_": PARAMETERS, "sgd_momentum_": PARAMETERS, "rmsprop_": PARAMETERS, "adam_": PARAMETERS,
-    "adamw_": PARAMETERS,
+    # update rules: lone parameters and stacked blocks (A, K, B)
+    **{spec.op: PARAMETERS + STACKED_PARAMETERS for spec in optim.SPECS.values()},
     "flip_crop": IMAGES,
     "dropout_stacked_forward": STACKED_ACTIVATIONS, "dropout_stacked_backward": STACKED_ACTIVATIONS,
     "softmax_loss_stacked": STACKED_SCORES,
     "batchnorm_rows_train_forward": STACKED_FEATURE_ROWS,
     "batchnorm_rows_backward": STACKED_FEATURE_ROWS,
-    "l2_stacked_": STACKED_PARAMETERS, "sgd_stacked_": STACKED_PARAMETERS,
-    "sgd_momentum_stacked_": STACKED_PARAMETERS, "rmsprop_stacked_": STACKED_PARAMETERS,
-    "adam_stacked_": STACKED_PARAMETERS, "adamw_stacked_": STACKED_PARAMETERS,
+    "l2_stacked_": STACKED_PARAMETERS,
 }
+UPDATE_OPS = {spec.op: name for name, spec in optim.SPECS.items()}  # adam_ serves adamw too
 IMPLEMENTATIONS = ["reference", "numpy", "cupy-reference", "cupy"]
 
 
@@ -55,6 +54,8 @@ def make_args(op, shape, rng, xp=np):
     `xp` by the caller) except where the layout matters."""
     if op == "flip_crop":
         return rng.standard_normal(shape, dtype=np.float32), 1234, 7, True, 4
+    if op in UPDATE_OPS:
+        return make_update_args(op, shape, rng, xp)
     if op.endswith("_stacked_") or op.startswith(("dropout_stacked", "softmax_loss_stacked")):
         return make_stacked_args(op, shape, rng, xp)
     n, d = shape
@@ -81,19 +82,18 @@ def make_args(op, shape, rng, xp=np):
         return normal(n, d), positive(n), normal(n), 1e-5
     if op == "batchnorm_rows_backward":
         return normal(n, d), normal(n, d), positive(n), positive(n)
-    # update rules, in place: small steps so that repeated calls stay finite
-    w, dw = normal(n, d), np.float32(1e-3) * normal(n, d)
-    if op == "sgd_":
-        return w, dw, 1e-4
-    if op == "sgd_momentum_":
-        return w, dw, np.zeros_like(w), 1e-4, 0.9
-    if op == "rmsprop_":
-        return w, dw, np.zeros_like(w), 1e-4, 0.99, 1e-8
-    if op == "adam_":
-        return w, dw, np.zeros_like(w), np.zeros_like(w), 1e-4, 0.9, 0.999, 1e-8, 10
-    if op == "adamw_":
-        return w, dw, np.zeros_like(w), np.zeros_like(w), 1e-4, 0.9, 0.999, 1e-8, 10, 1e-2
     raise AssertionError(f"no arguments defined for op {op!r}; add it to make_args")
+
+
+def make_update_args(op, shape, rng, xp=np):
+    """(w, dw, state, scalars) of an update-rule op: small steps, so repeated calls stay
+    finite; 3-D shapes are stacked blocks with per-member learning rates (float64)."""
+    w = rng.standard_normal(shape, dtype=np.float32)
+    dw = np.float32(1e-3) * rng.standard_normal(shape, dtype=np.float32)
+    spec = optim.SPECS[UPDATE_OPS[op]]
+    lr = xp.asarray(np.geomspace(1e-5, 1e-3, shape[1])) if len(shape) == 3 else 1e-4
+    config = {**spec.defaults, "learning_rate": lr, "t": 10}
+    return w, dw, tuple(np.zeros_like(w) for _ in spec.state), spec.scalars(config)
 
 
 def shape_name(shape):
@@ -114,21 +114,9 @@ def make_stacked_args(op, shape, rng, xp=np):
         k, n, c = shape
         return x, rng.integers(0, c, n, dtype=np.int64)
     k = shape[1]
-    w, dw = x, np.float32(1e-3) * rng.standard_normal(shape, dtype=np.float32)
-    lr = np.geomspace(1e-5, 1e-3, k)  # per-member hyperparameters, float64 like the Solver's
+    dw = np.float32(1e-3) * rng.standard_normal(shape, dtype=np.float32)
     if op == "l2_stacked_":
-        return dw, w, np.geomspace(1e-4, 1e-1, k)
-    if op == "sgd_stacked_":
-        return w, dw, lr
-    if op == "sgd_momentum_stacked_":
-        return w, dw, np.zeros_like(w), lr, 0.9
-    if op == "rmsprop_stacked_":
-        return w, dw, np.zeros_like(w), lr, 0.99, 1e-8
-    state = (np.zeros_like(w), np.zeros_like(w), lr, 0.9, 0.999, 1e-8, 10)
-    if op == "adam_stacked_":
-        return (w, dw, *state)
-    if op == "adamw_stacked_":
-        return (w, dw, *state, np.full(k, 1e-2))
+        return dw, x, np.geomspace(1e-4, 1e-1, k)
     raise AssertionError(f"no arguments defined for op {op!r}; add it to make_args")
 
 
@@ -161,8 +149,12 @@ def test_kernel(benchmark, op, shape, impl):
             pass
 
     fn = getattr(reference if impl.endswith("reference") else kernels.for_module(xp), op)
-    args = tuple(xp.asarray(a) if isinstance(a, np.ndarray) else a
-                 for a in make_args(op, shape, np.random.default_rng(0), xp))
+    def to_xp(a):
+        if isinstance(a, tuple):  # an update rule's state arrays
+            return tuple(to_xp(b) for b in a)
+        return xp.asarray(a) if isinstance(a, np.ndarray) else a
+
+    args = tuple(to_xp(a) for a in make_args(op, shape, np.random.default_rng(0), xp))
 
     def run():
         fn(*args)
@@ -175,5 +167,7 @@ def test_kernel(benchmark, op, shape, impl):
     benchmark.extra_info.update(
         op=op, shape=list(shape), implementation=impl,
         function=f"{fn.__module__}.{fn.__name__}",
-        bytes_per_call=int(sum(a.nbytes for a in args if hasattr(a, "nbytes"))))
+        bytes_per_call=int(sum(a.nbytes for a in args if hasattr(a, "nbytes"))
+                           + sum(b.nbytes for a in args if isinstance(a, tuple) for b in a
+                                 if hasattr(b, "nbytes"))))
     benchmark(run)

@@ -2,19 +2,62 @@
 
 `config` holds the hyperparameters (Python floats) and the rule's state
 (arrays, and `t` an int); missing hyperparameters get their defaults. Each
-rule computes in the array module of `w`. The Solver's fused in-place path
-(`fastnn.kernels` ops `sgd_`, `adam_`, ...) gives the same parameters.
+rule computes in the array module of `w`.
+
+One home per rule: `SPECS[name]` says what a rule has (hyperparameters and
+their defaults, state arrays, whether it counts steps) and which in-place
+op of the kernel table (`fastnn.kernels`, e.g. `adam_`) computes its step.
+That op is the one formula, written once per backend (reference.py, cpu.py,
+gpu.py); the functional rules below, the Solver's fused in-place path
+(`fused_update`) and the stacked path (`update_`) all run it, so they give
+the same parameters by construction. Adding a rule: its `Rule` here, its op
+in reference.py, cpu.py and gpu.py (and its name in kernels.OPS).
 """
+from typing import Callable, NamedTuple
+
+from fastnn import kernels
 from fastnn.backend import get_array_module
 
-DEFAULTS = {
-    "sgd": {"learning_rate": 1e-2},
-    "sgd_momentum": {"learning_rate": 1e-2, "momentum": 0.9},
-    "rmsprop": {"learning_rate": 1e-2, "decay_rate": 0.99, "epsilon": 1e-8},
-    "adam": {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8},
-    "adamw": {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8,
-              "weight_decay": 1e-2},
+
+class Rule(NamedTuple):
+    """What the code needs to know about an update rule besides its formula."""
+    defaults: dict          # hyperparameter -> default (Python float); learning_rate first
+    state: tuple            # names of its state arrays in config (zeros like w at first)
+    op: str                 # the kernel-table op that applies one step in place
+    scalars: Callable       # filled config -> the op's scalars (floats, or per-member arrays)
+    counts_steps: bool = False  # config["t"] += 1 before each step (bias corrections)
+
+
+def _adam_scalars(c):
+    """Adam's op scalars; `decay` is AdamW's decoupled weight decay (1 for adam: exact)."""
+    lr, b1, b2, t = c["learning_rate"], c["beta1"], c["beta2"], c["t"]
+    return (lr, b1, 1 - b1, b2, 1 - b2, 1 - b1 ** t, 1 - b2 ** t, c["epsilon"],
+            1 - lr * c.get("weight_decay", 0.0))
+
+
+_ADAM = {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}
+
+SPECS = {
+    "sgd": Rule({"learning_rate": 1e-2}, (), "sgd_", lambda c: (c["learning_rate"],)),
+    "sgd_momentum": Rule({"learning_rate": 1e-2, "momentum": 0.9}, ("velocity",),
+                         "sgd_momentum_", lambda c: (c["learning_rate"], c["momentum"])),
+    "sgd_nesterov": Rule({"learning_rate": 1e-2, "momentum": 0.9}, ("velocity",),
+                         "sgd_nesterov_", lambda c: (c["learning_rate"], c["momentum"])),
+    "rmsprop": Rule({"learning_rate": 1e-2, "decay_rate": 0.99, "epsilon": 1e-8}, ("cache",),
+                    "rmsprop_", lambda c: (c["learning_rate"], c["decay_rate"],
+                                           1 - c["decay_rate"], c["epsilon"])),
+    "adam": Rule(_ADAM, ("m", "v"), "adam_", _adam_scalars, counts_steps=True),
+    # Solver sets weight_decay to 0 for all but the model's "weight" parameters
+    "adamw": Rule({**_ADAM, "weight_decay": 1e-2}, ("m", "v"), "adam_", _adam_scalars,
+                  counts_steps=True),
 }
+DEFAULTS = {name: spec.defaults for name, spec in SPECS.items()}
+
+
+def check_rule(rule):
+    """Raise ValueError unless `rule` names an update rule."""
+    if rule not in SPECS:
+        raise ValueError(f"unknown update rule {rule!r}; choose one of {sorted(SPECS)}")
 
 
 def check_config_keys(rule, config, where):
@@ -32,107 +75,71 @@ def _config(name, config):
     return config
 
 
-def sgd(w, dw, config=None):
-    """w - learning_rate * dw."""
-    config = _config("sgd", config)
-    return w - config["learning_rate"] * dw, config
+def update_(rule, w, dw, state, config, l2=None):
+    """Apply one step of `rule` to `w` in place with the kernel table of w's module.
 
-
-def sgd_momentum(w, dw, config=None):
-    """v = momentum * v - learning_rate * dw; w + v (state: velocity)."""
-    config = _config("sgd_momentum", config)
-    xp = get_array_module(w, dw)
-    v = config.get("velocity")
-    if v is None:
-        v = xp.zeros_like(w)
-    v = config["momentum"] * v - config["learning_rate"] * dw
-    config["velocity"] = v
-    return w + v, config
-
-
-def rmsprop(w, dw, config=None):
-    """cache = d * cache + (1 - d) * dw**2; w - lr * dw / (sqrt(cache) + eps)."""
-    config = _config("rmsprop", config)
-    xp = get_array_module(w, dw)
-    cache = config.get("cache")
-    if cache is None:
-        cache = xp.zeros_like(w)
-    decay = config["decay_rate"]
-    cache = decay * cache + (1 - decay) * (dw * dw)
-    config["cache"] = cache
-    return w - config["learning_rate"] * dw / (xp.sqrt(cache) + config["epsilon"]), config
-
-
-def adam(w, dw, config=None):
-    """Adam with bias correction (state: m, v, t)."""
-    config = _config("adam", config)
-    xp = get_array_module(w, dw)
-    m, v = config.get("m"), config.get("v")
-    m = xp.zeros_like(w) if m is None else m
-    v = xp.zeros_like(w) if v is None else v
-    t = config.get("t", 0) + 1
-    b1, b2 = config["beta1"], config["beta2"]
-    m = b1 * m + (1 - b1) * dw
-    v = b2 * v + (1 - b2) * (dw * dw)
-    m_hat = m / (1 - b1 ** t)
-    v_hat = v / (1 - b2 ** t)
-    next_w = w - config["learning_rate"] * m_hat / (xp.sqrt(v_hat) + config["epsilon"])
-    config.update(m=m, v=v, t=t)
-    return next_w, config
-
-
-def adamw(w, dw, config=None):
-    """Adam with decoupled weight decay: w * (1 - lr * weight_decay), then the Adam step.
-
-    Solver sets weight_decay to 0 for everything but the weight matrices
-    (biases, gamma and beta are not decayed).
+    state: the rule's state arrays, in `SPECS[rule].state` order, updated in
+    place. config: filled hyperparameters (and `t`, already advanced); a
+    value may be a per-member array for (A, K, B) blocks (fastnn.stacked) or
+    a device array (a step's scalars read on the device). l2: see the
+    kernels' update ops. Returns what the op returns.
     """
-    config = _config("adamw", config)
-    decayed = w * (1 - config["learning_rate"] * config["weight_decay"])
-    adam_config = {k: v for k, v in config.items() if k != "weight_decay"}
-    next_w, adam_config = adam(decayed, dw, adam_config)
-    config.update(adam_config)
-    return next_w, config
+    spec = SPECS[rule]
+    op = getattr(kernels.for_module(get_array_module(w, dw)), spec.op)
+    return op(w, dw, tuple(state), spec.scalars(config), l2=l2)
 
 
-RULES = {"sgd": sgd, "sgd_momentum": sgd_momentum, "rmsprop": rmsprop, "adam": adam,
-         "adamw": adamw}
+def _step(rule, w, dw, config, copy):
+    """One step of `rule` on w (a copy of w and its state when `copy`); returns (w, config)."""
+    spec = SPECS.get(rule)
+    if spec is None:
+        check_rule(rule)
+    config = _config(rule, config)
+    xp = get_array_module(w, dw)
+    if copy:
+        w = w.copy()
+    state = []
+    for key in spec.state:
+        value = config.get(key)
+        value = xp.zeros_like(w) if value is None else value.copy() if copy else value
+        config[key] = value
+        state.append(value)
+    if spec.counts_steps:
+        config["t"] = config.get("t", 0) + 1
+    getattr(kernels.for_module(xp), spec.op)(w, dw, tuple(state), spec.scalars(config))
+    return w, config
 
 
 def fused_update(rule, w, dw, config):
     """Update `w` in place with rule `rule` (a name in RULES), as `RULES[rule]` would.
 
-    One kernel-table call per parameter (fastnn.kernels ops `sgd_`, ...):
-    no temporaries of the parameter's size. `config` is filled and its state
-    kept exactly as the functional rule keeps it.
+    One kernel-table call per parameter: no temporaries of the parameter's
+    size. `config` is filled and its state kept exactly as the functional
+    rule keeps it; `w` itself is updated (never replaced).
     """
-    from fastnn import kernels
+    return _step(rule, w, dw, config, copy=False)[1]
 
-    if rule not in RULES:
-        raise ValueError(f"unknown update rule {rule!r}; choose one of {sorted(RULES)}")
-    config = _config(rule, config)
-    xp = get_array_module(w, dw)
-    ops = kernels.for_module(xp)
-    lr = config["learning_rate"]
-    if rule == "sgd":
-        ops.sgd_(w, dw, lr)
-    elif rule == "sgd_momentum":
-        if config.get("velocity") is None:
-            config["velocity"] = xp.zeros_like(w)
-        ops.sgd_momentum_(w, dw, config["velocity"], lr, config["momentum"])
-    elif rule == "rmsprop":
-        if config.get("cache") is None:
-            config["cache"] = xp.zeros_like(w)
-        ops.rmsprop_(w, dw, config["cache"], lr, config["decay_rate"], config["epsilon"])
-    elif rule in ("adam", "adamw"):
-        for key in ("m", "v"):
-            if config.get(key) is None:
-                config[key] = xp.zeros_like(w)
-        config["t"] = config.get("t", 0) + 1
-        args = (w, dw, config["m"], config["v"], lr, config["beta1"], config["beta2"],
-                config["epsilon"], config["t"])
-        if rule == "adam":
-            ops.adam_(*args)
-        else:
-            ops.adamw_(*args, config["weight_decay"])
-    return config
+
+def _functional(name, doc):
+    def rule(w, dw, config=None):
+        return _step(name, w, dw, config, copy=True)
+
+    rule.__name__ = rule.__qualname__ = name
+    rule.__doc__ = doc
+    return rule
+
+
+sgd = _functional("sgd", "w - learning_rate * dw.")
+sgd_momentum = _functional(
+    "sgd_momentum", "v = momentum * v - learning_rate * dw; w + v (state: velocity).")
+sgd_nesterov = _functional(
+    "sgd_nesterov", "Nesterov momentum: v = momentum * v - learning_rate * dw; "
+                    "w + momentum * v - learning_rate * dw (state: velocity).")
+rmsprop = _functional(
+    "rmsprop", "cache = d * cache + (1 - d) * dw**2; w - lr * dw / (sqrt(cache) + eps).")
+adam = _functional("adam", "Adam with bias correction (state: m, v, t).")
+adamw = _functional(
+    "adamw", "Adam with decoupled weight decay: w * (1 - lr * weight_decay), then the Adam "
+             "step.\n\nSolver sets weight_decay to 0 for everything but the model's weights.")
+
+RULES = {name: globals()[name] for name in SPECS}

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from fastnn import optim
 from fastnn.inference import DEFAULT_BATCH_SIZE
 
 # What a key a configuration lacks means: the value it had before the key
@@ -69,10 +70,10 @@ MODEL_OPTIONS = {"fc": ("hidden_dims", "batchnorm", "dropout", "weight_scale", "
                  "three_layer_conv": ("num_filters", "filter_size", "hidden_dim",
                                       "weight_scale"),
                  "convnet": ("widths", "stem_width", "label_smoothing", "model_seed")}
-# The optim_config keys each update rule takes besides learning_rate.
-RULE_OPTIONS = {"sgd": (), "sgd_momentum": ("momentum",), "sgd_nesterov": ("momentum",),
-                "rmsprop": ("decay_rate", "epsilon"), "adam": ("beta1", "beta2", "epsilon"),
-                "adamw": ("beta1", "beta2", "epsilon", "weight_decay")}
+# The optim_config keys each update rule takes besides learning_rate, from
+# fastnn.optim's one table.
+RULE_OPTIONS = {rule: tuple(k for k in optim.DEFAULTS[rule] if k != "learning_rate")
+                for rule in optim.RULES}
 # Options that do something only when another option is on: option -> (switch, why).
 NEEDS = {"crop_padding": ("augment", "--crop-padding shifts the crops of --augment")}
 # What --resume may change: where and how fast it runs and how long, not what it trains.

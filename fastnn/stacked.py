@@ -339,8 +339,6 @@ def active_xp_of(stack):
 
 
 # -- training -----------------------------------------------------------------
-_STATE_KEYS = {"sgd": (), "sgd_momentum": ("velocity",), "rmsprop": ("cache",),
-               "adam": ("m", "v"), "adamw": ("m", "v")}
 _PER_MEMBER = ("learning_rate", "weight_decay")   # hyperparameters that may differ per member
 EVAL_BATCH_SIZE = 512
 
@@ -405,7 +403,7 @@ class StackedSolver(SolverBase):
         self._lr = self._base_lr.copy()
         self._weight_decay = xp.asarray(np.array([c.get("weight_decay", 0.0) for c in configs],
                                                  np.float64))
-        self._state = {name: {key: xp.zeros_like(w) for key in _STATE_KEYS[update_rule]}
+        self._state = {name: {key: xp.zeros_like(w) for key in optim.SPECS[update_rule].state}
                        for name, w in stack.params.items()}
         self._grad_buffers = {"W1": xp.empty_like(stack.params["W1"])}
         self.epoch, self._t = 0, 0
@@ -460,27 +458,18 @@ class StackedSolver(SolverBase):
         weight matrix's gradient as they read W, and return the per-member
         sum(W**2) they saw (listed, one per weight matrix, when any reg > 0).
         """
-        ops, rule, shared, lr = self._ops, self.update_rule, self._shared, self._lr
+        rule, stack = self.update_rule, self.stack
+        keys = optim.SPECS[rule].state
         sums = []
-        for name, w in self.stack.params.items():
+        for name, w in stack.params.items():
             w, dw = as_member_blocks(w, name), as_member_blocks(grads[name], name)
-            state = [as_member_blocks(self._state[name][key], name) for key in _STATE_KEYS[rule]]
-            l2 = self.stack._reg if self.stack._any_reg and name.startswith("W") else None
-            if rule == "sgd":
-                sum_squares = ops.sgd_stacked_(w, dw, lr, l2=l2)
-            elif rule == "sgd_momentum":
-                sum_squares = ops.sgd_momentum_stacked_(w, dw, *state, lr, shared["momentum"],
-                                                        l2=l2)
-            elif rule == "rmsprop":
-                sum_squares = ops.rmsprop_stacked_(w, dw, *state, lr, shared["decay_rate"],
-                                                   shared["epsilon"], l2=l2)
-            elif rule == "adamw" and name.startswith("W"):  # Solver decays weight matrices only
-                sum_squares = ops.adamw_stacked_(w, dw, *state, lr, shared["beta1"],
-                                                 shared["beta2"], shared["epsilon"], t,
-                                                 self._weight_decay, l2=l2)
-            else:
-                sum_squares = ops.adam_stacked_(w, dw, *state, lr, shared["beta1"],
-                                                shared["beta2"], shared["epsilon"], t, l2=l2)
+            state = [as_member_blocks(self._state[name][key], name) for key in keys]
+            weight = name.startswith("W")
+            l2 = stack._reg if stack._any_reg and weight else None
+            # Solver decays weight matrices only
+            config = {**self._shared, "learning_rate": self._lr, "t": t,
+                      "weight_decay": self._weight_decay if weight else 0.0}
+            sum_squares = optim.update_(rule, w, dw, state, config, l2=l2)
             if l2 is not None:
                 sums.append(sum_squares)
         return sums

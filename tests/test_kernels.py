@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastnn
-from fastnn import kernels, layers
+from fastnn import kernels, layers, optim
 from fastnn.kernels import reference
 from helpers import tolerances
 
@@ -36,13 +36,11 @@ def _close(actual, expected, dtype, scale=1.0):
 # Ops compared with the reference somewhere in this file; a new op in OPS needs a test here.
 COVERED = {"relu_forward", "relu_backward", "dropout_forward", "dropout_backward",
            "softmax_loss", "svm_loss", "batchnorm_train_forward", "batchnorm_backward",
-           "sgd_", "sgd_momentum_", "rmsprop_", "adam_", "adamw_", "flip_crop",
+           "sgd_", "sgd_momentum_", "sgd_nesterov_", "rmsprop_", "adam_", "flip_crop",
            "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward"}
 # The stacked-model ops are compared with their references in test_stacked.py.
 STACKED_OPS = {"dropout_stacked_forward", "dropout_stacked_backward", "softmax_loss_stacked",
-               "batchnorm_rows_train_forward", "batchnorm_rows_backward", "l2_stacked_",
-               "sgd_stacked_", "sgd_momentum_stacked_", "rmsprop_stacked_", "adam_stacked_",
-               "adamw_stacked_"}
+               "batchnorm_rows_train_forward", "batchnorm_rows_backward", "l2_stacked_"}
 
 
 def test_every_op_is_compared_here():
@@ -99,8 +97,8 @@ def test_other_dtypes_run_the_reference():
             np.testing.assert_array_equal(g, e, err_msg=op)
     w, dw = x.copy(), x[::-1].copy()
     w_ref = w.copy()
-    table.sgd_(w, dw, 0.1)
-    reference.sgd_(w_ref, dw, 0.1)
+    table.sgd_(w, dw, (), (0.1,))
+    reference.sgd_(w_ref, dw, (), (0.1,))
     np.testing.assert_array_equal(w, w_ref)
     assert layers.relu_forward(x)[0].dtype == np.float16
 
@@ -175,34 +173,14 @@ def test_dropout_same_mask_on_every_thread_count(dtype):
     np.testing.assert_array_equal(outputs[0], reference.dropout_forward(x, 0.5, 99, 7))
 
 
-def test_numba_ops_same_on_every_thread_count():
-    """Row-parallel and chunk-parallel kernels give the same bits with 1 or more threads."""
-    numba = pytest.importorskip("numba")
-    table = kernels.for_module(np)
-    rng = np.random.default_rng(13)
-    x = rng.standard_normal((300, 70))  # several rows per thread, several chunks
-    y = rng.integers(0, 70, 300)
-    w, dw = rng.standard_normal((97, 130)), rng.standard_normal((97, 130))
+def test_numba_kernels_are_serial():
+    """cpu.py's loops are serial by policy (its docstring says why): none may ask for threads."""
+    import numba
+    from fastnn.kernels import cpu
 
-    def run_all():
-        results = [table.relu_forward(x), *table.softmax_loss(x, y), *table.svm_loss(x, y)]
-        for op, (n_state, hyper) in UPDATES.items():
-            if op in kernels.OPS:
-                arrays = [w.copy()] + [np.abs(w) for _ in range(n_state)]
-                getattr(table, op)(arrays[0], dw, *arrays[1:], **hyper())
-                results += arrays
-        return results
-
-    previous = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        single = run_all()
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        multi = run_all()
-    finally:
-        numba.set_num_threads(previous)
-    for a, b in zip(single, multi):
-        np.testing.assert_array_equal(a, b)
+    kernels_found = [obj for obj in vars(cpu).values() if isinstance(obj, numba.core.registry.CPUDispatcher)]
+    assert len(kernels_found) > 10
+    assert [k.py_func.__name__ for k in kernels_found if k.targetoptions.get("parallel")] == []
 
 
 def test_dropout_mask_statistics():
@@ -245,6 +223,41 @@ def test_loss(ops, dtype, loss, shape, scale, ties):
     np.testing.assert_allclose(float(value), float(ref_value), rtol=rtol,
                                atol=rtol * max(1.0, float(np.abs(x_host).max())))
     _close(dx, ref_dx, dtype)
+
+
+@pytest.mark.parametrize("shape", LOSS_SHAPES)
+@pytest.mark.parametrize("smoothing", [0.1, 0.5])
+def test_softmax_loss_label_smoothing(ops, dtype, shape, smoothing):
+    """Fast = reference with smoothing s; the reference = the plain formula in float64."""
+    xp, table = ops
+    x_host, y_host = _loss_inputs(shape, dtype, 1.0, np.int64, seed=15)
+    x, y = xp.asarray(x_host), xp.asarray(y_host)
+    value, dx = table.softmax_loss(x, y, smoothing)
+    ref_value, ref_dx = reference.softmax_loss(x, y, smoothing)
+    assert dx.dtype == dtype and _host(xp.asarray(value)).dtype == dtype
+    rtol, atol = tolerances(dtype)
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=rtol, atol=atol)
+    _close(dx, ref_dx, dtype)
+    n, classes = shape
+    x64 = x_host.astype(np.float64)
+    log_p = x64 - x64.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    q = np.full(shape, smoothing / classes)
+    q[np.arange(n), y_host] += 1 - smoothing
+    np.testing.assert_allclose(float(ref_value), -(q * log_p).sum() / n, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(_host(ref_dx), (np.exp(log_p) - q) / n, rtol=rtol, atol=atol)
+
+
+def test_softmax_loss_label_smoothing_gradient():
+    """The reference's dx is the numerical gradient of its loss (float64)."""
+    from fastnn.gradient_check import eval_numerical_gradient, rel_error
+
+    rng = np.random.default_rng(16)
+    x, y = rng.standard_normal((6, 5)), rng.integers(0, 5, 6)
+    _, dx = reference.softmax_loss(x, y, 0.2)
+    numeric = eval_numerical_gradient(lambda x: float(reference.softmax_loss(x, y, 0.2)[0]), x,
+                                      verbose=False)
+    assert rel_error(dx, numeric) < 1e-7
 
 
 @pytest.mark.parametrize("loss", ["softmax_loss", "svm_loss"])
@@ -320,34 +333,89 @@ def test_reference_batchnorm_against_numpy():
     np.testing.assert_allclose(out, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), rtol=1e-12)
 
 
-# -- in-place update rules -------------------------------------------------------
-UPDATES = {
-    "sgd_": (0, lambda: dict(lr=0.05)),
-    "sgd_momentum_": (1, lambda: dict(lr=0.05, momentum=0.9)),
-    "rmsprop_": (1, lambda: dict(lr=0.01, decay_rate=0.99, eps=1e-8)),
-    "adam_": (2, lambda: dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, t=3)),
-    "adamw_": (2, lambda: dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, t=3, weight_decay=0.1)),
-}
+# -- in-place update rules: every rule's op, lone parameters and stacked blocks --
+# 3-D shapes are stacked blocks (A, K, B) with per-member learning rates (and
+# weight decays); the others are lone parameters with the rule's defaults.
+UPDATE_SHAPES = [(1, 5), (4, 6), (11,), (97, 130), (1, 1, 1), (1, 3, 5), (7, 4, 9), (40, 2, 33)]
 
 
-@pytest.mark.parametrize("op", [op for op in UPDATES if op in kernels.OPS])
-@pytest.mark.parametrize("shape", [(1, 5), (4, 6), (11,), (97, 130)])
-def test_update_in_place_matches_reference(ops, dtype, op, shape):
+def _update_problem(xp, rule, shape, dtype, with_l2, seed=10):
+    """(config, w, dw, state, l2) for one step of `rule` on random values."""
+    rng = np.random.default_rng(seed)
+    spec = optim.SPECS[rule]
+    config = {**spec.defaults, "t": 3}
+    members = shape[1] if len(shape) == 3 else None
+    if members:
+        config["learning_rate"] = xp.asarray(rng.uniform(1e-3, 1e-1, members))
+        if "weight_decay" in config:
+            config["weight_decay"] = xp.asarray(rng.uniform(0, 0.5, members))
+    w = xp.asarray(rng.standard_normal(shape), dtype=dtype)
+    dw = xp.asarray(rng.standard_normal(shape), dtype=dtype)
+    state = [xp.asarray(np.abs(rng.standard_normal(shape)), dtype=dtype) for _ in spec.state]
+    l2 = xp.asarray(rng.uniform(0, 0.3, members)) if with_l2 else None
+    return config, w, dw, state, l2
+
+
+@pytest.mark.parametrize("rule", sorted(optim.SPECS))
+@pytest.mark.parametrize("shape, with_l2", [(s, False) for s in UPDATE_SHAPES]
+                         + [(s, True) for s in UPDATE_SHAPES if len(s) == 3])
+def test_update_op_matches_reference(ops, dtype, rule, shape, with_l2):
+    """The table's op = reference.py's, bit for bit (the same operations in the same order).
+
+    For blocks, member k's slice is the lone step with member k's scalars,
+    with l2 on dw + l2_k * w (dw itself is left alone), and the op returns
+    each member's sum(w**2) from before the step.
+    """
     xp, table = ops
-    rng = np.random.default_rng(10)
-    n_state, hyper = UPDATES[op]
-    w = rng.standard_normal(shape).astype(dtype)
-    dw = rng.standard_normal(shape).astype(dtype)
-    state = [np.abs(rng.standard_normal(shape)).astype(dtype) for _ in range(n_state)]
-    fast = [xp.array(a, copy=True) for a in (w, *state)]
-    ref = [xp.array(a, copy=True) for a in (w, *state)]
-    for _ in range(2):
-        assert getattr(table, op)(fast[0], xp.asarray(dw), *fast[1:], **hyper()) is None
-        getattr(reference, op)(ref[0], xp.asarray(dw), *ref[1:], **hyper())
-    for f, r in zip(fast, ref):
-        assert f.dtype == dtype and f.shape == shape
-        np.testing.assert_array_equal(_host(f), _host(r))
-    assert not np.array_equal(_host(fast[0]), w)  # it did update in place
+    config, w, dw, state, l2 = _update_problem(xp, rule, shape, dtype, with_l2)
+    op = optim.SPECS[rule].op
+    h = optim.SPECS[rule].scalars(config)
+    fast = [a.copy() for a in (w, *state)]
+    ref = [a.copy() for a in (w, *state)]
+    dw_before = dw.copy()
+    fast_sums = getattr(table, op)(fast[0], dw, tuple(fast[1:]), h, l2=l2)
+    ref_sums = getattr(reference, op)(ref[0], dw, tuple(ref[1:]), h, l2=l2)
+    for name, f, r in zip(["w", *optim.SPECS[rule].state], fast, ref):
+        assert f.dtype == dtype and f.shape == shape, name
+        np.testing.assert_array_equal(_host(f), _host(r), err_msg=name)
+    assert not np.array_equal(_host(fast[0]), _host(w))  # it did update, in place
+    np.testing.assert_array_equal(_host(dw), _host(dw_before))
+    if l2 is None:
+        assert fast_sums is None and ref_sums is None
+    else:
+        assert fast_sums.shape == (shape[1],) and fast_sums.dtype == dtype
+        _close(fast_sums, ref_sums, dtype, scale=10)
+    if len(shape) != 3:
+        return
+    for k in range(shape[1]):  # member k alone, through the lone (numpy) reference op
+        alone = [_host(a)[:, k, :].copy() for a in (w, *state)]
+        grad = _host(dw)[:, k, :]
+        if l2 is not None:
+            grad = grad + dtype.type(_host(l2)[k]) * alone[0]
+            np.testing.assert_allclose(_host(fast_sums)[k], np.sum(alone[0].astype(np.float64) ** 2),
+                                       rtol=tolerances(dtype)[0] * 10)
+        member_config = {key: (float(_host(v)[k]) if hasattr(v, "shape") else v)
+                         for key, v in config.items()}
+        getattr(reference, op)(alone[0], grad, tuple(alone[1:]),
+                               optim.SPECS[rule].scalars(member_config))
+        for name, f, a in zip(["w", *optim.SPECS[rule].state], fast, alone):
+            np.testing.assert_array_equal(_host(f)[:, k, :], a, err_msg=f"{name}, member {k}")
+
+
+@pytest.mark.parametrize("rule", sorted(optim.SPECS))
+def test_update_op_takes_its_scalars_from_device_arrays(ops, dtype, rule):
+    """A step's scalars as 0-d arrays (e.g. on the GPU, for a CUDA graph) = as Python floats."""
+    xp, table = ops
+    config, w, dw, state, _ = _update_problem(xp, rule, (6, 7), dtype, False)
+    spec = optim.SPECS[rule]
+    h = spec.scalars(config)
+    on_device = tuple(xp.asarray(np.float64(v)) for v in h)
+    by_value = [a.copy() for a in (w, *state)]
+    by_array = [a.copy() for a in (w, *state)]
+    getattr(table, spec.op)(by_value[0], dw, tuple(by_value[1:]), h)
+    getattr(table, spec.op)(by_array[0], dw, tuple(by_array[1:]), on_device)
+    for a, b in zip(by_value, by_array):
+        np.testing.assert_array_equal(_host(a), _host(b))
 
 
 # -- augmentation ------------------------------------------------------------------

@@ -8,11 +8,21 @@ from fastnn import optim
 DEFAULTS = {
     "sgd": {"learning_rate": 1e-2},
     "sgd_momentum": {"learning_rate": 1e-2, "momentum": 0.9},
+    "sgd_nesterov": {"learning_rate": 1e-2, "momentum": 0.9},  # fastnn's addition
     "rmsprop": {"learning_rate": 1e-2, "decay_rate": 0.99, "epsilon": 1e-8},
     "adam": {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8},
+    "adamw": {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8,
+              "weight_decay": 1e-2},
 }
-STATE = {"sgd": (), "sgd_momentum": ("velocity",), "rmsprop": ("cache",), "adam": ("m", "v")}
+STATE = {"sgd": (), "sgd_momentum": ("velocity",), "sgd_nesterov": ("velocity",),
+         "rmsprop": ("cache",), "adam": ("m", "v"), "adamw": ("m", "v")}
 RULES = list(DEFAULTS)
+
+
+def test_every_rule_is_tested_against_a_formula_here():
+    """A rule added to fastnn.optim needs its formula in _contract_steps."""
+    assert set(optim.RULES) == set(DEFAULTS)
+    assert {name: spec.defaults for name, spec in optim.SPECS.items() if name in DEFAULTS} == DEFAULTS
 STEPS = 3
 
 
@@ -29,11 +39,16 @@ def _contract_steps(rule, w, grads, hp):
         elif rule == "sgd_momentum":
             state["velocity"] = hp["momentum"] * state["velocity"] - lr * dw
             w = w + state["velocity"]
+        elif rule == "sgd_nesterov":  # the course's Nesterov form
+            state["velocity"] = hp["momentum"] * state["velocity"] - lr * dw
+            w = w + hp["momentum"] * state["velocity"] - lr * dw
         elif rule == "rmsprop":
             d = hp["decay_rate"]
             state["cache"] = d * state["cache"] + (1 - d) * dw ** 2
             w = w - lr * dw / (np.sqrt(state["cache"]) + hp["epsilon"])
-        elif rule == "adam":
+        elif rule in ("adam", "adamw"):
+            if rule == "adamw":  # decoupled weight decay, then the Adam step
+                w = w * (1 - lr * hp["weight_decay"])
             b1, b2 = hp["beta1"], hp["beta2"]
             state["t"] += 1
             t = state["t"]
@@ -54,6 +69,7 @@ def _problem(shape, dtype, seed=0):
 HYPER = {  # non-default values, so a rule that ignores its config fails
     "sgd": {"learning_rate": 0.05},
     "sgd_momentum": {"learning_rate": 0.05, "momentum": 0.8},
+    "sgd_nesterov": {"learning_rate": 0.05, "momentum": 0.7},
     "rmsprop": {"learning_rate": 0.02, "decay_rate": 0.9, "epsilon": 1e-6},
     "adam": {"learning_rate": 0.01, "beta1": 0.8, "beta2": 0.99, "epsilon": 1e-6},
     "adamw": {"learning_rate": 0.01, "beta1": 0.8, "beta2": 0.99, "epsilon": 1e-6,
@@ -79,7 +95,7 @@ def test_rule_matches_contract_formula(backend, rule, dtype, given):
         assert isinstance(config[key], xp.ndarray) and config[key].dtype == dtype, key
         np.testing.assert_allclose(fastnn.to_numpy(config[key]), expected_state[key], rtol=rtol,
                                    atol=atol, err_msg=key)
-    if rule == "adam":
+    if rule in ("adam", "adamw"):
         assert type(config["t"]) is int and config["t"] == STEPS
     for key, value in hp.items():
         assert config[key] == value and type(config[key]) is float, key

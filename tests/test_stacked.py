@@ -338,9 +338,7 @@ def test_failed_member_leaves_and_the_others_go_on():
 def test_stacked_ops_are_in_the_table():
     assert set(STACKED_OPS) == {"dropout_stacked_forward", "dropout_stacked_backward",
                                 "softmax_loss_stacked", "batchnorm_rows_train_forward",
-                                "batchnorm_rows_backward", "l2_stacked_", "sgd_stacked_",
-                                "sgd_momentum_stacked_", "rmsprop_stacked_", "adam_stacked_",
-                                "adamw_stacked_"}
+                                "batchnorm_rows_backward", "l2_stacked_"}
     from fastnn.kernels import cpu
 
     table = kernels.for_module(np)
@@ -446,63 +444,6 @@ def test_l2_stacked(ops, dtype, shape):
         np.testing.assert_array_equal(_host(fast)[:, k, :], expected)
         np.testing.assert_allclose(_host(out)[k], np.sum(alone.astype(np.float64) ** 2),
                                    rtol=rtol * 10, atol=atol)
-
-
-UPDATES = {
-    "sgd_stacked_": ((), ()),
-    "sgd_momentum_stacked_": (("v",), (0.9,)),
-    "rmsprop_stacked_": (("cache",), (0.99, 1e-8)),
-    "adam_stacked_": (("m", "v"), (0.9, 0.999, 1e-8, 3)),
-    "adamw_stacked_": (("m", "v"), (0.9, 0.999, 1e-8, 3)),
-}
-
-
-@pytest.mark.parametrize("with_l2", [False, True], ids=["", "l2"])
-@pytest.mark.parametrize("op", sorted(UPDATES))
-@pytest.mark.parametrize("shape", BLOCKS)
-def test_stacked_updates(ops, dtype, op, shape, with_l2):
-    """Fast = reference; member k's slice = the single-model fused op with member k's values.
-
-    With l2, the step is the single-model step on dw + l2_k * w (dw itself is
-    left alone) and returns each member's sum(w**2) from before the step.
-    """
-    xp, table = ops
-    rng = np.random.default_rng(3)
-    state_names, scalars = UPDATES[op]
-    members = shape[1]
-    lr = rng.uniform(1e-3, 1e-1, members)
-    extra = (rng.uniform(0, 0.5, members),) if op == "adamw_stacked_" else ()
-    l2 = rng.uniform(0, 0.3, members) if with_l2 else None
-    arrays = [rng.standard_normal(shape), rng.standard_normal(shape)]
-    arrays += [np.abs(rng.standard_normal(shape)) for _ in state_names]
-    inputs = [xp.asarray(a, dtype=dtype) for a in arrays]
-    fast = [a.copy() for a in inputs]
-    ref = [a.copy() for a in inputs]
-    device_args = (xp.asarray(lr), *scalars, *[xp.asarray(e) for e in extra])
-    device_l2 = None if l2 is None else xp.asarray(l2)
-    fast_sums = getattr(table, op)(*fast, *device_args, l2=device_l2)
-    ref_sums = getattr(reference, op)(*ref, *device_args, l2=device_l2)
-    rtol, atol = tolerances(dtype)
-    for name, a, b in zip(["w", "dw", *state_names], fast, ref):
-        np.testing.assert_allclose(_host(a), _host(b), rtol=rtol, atol=atol, err_msg=name)
-    np.testing.assert_array_equal(_host(fast[1]), _host(inputs[1]))  # dw is not written
-    if l2 is None:
-        assert fast_sums is None and ref_sums is None
-    else:
-        assert fast_sums.shape == (members,) and fast_sums.dtype == dtype
-        np.testing.assert_allclose(_host(fast_sums), _host(ref_sums), rtol=rtol * 10, atol=atol)
-    single_op = getattr(reference, op.replace("_stacked_", "_"))
-    for member in range(members):
-        alone = [xp.ascontiguousarray(a[:, member, :]) for a in inputs]
-        if l2 is not None:
-            np.testing.assert_allclose(
-                _host(fast_sums)[member], np.sum(_host(alone[0]).astype(np.float64) ** 2),
-                rtol=rtol * 10, atol=atol)
-            alone[1] = alone[1] + dtype.type(l2[member]) * alone[0]  # as FullyConnectedNet adds it
-        single_op(*alone, float(lr[member]), *scalars, *[float(e[member]) for e in extra])
-        for name, a, b in zip(["w", *state_names], [fast[0], *fast[2:]], [alone[0], *alone[2:]]):
-            np.testing.assert_allclose(_host(a[:, member, :]), _host(b), rtol=rtol, atol=atol,
-                                       err_msg=f"{name}, member {member}")
 
 
 def test_as_member_blocks_is_a_view():

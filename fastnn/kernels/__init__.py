@@ -23,13 +23,13 @@ OPS = (
     "dropout_forward", "dropout_backward",
     "softmax_loss", "svm_loss",
     "batchnorm_train_forward", "batchnorm_backward",
-    "sgd_", "sgd_momentum_", "rmsprop_", "adam_", "adamw_",
+    # update rules, in place, for lone parameters and stacked members alike
+    # (fastnn.optim.SPECS names each rule's op)
+    "sgd_", "sgd_momentum_", "sgd_nesterov_", "rmsprop_", "adam_",
     "flip_crop",
     # stacked models (fastnn.stacked): K members along a model axis
     "dropout_stacked_forward", "dropout_stacked_backward", "softmax_loss_stacked",
-    "batchnorm_rows_train_forward", "batchnorm_rows_backward",
-    "l2_stacked_", "sgd_stacked_", "sgd_momentum_stacked_", "rmsprop_stacked_",
-    "adam_stacked_", "adamw_stacked_",
+    "batchnorm_rows_train_forward", "batchnorm_rows_backward", "l2_stacked_",
     # convolution (fastnn.fast_layers; the naive layers run the reference ops)
     "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward",
 )

@@ -142,9 +142,11 @@ def flip_crop(x, seed, step, flip, padding):
 
 # -- losses ------------------------------------------------------------------
 @_jit
-def _softmax_loss(x, y, dx, row_loss):
+def _softmax_loss(x, y, smoothing, dx, row_loss):
     n, c = x.shape
     inv_n = 1.0 / n
+    off = smoothing / c            # label smoothing: q = (1 - s) * onehot + s / C
+    on = 1.0 - smoothing
     for i in range(n):
         label = y[i]
         if label < 0 or label >= c:  # unchecked labels: NaN, never an out-of-bounds read
@@ -155,15 +157,27 @@ def _softmax_loss(x, y, dx, row_loss):
         for j in range(1, c):
             top = max(top, x[i, j])
         total = 0.0
+        shifted_sum = 0.0
         for j in range(c):
-            e = np.exp(np.float64(x[i, j] - top))
+            shifted = np.float64(x[i, j] - top)
+            e = np.exp(shifted)
             dx[i, j] = e
             total += e
-        row_loss[i] = np.log(total) - (x[i, label] - top)
+            shifted_sum += shifted
+        log_total = np.log(total)
+        if smoothing != 0:  # -sum_j q_j log p_j, log p_j = shifted_j - log_total
+            row_loss[i] = log_total - on * (x[i, label] - top) - off * shifted_sum
+        else:
+            row_loss[i] = log_total - (x[i, label] - top)
         scale = inv_n / total
         for j in range(c):
             dx[i, j] = dx[i, j] * scale
-        dx[i, label] -= inv_n
+        if smoothing != 0:
+            for j in range(c):
+                dx[i, j] -= off * inv_n
+            dx[i, label] -= on * inv_n
+        else:
+            dx[i, label] -= inv_n
 
 
 @_jit
@@ -193,16 +207,16 @@ def _svm_loss(x, y, dx, row_loss):
         row_loss[i] = total
 
 
-def _row_loss(kernel, x, y):
+def _row_loss(kernel, x, y, *args):
     x = np.ascontiguousarray(x)
     dx = np.empty(x.shape, dtype=x.dtype)
     row_loss = np.empty(x.shape[0], dtype=np.float64)
-    kernel(x, np.ascontiguousarray(y), dx, row_loss)
+    kernel(x, np.ascontiguousarray(y), *args, dx, row_loss)
     return x.dtype.type(row_loss.sum() / max(x.shape[0], 1)), dx
 
 
-def softmax_loss(x, y):
-    return _row_loss(_softmax_loss, x, y)
+def softmax_loss(x, y, smoothing=0.0):
+    return _row_loss(_softmax_loss, x, y, float(smoothing))
 
 
 def svm_loss(x, y):
@@ -282,97 +296,147 @@ def batchnorm_backward(dout, x_hat, gamma, inv_std):
     return _batchnorm_backward_call(_batchnorm_backward, dout, x_hat, gamma, inv_std, 1)
 
 
-# -- update rules (in place, flat) -------------------------------------------
-# The float32 scalars are made here, as reference.py makes them, so the
-# arithmetic matches the functional rules in fastnn.optim.
+# -- update rules (in place): one kernel each, over (A, K, B) blocks ---------
+# A lone parameter is the one-member block (1, 1, size); the stack passes its
+# members' blocks (fastnn.stacked). h (K, H) holds the rule's scalars in
+# w.dtype, one row per member (cast as reference.py casts them, so the
+# arithmetic matches fastnn.optim's rules); l2 (K,), use_l2 and partial: see
+# _l2_args. The inner loop over b is contiguous and vectorises.
 @_jit
-def _sgd(w, dw, lr):
-    for i in range(w.size):
-        w[i] -= dw[i] * lr
-
-
-@_jit
-def _sgd_momentum(w, dw, v, lr, momentum):
-    for i in range(w.size):
-        vi = v[i] * momentum - dw[i] * lr
-        v[i] = vi
-        w[i] += vi
-
-
-@_jit
-def _rmsprop(w, dw, cache, lr, decay, one_minus_decay, eps):
-    for i in range(w.size):
-        g = dw[i]
-        ci = cache[i] * decay + one_minus_decay * (g * g)
-        cache[i] = ci
-        w[i] -= lr * g / (np.sqrt(ci) + eps)
+def _sgd(w, dw, h, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr, l2_k = h[k, 0], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                w[a, k, b] = wi - g * lr
 
 
 @_jit
-def _adam(w, dw, m, v, decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, c1, c2, eps):
-    for i in range(w.size):
-        g = dw[i]
-        mi = m[i] * beta1 + one_minus_beta1 * g
-        vi = v[i] * beta2 + one_minus_beta2 * (g * g)
-        m[i] = mi
-        v[i] = vi
-        # decay: adamw's decoupled weight decay (1 for adam; w * 1 is exact)
-        w[i] = w[i] * decay - lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
+def _sgd_momentum(w, dw, v, h, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr, momentum, l2_k = h[k, 0], h[k, 1], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                vi = v[a, k, b] * momentum - g * lr
+                v[a, k, b] = vi
+                w[a, k, b] = wi + vi
 
 
-def _contiguous(w, *state):
-    """Whether the in-place kernels can walk w and its state arrays as flat C-order arrays.
+@_jit
+def _sgd_nesterov(w, dw, v, h, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr, momentum, l2_k = h[k, 0], h[k, 1], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                vi = v[a, k, b] * momentum - g * lr
+                v[a, k, b] = vi
+                w[a, k, b] = (wi + momentum * vi) - g * lr
 
-    When not (a parameter that is a transposed view, say), the update ops run
-    reference.py's in-place version, which takes any strides and gives the
-    same values.
+
+@_jit
+def _rmsprop(w, dw, cache, h, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr, decay, one_minus_decay, eps, l2_k = h[k, 0], h[k, 1], h[k, 2], h[k, 3], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                ci = cache[a, k, b] * decay + one_minus_decay * (g * g)
+                cache[a, k, b] = ci
+                w[a, k, b] = wi - lr * g / (np.sqrt(ci) + eps)
+
+
+@_jit
+def _adam(w, dw, m, v, h, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr, beta1, one_minus_beta1, beta2, one_minus_beta2 = h[k, 0], h[k, 1], h[k, 2], \
+                h[k, 3], h[k, 4]
+            c1, c2, eps, decay, l2_k = h[k, 5], h[k, 6], h[k, 7], h[k, 8], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                mi = m[a, k, b] * beta1 + one_minus_beta1 * g
+                vi = v[a, k, b] * beta2 + one_minus_beta2 * (g * g)
+                m[a, k, b] = mi
+                v[a, k, b] = vi
+                # decay: adamw's decoupled weight decay (1 for adam; w * 1 is exact)
+                w[a, k, b] = wi * decay - lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
+
+
+def _scalar_rows(h, members, dtype):
+    """The rule's scalars h (floats, 0-d or (K,) arrays) as a (K, len(h)) array of dtype."""
+    if members == 1 and all(np.ndim(v) == 0 for v in h):
+        return np.array([h], dtype=dtype)  # casts each value as dtype.type(value) does
+    rows = np.empty((members, len(h)), dtype=dtype)
+    for j, value in enumerate(h):
+        rows[:, j] = value
+    return rows
+
+
+_NO_L2 = {}
+
+
+def _l2_args(w, l2):
+    """(l2 (K,) in w.dtype, whether to use it, the (K, B) partial sums of w**2)."""
+    if l2 is None:
+        key = (w.shape[1], w.dtype)
+        if key not in _NO_L2:  # placeholders the kernel never reads
+            _NO_L2[key] = (np.zeros(w.shape[1], dtype=w.dtype), False,
+                           np.zeros((1, 1), dtype=w.dtype))
+        return _NO_L2[key]
+    return np.ascontiguousarray(l2, dtype=w.dtype), True, np.zeros(w.shape[1:], dtype=w.dtype)
+
+
+def _update_op(kernel, reference_op):
+    """The table op for one rule's kernel: reference_op's signature and results.
+
+    A parameter or state array that is not C-contiguous (a transposed view,
+    say) runs reference_op, which takes any strides and gives the same values.
     """
-    if not w.flags.c_contiguous:
-        return False
-    for a in state:
-        if not a.flags.c_contiguous:
-            return False
-    return True
+    def op(w, dw, state, h, l2=None):
+        if not (w.flags.c_contiguous and all(s.flags.c_contiguous for s in state)):
+            return reference_op(w, dw, state, h, l2)
+        shape = w.shape if w.ndim == 3 else (1, 1, w.size)
+        blocks = w.reshape(shape)
+        l2_args = _l2_args(blocks, l2)
+        kernel(blocks, np.ascontiguousarray(dw).reshape(shape),
+               *(s.reshape(shape) for s in state), _scalar_rows(h, shape[1], w.dtype), *l2_args)
+        if l2_args[1]:
+            return l2_args[2].sum(axis=1, dtype=np.float64).astype(w.dtype)
+        return None
+
+    op.__name__ = op.__qualname__ = reference_op.__name__
+    op.__doc__ = reference_op.__doc__
+    return op
 
 
-def sgd_(w, dw, lr):
-    if not _contiguous(w):
-        return reference.sgd_(w, dw, lr)
-    f = w.dtype.type
-    _sgd(_flat(w), _flat(dw), f(lr))
-
-
-def sgd_momentum_(w, dw, v, lr, momentum):
-    if not _contiguous(w, v):
-        return reference.sgd_momentum_(w, dw, v, lr, momentum)
-    f = w.dtype.type
-    _sgd_momentum(_flat(w), _flat(dw), _flat(v), f(lr), f(momentum))
-
-
-def rmsprop_(w, dw, cache, lr, decay_rate, eps):
-    if not _contiguous(w, cache):
-        return reference.rmsprop_(w, dw, cache, lr, decay_rate, eps)
-    f = w.dtype.type
-    _rmsprop(_flat(w), _flat(dw), _flat(cache), f(lr), f(decay_rate), f(1 - decay_rate), f(eps))
-
-
-def _adam_call(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay):
-    f = w.dtype.type
-    _adam(_flat(w), _flat(dw), _flat(m), _flat(v), f(1 - lr * weight_decay), f(lr),
-          f(beta1), f(1 - beta1), f(beta2), f(1 - beta2), f(1 - beta1 ** t), f(1 - beta2 ** t),
-          f(eps))
-
-
-def adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay):
-    if not _contiguous(w, m, v):
-        return reference.adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay)
-    _adam_call(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay)
-
-
-def adam_(w, dw, m, v, lr, beta1, beta2, eps, t):
-    if not _contiguous(w, m, v):
-        return reference.adam_(w, dw, m, v, lr, beta1, beta2, eps, t)
-    _adam_call(w, dw, m, v, lr, beta1, beta2, eps, t, 0.0)
+sgd_ = _update_op(_sgd, reference.sgd_)
+sgd_momentum_ = _update_op(_sgd_momentum, reference.sgd_momentum_)
+sgd_nesterov_ = _update_op(_sgd_nesterov, reference.sgd_nesterov_)
+rmsprop_ = _update_op(_rmsprop, reference.rmsprop_)
+adam_ = _update_op(_adam, reference.adam_)
 
 
 # -- stacked models (fastnn.stacked) -----------------------------------------
@@ -418,7 +482,7 @@ def dropout_stacked_backward(dout, seed_keys, thresholds, scales, step):
 @_jit
 def _softmax_loss_stacked(x, y, dx, row_loss):
     for k in range(x.shape[0]):
-        _softmax_loss(x[k], y, dx[k], row_loss[k])
+        _softmax_loss(x[k], y, 0.0, dx[k], row_loss[k])
 
 
 def softmax_loss_stacked(x, y):
@@ -514,145 +578,11 @@ def _l2_stacked(dw, w, reg, partial):
 
 
 def l2_stacked_(dw, w, reg):
-    _stacked_inplace(dw, w)
+    if not (dw.flags.c_contiguous and w.flags.c_contiguous):
+        return reference.l2_stacked_(dw, w, reg)
     partial = np.zeros(w.shape[1:], dtype=w.dtype)
-    _l2_stacked(dw, w, _cast(reg, w.dtype), partial)
+    _l2_stacked(dw, w, np.ascontiguousarray(reg, dtype=w.dtype), partial)
     return partial.sum(axis=1, dtype=np.float64).astype(w.dtype)
-
-
-def _stacked_inplace(*arrays):
-    for a in arrays:
-        if a.ndim != 3 or not a.flags.c_contiguous:
-            raise ValueError("stacked in-place updates need C-contiguous (A, K, B) arrays, got "
-                             f"shape {a.shape} (C-contiguous: {a.flags.c_contiguous})")
-    return arrays
-
-
-def _cast(values, dtype):
-    return np.ascontiguousarray(values, dtype=dtype)
-
-
-# `partial` (K, B) of w.dtype collects sum(w**2) per member and column when
-# use_l2 is set: per column, so the inner loop still vectorises (float64
-# partial sums of float32 weights cost the update a third more time).
-@_jit
-def _sgd_stacked(w, dw, lr, l2, use_l2, partial):
-    outer, members, inner = w.shape
-    for a in range(outer):
-        for k in range(members):
-            lr_k, l2_k = lr[k], l2[k]
-            for b in range(inner):
-                wi, g = w[a, k, b], dw[a, k, b]
-                if use_l2:
-                    g = g + l2_k * wi
-                    partial[k, b] += wi * wi
-                w[a, k, b] = wi - g * lr_k
-
-
-@_jit
-def _sgd_momentum_stacked(w, dw, v, lr, momentum, l2, use_l2, partial):
-    outer, members, inner = w.shape
-    for a in range(outer):
-        for k in range(members):
-            lr_k, l2_k = lr[k], l2[k]
-            for b in range(inner):
-                wi, g = w[a, k, b], dw[a, k, b]
-                if use_l2:
-                    g = g + l2_k * wi
-                    partial[k, b] += wi * wi
-                vi = v[a, k, b] * momentum - g * lr_k
-                v[a, k, b] = vi
-                w[a, k, b] = wi + vi
-
-
-@_jit
-def _rmsprop_stacked(w, dw, cache, lr, decay, one_minus_decay, eps, l2, use_l2, partial):
-    outer, members, inner = w.shape
-    for a in range(outer):
-        for k in range(members):
-            lr_k, l2_k = lr[k], l2[k]
-            for b in range(inner):
-                wi, g = w[a, k, b], dw[a, k, b]
-                if use_l2:
-                    g = g + l2_k * wi
-                    partial[k, b] += wi * wi
-                ci = cache[a, k, b] * decay + one_minus_decay * (g * g)
-                cache[a, k, b] = ci
-                w[a, k, b] = wi - lr_k * g / (np.sqrt(ci) + eps)
-
-
-@_jit
-def _adam_stacked(w, dw, m, v, lr, decay, use_decay, beta1, one_minus_beta1, beta2,
-                  one_minus_beta2, c1, c2, eps, l2, use_l2, partial):
-    outer, members, inner = w.shape
-    for a in range(outer):
-        for k in range(members):
-            lr_k, decay_k, l2_k = lr[k], decay[k], l2[k]
-            for b in range(inner):
-                wi, g = w[a, k, b], dw[a, k, b]
-                if use_l2:
-                    g = g + l2_k * wi
-                    partial[k, b] += wi * wi
-                mi = m[a, k, b] * beta1 + one_minus_beta1 * g
-                vi = v[a, k, b] * beta2 + one_minus_beta2 * (g * g)
-                m[a, k, b] = mi
-                v[a, k, b] = vi
-                if use_decay:
-                    wi = wi * decay_k
-                w[a, k, b] = wi - lr_k * (mi / c1) / (np.sqrt(vi / c2) + eps)
-
-
-def _l2_args(w, l2):
-    """(l2 in w.dtype, whether to use it, the partial sums array) for the kernels."""
-    if l2 is None:
-        return np.zeros(w.shape[1], dtype=w.dtype), False, np.zeros((1, 1), dtype=w.dtype)
-    return _cast(l2, w.dtype), True, np.zeros(w.shape[1:], dtype=w.dtype)
-
-
-def _l2_result(w, use_l2, partial):
-    return partial.sum(axis=1, dtype=np.float64).astype(w.dtype) if use_l2 else None
-
-
-def sgd_stacked_(w, dw, lr, l2=None):
-    l2_args = _l2_args(w, l2)
-    _sgd_stacked(*_stacked_inplace(w, np.ascontiguousarray(dw)), _cast(lr, w.dtype), *l2_args)
-    return _l2_result(w, *l2_args[1:])
-
-
-def sgd_momentum_stacked_(w, dw, v, lr, momentum, l2=None):
-    l2_args = _l2_args(w, l2)
-    _sgd_momentum_stacked(*_stacked_inplace(w, np.ascontiguousarray(dw), v), _cast(lr, w.dtype),
-                          w.dtype.type(momentum), *l2_args)
-    return _l2_result(w, *l2_args[1:])
-
-
-def rmsprop_stacked_(w, dw, cache, lr, decay_rate, eps, l2=None):
-    f = w.dtype.type
-    l2_args = _l2_args(w, l2)
-    _rmsprop_stacked(*_stacked_inplace(w, np.ascontiguousarray(dw), cache), _cast(lr, w.dtype),
-                     f(decay_rate), f(1 - decay_rate), f(eps), *l2_args)
-    return _l2_result(w, *l2_args[1:])
-
-
-def _adam_stacked_call(w, dw, m, v, lr, decay, beta1, beta2, eps, t, l2):
-    f = w.dtype.type
-    lr_f = _cast(lr, w.dtype)
-    l2_args = _l2_args(w, l2)
-    _adam_stacked(*_stacked_inplace(w, np.ascontiguousarray(dw), m, v), lr_f,
-                  lr_f if decay is None else _cast(decay, w.dtype), decay is not None,
-                  f(beta1), f(1 - beta1), f(beta2), f(1 - beta2), f(1 - beta1 ** t),
-                  f(1 - beta2 ** t), f(eps), *l2_args)
-    return _l2_result(w, *l2_args[1:])
-
-
-def adam_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t, l2=None):
-    return _adam_stacked_call(w, dw, m, v, lr, None, beta1, beta2, eps, t, l2)
-
-
-def adamw_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay, l2=None):
-    lr = np.asarray(lr)
-    return _adam_stacked_call(w, dw, m, v, lr, 1 - lr * np.asarray(weight_decay), beta1, beta2,
-                              eps, t, l2)
 
 
 # == convolution ==============================================================

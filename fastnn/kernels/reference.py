@@ -109,20 +109,30 @@ def relu_backward(dout, out):
 
 
 # -- losses ------------------------------------------------------------------
-def softmax_loss(x, y):
+def softmax_loss(x, y, smoothing=0.0):
     """Mean softmax cross-entropy of scores x (N, C) and labels y (N,).
 
-    Returns (loss as a 0-d array, dx (N, C)); no label checks.
+    smoothing s: the target of row i is q = (1 - s) * onehot(y_i) + s / C
+    (label smoothing; 0: the plain loss), loss = mean_i -sum_j q_ij log p_ij,
+    dx = (p - q) / N. Returns (loss as a 0-d array, dx (N, C)); no label checks.
     """
     xp = get_array_module(x, y)
-    n = x.shape[0]
+    n, classes = x.shape
     shifted = x - x.max(axis=1, keepdims=True)
     log_z = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
     log_probs = shifted - log_z
     rows = xp.arange(n)
-    loss = -log_probs[rows, y].sum() / x.dtype.type(n)
     dx = xp.exp(log_probs)
-    dx[rows, y] -= 1
+    if smoothing:
+        f = x.dtype.type
+        per_row = (f(1 - smoothing) * log_probs[rows, y]
+                   + f(smoothing / classes) * log_probs.sum(axis=1))
+        loss = -per_row.sum() / f(n)
+        dx[rows, y] -= f(1 - smoothing)
+        dx -= f(smoothing / classes)
+    else:
+        loss = -log_probs[rows, y].sum() / x.dtype.type(n)
+        dx[rows, y] -= 1
     dx /= x.dtype.type(n)
     return loss, dx
 
@@ -170,49 +180,89 @@ def batchnorm_backward(dout, x_hat, gamma, inv_std):
     return dx, dgamma, dbeta
 
 
-# -- update rules (in place, for the Solver's fused path) -------------------
-# Same arithmetic, in the same order, as fastnn.optim's functional rules.
-def sgd_(w, dw, lr):
-    w -= dw * w.dtype.type(lr)
+# -- update rules: one in-place step each (fastnn.optim.SPECS says which) ------
+# Signature: rule_(w, dw, state, h, l2=None). w, dw and the state arrays
+# (a tuple, in the rule's SPECS order) are a parameter of any shape, or the
+# (A, K, B) blocks of K stacked members, member k owning [:, k, :]
+# (fastnn.stacked). h: the rule's scalars (optim.SPECS[rule].scalars), each a
+# Python float, a 0-d array or, for blocks, a (K,) array with one value per
+# member (on w's device: a step's scalars need not come from the host); they
+# are cast to w.dtype, as the course's Python floats are. l2: None, or (K,)
+# for blocks: the step uses dw + l2_k * w_k (the L2 gradient, added while w
+# is read) and returns each member's sum(w_k ** 2) before the step;
+# without l2 it returns None. The formulas are the contract's, in the
+# order of operations every backend's kernel repeats.
+def _scalars(w, h):
+    """h as w.dtype values that broadcast against w (per-member ones as (1, K, 1))."""
+    xp = get_array_module(w)
+    out = []
+    for value in h:
+        if isinstance(value, (int, float)):
+            out.append(w.dtype.type(value))
+            continue
+        value = xp.asarray(value).astype(w.dtype)
+        out.append(value.reshape(1, -1, 1) if value.ndim and w.ndim == 3 else value.reshape(()))
+    return out
 
 
-def sgd_momentum_(w, dw, v, lr, momentum):
-    v *= w.dtype.type(momentum)
-    v -= dw * w.dtype.type(lr)
+def _with_l2(dw, w, l2):
+    """(the gradient to step with, per-member sum(w**2) or None)."""
+    if l2 is None:
+        return dw, None
+    xp = get_array_module(dw, w, l2)
+    return dw + l2.astype(w.dtype)[None, :, None] * w, xp.einsum("akb,akb->k", w, w)
+
+
+def sgd_(w, dw, state, h, l2=None):
+    (lr,) = _scalars(w, h)
+    dw, sums = _with_l2(dw, w, l2)
+    w -= dw * lr
+    return sums
+
+
+def sgd_momentum_(w, dw, state, h, l2=None):
+    (v,), (lr, momentum) = state, _scalars(w, h)
+    dw, sums = _with_l2(dw, w, l2)
+    v *= momentum
+    v -= dw * lr
     w += v
+    return sums
 
 
-def rmsprop_(w, dw, cache, lr, decay_rate, eps):
-    xp = get_array_module(w, dw, cache)
-    t = w.dtype.type
-    cache *= t(decay_rate)
-    cache += t(1 - decay_rate) * (dw * dw)
-    w -= t(lr) * dw / (xp.sqrt(cache) + t(eps))
+def sgd_nesterov_(w, dw, state, h, l2=None):
+    """v = momentum * v - lr * dw; w + momentum * v - lr * dw."""
+    (v,), (lr, momentum) = state, _scalars(w, h)
+    dw, sums = _with_l2(dw, w, l2)
+    v *= momentum
+    v -= dw * lr
+    w += momentum * v
+    w -= dw * lr
+    return sums
 
 
-def adamw_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay):
-    """Decoupled weight decay (w *= 1 - lr * weight_decay), then the Adam step."""
-    if weight_decay:
-        w *= w.dtype.type(1 - lr * weight_decay)
-    adam_(w, dw, m, v, lr, beta1, beta2, eps, t)
+def rmsprop_(w, dw, state, h, l2=None):
+    xp = get_array_module(w, dw)
+    (cache,), (lr, decay, one_minus_decay, eps) = state, _scalars(w, h)
+    dw, sums = _with_l2(dw, w, l2)
+    cache *= decay
+    cache += one_minus_decay * (dw * dw)
+    w -= lr * dw / (xp.sqrt(cache) + eps)
+    return sums
 
 
-def _adam_moments_(dw, m, v, beta1, beta2, eps, t):
-    """Advance Adam's moments m, v in place; returns (m_hat, sqrt(v_hat) + eps)."""
-    xp = get_array_module(dw, m, v)
-    f = m.dtype.type
-    m *= f(beta1)
-    m += f(1 - beta1) * dw
-    v *= f(beta2)
-    v += f(1 - beta2) * (dw * dw)
-    m_hat = m / f(1 - beta1 ** t)
-    v_hat = v / f(1 - beta2 ** t)
-    return m_hat, xp.sqrt(v_hat) + f(eps)
-
-
-def adam_(w, dw, m, v, lr, beta1, beta2, eps, t):
-    m_hat, denominator = _adam_moments_(dw, m, v, beta1, beta2, eps, t)
-    w -= w.dtype.type(lr) * m_hat / denominator
+def adam_(w, dw, state, h, l2=None):
+    """Adam (and AdamW: `decay` = 1 - lr * weight_decay multiplies w first)."""
+    xp = get_array_module(w, dw)
+    (m, v), (lr, beta1, one_minus_beta1, beta2, one_minus_beta2, c1, c2, eps,
+             decay) = state, _scalars(w, h)
+    dw, sums = _with_l2(dw, w, l2)
+    m *= beta1
+    m += one_minus_beta1 * dw
+    v *= beta2
+    v += one_minus_beta2 * (dw * dw)
+    w *= decay
+    w -= lr * (m / c1) / (xp.sqrt(v / c2) + eps)
+    return sums
 
 
 # -- stacked models (fastnn.stacked): K members along a model axis ----------
@@ -303,67 +353,8 @@ def l2_stacked_(dw, w, reg):
     per-member sum(w_k ** 2) as a (K,) array of w.dtype.
     """
     xp = get_array_module(dw, w, reg)
-    dw += _per_member(reg, w.dtype) * w
+    dw += reg.astype(w.dtype)[None, :, None] * w
     return xp.einsum("akb,akb->k", w, w)
-
-
-# In-place stacked updates: w, dw and the state are (A, K, B) C-contiguous
-# arrays, member k owning w[:, k, :]; per-member hyperparameters are (K,)
-# float arrays (float64 keeps learning rates exactly as the Solver's Python
-# floats), cast to w.dtype here, as the scalar rules cast theirs.
-# Optional `l2` (K,): the step uses the gradient dw + l2_k * w (the L2 term
-# FullyConnectedNet adds to dW, so the loss can leave it out and dw is not
-# rewritten) and returns each member's sum(w ** 2) before the step (the
-# term's share of the loss); without it the step returns None.
-def _per_member(values, dtype):
-    return values.astype(dtype)[None, :, None]
-
-
-def _with_l2(dw, w, l2):
-    """(the gradient to step with, per-member sum(w**2) or None)."""
-    if l2 is None:
-        return dw, None
-    xp = get_array_module(dw, w, l2)
-    return dw + _per_member(l2, w.dtype) * w, xp.einsum("akb,akb->k", w, w)
-
-
-def sgd_stacked_(w, dw, lr, l2=None):
-    dw, sum_squares = _with_l2(dw, w, l2)
-    w -= dw * _per_member(lr, w.dtype)
-    return sum_squares
-
-
-def sgd_momentum_stacked_(w, dw, v, lr, momentum, l2=None):
-    dw, sum_squares = _with_l2(dw, w, l2)
-    v *= w.dtype.type(momentum)
-    v -= dw * _per_member(lr, w.dtype)
-    w += v
-    return sum_squares
-
-
-def rmsprop_stacked_(w, dw, cache, lr, decay_rate, eps, l2=None):
-    xp = get_array_module(w, dw, cache)
-    dw, sum_squares = _with_l2(dw, w, l2)
-    t = w.dtype.type
-    cache *= t(decay_rate)
-    cache += t(1 - decay_rate) * (dw * dw)
-    w -= _per_member(lr, w.dtype) * dw / (xp.sqrt(cache) + t(eps))
-    return sum_squares
-
-
-def adam_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t, l2=None):
-    dw, sum_squares = _with_l2(dw, w, l2)
-    m_hat, denominator = _adam_moments_(dw, m, v, beta1, beta2, eps, t)
-    w -= _per_member(lr, w.dtype) * m_hat / denominator
-    return sum_squares
-
-
-def adamw_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t, weight_decay, l2=None):
-    """Per member: w *= 1 - lr_k * weight_decay_k (in lr's precision), then the Adam step."""
-    dw, sum_squares = _with_l2(dw, w, l2)
-    w *= _per_member(1 - lr * weight_decay, w.dtype)
-    adam_stacked_(w, dw, m, v, lr, beta1, beta2, eps, t)
-    return sum_squares
 
 
 # == convolution ==============================================================
