@@ -365,3 +365,243 @@ def test_loss_accepts_labels_at_both_ends(backend, name):
     xp = backend
     loss, _ = LOSSES[name][0](xp.zeros((2, 5)), xp.asarray(np.array([0, 4])))
     assert np.isfinite(float(loss))
+
+
+# -- convolution, max pooling, spatial batchnorm -------------------------------
+# (x shape, w shape, stride, pad): stride 1 and 2, pad 0-2, non-square images and filters
+CONV_CASES = [((2, 3, 5, 5), (2, 3, 3, 3), 1, 1), ((2, 2, 7, 5), (3, 2, 3, 1), 2, 1),
+              ((1, 2, 4, 7), (2, 2, 2, 3), 2, 2), ((2, 3, 4, 3), (2, 3, 1, 1), 1, 0),
+              ((1, 2, 6, 4), (2, 2, 4, 2), 2, 0)]
+
+
+def _conv_out_shape(x_shape, w_shape, stride, pad):
+    n, _, h, w = x_shape
+    f, _, hh, ww = w_shape
+    return (n, f, 1 + (h + 2 * pad - hh) // stride, 1 + (w + 2 * pad - ww) // stride)
+
+
+def _check_grads(forward, backward, inputs, dout, tol=GRAD_TOL):
+    """Analytic gradients of sum(forward(*inputs) * dout) against central differences."""
+    analytic = backward(dout)
+    for i, (value, grad) in enumerate(zip(inputs, analytic)):
+        def f(_, i=i):
+            args = list(inputs)
+            return forward(*args)
+        numerical = eval_numerical_gradient_array(f, value, dout)
+        assert rel_error(numerical, grad) < tol, f"input {i}: {rel_error(numerical, grad)}"
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_naive_backward_matches_numerical(backend, case):
+    xp, rng = backend, _rng(10)
+    x_shape, w_shape, stride, pad = case
+    x = xp.asarray(rng.standard_normal(x_shape))
+    w = xp.asarray(rng.standard_normal(w_shape))
+    b = xp.asarray(rng.standard_normal(w_shape[0]))
+    conv_param = {"stride": stride, "pad": pad}
+    out, cache = layers.conv_forward_naive(x, w, b, conv_param)
+    assert out.shape == _conv_out_shape(x_shape, w_shape, stride, pad)
+    dout = xp.asarray(rng.standard_normal(out.shape))
+    _check_grads(lambda x_, w_, b_: layers.conv_forward_naive(x_, w_, b_, conv_param)[0],
+                 lambda d: layers.conv_backward_naive(d, cache), [x, w, b], dout)
+
+
+def test_conv_naive_matches_a_plain_loop(backend):
+    """The definition itself: out[n, f, i, j] = sum(x_padded window * w[f]) + b[f]."""
+    xp, rng = backend, _rng(11)
+    x = rng.standard_normal((2, 3, 5, 6))
+    w = rng.standard_normal((4, 3, 3, 2))
+    b = rng.standard_normal(4)
+    out, _ = layers.conv_forward_naive(xp.asarray(x), xp.asarray(w), xp.asarray(b),
+                                       {"stride": 2, "pad": 1})
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    expected = np.empty((2, 4, 3, 4))
+    for n, f, i, j in np.ndindex(*expected.shape):
+        expected[n, f, i, j] = np.sum(padded[n, :, 2 * i:2 * i + 3, 2 * j:2 * j + 2] * w[f]) + b[f]
+    np.testing.assert_allclose(fastnn.to_numpy(out), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_does_not_modify_x_and_keeps_dtype(backend, dtype):
+    xp, rng = backend, _rng(12)
+    x = xp.asarray(rng.standard_normal((2, 3, 4, 4)), dtype=dtype)
+    x_before = fastnn.to_numpy(x).copy()
+    w = xp.asarray(rng.standard_normal((2, 3, 3, 3)), dtype=dtype)
+    b = xp.asarray(rng.standard_normal(2), dtype=dtype)
+    out, cache = layers.conv_forward_naive(x, w, b, {"stride": 1, "pad": 2})
+    grads = layers.conv_backward_naive(xp.ones(out.shape, dtype=dtype), cache)
+    np.testing.assert_array_equal(fastnn.to_numpy(x), x_before)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert [g.shape for g in grads] == [x.shape, w.shape, b.shape]
+
+
+@pytest.mark.parametrize("forward", ["conv_forward_naive", "conv_forward_fast"])
+def test_conv_rejects_bad_sizes(forward):
+    from fastnn import fast_layers
+
+    conv = getattr(layers, forward, None) or getattr(fast_layers, forward)
+    x, w, b = np.zeros((1, 3, 5, 5)), np.zeros((2, 3, 3, 3)), np.zeros(2)
+    with pytest.raises(ValueError, match=r"5 \+ 2\*0 - 3 = 2 is not divisible by the stride 3"):
+        conv(x, w, b, {"stride": 3, "pad": 0})
+    with pytest.raises(ValueError, match=r"filter \(H 9\) is larger than the padded input"):
+        conv(x, np.zeros((2, 3, 9, 3)), b, {"stride": 1, "pad": 1})
+    with pytest.raises(ValueError, match=r"must be 4-D .*\(3, 5, 5\)"):
+        conv(x[0], w, b, {"stride": 1, "pad": 1})
+    with pytest.raises(ValueError, match=r"w of shape \(F, 3, HH, WW\)"):
+        conv(x, np.zeros((2, 4, 3, 3)), b, {"stride": 1, "pad": 1})
+
+
+POOL_CASES = [((2, 3, 4, 4), 2, 2, 2), ((1, 2, 5, 7), 2, 3, 2), ((2, 2, 5, 5), 3, 3, 1)]
+
+
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_max_pool_naive_backward_matches_numerical(backend, case):
+    xp, rng = backend, _rng(13)
+    x_shape, pool_height, pool_width, stride = case
+    # distinct values far apart (no ties, no argmax change within h)
+    x = xp.asarray(rng.permutation(np.prod(x_shape)).reshape(x_shape) * 0.1)
+    pool_param = {"pool_height": pool_height, "pool_width": pool_width, "stride": stride}
+    out, cache = layers.max_pool_forward_naive(x, pool_param)
+    assert out.shape == x_shape[:2] + (1 + (x_shape[2] - pool_height) // stride,
+                                       1 + (x_shape[3] - pool_width) // stride)
+    dout = xp.asarray(rng.standard_normal(out.shape))
+    dx = layers.max_pool_backward_naive(dout, cache)
+    numerical = eval_numerical_gradient_array(
+        lambda x_: layers.max_pool_forward_naive(x_, pool_param)[0], x, dout)
+    assert rel_error(numerical, dx) < GRAD_TOL
+
+
+def test_max_pool_floors_and_gives_uncovered_pixels_no_gradient(backend):
+    """A 5x5 input with 2x2 windows of stride 2: the last row and column get no gradient."""
+    xp = backend
+    x = xp.asarray(_rng(14).standard_normal((1, 1, 5, 5)))
+    out, cache = layers.max_pool_forward_naive(x, {"pool_height": 2, "pool_width": 2, "stride": 2})
+    assert out.shape == (1, 1, 2, 2)
+    dx = fastnn.to_numpy(layers.max_pool_backward_naive(xp.ones(out.shape), cache))
+    assert dx[0, 0, 4].sum() == 0 and dx[0, 0, :, 4].sum() == 0 and dx.sum() == 4
+
+
+def test_max_pool_ties_go_to_the_first_maximum_in_row_major_order(backend):
+    xp = backend
+    x = np.array([[[[1.0, 2.0, 0.0, 0.0],
+                    [2.0, 2.0, 0.0, 0.0],
+                    [5.0, 4.0, 7.0, 1.0],
+                    [3.0, 5.0, 1.0, 7.0]]]])
+    out, cache = layers.max_pool_forward_naive(
+        xp.asarray(x), {"pool_height": 2, "pool_width": 2, "stride": 2})
+    np.testing.assert_array_equal(fastnn.to_numpy(out), [[[[2.0, 0.0], [5.0, 7.0]]]])
+    dx = fastnn.to_numpy(layers.max_pool_backward_naive(xp.asarray([[[[1.0, 2.0], [3.0, 4.0]]]]),
+                                                        cache))
+    expected = np.zeros((1, 1, 4, 4))
+    expected[0, 0, 0, 1], expected[0, 0, 0, 2] = 1, 2
+    expected[0, 0, 2, 0], expected[0, 0, 2, 2] = 3, 4
+    np.testing.assert_array_equal(dx, expected)
+
+
+def test_max_pool_rejects_a_window_larger_than_the_input():
+    with pytest.raises(ValueError, match=r"3x3 window is larger than the 2x5 input"):
+        layers.max_pool_forward_naive(np.zeros((1, 1, 2, 5)),
+                                      {"pool_height": 3, "pool_width": 3, "stride": 1})
+    with pytest.raises(ValueError, match="4-D"):
+        layers.max_pool_forward_naive(np.zeros((2, 5, 5)),
+                                      {"pool_height": 2, "pool_width": 2, "stride": 2})
+
+
+def test_spatial_batchnorm_backward_matches_numerical(backend):
+    xp, rng = backend, _rng(15)
+    x = xp.asarray(3 * rng.standard_normal((2, 3, 4, 5)) + 1)
+    gamma, beta = xp.asarray(rng.standard_normal(3)), xp.asarray(rng.standard_normal(3))
+    dout = xp.asarray(rng.standard_normal(x.shape))
+
+    def forward(x_, gamma_, beta_):
+        return layers.spatial_batchnorm_forward(x_, gamma_, beta_, {"mode": "train"})[0]
+
+    out, cache = layers.spatial_batchnorm_forward(x, gamma, beta, {"mode": "train"})
+    _check_grads(forward, lambda d: layers.spatial_batchnorm_backward(d, cache),
+                 [x, gamma, beta], dout)
+
+
+def test_spatial_batchnorm_normalises_each_channel_and_keeps_running_statistics(backend, dtype):
+    xp, rng = backend, _rng(16)
+    x_host = rng.standard_normal((4, 3, 5, 2)) * np.array([1, 2, 3])[None, :, None, None] + 5
+    x = xp.asarray(x_host, dtype=dtype)
+    gamma, beta = xp.asarray([1.0, 2.0, 3.0], dtype=dtype), xp.asarray([0.0, -1.0, 1.0], dtype=dtype)
+    bn_param = {"mode": "train", "momentum": 0.8}
+    out, _ = layers.spatial_batchnorm_forward(x, gamma, beta, bn_param)
+    out = fastnn.to_numpy(out)
+    assert out.dtype == dtype and out.shape == x.shape
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    mean, var = x_host.mean(axis=(0, 2, 3)), x_host.var(axis=(0, 2, 3))
+    np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), [0, -1, 1], atol=10 * rtol)
+    np.testing.assert_allclose(out.std(axis=(0, 2, 3)), [1, 2, 3] * np.sqrt(var / (var + 1e-5)),
+                               rtol=10 * rtol)
+    np.testing.assert_allclose(fastnn.to_numpy(bn_param["running_mean"]), 0.2 * mean, rtol=rtol)
+    np.testing.assert_allclose(fastnn.to_numpy(bn_param["running_var"]), 0.2 * var, rtol=rtol)
+    bn_param["mode"] = "test"
+    test_out, test_cache = layers.spatial_batchnorm_forward(x, gamma, beta, bn_param)
+    expected = ((x_host - 0.2 * mean[None, :, None, None])
+                / np.sqrt(0.2 * var[None, :, None, None] + 1e-5)
+                * np.array([1, 2, 3])[None, :, None, None] + np.array([0, -1, 1])[None, :, None, None])
+    np.testing.assert_allclose(fastnn.to_numpy(test_out), expected, rtol=10 * rtol, atol=10 * rtol)
+    assert test_cache is None
+
+
+# -- PyTorch as an optional oracle ---------------------------------------------
+@pytest.mark.parametrize("case", CONV_CASES[:3])
+def test_conv_and_pool_match_torch(case):
+    torch = pytest.importorskip("torch")
+    from fastnn import fast_layers
+
+    x_shape, w_shape, stride, pad = case
+    rng = _rng(17)
+    x, w, b = (rng.standard_normal(s) for s in (x_shape, w_shape, w_shape[:1]))
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    t_out = torch.nn.functional.conv2d(tx, tw, tb, stride=stride, padding=pad)
+    dout = rng.standard_normal(tuple(t_out.shape))
+    t_out.backward(torch.tensor(dout))
+    expected = [t.grad.numpy() for t in (tx, tw, tb)]
+    conv_param = {"stride": stride, "pad": pad}
+    for forward, backward in ((layers.conv_forward_naive, layers.conv_backward_naive),
+                              (fast_layers.conv_forward_fast, fast_layers.conv_backward_fast)):
+        out, cache = forward(x, w, b, conv_param)
+        np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=1e-10, atol=1e-10)
+        for got, want in zip(backward(dout, cache), expected):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+    tx = torch.tensor(x, requires_grad=True)
+    t_pool = torch.nn.functional.max_pool2d(tx, (2, 1), stride=1)
+    pool_param = {"pool_height": 2, "pool_width": 1, "stride": 1}
+    dpool = rng.standard_normal(tuple(t_pool.shape))
+    t_pool.backward(torch.tensor(dpool))
+    for forward, backward in ((layers.max_pool_forward_naive, layers.max_pool_backward_naive),
+                              (fast_layers.max_pool_forward_fast,
+                               fast_layers.max_pool_backward_fast)):
+        out, cache = forward(x, pool_param)
+        np.testing.assert_array_equal(out, t_pool.detach().numpy())
+        np.testing.assert_allclose(backward(dpool, cache), tx.grad.numpy(), rtol=1e-12)
+
+
+def test_spatial_batchnorm_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = _rng(18)
+    x = rng.standard_normal((3, 4, 5, 2)) * 2 + 1
+    gamma, beta = rng.standard_normal(4), rng.standard_normal(4)
+    bn = torch.nn.BatchNorm2d(4, eps=1e-5, momentum=0.1).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor(gamma))
+        bn.bias.copy_(torch.tensor(beta))
+    tx = torch.tensor(x, requires_grad=True)
+    t_out = bn(tx)
+    dout = rng.standard_normal(x.shape)
+    t_out.backward(torch.tensor(dout))
+    bn_param = {"mode": "train"}
+    out, cache = layers.spatial_batchnorm_forward(x, gamma, beta, bn_param)
+    np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=1e-9, atol=1e-10)
+    dx, dgamma, dbeta = layers.spatial_batchnorm_backward(dout, cache)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(dgamma, bn.weight.grad.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(dbeta, bn.bias.grad.numpy(), rtol=1e-9)
+    # torch keeps the unbiased variance, the contract the biased one
+    np.testing.assert_allclose(bn_param["running_mean"], bn.running_mean.numpy(), rtol=1e-9)
+    n = x.size / 4
+    np.testing.assert_allclose(bn_param["running_var"],
+                               (bn.running_var.numpy() - 0.9) * (n - 1) / n, rtol=1e-9)

@@ -18,7 +18,7 @@ import numpy as np
 
 from fastnn.kernels import reference
 from fastnn.kernels.reference import GOLDEN, MIX1, MIX2, UNIT_BITS, dropout_key, keep_threshold
-from fastnn.threads import configure_thread_pools
+from fastnn.threads import configure_thread_pools, get_num_threads
 
 configure_thread_pools()
 
@@ -653,33 +653,84 @@ def _col2im(dcols, filter_height, filter_width, stride, pad, out_height, out_wid
                 row += 1
 
 
+_conv_workers = {}  # thread count -> (ThreadPoolExecutor, threadpoolctl controller)
+
+
+def _run_chunks(work, n, step):
+    """work(start, stop, worker) for the image chunks [start, stop) of a batch of n.
+
+    With T threads (fastnn.threads), T Python threads take every T-th chunk,
+    each running its own Numba kernels (nogil) and single-threaded sgemms:
+    no core waits on another between the small products, and the BLAS pool
+    does not spin against the kernels (see the module docstring). The BLAS
+    thread count is restored afterwards.
+    """
+    chunks = [(start, min(n, start + step)) for start in range(0, n, step)]
+    threads = min(get_num_threads(), len(chunks))
+    if threads <= 1:
+        for start, stop in chunks:
+            work(start, stop, 0)
+        return
+    pool = _conv_workers.get(threads)
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import ThreadpoolController
+
+        pool = _conv_workers[threads] = (ThreadPoolExecutor(threads, "fastnn-conv"),
+                                          ThreadpoolController())
+
+    def run(worker):
+        for start, stop in chunks[worker::threads]:
+            work(start, stop, worker)
+
+    executor, controller = pool
+    with controller.limit(limits=1, user_api="blas"):
+        for future in [executor.submit(run, worker) for worker in range(threads)]:
+            future.result()
+
+
+def _conv_shapes(x_nhwc, w_shape, stride, pad):
+    n, height, width, channels = x_nhwc.shape
+    _, _, filter_height, filter_width = w_shape
+    out_height = 1 + (height + 2 * pad - filter_height) // stride
+    out_width = 1 + (width + 2 * pad - filter_width) // stride
+    pixels = out_height * out_width
+    depth = filter_height * filter_width * channels
+    step = _chunk_images(n, pixels, depth * x_nhwc.itemsize)
+    return out_height, out_width, pixels, depth, step
+
+
 def conv_forward(x, w, b, stride, pad):
     """x (N, C, H, W) any strides, w (F, C, HH, WW), b (F,) or None -> (out, saved).
 
     out is an (N, F, H', W') view of channels-last memory.
     """
     x_nhwc = _channels_last(x)
-    n, height, width, channels = x_nhwc.shape
+    n = x_nhwc.shape[0]
     filters, _, filter_height, filter_width = w.shape
-    out_height = 1 + (height + 2 * pad - filter_height) // stride
-    out_width = 1 + (width + 2 * pad - filter_width) // stride
-    depth = filter_height * filter_width * channels
+    out_height, out_width, pixels, depth, step = _conv_shapes(x_nhwc, w.shape, stride, pad)
+    dtype = x_nhwc.dtype
     # (HH*WW*C, F): row order (i, j, c), as _im2col lays out a column row
-    w_mat = np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=x_nhwc.dtype).reshape(depth, filters)
-    pixels = out_height * out_width
-    out = np.empty((n, out_height, out_width, filters), dtype=x_nhwc.dtype)
+    w_mat = np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=dtype).reshape(depth, filters)
+    bias = None if b is None else b.astype(dtype, copy=False)
+    out = np.empty((n, out_height, out_width, filters), dtype=dtype)
     out_rows = out.reshape(n * pixels, filters)
-    step = _chunk_images(n, pixels, depth * x_nhwc.itemsize)
-    cols = np.empty((step * pixels, depth), dtype=x_nhwc.dtype)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
+    buffers = {}
+
+    def work(start, stop, worker):
+        cols = buffers.get(worker)
+        if cols is None:
+            cols = buffers[worker] = np.empty((step * pixels, depth), dtype=dtype)
         chunk_cols = cols[:(stop - start) * pixels]
         _im2col(x_nhwc[start:stop], filter_height, filter_width, stride, pad, out_height,
                 out_width, chunk_cols)
         chunk_out = out_rows[start * pixels:stop * pixels]
         np.matmul(chunk_cols, w_mat, out=chunk_out)
-        if b is not None:
-            chunk_out += b.astype(x_nhwc.dtype, copy=False)
+        if bias is not None:
+            chunk_out += bias
+
+    _run_chunks(work, n, step)
     saved = (x_nhwc, w_mat, w.shape, stride, pad, b is not None)
     return out.transpose(0, 3, 1, 2), saved
 
@@ -688,31 +739,40 @@ def conv_backward(dout, saved, need_dx=True):
     """dout (N, F, H', W') any strides -> (dx (N, C, H, W) view or None, dw, db or None)."""
     x_nhwc, w_mat, w_shape, stride, pad, has_bias = saved
     filters, channels, filter_height, filter_width = w_shape
-    n, height, width, _ = x_nhwc.shape
-    dout_nhwc = _channels_last(dout).astype(x_nhwc.dtype, copy=False)
-    out_height, out_width = dout_nhwc.shape[1:3]
-    pixels = out_height * out_width
-    depth = w_mat.shape[0]
-    dout_rows = dout_nhwc.reshape(n * pixels, filters)
-    db = dout_rows.sum(axis=0) if has_bias else None
-    dw_mat = np.zeros((depth, filters), dtype=x_nhwc.dtype)
-    dw_part = np.empty_like(dw_mat)
+    n = x_nhwc.shape[0]
+    dtype = x_nhwc.dtype
+    out_height, out_width, pixels, depth, step = _conv_shapes(x_nhwc, w_shape, stride, pad)
+    dout_rows = _channels_last(dout).astype(dtype, copy=False).reshape(n * pixels, filters)
     dx = np.empty_like(x_nhwc) if need_dx else None
-    step = _chunk_images(n, pixels, depth * x_nhwc.itemsize)
-    cols = np.empty((step * pixels, depth), dtype=x_nhwc.dtype)
     w_mat_t = w_mat.T
-    for start in range(0, n, step):
-        stop = min(n, start + step)
+    partial = {}  # worker -> (dw sum, db sum, column buffer, dw of one chunk)
+
+    def work(start, stop, worker):
+        state = partial.get(worker)
+        if state is None:
+            state = partial[worker] = (np.zeros((depth, filters), dtype=dtype),
+                                       np.zeros(filters, dtype=dtype),
+                                       np.empty((step * pixels, depth), dtype=dtype),
+                                       np.empty((depth, filters), dtype=dtype))
+        dw_sum, db_sum, cols, dw_chunk = state
         chunk_cols = cols[:(stop - start) * pixels]
         chunk_dout = dout_rows[start * pixels:stop * pixels]
         _im2col(x_nhwc[start:stop], filter_height, filter_width, stride, pad, out_height,
                 out_width, chunk_cols)
-        np.matmul(chunk_cols.T, chunk_dout, out=dw_part)
-        dw_mat += dw_part
+        np.matmul(chunk_cols.T, chunk_dout, out=dw_chunk)
+        dw_sum += dw_chunk
+        if has_bias:
+            db_sum += chunk_dout.sum(axis=0)
         if need_dx:
             np.matmul(chunk_dout, w_mat_t, out=chunk_cols)  # the columns' gradient, in place
             _col2im(chunk_cols, filter_height, filter_width, stride, pad, out_height, out_width,
                     dx[start:stop])
+
+    _run_chunks(work, n, step)
+    states = [partial[worker] for worker in sorted(partial)]
+    dw_mat = sum(state[0] for state in states[1:]) + states[0][0] if len(states) > 1 \
+        else states[0][0]
+    db = sum(state[1] for state in states) if has_bias else None
     dw = np.ascontiguousarray(
         dw_mat.reshape(filter_height, filter_width, channels, filters).transpose(3, 2, 0, 1))
     return (None if dx is None else dx.transpose(0, 3, 1, 2)), dw, db

@@ -1,0 +1,195 @@
+"""ConvNet training step: fastnn (numpy) against PyTorch CPU, NCHW and channels-last, one process.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/conv_step.py
+        [--widths 32 64 128] [--stem-width 24] [--batch 256] [--steps 5] [--rounds 3]
+
+One step = forward, backward and a plain SGD update of every parameter, on
+the contract's ConvNet and the same net in PyTorch (no conv biases, batchnorm
+after each conv, the first conv of a group followed by its 2x2 pool, a
+global max, a linear layer). The contenders take turns for `--rounds`
+rounds of `--steps` steps, so a busy machine slows them alike; the figures
+are medians of all steps. Then fastnn's step is broken down per op
+(timing wrappers around the layer functions ConvNet calls) and its peak
+memory above the start is read from the process's resident set
+(ru_maxrss, the high-water mark of the whole run).
+"""
+import argparse
+import collections
+import resource
+import statistics
+import time
+
+import numpy as np
+
+import fastnn
+from fastnn import kernels
+from fastnn.classifiers import ConvNet
+from fastnn.classifiers import conv_net as conv_net_module
+
+
+def forward_mflop(widths, stem_width, input_dim=(3, 32, 32)):
+    """Multiply-adds x 2 of the convs and the affine layer, per image (MFLOP)."""
+    channels, height, width = input_dim
+    flop = 2 * 9 * channels * stem_width * height * width
+    c_in = stem_width
+    for w in widths:
+        flop += 2 * 9 * c_in * w * height * width  # the group's first conv, before its pool
+        height, width = height // 2, width // 2
+        flop += 2 * 9 * w * w * height * width
+        c_in = w
+    return (flop + 2 * c_in * 10) / 1e6
+
+
+def fastnn_step(model, X, y, lr=1e-3):
+    table = kernels.for_module(np)
+
+    def step():
+        _, grads = model.loss(X, y)
+        for name, w in model.params.items():
+            table.sgd_(w, grads[name], lr)
+
+    return step
+
+
+def torch_net(widths, stem_width, channels=3, num_classes=10):
+    import torch.nn as nn
+
+    def conv(c_in, c_out):
+        return nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+
+    layers = [conv(channels, stem_width), nn.BatchNorm2d(stem_width), nn.ReLU()]
+    c_in = stem_width
+    for w in widths:
+        layers += [conv(c_in, w), nn.MaxPool2d(2), nn.BatchNorm2d(w), nn.ReLU(),
+                   conv(w, w), nn.BatchNorm2d(w), nn.ReLU()]
+        c_in = w
+    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def torch_step(widths, stem_width, X, y, channels_last, lr=1e-3):
+    import torch
+
+    net = torch_net(widths, stem_width)
+    inputs, labels = torch.from_numpy(X), torch.from_numpy(y)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(net(inputs), labels)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def time_steps(step, count):
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class OpTimer:
+    """Wraps the layer functions ConvNet calls and sums their wall time per name."""
+
+    NAMES = ("conv_forward_fast", "conv_backward_fast", "max_pool_forward_fast",
+             "max_pool_backward_fast", "spatial_batchnorm_forward", "spatial_batchnorm_backward",
+             "relu_forward", "relu_backward", "affine_forward", "affine_backward")
+
+    def __init__(self):
+        self.totals = collections.defaultdict(float)
+        self.originals = {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            original = getattr(conv_net_module, name, None)
+            if original is None:
+                continue
+            self.originals[name] = original
+            setattr(conv_net_module, name, self._timed(name, original))
+        return self
+
+    def _timed(self, name, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            self.totals[name] += time.perf_counter() - start
+            return result
+        return timed
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(conv_net_module, name, original)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--stem-width", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-torch", action="store_true", help="time fastnn only")
+    args = parser.parse_args()
+
+    import os
+    import threadpoolctl
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, args.batch)
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = ConvNet(widths=args.widths, stem_width=args.stem_width, seed=0)
+    contenders = {"fastnn numpy": fastnn_step(model, X, y)}
+    rss_fastnn = None
+    if not args.no_torch:
+        import torch
+
+        contenders["torch NCHW"] = torch_step(args.widths, args.stem_width, X, y, False)
+        contenders["torch channels-last"] = torch_step(args.widths, args.stem_width, X, y, True)
+    for name, step in contenders.items():  # warm up: compile, allocate, fill caches
+        time_steps(step, 2)
+        if name == "fastnn numpy":
+            rss_fastnn = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = collections.defaultdict(list)
+    for _ in range(args.rounds):
+        for name, step in contenders.items():
+            times[name] += time_steps(step, args.steps)
+
+    blas = [(p["internal_api"], p.get("architecture"), p["num_threads"])
+            for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+    mflop = forward_mflop(args.widths, args.stem_width)
+    print(f"ConvNet(widths={tuple(args.widths)}, stem_width={args.stem_width}), batch {args.batch}, "
+          f"{mflop:.1f} MFLOP forward per image; OPENBLAS_CORETYPE="
+          f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; numpy BLAS {blas}; fastnn "
+          f"{fastnn.__version__}" + ("" if args.no_torch else
+                                     f"; torch {torch.__version__}, {torch.get_num_threads()} threads"))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    best_torch = min((m for n, m in medians.items() if n.startswith("torch")), default=None)
+    print(f"{'contender':<22}{'ms/step':>10}{'img/s':>10}{'GFLOP/s':>10}{'vs best torch':>15}")
+    for name, median in medians.items():
+        ratio = "" if best_torch is None else f"{best_torch / median:.2f}x"
+        print(f"{name:<22}{1e3 * median:>10.1f}{args.batch / median:>10.0f}"
+              f"{3 * mflop * args.batch / median / 1e3:>10.0f}{ratio:>15}")
+    print(f"fastnn peak RSS after warm-up: {rss_fastnn / 1024:.0f} MB "
+          f"({(rss_fastnn - rss_start) / 1024:.0f} MB above the start)")
+
+    step = contenders["fastnn numpy"]
+    with OpTimer() as timer:
+        count = args.steps * args.rounds
+        total = sum(time_steps(step, count)) / count
+    print(f"fastnn per-op time per step (of {1e3 * total:.1f} ms with the timers):")
+    for name, seconds in sorted(timer.totals.items(), key=lambda item: -item[1]):
+        print(f"  {name:<28}{1e3 * seconds / count:>8.1f} ms")
+    other = total - sum(timer.totals.values()) / count
+    print(f"  {'other (loss, update, glue)':<28}{1e3 * other:>8.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
