@@ -58,7 +58,7 @@ def build_parser():
     add("--decay-rate", type=float, help="rmsprop decay rate (0.99)")
     add("--epsilon", type=float, help="rmsprop/adam epsilon (1e-8)")
     add("--weight-decay", type=float, help="adamw decoupled weight decay (1e-2)")
-    add("--lr-schedule", choices=["step", "cosine", "onecycle"],
+    add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"],
         help="learning-rate schedule (onecycle / none); multiplies with --lr-decay")
     add("--augment", action=argparse.BooleanOptionalAction,
         help="random horizontal flips of the training images (on / off)")
@@ -150,6 +150,8 @@ def train_command(args):
     from fastnn.solver import TrainingInterrupted
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume")}
+    if given.get("lr_schedule") == "none":
+        given["lr_schedule"] = None
     if "resume" in args:
         out_dir = args.resume
         config_path = os.path.join(out_dir, "config.json")

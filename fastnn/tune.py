@@ -189,7 +189,9 @@ def run_conv_trial(study, data, options, clock, log):
         study.tell(trial, state=TrialState.FAIL)
         log(f"trial {trial.number}: failed ({error})")
         return [(trial.number, None)], None, solver.epoch
-    for epoch, acc in enumerate(solver.val_acc_history[1:], start=1):
+    # the epoch-end entries (with one iteration per epoch the first one is also one)
+    epoch_ends = solver.val_acc_history[-solver.epoch:] if solver.epoch else []
+    for epoch, acc in enumerate(epoch_ends, start=1):
         trial.report(acc, epoch)
     value = solver.best_val_acc
     study.tell(trial, value)
