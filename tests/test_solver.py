@@ -449,3 +449,21 @@ def test_resume_without_seeds_is_bit_identical(tmp_path):
 def test_missing_data_key_is_a_value_error():
     with pytest.raises(ValueError, match="X_train"):
         Solver(_small(), {"y_train": np.zeros(3, dtype=int)})
+
+
+@pytest.mark.parametrize("rule", ["sgd_nesterov", "adam"])
+def test_overfits_a_small_conv_batch(rule):
+    """ConvNet on 20 random images: the course's sanity check that the net can memorise."""
+    from fastnn.classifiers import ConvNet
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 20)
+    model = ConvNet(widths=(8, 16), stem_width=8, input_dim=(3, 8, 8), seed=0)
+    lr = {"sgd_nesterov": 0.05, "adam": 1e-2}[rule]
+    solver = Solver(model, {"X_train": X, "y_train": y, "X_val": X, "y_val": y},
+                    update_rule=rule, optim_config={"learning_rate": lr}, batch_size=20,
+                    num_epochs=40, verbose=False, seed=0)
+    solver.train()
+    assert solver.loss_history[-1] < 0.1 * solver.loss_history[0]
+    assert solver.best_val_acc == 1.0
