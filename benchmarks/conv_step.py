@@ -100,7 +100,8 @@ class OpTimer:
 
     NAMES = ("conv_forward_fast", "conv_backward_fast", "max_pool_forward_fast",
              "max_pool_backward_fast", "spatial_batchnorm_forward", "spatial_batchnorm_backward",
-             "relu_forward", "relu_backward", "affine_forward", "affine_backward")
+             "spatial_batchnorm_relu_forward", "spatial_batchnorm_relu_backward",
+             "affine_forward", "affine_backward")
 
     def __init__(self):
         self.totals = collections.defaultdict(float)

@@ -9,7 +9,8 @@ changes layout. A fast forward's cache goes to the fast backward.
 """
 from fastnn import kernels
 from fastnn.backend import get_array_module
-from fastnn.layers import conv_geometry, pool_geometry
+from fastnn.layers import (channels_last_rows, conv_geometry, from_channels_last_rows,
+                           pool_geometry)
 
 
 def conv_forward_fast(x, w, b, conv_param):
@@ -43,3 +44,51 @@ def max_pool_backward_fast(dout, cache):
     """dout (N, C, H', W') -> dx (N, C, H, W); gradient to each window's first maximum."""
     xp = get_array_module(dout)
     return kernels.for_module(xp).max_pool_backward(dout, cache)
+
+
+def spatial_batchnorm_relu_forward(x, gamma, beta, bn_param):
+    """relu(spatial_batchnorm_forward(x, gamma, beta, bn_param)) in two fused passes.
+
+    x (N, C, H, W), gamma and beta (C,), bn_param as for batchnorm_forward
+    (running statistics updated the same way) -> out (N, C, H, W), a view of
+    channels-last rows. The cache keeps x's rows and out (no x_hat).
+    """
+    xp = get_array_module(x, gamma, beta)
+    if getattr(x, "ndim", None) != 4 or gamma.shape != (x.shape[1],) or beta.shape != gamma.shape:
+        raise ValueError(f"spatial_batchnorm_relu_forward: x (N, C, H, W) needs gamma and beta of "
+                         f"shape (C,); got x {getattr(x, 'shape', None)}, gamma {gamma.shape}, "
+                         f"beta {beta.shape}")
+    mode = bn_param.get("mode", "train")
+    eps, momentum = bn_param.get("eps", 1e-5), bn_param.get("momentum", 0.9)
+    channels = x.shape[1]
+    rows = channels_last_rows(x)
+    running_mean = bn_param.get("running_mean")
+    running_var = bn_param.get("running_var")
+    if running_mean is None:
+        running_mean = xp.zeros(channels, dtype=x.dtype)
+    if running_var is None:
+        running_var = xp.zeros(channels, dtype=x.dtype)
+    if mode == "train":
+        out, mean, inv_std, var = kernels.for_module(xp).batchnorm_relu_train_forward(
+            rows, gamma, beta, eps)
+        bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mean
+        bn_param["running_var"] = momentum * running_var + (1 - momentum) * var
+        return from_channels_last_rows(out, x.shape), (rows, out, gamma, mean, inv_std)
+    if mode == "test":
+        bn_param["running_mean"], bn_param["running_var"] = running_mean, running_var
+        scale = gamma / xp.sqrt(running_var + x.dtype.type(eps))
+        out = xp.maximum(rows * scale + (beta - running_mean * scale), x.dtype.type(0))
+        return from_channels_last_rows(out, x.shape), None
+    raise ValueError(f"batchnorm mode must be 'train' or 'test', got {mode!r}")
+
+
+def spatial_batchnorm_relu_backward(dout, cache):
+    """dout (N, C, H, W) -> (dx (N, C, H, W), dgamma (C,), dbeta (C,)); a train-mode cache."""
+    if cache is None:
+        raise ValueError("spatial_batchnorm_relu_backward needs the cache of a train-mode forward "
+                         "pass; test mode uses fixed running statistics and has no backward")
+    rows, out, gamma, mean, inv_std = cache
+    xp = get_array_module(dout, rows)
+    dx, dgamma, dbeta = kernels.for_module(xp).batchnorm_relu_backward(
+        channels_last_rows(dout), rows, out, gamma, mean, inv_std)
+    return from_channels_last_rows(dx, dout.shape), dgamma, dbeta

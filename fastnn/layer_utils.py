@@ -1,9 +1,9 @@
 """Sandwich layers: common layer sequences as one forward/backward pair."""
 from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, max_pool_backward_fast,
-                                max_pool_forward_fast)
+                                max_pool_forward_fast, spatial_batchnorm_relu_backward,
+                                spatial_batchnorm_relu_forward)
 from fastnn.layers import (affine_backward, affine_forward, batchnorm_backward,
-                           batchnorm_forward, relu_backward, relu_forward,
-                           spatial_batchnorm_backward, spatial_batchnorm_forward)
+                           batchnorm_forward, relu_backward, relu_forward)
 
 
 def affine_relu_forward(x, w, b):
@@ -66,16 +66,18 @@ def conv_relu_pool_backward(dout, cache):
 
 
 def conv_bn_relu_forward(x, w, b, gamma, beta, conv_param, bn_param):
-    """relu(spatial_batchnorm(conv(x, w) + b)) -> out (N, F, H', W'); gamma, beta (F,)."""
+    """relu(spatial_batchnorm(conv(x, w) + b)) -> out (N, F, H', W'); gamma, beta (F,).
+
+    The batchnorm and the relu run fused (fast_layers.spatial_batchnorm_relu_forward).
+    """
     a, conv_cache = conv_forward_fast(x, w, b, conv_param)
-    an, bn_cache = spatial_batchnorm_forward(a, gamma, beta, bn_param)
-    out, relu_cache = relu_forward(an)
-    return out, (conv_cache, bn_cache, relu_cache)
+    out, bn_relu_cache = spatial_batchnorm_relu_forward(a, gamma, beta, bn_param)
+    return out, (conv_cache, bn_relu_cache)
 
 
 def conv_bn_relu_backward(dout, cache):
     """dout (N, F, H', W') -> (dx, dw, db, dgamma, dbeta)."""
-    conv_cache, bn_cache, relu_cache = cache
-    dan, dgamma, dbeta = spatial_batchnorm_backward(relu_backward(dout, relu_cache), bn_cache)
+    conv_cache, bn_relu_cache = cache
+    dan, dgamma, dbeta = spatial_batchnorm_relu_backward(dout, bn_relu_cache)
     dx, dw, db = conv_backward_fast(dan, conv_cache)
     return dx, dw, db, dgamma, dbeta

@@ -253,13 +253,13 @@ def max_pool_backward_naive(dout, cache):
     return reference.max_pool_backward(dout, cache)
 
 
-def _channels_last_rows(x):
+def channels_last_rows(x):
     """x (N, C, H, W) -> (N*H*W, C) rows: no copy when x is a channels-last array seen as NCHW."""
     n, channels, height, width = x.shape
     return x.transpose(0, 2, 3, 1).reshape(n * height * width, channels)
 
 
-def _from_channels_last_rows(rows, shape):
+def from_channels_last_rows(rows, shape):
     """(N*H*W, C) rows -> an (N, C, H, W) view of them."""
     n, channels, height, width = shape
     return rows.reshape(n, height, width, channels).transpose(0, 3, 1, 2)
@@ -274,11 +274,11 @@ def spatial_batchnorm_forward(x, gamma, beta, bn_param):
     if getattr(x, "ndim", None) != 4:
         raise ValueError(f"spatial_batchnorm_forward: x must be 4-D (N, C, H, W), got shape "
                          f"{x.shape}")
-    out, cache = batchnorm_forward(_channels_last_rows(x), gamma, beta, bn_param)
-    return _from_channels_last_rows(out, x.shape), cache
+    out, cache = batchnorm_forward(channels_last_rows(x), gamma, beta, bn_param)
+    return from_channels_last_rows(out, x.shape), cache
 
 
 def spatial_batchnorm_backward(dout, cache):
     """dout (N, C, H, W) -> (dx (N, C, H, W), dgamma (C,), dbeta (C,))."""
-    dx, dgamma, dbeta = batchnorm_backward(_channels_last_rows(dout), cache)
-    return _from_channels_last_rows(dx, dout.shape), dgamma, dbeta
+    dx, dgamma, dbeta = batchnorm_backward(channels_last_rows(dout), cache)
+    return from_channels_last_rows(dx, dout.shape), dgamma, dbeta

@@ -16,9 +16,9 @@ import numpy as np
 from fastnn import kernels
 from fastnn.backend import get_array_module, get_backend, xp as active_xp
 from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, max_pool_backward_fast,
-                                max_pool_forward_fast)
-from fastnn.layers import (affine_backward, affine_forward, relu_backward, relu_forward,
-                           spatial_batchnorm_backward, spatial_batchnorm_forward)
+                                max_pool_forward_fast, spatial_batchnorm_relu_backward,
+                                spatial_batchnorm_relu_forward)
+from fastnn.layers import affine_backward, affine_forward
 
 _CONV = {"stride": 1, "pad": 1}
 _POOL = {"pool_height": 2, "pool_width": 2, "stride": 2}
@@ -106,10 +106,9 @@ class ConvNet:
             pool_cache = None
             if pooled:
                 hidden, pool_cache = max_pool_forward_fast(hidden, _POOL)
-            hidden, bn_cache = spatial_batchnorm_forward(hidden, p[f"gamma{i}"], p[f"beta{i}"],
-                                                         self.bn_params[i - 1])
-            hidden, relu_cache = relu_forward(hidden)
-            caches.append((conv_cache, pool_cache, bn_cache, relu_cache))
+            hidden, bn_cache = spatial_batchnorm_relu_forward(
+                hidden, p[f"gamma{i}"], p[f"beta{i}"], self.bn_params[i - 1])
+            caches.append((conv_cache, pool_cache, bn_cache))
         n, channels, height, width = hidden.shape
         pooled_max, head_pool_cache = max_pool_forward_fast(
             hidden, {"pool_height": height, "pool_width": width, "stride": 1})
@@ -124,9 +123,8 @@ class ConvNet:
         dfeatures, grads[f"W{last}"], grads[f"b{last}"] = affine_backward(dscores, affine_cache)
         dhidden = max_pool_backward_fast(dfeatures.reshape(n, channels, 1, 1), head_pool_cache)
         for i in range(self.num_convs, 0, -1):
-            conv_cache, pool_cache, bn_cache, relu_cache = caches[i - 1]
-            dhidden = relu_backward(dhidden, relu_cache)
-            dhidden, grads[f"gamma{i}"], grads[f"beta{i}"] = spatial_batchnorm_backward(
+            conv_cache, pool_cache, bn_cache = caches[i - 1]
+            dhidden, grads[f"gamma{i}"], grads[f"beta{i}"] = spatial_batchnorm_relu_backward(
                 dhidden, bn_cache)
             if pool_cache is not None:
                 dhidden = max_pool_backward_fast(dhidden, pool_cache)

@@ -32,6 +32,7 @@ OPS = (
     "batchnorm_rows_train_forward", "batchnorm_rows_backward", "l2_stacked_",
     # convolution (fastnn.fast_layers; the naive layers run the reference ops)
     "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward",
+    "batchnorm_relu_train_forward", "batchnorm_relu_backward",
 )
 
 _tables = {}

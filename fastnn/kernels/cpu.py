@@ -610,47 +610,68 @@ def _chunk_images(n, rows_per_image, row_bytes):
 
 
 @_jit
-def _im2col(x, filter_height, filter_width, stride, pad, out_height, out_width, cols):
-    """x (n, H, W, C) -> cols (n*H'*W', HH*WW*C): a row per output pixel, taps (i, j, c)."""
+def _pad_images(x, pad, out):
+    """x (n, H, W, C) -> out (n, H + 2 pad, (W + 2 pad) * C): zero borders, x inside."""
     n, height, width, channels = x.shape
-    row = 0
+    row = (width + 2 * pad) * channels
     for image in range(n):
+        for y in range(out.shape[1]):
+            inside = pad <= y < pad + height
+            for t in range(row):
+                out[image, y, t] = 0
+            if inside:
+                for xx in range(width):
+                    for c in range(channels):
+                        out[image, y, (xx + pad) * channels + c] = x[image, y - pad, xx, c]
+
+
+@_jit
+def _im2col(x_padded, channels, filter_height, filter_width, stride, out_height, out_width,
+            cols):
+    """x_padded (n, Hp, Wp*C) -> cols (n*H'*W', HH*WW*C): a row per output pixel, taps (i, j, c).
+
+    Each filter row's taps are one contiguous run of WW*C values of the padded
+    image: one copy per filter row, no bounds checks.
+    """
+    run = filter_width * channels
+    row = 0
+    for image in range(x_padded.shape[0]):
         for oy in range(out_height):
             for ox in range(out_width):
-                k = 0
+                start = ox * stride * channels
                 for i in range(filter_height):
-                    y = oy * stride - pad + i
-                    for j in range(filter_width):
-                        xx = ox * stride - pad + j
-                        if 0 <= y < height and 0 <= xx < width:
-                            for c in range(channels):
-                                cols[row, k + c] = x[image, y, xx, c]
-                        else:
-                            for c in range(channels):
-                                cols[row, k + c] = 0
-                        k += channels
+                    k = i * run
+                    for t in range(run):
+                        cols[row, k + t] = x_padded[image, oy * stride + i, start + t]
                 row += 1
 
 
 @_jit
-def _col2im(dcols, filter_height, filter_width, stride, pad, out_height, out_width, dx):
-    """The adjoint of _im2col: dx (n, H, W, C) = the sum of each column entry at its pixel."""
-    n, height, width, channels = dx.shape
-    dx[:] = 0
+def _col2im(dcols, channels, filter_height, filter_width, stride, out_height, out_width, pad,
+            dx_padded, dx):
+    """The adjoint of _pad_images + _im2col: dx (n, H, W, C) from the columns' gradient.
+
+    dx_padded (n, Hp, Wp*C) is scratch: the sums land there, then the inside goes to dx.
+    """
+    run = filter_width * channels
+    n = dx.shape[0]
+    dx_padded[:n] = 0
     row = 0
     for image in range(n):
         for oy in range(out_height):
             for ox in range(out_width):
-                k = 0
+                start = ox * stride * channels
                 for i in range(filter_height):
-                    y = oy * stride - pad + i
-                    for j in range(filter_width):
-                        xx = ox * stride - pad + j
-                        if 0 <= y < height and 0 <= xx < width:
-                            for c in range(channels):
-                                dx[image, y, xx, c] += dcols[row, k + c]
-                        k += channels
+                    k = i * run
+                    for t in range(run):
+                        dx_padded[image, oy * stride + i, start + t] += dcols[row, k + t]
                 row += 1
+    height, width = dx.shape[1], dx.shape[2]
+    for image in range(n):
+        for y in range(height):
+            for xx in range(width):
+                for c in range(channels):
+                    dx[image, y, xx, c] = dx_padded[image, y + pad, (xx + pad) * channels + c]
 
 
 _conv_workers = {}  # thread count -> (ThreadPoolExecutor, threadpoolctl controller)
@@ -690,6 +711,13 @@ def _run_chunks(work, n, step):
             future.result()
 
 
+def _conv_buffers(x_nhwc, step, pixels, depth, pad):
+    """One worker's scratch: a column buffer and a padded-images buffer for `step` images."""
+    _, height, width, channels = x_nhwc.shape
+    return (np.empty((step * pixels, depth), dtype=x_nhwc.dtype),
+            np.empty((step, height + 2 * pad, (width + 2 * pad) * channels), dtype=x_nhwc.dtype))
+
+
 def _conv_shapes(x_nhwc, w_shape, stride, pad):
     n, height, width, channels = x_nhwc.shape
     _, _, filter_height, filter_width = w_shape
@@ -707,7 +735,7 @@ def conv_forward(x, w, b, stride, pad):
     out is an (N, F, H', W') view of channels-last memory.
     """
     x_nhwc = _channels_last(x)
-    n = x_nhwc.shape[0]
+    n, channels = x_nhwc.shape[0], x_nhwc.shape[3]
     filters, _, filter_height, filter_width = w.shape
     out_height, out_width, pixels, depth, step = _conv_shapes(x_nhwc, w.shape, stride, pad)
     dtype = x_nhwc.dtype
@@ -719,11 +747,12 @@ def conv_forward(x, w, b, stride, pad):
     buffers = {}
 
     def work(start, stop, worker):
-        cols = buffers.get(worker)
-        if cols is None:
-            cols = buffers[worker] = np.empty((step * pixels, depth), dtype=dtype)
+        if worker not in buffers:
+            buffers[worker] = _conv_buffers(x_nhwc, step, pixels, depth, pad)
+        cols, padded = buffers[worker]
         chunk_cols = cols[:(stop - start) * pixels]
-        _im2col(x_nhwc[start:stop], filter_height, filter_width, stride, pad, out_height,
+        _pad_images(x_nhwc[start:stop], pad, padded)
+        _im2col(padded[:stop - start], channels, filter_height, filter_width, stride, out_height,
                 out_width, chunk_cols)
         chunk_out = out_rows[start * pixels:stop * pixels]
         np.matmul(chunk_cols, w_mat, out=chunk_out)
@@ -736,43 +765,74 @@ def conv_forward(x, w, b, stride, pad):
 
 
 def conv_backward(dout, saved, need_dx=True):
-    """dout (N, F, H', W') any strides -> (dx (N, C, H, W) view or None, dw, db or None)."""
+    """dout (N, F, H', W') any strides -> (dx (N, C, H, W) view or None, dw, db or None).
+
+    dw: each chunk's columns rebuilt, times dout. dx: for stride 1 (and a
+    square filter with pad < its size) it is the convolution of dout with the
+    flipped filters, channels swapped, padded by HH - 1 - pad: an im2col and a
+    product again, written straight into dx's rows. Otherwise the columns'
+    gradient goes back through col2im.
+    """
     x_nhwc, w_mat, w_shape, stride, pad, has_bias = saved
     filters, channels, filter_height, filter_width = w_shape
-    n = x_nhwc.shape[0]
+    n, height, width = x_nhwc.shape[:3]
     dtype = x_nhwc.dtype
     out_height, out_width, pixels, depth, step = _conv_shapes(x_nhwc, w_shape, stride, pad)
-    dout_rows = _channels_last(dout).astype(dtype, copy=False).reshape(n * pixels, filters)
+    dout_nhwc = _channels_last(dout).astype(dtype, copy=False)
+    dout_rows = dout_nhwc.reshape(n * pixels, filters)
     dx = np.empty_like(x_nhwc) if need_dx else None
+    flipped = (need_dx and stride == 1 and filter_height == filter_width
+               and pad <= filter_height - 1)
+    if flipped:
+        pad_t = filter_height - 1 - pad
+        w_flip = np.ascontiguousarray(
+            w_mat.reshape(filter_height, filter_width, channels, filters)[::-1, ::-1]
+            .transpose(0, 1, 3, 2)).reshape(filter_height * filter_width * filters, channels)
+        dx_rows = dx.reshape(n * height * width, channels)
     w_mat_t = w_mat.T
-    partial = {}  # worker -> (dw sum, db sum, column buffer, dw of one chunk)
+    partial = {}  # worker -> (dw sum, db sum, dw of one chunk, column and padding buffers...)
 
     def work(start, stop, worker):
         state = partial.get(worker)
         if state is None:
-            state = partial[worker] = (np.zeros((depth, filters), dtype=dtype),
-                                       np.zeros(filters, dtype=dtype),
-                                       np.empty((step * pixels, depth), dtype=dtype),
-                                       np.empty((depth, filters), dtype=dtype))
-        dw_sum, db_sum, cols, dw_chunk = state
-        chunk_cols = cols[:(stop - start) * pixels]
+            state = (np.zeros((depth, filters), dtype=dtype), np.zeros(filters, dtype=dtype),
+                     np.empty((depth, filters), dtype=dtype),
+                     *_conv_buffers(x_nhwc, step, pixels, depth, pad))
+            if flipped:
+                state += _conv_buffers(dout_nhwc, step, height * width,
+                                       filter_height * filter_width * filters, pad_t)
+            partial[worker] = state
+        dw_sum, db_sum, dw_chunk, cols, padded = state[:5]
+        count = stop - start
+        chunk_cols = cols[:count * pixels]
         chunk_dout = dout_rows[start * pixels:stop * pixels]
-        _im2col(x_nhwc[start:stop], filter_height, filter_width, stride, pad, out_height,
+        _pad_images(x_nhwc[start:stop], pad, padded)
+        _im2col(padded[:count], channels, filter_height, filter_width, stride, out_height,
                 out_width, chunk_cols)
         np.matmul(chunk_cols.T, chunk_dout, out=dw_chunk)
         dw_sum += dw_chunk
         if has_bias:
             db_sum += chunk_dout.sum(axis=0)
-        if need_dx:
+        if flipped:
+            dcols, dpadded = state[5:]
+            chunk_dcols = dcols[:count * height * width]
+            _pad_images(dout_nhwc[start:stop], pad_t, dpadded)
+            _im2col(dpadded[:count], filters, filter_height, filter_width, 1, height, width,
+                    chunk_dcols)
+            np.matmul(chunk_dcols, w_flip, out=dx_rows[start * height * width:
+                                                       stop * height * width])
+        elif need_dx:
             np.matmul(chunk_dout, w_mat_t, out=chunk_cols)  # the columns' gradient, in place
-            _col2im(chunk_cols, filter_height, filter_width, stride, pad, out_height, out_width,
-                    dx[start:stop])
+            _col2im(chunk_cols, channels, filter_height, filter_width, stride, out_height,
+                    out_width, pad, padded, dx[start:stop])
 
     _run_chunks(work, n, step)
     states = [partial[worker] for worker in sorted(partial)]
-    dw_mat = sum(state[0] for state in states[1:]) + states[0][0] if len(states) > 1 \
-        else states[0][0]
-    db = sum(state[1] for state in states) if has_bias else None
+    dw_mat, db = states[0][0], states[0][1] if has_bias else None
+    for state in states[1:]:  # the workers' partial sums, in worker order (deterministic)
+        dw_mat += state[0]
+        if has_bias:
+            db += state[1]
     dw = np.ascontiguousarray(
         dw_mat.reshape(filter_height, filter_width, channels, filters).transpose(3, 2, 0, 1))
     return (None if dx is None else dx.transpose(0, 3, 1, 2)), dw, db
@@ -822,7 +882,12 @@ def max_pool_forward(x, pool_height, pool_width, stride):
     out_width = 1 + (width - pool_width) // stride
     out = np.empty((n, out_height, out_width, channels), dtype=x_nhwc.dtype)
     argmax = np.empty(out.shape, dtype=np.uint8 if pool_height * pool_width <= 256 else np.int32)
-    _max_pool_forward(x_nhwc, pool_height, pool_width, stride, out, argmax)
+
+    def work(start, stop, worker):
+        _max_pool_forward(x_nhwc[start:stop], pool_height, pool_width, stride, out[start:stop],
+                          argmax[start:stop])
+
+    _run_chunks(work, n, _row_blocks(n))
     return out.transpose(0, 3, 1, 2), (x_nhwc.shape, argmax, pool_width, stride)
 
 
@@ -831,5 +896,116 @@ def max_pool_backward(dout, saved):
     x_shape, argmax, pool_width, stride = saved
     dout_nhwc = _channels_last(dout)
     dx = np.empty(x_shape, dtype=dout_nhwc.dtype)
-    _max_pool_backward(dout_nhwc, argmax, pool_width, stride, dx)
+
+    def work(start, stop, worker):
+        _max_pool_backward(dout_nhwc[start:stop], argmax[start:stop], pool_width, stride,
+                           dx[start:stop])
+
+    _run_chunks(work, x_shape[0], _row_blocks(x_shape[0]))
     return dx.transpose(0, 3, 1, 2)
+
+
+# -- batchnorm + relu on channels-last rows (M, C), for the conv nets ---------
+# Two passes each way: statistics (float64 sums per channel, shifted by the
+# first row so that the one-pass variance keeps its precision), then the
+# output. The T threads of _run_chunks take a block of rows each; their
+# partial sums are added in thread order (deterministic).
+@_jit
+def _bn_stats(x, shift, total, total_sq):
+    rows, channels = x.shape
+    for r in range(rows):
+        for c in range(channels):
+            d = np.float64(x[r, c]) - shift[c]
+            total[c] += d
+            total_sq[c] += d * d
+
+
+@_jit
+def _bn_relu_apply(x, scale, offset, out):
+    rows, channels = x.shape
+    for r in range(rows):
+        for c in range(channels):
+            v = x[r, c] * scale[c] + offset[c]
+            out[r, c] = v if v > 0 else 0
+
+
+@_jit
+def _bn_relu_grad_sums(dout, x, out, mean, inv_std, total, total_xhat):
+    rows, channels = x.shape
+    for r in range(rows):
+        for c in range(channels):
+            if out[r, c] > 0:
+                g = dout[r, c]
+                total[c] += g
+                total_xhat[c] += g * ((x[r, c] - mean[c]) * inv_std[c])
+
+
+@_jit
+def _bn_relu_grad_apply(dout, x, out, mean, inv_std, a, b, k, dx):
+    """dx = a * g - b - k * x_hat, with g = dout where out > 0 (per channel a, b, k)."""
+    rows, channels = x.shape
+    for r in range(rows):
+        for c in range(channels):
+            g = dout[r, c] if out[r, c] > 0 else 0
+            dx[r, c] = a[c] * g - b[c] - k[c] * ((x[r, c] - mean[c]) * inv_std[c])
+
+
+def _row_blocks(rows):
+    """Rows per thread for the row-parallel kernels (one block each)."""
+    return max(1, -(-rows // max(1, get_num_threads())))
+
+
+def _partial_sums(kernel, row_arrays, args):
+    """kernel(*row blocks, *args, total, total2) per thread block -> the two (C,) float64 sums."""
+    rows, channels = row_arrays[0].shape
+    parts = {}
+
+    def work(start, stop, worker):
+        parts[start] = (np.zeros(channels), np.zeros(channels))
+        kernel(*(a[start:stop] for a in row_arrays), *args, *parts[start])
+
+    _run_chunks(work, rows, _row_blocks(rows))
+    first, second = np.zeros(channels), np.zeros(channels)
+    for start in sorted(parts):  # block order: the same sums for the same thread count
+        first += parts[start][0]
+        second += parts[start][1]
+    return first, second
+
+
+def _run_rows(kernel, rows, row_arrays, *args):
+    """kernel(*row blocks of row_arrays, *args) over the thread blocks of rows."""
+    def work(start, stop, worker):
+        kernel(*(a[start:stop] for a in row_arrays[:-1]), *args, row_arrays[-1][start:stop])
+
+    _run_chunks(work, rows, _row_blocks(rows))
+
+
+def batchnorm_relu_train_forward(x, gamma, beta, eps):
+    x = np.ascontiguousarray(x)
+    rows, channels = x.shape
+    shift = x[0].astype(np.float64) if rows else np.zeros(channels)
+    total, total_sq = _partial_sums(_bn_stats, (x,), (shift,))
+    centered_mean = total / max(rows, 1)
+    var = np.maximum(total_sq / max(rows, 1) - centered_mean ** 2, 0.0)
+    mean = shift + centered_mean
+    inv_std = 1.0 / np.sqrt(var + eps)
+    scale = (inv_std * gamma).astype(x.dtype)
+    offset = (beta - mean * inv_std * gamma).astype(x.dtype)
+    out = np.empty_like(x)
+    _run_rows(_bn_relu_apply, rows, (x, out), scale, offset)
+    return out, mean.astype(x.dtype), inv_std.astype(x.dtype), var.astype(x.dtype)
+
+
+def batchnorm_relu_backward(dout, x, out, gamma, mean, inv_std):
+    dout, x, out = (np.ascontiguousarray(a) for a in (dout, x, out))
+    rows, channels = x.shape
+    mean, inv_std = mean.astype(x.dtype), inv_std.astype(x.dtype)
+    dbeta, dgamma = _partial_sums(_bn_relu_grad_sums, (dout, x, out), (mean, inv_std))
+    # dx = gamma inv_std / M * (M g - dbeta - x_hat dgamma)
+    factor = gamma.astype(np.float64) * inv_std / max(rows, 1)
+    a = (factor * rows).astype(x.dtype)
+    b = (factor * dbeta).astype(x.dtype)
+    k = (factor * dgamma).astype(x.dtype)
+    dx = np.empty_like(x)
+    _run_rows(_bn_relu_grad_apply, rows, (dout, x, out, dx), mean, inv_std, a, b, k)
+    return dx, dgamma.astype(x.dtype), dbeta.astype(x.dtype)

@@ -448,3 +448,25 @@ def max_pool_backward(dout, saved):
         rows, cols = _tap_slices(tap // pool_width, tap % pool_width, out_height, out_width, stride)
         dx[:, :, rows, cols] += xp.where(argmax == tap, dout, zero)
     return dx
+
+
+def batchnorm_relu_train_forward(x, gamma, beta, eps):
+    """relu(batchnorm(x)) of rows x (M, C), batch statistics -> (out, mean, inv_std, var)."""
+    xp = get_array_module(x, gamma, beta)
+    mean = x.mean(axis=0)
+    var = x.var(axis=0)
+    inv_std = 1 / xp.sqrt(var + x.dtype.type(eps))
+    out = xp.maximum((x - mean) * (inv_std * gamma) + beta, x.dtype.type(0))
+    return out, mean, inv_std.astype(x.dtype, copy=False), var
+
+
+def batchnorm_relu_backward(dout, x, out, gamma, mean, inv_std):
+    """Gradient of batchnorm_relu_train_forward: dout (M, C) -> (dx, dgamma, dbeta)."""
+    xp = get_array_module(dout, x, out)
+    g = xp.where(out > 0, dout, dout.dtype.type(0))
+    x_hat = (x - mean) * inv_std
+    dbeta = g.sum(axis=0)
+    dgamma = (g * x_hat).sum(axis=0)
+    m = x.shape[0]
+    dx = (gamma * inv_std / m) * (m * g - dbeta - x_hat * dgamma)
+    return dx, dgamma, dbeta
