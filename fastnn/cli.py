@@ -1,40 +1,81 @@
-"""The `fastnn` command: `fastnn train` and `fastnn evaluate` on CIFAR-10.
+"""The `fastnn` command: train, evaluate and tune classifiers on CIFAR-10.
 
     fastnn train [--out DIR] [options]     train, write a run folder
     fastnn train --resume DIR              continue a stopped run
     fastnn evaluate DIR                    test accuracy and confusion matrix
+    fastnn tune [options]                  hyperparameter search (fastnn.tune)
 
 A run folder holds config.json, metrics.json, loss.png, accuracy.png,
 weights.png, model.npz (the best-validation model, `fastnn.load` reads it)
 and checkpoint.npz (the Solver's state after the last epoch, for --resume).
+
+Failure paths: every check that can run before training (flags, output
+folder, backend, data) runs before the run folder is claimed, so a failed
+start leaves no trace. A run folder is held by one process at a time
+(fastnn.files.lock_folder). Predictable mistakes end with one line on stderr
+and exit status 2 (usage) or 1 (anything else); `--debug` or FASTNN_DEBUG=1
+shows the traceback. Ctrl-C and SIGTERM save a checkpoint (exit 130 / 143);
+a diverging loss saves the best model and metrics.json (exit 1).
 """
 import argparse
+import contextlib
 import datetime
+import json
 import os
+import shutil
+import signal
 import sys
 import time
 
 import numpy as np
 
-START_TIME = time.perf_counter()  # budgets count from the command's start
+from fastnn.files import FolderInUse, lock_folder, read_json, write_json
+from fastnn.runs import (CONFIG_FORMAT, DEFAULTS, FORMAT_VERSION, LEGACY_DEFAULTS,
+                         METRICS_FORMAT, RECIPES, RESUMABLE, RULE_OPTIONS, build_model,
+                         build_solver, check_config, complete, defaults_for, load_data,
+                         new_config, not_applicable, option_name, predict, recorded,
+                         setup_runtime)
 
-from fastnn.files import read_json, write_json
-from fastnn.runs import (CONFIG_FORMAT, FORMAT_VERSION, METRICS_FORMAT, RECIPES, RESUMABLE,
-                         RULE_OPTIONS, build_model, build_solver, complete, defaults_for,
-                         load_data, new_config, predict, setup_runtime)
+START_TIME = time.perf_counter()  # budgets count from the command's start
+TUNE_BEST_FORMAT = "fastnn-tune-best"  # fastnn.tune's best.json (kept here: no import of tune)
+
+
+class UsageError(Exception):
+    """A flag or its value is wrong: one line, exit status 2."""
+
+
+class CommandError(Exception):
+    """A predictable failure (a folder, the data, a file): one line, exit status 1."""
+
+
+def takers(key):
+    """The update rules that take optim_config `key`, for help texts: 'adam/adamw'."""
+    return "/".join(rule for rule, keys in RULE_OPTIONS.items() if key in keys)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="fastnn", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="fastnn", description="Train, evaluate and tune classifiers on CIFAR-10 "
+        "(fastnn train / evaluate / tune). Set FASTNN_DEBUG=1 (or pass --debug) for tracebacks.")
     commands = parser.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=False,
+                       help="show the full traceback of an error (also: FASTNN_DEBUG=1)")
 
-    train = commands.add_parser("train", help="train a classifier on CIFAR-10",
-                                argument_default=argparse.SUPPRESS)
+    train = commands.add_parser(
+        "train", help="train a classifier on CIFAR-10", parents=[debug],
+        argument_default=argparse.SUPPRESS,
+        description="Train a classifier on CIFAR-10 into a run folder (config.json, metrics.json, "
+                    "model.npz, checkpoint.npz, plots). Flags that do not apply to the chosen "
+                    "--model or --update-rule are refused.")
     add = train.add_argument
+    add("--config", dest="config_file", metavar="FILE",
+        help="start from the configuration in FILE (a run's config.json, or a tune folder's "
+             "best.json); flags override it")
     add("--model", choices=list(RECIPES),
         help="convnet (the main job), fc (fully connected), two_layer (TwoLayerNet) or "
              "three_layer_conv (ThreeLayerConvNet); the other defaults are that model's "
-             "recipe: convnet's below, fc's in parentheses after a slash (convnet)")
+             "recipe: convnet's below, fc's after a slash (convnet)")
     add("--widths", type=int, nargs="+", help="convnet channels of each group (32 64 128)")
     add("--stem-width", type=int, help="convnet channels of the stem (24)")
     add("--label-smoothing", type=float,
@@ -52,12 +93,13 @@ def build_parser():
     add("--update-rule", choices=list(RULE_OPTIONS), help="update rule (sgd_nesterov / adam)")
     add("--lr", "--learning-rate", dest="learning_rate", type=float,
         help="learning rate (0.2 / 1e-3)")
-    add("--momentum", type=float, help="sgd_momentum / sgd_nesterov momentum (0.9)")
-    add("--beta1", type=float, help="adam beta1 (0.9)")
-    add("--beta2", type=float, help="adam beta2 (0.999)")
-    add("--decay-rate", type=float, help="rmsprop decay rate (0.99)")
-    add("--epsilon", type=float, help="rmsprop/adam epsilon (1e-8)")
-    add("--weight-decay", type=float, help="adamw decoupled weight decay (1e-2)")
+    add("--momentum", type=float, help=f"{takers('momentum')} momentum (0.9)")
+    add("--beta1", type=float, help=f"{takers('beta1')} beta1 (0.9)")
+    add("--beta2", type=float, help=f"{takers('beta2')} beta2 (0.999)")
+    add("--decay-rate", type=float, help=f"{takers('decay_rate')} decay rate (0.99)")
+    add("--epsilon", type=float, help=f"{takers('epsilon')} epsilon (1e-8)")
+    add("--weight-decay", type=float, help=f"{takers('weight_decay')} decoupled weight decay "
+                                           "(1e-2)")
     add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"],
         help="learning-rate schedule (onecycle / none); multiplies with --lr-decay")
     add("--augment", action=argparse.BooleanOptionalAction,
@@ -70,9 +112,10 @@ def build_parser():
     add("--lr-decay", type=float, help="learning-rate factor after each epoch (1 / 0.9)")
     add("--epochs", type=int, help="epochs (11 / 15)")
     add("--batch-size", type=int, help="minibatch size (256)")
-    add("--backend", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (GPU)")
+    add("--backend", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (GPU) (numpy)")
     add("--seed", type=int, help="seed for weights, batches and dropout (0)")
-    add("--data", help="folder holding cifar-10-batches-py (default: $FASTNN_DATA or the cache)")
+    add("--data", help="folder holding cifar-10-batches-py or cifar-10-python.tar.gz "
+                       "(default: $FASTNN_DATA, else ~/.cache/fastnn, downloaded there)")
     add("--num-training", type=int, help="training images (49000)")
     add("--num-validation", type=int, help="validation images (1000)")
     add("--num-test", type=int, help="test images (10000)")
@@ -81,7 +124,12 @@ def build_parser():
     add("--out", help="run folder (default: a new one under runs/)")
     add("--resume", metavar="DIR", help="continue the stopped run in DIR")
 
-    tune = commands.add_parser("tune", help="search hyperparameters with Optuna")
+    tune = commands.add_parser(
+        "tune", help="search hyperparameters with Optuna", parents=[debug],
+        description="Search hyperparameters on CIFAR-10 with Optuna, --parallel trials trained "
+                    "together as one stack; writes best.json, trials.csv, best_model.npz and "
+                    "plots to the run folder (retrain the best: fastnn train --config "
+                    "DIR/best.json).")
     add = tune.add_argument
     add("--model", choices=["fc", "convnet"], default="fc",
         help="fc: fully connected nets, K trials at once as a stack; convnet: ConvNets around "
@@ -111,17 +159,25 @@ def build_parser():
     add("--resume", action="store_true", help="continue the study in the storage")
     add("--out", default=None, help="run folder (default: a new one under runs/)")
     add("--seed", type=int, default=0, help="sampler and training seed (0)")
-    add("--backend", choices=["numpy", "cupy"], default="numpy")
-    add("--data", default=None, help="folder holding cifar-10-batches-py")
-    add("--num-training", type=int, default=49000)
-    add("--num-validation", type=int, default=1000)
-    add("--num-test", type=int, default=10000)
-    add("--threads", type=int, default=None)
+    add("--backend", choices=["numpy", "cupy"], default="numpy",
+        help="numpy (CPU) or cupy (GPU) (numpy)")
+    add("--data", default=None,
+        help="folder holding cifar-10-batches-py or cifar-10-python.tar.gz "
+             "(default: $FASTNN_DATA, else ~/.cache/fastnn)")
+    add("--num-training", type=int, default=49000, help="training images per trial (49000)")
+    add("--num-validation", type=int, default=1000,
+        help="validation images that score the trials (1000)")
+    add("--num-test", type=int, default=10000, help="test images for the best model (10000)")
+    add("--threads", type=int, default=None, help="CPU threads (all cores)")
 
-    evaluate = commands.add_parser("evaluate", help="test accuracy and confusion matrix of a run")
-    evaluate.add_argument("run_dir", help="a run folder written by `fastnn train`")
+    evaluate = commands.add_parser(
+        "evaluate", help="test accuracy and confusion matrix of a run", parents=[debug],
+        description="Test accuracy and confusion matrix (printed, and DIR/confusion.png) of the "
+                    "model in a train or tune run folder.")
+    evaluate.add_argument("run_dir", help="a run folder of `fastnn train` or `fastnn tune`")
     evaluate.add_argument("--data", help="folder holding cifar-10-batches-py")
-    evaluate.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    evaluate.add_argument("--backend", choices=["numpy", "cupy"], default=None,
+                          help="numpy (CPU) or cupy (GPU) (the run's)")
     evaluate.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
                           help="average each image's scores with its mirror's (default: as the "
                                "run was trained to test)")
@@ -129,6 +185,24 @@ def build_parser():
 
 
 # -- helpers -----------------------------------------------------------------
+def one_line(exc):
+    """An exception's message on one line (OSError: 'reason: file')."""
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, FolderInUse):
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def failing_as(error, kinds, prefix="", hint=""):
+    """Turn the exceptions `kinds` raised in the block into `error` (one line)."""
+    try:
+        yield
+    except kinds as exc:
+        raise error(prefix + one_line(exc) + hint) from exc
+
+
 def new_run_dir():
     """Create and return a new folder runs/YYYYmmdd-HHMMSS[-N] (never one another run took)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -139,55 +213,225 @@ def new_run_dir():
             return path
         except FileExistsError:
             continue
-    raise RuntimeError("no free run folder name under runs/")
+    raise CommandError("no free run folder name under runs/")
 
 
-# -- commands ----------------------------------------------------------------
+def check_new_folder(out_dir, holds_run, resume="fastnn train --resume {}"):
+    """Raise CommandError when `out_dir` cannot become a new run folder; nothing is created.
+
+    holds_run(folder) says whether an existing folder already holds a run;
+    `resume` is the command that continues one.
+    """
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CommandError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    if os.path.isdir(out_dir):
+        if holds_run(out_dir):
+            raise CommandError(f"{out_dir} already holds a run; continue it with "
+                               f"`{resume.format(out_dir)}`, or choose another --out "
+                               "(nothing was overwritten)")
+        existing = out_dir
+    else:
+        existing = os.path.dirname(os.path.abspath(out_dir))
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise CommandError(f"cannot create --out {out_dir}: {existing} is a file, not a "
+                               "folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"cannot write in {existing} (permission denied); choose another "
+                           "--out")
+
+
+@contextlib.contextmanager
+def claimed_folder(out_dir, holds_run, resume="fastnn train --resume {}"):
+    """Create (if needed) and lock a new run folder for the block; yields its path.
+
+    Refused when another process holds it or when it holds a run by now (a
+    process that started at the same instant won). A folder made here is
+    removed again when the block fails before it holds a run.
+    """
+    created = False
+    try:
+        if out_dir is None:
+            out_dir, created = new_run_dir(), True
+        elif not os.path.isdir(out_dir):
+            os.makedirs(out_dir)
+            created = True
+    except FileExistsError:
+        pass  # another process made it first: the lock decides
+    except OSError as exc:
+        raise CommandError(f"cannot create the run folder {out_dir}: {one_line(exc)}") from exc
+    with failing_as(CommandError, FolderInUse), lock_folder(out_dir):
+        try:
+            if holds_run(out_dir):
+                raise CommandError(f"{out_dir} already holds a run (another process started "
+                                   f"it); continue it with `{resume.format(out_dir)}`, "
+                                   "or choose another --out")
+            yield out_dir
+        except BaseException:
+            if created and not holds_run(out_dir):  # only while holding the lock
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+
+
+def train_holds_run(folder):
+    return os.path.exists(os.path.join(folder, "config.json"))
+
+
+def read_config_file(path):
+    """A run configuration from a run's config.json or a tune folder's best.json."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+        if isinstance(raw, dict) and raw.get("format") == TUNE_BEST_FORMAT:
+            config = read_json(path, TUNE_BEST_FORMAT, FORMAT_VERSION)["config"]
+        else:
+            config = read_json(path, CONFIG_FORMAT, FORMAT_VERSION)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--config {path}: {one_line(exc)}") from exc
+    # a stored configuration without a key means that key's value before it existed
+    config = {"model": LEGACY_DEFAULTS["model"], **config}
+    unknown = sorted(set(config) - set(DEFAULTS) - {"model_seed"})
+    if unknown:
+        raise UsageError(f"--config {path} has keys fastnn train does not know: {unknown}")
+    return config
+
+
+def check_flags(config, given):
+    """UsageError naming a bad value or the given flags that do not apply under `config`."""
+    with failing_as(UsageError, ValueError):
+        check_config(config)
+    unused = not_applicable(config, given)
+    if unused:
+        raise UsageError("; ".join(f"{option_name(k)} does not apply ({why})"
+                                   for k, why in unused.items())
+                         + ("; drop them" if len(unused) > 1 else "; drop it"))
+
+
+def prepare(config):
+    """Backend, data, model and Solver for `config`, or CommandError saying what is wrong."""
+    with failing_as(CommandError, (RuntimeError, ValueError), "backend: "):
+        setup_runtime(config)
+    with failing_as(CommandError, (RuntimeError, ValueError, OSError), "CIFAR-10 data: "):
+        data = load_data(config)
+    with failing_as(CommandError, ValueError):
+        model = build_model(config)
+        solver = build_solver(model, data, config)
+    return data, model, solver
+
+
+# -- fastnn train ------------------------------------------------------------
 def train_command(args):
-    import fastnn
-    from fastnn import plots
-    from fastnn.inference import plain_and_flip_accuracy
-    from fastnn.solver import TrainingInterrupted
-
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume")}
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("command", "out", "resume", "debug", "config_file")}
     if given.get("lr_schedule") == "none":
         given["lr_schedule"] = None
     if "resume" in args:
-        out_dir = args.resume
-        config_path = os.path.join(out_dir, "config.json")
-        if not os.path.exists(config_path):
-            raise SystemExit(f"fastnn: cannot resume: {config_path} does not exist "
-                             "(is this a folder written by `fastnn train`?)")
-        # a run made before a key existed keeps that key's old value (LEGACY_DEFAULTS)
-        config = complete(read_json(config_path, CONFIG_FORMAT, FORMAT_VERSION))
-        fixed = sorted(set(given) - RESUMABLE)
-        if fixed:
-            raise SystemExit(f"fastnn: --resume continues a run as configured; it cannot change "
-                             f"{fixed} (only {sorted(RESUMABLE)})")
-        config.update(given)
-    else:
-        config = new_config(given)
-        out_dir = getattr(args, "out", None) or new_run_dir()
-        if os.path.exists(os.path.join(out_dir, "config.json")):
-            raise SystemExit(f"fastnn: {out_dir} already holds a run (config.json); continue it "
-                             f"with `fastnn train --resume {out_dir}`, or choose another --out "
-                             "(nothing was overwritten)")
-        os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "config.json"), config, CONFIG_FORMAT, FORMAT_VERSION)
+        return resume_run(args, given)
+    base = {}
+    if "config_file" in args:
+        base = read_config_file(args.config_file)
+    # a new run: its model's recipe (convnet unless told), then the file, then the flags
+    config = new_config({**base, **given})
+    check_flags(config, given)
+    out_dir = getattr(args, "out", None)
+    if out_dir is not None:
+        check_new_folder(out_dir, train_holds_run)
+    data, model, solver = prepare(config)
+    with claimed_folder(out_dir, train_holds_run) as out_dir:
+        with failing_as(CommandError, OSError, "cannot write config.json: "):
+            write_json(os.path.join(out_dir, "config.json"), recorded(config), CONFIG_FORMAT,
+                       FORMAT_VERSION)
+        solver.checkpoint_path = os.path.join(out_dir, "checkpoint.npz")
+        return run_training(solver, model, data, config, out_dir)
+
+
+def resume_run(args, given):
+    out_dir = args.resume
+    if "out" in args and os.path.abspath(args.out) != os.path.abspath(out_dir):
+        raise UsageError(f"--out does not apply with --resume: the run continues in its folder "
+                         f"{out_dir} (drop --out {args.out})")
+    if "config_file" in args:
+        raise UsageError("--config does not apply with --resume: the run continues as its "
+                         "config.json says (drop --config)")
+    config_path = os.path.join(out_dir, "config.json")
+    if not os.path.isdir(out_dir):
+        raise CommandError(f"cannot resume: there is no folder {out_dir}")
+    if not os.path.exists(config_path):
+        raise CommandError(f"cannot resume: {config_path} does not exist (is this a folder "
+                           f"written by `fastnn train`? start a run with --out {out_dir})")
+    with failing_as(CommandError, (OSError, ValueError), "cannot resume: "):
+        stored = read_json(config_path, CONFIG_FORMAT, FORMAT_VERSION)
+    fixed = sorted(set(given) - RESUMABLE)
+    if fixed:
+        raise UsageError(f"--resume continues a run as configured; it cannot change "
+                         f"{', '.join(option_name(k) for k in fixed)} (only "
+                         f"{', '.join(option_name(k) for k in sorted(RESUMABLE))})")
+    # a run made before a key existed keeps that key's old value (LEGACY_DEFAULTS)
+    config = complete({**stored, **given})
+    check_flags(config, given)
+    with failing_as(CommandError, FolderInUse), lock_folder(out_dir):
+        data, model, solver = prepare(config)
+        checkpoint = os.path.join(out_dir, "checkpoint.npz")
+        solver.checkpoint_path = checkpoint
+        if os.path.exists(checkpoint):
+            with failing_as(CommandError, (OSError, ValueError), "cannot resume: ",
+                            f" (nothing in {out_dir} was changed)"):
+                solver.load_checkpoint(checkpoint)
+            if solver.epoch > config["epochs"]:
+                raise UsageError(f"--epochs {config['epochs']} is below the {solver.epoch} "
+                                 f"epochs {out_dir} has trained already")
+            print(f"resuming {out_dir} at epoch {solver.epoch} of {config['epochs']}")
+        else:  # it stopped in its first epoch: nothing to continue, so it starts over
+            print(f"{out_dir} has no checkpoint yet (it stopped in its first epoch): "
+                  "training it from the start")
+        with failing_as(CommandError, OSError, "cannot write config.json: "):
+            write_json(config_path, recorded(config), CONFIG_FORMAT, FORMAT_VERSION)
+        return run_training(solver, model, data, config, out_dir)
+
+
+def run_training(solver, model, data, config, out_dir):
+    """Train, then write the model, metrics and plots; returns the exit status."""
+    from fastnn.solver import TrainingInterrupted
 
     start = time.perf_counter()
-    setup_runtime(config)
-    data = load_data(config)
-    model = build_model(config)
-    solver = build_solver(model, data, config, out_dir)
-    if "resume" in args:
-        solver.load_checkpoint(os.path.join(out_dir, "checkpoint.npz"))
-        print(f"resuming {out_dir} at epoch {solver.epoch} of {config['epochs']}")
+    resume_hint = f"fastnn train --resume {out_dir}"
+    failure = None
     try:
-        solver.train()
+        with failing_as(CommandError, OSError, "training stopped: ",
+                        f"; the last complete checkpoint is kept: fix it, then {resume_hint}"), \
+                np.errstate(over="ignore", invalid="ignore"):  # a divergence is reported below
+            solver.train()
     except TrainingInterrupted as stop:
-        print(f"\nfastnn: {stop}. Resume with: fastnn train --resume {out_dir}", file=sys.stderr)
+        print(f"\nfastnn: {stop}. Resume with: {resume_hint}", file=sys.stderr)
+        return 128 + int(stop.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, perhaps mid-step
+        print(f"\nfastnn: stopped at once; {out_dir} keeps the checkpoint of the last finished "
+              f"epoch (if any). Resume with: {resume_hint}", file=sys.stderr)
         return 130
+    except FloatingPointError as exc:  # model.params already hold the best seen
+        failure = one_line(exc)
+    with failing_as(CommandError, OSError, "cannot write the results: ",
+                    f"; free the space or fix the folder, then {resume_hint}"):
+        metrics = write_results(solver, model, data, config, out_dir, start, failure)
+    if failure:
+        print(f"fastnn train: the run diverged: {failure} Saved the best model (val acc "
+              f"{solver.best_val_acc:.4f}, test acc {metrics['test_acc']:.4f}) to "
+              f"{os.path.join(out_dir, 'model.npz')} and the failure to metrics.json.",
+              file=sys.stderr)
+        return 1
+    print(f"best val acc {solver.best_val_acc:.4f}; test acc {metrics['test_acc']:.4f} on "
+          f"{metrics['num_test']} images ({metrics['test_acc_plain']:.4f} without, "
+          f"{metrics['test_acc_flip']:.4f} with flip averaging); {metrics['seconds']:.0f} s; "
+          f"run folder {out_dir}")
+    return 0
+
+
+def write_results(solver, model, data, config, out_dir, start, failure):
+    """model.npz, metrics.json (with `failure`, None when the run finished) and the plots."""
+    import fastnn
+    from fastnn import plots
+    from fastnn.inference import plain_and_flip_accuracy
 
     fastnn.save(model, os.path.join(out_dir, "model.npz"))
     # both accuracies from one batched pass; test_acc is the one the run asks for
@@ -195,25 +439,30 @@ def train_command(args):
     test_acc = test_flip if config["flip_test"] else test_plain
     per_epoch = [{"epoch": e, "train_acc": tr, "val_acc": va}
                  for e, (tr, va) in enumerate(zip(solver.train_acc_history, solver.val_acc_history))]
-    metrics = {"best_val_acc": solver.best_val_acc, "test_acc": test_acc,
+    metrics = {"status": "diverged" if failure else "finished", "failure": failure,
+               "best_val_acc": solver.best_val_acc, "test_acc": test_acc,
                "flip_test": config["flip_test"], "test_acc_plain": test_plain,
                "test_acc_flip": test_flip,
                "num_test": int(data["X_test"].shape[0]), "epochs": per_epoch,
-               "loss_history": solver.loss_history,
+               "loss_history": [v if np.isfinite(v) else None for v in solver.loss_history],
                "seconds": round(time.perf_counter() - start, 2)}
     write_json(os.path.join(out_dir, "metrics.json"), metrics, METRICS_FORMAT, FORMAT_VERSION)
-    plots.plot_loss(solver.loss_history, os.path.join(out_dir, "loss.png"),
-                    solver.iterations_per_epoch)
+    finite_loss = [v for v in solver.loss_history if np.isfinite(v)]
+    plots.plot_loss(finite_loss, os.path.join(out_dir, "loss.png"), solver.iterations_per_epoch)
     plots.plot_accuracy(solver.train_acc_history, solver.val_acc_history,
                         os.path.join(out_dir, "accuracy.png"))
-    plots.plot_first_layer_weights(fastnn.to_numpy(model.params["W1"]),
-                                   os.path.join(out_dir, "weights.png"))
-    print(f"best val acc {solver.best_val_acc:.4f}; test acc {test_acc:.4f} on "
-          f"{metrics['num_test']} images ({test_plain:.4f} without, {test_flip:.4f} with flip "
-          f"averaging); {metrics['seconds']:.0f} s; run folder {out_dir}")
-    return 0
+    # the first weight's columns are image templates when it is an affine map of the
+    # pixels; a conv model's first weight holds its first layer's filters
+    first = next((model.params[k] for k, role in model.param_roles.items() if role == "weight"),
+                 None)
+    if first is not None and (first.ndim == 4 or first.ndim == 2
+                              and first.shape[0] == 3 * 32 * 32):
+        plots.plot_first_layer_weights(fastnn.to_numpy(first),
+                                       os.path.join(out_dir, "weights.png"))
+    return metrics
 
 
+# -- fastnn evaluate ---------------------------------------------------------
 def confusion_matrix(y_true, y_pred, num_classes):
     """counts[i, j]: images of class i predicted as j (host numpy arrays in)."""
     counts = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -226,19 +475,34 @@ def evaluate_command(args):
     from fastnn import plots
     from fastnn.data import CLASSES
 
-    config_path = os.path.join(args.run_dir, "config.json")
-    model_path = os.path.join(args.run_dir, "model.npz")
-    for path in (config_path, model_path):
-        if not os.path.exists(path):
-            raise SystemExit(f"fastnn: cannot evaluate: {path} does not exist "
-                             "(train first: fastnn train --out DIR)")
-    config = complete(read_json(config_path, CONFIG_FORMAT, FORMAT_VERSION))
+    run_dir = args.run_dir
+    if not os.path.isdir(run_dir):
+        raise CommandError(f"cannot evaluate: there is no folder {run_dir}")
+    config_path = os.path.join(run_dir, "config.json")
+    model_path = os.path.join(run_dir, "model.npz")
+    best_path = os.path.join(run_dir, "best.json")
+    with failing_as(CommandError, (OSError, ValueError), "cannot evaluate: "):
+        if os.path.exists(best_path):  # a `fastnn tune` folder
+            config = read_json(best_path, TUNE_BEST_FORMAT, FORMAT_VERSION)["config"]
+            model_path = os.path.join(run_dir, "best_model.npz")
+        elif os.path.exists(config_path):
+            config = read_json(config_path, CONFIG_FORMAT, FORMAT_VERSION)
+        else:
+            raise CommandError(f"cannot evaluate: {run_dir} holds no run (no config.json or "
+                               "best.json); train one with fastnn train --out DIR")
+    if not os.path.exists(model_path):
+        raise CommandError(f"cannot evaluate: {model_path} does not exist (the run has not "
+                           f"finished; resume it: fastnn train --resume {run_dir})")
+    config = complete(config)
     flip = config["flip_test"] if args.flip_test is None else args.flip_test
     if args.backend:
         config["backend"] = args.backend
-    setup_runtime(config)
-    data = load_data(config, args.data)
-    model = fastnn.load(model_path)
+    with failing_as(CommandError, (RuntimeError, ValueError), "backend: "):
+        setup_runtime(config)
+    with failing_as(CommandError, (RuntimeError, ValueError, OSError), "CIFAR-10 data: "):
+        data = load_data(config, args.data)
+    with failing_as(CommandError, (OSError, ValueError), "cannot evaluate: "):
+        model = fastnn.load(model_path)
     y_pred = fastnn.to_numpy(predict(model, data["X_test"], flip=flip))
     y_true = data["y_test"]
     accuracy = float((y_pred == y_true).mean())
@@ -250,10 +514,50 @@ def evaluate_command(args):
     print(" " * (width + 1) + " ".join(f"{c[:5]:>5}" for c in CLASSES))
     for name, row in zip(CLASSES, matrix):
         print(f"{name:>{width}} " + " ".join(f"{v:5d}" for v in row))
-    png = os.path.join(args.run_dir, "confusion.png")
-    plots.plot_confusion_matrix(matrix, CLASSES, png)
+    png = os.path.join(run_dir, "confusion.png")
+    with failing_as(CommandError, OSError, "cannot write the plot: "):
+        plots.plot_confusion_matrix(matrix, CLASSES, png)
     print(f"saved {png}")
     return 0
+
+
+# -- fastnn tune -------------------------------------------------------------
+TUNE_RESUME = "fastnn tune --resume --out {}"
+
+
+def tune_holds_run(folder):
+    return any(os.path.exists(os.path.join(folder, name)) for name in ("study.db", "best.json"))
+
+
+def fill_tune_defaults(options):
+    """The per-model defaults of --parallel, --epochs and --crop-padding (None: not given)."""
+    if options["model"] == "convnet":
+        if (options["parallel"] or 1) != 1:
+            raise UsageError(f"convnet trials train one at a time; --parallel "
+                             f"{options['parallel']} applies to --model fc")
+        recipe = defaults_for("convnet")
+        fill = {"parallel": 1, "epochs": recipe["epochs"], "crop_padding": recipe["crop_padding"]}
+    else:
+        for name in ("widths", "stem_width"):
+            if options[name] is not None:
+                raise UsageError(f"{option_name(name)} applies to tune --model convnet, not fc")
+        fill = {"parallel": 2, "epochs": 30, "crop_padding": 0}
+    options.update({k: v for k, v in fill.items() if options[k] is None})
+
+
+def check_tune_options(options):
+    for name, low in (("trials", 1), ("parallel", 1), ("epochs", 1), ("final_epochs", 0)):
+        if options[name] < low:
+            raise UsageError(f"{option_name(name)} must be >= {low}, got {options[name]}")
+    budget = options["budget_minutes"]
+    if budget is not None and not (np.isfinite(budget) and budget > 0):
+        raise UsageError(f"--budget-minutes must be a positive number of minutes, got {budget}")
+    shared = {k: options[k] for k in ("num_training", "num_validation", "num_test", "threads",
+                                      "backend", "seed", "crop_padding", "epochs")}
+    with failing_as(UsageError, ValueError):
+        check_config({**shared, "augment": True})  # trials that augment use --crop-padding
+    if options["resume"] and options["out"] is None and options["storage"] is None:
+        raise UsageError("--resume needs --out DIR (the earlier run folder) or --storage")
 
 
 def tune_command(args):
@@ -261,33 +565,59 @@ def tune_command(args):
 
     options = {**vars(args), "start": START_TIME, "final_seconds": 0,
                "worker": f"{os.uname().nodename}:{os.getpid()}"}
-    if options["resume"] and options["out"] is None and options["storage"] is None:
-        raise SystemExit("fastnn: --resume needs --out DIR (the earlier run folder) or --storage")
-    if options["model"] == "convnet":
-        if (options["parallel"] or 1) != 1:
-            raise SystemExit(f"fastnn: convnet trials train one at a time; --parallel "
-                             f"{options['parallel']} applies to --model fc")
-        recipe = defaults_for("convnet")
-        fill = {"parallel": 1, "epochs": recipe["epochs"], "crop_padding": recipe["crop_padding"]}
-    else:
-        for name in ("widths", "stem_width"):
-            if options[name] is not None:
-                raise SystemExit(f"fastnn: --{name.replace('_', '-')} applies to tune --model "
-                                 "convnet, not fc")
-        fill = {"parallel": 2, "epochs": 30, "crop_padding": 0}
-    options.update({k: v for k, v in fill.items() if options[k] is None})
-    options["out"] = options["out"] or new_run_dir()
-    for name in ("trials", "parallel", "epochs"):
-        if options[name] < 1:
-            raise SystemExit(f"fastnn: --{name} must be >= 1, got {options[name]}")
-    tune.tune(options)
+    fill_tune_defaults(options)
+    check_tune_options(options)
+    out_dir = options["out"]
+
+    def holds_run(folder):  # a new study may not reuse a folder, a resumed one must
+        return False if options["resume"] else tune_holds_run(folder)
+
+    if out_dir is not None:
+        if options["resume"] and options["storage"] is None and not tune_holds_run(out_dir):
+            raise CommandError(f"cannot resume: {out_dir} holds no study (no study.db); start "
+                               f"one with fastnn tune --out {out_dir}")
+        if not (options["resume"] and os.path.isdir(out_dir)):
+            check_new_folder(out_dir, tune_holds_run, TUNE_RESUME)
+    with failing_as(CommandError, (RuntimeError, ValueError), "backend: "):
+        setup_runtime(options)
+    with failing_as(CommandError, (RuntimeError, ValueError, OSError), "CIFAR-10 data: "):
+        data = load_data(options)
+    with claimed_folder(out_dir, holds_run, TUNE_RESUME) as out_dir:
+        options["out"] = out_dir
+        try:
+            with failing_as(CommandError, OSError):
+                tune.tune(options, data=data)
+        except SystemExit as stop:  # fastnn.tune's own one-line refusals
+            if not isinstance(stop.code, str):
+                raise
+            raise CommandError(stop.code.removeprefix("fastnn: ")) from None
     return 0
 
 
+COMMANDS = {"train": train_command, "evaluate": evaluate_command, "tune": tune_command}
+
+
 def main(argv=None):
+    """Run the command in argv; returns its exit status (argparse exits with 2 on bad flags)."""
     args = build_parser().parse_args(argv)
-    commands = {"train": train_command, "evaluate": evaluate_command, "tune": tune_command}
-    return commands[args.command](args)
+    debug = args.debug or os.environ.get("FASTNN_DEBUG", "") not in ("", "0")
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        if debug:
+            raise
+        print(f"fastnn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (CommandError, OSError) as exc:  # OSError: the file system said no
+        if debug:
+            raise
+        print(f"fastnn {args.command}: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\nfastnn {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@
 NCHW arrays, mean-subtracted, ready for the models.
 
 The data are read from ``<root>/cifar-10-batches-py`` (the layout of the
-official Python archive). ``root`` defaults to ``$FASTNN_DATA`` when it is
-set, else to ``$XDG_CACHE_HOME/fastnn`` (``~/.cache/fastnn``). When the folder
-is missing the official archive is downloaded, MD5-checked and unpacked into
-place atomically: a failed or interrupted download leaves nothing behind.
+official Python archive); ``root`` may also be that folder itself.
+``root`` defaults to ``$FASTNN_DATA`` when it is set, else to
+``$XDG_CACHE_HOME/fastnn`` (``~/.cache/fastnn``). When the folder is missing,
+``<root>/cifar-10-python.tar.gz`` (the official archive, copied there by hand
+on a machine without internet) or else the downloaded archive is MD5-checked
+and unpacked into place atomically: a failed or interrupted download leaves
+nothing behind.
 
 Errors:
     RuntimeError       the download failed (no network, HTTP error, the
@@ -19,6 +22,7 @@ Errors:
     FileNotFoundError  the data are missing and ``download=False``, or a
                        batch file is missing from an existing folder.
 """
+import contextlib
 import hashlib
 import http.client
 import os
@@ -37,6 +41,7 @@ __all__ = ["CLASSES", "URL", "MD5", "load_cifar10", "get_cifar10_data",
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
 FOLDER = "cifar-10-batches-py"
+ARCHIVE = "cifar-10-python.tar.gz"  # the official archive's name
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
 
@@ -132,27 +137,41 @@ def _safe_members(tar, archive_desc):
     return members
 
 
-def _download(root, url, md5):
-    """Download, check and unpack the archive into ``root/FOLDER``, atomically."""
+def _md5_of(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(root, url, md5, archive=None):
+    """Download (or take the local `archive`), check and unpack into ``root/FOLDER``, atomically."""
+    made_root = not os.path.isdir(root)
     os.makedirs(root, exist_ok=True)
     target = os.path.join(root, FOLDER)
-    fd, part = tempfile.mkstemp(dir=root, prefix=".cifar-10-python.",
-                                suffix=".tar.gz.part")
+    part = None
     tmpdir = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            actual = _fetch(url, f)
+        if archive is None:
+            fd, part = tempfile.mkstemp(dir=root, prefix=".cifar-10-python.",
+                                        suffix=".tar.gz.part")
+            with os.fdopen(fd, "wb") as f:
+                actual = _fetch(url, f)
+            source, desc = part, f"the archive downloaded from {url}"
+        else:
+            actual = _md5_of(archive)
+            source, desc = archive, f"the archive {archive}"
         if md5 is not None and actual != md5.lower():
             raise ValueError(
-                f"the archive downloaded from {url} has MD5 {actual}, expected "
-                f"{md5}: it is corrupt or not the CIFAR-10 archive. Nothing was "
-                "kept; try again, or fetch it by hand and point FASTNN_DATA at "
-                f"the folder holding {FOLDER}.")
+                f"{desc} has MD5 {actual}, expected {md5}: it is corrupt or not "
+                "the CIFAR-10 archive (cifar-10-python.tar.gz). Nothing was "
+                "unpacked; fetch it again and put it in the data folder, or point "
+                f"FASTNN_DATA at a folder holding {FOLDER}.")
         # Unpack beside the target (same filesystem) so the final rename is atomic.
         tmpdir = tempfile.mkdtemp(dir=root, prefix=".cifar-10-unpack.")
-        desc = f"the archive from {url}"
         try:
-            with tarfile.open(part, "r:gz") as tar:
+            with tarfile.open(source, "r:gz") as tar:
                 members = _safe_members(tar, desc)
                 if hasattr(tarfile, "data_filter"):
                     tar.extractall(tmpdir, members=members, filter="data")
@@ -162,7 +181,8 @@ def _download(root, url, md5):
             raise ValueError(f"cannot unpack {desc}: {exc}") from exc
         unpacked = os.path.join(tmpdir, FOLDER)
         if not os.path.isdir(unpacked):
-            raise ValueError(f"{desc} has no {FOLDER}/ folder; check the URL.")
+            raise ValueError(f"{desc} has no {FOLDER}/ folder; it is not the official "
+                             "CIFAR-10 Python archive.")
         try:
             os.replace(unpacked, target)
         except OSError:
@@ -170,10 +190,19 @@ def _download(root, url, md5):
             if not os.path.isdir(target):
                 raise
     finally:
-        if os.path.exists(part):
+        if part is not None and os.path.exists(part):
             os.remove(part)
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
+        if made_root and not os.path.isdir(target):
+            # a failed first download leaves no empty data folder behind (rmdir: only if empty)
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
+
+
+_REPLACE_HINT = (f"Replace it with the file from the official archive ({URL}), or remove the "
+                 f"{FOLDER} folder and run again: fastnn then unpacks cifar-10-python.tar.gz "
+                 "from the data folder, or downloads it")
 
 
 def _load_batch(path):
@@ -188,23 +217,22 @@ def _load_batch(path):
         data = np.asarray(batch[b"data"])
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except FileNotFoundError:
-        raise
+        raise FileNotFoundError(
+            f"CIFAR-10 batch file {path} is missing: the folder holds an incomplete copy. "
+            f"{_REPLACE_HINT}") from None
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError,
             AttributeError, IndexError, ImportError) as exc:
         raise ValueError(
             f"CIFAR-10 batch file {path} is truncated or corrupt "
-            f"({type(exc).__name__}: {exc}). Delete the folder "
-            f"{os.path.dirname(path)} to download it again.") from exc
+            f"({type(exc).__name__}: {exc}). {_REPLACE_HINT}") from exc
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
         raise ValueError(
             f"CIFAR-10 batch file {path} is corrupt: data has shape "
-            f"{data.shape} and dtype {data.dtype}, expected (n, 3072) uint8. "
-            f"Delete the folder {os.path.dirname(path)} to download it again.")
+            f"{data.shape} and dtype {data.dtype}, expected (n, 3072) uint8. {_REPLACE_HINT}")
     if labels.shape != (data.shape[0],):
         raise ValueError(
             f"CIFAR-10 batch file {path} is corrupt: {data.shape[0]} images but "
-            f"labels of shape {labels.shape}. Delete the folder "
-            f"{os.path.dirname(path)} to download it again.")
+            f"labels of shape {labels.shape}. {_REPLACE_HINT}")
     # Rows are R, G, B planes of 32x32 each.
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels
@@ -231,20 +259,28 @@ def load_cifar10(root=None, download=True, *, url=URL, md5=MD5):
     """
     root = _resolve_root(root)
     folder = os.path.join(root, FOLDER)
-    if not os.path.isdir(folder):
+    if os.path.isfile(root):
+        raise NotADirectoryError(f"the CIFAR-10 data folder {root} is a file; point FASTNN_DATA "
+                                 f"(or root=, --data) at the folder that holds {FOLDER}")
+    if not os.path.isdir(folder) and os.path.isfile(os.path.join(root, _TRAIN_FILES[0])):
+        folder = root  # root is the batches folder itself
+    archive = os.path.join(root, ARCHIVE)
+    if not os.path.isdir(folder) and os.path.isfile(archive):
+        _download(root, url, md5, archive=archive)  # the user's copy of the archive
+    elif not os.path.isdir(folder):
         if not download:
             raise FileNotFoundError(
                 f"CIFAR-10 not found: no folder {folder}. Pass download=True to "
                 f"fetch it, or set FASTNN_DATA (or root=) to a folder that holds "
-                f"{FOLDER}.")
+                f"{FOLDER} or {ARCHIVE}.")
         try:
             _download(root, url, md5)
         except _DownloadError as exc:
             raise RuntimeError(
                 f"could not download CIFAR-10 from {exc.url}: {exc.cause}. "
-                f"Looked for the data in {folder}. Check the network, or fetch "
-                f"the archive by hand, unpack it, and point FASTNN_DATA (or "
-                f"root=) at the folder that holds {FOLDER}."
+                f"Looked for the data in {folder}. Without internet, copy the official "
+                f"archive {ARCHIVE} (or its unpacked {FOLDER} folder) into {root}, or "
+                f"point FASTNN_DATA (--data, root=) at the folder that holds it."
             ) from (exc.cause if isinstance(exc.cause, BaseException) else None)
     xs, ys = [], []
     for name in _TRAIN_FILES:

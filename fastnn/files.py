@@ -11,6 +11,8 @@ removed when writing fails.
 JSON files carry {"format": ..., "format_version": ...}: `write_json` adds
 them and `read_json` checks them (files written before versions existed,
 without the keys, still load; a newer version is refused in one line).
+
+`lock_folder(folder)` holds a run folder for one process at a time.
 """
 import contextlib
 import json
@@ -102,3 +104,35 @@ def read_json(path, file_format, version):
         raise ValueError(f"{path} has format version {found_version!r}, newer than this fastnn "
                          f"reads ({version}); upgrade fastnn")
     return obj
+
+
+class FolderInUse(OSError):
+    """Another process holds the folder's lock (see lock_folder)."""
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def lock_folder(folder):
+    """Hold `folder`'s lock for the block, or raise FolderInUse at once if another process has it.
+
+    An advisory flock on folder/.lock: the kernel drops it when the process
+    ends, so a crashed run never leaves its folder locked. The lock file is
+    created once and never rewritten. Without fcntl (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderInUse(f"{folder} is in use by another fastnn process; wait for it to "
+                              "end (or stop it), then try again") from None
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock

@@ -65,9 +65,18 @@ def batchnorm_forward(x, gamma, beta, bn_param):
     mode = bn_param.get("mode", "train")
     eps = bn_param.get("eps", 1e-5)
     momentum = bn_param.get("momentum", 0.9)
-    if x.ndim != 2 or gamma.shape != (x.shape[1],) or beta.shape != (x.shape[1],):
+    if x.ndim != 2:
+        raise ValueError(f"batchnorm_forward: x must be 2-D (N, D), got shape {x.shape}; "
+                         "reshape it (x.reshape(N, -1)) or use a spatial batchnorm for images")
+    if x.dtype.kind != "f":
+        raise ValueError(f"batchnorm_forward: x must be a floating array, got dtype {x.dtype}; "
+                         "convert it first (x.astype(np.float32))")
+    if x.shape[0] == 0 and mode == "train":
+        raise ValueError(f"batchnorm_forward: x is an empty batch (shape {x.shape}); train mode "
+                         "needs at least one row to compute the batch statistics")
+    if gamma.shape != (x.shape[1],) or beta.shape != (x.shape[1],):
         raise ValueError(f"batchnorm_forward: x of shape {x.shape} needs gamma and beta of shape "
-                         f"({x.shape[1] if x.ndim == 2 else 'D'},); got {gamma.shape} and {beta.shape}")
+                         f"({x.shape[1]},); got {gamma.shape} and {beta.shape}")
     width = x.shape[1]
     running_mean = bn_param.get("running_mean")
     running_var = bn_param.get("running_var")
@@ -127,6 +136,9 @@ def dropout_forward(x, dropout_param):
         raise ValueError(f"dropout p (the probability of dropping a unit) must be in [0, 1), got {p}")
     if mode == "test" or p == 0.0:
         return x, None
+    if x.dtype.kind != "f":  # the 1 / (1 - p) scale would be truncated
+        raise ValueError(f"dropout_forward: x must be a floating array, got dtype {x.dtype}; "
+                         "convert it first (x.astype(np.float32))")
     xp = get_array_module(x)
     seed, step = _dropout_seed(dropout_param, xp), int(dropout_param.get("step", 0))
     return kernels.for_module(xp).dropout_forward(x, p, seed, step), (p, seed, step)
@@ -145,6 +157,12 @@ def _check_scores_and_labels(x, y):
     xp = get_array_module(x, y)
     if x.ndim != 2:
         raise ValueError(f"scores must be (N, C), got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"scores x is an empty batch (shape {x.shape}); the loss is a mean over "
+                         "rows and needs at least one")
+    if x.dtype.kind != "f":
+        raise ValueError(f"scores x must be a floating array, got dtype {x.dtype}; "
+                         "convert it first (x.astype(np.float32))")
     if y.shape != (x.shape[0],):
         raise ValueError(f"labels must have shape ({x.shape[0]},) to match scores {x.shape}, "
                          f"got {y.shape}")

@@ -12,8 +12,8 @@ per trial). This module is the one place that knows what the keys mean:
     load_data / build_model / build_solver / predict / setup_runtime
 
 Which option applies to which model, update rule or switch is listed in
-three tables (MODEL_OPTIONS, RULE_OPTIONS, NEEDS); a new model or rule adds
-a row there.
+three tables (MODEL_OPTIONS, RULE_OPTIONS, NEEDS); a new model adds a row to
+MODEL_OPTIONS, a new rule arrives through fastnn.optim's table.
 """
 import numbers
 import os
@@ -145,10 +145,11 @@ def _check_number(key, value, bounds, integer):
                          f"got {value!r}")
     if not np.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
             or (high is not None and (value >= high if high_open else value > high)):
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        span = f"{left}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{right}"
-        raise ValueError(f"{option_name(key)} must be in {span}, got {value!r}")
+        if high is None:
+            span = f"{'>' if low_open else '>='} {low}"
+        else:
+            span = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{option_name(key)} must be {span}, got {value!r}")
 
 
 def check_config(config):

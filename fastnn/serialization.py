@@ -1,9 +1,13 @@
 """Saving models and checkpoints: `.npz` files with a JSON metadata entry, written atomically.
 
 `save(model, path)` / `load(path)` store a classifier (class, constructor
-arguments, dtype, parameters, batchnorm running statistics, fastnn
-version); `load` rebuilds it on the active backend. `write_npz` / `read_npz`
-are the shared atomic writer and checked reader (Solver checkpoints use them).
+arguments, dtype, parameters, the running statistics of its `norm_params`
+layers, fastnn version); `load` rebuilds it on the active backend.
+`write_npz` / `read_npz` are the shared atomic writer and checked reader
+(Solver checkpoints use them). Every file carries its format's name and
+version; a newer version than this fastnn knows is refused, older ones are
+read (model files of version 1 kept running statistics as `bn/{i}/...`,
+the layer of gamma{i+1}; they load as norm layer str(i + 1)).
 """
 import json
 import os
@@ -12,11 +16,13 @@ import zipfile
 import numpy as np
 
 from fastnn.backend import get_array_module, to_numpy
+from fastnn.classifiers.base import norm_params
 from fastnn.files import atomic_write
 
 MODEL_FORMAT = "fastnn-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # of model files; 2: running statistics as norm/{layer key}/...
 _META = "__meta__"
+STATISTICS = ("running_mean", "running_var")
 
 
 def write_npz(path, arrays, meta):
@@ -33,15 +39,27 @@ def write_npz(path, arrays, meta):
         np.savez(fh, **payload)
 
 
-def read_npz(path, expected_format):
+def read_npz(path, expected_format, version=FORMAT_VERSION):
     """Read a file written by write_npz -> (arrays as numpy, meta dict).
 
     Raises FileNotFoundError when it is missing and ValueError when it is
-    corrupt or of another format, saying which and why.
+    corrupt, of another format, or of a format version newer than
+    `version` (the newest this fastnn writes), saying which and why.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a fastnn file; give the .npz file in it "
+                                "(a run folder's model.npz, for example)")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if not magic:
+        raise ValueError(f"{path} is empty: corrupt or truncated (written by a process that was "
+                         "stopped?)")
+    if not magic.startswith((b"PK", b"\x93NUMPY")):  # neither an .npz (zip) nor an .npy
+        raise ValueError(f"{path} is not a fastnn .npz file: corrupt, or another kind of file "
+                         f"(it starts with {magic!r})")
     try:
         data = np.load(path, allow_pickle=False)
         if isinstance(data, np.lib.npyio.NpzFile):
@@ -58,20 +76,36 @@ def read_npz(path, expected_format):
     if not isinstance(meta, dict) or meta.get("format") != expected_format:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise ValueError(f"{path} is incompatible: it holds {found!r}, expected {expected_format!r}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path} is incompatible: format version {meta['format_version']} is newer "
-                         f"than this fastnn reads ({FORMAT_VERSION}); upgrade fastnn")
+    found = meta.get("format_version")
+    if not isinstance(found, int) or not 1 <= found <= version:
+        raise ValueError(f"{path} is incompatible: {expected_format} format version {found!r}; "
+                         f"this fastnn reads versions 1 to {version} (a newer fastnn wrote it? "
+                         "upgrade fastnn)")
     return arrays, meta
 
 
 def model_state(model):
-    """Arrays that describe a model: its parameters and batchnorm running statistics."""
+    """Arrays that describe a model: its parameters and the running statistics of its norms."""
     arrays = {f"param/{name}": value for name, value in model.params.items()}
-    for i, bn_param in enumerate(getattr(model, "bn_params", [])):
-        for key in ("running_mean", "running_var"):
-            if bn_param.get(key) is not None:
-                arrays[f"bn/{i}/{key}"] = bn_param[key]
+    for key, bn_param in norm_params(model).items():
+        for stat in STATISTICS:
+            if bn_param.get(stat) is not None:
+                arrays[f"norm/{key}/{stat}"] = bn_param[stat]
     return arrays
+
+
+def upgrade_model_state(arrays, version):
+    """model_state() arrays of a file of format `version` in the current layout."""
+    if version >= 2:
+        return arrays
+    # version 1: bn/{i}/{stat} held the statistics of the layer of gamma{i+1}
+    upgraded = {}
+    for name, value in arrays.items():
+        parts = name.split("/")
+        if parts[0] == "bn" and len(parts) == 3 and parts[1].isdigit():
+            name = f"norm/{int(parts[1]) + 1}/{parts[2]}"
+        upgraded[name] = value
+    return upgraded
 
 
 def _checked(stored, what, shape, dtype, xp, source):
@@ -97,22 +131,20 @@ def set_model_state(model, arrays, source):
     extra = {k[len("param/"):] for k in arrays if k.startswith("param/")} - set(model.params)
     if extra:
         raise ValueError(f"{source} is incompatible: unexpected parameters {sorted(extra)}")
-    bn_params = getattr(model, "bn_params", [])
     known = set()
-    for i, bn_param in enumerate(bn_params):
-        # layer i + 1's statistics have one entry per feature, as its gamma has
-        gamma = model.params.get(f"gamma{i + 1}")
-        for key in ("running_mean", "running_var"):
-            name = f"bn/{i}/{key}"
+    for key, bn_param in norm_params(model).items():
+        for stat in STATISTICS:
+            name = f"norm/{key}/{stat}"
             known.add(name)
             stored = arrays.get(name)
             if stored is not None:
-                shape = stored.shape if gamma is None else gamma.shape
-                bn_param[key] = _checked(stored, f"batchnorm statistic {name}", shape,
-                                         model.dtype, xp, source)
-    extra = sorted(k for k in arrays if k.startswith("bn/") and k not in known)
+                current = bn_param.get(stat)
+                shape = stored.shape if current is None else current.shape
+                bn_param[stat] = _checked(stored, f"running statistic {name}", shape,
+                                          model.dtype, xp, source)
+    extra = sorted(k for k in arrays if not k.startswith("param/") and k not in known)
     if extra:
-        raise ValueError(f"{source} is incompatible: unexpected batchnorm statistics {extra}")
+        raise ValueError(f"{source} is incompatible: unexpected running statistics {extra}")
 
 
 def save(model, path):
@@ -132,6 +164,7 @@ def load(path):
     from fastnn import classifiers
 
     arrays, meta = read_npz(path, MODEL_FORMAT)
+    arrays = upgrade_model_state(arrays, meta["format_version"])
     cls = getattr(classifiers, str(meta.get("class")), None)
     if cls is None or not isinstance(meta.get("init_args"), dict):
         raise ValueError(f"{path} is incompatible: unknown model class {meta.get('class')!r}")

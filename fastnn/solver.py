@@ -1,8 +1,10 @@
 """Solver: trains a classifier with minibatch gradient descent and keeps the best model.
 
 The training step does no host/device traffic: losses stay on the device and
-are read every `print_every` iterations and at epoch ends (where the
-non-finite check runs); the data are checked once, when the Solver is built.
+are read when printed (every `print_every` iterations, when verbose or with a
+progress bar) and at epoch ends, where the non-finite check runs; minibatch
+indices go to the device once per epoch; the data are checked once, when the
+Solver is built.
 """
 import contextlib
 import math
@@ -13,9 +15,30 @@ import numpy as np
 
 from fastnn import inference, kernels, optim, schedules
 from fastnn.backend import get_array_module, to_numpy
-from fastnn.serialization import model_state, read_npz, set_model_state, write_npz
+from fastnn.classifiers.base import check_roles, norm_params
+from fastnn.serialization import (STATISTICS, model_state, read_npz, set_model_state,
+                                  upgrade_model_state, write_npz)
 
 CHECKPOINT_FORMAT = "fastnn-checkpoint"
+CHECKPOINT_VERSION = 2  # 2: running statistics by norm layer key (model/norm/..., best_norm/...)
+
+
+def _upgrade_checkpoint(arrays, version):
+    """A checkpoint's arrays of format `version` in the current layout."""
+    if version >= 2:
+        return arrays
+    # version 1: model/bn/{i}/... and best_bn/{i}/... for the layer of gamma{i+1}
+    upgraded = {}
+    for name, value in arrays.items():
+        if name.startswith("best_bn/"):
+            i, stat = name[len("best_bn/"):].split("/", 1)
+            name = f"best_norm/{int(i) + 1}/{stat}"
+        upgraded[name] = value
+    model = upgrade_model_state({k[len("model/"):]: v for k, v in upgraded.items()
+                                 if k.startswith("model/")}, version)
+    upgraded = {k: v for k, v in upgraded.items() if not k.startswith("model/")}
+    upgraded.update({f"model/{k}": v for k, v in model.items()})
+    return upgraded
 
 OPTIONS = {
     # the classic options
@@ -62,11 +85,15 @@ def check_augment(augment, X_train):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during train(): the state was saved to `checkpoint` (or None)."""
+    """Ctrl-C or SIGTERM during train(): the state was saved to `checkpoint` (or None).
 
-    def __init__(self, message, checkpoint):
+    `signum` is the signal that stopped it (signal.SIGINT or signal.SIGTERM).
+    """
+
+    def __init__(self, message, checkpoint, signum=signal.SIGINT):
         super().__init__(message)
         self.checkpoint = checkpoint
+        self.signum = signum
 
 
 class SolverBase:
@@ -92,6 +119,10 @@ class SolverBase:
                              "they need one label per row")
         if y.dtype.kind not in "iu":
             raise ValueError(f"y_{split} must hold integer labels, got dtype {y.dtype}")
+        bad = int((~xp.isfinite(X)).sum())  # once here, so that the step never checks
+        if bad:
+            raise ValueError(f"X_{split} holds {bad} NaN or infinite values; clean or drop those "
+                             "rows before training")
         return X, xp.asarray(y, dtype=np.int64)
 
     def _check_labels(self, num_classes):
@@ -115,13 +146,13 @@ class SolverBase:
 
     def _next_batch(self, t):
         xp, n, bs = self._xp, self.X_train.shape[0], min(self.batch_size, self.X_train.shape[0])
-        if self.sampling == "replacement":
-            idx = xp.asarray(self._batch_rng.integers(0, n, bs))
-        else:
-            if self._epoch_order is None:
-                self._epoch_order = xp.asarray(self._batch_rng.permutation(n))
-            i = t % self.iterations_per_epoch
-            idx = self._epoch_order[i * bs:(i + 1) * bs]
+        if self._epoch_order is None:  # one host-to-device copy per epoch, none per step
+            per_epoch = self.iterations_per_epoch
+            order = (self._batch_rng.integers(0, n, per_epoch * bs)
+                     if self.sampling == "replacement" else self._batch_rng.permutation(n))
+            self._epoch_order = xp.asarray(order)
+        i = t % self.iterations_per_epoch
+        idx = self._epoch_order[i * bs:(i + 1) * bs]
         if self._batch is None or self._batch[0].shape[0] != bs:
             self._batch = (xp.empty((bs, *self.X_train.shape[1:]), dtype=self.X_train.dtype),
                            xp.empty(bs, dtype=self.y_train.dtype))
@@ -179,7 +210,7 @@ class Solver(SolverBase):
         self.epoch = 0
         self.best_val_acc = 0.0
         self.best_params = {}
-        self._best_bn = None
+        self._best_norms = {}
         self.loss_history = []
         self.train_acc_history = []
         self.val_acc_history = []
@@ -188,10 +219,11 @@ class Solver(SolverBase):
         self._epoch_order = None
         self._batch = None
         self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
-        if self.update_rule == "adamw":  # decay the weight matrices only
+        if self.update_rule == "adamw":  # decay the model's weights only
+            roles = check_roles(self.model)
             for name, config in self.optim_configs.items():
                 config.setdefault("weight_decay", optim.DEFAULTS["adamw"]["weight_decay"])
-                if not name.startswith("W"):
+                if roles[name] != "weight":
                     config["weight_decay"] = 0.0
         self._base_lr = {name: config.get("learning_rate",
                                           optim.DEFAULTS[self.update_rule]["learning_rate"])
@@ -274,16 +306,16 @@ class Solver(SolverBase):
 
     def _keep_as_best(self):
         self.best_params = {k: v.copy() for k, v in self.model.params.items()}
-        self._best_bn = [{k: v.copy() for k, v in p.items() if k.startswith("running_")}
-                         for p in getattr(self.model, "bn_params", [])]
+        self._best_norms = {key: {k: p[k].copy() for k in STATISTICS if p.get(k) is not None}
+                            for key, p in norm_params(self.model).items()}
 
     def _restore_best(self):
-        """model.params (and batchnorm running statistics) <- the best seen."""
+        """model.params (and the norms' running statistics) <- the best seen."""
         if not self.best_params:
             return
         self.model.params = {k: v.copy() for k, v in self.best_params.items()}
-        for bn_param, best in zip(getattr(self.model, "bn_params", []), self._best_bn or []):
-            bn_param.update({k: v.copy() for k, v in best.items()})
+        for key, bn_param in norm_params(self.model).items():
+            bn_param.update({k: v.copy() for k, v in self._best_norms.get(key, {}).items()})
 
     # -- the loop ------------------------------------------------------------
     def train(self):
@@ -303,7 +335,8 @@ class Solver(SolverBase):
                     self._t += 1
                     if bar is not None:
                         bar.update(1)
-                    if t % self.print_every == 0:
+                    # a device read only when something is shown (else at epoch ends)
+                    if t % self.print_every == 0 and (self.verbose or bar is not None):
                         self._read_losses()
                         if self.verbose and bar is None:
                             self._print(f"(Iteration {t + 1} / {total}) "
@@ -342,7 +375,8 @@ class Solver(SolverBase):
         from tqdm.auto import tqdm
 
         return tqdm(total=per_epoch, desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
-                    unit="batch", leave=False, dynamic_ncols=True)
+                    unit="batch", leave=False, dynamic_ncols=True,
+                    disable=None)  # None: no bar when stderr is not a terminal (a log file)
 
     def _print(self, line):
         if self.progress:
@@ -366,8 +400,8 @@ class Solver(SolverBase):
         self._read_losses()
         arrays = {f"model/{k}": v for k, v in model_state(self.model).items()}
         arrays.update({f"best/{k}": v for k, v in self.best_params.items()})
-        for i, best in enumerate(self._best_bn or []):
-            arrays.update({f"best_bn/{i}/{k}": v for k, v in best.items()})
+        for key, best in self._best_norms.items():
+            arrays.update({f"best_norm/{key}/{k}": v for k, v in best.items()})
         configs = {}
         for name, config in self.optim_configs.items():
             configs[name] = {}
@@ -379,7 +413,8 @@ class Solver(SolverBase):
         if self._epoch_order is not None:
             arrays["epoch_order"] = self._epoch_order
         meta = {
-            "format": CHECKPOINT_FORMAT, "format_version": 1, "fastnn_version": __version__,
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+            "fastnn_version": __version__,
             "model_class": type(self.model).__name__,
             "model_args": getattr(self.model, "init_args", None),
             "update_rule": self.update_rule, "optim_configs": configs,
@@ -396,7 +431,8 @@ class Solver(SolverBase):
 
     def load_checkpoint(self, path):
         """Restore the state save_checkpoint wrote; train() then continues from there."""
-        arrays, meta = read_npz(path, CHECKPOINT_FORMAT)
+        arrays, meta = read_npz(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+        arrays = _upgrade_checkpoint(arrays, meta["format_version"])
         if meta.get("model_class") != type(self.model).__name__ or (
                 meta.get("model_args") != getattr(self.model, "init_args", None)):
             raise ValueError(f"{path} is incompatible: it was written for {meta.get('model_class')}"
@@ -412,10 +448,10 @@ class Solver(SolverBase):
 
         set_model_state(self.model, section("model/"), path)
         self.best_params = {k: xp.asarray(v) for k, v in section("best/").items()}
-        best_bn = section("best_bn/")
-        self._best_bn = [{k.split("/", 1)[1]: xp.asarray(v) for k, v in best_bn.items()
-                          if k.split("/", 1)[0] == str(i)}
-                         for i in range(len(getattr(self.model, "bn_params", [])))]
+        self._best_norms = {}
+        for name, value in section("best_norm/").items():
+            key, stat = name.split("/", 1)
+            self._best_norms.setdefault(key, {})[stat] = xp.asarray(value)
         self.optim_configs = {}
         for name, config in meta["optim_configs"].items():
             config = dict(config)
@@ -439,7 +475,7 @@ class Solver(SolverBase):
 
     @contextlib.contextmanager
     def _interrupt_to_checkpoint(self):
-        """While training, Ctrl-C finishes the current step, then saves and stops."""
+        """While training, Ctrl-C (or SIGTERM) finishes the current step, then saves and stops."""
         self._stop_requested = False
         if threading.current_thread() is not threading.main_thread():
             yield
@@ -448,15 +484,17 @@ class Solver(SolverBase):
         def request_stop(signum, frame):
             if self._stop_requested:  # a second Ctrl-C stops at once
                 raise KeyboardInterrupt
-            self._stop_requested = True
+            self._stop_requested = signum
 
-        previous = signal.signal(signal.SIGINT, request_stop)
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def _interrupted(self):
+        signum = self._stop_requested
         path = self.checkpoint_path
         if path is None and self.checkpoint_name is not None:
             path = f"{self.checkpoint_name}_interrupted.npz"
@@ -466,4 +504,6 @@ class Solver(SolverBase):
         else:
             message = f"interrupted at iteration {self._t}; no checkpoint_path was set, nothing saved"
         self._stop_requested = False
-        raise TrainingInterrupted(message, path)
+        if signum == signal.SIGTERM:
+            message = f"stopped by SIGTERM: {message}"
+        raise TrainingInterrupted(message, path, signal.Signals(signum))

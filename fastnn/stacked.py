@@ -28,8 +28,9 @@ Layout (K members, layer widths D = input_dim, H1, ..., HL-1, C):
   batchnorm of the rows of (K*H, N) (`batchnorm_rows_*` ops, each feature a
   contiguous row) is per-member batchnorm.
 
-The member axis of a parameter is `model_axis(name)`; `as_member_blocks`
-views any parameter-shaped array as (A, K, B), the form the stacked kernel
+A stack declares each parameter's role (`param_roles`, as FullyConnectedNet)
+and its member axis (`member_axes`); `as_member_blocks` views any
+parameter-shaped array as (A, K, B), the form the stacked kernel
 ops (`fastnn.kernels` `*_stacked*`) take. Members are named by their index
 in the `members` list given to the constructor (their id); ids stay the
 same when other members leave the stack (`remove_members`).
@@ -56,21 +57,15 @@ BN_EPS = 1e-5        # batchnorm_forward's defaults, which FullyConnectedNet use
 BN_MOMENTUM = 0.9
 
 
-def model_axis(name):
-    """The axis of parameter `name` that indexes members: 1 for W1 (D, K, H1), else 0."""
-    return 1 if name == "W1" else 0
-
-
-def as_member_blocks(a, name):
-    """View a parameter-shaped array of parameter `name` as (A, K, B); member k owns [:, k, :]."""
-    axis = model_axis(name)
+def as_member_blocks(a, axis):
+    """View an array whose members lie along `axis` as (A, K, B); member k owns [:, k, :]."""
     return a.reshape(math.prod(a.shape[:axis]), a.shape[axis], math.prod(a.shape[axis + 1:]))
 
 
-def take_members(a, name, index):
-    """The members `index` (an index array of a's module) of parameter-shaped array `a`."""
+def take_members(a, axis, index):
+    """The members `index` (an index array of a's module) of `a`, members along `axis`."""
     xp = get_array_module(a, index)
-    return xp.take(a, index, axis=model_axis(name))
+    return xp.take(a, index, axis=axis)
 
 
 def _check_member(index, member):
@@ -131,13 +126,17 @@ class StackedFullyConnectedNet:
                     weights[i][:, k, :] = w
                 else:
                     weights[i][k] = w
-        self.params = {}
+        self.params, self.param_roles, self.member_axes = {}, {}, {}
+
+        def add(name, value, role, axis=0):
+            self.params[name], self.param_roles[name], self.member_axes[name] = value, role, axis
+
         for i, (_, fan_out) in layers:
-            self.params[f"W{i}"] = xp.asarray(weights[i])
-            self.params[f"b{i}"] = xp.zeros((k_count, fan_out), dtype=self.dtype)
+            add(f"W{i}", xp.asarray(weights[i]), "weight", 1 if i == 1 else 0)
+            add(f"b{i}", xp.zeros((k_count, fan_out), dtype=self.dtype), "bias")
             if self.use_batchnorm and i < self.num_layers:
-                self.params[f"gamma{i}"] = xp.ones((k_count, fan_out), dtype=self.dtype)
-                self.params[f"beta{i}"] = xp.zeros((k_count, fan_out), dtype=self.dtype)
+                add(f"gamma{i}", xp.ones((k_count, fan_out), dtype=self.dtype), "scale")
+                add(f"beta{i}", xp.zeros((k_count, fan_out), dtype=self.dtype), "shift")
         self.bn_params = [{"running_mean": xp.zeros((k_count, h), dtype=self.dtype),
                            "running_var": xp.zeros((k_count, h), dtype=self.dtype)}
                           for h in self.hidden_dims] if self.use_batchnorm else []
@@ -203,10 +202,10 @@ class StackedFullyConnectedNet:
         losses, dscores = ops.softmax_loss_stacked(scores, y)
         grads = self._backward(xp, ops, dscores, cache, step, grads_out or {})
         if with_l2 and self._any_reg:
-            for i in range(1, self.num_layers + 1):
-                name = f"W{i}"
-                sum_squares = ops.l2_stacked_(as_member_blocks(grads[name], name),
-                                              as_member_blocks(self.params[name], name), self._reg)
+            for name in (n for n, role in self.param_roles.items() if role == "weight"):
+                axis = self.member_axes[name]
+                sum_squares = ops.l2_stacked_(as_member_blocks(grads[name], axis),
+                                              as_member_blocks(self.params[name], axis), self._reg)
                 losses = losses + self._half_reg * sum_squares
         return losses, grads
 
@@ -299,7 +298,7 @@ class StackedFullyConnectedNet:
         statistics: one dict per hidden layer ([] without batchnorm).
         """
         k = self.position(member_id)
-        params = {name: (a[:, k] if model_axis(name) == 1 else a[k]).copy()
+        params = {name: xp_take_one(a, self.member_axes[name], k).copy()
                   for name, a in self.params.items()}
         running = [{key: bn[key][k].copy() for key in ("running_mean", "running_var")}
                    for bn in self.bn_params]
@@ -323,7 +322,8 @@ class StackedFullyConnectedNet:
         keep = [k for k, mid in enumerate(self.member_ids) if mid not in drop]
         xp = active_xp_of(self)
         index = xp.asarray(np.array(keep, dtype=np.int64))
-        self.params = {name: take_members(a, name, index) for name, a in self.params.items()}
+        self.params = {name: take_members(a, self.member_axes[name], index)
+                       for name, a in self.params.items()}
         for bn in self.bn_params:
             for key in ("running_mean", "running_var"):
                 bn[key] = xp.take(bn[key], index, axis=0)
@@ -331,6 +331,11 @@ class StackedFullyConnectedNet:
         self.members = [self.members[k] for k in keep]
         self._set_member_values()
         return keep
+
+
+def xp_take_one(a, axis, k):
+    """Member k's slice of `a` (members along `axis`), a view."""
+    return a[(slice(None),) * axis + (k,)]
 
 
 def active_xp_of(stack):
@@ -462,9 +467,10 @@ class StackedSolver(SolverBase):
         keys = optim.SPECS[rule].state
         sums = []
         for name, w in stack.params.items():
-            w, dw = as_member_blocks(w, name), as_member_blocks(grads[name], name)
-            state = [as_member_blocks(self._state[name][key], name) for key in keys]
-            weight = name.startswith("W")
+            axis = stack.member_axes[name]
+            w, dw = as_member_blocks(w, axis), as_member_blocks(grads[name], axis)
+            state = [as_member_blocks(self._state[name][key], axis) for key in keys]
+            weight = stack.param_roles[name] == "weight"
             l2 = stack._reg if stack._any_reg and weight else None
             # Solver decays weight matrices only
             config = {**self._shared, "learning_rate": self._lr, "t": t,
@@ -509,7 +515,7 @@ class StackedSolver(SolverBase):
         """(K,) bool on the device: every parameter of the member is finite."""
         xp, finite = self._xp, None
         for name, w in self.stack.params.items():
-            ok = xp.isfinite(as_member_blocks(w, name)).all(axis=(0, 2))
+            ok = xp.isfinite(as_member_blocks(w, self.stack.member_axes[name])).all(axis=(0, 2))
             finite = ok if finite is None else finite & ok
         return finite
 
@@ -554,7 +560,8 @@ class StackedSolver(SolverBase):
     def _drop(self, member_ids, status):
         keep = self.stack.remove_members(member_ids)
         index = self._xp.asarray(np.array(keep, dtype=np.int64))
-        self._state = {name: {key: take_members(a, name, index) for key, a in state.items()}
+        axes = self.stack.member_axes
+        self._state = {name: {key: take_members(a, axes[name], index) for key, a in state.items()}
                        for name, state in self._state.items()}
         self._base_lr = self._base_lr[index]
         self._lr = self._lr[index]

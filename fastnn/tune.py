@@ -103,6 +103,9 @@ def train_config(structure, member, options, trial_number):
         "crop_padding": options["crop_padding"],
         "batch_size": 2 ** structure["log2_batch_size"], "epochs": options["epochs"],
         "seed": options["seed"], "model_seed": options["seed"] + trial_number,
+        # the split decides the mean image subtracted from every input
+        "data": options["data"], "num_training": options["num_training"],
+        "num_validation": options["num_validation"], "num_test": options["num_test"],
     })
 
 
@@ -287,8 +290,8 @@ def run_round(study, data, options, clock, k, log):
         log(f"trial {trial.number}: val {value:.4f} ({result['status']}) "
             f"{config['hidden_dims']} bs {config['batch_size']} "
             f"{config['update_rule']} lr {config['learning_rate']:.2e}")
-    log(f"round of {len(trials)} took {time.perf_counter() - round_start:.0f} s; "
-        f"{clock.left():.0f} s of budget left")
+    budget = "" if clock.deadline is None else f"; {clock.left():.0f} s of budget left"
+    log(f"round of {len(trials)} took {time.perf_counter() - round_start:.0f} s{budget}")
     round_best = None
     if best_id is not None:  # only the round's best becomes a model: building one costs
         round_best = (solver.results[best_id]["best_val_acc"], configs[best_id],
@@ -326,6 +329,7 @@ def plot_study(study, out_dir):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import optuna
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -337,6 +341,7 @@ def plot_study(study, out_dir):
             ax.plot(t.number, t.value, "o", color="C0")
     ax.set(xlabel="trial", ylabel="validation accuracy",
            title="Validation accuracy per trial (grey: per epoch)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # trial numbers
     save_figure(fig, os.path.join(out_dir, "trials.png"))
     try:
         with warnings.catch_warnings():  # few trials per value: rough, and it says so
@@ -363,8 +368,11 @@ def previous_best(out_dir):
     return saved["val_acc"], saved["config"], fastnn.load(model_path), saved["trial"]
 
 
-def tune(options, log=print):
-    """Run the search described by `options` (see cli.py's tune flags); returns best.json's dict."""
+def tune(options, log=print, data=None):
+    """Run the search described by `options` (see cli.py's tune flags); returns best.json's dict.
+
+    `data`: the CIFAR-10 split, when the caller has loaded it already.
+    """
     import fastnn
 
     clock = Clock(options["budget_minutes"], options["start"])
@@ -375,7 +383,7 @@ def tune(options, log=print):
     if options["storage"] is None:
         options["storage"] = f"sqlite:///{os.path.abspath(os.path.join(out_dir, 'study.db'))}"
     setup_runtime(options)
-    data = load_data(options)
+    data = load_data(options) if data is None else data
     study = create_study(options)
     if not options["shared"] and not study.trials:
         # Not with a shared storage: another worker could take it as a member of a

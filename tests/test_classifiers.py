@@ -207,6 +207,39 @@ def test_l2_is_half_reg_sum_of_squared_weights(backend, make):
         np.testing.assert_allclose(diff, expected, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: TwoLayerNet(input_dim=D, hidden_dim=7, num_classes=C),
+    lambda: FullyConnectedNet([6, 5], input_dim=D, num_classes=C, use_batchnorm=True, seed=1),
+    lambda: FullyConnectedNet([6], input_dim=D, num_classes=C, seed=1),
+], ids=["two_layer", "fc_batchnorm", "fc"])
+def test_declared_roles(make):
+    """Every parameter has a declared role; each norm layer is keyed by its gamma's suffix."""
+    from fastnn.classifiers.base import check_roles
+
+    model = make()
+    roles = check_roles(model)
+    for name, role in roles.items():  # the contract's names, written out
+        prefix = name.rstrip("0123456789")
+        assert role == {"W": "weight", "b": "bias", "gamma": "scale", "beta": "shift"}[prefix]
+    gammas = sorted(name[len("gamma"):] for name, role in roles.items() if role == "scale")
+    assert sorted(model.norm_params) == gammas
+    for key, bn_param in model.norm_params.items():
+        assert bn_param["running_mean"].shape == model.params[f"gamma{key}"].shape
+    assert [id(p) for p in model.bn_params] == [id(model.norm_params[k]) for k in gammas]
+
+
+def test_l2_follows_the_declared_roles_not_the_names():
+    """Declaring b1 a weight puts it under L2: no code reads the role from the name."""
+    model = FullyConnectedNet([6], input_dim=D, num_classes=C, reg=1.5, dtype=np.float64, seed=2)
+    model.params["b1"] = model.params["b1"] + 0.3
+    X, y = _data(5)
+    loss0, grads0 = model.loss(X, y)
+    model.param_roles["b1"] = "weight"
+    loss1, grads1 = model.loss(X, y)
+    assert float(loss1) - float(loss0) == pytest.approx(0.5 * 1.5 * float((model.params["b1"] ** 2).sum()))
+    np.testing.assert_allclose(grads1["b1"] - grads0["b1"], 1.5 * model.params["b1"], atol=1e-12)
+
+
 # -- reproducibility -----------------------------------------------------------------------
 def test_seed_none_follows_np_random_seed():
     np.random.seed(42)
@@ -253,3 +286,10 @@ def test_dropout_masks_follow_step():
 def test_fully_connected_rejects_bad_dropout():
     with pytest.raises(ValueError):
         FullyConnectedNet([3], input_dim=D, num_classes=C, dropout=1.0)
+
+
+def test_zero_width_layers_are_refused():
+    with pytest.raises(ValueError, match=r"hidden_dims must be layer widths >= 1, got \[8, 0\]"):
+        FullyConnectedNet([8, 0])
+    with pytest.raises(ValueError, match="hidden_dim must be a layer width >= 1, got 0"):
+        TwoLayerNet(hidden_dim=0)

@@ -1,6 +1,8 @@
 """`fastnn train` / `fastnn evaluate`: run folders, resume bit for bit, Ctrl-C, errors."""
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,15 +18,16 @@ from helpers import PNG_MAGIC
 
 
 def small_args(root, out, *extra):
-    """A tiny fc run (a later --model in `extra` wins)."""
+    """A tiny run (fc 24-16 unless extra picks another --model)."""
+    model = () if "--model" in extra else ("--model", "fc", "--hidden-dims", "24", "16")
     return ["train", "--out", str(out), "--data", root, "--num-training", "160",
-            "--num-validation", "40", "--num-test", "50", "--model", "fc", "--hidden-dims",
-            "24", "16", "--batch-size", "16", "--print-every", "5", *extra]
+            "--num-validation", "40", "--num-test", "50", *model,
+            "--batch-size", "16", "--print-every", "5", *extra]
 
 
-# Tiny nets of each model, on small_args's data (options after --model replace fc's).
+# Tiny nets of each model, for small_args.
 TINY_MODELS = {
-    "fc": ("--model", "fc"),
+    "fc": ("--model", "fc", "--hidden-dims", "24", "16"),
     "two_layer": ("--model", "two_layer", "--hidden-dim", "20"),
     "three_layer_conv": ("--model", "three_layer_conv", "--num-filters", "4",
                          "--filter-size", "3", "--hidden-dim", "16"),
@@ -80,31 +83,182 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(cifar_root, tmp_path):
         json.loads((whole / "metrics.json").read_text())["test_acc"]
 
 
-def test_resume_refuses_to_change_the_model(cifar_root, tmp_path):
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def last_error(capsys):
+    """The command's error line, checked to be the only line of stderr."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_resume_refuses_to_change_the_model(cifar_root, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(small_args(cifar_root, out, "--epochs", "1")) == 0
-    with pytest.raises(SystemExit, match="hidden_dims"):
-        main(["train", "--resume", str(out), "--hidden-dims", "8"])
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["train", "--resume", str(tmp_path / "nothing")])
+    before = folder_bytes(out)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--hidden-dims", "8"]) == 2
+    assert "cannot change --hidden-dims" in last_error(capsys)
+    assert main(["train", "--resume", str(out), "--out", str(tmp_path / "other")]) == 2
+    assert "--out does not apply with --resume" in last_error(capsys)
+    assert main(["train", "--resume", str(out), "--epochs", "0"]) == 2
+    assert "--epochs must be >= 1" in last_error(capsys)
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 1
+    assert "no folder" in last_error(capsys)
+    assert folder_bytes(out) == before and not (tmp_path / "other").exists()
 
 
-def test_train_refuses_a_folder_that_holds_a_run(cifar_root, tmp_path):
+def test_train_refuses_a_folder_that_holds_a_run(cifar_root, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(small_args(cifar_root, out, "--epochs", "1")) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(SystemExit, match="already holds a run.*--resume"):
-        main(small_args(cifar_root, out, "--epochs", "2"))
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    before = folder_bytes(out)
+    capsys.readouterr()
+    assert main(small_args(cifar_root, out, "--epochs", "2")) == 1
+    assert re.search("already holds a run.*--resume", last_error(capsys))
+    assert folder_bytes(out) == before
 
 
-def test_corrupt_checkpoint_is_a_clear_error(cifar_root, tmp_path):
+def test_a_failed_resume_changes_no_file(cifar_root, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(small_args(cifar_root, out, "--epochs", "1")) == 0
     path = out / "checkpoint.npz"
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(ValueError, match="corrupt"):
-        main(["train", "--resume", str(out), "--epochs", "2"])
+    before = folder_bytes(out)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--epochs", "2"]) == 1
+    assert re.search("cannot resume: .*checkpoint.npz is corrupt.*nothing in .* was changed",
+                     last_error(capsys))
+    assert folder_bytes(out) == before  # config.json still says "epochs": 1
+
+
+def test_a_run_stopped_in_its_first_epoch_resumes_from_the_start(cifar_root, tmp_path):
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    assert main(small_args(cifar_root, whole, "--epochs", "1")) == 0
+    assert main(small_args(cifar_root, crashed, "--epochs", "1")) == 0
+    for p in crashed.iterdir():  # what a process killed in its first epoch leaves
+        if p.name not in ("config.json", ".lock"):
+            p.unlink()
+    assert main(["train", "--resume", str(crashed)]) == 0
+    assert (json.loads((crashed / "metrics.json").read_text())["test_acc"] ==
+            json.loads((whole / "metrics.json").read_text())["test_acc"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--batch-size", "0"), "--batch-size must be >= 1, got 0"),
+    (("--dropout", "1.5"), r"--dropout must be in \[0, 1\), got 1.5"),
+    (("--epochs", "-1"), "--epochs must be >= 1"),
+    (("--epochs", "0"), "--epochs must be >= 1"),
+    (("--num-validation", "0"), "--num-validation must be >= 1"),
+    (("--num-test", "0"), "--num-test must be >= 1"),
+    (("--lr", "-1"), "--lr must be > 0"),
+    (("--hidden-dims", "0"), "--hidden-dims must be one or more sizes >= 1"),
+    (("--momentum", "0.9"), r"--momentum does not apply \(it applies to --update-rule "
+                            r"sgd_momentum/sgd_nesterov, not adam\); drop it"),
+    (("--update-rule", "adam", "--weight-decay", "0.1"), "--weight-decay does not apply"),
+    (("--crop-padding", "4"), "--crop-padding does not apply.*--augment is off"),
+    (("--model", "two_layer", "--dropout", "0.1"),
+     r"--dropout does not apply \(it applies to --model fc, not two_layer\)"),
+])
+def test_usage_errors_are_one_line_exit_2_and_claim_nothing(cifar_root, tmp_path, capsys,
+                                                            flags, message):
+    out = tmp_path / "run"
+    assert main(small_args(cifar_root, out, *flags)) == 2
+    assert re.search(message, last_error(capsys))
+    assert not out.exists()
+
+
+def test_a_failed_start_leaves_nothing_and_the_same_command_then_works(cifar_root, tmp_path,
+                                                                       capsys):
+    root = tmp_path / "data"
+    shutil.copytree(cifar_root, root)
+    batch = root / "cifar-10-batches-py" / "data_batch_2"
+    good = batch.read_bytes()
+    batch.write_bytes(good[:100])
+    out = tmp_path / "runs" / "main"
+    args = small_args(str(root), out, "--epochs", "1")
+    assert main(args) == 1
+    error = last_error(capsys)
+    assert "data_batch_2 is truncated or corrupt" in error and "official archive" in error
+    assert not (tmp_path / "runs").exists()
+    batch.write_bytes(good)
+    assert main(args) == 0
+
+
+def test_out_paths_that_cannot_be_a_folder_are_one_line(cifar_root, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert main(small_args(cifar_root, afile)) == 1
+    assert "is a file, not a folder" in last_error(capsys)
+    assert main(small_args(cifar_root, afile / "run")) == 1
+    assert "is a file, not a folder" in last_error(capsys)
+    assert afile.read_text() == "keep me"
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        assert main(small_args(cifar_root, locked / "run")) == 1
+        assert "permission denied" in last_error(capsys)
+
+
+def test_a_folder_held_by_another_process_is_refused(cifar_root, tmp_path, capsys):
+    from fastnn.files import lock_folder
+
+    out = tmp_path / "run"
+    assert main(small_args(cifar_root, out, "--epochs", "1")) == 0
+    before = folder_bytes(out)
+    capsys.readouterr()
+    with lock_folder(out):
+        assert main(["train", "--resume", str(out), "--epochs", "2"]) == 1
+        assert "in use by another fastnn process" in last_error(capsys)
+    assert folder_bytes(out) == before
+
+
+def test_flags_that_apply_are_recorded_and_nothing_else(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    assert main(small_args(cifar_root, out, "--epochs", "1", "--update-rule", "sgd_momentum",
+                           "--momentum", "0.8")) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["format"] == "fastnn-run-config" and config["format_version"] == 1
+    assert config["momentum"] == 0.8 and config["update_rule"] == "sgd_momentum"
+    assert not {"beta1", "beta2", "epsilon", "weight_decay", "crop_padding",
+                "hidden_dim"} & config.keys()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["format"] == "fastnn-run-metrics" and metrics["status"] == "finished"
+
+
+def test_a_newer_config_version_is_refused_in_one_line(cifar_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(small_args(cifar_root, out, "--epochs", "1")) == 0
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--epochs", "2"]) == 1
+    assert "format version 99, newer than this fastnn reads (1)" in last_error(capsys)
+    old = {k: v for k, v in config.items() if not k.startswith("format")}
+    (out / "config.json").write_text(json.dumps(old))  # written before versions: still loads
+    assert main(["evaluate", str(out)]) == 0
+
+
+def test_config_file_starts_a_run_like_the_flags(cifar_root, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(small_args(cifar_root, first, "--epochs", "1", "--dropout", "0.1")) == 0
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(second)]) == 0
+    assert (json.loads((second / "metrics.json").read_text())["epochs"] ==
+            json.loads((first / "metrics.json").read_text())["epochs"])
+
+
+def test_a_diverging_run_saves_the_best_model_and_the_failure(cifar_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(small_args(cifar_root, out, "--epochs", "3", "--no-batchnorm", "--update-rule",
+                           "sgd", "--lr", "1e3"))
+    assert code == 1
+    error = last_error(capsys)
+    assert "diverged" in error and str(out / "model.npz") in error
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and "became" in metrics["failure"]
+    model = fastnn.load(out / "model.npz")
+    assert all(np.isfinite(w).all() for w in model.params.values())
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(cifar_root, tmp_path):
@@ -149,9 +303,67 @@ def test_evaluate_prints_accuracy_and_confusion_matrix(cifar_root, tmp_path, cap
     assert (out / "confusion.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_evaluate_without_a_run_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["evaluate", str(tmp_path)])
+def test_evaluate_without_a_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path)]) == 1
+    assert "holds no run" in last_error(capsys)
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 1
+    assert "no folder" in last_error(capsys)
+
+
+def run_cli(*args, env=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "fastnn", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=300, **kwargs)
+
+
+def test_errors_are_one_line_without_a_traceback_unless_debugging(cifar_root, tmp_path):
+    args = small_args(cifar_root, tmp_path / "run", "--backend", "cupy")
+    result = run_cli(*args)
+    if result.returncode == 0:
+        pytest.skip("CuPy and a GPU are present: the backend check passes")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "backend: the 'cupy' backend needs" in result.stderr
+    assert "Traceback" not in result.stderr
+    debug = run_cli(*args, env={"FASTNN_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    usage = run_cli(*small_args(cifar_root, tmp_path / "run", "--batch-size", "0"))
+    assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_runs_started_at_the_same_instant_get_one_folder_each_or_are_refused(cifar_root,
+                                                                            tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "fastnn", *small_args(cifar_root, out, "--epochs", "1")]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert sorted(code for code, _ in results) == [0, 1, 1], results
+    for code, err in results:
+        if code:
+            assert re.search("in use by another fastnn process|already holds a run", err), err
+            assert "Traceback" not in err
+    assert json.loads((out / "metrics.json").read_text())["status"] == "finished"
+
+
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fastnn",
+                             *small_args(cifar_root, out, "--epochs", "40")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.npz").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert f"SIGTERM" in stderr and f"fastnn train --resume {out}" in stderr
+    _, meta = checkpoint_params(out)
+    assert 0 < meta["t"] < 40 * 10
 
 
 def test_python_dash_m_fastnn_shows_help():
@@ -214,7 +426,7 @@ def test_resuming_a_run_made_before_the_convnet_default_keeps_its_settings(cifar
     assert main(small_args(cifar_root, whole, "--epochs", "2")) == 0
     assert main(small_args(cifar_root, part, "--epochs", "1")) == 0
     config = json.loads((part / "config.json").read_text())
-    old = {key: config[key] for key in old_keys}
+    old = {key: config.get(key, LEGACY_DEFAULTS[key]) for key in old_keys}  # every old key
     assert old["model"] == "fc" and set(LEGACY_DEFAULTS) > set(old)
     (part / "config.json").write_text(json.dumps(old, indent=2))
     assert main(["train", "--resume", str(part), "--epochs", "2"]) == 0
@@ -224,7 +436,7 @@ def test_resuming_a_run_made_before_the_convnet_default_keeps_its_settings(cifar
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     resumed = json.loads((part / "config.json").read_text())
     assert resumed["model"] == "fc" and resumed["flip_test"] is False
-    assert resumed["label_smoothing"] == 0.0 and resumed["update_rule"] == "adam"
+    assert resumed["update_rule"] == "adam" and "label_smoothing" not in resumed
     metrics = json.loads((part / "metrics.json").read_text())
     assert metrics["flip_test"] is False and metrics["test_acc"] == metrics["test_acc_plain"]
     assert metrics["test_acc"] == json.loads((whole / "metrics.json").read_text())["test_acc"]
@@ -243,3 +455,28 @@ def test_evaluate_averages_flips_as_the_run_says_unless_told(cifar_root, tmp_pat
     printed = capsys.readouterr().out
     assert (f"test accuracy {metrics['test_acc_plain']:.4f} on 50 images (flip averaging off)"
             in printed)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(cifar_root, tmp_path, capsys,
+                                                               monkeypatch):
+    import errno
+
+    from fastnn import solver as solver_module
+
+    out = tmp_path / "run"
+    real_write, calls = solver_module.write_npz, []
+
+    def write_until_full(path, arrays, meta):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(path, arrays, meta)
+
+    monkeypatch.setattr(solver_module, "write_npz", write_until_full)
+    assert main(small_args(cifar_root, out, "--epochs", "3")) == 1
+    error = last_error(capsys)
+    assert "No space left on device" in error and f"fastnn train --resume {out}" in error
+    _, meta = checkpoint_params(out)  # the first epoch's checkpoint is whole
+    assert meta["epoch"] == 1
+    monkeypatch.setattr(solver_module, "write_npz", real_write)
+    assert main(["train", "--resume", str(out)]) == 0

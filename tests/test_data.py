@@ -164,7 +164,7 @@ def test_md5_mismatch_leaves_nothing(tmp_path, archive, served):
         data.load_cifar10(root, url=served, md5=wrong)
     msg = str(info.value)
     assert wrong in msg and archive.md5 in msg and served in msg
-    assert os.listdir(root) == []
+    assert not root.exists()  # the data folder it made for the download is gone too
 
 
 class _TruncatingHandler(http.server.BaseHTTPRequestHandler):
@@ -191,7 +191,7 @@ def test_interrupted_transfer_leaves_nothing(tmp_path, archive, serve):
     with pytest.raises(RuntimeError) as info:
         data.load_cifar10(root, url=url, md5=archive.md5)
     assert "interrupted" in str(info.value) and url in str(info.value)
-    assert os.listdir(root) == []
+    assert not root.exists()  # the data folder it made for the download is gone too
 
 
 def test_no_network_message(tmp_path):
@@ -201,7 +201,7 @@ def test_no_network_message(tmp_path):
         data.load_cifar10(root, url=url)
     msg = str(info.value)
     assert url in msg and str(root / FOLDER) in msg and "FASTNN_DATA" in msg
-    assert os.listdir(root) == []
+    assert not root.exists()  # the data folder it made for the download is gone too
 
 
 def test_http_error_is_reported(tmp_path, archive, serve):
@@ -209,7 +209,7 @@ def test_http_error_is_reported(tmp_path, archive, serve):
     url = base + "/missing.tar.gz"
     with pytest.raises(RuntimeError, match="404"):
         data.load_cifar10(tmp_path / "root", url=url)
-    assert os.listdir(tmp_path / "root") == []
+    assert not (tmp_path / "root").exists()
 
 
 def test_path_traversal_is_refused(tmp_path, archive, serve):
@@ -222,7 +222,7 @@ def test_path_traversal_is_refused(tmp_path, archive, serve):
     root = tmp_path / "a" / "root"
     with pytest.raises(ValueError, match="evil.txt"):
         data.load_cifar10(root, url=url, md5=None)
-    assert os.listdir(root) == []
+    assert not root.exists()  # the data folder it made for the download is gone too
     assert not list(tmp_path.rglob("evil.txt"))
 
 
@@ -233,6 +233,40 @@ def test_download_false_missing(tmp_path):
     msg = str(info.value)
     assert str(root / FOLDER) in msg and "FASTNN_DATA" in msg
     assert not root.exists()
+
+
+def test_the_archive_copied_into_the_data_folder_is_used_offline(tmp_path, archive):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / data.ARCHIVE).write_bytes(archive.path.read_bytes())
+    X_train, y_train, _, _ = data.load_cifar10(root, url=_closed_port_url(), md5=archive.md5)
+    np.testing.assert_array_equal(y_train, archive.train_labels)
+    assert sorted(os.listdir(root)) == sorted([data.ARCHIVE, FOLDER])
+
+
+def test_a_wrong_archive_in_the_data_folder_is_named(tmp_path, archive):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / data.ARCHIVE).write_bytes(archive.path.read_bytes())
+    with pytest.raises(ValueError, match=f"{data.ARCHIVE} has MD5"):
+        data.load_cifar10(root, md5="0" * 32)
+    assert os.listdir(root) == [data.ARCHIVE]
+
+
+def test_root_may_be_the_batches_folder_itself(tmp_path, archive):
+    root = _populate(tmp_path / "root", archive)
+    _, y_train, _, _ = data.load_cifar10(root / FOLDER, download=False)
+    np.testing.assert_array_equal(y_train, archive.train_labels)
+
+
+def test_a_missing_batch_and_a_file_as_root_are_named(tmp_path, archive):
+    root = _populate(tmp_path / "root", archive)
+    (root / FOLDER / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match="data_batch_3 is missing.*official archive"):
+        data.load_cifar10(root, download=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        data.load_cifar10(tmp_path / "file")
 
 
 def _pickled(obj):
@@ -256,6 +290,7 @@ def test_corrupt_batch_names_the_file(tmp_path, archive, corrupt):
     with pytest.raises(ValueError) as info:
         data.load_cifar10(root, download=False)
     assert str(bad) in str(info.value)
+    assert "official archive" in str(info.value) and "download it again" not in str(info.value)
 
 
 def test_root_defaults_to_env_then_xdg(tmp_path, archive, monkeypatch):

@@ -605,3 +605,22 @@ def test_spatial_batchnorm_matches_torch():
     n = x.size / 4
     np.testing.assert_allclose(bn_param["running_var"],
                                (bn.running_var.numpy() - 0.9) * (n - 1) / n, rtol=1e-9)
+
+
+def test_bad_inputs_get_value_errors_naming_the_array():
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=r"x must be 2-D \(N, D\), got shape \(4, 3, 1\)") as info:
+        layers.batchnorm_forward(x[:, :, None], gamma, beta, {"mode": "train"})
+    assert "gamma" not in str(info.value)  # the shape of x is what is wrong
+    with pytest.raises(ValueError, match="x must be a floating array, got dtype int64"):
+        layers.batchnorm_forward(np.ones((4, 3), np.int64), gamma, beta, {"mode": "train"})
+    with pytest.raises(ValueError, match="x is an empty batch"):
+        layers.batchnorm_forward(x[:0], gamma, beta, {"mode": "train"})
+    for loss in (layers.softmax_loss, layers.svm_loss):
+        with pytest.raises(ValueError, match=r"scores x is an empty batch \(shape \(0, 3\)\)"):
+            loss(x[:0], np.zeros(0, np.int64))
+        with pytest.raises(ValueError, match="scores x must be a floating array, got dtype int32"):
+            loss(np.ones((2, 3), np.int32), np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="dropout_forward: x must be a floating array"):
+        layers.dropout_forward(np.ones((4, 3), np.int64), {"p": 0.3, "mode": "train", "seed": 0})

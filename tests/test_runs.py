@@ -15,14 +15,14 @@ def test_the_defaults_are_valid():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("batch_size", 0, r"--batch-size must be in \[1, inf\], got 0"),
+    ("batch_size", 0, r"--batch-size must be >= 1, got 0"),
     ("dropout", 1.5, r"--dropout must be in \[0, 1\), got 1.5"),
     ("dropout", 1.0, r"--dropout must be in \[0, 1\)"),
-    ("epochs", -1, r"--epochs must be in \[1, inf\], got -1"),
+    ("epochs", -1, r"--epochs must be >= 1, got -1"),
     ("epochs", 0, "--epochs"),
     ("num_validation", 0, "--num-validation"),
     ("num_test", 0, "--num-test"),
-    ("learning_rate", -1.0, r"--lr must be in \(0, inf\], got -1.0"),
+    ("learning_rate", -1.0, r"--lr must be > 0, got -1.0"),
     ("learning_rate", float("nan"), "--lr"),
     ("hidden_dims", [0], r"--hidden-dims must be one or more sizes >= 1, got \[0\]"),
     ("hidden_dims", [], "--hidden-dims"),

@@ -126,8 +126,15 @@ def test_truncated_file_is_corrupt(tmp_path):
 def test_random_bytes_are_corrupt(tmp_path):
     path = tmp_path / "noise.npz"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="corrupt") as info:
         fastnn.load(str(path))
+    assert "allow_pickle" not in str(info.value)  # numpy's advice does not apply to model files
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder, not a fastnn file") as info:
+        fastnn.load(str(tmp_path))
+    assert "corrupt" not in str(info.value)
 
 
 def test_damaged_array_data_is_corrupt(tmp_path):
@@ -201,17 +208,63 @@ def _tampered(tmp_path, change):
     return path
 
 
-@pytest.mark.parametrize("key", ["bn/0/running_mean", "bn/1/running_var"])
+@pytest.mark.parametrize("key", ["norm/1/running_mean", "norm/2/running_var"])
 def test_batchnorm_statistics_of_the_wrong_shape_are_incompatible(tmp_path, key):
     path = _tampered(tmp_path, lambda arrays: arrays.update({key: np.zeros(99)}))
-    with pytest.raises(ValueError, match=f"incompatible: batchnorm statistic {key} has shape"):
+    with pytest.raises(ValueError, match=f"incompatible: running statistic {key} has shape"):
         fastnn.load(path)
 
 
-def test_unexpected_batchnorm_statistics_are_incompatible(tmp_path):
-    path = _tampered(tmp_path, lambda arrays: arrays.update({"bn/7/running_mean": np.zeros(5)}))
-    with pytest.raises(ValueError, match="unexpected batchnorm statistics"):
+@pytest.mark.parametrize("key", ["norm/7/running_mean", "bn/0/running_mean"])
+def test_unexpected_batchnorm_statistics_are_incompatible(tmp_path, key):
+    path = _tampered(tmp_path, lambda arrays: arrays.update({key: np.zeros(5)}))
+    with pytest.raises(ValueError, match="unexpected running statistics"):
         fastnn.load(path)
+
+
+def test_statistics_are_stored_by_norm_layer_key(tmp_path):
+    """The file keys running statistics by the model's declared norm_params, not by position."""
+    from fastnn.serialization import MODEL_FORMAT, read_npz
+
+    model = _trained("fc_bn_dropout", np)
+    fastnn.save(model, tmp_path / "m.npz")
+    arrays, meta = read_npz(tmp_path / "m.npz", MODEL_FORMAT)
+    assert meta["format_version"] == 2
+    assert sorted(k for k in arrays if not k.startswith("param/")) == [
+        f"norm/{key}/{stat}" for key in sorted(model.norm_params)
+        for stat in ("running_mean", "running_var")]
+    np.testing.assert_array_equal(arrays["norm/2/running_var"],
+                                  model.norm_params["2"]["running_var"])
+
+
+def test_a_version_1_file_still_loads(tmp_path):
+    """Files written before norm_params (bn/{i}/..., format version 1) load with their statistics."""
+    from fastnn.serialization import MODEL_FORMAT, read_npz, write_npz
+
+    model = _trained("fc_bn_dropout", np)
+    fastnn.save(model, tmp_path / "m.npz")
+    arrays, meta = read_npz(tmp_path / "m.npz", MODEL_FORMAT)
+    old = {(f"bn/{int(k.split('/')[1]) - 1}/{k.split('/')[2]}" if k.startswith("norm/") else k): v
+           for k, v in arrays.items()}
+    write_npz(tmp_path / "old.npz", old, {**meta, "format_version": 1})
+    loaded = fastnn.load(tmp_path / "old.npz")
+    for key, bn_param in model.norm_params.items():
+        for stat in ("running_mean", "running_var"):
+            np.testing.assert_array_equal(loaded.norm_params[key][stat], bn_param[stat])
+    X = np.random.default_rng(6).standard_normal((5, D))
+    np.testing.assert_array_equal(loaded.loss(X), model.loss(X))
+
+
+@pytest.mark.parametrize("version", [3, 0, "2"])
+def test_unknown_format_versions_are_refused_in_one_line(tmp_path, version):
+    from fastnn.serialization import MODEL_FORMAT, read_npz, write_npz
+
+    fastnn.save(_trained("fc", np), tmp_path / "m.npz")
+    arrays, meta = read_npz(tmp_path / "m.npz", MODEL_FORMAT)
+    write_npz(tmp_path / "m.npz", arrays, {**meta, "format_version": version})
+    with pytest.raises(ValueError, match=f"fastnn-model format version {version!r}") as info:
+        fastnn.load(tmp_path / "m.npz")
+    assert "\n" not in str(info.value) and "reads versions 1 to 2" in str(info.value)
 
 
 def test_non_numeric_parameters_are_incompatible(tmp_path):

@@ -185,6 +185,44 @@ def test_sampling_with_replacement(backend):
         Solver(_small(), _small_data(), sampling="bootstrap")
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_losses_are_read_only_when_shown_and_at_epoch_ends(verbose, capsys):
+    data = _small_data(n_train=40)  # 4 iterations per epoch
+    solver = Solver(_small(), data, num_epochs=2, batch_size=10, print_every=1, verbose=verbose,
+                    seed=0)
+    reads = []
+    read = solver._read_losses
+
+    def spy():
+        if solver._pending_losses:
+            reads.append(solver._t)
+        read()
+
+    solver._read_losses = spy
+    solver.train()
+    assert reads == ([1, 2, 3, 4, 5, 6, 7, 8] if verbose else [1, 4, 8])
+    assert len(solver.loss_history) == 8
+
+
+def test_replacement_sampling_copies_indices_once_per_epoch(monkeypatch):
+    """The epoch's draws are made at once: one index array per epoch, sliced per step."""
+    solver = Solver(_small(), _small_data(n_train=40), num_epochs=2, batch_size=10,
+                    sampling="replacement", verbose=False, seed=0)
+    orders = []
+    step = solver._step
+
+    def spy():
+        step()
+        if not orders or orders[-1] is not solver._epoch_order:
+            orders.append(solver._epoch_order)
+
+    solver._step = spy
+    solver.train()
+    assert len(orders) == 2 and all(o.shape == (40,) for o in orders)
+    assert not np.array_equal(orders[0], orders[1])
+    assert len(set(orders[0].tolist())) < 40  # drawn with replacement (fixed seed)
+
+
 def test_same_seed_same_run(backend):
     def run(seed):
         model = _small(seed=2, dropout=0.3)
@@ -446,6 +484,65 @@ def test_resume_without_seeds_is_bit_identical(tmp_path):
     _assert_params_equal(model2.params, model.params)
 
 
+def test_adamw_decays_the_declared_weights():
+    model = _small()
+    model.param_roles["b2"] = "weight"  # a role, not a name, decides
+    solver = Solver(model, _small_data(), update_rule="adamw", verbose=False, seed=0,
+                    optim_config={"weight_decay": 0.3})
+    for name, role in model.param_roles.items():
+        assert solver.optim_configs[name]["weight_decay"] == (0.3 if role == "weight" else 0.0), name
+
+
+def test_adamw_needs_declared_roles():
+    class Bare:  # a course-style model: params and loss only
+        def __init__(self):
+            self.inner = _small()
+            self.params = self.inner.params
+
+        def loss(self, X, y=None):
+            return self.inner.loss(X, y)
+
+    with pytest.raises(ValueError, match="declares no param_roles"):
+        Solver(Bare(), _small_data(), update_rule="adamw", verbose=False)
+    Solver(Bare(), _small_data(), update_rule="adam", verbose=False, num_epochs=1).train()
+
+
+def test_a_version_1_checkpoint_resumes(tmp_path):
+    """Checkpoints written before norm_params (bn/{i} keys, format version 1) still resume."""
+    from fastnn.solver import CHECKPOINT_FORMAT
+    from fastnn.serialization import read_npz, write_npz
+
+    data = _small_data()
+    model, options = _resumable()
+    solver = Solver(model, data, num_epochs=1, **options)
+    solver.train()
+    solver.save_checkpoint(str(tmp_path / "new.npz"))
+    arrays, meta = read_npz(tmp_path / "new.npz", CHECKPOINT_FORMAT, 2)
+
+    def old_name(name):
+        parts = name.split("/")
+        if parts[0] == "best_norm":
+            return f"best_bn/{int(parts[1]) - 1}/{parts[2]}"
+        if parts[:2] == ["model", "norm"]:
+            return f"model/bn/{int(parts[2]) - 1}/{parts[3]}"
+        return name
+
+    write_npz(tmp_path / "old.npz", {old_name(k): v for k, v in arrays.items()},
+              {**meta, "format_version": 1})
+    results = []
+    for name in ("new.npz", "old.npz"):
+        model2, options = _resumable()
+        resumed = Solver(model2, data, num_epochs=2, **options)
+        resumed.load_checkpoint(str(tmp_path / name))
+        resumed.train()
+        results.append((resumed.loss_history, _host_params(model2),
+                        [fastnn.to_numpy(p["running_var"]) for p in model2.norm_params.values()]))
+    assert results[0][0] == results[1][0]
+    _assert_params_equal(results[0][1], results[1][1])
+    for a, b in zip(results[0][2], results[1][2]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_missing_data_key_is_a_value_error():
     with pytest.raises(ValueError, match="X_train"):
         Solver(_small(), {"y_train": np.zeros(3, dtype=int)})
@@ -467,3 +564,14 @@ def test_overfits_a_small_conv_batch(rule):
     solver.train()
     assert solver.loss_history[-1] < 0.1 * solver.loss_history[0]
     assert solver.best_val_acc == 1.0
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_nan_data_is_named_before_training(split):
+    data = _data()
+    data[f"X_{split}"] = data[f"X_{split}"].copy()
+    data[f"X_{split}"][3, 0, 1, 2] = np.nan
+    model = FullyConnectedNet([8], input_dim=3 * 8 * 8, seed=0)
+    with pytest.raises(ValueError, match=f"X_{split} holds 1 NaN or infinite values") as info:
+        Solver(model, data, num_epochs=1, verbose=False)
+    assert "learning_rate" not in str(info.value)

@@ -13,7 +13,7 @@ from fastnn.classifiers import FullyConnectedNet
 from fastnn.gradient_check import eval_numerical_gradient, rel_error
 from fastnn.kernels import reference
 from fastnn.solver import Solver
-from fastnn.stacked import StackedFullyConnectedNet, StackedSolver, as_member_blocks, model_axis
+from fastnn.stacked import StackedFullyConnectedNet, StackedSolver, as_member_blocks
 from helpers import tolerances
 
 MEMBERS = [dict(seed=1, weight_scale=0.1, reg=0.1, dropout=0.3),
@@ -29,7 +29,7 @@ def _host(a):
 
 def _member_slice(a, name, k):
     a = _host(a)
-    return a[:, k] if model_axis(name) == 1 else a[k]
+    return a[:, k] if name == "W1" else a[k]  # the stack's layout, written out
 
 
 def _data(shape=(48,), n_train=300, n_val=50, seed=0):
@@ -259,7 +259,7 @@ def test_remove_members_shrinks_every_array():
     assert stack.remove_members([1]) == [0, 2]
     assert stack.member_ids == [0, 2] and stack.num_members == 2
     for name, value in stack.params.items():
-        assert value.shape[model_axis(name)] == 2, name
+        assert value.shape[stack.member_axes[name]] == 2, name
     for bn in stack.bn_params:
         assert bn["running_mean"].shape == (2, bn["running_mean"].shape[1])
     for k, net in before.items():
@@ -296,7 +296,7 @@ def test_pruned_member_leaves_and_the_others_continue_unchanged(backend):
     assert seen == [(1, [0, 1, 2]), (2, [0, 2]), (3, [0, 2])]
     assert stack.member_ids == [0, 2]
     for name, value in stack.params.items():
-        assert value.shape[model_axis(name)] == 2
+        assert value.shape[stack.member_axes[name]] == 2
         for state in pruned._state[name].values():
             assert state.shape == value.shape
     assert [r["status"] for r in pruned.results.values()] == ["complete", "pruned", "complete"]
@@ -446,10 +446,19 @@ def test_l2_stacked(ops, dtype, shape):
                                    rtol=rtol * 10, atol=atol)
 
 
+@pytest.mark.parametrize("use_batchnorm", [False, True])
+def test_stack_declares_the_roles_of_its_members(use_batchnorm):
+    stack = StackedFullyConnectedNet([6, 5], MEMBERS, input_dim=8, num_classes=3,
+                                     use_batchnorm=use_batchnorm)
+    net = FullyConnectedNet([6, 5], input_dim=8, num_classes=3, use_batchnorm=use_batchnorm)
+    assert stack.param_roles == net.param_roles
+    assert list(stack.params) == list(net.params)
+
+
 def test_as_member_blocks_is_a_view():
     stack = StackedFullyConnectedNet([6, 5], MEMBERS, input_dim=8, num_classes=3)
     for name, value in stack.params.items():
-        blocks = as_member_blocks(value, name)
+        blocks = as_member_blocks(value, stack.member_axes[name])
         assert blocks.ndim == 3 and blocks.shape[1] == 3
         assert np.shares_memory(blocks, value), name
 

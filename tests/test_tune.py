@@ -46,11 +46,11 @@ def test_stack_members_share_structure_and_differ_in_the_rest(cifar_root, tmp_pa
     assert len({p["learning_rate"] for p in params}) == 4
 
 
-def test_resume_continues_the_study(cifar_root, tmp_path):
+def test_resume_continues_the_study(cifar_root, tmp_path, capsys):
     out = tmp_path / "tune"
     assert main(tune_args(cifar_root, out, "--trials", "2", "--parallel", "2")) == 0
-    with pytest.raises(SystemExit, match="--resume"):
-        main(tune_args(cifar_root, out, "--trials", "4", "--parallel", "2"))
+    assert main(tune_args(cifar_root, out, "--trials", "4", "--parallel", "2")) == 1
+    assert f"fastnn tune --resume --out {out}" in capsys.readouterr().err
     assert main(tune_args(cifar_root, out, "--trials", "4", "--parallel", "2", "--resume")) == 0
     study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
@@ -103,22 +103,67 @@ def test_two_workers_share_one_study_without_losing_or_repeating_trials(cifar_ro
 
 
 def test_a_trials_config_reproduces_it_with_fastnn_train(cifar_root, tmp_path):
-    """A trial's recorded config (model_seed included) retrains to the same per-epoch val acc."""
-    from fastnn.runs import build_model, build_solver, load_data
+    """A trial's recorded config (model_seed included), given to `fastnn train --config`,
+    retrains to the same per-epoch val acc; it records only what applies."""
+    out = tmp_path / "tune"
+    assert main(tune_args(cifar_root, out, "--trials", "2", "--parallel", "2",
+                          "--crop-padding", "2")) == 0
+    study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
+    for trial in study.trials:
+        config = trial.user_attrs["config"]
+        assert ("crop_padding" in config) == config["augment"]  # only when it applies
+        assert not set(config) & {"hidden_dim", "momentum", "beta1", "weight_decay"} - \
+            {k for k in ("momentum",) if config["update_rule"] == "sgd_momentum"}
+    trial = study.trials[1]  # its model seed differs from the batch seed
+    assert trial.user_attrs["config"]["model_seed"] == trial.user_attrs["config"]["seed"] + 1
+    config_file = tmp_path / "trial.json"
+    config_file.write_text(json.dumps(trial.user_attrs["config"]))
+    run = tmp_path / "retrain"
+    assert main(["train", "--config", str(config_file), "--out", str(run), "--data", cifar_root,
+                 "--num-training", "160", "--num-validation", "40", "--num-test", "50"]) == 0
+    reported = [trial.intermediate_values[e] for e in sorted(trial.intermediate_values)]
+    epochs = json.loads((run / "metrics.json").read_text())["epochs"]
+    assert [e["val_acc"] for e in epochs][-len(reported):] == reported  # the epoch-end entries
 
+
+def test_evaluate_reads_a_tune_folder_and_no_budget_prints_none_left(cifar_root, tmp_path,
+                                                                     capsys):
     out = tmp_path / "tune"
     assert main(tune_args(cifar_root, out, "--trials", "2", "--parallel", "2")) == 0
-    study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
-    trial = study.trials[1]  # its model seed differs from the batch seed
-    config = {**trial.user_attrs["config"], "data": cifar_root, "num_training": 160,
-              "num_validation": 40, "num_test": 50, "print_every": 10**6}
-    assert config["model_seed"] == config["seed"] + 1
-    model = build_model(config)
-    solver = build_solver(model, load_data(config), config, out_dir=None)
-    solver.verbose = False
-    solver.train()
-    reported = [trial.intermediate_values[e] for e in sorted(trial.intermediate_values)]
-    assert solver.val_acc_history[-len(reported):] == reported  # the epoch-end entries
+    printed = capsys.readouterr().out
+    assert "round of 2 took" in printed and "budget left" not in printed
+    best = json.loads((out / "best.json").read_text())
+    assert best["format"] == "fastnn-tune-best" and best["format_version"] == 1
+    assert main(["evaluate", str(out)]) == 0
+    assert f"test accuracy {best['test_acc']:.4f} on 50 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--trials", "0"), "--trials must be >= 1, got 0"),
+    (("--epochs", "0"), "--epochs must be >= 1"),
+    (("--num-validation", "0"), "--num-validation must be >= 1"),
+    (("--budget-minutes", "-1"), "--budget-minutes must be a positive number"),
+    (("--crop-padding", "40"), "--crop-padding must be below the image size 32"),
+])
+def test_tune_usage_errors_are_one_line_exit_2(cifar_root, tmp_path, capsys, flags, message):
+    assert main(tune_args(cifar_root, tmp_path / "tune", *flags)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "tune").exists()
+
+
+def test_every_tune_flag_has_help_text():
+    from fastnn.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+    for name, sub in commands.choices.items():
+        undocumented = [a.option_strings for a in sub._actions if not a.help]
+        assert not undocumented, (name, undocumented)
+    assert "tune" in parser.description
+    result = subprocess.run([sys.executable, "-m", "fastnn", "tune", "--help"],
+                            capture_output=True, text=True, check=True)
+    assert "validation images that score the trials" in result.stdout
 
 
 def test_final_epochs_retrains_within_the_budget(cifar_root, tmp_path):
@@ -149,7 +194,12 @@ def test_tune_model_convnet_starts_from_the_recipe_one_trial_at_a_time(cifar_roo
     study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"]
     assert list(study.trials[0].intermediate_values) == [1]  # per-epoch val acc reported
-    with pytest.raises(SystemExit, match="one at a time"):
-        main(tune_args(cifar_root, tmp_path / "other", *conv, "--parallel", "2"))
-    with pytest.raises(SystemExit, match="--widths applies to tune --model convnet"):
-        main(tune_args(cifar_root, tmp_path / "other", "--widths", "4"))
+
+
+def test_tune_refuses_options_of_the_other_model(cifar_root, tmp_path, capsys):
+    conv = ("--model", "convnet", "--widths", "4", "8", "--stem-width", "4")
+    assert main(tune_args(cifar_root, tmp_path / "a", *conv, "--parallel", "2")) == 2
+    assert "one at a time" in capsys.readouterr().err
+    assert main(tune_args(cifar_root, tmp_path / "b", "--widths", "4")) == 2
+    assert "--widths applies to tune --model convnet" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -6,7 +6,7 @@ conv - relu - 2x2 max pool - affine - relu - affine - softmax, on images
 """
 import numpy as np
 
-from fastnn.classifiers.fc_net import _Classifier, _standard_normal
+from fastnn.classifiers.base import Classifier, standard_normal
 from fastnn.backend import get_backend, xp as active_xp
 from fastnn.layer_utils import (affine_relu_backward, affine_relu_forward,
                                 conv_relu_pool_backward, conv_relu_pool_forward)
@@ -15,7 +15,7 @@ from fastnn.layers import affine_backward, affine_forward
 POOL_PARAM = {"pool_height": 2, "pool_width": 2, "stride": 2}
 
 
-class ThreeLayerConvNet(_Classifier):
+class ThreeLayerConvNet(Classifier):
     """conv - relu - 2x2 max pool - affine - relu - affine - softmax.
 
     input_dim (C, H, W); W1 (F, C, fs, fs), b1 (F,); W2 (F * H'' * W'', hidden_dim),
@@ -59,7 +59,7 @@ class ThreeLayerConvNet(_Classifier):
         xp = active_xp()
         self.params = {}
         for name, shape in shapes.items():
-            value = (weight_scale * _standard_normal(None, shape) if name.startswith("W")
+            value = (weight_scale * standard_normal(None, shape) if name.startswith("W")
                      else np.zeros(shape))
             self.params[name] = xp.asarray(value, dtype=self.dtype)
         self.param_roles = {name: "weight" if name.startswith("W") else "bias"

@@ -8,57 +8,42 @@ out-of-range label gives a NaN loss rather than a read out of bounds).
 """
 import numpy as np
 
-from fastnn import kernels
-from fastnn.backend import get_array_module, get_backend, xp as active_xp
+from fastnn.backend import xp as active_xp
+from fastnn.classifiers.base import Classifier, standard_normal
 from fastnn.layer_utils import (affine_bn_relu_backward, affine_bn_relu_forward,
                                 affine_relu_backward, affine_relu_forward)
 from fastnn.layers import (affine_backward, affine_forward, draw_seed, dropout_backward,
                            dropout_forward)
 
 
-def _standard_normal(rng, shape):
-    """Standard normal draws from a Generator, or from np.random when rng is None."""
-    return np.random.randn(*shape) if rng is None else rng.standard_normal(shape)
-
-
-class _Classifier:
-    """What both nets share: parameter creation, L2 loss, the softmax head."""
+class _FullyConnected(Classifier):
+    """What both nets share: their parameters, in the order of the initial draws."""
 
     def _init_params(self, dims, weight_scale, use_batchnorm, rng):
-        """W1..WL (weight_scale * N(0, 1)), b zero; gamma one, beta zero when batchnorm."""
-        xp = active_xp()
-        self.params = {}
+        """W1..WL (weight_scale * N(0, 1)), b zero; gamma one, beta zero when batchnorm.
+
+        Also makes one running-statistics layer per batchnorm (norm_params
+        "1", ...; bn_params lists the same dicts, as the course's nets do).
+        """
+        self._start_params()
         for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:]), start=1):
-            w = weight_scale * _standard_normal(rng, (fan_in, fan_out))
-            self.params[f"W{i}"] = xp.asarray(w, dtype=self.dtype)
-            self.params[f"b{i}"] = xp.zeros(fan_out, dtype=self.dtype)
+            self._add_param(f"W{i}", weight_scale * standard_normal(rng, (fan_in, fan_out)),
+                            "weight")
+            self._add_param(f"b{i}", np.zeros(fan_out), "bias")
             if use_batchnorm and i < len(dims) - 1:
-                self.params[f"gamma{i}"] = xp.ones(fan_out, dtype=self.dtype)
-                self.params[f"beta{i}"] = xp.zeros(fan_out, dtype=self.dtype)
-        self.backend = get_backend()
-
-    def _weight_names(self):
-        return [f"W{i}" for i in range(1, self.num_layers + 1)]
-
-    def _loss_and_grads(self, scores, y, grads_of_scores):
-        """Softmax loss plus L2 on the weights; grads_of_scores(dscores) fills the rest."""
-        xp = get_array_module(scores, y)
-        loss, dscores = kernels.for_module(xp).softmax_loss(scores, y)
-        grads = grads_of_scores(dscores)
-        if self.reg:
-            for name in self._weight_names():
-                w = self.params[name]
-                flat = w.reshape(-1)
-                loss = loss + 0.5 * self.reg * xp.dot(flat, flat)
-                grads[name] += self.reg * w
-        return loss, grads
+                self._add_param(f"gamma{i}", np.ones(fan_out), "scale")
+                self._add_param(f"beta{i}", np.zeros(fan_out), "shift")
+                self._add_norm(i, fan_out)
+        self.bn_params = list(self.norm_params.values())
 
 
-class TwoLayerNet(_Classifier):
+class TwoLayerNet(_FullyConnected):
     """affine - relu - affine - softmax, for inputs of `input_dim` features."""
 
     def __init__(self, input_dim=3 * 32 * 32, hidden_dim=100, num_classes=10,
                  weight_scale=1e-3, reg=0.0, dtype=np.float32):
+        if int(hidden_dim) != hidden_dim or hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be a layer width >= 1, got {hidden_dim}")
         self.dtype = np.dtype(dtype)
         self.reg = reg
         self.num_layers = 2
@@ -83,7 +68,7 @@ class TwoLayerNet(_Classifier):
         return self._loss_and_grads(scores, y, backward)
 
 
-class FullyConnectedNet(_Classifier):
+class FullyConnectedNet(_FullyConnected):
     """{affine - [batchnorm] - relu - [dropout]} x (L - 1) - affine - softmax.
 
     `dropout` is the probability of dropping a unit (0: no dropout). With
@@ -99,6 +84,8 @@ class FullyConnectedNet(_Classifier):
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout is the probability of dropping a unit and must be in "
                              f"[0, 1), got {dropout}")
+        if any(int(h) != h or h < 1 for h in hidden_dims):
+            raise ValueError(f"hidden_dims must be layer widths >= 1, got {list(hidden_dims)}")
         hidden_dims = [int(h) for h in hidden_dims]
         self.dtype = np.dtype(dtype)
         self.reg = reg
@@ -119,7 +106,6 @@ class FullyConnectedNet(_Classifier):
             # One seed for the model's life (the Solver advances `step`): drawing
             # one per call would read a device value every step on cupy.
             self.dropout_param["seed"] = int(seed) if seed is not None else draw_seed(active_xp())
-        self.bn_params = [{"mode": "train"} for _ in hidden_dims] if self.use_batchnorm else []
 
     def _layer_dropout_param(self, layer):
         """Layer `layer`'s dropout settings: its own seed, so equal-width layers differ."""
