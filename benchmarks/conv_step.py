@@ -2,16 +2,20 @@
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/conv_step.py
         [--widths 32 64 128] [--stem-width 24] [--batch 256] [--steps 5] [--rounds 3]
+        [--cpu-time] [--no-torch]
 
 One step = forward, backward and a plain SGD update of every parameter, on
 the contract's ConvNet and the same net in PyTorch (no conv biases, batchnorm
 after each conv, the first conv of a group followed by its 2x2 pool, a
 global max, a linear layer). The contenders take turns for `--rounds`
 rounds of `--steps` steps, so a busy machine slows them alike; the figures
-are medians of all steps. Then fastnn's step is broken down per op
-(timing wrappers around the layer functions ConvNet calls) and its peak
-memory above the start is read from the process's resident set
-(ru_maxrss, the high-water mark of the whole run).
+are medians of all steps. `--cpu-time` times one thread per contender in
+process CPU time: the work a step takes, which other processes on a busy
+machine distort far less than wall time (but it hides how well each uses
+two cores). Then come fastnn's peak resident set, its step memory
+(tracemalloc: what the forward keeps for the backward, and the backward's
+peak above that) and its time per op (timing wrappers around the layer
+functions ConvNet calls).
 """
 import argparse
 import collections
@@ -86,12 +90,12 @@ def torch_step(widths, stem_width, X, y, channels_last, lr=1e-3):
     return step
 
 
-def time_steps(step, count):
+def time_steps(step, count, clock=time.perf_counter):
     times = []
     for _ in range(count):
-        start = time.perf_counter()
+        start = clock()
         step()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -103,7 +107,8 @@ class OpTimer:
              "spatial_batchnorm_relu_forward", "spatial_batchnorm_relu_backward",
              "affine_forward", "affine_backward")
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
         self.totals = collections.defaultdict(float)
         self.originals = {}
 
@@ -118,15 +123,42 @@ class OpTimer:
 
     def _timed(self, name, function):
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start = self.clock()
             result = function(*args, **kwargs)
-            self.totals[name] += time.perf_counter() - start
+            self.totals[name] += self.clock() - start
             return result
         return timed
 
     def __exit__(self, *exc):
         for name, original in self.originals.items():
             setattr(conv_net_module, name, original)
+
+
+def memory_profile(model, X, y):
+    """(MB kept for the backward at the end of the forward, MB peak of the step above that).
+
+    tracemalloc sees numpy's allocations; the end of the forward is the head's
+    affine_forward call.
+    """
+    import tracemalloc
+
+    marks = {}
+    original = conv_net_module.affine_forward
+
+    def marked(*args, **kwargs):
+        marks["forward"] = tracemalloc.get_traced_memory()[0]
+        return original(*args, **kwargs)
+
+    conv_net_module.affine_forward = marked
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        model.loss(X, y)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        conv_net_module.affine_forward = original
+    return (marks["forward"] - base) / 2**20, (peak - marks["forward"]) / 2**20
 
 
 def main():
@@ -137,7 +169,13 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true", help="time fastnn only")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one thread each and process CPU time instead of wall time: the "
+                             "work per step, which a busy machine distorts far less")
     args = parser.parse_args()
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    if args.cpu_time:
+        fastnn.set_num_threads(1)
 
     import os
     import threadpoolctl
@@ -152,6 +190,8 @@ def main():
     if not args.no_torch:
         import torch
 
+        if args.cpu_time:
+            torch.set_num_threads(1)
         contenders["torch NCHW"] = torch_step(args.widths, args.stem_width, X, y, False)
         contenders["torch channels-last"] = torch_step(args.widths, args.stem_width, X, y, True)
     for name, step in contenders.items():  # warm up: compile, allocate, fill caches
@@ -161,7 +201,7 @@ def main():
     times = collections.defaultdict(list)
     for _ in range(args.rounds):
         for name, step in contenders.items():
-            times[name] += time_steps(step, args.steps)
+            times[name] += time_steps(step, args.steps, clock)
 
     blas = [(p["internal_api"], p.get("architecture"), p["num_threads"])
             for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
@@ -173,23 +213,28 @@ def main():
                                      f"; torch {torch.__version__}, {torch.get_num_threads()} threads"))
     medians = {name: statistics.median(t) for name, t in times.items()}
     best_torch = min((m for n, m in medians.items() if n.startswith("torch")), default=None)
+    if args.cpu_time:
+        print("CPU time of one thread per contender (ms/step and img/s per CPU-second):")
     print(f"{'contender':<22}{'ms/step':>10}{'img/s':>10}{'GFLOP/s':>10}{'vs best torch':>15}")
     for name, median in medians.items():
         ratio = "" if best_torch is None else f"{best_torch / median:.2f}x"
         print(f"{name:<22}{1e3 * median:>10.1f}{args.batch / median:>10.0f}"
               f"{3 * mflop * args.batch / median / 1e3:>10.0f}{ratio:>15}")
     print(f"fastnn peak RSS after warm-up: {rss_fastnn / 1024:.0f} MB "
-          f"({(rss_fastnn - rss_start) / 1024:.0f} MB above the start)")
+          f"({(rss_fastnn - rss_start) / 1024:.0f} MB above the start, Numba's compiler included)")
+    kept, scratch = memory_profile(model, X, y)
+    print(f"fastnn step memory (tracemalloc): {kept:.0f} MB kept for the backward, peak "
+          f"{scratch:.0f} MB above that during the backward (gradients and scratch)")
 
     step = contenders["fastnn numpy"]
-    with OpTimer() as timer:
+    with OpTimer(clock) as timer:
         count = args.steps * args.rounds
-        total = sum(time_steps(step, count)) / count
+        total = sum(time_steps(step, count, clock)) / count
     print(f"fastnn per-op time per step (of {1e3 * total:.1f} ms with the timers):")
     for name, seconds in sorted(timer.totals.items(), key=lambda item: -item[1]):
-        print(f"  {name:<28}{1e3 * seconds / count:>8.1f} ms")
+        print(f"  {name:<34}{1e3 * seconds / count:>8.1f} ms")
     other = total - sum(timer.totals.values()) / count
-    print(f"  {'other (loss, update, glue)':<28}{1e3 * other:>8.1f} ms")
+    print(f"  {'other (loss, update, glue)':<34}{1e3 * other:>8.1f} ms")
 
 
 if __name__ == "__main__":

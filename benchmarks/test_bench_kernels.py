@@ -30,6 +30,12 @@ STACKED_ACTIVATIONS = [(200, 16, 100), (512, 4, 1024)]  # (N, K, H) views of (K,
 STACKED_SCORES = [(16, 200, 10), (4, 512, 10)]          # (K, N, C)
 STACKED_PARAMETERS = [(3072, 16, 100), (1024, 4, 1024)]  # (A, K, B)
 STACKED_FEATURE_ROWS = [(1600, 200), (4096, 512)]        # (K*H, N): feature-major activations
+# convolution: layers of the reference ConvNet at batch 64, channels-last views like its own
+CONVS = [(64, 3, 32, 32, 24), (64, 24, 32, 32, 32), (64, 64, 8, 8, 128)]  # (N, C, H, W, F), 3x3 pad 1
+POOLS = [(64, 32, 32, 32), (64, 128, 8, 8)]                             # (N, C, H, W), 2x2 stride 2
+BN_RELU_ROWS = [(65536, 32), (4096, 128)]                               # (N*H*W, C)
+# backward ops whose saved state comes from the same implementation's forward
+FORWARD_OF = {"conv_backward": "conv_forward", "max_pool_backward": "max_pool_forward"}
 
 SHAPES = {
     "relu_forward": ACTIVATIONS, "relu_backward": ACTIVATIONS,
@@ -44,6 +50,9 @@ SHAPES = {
     "batchnorm_rows_train_forward": STACKED_FEATURE_ROWS,
     "batchnorm_rows_backward": STACKED_FEATURE_ROWS,
     "l2_stacked_": STACKED_PARAMETERS,
+    "conv_forward": CONVS, "conv_backward": CONVS,
+    "max_pool_forward": POOLS, "max_pool_backward": POOLS,
+    "batchnorm_relu_train_forward": BN_RELU_ROWS, "batchnorm_relu_backward": BN_RELU_ROWS,
 }
 UPDATE_OPS = {spec.op: name for name, spec in optim.SPECS.items()}  # adam_ serves adamw too
 IMPLEMENTATIONS = ["reference", "numpy", "cupy-reference", "cupy"]
@@ -58,6 +67,13 @@ def make_args(op, shape, rng, xp=np):
         return make_update_args(op, shape, rng, xp)
     if op.endswith("_stacked_") or op.startswith(("dropout_stacked", "softmax_loss_stacked")):
         return make_stacked_args(op, shape, rng, xp)
+    if op in ("conv_forward", "max_pool_forward"):
+        x = rng.standard_normal(shape[:1] + shape[2:4] + shape[1:2], dtype=np.float32)
+        x = xp.asarray(x).transpose(0, 3, 1, 2)  # channels-last seen as NCHW
+        if op == "max_pool_forward":
+            return x, 2, 2, 2
+        n, c, h, w, f = shape
+        return x, rng.standard_normal((f, c, 3, 3), dtype=np.float32), None, 1, 1
     n, d = shape
 
     def normal(*s):
@@ -82,6 +98,11 @@ def make_args(op, shape, rng, xp=np):
         return normal(n, d), positive(n), normal(n), 1e-5
     if op == "batchnorm_rows_backward":
         return normal(n, d), normal(n, d), positive(n), positive(n)
+    if op == "batchnorm_relu_train_forward":
+        return normal(n, d), positive(d), normal(d), 1e-5
+    if op == "batchnorm_relu_backward":
+        x = normal(n, d)
+        return normal(n, d), x, np.maximum(x, 0), positive(d), normal(d), positive(d)
     raise AssertionError(f"no arguments defined for op {op!r}; add it to make_args")
 
 
@@ -94,6 +115,15 @@ def make_update_args(op, shape, rng, xp=np):
     lr = xp.asarray(np.geomspace(1e-5, 1e-3, shape[1])) if len(shape) == 3 else 1e-4
     config = {**spec.defaults, "learning_rate": lr, "t": 10}
     return w, dw, tuple(np.zeros_like(w) for _ in spec.state), spec.scalars(config)
+
+
+def make_backward_args(op, shape, rng, xp, table):
+    """(dout, saved) for a backward op, saved by `table`'s own forward (FORWARD_OF)."""
+    out, saved = getattr(table, FORWARD_OF[op])(*make_args(FORWARD_OF[op], shape, rng, xp))
+    dout = xp.asarray(rng.standard_normal(out.shape, dtype=np.float32))
+    # the layout the forward made (channels-last on numpy), as the next layer hands it back
+    dout = xp.ascontiguousarray(dout.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    return (dout, saved) + ((False,) if op == "conv_backward" and shape[1] == 3 else ())
 
 
 def shape_name(shape):
@@ -148,13 +178,18 @@ def test_kernel(benchmark, op, shape, impl):
         def sync():
             pass
 
-    fn = getattr(reference if impl.endswith("reference") else kernels.for_module(xp), op)
+    table = reference if impl.endswith("reference") else kernels.for_module(xp)
+    fn = getattr(table, op)
+    rng = np.random.default_rng(0)
+
     def to_xp(a):
         if isinstance(a, tuple):  # an update rule's state arrays
             return tuple(to_xp(b) for b in a)
         return xp.asarray(a) if isinstance(a, np.ndarray) else a
 
-    args = tuple(to_xp(a) for a in make_args(op, shape, np.random.default_rng(0), xp))
+    raw = (make_backward_args(op, shape, rng, xp, table) if op in FORWARD_OF
+           else make_args(op, shape, rng, xp))
+    args = tuple(to_xp(a) for a in raw)
 
     def run():
         fn(*args)

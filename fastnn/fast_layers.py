@@ -19,8 +19,7 @@ def conv_forward_fast(x, w, b, conv_param):
     b may be None (no bias; the backward's db is then None).
     """
     xp = get_array_module(x, w, b)
-    stride, pad, _, _ = conv_geometry(x, w, b if b is not None else w[:, 0, 0, 0], conv_param,
-                                      "conv_forward_fast")
+    stride, pad, _, _ = conv_geometry(x, w, b, conv_param, "conv_forward_fast")
     return kernels.for_module(xp).conv_forward(x, w, b, stride, pad)
 
 

@@ -196,18 +196,20 @@ def softmax_loss(x, y):
 def conv_geometry(x, w, b, conv_param, where="conv_forward"):
     """Check a convolution's arguments -> (stride, pad, out_height, out_width).
 
-    x (N, C, H, W), w (F, C, HH, WW), b (F,); H + 2*pad - HH must be divisible
+    x (N, C, H, W), w (F, C, HH, WW), b (F,) or None; H + 2*pad - HH must be divisible
     by the stride (W likewise) and the filter must fit the padded input.
     """
     if getattr(x, "ndim", None) != 4:
         raise ValueError(f"{where}: x must be 4-D (N, C, H, W), got shape {x.shape}; "
                          "add the missing axis (e.g. x[None] for one image)")
-    if w.ndim != 4 or w.shape[1] != x.shape[1] or b.shape != (w.shape[0],):
-        raise ValueError(f"{where}: x of shape {x.shape} needs w of shape (F, {x.shape[1]}, HH, WW) "
-                         f"and b of shape (F,); got w {w.shape} and b {b.shape}")
+    if w.ndim != 4 or w.shape[1] != x.shape[1] or (b is not None and b.shape != (w.shape[0],)):
+        raise ValueError(f"{where}: x of shape {x.shape} needs w of shape "
+                         f"(F, {x.shape[1]}, HH, WW) and b of shape (F,); got w {w.shape} and "
+                         f"b {None if b is None else b.shape}")
     stride, pad = int(conv_param["stride"]), int(conv_param["pad"])
     if stride < 1 or pad < 0:
-        raise ValueError(f"{where}: stride must be >= 1 and pad >= 0, got stride {stride}, pad {pad}")
+        raise ValueError(f"{where}: stride must be >= 1 and pad >= 0, got stride {stride}, "
+                         f"pad {pad}")
     sizes = []
     for axis, name in ((2, "H"), (3, "W")):
         size, filter_size = x.shape[axis], w.shape[axis]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastnn
-from fastnn.classifiers import FullyConnectedNet, TwoLayerNet
+from fastnn.classifiers import ConvNet, FullyConnectedNet, TwoLayerNet
 from fastnn.gradient_check import eval_numerical_gradient, rel_error
 
 GRAD_TOL = 1e-6
@@ -293,3 +293,113 @@ def test_zero_width_layers_are_refused():
         FullyConnectedNet([8, 0])
     with pytest.raises(ValueError, match="hidden_dim must be a layer width >= 1, got 0"):
         TwoLayerNet(hidden_dim=0)
+
+
+# -- ConvNet --------------------------------------------------------------------------------
+def _tiny_conv_net(**options):
+    kwargs = dict(widths=(3, 4), stem_width=2, input_dim=(2, 6, 5), num_classes=3,
+                  dtype=np.float64, seed=0)
+    kwargs.update(options)
+    return ConvNet(**kwargs)
+
+
+def test_conv_net_structure_and_roles(backend):
+    model = ConvNet(widths=(4, 6), stem_width=3, input_dim=(3, 8, 8), num_classes=5)
+    shapes = {name: tuple(value.shape) for name, value in model.params.items()}
+    assert shapes == {
+        "W1": (3, 3, 3, 3), "gamma1": (3,), "beta1": (3,),
+        "W2": (4, 3, 3, 3), "gamma2": (4,), "beta2": (4,),
+        "W3": (4, 4, 3, 3), "gamma3": (4,), "beta3": (4,),
+        "W4": (6, 4, 3, 3), "gamma4": (6,), "beta4": (6,),
+        "W5": (6, 6, 3, 3), "gamma5": (6,), "beta5": (6,),
+        "W6": (6, 5), "b6": (5,)}
+    assert all(isinstance(v, backend.ndarray) and v.dtype == np.float32
+               for v in model.params.values())
+    roles = {name: role for name, role in model.param_roles.items()}
+    assert {n for n, r in roles.items() if r == "weight"} == {f"W{i}" for i in range(1, 7)}
+    assert roles["b6"] == "bias" and roles["gamma3"] == "scale" and roles["beta3"] == "shift"
+    assert set(model.norm_params) == {str(i) for i in range(1, 6)}
+    for i in range(1, 6):
+        np.testing.assert_array_equal(fastnn.to_numpy(model.params[f"gamma{i}"]), 1)
+        np.testing.assert_array_equal(fastnn.to_numpy(model.params[f"beta{i}"]), 0)
+    np.testing.assert_array_equal(fastnn.to_numpy(model.params["b6"]), 0)
+    X = backend.asarray(np.random.default_rng(0).standard_normal((2, 3, 8, 8)), dtype=np.float32)
+    assert model.loss(X).shape == (2, 5)
+    assert model.init_args["widths"] == [4, 6] and model.init_args["label_smoothing"] == 0.0
+
+
+def test_conv_net_default_is_the_reference_net():
+    model = ConvNet()
+    assert [tuple(model.params[f"W{i}"].shape[:2]) for i in range(1, 8)] == [
+        (24, 3), (32, 24), (32, 32), (64, 32), (64, 64), (128, 64), (128, 128)]
+
+
+def test_conv_net_gradients(backend):
+    """Every parameter (the smoothed head alone: test_conv_net_label_smoothing_loss_by_hand)."""
+    xp = backend
+    model = _tiny_conv_net(reg=0.7)
+    _perturb_non_weights(model, seed=1)
+    rng = np.random.default_rng(2)
+    X, y = rng.standard_normal((4, 2, 6, 5)), rng.integers(0, 3, 4)
+    _check_model_gradients(model, xp.asarray(X), xp.asarray(y))
+
+
+def test_conv_net_l2_covers_every_filter_and_the_affine_weight(backend):
+    xp = backend
+    plain, regularised = _tiny_conv_net(), _tiny_conv_net(reg=1.5)
+    rng = np.random.default_rng(3)
+    X, y = xp.asarray(rng.standard_normal((3, 2, 6, 5))), xp.asarray(rng.integers(0, 3, 3))
+    loss0, grads0 = plain.loss(X, y)
+    loss1, grads1 = regularised.loss(X, y)
+    weights = [f"W{i}" for i in range(1, 7)]
+    penalty = 0.75 * sum(float((fastnn.to_numpy(plain.params[k]) ** 2).sum()) for k in weights)
+    assert float(loss1) - float(loss0) == pytest.approx(penalty, rel=1e-10)
+    for name in plain.params:
+        diff = fastnn.to_numpy(grads1[name]) - fastnn.to_numpy(grads0[name])
+        expected = 1.5 * fastnn.to_numpy(plain.params[name]) if name in weights else 0
+        np.testing.assert_allclose(diff, expected, atol=1e-12, err_msg=name)
+
+
+def test_conv_net_label_smoothing_loss_by_hand():
+    """The smoothed head on given scores: targets (1 - s) onehot + s / C, and its gradient."""
+    model = _tiny_conv_net(label_smoothing=0.3)
+    rng = np.random.default_rng(4)
+    scores, y = rng.standard_normal((5, 3)), rng.integers(0, 3, 5)
+    log_p = scores - scores.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    target = np.full((5, 3), 0.1)
+    target[np.arange(5), y] += 0.7
+    loss, dscores = model._data_loss(scores, y)
+    assert float(loss) == pytest.approx(-(target * log_p).sum(1).mean(), rel=1e-12)
+    numeric = eval_numerical_gradient(lambda s: model._data_loss(s, y)[0], scores, verbose=False)
+    assert rel_error(numeric, dscores) < 1e-8
+
+
+def test_conv_net_global_max_gradient_goes_to_the_first_maximum():
+    """A head whose input is all zeros (relu): every channel's gradient lands at (0, 0)."""
+    model = _tiny_conv_net()
+    for i in range(1, 6):  # beta = -10: every relu output is 0
+        model.params[f"beta{i}"][:] = -10.0
+    rng = np.random.default_rng(5)
+    X, y = rng.standard_normal((2, 2, 6, 5)), np.array([0, 1])
+    _, grads = model.loss(X, y)
+    np.testing.assert_array_equal(grads["W6"], 0)  # the features are all 0
+    assert np.abs(grads["b6"]).sum() > 0
+
+
+def test_conv_net_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="needs at least 8 pixels a side"):
+        ConvNet(widths=(2, 2, 2), stem_width=2, input_dim=(3, 6, 6))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ConvNet(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="at least one group"):
+        ConvNet(widths=())
+
+
+def test_conv_net_seed_reproduces_and_dtype_is_kept(dtype):
+    a, b = _tiny_conv_net(seed=7, dtype=dtype), _tiny_conv_net(seed=7, dtype=dtype)
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name])
+    X = np.random.default_rng(6).standard_normal((2, 2, 6, 5)).astype(dtype)
+    loss, grads = a.loss(X, np.array([0, 2]))
+    assert a.loss(X).dtype == dtype and all(g.dtype == dtype for g in grads.values())

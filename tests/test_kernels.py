@@ -37,7 +37,8 @@ def _close(actual, expected, dtype, scale=1.0):
 COVERED = {"relu_forward", "relu_backward", "dropout_forward", "dropout_backward",
            "softmax_loss", "svm_loss", "batchnorm_train_forward", "batchnorm_backward",
            "sgd_", "sgd_momentum_", "sgd_nesterov_", "rmsprop_", "adam_", "flip_crop",
-           "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward"}
+           "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward",
+           "batchnorm_relu_train_forward", "batchnorm_relu_backward"}
 # The stacked-model ops are compared with their references in test_stacked.py.
 STACKED_OPS = {"dropout_stacked_forward", "dropout_stacked_backward", "softmax_loss_stacked",
                "batchnorm_rows_train_forward", "batchnorm_rows_backward", "l2_stacked_"}
@@ -460,7 +461,7 @@ CONV_CASES = [((2, 3, 8, 8), (4, 3, 3, 3), 1, 1), ((3, 2, 7, 5), (3, 2, 3, 1), 2
               ((2, 3, 9, 6), (6, 3, 5, 2), 1, 2), ((2, 2, 6, 7), (3, 2, 3, 3), 1, 0),
               ((1, 3, 5, 6), (2, 3, 5, 5), 1, 2)]
 POOL_CASES = [((2, 3, 8, 8), 2, 2, 2), ((2, 4, 7, 9), 2, 3, 2), ((1, 2, 6, 5), 3, 3, 1),
-              ((3, 5, 4, 4), 4, 4, 1)]
+              ((3, 5, 4, 4), 4, 4, 1), ((2, 3, 7, 5), 2, 2, 2), ((1, 2, 8, 7), 3, 3, 3)]
 
 
 def _channels_last_view(xp, a):
@@ -561,3 +562,154 @@ def test_max_pool_ties_go_to_the_first_maximum(ops, dtype):
     expected[0, 1, 0, 0] = 0
     expected[0, 1, 0, 1] = 1
     np.testing.assert_array_equal(dx, expected)
+
+
+# (rows, channels): the last ones span the numpy kernels' thread blocks
+BN_RELU_SHAPES = [(1, 3), (7, 5), (64, 24), (3000, 24), (4097, 33)]
+
+
+@pytest.mark.parametrize("shape", BN_RELU_SHAPES)
+def test_batchnorm_relu(ops, dtype, shape):
+    xp, table = ops
+    rng = np.random.default_rng(7)
+    x = xp.asarray(rng.standard_normal(shape) * 3 + 10, dtype=dtype)  # offset: the shifted sums
+    gamma = xp.asarray(rng.standard_normal(shape[1]), dtype=dtype)
+    beta = xp.asarray(rng.standard_normal(shape[1]), dtype=dtype)
+    got = table.batchnorm_relu_train_forward(x, gamma, beta, 1e-5)
+    expected = reference.batchnorm_relu_train_forward(x, gamma, beta, 1e-5)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.shape == e.shape
+        _close(g, e, dtype, 10.0)
+    out, mean, inv_std, _ = expected
+    dout = xp.asarray(rng.standard_normal(shape), dtype=dtype)
+    got = table.batchnorm_relu_backward(dout, x, out, gamma, mean, inv_std)
+    expected = reference.batchnorm_relu_backward(dout, x, out, gamma, mean, inv_std)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.shape == e.shape
+        _close(g, e, dtype, float(np.abs(_host(e)).max()) + 1)
+
+
+def test_cuda_convolution_sources_compile(tmp_path):
+    """The CuPy RawKernels' CUDA source, for float and double, through nvcc (when installed)."""
+    import shutil
+    import subprocess
+
+    from fastnn.kernels import gpu
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    source = tmp_path / "conv.cu"
+    source.write_text(gpu.conv_source("float") + gpu.conv_source("double"))
+    result = subprocess.run([nvcc, "--ptx", "-o", str(tmp_path / "conv.ptx"), str(source)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    ptx = (tmp_path / "conv.ptx").read_text()
+    for name in gpu._CONV_KERNELS:
+        for ctype in ("float", "double"):
+            assert f"fastnn_{name}_{ctype}" in ptx
+
+
+def _host_cuda_kernels(tmp_path, ctype):
+    """The convolution RawKernels compiled for the host (g++): each call runs one CUDA thread.
+
+    threadIdx.x becomes a global the test sets before each call, so the
+    kernels' index arithmetic runs on small numpy arrays without a GPU.
+    """
+    import ctypes
+    import shutil
+    import subprocess
+
+    from fastnn.kernels import gpu
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ is not installed")
+    prelude = ("struct Dim { long long x; };\nstatic Dim blockIdx = {0}, blockDim = {1};\n"
+               "static long long thread_index = 0;\n"
+               'extern "C" void set_thread(long long i) { thread_index = i; }\n'
+               "#define threadIdx (Dim{thread_index})\n#define __global__\n")
+    source = tmp_path / f"conv_{ctype}.cpp"
+    source.write_text(prelude + gpu.conv_source(ctype))
+    library = tmp_path / f"conv_{ctype}.so"
+    result = subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(library), str(source)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lib = ctypes.CDLL(str(library))
+
+    def launch(name, total, *args):
+        kernel = getattr(lib, f"fastnn_{name}_{ctype}")
+        converted = [a.ctypes.data_as(ctypes.c_void_p) if isinstance(a, np.ndarray)
+                     else ctypes.c_longlong(int(a)) if isinstance(a, np.int64)
+                     else ctypes.c_int(int(a)) for a in args] + [ctypes.c_longlong(total)]
+        for i in range(total):
+            lib.set_thread(ctypes.c_longlong(i))
+            kernel(*converted)
+
+    return launch
+
+
+@pytest.mark.parametrize("ctype", ["float", "double"])
+def test_cuda_convolution_kernels_on_the_host(tmp_path, ctype):
+    """im2col, col2im and the pool kernels of gpu.py against the reference ops."""
+    from fastnn.kernels.reference import _im2col
+
+    launch = _host_cuda_kernels(tmp_path, ctype)
+    dtype = np.float32 if ctype == "float" else np.float64
+    rng = np.random.default_rng(8)
+    n, c, h, w, hh, ww, stride, pad = 2, 3, 5, 7, 3, 2, 2, 1
+    ho, wo = 1 + (h + 2 * pad - hh) // stride, 1 + (w + 2 * pad - ww) // stride
+    x = _channels_last_view(np, rng.standard_normal((n, c, h, w)).astype(dtype))  # strided
+    geometry = [np.int32(v) for v in (c, h, w, hh, ww, stride, pad, ho, wo)]
+    strides = [np.int64(s // x.itemsize) for s in x.strides]
+    cols = np.zeros((n * ho * wo, c * hh * ww), dtype=dtype)
+    launch("im2col", cols.size, x, *strides, *geometry, np.int32(0), cols)
+    expected = _im2col(np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))), hh, ww, stride, ho, wo)
+    np.testing.assert_array_equal(cols, expected.transpose(0, 2, 1).reshape(cols.shape))
+
+    # col2im is the adjoint of im2col: <im2col(x), d> == <x, col2im(d)>
+    dcols = rng.standard_normal(cols.shape).astype(dtype)
+    dx = np.zeros((n, c, h, w), dtype=dtype)
+    launch("col2im", dx.size, dcols, *geometry, dx)
+    assert float((cols * dcols).sum()) == pytest.approx(float((x * dx).sum()), rel=1e-5)
+    wmat = rng.standard_normal((4, c * hh * ww)).astype(dtype)
+    dout = rng.standard_normal((n, 4, ho, wo)).astype(dtype)
+    _, saved = reference.conv_forward(x, wmat.reshape(4, c, hh, ww), None, stride, pad)
+    dx_ref = reference.conv_backward(dout, saved)[0]
+    dx = np.zeros((n, c, h, w), dtype=dtype)
+    launch("col2im", dx.size, dout.transpose(0, 2, 3, 1).reshape(-1, 4) @ wmat, *geometry, dx)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+
+    for ph, pw, s in ((2, 2, 2), (3, 2, 1)):
+        po_h, po_w = 1 + (h - ph) // s, 1 + (w - pw) // s
+        out = np.zeros((n, c, po_h, po_w), dtype=dtype)
+        argmax = np.zeros(out.shape, dtype=np.int32)
+        launch("max_pool_forward", out.size, x, *strides, np.int32(c), np.int32(ph),
+               np.int32(pw), np.int32(s), np.int32(po_h), np.int32(po_w), out, argmax)
+        out_ref, saved = reference.max_pool_forward(x, ph, pw, s)
+        np.testing.assert_array_equal(out, out_ref)
+        np.testing.assert_array_equal(argmax, saved[1])
+        dpool = rng.standard_normal(out.shape).astype(dtype)
+        dx = np.zeros((n, c, h, w), dtype=dtype)
+        launch("max_pool_backward", dx.size, dpool, argmax, np.int32(c), np.int32(h), np.int32(w),
+               np.int32(ph), np.int32(pw), np.int32(s), np.int32(po_h), np.int32(po_w), dx)
+        np.testing.assert_allclose(dx, reference.max_pool_backward(dpool, saved), rtol=1e-6)
+
+
+def test_conv_threads_work_in_a_forked_child():
+    """The conv ops' thread pool, made before a fork, is not reused (dead) in the child."""
+    import multiprocessing
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((16, 8, 16, 16)).astype(np.float32)
+    w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    table = kernels.for_module(np)
+    expected = table.conv_forward(x, w, None, 1, 1)[0]  # starts the pool here
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        got = pool.apply_async(_conv_in_child, (x, w)).get(timeout=120)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def _conv_in_child(x, w):
+    return np.ascontiguousarray(kernels.for_module(np).conv_forward(x, w, None, 1, 1)[0])

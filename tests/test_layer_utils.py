@@ -11,7 +11,10 @@ import pytest
 import fastnn
 from fastnn.gradient_check import eval_numerical_gradient_array, rel_error
 from fastnn.layer_utils import (affine_bn_relu_backward, affine_bn_relu_forward,
-                                affine_relu_backward, affine_relu_forward)
+                                affine_relu_backward, affine_relu_forward, conv_bn_relu_backward,
+                                conv_bn_relu_forward, conv_relu_backward, conv_relu_forward,
+                                conv_relu_pool_backward, conv_relu_pool_forward)
+from fastnn.layers import conv_forward_naive
 
 GRAD_TOL = 1e-7
 MARGIN = 1e-3
@@ -113,3 +116,75 @@ def test_need_dx_false_gives_none(backend, sandwich, dtype):
     for a, c in zip(full[1:], partial[1:]):
         assert a.dtype == dtype and c.dtype == dtype
         np.testing.assert_array_equal(fastnn.to_numpy(a), fastnn.to_numpy(c))
+
+
+# -- convolutional sandwiches ----------------------------------------------------
+CONV_PARAM = {"stride": 1, "pad": 1}
+POOL_PARAM = {"pool_height": 2, "pool_width": 2, "stride": 2}
+
+
+def _conv_case(seed, x_shape=(2, 3, 4, 6), w_shape=(3, 3, 3, 3), bn=False):
+    """Conv inputs whose pre-activations (after the batchnorm, if any) keep MARGIN from 0."""
+    rng = np.random.default_rng(seed)
+    while True:
+        x, w, b = (rng.standard_normal(s) for s in (x_shape, w_shape, w_shape[:1]))
+        pre, _ = conv_forward_naive(x, w, b, CONV_PARAM)
+        gamma, beta = rng.standard_normal(w_shape[0]) + 1.0, 0.5 * rng.standard_normal(w_shape[0])
+        if bn:
+            mean, var = pre.mean(axis=(0, 2, 3)), pre.var(axis=(0, 2, 3))
+            pre = ((pre - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-5)
+                   * gamma[:, None, None] + beta[:, None, None])
+        flat = np.sort(pre.reshape(-1))
+        # no kink in reach, and distinct values (the pool's maximum stays put)
+        if np.abs(pre).min() > MARGIN and np.diff(flat).min() > MARGIN:
+            return x, w, b, gamma, beta
+
+
+def _check(forward, backward, inputs, out_shape, seed):
+    xp = fastnn.xp()
+    dout = xp.asarray(np.random.default_rng(seed).standard_normal(out_shape))
+    out, cache = forward(*inputs)
+    assert out.shape == out_shape
+    grads = backward(dout, cache)
+    for i, grad in enumerate(grads):
+        def f(_, i=i):
+            return forward(*inputs)[0]
+        numerical = eval_numerical_gradient_array(f, inputs[i], dout)
+        assert grad.shape == inputs[i].shape
+        assert rel_error(numerical, grad) < GRAD_TOL, i
+
+
+def test_conv_relu_backward_matches_numerical(backend):
+    xp = backend
+    x, w, b, _, _ = (xp.asarray(a) for a in _conv_case(0))
+    _check(lambda x_, w_, b_: conv_relu_forward(x_, w_, b_, CONV_PARAM), conv_relu_backward,
+           [x, w, b], (2, 3, 4, 6), 1)
+
+
+def test_conv_relu_pool_backward_matches_numerical(backend):
+    xp = backend
+    x, w, b, _, _ = (xp.asarray(a) for a in _conv_case(2))
+    _check(lambda x_, w_, b_: conv_relu_pool_forward(x_, w_, b_, CONV_PARAM, POOL_PARAM),
+           conv_relu_pool_backward, [x, w, b], (2, 3, 2, 3), 3)
+
+
+def test_conv_bn_relu_backward_matches_numerical(backend):
+    xp = backend
+    x, w, b, gamma, beta = (xp.asarray(a) for a in _conv_case(4, bn=True))
+
+    def forward(x_, w_, b_, gamma_, beta_):
+        return conv_bn_relu_forward(x_, w_, b_, gamma_, beta_, CONV_PARAM, {"mode": "train"})
+
+    out, cache = forward(x, w, b, gamma, beta)
+    dout = xp.asarray(np.random.default_rng(5).standard_normal(out.shape))
+    grads = conv_bn_relu_backward(dout, cache)
+    inputs = [x, w, b, gamma, beta]
+    for i, grad in enumerate(grads):
+        def f(_, i=i):
+            return forward(*inputs)[0]
+        numerical = eval_numerical_gradient_array(f, inputs[i], dout)
+        if i == 2:  # the bias feeds a batchnorm, which subtracts it again: gradient 0
+            np.testing.assert_allclose(fastnn.to_numpy(grad), 0, atol=1e-10)
+            np.testing.assert_allclose(fastnn.to_numpy(numerical), 0, atol=1e-8)
+            continue
+        assert rel_error(numerical, grad) < GRAD_TOL, i

@@ -291,3 +291,27 @@ def test_saved_files_are_readable_by_others_as_umask_allows(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m.npz").stat().st_mode & 0o777 == 0o644
+
+
+def test_conv_net_round_trip(backend, tmp_path):
+    """Parameters, init arguments and every batchnorm's running statistics come back."""
+    from fastnn.classifiers import ConvNet
+
+    xp = backend
+    model = ConvNet(widths=(3, 4), stem_width=2, input_dim=(2, 8, 6), num_classes=3, reg=0.2,
+                    dtype=np.float64, seed=5, label_smoothing=0.1)
+    rng = np.random.default_rng(7)
+    for _ in range(2):
+        X = xp.asarray(rng.standard_normal((4, 2, 8, 6)) * 2 + 1)
+        model.loss(X, xp.asarray(rng.integers(0, 3, 4)))
+    fastnn.save(model, tmp_path / "conv.npz")
+    loaded = fastnn.load(tmp_path / "conv.npz")
+    assert isinstance(loaded, ConvNet) and loaded.init_args == model.init_args
+    for name, value in model.params.items():
+        np.testing.assert_array_equal(fastnn.to_numpy(loaded.params[name]), fastnn.to_numpy(value))
+    for key, bn_param in model.norm_params.items():
+        for stat in ("running_mean", "running_var"):
+            np.testing.assert_array_equal(fastnn.to_numpy(loaded.norm_params[key][stat]),
+                                          fastnn.to_numpy(bn_param[stat]))
+    X = xp.asarray(rng.standard_normal((3, 2, 8, 6)))
+    np.testing.assert_array_equal(fastnn.to_numpy(loaded.loss(X)), fastnn.to_numpy(model.loss(X)))
