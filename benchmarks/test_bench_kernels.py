@@ -54,6 +54,13 @@ SHAPES = {
     "max_pool_forward": POOLS, "max_pool_backward": POOLS,
     "batchnorm_relu_train_forward": BN_RELU_ROWS, "batchnorm_relu_backward": BN_RELU_ROWS,
 }
+# norms: layernorm over deep_bn-width activations; groupnorm over conv activations
+SHAPES.update({
+    "layernorm_forward": ACTIVATIONS[1:], "layernorm_backward": ACTIVATIONS[1:],
+    "groupnorm_forward": [(256, 32, 32, 32), (256, 128, 8, 8)],
+    "groupnorm_backward": [(256, 32, 32, 32), (256, 128, 8, 8)],
+})
+NORM_GROUPS = 8
 UPDATE_OPS = {spec.op: name for name, spec in optim.SPECS.items()}  # adam_ serves adamw too
 IMPLEMENTATIONS = ["reference", "numpy", "cupy-reference", "cupy"]
 
@@ -67,6 +74,8 @@ def make_args(op, shape, rng, xp=np):
         return make_update_args(op, shape, rng, xp)
     if op.endswith("_stacked_") or op.startswith(("dropout_stacked", "softmax_loss_stacked")):
         return make_stacked_args(op, shape, rng, xp)
+    if op.startswith(("layernorm", "groupnorm")):
+        return make_norm_args(op, shape, rng)
     if op in ("conv_forward", "max_pool_forward"):
         x = rng.standard_normal(shape[:1] + shape[2:4] + shape[1:2], dtype=np.float32)
         x = xp.asarray(x).transpose(0, 3, 1, 2)  # channels-last seen as NCHW
@@ -150,6 +159,25 @@ def make_stacked_args(op, shape, rng, xp=np):
     raise AssertionError(f"no arguments defined for op {op!r}; add it to make_args")
 
 
+def make_norm_args(op, shape, rng):
+    """Arguments of the layernorm (N, D) and groupnorm (N, C, H, W) ops, float32."""
+    x = rng.standard_normal(shape, dtype=np.float32)
+    gamma = rng.random(shape[1], dtype=np.float32) + np.float32(0.5)
+    beta = rng.standard_normal(shape[1], dtype=np.float32)
+    if op == "layernorm_forward":
+        return x, gamma, beta, 1e-5
+    if op == "groupnorm_forward":
+        return x, gamma, beta, NORM_GROUPS, 1e-5
+    _, x_hat, inv_std, *_ = getattr(reference, op.replace("backward", "forward"))(
+        *make_norm_args(op.replace("backward", "forward"), shape, rng))
+    dout = rng.standard_normal(shape, dtype=np.float32)
+    if op == "layernorm_backward":
+        return dout, x_hat, gamma, inv_std
+    if op == "groupnorm_backward":
+        return dout, x_hat, gamma, inv_std, NORM_GROUPS
+    raise AssertionError(f"no arguments defined for op {op!r}; add it to make_args")
+
+
 def _cases():
     for op in OPS:
         if op not in SHAPES:  # a new op: say so rather than break the whole suite
@@ -180,13 +208,13 @@ def test_kernel(benchmark, op, shape, impl):
 
     table = reference if impl.endswith("reference") else kernels.for_module(xp)
     fn = getattr(table, op)
-    rng = np.random.default_rng(0)
 
     def to_xp(a):
         if isinstance(a, tuple):  # an update rule's state arrays
             return tuple(to_xp(b) for b in a)
         return xp.asarray(a) if isinstance(a, np.ndarray) else a
 
+    rng = np.random.default_rng(0)
     raw = (make_backward_args(op, shape, rng, xp, table) if op in FORWARD_OF
            else make_args(op, shape, rng, xp))
     args = tuple(to_xp(a) for a in raw)

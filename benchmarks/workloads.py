@@ -159,7 +159,7 @@ def _gpu_reason():
     from fastnn.backend import cupy_available
 
     if importlib.util.find_spec("cupy") is None:
-        return "CuPy is not installed (pip install 'fastnn[cuda]')"
+        return "CuPy is not installed (pip install 'fastnn[cuda13]' or 'fastnn[cuda12]')"
     if not cupy_available():
         return "CuPy is installed but no CUDA GPU is usable"
     return None

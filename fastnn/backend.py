@@ -25,8 +25,9 @@ def _import_cupy():
     except ImportError as exc:
         raise RuntimeError(
             "the 'cupy' backend needs CuPy, which is not installed "
-            f"({exc}). Install it with `pip install 'fastnn[cuda]'` (or the "
-            "cupy-cudaXXx wheel matching your CUDA version).") from exc
+            f"({exc}). Install the wheel for your driver's CUDA major (`nvidia-smi` shows "
+            "it): `pip install 'fastnn[cuda13]'` for CUDA 13, `pip install 'fastnn[cuda12]'` "
+            "for CUDA 12.") from exc
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDA driver missing or broken

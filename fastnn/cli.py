@@ -48,11 +48,6 @@ class CommandError(Exception):
     """A predictable failure (a folder, the data, a file): one line, exit status 1."""
 
 
-def takers(key):
-    """The update rules that take optim_config `key`, for help texts: 'adam/adamw'."""
-    return "/".join(rule for rule, keys in RULE_OPTIONS.items() if key in keys)
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="fastnn", description="Train, evaluate and tune classifiers on CIFAR-10 "
@@ -93,13 +88,12 @@ def build_parser():
     add("--update-rule", choices=list(RULE_OPTIONS), help="update rule (sgd_nesterov / adam)")
     add("--lr", "--learning-rate", dest="learning_rate", type=float,
         help="learning rate (0.2 / 1e-3)")
-    add("--momentum", type=float, help=f"{takers('momentum')} momentum (0.9)")
-    add("--beta1", type=float, help=f"{takers('beta1')} beta1 (0.9)")
-    add("--beta2", type=float, help=f"{takers('beta2')} beta2 (0.999)")
-    add("--decay-rate", type=float, help=f"{takers('decay_rate')} decay rate (0.99)")
-    add("--epsilon", type=float, help=f"{takers('epsilon')} epsilon (1e-8)")
-    add("--weight-decay", type=float, help=f"{takers('weight_decay')} decoupled weight decay "
-                                           "(1e-2)")
+    add("--momentum", type=float, help="sgd_momentum / sgd_nesterov momentum (0.9)")
+    add("--beta1", type=float, help="adam/adamw beta1 (0.9)")
+    add("--beta2", type=float, help="adam/adamw beta2 (0.999)")
+    add("--decay-rate", type=float, help="rmsprop decay rate (0.99)")
+    add("--epsilon", type=float, help="rmsprop/adam/adamw epsilon (1e-8)")
+    add("--weight-decay", type=float, help="adamw decoupled weight decay (1e-2)")
     add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"],
         help="learning-rate schedule (onecycle / none); multiplies with --lr-decay")
     add("--augment", action=argparse.BooleanOptionalAction,
@@ -154,8 +148,13 @@ def build_parser():
     add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"], default="onecycle",
         help="learning-rate schedule of every trial (onecycle)")
     add("--storage", default=None,
-        help="Optuna storage URL shared by workers (default: sqlite in the run folder)")
+        help="study storage shared by workers: postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB, "
+             "sqlite:///PATH or journal:PATH (default: sqlite in the run folder)")
     add("--study-name", default="fastnn", help="study name in the storage (fastnn)")
+    add("--heartbeat-seconds", type=int, default=10,
+        help="a worker records a heartbeat for its running trials this often (10)")
+    add("--grace-seconds", type=int, default=60,
+        help="a trial with no heartbeat for this long is lost: FAIL, and run again (60)")
     add("--resume", action="store_true", help="continue the study in the storage")
     add("--out", default=None, help="run folder (default: a new one under runs/)")
     add("--seed", type=int, default=0, help="sampler and training seed (0)")
@@ -546,9 +545,14 @@ def fill_tune_defaults(options):
 
 
 def check_tune_options(options):
-    for name, low in (("trials", 1), ("parallel", 1), ("epochs", 1), ("final_epochs", 0)):
+    for name, low in (("trials", 1), ("parallel", 1), ("epochs", 1), ("final_epochs", 0),
+                      ("heartbeat_seconds", 1)):
         if options[name] < low:
             raise UsageError(f"{option_name(name)} must be >= {low}, got {options[name]}")
+    if options["grace_seconds"] <= options["heartbeat_seconds"]:
+        raise UsageError(f"--grace-seconds ({options['grace_seconds']}) must exceed "
+                         f"--heartbeat-seconds ({options['heartbeat_seconds']}), or every running "
+                         "trial looks lost between two heartbeats")
     budget = options["budget_minutes"]
     if budget is not None and not (np.isfinite(budget) and budget > 0):
         raise UsageError(f"--budget-minutes must be a positive number of minutes, got {budget}")

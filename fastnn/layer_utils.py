@@ -3,7 +3,8 @@ from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, max_pool_
                                 max_pool_forward_fast, spatial_batchnorm_relu_backward,
                                 spatial_batchnorm_relu_forward)
 from fastnn.layers import (affine_backward, affine_forward, batchnorm_backward,
-                           batchnorm_forward, relu_backward, relu_forward)
+                           batchnorm_forward, layernorm_backward, layernorm_forward,
+                           relu_backward, relu_forward)
 
 
 def affine_relu_forward(x, w, b):
@@ -32,6 +33,23 @@ def affine_bn_relu_backward(dout, cache, need_dx=True):
     fc_cache, bn_cache, relu_cache = cache
     dnormed = relu_backward(dout, relu_cache)
     da, dgamma, dbeta = batchnorm_backward(dnormed, bn_cache)
+    dx, dw, db = affine_backward(da, fc_cache, need_dx)
+    return dx, dw, db, dgamma, dbeta
+
+
+def affine_ln_relu_forward(x, w, b, gamma, beta, ln_param):
+    """relu(layernorm(x @ w + b)) -> out (N, M); ln_param as in layernorm_forward."""
+    a, fc_cache = affine_forward(x, w, b)
+    normed, ln_cache = layernorm_forward(a, gamma, beta, ln_param)
+    out, relu_cache = relu_forward(normed)
+    return out, (fc_cache, ln_cache, relu_cache)
+
+
+def affine_ln_relu_backward(dout, cache, need_dx=True):
+    """dout (N, M) -> (dx, dw, db, dgamma, dbeta); dx is None when need_dx is False."""
+    fc_cache, ln_cache, relu_cache = cache
+    dnormed = relu_backward(dout, relu_cache)
+    da, dgamma, dbeta = layernorm_backward(dnormed, ln_cache)
     dx, dw, db = affine_backward(da, fc_cache, need_dx)
     return dx, dw, db, dgamma, dbeta
 

@@ -190,6 +190,71 @@ def softmax_loss(x, y):
     return xp.asarray(loss), dx
 
 
+# -- norms: layernorm and spatial groupnorm -----------------------------------
+def layernorm_forward(x, gamma, beta, ln_param):
+    """Layer normalisation of x (N, D): each row over its D features -> out (N, D).
+
+    gamma, beta (D,); ln_param: optional `eps` (1e-5). The same in train and
+    test mode (no running statistics).
+    """
+    xp = get_array_module(x, gamma, beta)
+    if x.ndim != 2 or gamma.shape != (x.shape[1],) or beta.shape != (x.shape[1],):
+        raise ValueError(f"layernorm_forward: x of shape {x.shape} needs gamma and beta of shape "
+                         f"({x.shape[1] if x.ndim == 2 else 'D'},) and x of shape (N, D); "
+                         f"got gamma {gamma.shape} and beta {beta.shape}")
+    if x.dtype.kind != "f":
+        raise ValueError(f"layernorm_forward: x must be a floating array, got dtype {x.dtype}; "
+                         "convert it first (x.astype(np.float32))")
+    eps = (ln_param or {}).get("eps", 1e-5)
+    out, x_hat, inv_std = kernels.for_module(xp).layernorm_forward(x, gamma, beta, eps)
+    return out, (x_hat, gamma, inv_std)
+
+
+def layernorm_backward(dout, cache):
+    """dout (N, D) -> (dx (N, D), dgamma (D,), dbeta (D,))."""
+    x_hat, gamma, inv_std = cache
+    xp = get_array_module(dout, x_hat)
+    return kernels.for_module(xp).layernorm_backward(dout, x_hat, gamma, inv_std)
+
+
+def spatial_groupnorm_forward(x, gamma, beta, G, gn_param):
+    """Group normalisation of images x (N, C, H, W) -> out (N, C, H, W).
+
+    Each sample's C channels form G groups of C/G channels, each normalised
+    over its channels and positions; gamma, beta (1, C, 1, 1); gn_param:
+    optional `eps` (1e-5). The same in train and test mode.
+    """
+    xp = get_array_module(x, gamma, beta)
+    if x.ndim != 4:
+        raise ValueError(f"spatial_groupnorm_forward: x must be images (N, C, H, W), got shape "
+                         f"{x.shape}")
+    channels = x.shape[1]
+    if gamma.shape != (1, channels, 1, 1) or beta.shape != (1, channels, 1, 1):
+        raise ValueError(f"spatial_groupnorm_forward: x of shape {x.shape} needs gamma and beta "
+                         f"of shape (1, {channels}, 1, 1); got {gamma.shape} and {beta.shape}")
+    if isinstance(G, bool) or int(G) != G or G < 1 or channels % G:
+        raise ValueError(f"spatial_groupnorm_forward: G={G} groups must be a positive integer "
+                         f"that divides the C={channels} channels of x {x.shape}")
+    if x.dtype.kind != "f":
+        raise ValueError(f"spatial_groupnorm_forward: x must be a floating array, got dtype "
+                         f"{x.dtype}; convert it first (x.astype(np.float32))")
+    groups = int(G)
+    eps = (gn_param or {}).get("eps", 1e-5)
+    out, x_hat, inv_std = kernels.for_module(xp).groupnorm_forward(
+        x, gamma.reshape(channels), beta.reshape(channels), groups, eps)
+    return out, (x_hat, gamma, inv_std, groups)
+
+
+def spatial_groupnorm_backward(dout, cache):
+    """dout (N, C, H, W) -> (dx (N, C, H, W), dgamma (1, C, 1, 1), dbeta (1, C, 1, 1))."""
+    x_hat, gamma, inv_std, groups = cache
+    xp = get_array_module(dout, x_hat)
+    channels = gamma.size
+    dx, dgamma, dbeta = kernels.for_module(xp).groupnorm_backward(
+        dout, x_hat, gamma.reshape(channels), inv_std, groups)
+    return dx, dgamma.reshape(1, channels, 1, 1), dbeta.reshape(1, channels, 1, 1)
+
+
 # -- convolution, max pooling, spatial batchnorm -----------------------------
 # The naive layers run the reference ops (plain xp; fastnn.kernels.reference);
 # fastnn.fast_layers has the same layers on the fast kernels.

@@ -1,15 +1,18 @@
 """`fastnn tune`: hyperparameter search on CIFAR-10 with Optuna, K trials trained as one stack.
 
-Each round asks Optuna for K trials (`--parallel K`). The structural
-choices (depth, widths, batch size, lr decay, update rule) are drawn by the
-round's first trial and given to the others as single-value ranges, so
-every trial records the values it was trained with; the continuous ones
-(learning rate, reg, weight scale, dropout) are drawn per trial. The K nets
-train together as a `StackedFullyConnectedNet`; after every epoch each trial
-reports its validation accuracy, and Optuna's pruner may stop it (it leaves
-the stack). The study lives in an Optuna storage (SQLite in the run folder by
-default), so `--resume` continues it and several workers on several machines
-can share one study through a storage URL.
+Each round takes K trials (`--parallel K`). The structural choices (depth,
+widths, batch size, lr decay, update rule) are drawn by the round's first
+trial and given to the others as single-value ranges, so every trial records
+the values it was trained with; the continuous ones (learning rate, reg,
+weight scale, dropout) are drawn per trial. The K nets train together as a
+`StackedFullyConnectedNet`; after every epoch each trial reports its
+validation accuracy, and Optuna's pruner may stop it (it leaves the stack).
+
+The study lives in an Optuna storage: SQLite in the run folder by default, so
+`--resume` continues it; a database server (or a journal file) shared by
+workers on several machines. `Worker` decides which worker trains which
+trial: `--trials N` slots for the whole study, heartbeats for the trials a
+worker trains, and the trials of a worker that died queued again for a live one.
 
 After the search the best configuration may be retrained for longer
 (`--final-epochs`), and the best-validation model is tested on all test
@@ -19,6 +22,7 @@ images. Everything, loading and the test pass included, fits in
 import csv
 import math
 import os
+import threading
 import time
 import warnings
 
@@ -120,28 +124,373 @@ class Clock:
         return math.inf if self.deadline is None else self.deadline - time.perf_counter()
 
 
-def create_study(options):
+# -- the study: its storage, and which worker trains which trial --------------
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
+SEARCH_SPACE_ATTR = "fastnn_search_space"  # a study user attribute: the ranges its trials drew from
+MAX_RETRIES = 2  # a trial that takes its worker down every time (out of memory) is given up
+
+
+def describe_storage(url):
+    """`url` for messages: a database's host and port, never its password."""
+    if url.startswith("journal:"):
+        return f"journal file {url[len('journal:'):]}"
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return f"SQLite file {parsed.database}"
+    port = parsed.port or DEFAULT_PORTS.get(parsed.get_backend_name(), "?")
+    return f"{parsed.get_backend_name()} server {parsed.host}:{port} database {parsed.database}"
+
+
+def check_database(url):
+    """Connect once to the database of `url`; returns the engine options for Optuna.
+
+    An unknown URL, a missing driver, an unreachable server or refused
+    credentials end the command with one line that names host and port.
+    """
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise SystemExit(f"fastnn: --storage {url!r} is not a storage URL; use "
+                         "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE, "
+                         "sqlite:///PATH or journal:PATH") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return {}
+    # A trial keeps the pool idle for minutes: test a connection before using it again.
+    engine_kwargs = {"pool_pre_ping": True}
+    if backend == "postgresql":
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    where = describe_storage(url)
+    try:
+        engine = sqlalchemy.create_engine(parsed, **engine_kwargs)
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as error:
+        raise SystemExit(f"fastnn: no database driver for {parsed.drivername!r} ({error}); for "
+                         "PostgreSQL: pip install 'fastnn[distributed]' and use a "
+                         "postgresql+psycopg:// URL") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.DBAPIError as error:
+        reason = " ".join(str(error.orig if error.orig is not None else error).split())
+        raise SystemExit(f"fastnn: cannot open the study storage on the {where} ({reason}); "
+                         "check that the server runs there and the URL's user, password "
+                         "and database") from None
+    finally:
+        engine.dispose()
+    return engine_kwargs
+
+
+def open_storage(options):
+    """The Optuna storage of options["storage"]: a database URL or journal:PATH.
+
+    A database storage keeps heartbeats: a trial whose worker sent none for
+    `grace_seconds` is marked FAIL by the next worker that looks, and queued
+    again with its parameters (Optuna's RetryHeartbeatStaleTrialCallback). A
+    journal file keeps no heartbeats, so it cannot tell a dead worker's trial.
+    """
+    import optuna
+    from sqlalchemy.exc import DBAPIError
+
+    url = options["storage"]
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    engine_kwargs = check_database(url)
+    with warnings.catch_warnings():  # heartbeats and retries are experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs,
+                    heartbeat_interval=options["heartbeat_seconds"],
+                    grace_period=options["grace_seconds"], heartbeat_stale_trial_callback=retry)
+            except DBAPIError:
+                # Workers starting together race to create a new database's tables.
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+
+
+def search_space(model="fc"):
+    """Every searched parameter's (kind, low, high, log), as JSON keeps it."""
+    spaces = CONV_SPACE if model == "convnet" else {**STRUCTURE_SPACE, **MEMBER_SPACE}
+    return {name: list(spec) for name, spec in spaces.items()}
+
+
+def check_search_space(study, where, model="fc"):
+    """SystemExit unless `study` draws from this fastnn's search space (of `model`: fc or
+    convnet); records it in a new study."""
+    from optuna.study import StudyDirection
+
+    name, ours = study.study_name, search_space(model)
+    if study.direction != StudyDirection.MAXIMIZE:
+        raise SystemExit(f"fastnn: study {name!r} in the {where} minimizes its objective, so it "
+                         "is not a fastnn tune study; choose another --study-name")
+    theirs = study.user_attrs.get(SEARCH_SPACE_ATTR)
+    if theirs is None:  # a new study, or one made before fastnn recorded its space
+        theirs = {}
+        for trial in study.get_trials(deepcopy=False):
+            for param, dist in trial.distributions.items():
+                spec = ours.get(param)
+                inside = spec is not None and spec[1] <= dist.low <= dist.high <= spec[2]
+                if not inside:
+                    theirs[param] = [type(dist).__name__, dist.low, dist.high, dist.log]
+        ours = {param: ours.get(param) for param in theirs}  # only what its trials drew
+        if not theirs:
+            study.set_user_attr(SEARCH_SPACE_ATTR, search_space(model))
+            return
+    differ = sorted(p for p in ours.keys() | theirs.keys() if ours.get(p) != theirs.get(p))
+    if differ:
+        shown = "; ".join(f"{p}: {theirs.get(p)} there, {ours.get(p)} here" for p in differ)
+        raise SystemExit(f"fastnn: study {name!r} in the {where} exists with another search "
+                         f"space ({shown}); choose another --study-name")
+
+
+def create_study(options, storage):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=options["seed"], n_startup_trials=8)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2)
-    from sqlalchemy.exc import DBAPIError
+    where = describe_storage(options["storage"])
+    try:
+        study = optuna.create_study(
+            study_name=options["study_name"], storage=storage, direction="maximize",
+            sampler=sampler, pruner=pruner, load_if_exists=options["resume"] or options["shared"])
+    except optuna.exceptions.DuplicatedStudyError:
+        raise SystemExit(f"fastnn: study {options['study_name']!r} already exists in the {where}; "
+                         "pass --resume to continue it") from None
+    check_search_space(study, where, options.get("model", "fc"))
+    return study
 
-    for attempt in range(5):
+
+def trial_key(trial):
+    """The number of the trial that `trial` runs again (its own number when it is no retry)."""
+    return trial.system_attrs.get("failed_trial", trial.number)
+
+
+def has_result(trial):
+    """Finished by its own worker: complete, pruned, or failed by itself (diverged)."""
+    from optuna.trial import TrialState
+
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or \
+        (trial.state == TrialState.FAIL and "failed" in trial.user_attrs)
+
+
+def pinned_structure(trial):
+    """The structure a queued trial must train with (None where it leaves a choice free)."""
+    pinned = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    return tuple(pinned.get(name) for name in STRUCTURE_SPACE)
+
+
+class Worker:
+    """This process's share of a study: takes trials, keeps them alive, finds lost ones.
+
+    Optuna records heartbeats only inside `Study.optimize`; tune trains a
+    stack of trials at once, so a thread of its own records one every
+    `heartbeat_seconds` for each trial this worker trains. `--trials N` counts
+    trials with a result: a trial's "slot" is the number of the trial it runs
+    (a retry keeps its lost trial's), and a new trial runs only when fewer
+    than N slots with smaller numbers exist, which every worker decides alike.
+    """
+
+    def __init__(self, study, options, log):
+        self.study, self.log = study, log
+        # The study's own storage object (Optuna wraps a database in a cache), so that trials
+        # made here are in the study's view; FrozenTrial._trial_id names them in it.
+        self.storage = study._storage
+        self.study_id = self.storage.get_study_id_from_name(study.study_name)
+        self.trials = options["trials"]
+        self.worker = options["worker"]
+        self.heartbeats = getattr(self.storage, "get_heartbeat_interval", lambda: None)() is not None
+        self.interval, self.grace = options["heartbeat_seconds"], options["grace_seconds"]
+        self.held = {}  # trial id -> number, for the trials this worker trains
+        self.first_seen = {}  # others' RUNNING trial number -> time.monotonic() first seen
+        self.lost_since = {}  # lost trial's number -> when first seen with no retry queued
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if self.heartbeats:
+            self._thread = threading.Thread(target=self._beat, daemon=True,
+                                            name="fastnn-heartbeat")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _beat(self):
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                ids = list(self.held)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as error:  # a dropped connection: the next beat tries again
+                    self.log(f"heartbeat of trial {self.held.get(trial_id)} failed: {error}")
+
+    def _hold(self, trial_id):
+        import optuna
+
+        if self.heartbeats:  # at once: a trial with no heartbeat is never found stale
+            self.storage.record_heartbeat(trial_id)
+        trial = optuna.trial.Trial(self.study, trial_id)
+        with self._lock:
+            self.held[trial_id] = trial.number
+        trial.set_user_attr("worker", self.worker)
+        return trial
+
+    def progress(self, trials=None):
+        """(trials with a result, slots taken, slots still in flight) of the study now."""
+        from optuna.trial import TrialState
+
+        if trials is None:
+            trials = self.study.get_trials(deepcopy=False)
+        latest = {}  # slot -> its newest trial (a retry supersedes the lost one)
+        for trial in trials:
+            if trial.state == TrialState.FAIL and "skipped" in trial.user_attrs:
+                continue
+            slot = trial_key(trial)
+            if slot not in latest or trial.number > latest[slot].number:
+                latest[slot] = trial
+        now = time.monotonic()
+        results, slots, in_flight = 0, set(), 0
+        for slot, trial in latest.items():
+            if has_result(trial):
+                results += 1
+            elif trial.state == TrialState.FAIL:  # lost, and no retry queued (yet)
+                retries = len(trial.system_attrs.get("retry_history", []))
+                since = self.lost_since.setdefault(trial.number, now)
+                if retries >= MAX_RETRIES or now - since > 2 * self.grace:
+                    continue  # given up, or its finder died before queueing it: a new trial's slot
+                in_flight += 1
+            else:
+                in_flight += 1
+            slots.add(slot)
+        return results, slots, in_flight
+
+    def recover(self):
+        """Mark FAIL, and queue again, the trials whose workers stopped sending heartbeats."""
+        import optuna
+        from optuna.trial import TrialState
+
+        if not self.heartbeats:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+        # A trial with no heartbeat at all (its worker died within a moment of taking it, or
+        # an older fastnn ran it) is never stale to Optuna: after it has run a grace period
+        # as seen from here, it gets one heartbeat, so that its owner's silence shows.
+        now = time.monotonic()
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial._trial_id in self.held:
+                continue
+            seen = self.first_seen.setdefault(trial.number, now)
+            if seen is not None and now - seen > self.grace:
+                self.first_seen[trial.number] = None
+                self.storage.record_heartbeat(trial._trial_id)
+
+    def hand_back(self, trial_id):
+        """Mark a trial FAIL and queue it again, as a worker that finds it lost does."""
+        import optuna
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        with self._lock:
+            self.held.pop(trial_id, None)
+        callback = getattr(self.storage, "get_heartbeat_stale_trial_callback", lambda: None)()
         try:
-            return optuna.create_study(
-                study_name=options["study_name"], storage=options["storage"],
-                direction="maximize", sampler=sampler, pruner=pruner,
-                load_if_exists=options["resume"] or options["shared"])
-        except optuna.exceptions.DuplicatedStudyError:
-            raise SystemExit(f"fastnn: study {options['study_name']!r} already exists in "
-                             f"{options['storage']}; pass --resume to continue it") from None
-        except DBAPIError:
-            # Workers starting together race to create a new database's tables.
-            if attempt == 4:
-                raise
-            time.sleep(0.5 * (attempt + 1))
+            if not self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                return
+        except UpdateFinishedTrialError:
+            return
+        if callback is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                callback(self.study, self.storage.get_trial(trial_id))
+
+    def reclaim_running(self):
+        """A study of this worker alone (its own folder): queue again what a killed session left RUNNING."""
+        from optuna.trial import TrialState
+
+        for trial in self.study.get_trials(states=(TrialState.RUNNING,)):
+            self.hand_back(trial._trial_id)
+
+    def take(self, k):
+        """Up to k trials for one stack, as [(trial, slot)]; [] when the study has none to give.
+
+        Queued trials come first (retries of lost ones, the baseline), only
+        those of one structure, since a stack shares its structure; then new
+        trials while the study has room.
+        """
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        self.recover()
+        trials = self.study.get_trials(deepcopy=False)
+        taken, structure = [], None
+        for queued in trials:
+            if queued.state != TrialState.WAITING or len(taken) == k:
+                continue
+            pinned = pinned_structure(queued)
+            if taken and (None in structure or pinned != structure):
+                continue
+            try:  # atomic: of the workers that try, one gets it
+                claimed = self.storage.set_trial_state_values(queued._trial_id, TrialState.RUNNING)
+            except UpdateFinishedTrialError:
+                claimed = False
+            if claimed:
+                taken.append((self._hold(queued._trial_id), trial_key(queued)))
+                structure = pinned
+        _, slots, _ = self.progress(trials)
+        new = [self._hold(self.storage.create_new_trial(self.study_id))
+               for _ in range(min(k - len(taken), self.trials - len(slots)))]
+        if new:
+            # Another worker may have taken the last slots since `trials` was read: numbers
+            # are handed out in order, so the N smallest slots are the study's.
+            _, slots, _ = self.progress()
+            for trial in new:
+                if sum(slot < trial.number for slot in slots) < self.trials:
+                    taken.append((trial, trial.number))
+                else:
+                    trial.set_user_attr("skipped", "the study had --trials slots taken before it")
+                    self.finish(trial, state=TrialState.FAIL)
+        return taken
+
+    def finish(self, trial, value=None, state=None, failed=None, lost=False):
+        """Tell Optuna the trial's end; False when another worker declared it lost meanwhile.
+
+        `failed` (a reason) marks a trial that failed by itself: a result, not run again;
+        `lost` hands the trial back to be run again (this worker is stopping).
+        """
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        if lost:
+            self.hand_back(trial._trial_id)
+            return False
+        with self._lock:
+            self.held.pop(trial._trial_id, None)
+        try:
+            if failed:
+                trial.set_user_attr("failed", failed)
+            self.study.tell(trial, value, state=state)
+            return True
+        except UpdateFinishedTrialError:
+            self.log(f"trial {trial.number}: dropped, another worker found it lost (no heartbeat "
+                     f"for {self.grace} s) and runs it again")
+            return False
 
 
 # A configuration known to do well on CIFAR-10 (about 0.62 test accuracy after
@@ -151,106 +500,41 @@ BASELINE = {"num_hidden": 3, "hidden_width": 1024, "width_ratio": 0.5, "log2_bat
             "learning_rate": 1e-3, "reg": 1e-6, "weight_scale": 1e-2, "dropout": 0.3}
 
 
-def conv_baseline():
-    """The main job's recipe, as CONV_SPACE values: a new convnet study's first trial."""
-    recipe = defaults_for("convnet")
-    return {name: recipe[name] for name in CONV_SPACE}
-
-
-def conv_train_config(params, options, trial_number):
-    """A `fastnn train` configuration for one convnet trial: the recipe with `params`,
-    the architecture and schedule of `options` (cli's tune flags)."""
-    config = {**defaults_for("convnet"), **params, "epochs": options["epochs"],
-              "lr_schedule": None if options["lr_schedule"] == "none" else options["lr_schedule"],
-              "crop_padding": options["crop_padding"], "seed": options["seed"],
-              "model_seed": options["seed"] + trial_number}
-    for key in ("widths", "stem_width"):
-        if options.get(key) is not None:
-            config[key] = options[key]
-    return recorded(config)
-
-
-def run_conv_trial(study, data, options, clock, log):
-    """Train one convnet trial; returns (outcome, trial_best, model_epochs) as run_round."""
-    from optuna.trial import TrialState
-
-    trial = study.ask()
-    if trial.number >= options["trials"]:  # another worker took the last one
-        trial.set_user_attr("skipped", "the study reached --trials before this one ran")
-        study.tell(trial, state=TrialState.FAIL)
-        return [], None, 0
-    params = {name: _suggest(trial, name, spec) for name, spec in CONV_SPACE.items()}
-    config = conv_train_config(params, options, trial.number)
-    trial.set_user_attr("config", config)
-    trial.set_user_attr("worker", options["worker"])
-    start = time.perf_counter()
-    model = build_model(config)
-    solver = build_solver(model, data, config, out_dir=None, verbose=False)
-    try:
-        solver.train()
-    except FloatingPointError as error:
-        study.tell(trial, state=TrialState.FAIL)
-        log(f"trial {trial.number}: failed ({error})")
-        return [(trial.number, None)], None, solver.epoch
-    # the epoch-end entries (with one iteration per epoch the first one is also one)
-    epoch_ends = solver.val_acc_history[-solver.epoch:] if solver.epoch else []
-    for epoch, acc in enumerate(epoch_ends, start=1):
-        trial.report(acc, epoch)
-    value = solver.best_val_acc
-    study.tell(trial, value)
-    log(f"trial {trial.number}: val {value:.4f} (complete) convnet "
-        f"lr {config['learning_rate']:.2e} reg {config['reg']:.1e} "
-        f"momentum {config['momentum']:.3f} smoothing {config['label_smoothing']:.2f}; "
-        f"{time.perf_counter() - start:.0f} s; {clock.left():.0f} s of budget left")
-    return [(trial.number, value)], (value, config, model, trial.number), solver.epoch
-
-
-def trials_started(study):
-    """Trials taken so far by every worker: finished, failed or running."""
-    from optuna.trial import TrialState
-
-    return len(study.get_trials(deepcopy=False, states=(
-        TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)))
-
-
-def run_round(study, data, options, clock, k, log):
-    """Train k trials as one stack.
+def run_round(worker, taken, data, options, clock, log):
+    """Train the trials `taken` (worker.take's [(trial, slot)]) as one stack.
 
     Returns (outcome, round_best, model_epochs): outcome lists (trial number,
     val_acc or None) per trial; round_best is (val_acc, config, model, trial
     number) of the round's best trial, or None; model_epochs counts the
     epochs its nets trained, for pacing.
     """
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     from fastnn.stacked import StackedFullyConnectedNet, StackedSolver
 
-    trials = []
-    for _ in range(k):
-        trial = study.ask()
-        if trial.number >= options["trials"]:  # another worker took the last ones
-            trial.set_user_attr("skipped", "the study reached --trials before this one ran")
-            study.tell(trial, state=TrialState.FAIL)
-            break
-        trials.append(trial)
-    if not trials:
-        return []
-    structure = suggest_structure(trials[0])
+    trials = [trial for trial, _ in taken]
+    structure = suggest_structure(trials[0])  # a queued trial brings its own
     members = []
     configs = []
-    for i, trial in enumerate(trials):
-        if i:
-            suggest_structure(trial, fixed=structure)
-        member = suggest_member(trial)
-        config = train_config(structure, member, options, trial.number)
+    for i, (trial, slot) in enumerate(taken):
+        with warnings.catch_warnings():
+            # A retry holds its lost trial's values already: they win over the ranges asked
+            # for here (a lost stack's first trial can lead the new stack, or follow).
+            warnings.filterwarnings("ignore", "Inconsistent parameter values", RuntimeWarning)
+            if i:
+                suggest_structure(trial, fixed=structure)
+            member = suggest_member(trial)
+        # A retry draws the weights its lost trial would have: the seed follows the slot.
+        config = train_config(structure, member, options, slot)
         trial.set_user_attr("config", config)
-        trial.set_user_attr("worker", options["worker"])
         members.append({"weight_scale": member["weight_scale"], "reg": member["reg"],
                         "dropout": member["dropout"], "seed": config["model_seed"]})
         configs.append(config)
 
     stack = StackedFullyConnectedNet(hidden_dims(structure), members, use_batchnorm=True)
     by_member = dict(enumerate(trials))
+    lost = set()  # members another worker declared lost (this worker's heartbeats stalled)
     round_start = time.perf_counter()
 
     def on_epoch_end(epoch, val_accs):
@@ -258,7 +542,12 @@ def run_round(study, data, options, clock, k, log):
         out_of_time = clock.left() < RESERVE_SECONDS + options["final_seconds"]
         for member_id, acc in val_accs.items():
             trial = by_member[member_id]
-            trial.report(acc, epoch)
+            try:
+                trial.report(acc, epoch)
+            except UpdateFinishedTrialError:
+                lost.add(member_id)
+                prune.append(member_id)
+                continue
             if epoch < options["epochs"] and (out_of_time or trial.should_prune()):
                 prune.append(member_id)  # never at the last epoch: that trial is complete
         return prune
@@ -269,25 +558,35 @@ def run_round(study, data, options, clock, k, log):
         lr_decay=structure["lr_decay"], lr_schedule=configs[0]["lr_schedule"],
         batch_size=configs[0]["batch_size"], num_epochs=options["epochs"],
         seed=options["seed"], augment=augment_options(configs[0]), on_epoch_end=on_epoch_end)
-    solver.train()
+    try:
+        solver.train()
+    except KeyboardInterrupt:  # hand the trials back at once rather than after the grace period
+        for trial in trials:
+            worker.finish(trial, state=TrialState.FAIL, lost=True)
+        raise
     outcome, best_id, model_epochs = [], None, 0
     for member_id, trial in by_member.items():
         result = solver.results[member_id]
         model_epochs += max(len(result["val_acc_history"]) - 1, 0)
         value = result["best_val_acc"]
-        if result["status"] == "failed" or not np.isfinite(value):
-            study.tell(trial, state=TrialState.FAIL)
-            outcome.append((trial.number, None))
+        name = f"trial {trial.number}" + (f" (retry of {taken[member_id][1]})"
+                                          if taken[member_id][1] != trial.number else "")
+        if member_id in lost:
+            worker.finish(trial, state=TrialState.FAIL)  # logs that it was dropped
             continue
-        if result["status"] == "pruned":
-            study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study.tell(trial, value)
+        if result["status"] == "failed" or not np.isfinite(value):
+            if worker.finish(trial, state=TrialState.FAIL, failed="non-finite loss"):
+                log(f"{name}: failed (non-finite loss)")
+                outcome.append((trial.number, None))
+            continue
+        state = TrialState.PRUNED if result["status"] == "pruned" else None
+        if not worker.finish(trial, None if state else value, state=state):
+            continue
         outcome.append((trial.number, value))
         if best_id is None or value > solver.results[best_id]["best_val_acc"]:
             best_id = member_id
         config = configs[member_id]
-        log(f"trial {trial.number}: val {value:.4f} ({result['status']}) "
+        log(f"{name}: val {value:.4f} ({result['status']}) "
             f"{config['hidden_dims']} bs {config['batch_size']} "
             f"{config['update_rule']} lr {config['learning_rate']:.2e}")
     budget = "" if clock.deadline is None else f"; {clock.left():.0f} s of budget left"
@@ -297,6 +596,71 @@ def run_round(study, data, options, clock, k, log):
         round_best = (solver.results[best_id]["best_val_acc"], configs[best_id],
                       solver.best_model(best_id), by_member[best_id].number)
     return outcome, round_best, model_epochs
+
+
+def conv_baseline():
+    """The main job's recipe, as CONV_SPACE values: a new convnet study's first trial."""
+    recipe = defaults_for("convnet")
+    return {name: recipe[name] for name in CONV_SPACE}
+
+
+def conv_train_config(params, options, slot):
+    """A `fastnn train` configuration for one convnet trial: the recipe with `params`,
+    the architecture and schedule of `options` (cli's tune flags); the weights' seed
+    follows the slot, as train_config's does."""
+    config = {**defaults_for("convnet"), **params, "epochs": options["epochs"],
+              "lr_schedule": None if options["lr_schedule"] == "none" else options["lr_schedule"],
+              "crop_padding": options["crop_padding"], "seed": options["seed"],
+              "model_seed": options["seed"] + slot}
+    for key in ("widths", "stem_width"):
+        if options.get(key) is not None:
+            config[key] = options[key]
+    for key in ("data", "num_training", "num_validation", "num_test"):  # as train_config
+        config[key] = options[key]
+    return recorded(config)
+
+
+def run_conv_trial(worker, taken, data, options, clock, log):
+    """Train one convnet trial (worker.take(1)'s [(trial, slot)]) with the plain Solver;
+    returns (outcome, trial_best, model_epochs) as run_round does."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    (trial, slot), = taken
+    with warnings.catch_warnings():  # a retry holds its lost trial's values already
+        warnings.filterwarnings("ignore", "Inconsistent parameter values", RuntimeWarning)
+        params = {name: _suggest(trial, name, spec) for name, spec in CONV_SPACE.items()}
+    config = conv_train_config(params, options, slot)
+    trial.set_user_attr("config", config)
+    start = time.perf_counter()
+    model = build_model(config)
+    solver = build_solver(model, data, config, out_dir=None, verbose=False)
+    try:
+        solver.train()
+    except KeyboardInterrupt:  # hand the trial back at once rather than after the grace period
+        worker.finish(trial, state=TrialState.FAIL, lost=True)
+        raise
+    except FloatingPointError:
+        if worker.finish(trial, state=TrialState.FAIL, failed="non-finite loss"):
+            log(f"trial {trial.number}: failed (non-finite loss)")
+            return [(trial.number, None)], None, solver.epoch
+        return [], None, solver.epoch
+    # the epoch-end entries (with one iteration per epoch the first one is also one)
+    epoch_ends = solver.val_acc_history[-solver.epoch:] if solver.epoch else []
+    try:
+        for epoch, acc in enumerate(epoch_ends, start=1):
+            trial.report(acc, epoch)
+    except UpdateFinishedTrialError:
+        pass  # another worker found it lost: finish() below says so
+    value = solver.best_val_acc
+    if not worker.finish(trial, value):
+        return [], None, solver.epoch
+    budget = "" if clock.deadline is None else f"; {clock.left():.0f} s of budget left"
+    log(f"trial {trial.number}: val {value:.4f} (complete) convnet "
+        f"lr {config['learning_rate']:.2e} reg {config['reg']:.1e} "
+        f"momentum {config['momentum']:.3f} smoothing {config['label_smoothing']:.2f}; "
+        f"{time.perf_counter() - start:.0f} s{budget}")
+    return [(trial.number, value)], (value, config, model, trial.number), solver.epoch
 
 
 def retrain(config, data, epochs, log):
@@ -317,10 +681,27 @@ def write_trials_table(study, path):
     names = sorted({name for t in trials for name in t.params})
     with atomic_write(path, text=True, newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["rank", "number", "state", "val_acc", "epochs_reported", *names])
+        writer.writerow(["rank", "number", "state", "val_acc", "epochs_reported", "worker",
+                         "note", *names])
         for rank, t in enumerate(trials, start=1):
             writer.writerow([rank, t.number, t.state.name, t.value, len(t.intermediate_values),
+                             t.user_attrs.get("worker"), trial_note(t),
                              *[t.params.get(n) for n in names]])
+
+
+def trial_note(trial):
+    """Why a trial is as it is, for trials.csv: failed, skipped, lost, or a retry."""
+    from optuna.trial import TrialState
+
+    notes = []
+    if trial_key(trial) != trial.number:
+        notes.append(f"retry of {trial_key(trial)}")
+    for attr in ("failed", "skipped"):
+        if attr in trial.user_attrs:
+            notes.append(f"{attr}: {trial.user_attrs[attr]}")
+    if trial.state == TrialState.FAIL and not {"failed", "skipped"} & trial.user_attrs.keys():
+        notes.append("lost: its worker stopped")
+    return "; ".join(notes)
 
 
 def plot_study(study, out_dir):
@@ -382,35 +763,59 @@ def tune(options, log=print, data=None):
     options["shared"] = options["storage"] is not None
     if options["storage"] is None:
         options["storage"] = f"sqlite:///{os.path.abspath(os.path.join(out_dir, 'study.db'))}"
+    study = create_study(options, open_storage(options))  # before the data: bad URLs fail fast
     setup_runtime(options)
     data = load_data(options) if data is None else data
-    study = create_study(options)
     if not options["shared"] and not study.trials:
-        # Not with a shared storage: another worker could take it as a member of a
-        # stack whose structure differs from the enqueued one.
-        study.enqueue_trial(conv_baseline() if options["model"] == "convnet" else BASELINE)
+        # Not with a shared storage: workers starting together would each enqueue it.
+        study.enqueue_trial(conv_baseline() if options.get("model") == "convnet" else BASELINE)
     best = previous_best(out_dir)  # (val_acc, config, model, trial number)
-    round_seconds = None  # the first round always runs; its trials stop at the deadline
-    while trials_started(study) < options["trials"]:
-        if round_seconds is not None and \
-                clock.left() < RESERVE_SECONDS + options["final_seconds"] + round_seconds:
-            log("stopping the search: the budget is nearly spent")
-            break
-        k = min(options["parallel"], options["trials"] - trials_started(study))
-        round_start = time.perf_counter()
-        if options["model"] == "convnet":
-            outcome, round_best, model_epochs = run_conv_trial(study, data, options, clock, log)
-        else:
-            outcome, round_best, model_epochs = run_round(study, data, options, clock, k, log)
-        round_seconds = time.perf_counter() - round_start
-        if not outcome:
-            break
-        if options["final_epochs"] and model_epochs:  # a retrain's cost, at this round's pace
-            per_model_epoch = round_seconds / model_epochs
-            options["final_seconds"] = 1.5 * per_model_epoch * options["final_epochs"]
-        if round_best is not None and (best is None or round_best[0] > best[0]):
-            best = round_best
+    trained_here = 0
+    with Worker(study, options, log) as worker:
+        if not options["shared"]:
+            worker.reclaim_running()
+        round_seconds = None  # the first round always runs; its trials stop at the deadline
+        waiting = False
+        while True:
+            if round_seconds is not None and \
+                    clock.left() < RESERVE_SECONDS + options["final_seconds"] + round_seconds:
+                log("stopping the search: the budget is nearly spent")
+                break
+            taken = worker.take(options["parallel"])
+            if not taken:  # the study is full: done, or trials in flight on other workers
+                results, _, in_flight = worker.progress()
+                if results >= options["trials"] or not in_flight:
+                    break
+                if not worker.heartbeats:
+                    log(f"{in_flight} trials run on other workers; this one stops (a journal "
+                        "storage keeps no heartbeats, so a lost trial is not run again)")
+                    break
+                if clock.left() < RESERVE_SECONDS + options["final_seconds"] + worker.interval:
+                    log("stopping: the budget is nearly spent")
+                    break
+                if not waiting:
+                    log(f"waiting for {in_flight} trials on other workers: a trial whose worker "
+                        f"stops for {worker.grace} s runs again here")
+                waiting = True
+                time.sleep(worker.interval)
+                continue
+            waiting = False
+            round_start = time.perf_counter()
+            trainer = run_conv_trial if options.get("model") == "convnet" else run_round
+            outcome, round_best, model_epochs = trainer(worker, taken, data, options, clock, log)
+            round_seconds = time.perf_counter() - round_start
+            trained_here += len(outcome)
+            if options["final_epochs"] and model_epochs:  # a retrain's cost, at this round's pace
+                per_model_epoch = round_seconds / model_epochs
+                options["final_seconds"] = 1.5 * per_model_epoch * options["final_epochs"]
+            if round_best is not None and (best is None or round_best[0] > best[0]):
+                best = round_best
+        results = worker.progress()[0]
     if best is None:
+        if results >= options["trials"]:
+            raise SystemExit(f"fastnn: study {options['study_name']!r} already has {results} "
+                             f"trials with a result (--trials {options['trials']}); raise "
+                             "--trials to run more")
         raise SystemExit("fastnn: no trial finished; raise --budget-minutes or --trials")
     value, config, model, number = best
     if options["final_epochs"] and clock.left() > RESERVE_SECONDS + options["final_seconds"]:
@@ -429,7 +834,8 @@ def tune(options, log=print, data=None):
         study_best = {"study_best_trial": None, "study_best_val_acc": None}
     result = {"config": config, "val_acc": value, "test_acc": test_acc,
               "num_test": int(data["X_test"].shape[0]), "trial": number, **study_best,
-              "trials_started": trials_started(study),
+              "study_results": results, "worker": options["worker"],
+              "worker_trials": trained_here,
               "seconds": round(time.perf_counter() - options["start"], 1)}
     write_json(os.path.join(out_dir, "best.json"), result, BEST_FORMAT, FORMAT_VERSION)
     write_trials_table(study, os.path.join(out_dir, "trials.csv"))

@@ -2,10 +2,14 @@
 
 `backend` makes a backend active for the test and yields its array module;
 the cupy case skips (with the reason) when CuPy or a GPU is missing, and
-only the cupy case ever asks for CuPy, so numpy runs never import it.
+only the cupy case ever asks for CuPy, so numpy runs never import it. With
+FASTNN_REQUIRE_CUPY=1 in the environment (benchmarks/gpu_check.sh sets it)
+the cupy case fails instead of skipping: a GPU check cannot pass without a GPU.
 Tests build their inputs with numpy, move them with `xp.asarray`, and
 compare on the host through `fastnn.to_numpy`.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -20,7 +24,7 @@ def _cupy_skip_reason():
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return "CuPy is not installed (pip install 'fastnn[cuda]')"
+        return "CuPy is not installed (pip install 'fastnn[cuda13]' or 'fastnn[cuda12]')"
     return "CuPy is installed but no CUDA GPU is usable"
 
 
@@ -30,6 +34,8 @@ def backend(request):
     name = request.param
     if name == "cupy":
         reason = _cupy_skip_reason()
+        if reason and os.environ.get("FASTNN_REQUIRE_CUPY") == "1":
+            pytest.fail(f"FASTNN_REQUIRE_CUPY=1, but {reason}", pytrace=False)
         if reason:
             pytest.skip(reason)
     with fastnn.use_backend(name):

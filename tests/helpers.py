@@ -12,3 +12,22 @@ def tolerances(dtype):
 def is_0d_array(value, xp):
     """True when `value` is a 0-d array of module `xp` (not a scalar type)."""
     return isinstance(value, xp.ndarray) and value.ndim == 0
+
+
+def host_copies(*values):
+    """numpy copies of the arrays among `values` (other values as they are).
+
+    A backend's result is compared with the reference run on these: on cupy
+    the table's op may be the reference itself, and comparing it with itself
+    would check nothing.
+    """
+    from fastnn import to_numpy
+
+    return [to_numpy(v).copy() if hasattr(v, "shape") and not isinstance(v, np.generic) else v
+            for v in values]
+
+
+def backend_tolerances(xp, dtype):
+    """(rtol, atol) for a result of backend `xp` against numpy's: float32 ones on a GPU,
+    whose exp, log and summation orders differ from numpy's."""
+    return tolerances(dtype if xp is np else np.float32)

@@ -202,3 +202,21 @@ def test_numpy_training_loads_no_optional_library():
         print(sorted(m for m in sys.modules if m.split('.')[0] in {OPTIONAL!r}))
         """)
     assert out.strip() == "[]", f"optional libraries imported: {out.strip()}"
+
+
+@pytest.mark.skipif(B.cupy_available(), reason="CuPy and a GPU are here: the cupy cases run")
+def test_require_cupy_makes_the_cupy_cases_fail_instead_of_skipping(tmp_path):
+    """FASTNN_REQUIRE_CUPY=1 (benchmarks/gpu_check.sh) turns the backend fixture's skip into
+    a failure, so a GPU check without a working GPU cannot pass."""
+    import os
+
+    test = "tests/test_backend.py::test_get_array_module_mixed_numpy_and_cupy_names_both"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {}
+    for require in ("1", "0"):
+        env = dict(os.environ, FASTNN_REQUIRE_CUPY=require)
+        runs[require] = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs",
+             f"{test}[cupy]"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert runs["1"].returncode != 0 and "FASTNN_REQUIRE_CUPY=1, but" in runs["1"].stdout
+    assert runs["0"].returncode == 0 and "1 skipped" in runs["0"].stdout

@@ -161,6 +161,8 @@ FC_CASES = {
     "batchnorm": dict(use_batchnorm=True),
     "dropout": dict(dropout=0.25),
     "batchnorm_dropout": dict(use_batchnorm=True, dropout=0.25),
+    "layernorm": dict(normalization="layernorm"),
+    "layernorm_keep_ratio": dict(normalization="layernorm", dropout_keep_ratio=0.75),
 }
 
 
@@ -286,6 +288,171 @@ def test_dropout_masks_follow_step():
 def test_fully_connected_rejects_bad_dropout():
     with pytest.raises(ValueError):
         FullyConnectedNet([3], input_dim=D, num_classes=C, dropout=1.0)
+
+
+# -- normalization and dropout_keep_ratio (the later course's arguments) -------------------
+def test_layernorm_net_params_and_roles(backend):
+    xp = backend
+    model = FullyConnectedNet([7, 6], input_dim=D, num_classes=C, normalization="layernorm",
+                              seed=0)
+    assert sorted(model.params) == sorted(["W1", "b1", "gamma1", "beta1", "W2", "b2", "gamma2",
+                                           "beta2", "W3", "b3"])
+    assert model.params["gamma2"].shape == (6,) and isinstance(model.params["beta1"], xp.ndarray)
+    np.testing.assert_array_equal(fastnn.to_numpy(model.params["gamma1"]), 1)
+    np.testing.assert_array_equal(fastnn.to_numpy(model.params["beta2"]), 0)
+    assert model.param_roles == {"W1": "weight", "b1": "bias", "gamma1": "scale",
+                                 "beta1": "shift", "W2": "weight", "b2": "bias",
+                                 "gamma2": "scale", "beta2": "shift", "W3": "weight",
+                                 "b3": "bias"}
+    # layernorm keeps no running statistics
+    assert model.norm_params == {} and model.bn_params == []
+    batchnorm = FullyConnectedNet([7, 6], input_dim=D, num_classes=C, use_batchnorm=True, seed=0)
+    assert batchnorm.param_roles == model.param_roles
+    assert batchnorm.norm_params == {"1": batchnorm.bn_params[0], "2": batchnorm.bn_params[1]}
+    plain = FullyConnectedNet([7], input_dim=D, num_classes=C, seed=0)
+    assert plain.param_roles == {"W1": "weight", "b1": "bias", "W2": "weight", "b2": "bias"}
+    assert plain.norm_params == {}
+
+
+def test_layernorm_net_is_the_same_in_train_and_test(backend):
+    """Scores of a row do not depend on the batch, and a train pass leaves no state."""
+    xp = backend
+    model = FullyConnectedNet([6, 5], input_dim=D, num_classes=C, normalization="layernorm",
+                              dtype=np.float64, seed=2)
+    _perturb_non_weights(model, seed=4)
+    X, y = (xp.asarray(a) for a in _data(n=8))
+    scores = fastnn.to_numpy(model.loss(X))
+    np.testing.assert_allclose(fastnn.to_numpy(model.loss(X[:1])), scores[:1], rtol=1e-12)
+    model.loss(X, y)
+    np.testing.assert_array_equal(fastnn.to_numpy(model.loss(X)), scores)
+    # by hand: affine - layernorm - relu, twice, then affine
+    p = {k: fastnn.to_numpy(v) for k, v in model.params.items()}
+    hidden = fastnn.to_numpy(X)
+    for i in (1, 2):
+        a = hidden @ p[f"W{i}"] + p[f"b{i}"]
+        normed = (a - a.mean(1, keepdims=True)) / np.sqrt(a.var(1, keepdims=True) + 1e-5)
+        hidden = np.maximum(p[f"gamma{i}"] * normed + p[f"beta{i}"], 0)
+    np.testing.assert_allclose(scores, hidden @ p["W3"] + p["b3"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("given, same_as", [
+    (dict(normalization="batchnorm"), dict(use_batchnorm=True)),
+    (dict(normalization="batchnorm", use_batchnorm=True), dict(use_batchnorm=True)),
+    (dict(normalization=None), dict()),
+    (dict(dropout_keep_ratio=0.75), dict(dropout=0.25)),
+    (dict(dropout=0.25, dropout_keep_ratio=0.75), dict(dropout=0.25)),
+    (dict(dropout=0.1, dropout_keep_ratio=0.9), dict(dropout=0.1)),  # 1 - 0.9 != 0.1 exactly
+    (dict(dropout_keep_ratio=1.0), dict()),
+    (dict(dropout_keep_ratio=1), dict(dropout=0)),
+])
+def test_agreeing_forms_build_the_same_net(given, same_as):
+    a = FullyConnectedNet([5, 4], input_dim=D, num_classes=C, seed=3, **given)
+    b = FullyConnectedNet([5, 4], input_dim=D, num_classes=C, seed=3, **same_as)
+    assert a.init_args == b.init_args
+    assert a.dropout_param == b.dropout_param and a.use_batchnorm == b.use_batchnorm
+    X, y = _data(8)
+    loss_a, grads_a = a.loss(X.astype(np.float32), y)
+    loss_b, grads_b = b.loss(X.astype(np.float32), y)
+    assert float(loss_a) == float(loss_b)
+    for name in grads_b:
+        np.testing.assert_array_equal(grads_a[name], grads_b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("given, words", [
+    (dict(use_batchnorm=True, normalization="layernorm"), ["use_batchnorm=True", "'layernorm'"]),
+    (dict(normalization="groupnorm"), ["'groupnorm'", "'layernorm'"]),
+    (dict(normalization="LayerNorm"), ["'LayerNorm'"]),
+    (dict(dropout=0.5, dropout_keep_ratio=0.75), ["dropout=0.5", "dropout_keep_ratio=0.75"]),
+    (dict(dropout_keep_ratio=0.0), ["(0, 1]", "0.0"]),
+    (dict(dropout_keep_ratio=1.5), ["(0, 1]", "1.5"]),
+    (dict(dropout=1.0), ["[0, 1)", "1.0"]),
+])
+def test_disagreeing_or_bad_forms_are_value_errors(given, words):
+    with pytest.raises(ValueError) as info:
+        FullyConnectedNet([5], input_dim=D, num_classes=C, **given)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_init_args_keep_the_form_earlier_versions_wrote():
+    """Plain and batchnorm nets write exactly the init_args they wrote before these options
+    existed (so their saved files and Solver checkpoints still match); only layernorm adds one."""
+    old_keys = {"hidden_dims", "input_dim", "num_classes", "dropout", "use_batchnorm", "reg",
+                "weight_scale", "dtype", "seed"}
+    for options in (dict(), dict(normalization="batchnorm"), dict(dropout_keep_ratio=0.5)):
+        model = FullyConnectedNet([5], input_dim=D, num_classes=C, **options)
+        assert set(model.init_args) == old_keys, options
+    model = FullyConnectedNet([5], input_dim=D, num_classes=C, normalization="layernorm",
+                              dropout_keep_ratio=0.5)
+    assert set(model.init_args) == old_keys | {"normalization"}
+    assert model.init_args["normalization"] == "layernorm" and model.init_args["dropout"] == 0.5
+    assert FullyConnectedNet(**model.init_args).init_args == model.init_args
+
+
+def test_a_file_written_before_these_options_loads(tmp_path):
+    """A model file whose init_args predate normalization / dropout_keep_ratio."""
+    from fastnn.serialization import MODEL_FORMAT, model_state, write_npz
+
+    model = FullyConnectedNet([5, 4], input_dim=D, num_classes=C, use_batchnorm=True,
+                              dropout=0.2, seed=5)
+    X, y = _data(9, n=8)
+    model.loss(X.astype(np.float32), y)  # running statistics
+    old_args = dict(hidden_dims=[5, 4], input_dim=D, num_classes=C, dropout=0.2,
+                    use_batchnorm=True, reg=0.0, weight_scale=1e-2, dtype="float32", seed=5)
+    write_npz(tmp_path / "old.npz", model_state(model),
+              {"format": MODEL_FORMAT, "format_version": 1, "class": "FullyConnectedNet",
+               "init_args": old_args, "dtype": "float32", "fastnn_version": "0.1.0"})
+    loaded = fastnn.load(tmp_path / "old.npz")
+    assert loaded.init_args == old_args == model.init_args
+    np.testing.assert_array_equal(loaded.loss(X.astype(np.float32)), model.loss(X.astype(np.float32)))
+
+
+def test_layernorm_net_save_load_round_trip(backend, tmp_path):
+    xp = backend
+    model = FullyConnectedNet([6, 5], input_dim=D, num_classes=C, normalization="layernorm",
+                              dropout_keep_ratio=0.8, dtype=np.float64, seed=6)
+    _perturb_non_weights(model, seed=7)
+    fastnn.save(model, tmp_path / "ln.npz")
+    loaded = fastnn.load(tmp_path / "ln.npz")
+    assert loaded.normalization == "layernorm" and loaded.init_args == model.init_args
+    assert loaded.param_roles == model.param_roles and loaded.norm_params == {}
+    X, y = (xp.asarray(a) for a in _data(10, n=6))
+    np.testing.assert_array_equal(fastnn.to_numpy(loaded.loss(X)), fastnn.to_numpy(model.loss(X)))
+    loss_a, grads_a = model.loss(X, y)  # the same dropout masks too
+    loss_b, grads_b = loaded.loss(X, y)
+    assert float(loss_a) == float(loss_b)
+
+
+def test_layernorm_net_trains_with_solver(backend):
+    from fastnn.solver import Solver
+
+    rng = np.random.default_rng(11)
+    data = dict(X_train=rng.standard_normal((50, 3, 4, 4)).astype(np.float32),
+                y_train=rng.integers(0, 10, 50),
+                X_val=rng.standard_normal((20, 3, 4, 4)).astype(np.float32),
+                y_val=rng.integers(0, 10, 20))
+    model = FullyConnectedNet([60, 60], input_dim=48, normalization="layernorm",
+                              weight_scale=0.1, seed=0)
+    solver = Solver(model, data, update_rule="adam", optim_config={"learning_rate": 5e-3},
+                    num_epochs=15, batch_size=25, verbose=False, seed=0)
+    solver.train()
+    assert solver.train_acc_history[-1] == 1.0
+    assert solver.loss_history[-1] < 0.2 * solver.loss_history[0]
+    assert float(fastnn.to_numpy(model.params["gamma1"]).std()) > 0  # the scales were trained
+
+
+@pytest.mark.parametrize("bad", [-1, C, 1000])
+def test_out_of_range_labels_give_a_nan_loss_on_every_backend(backend, bad):
+    """model.loss skips the label check: a bad label is a NaN loss, not a wrapped-around class
+    (CuPy's fancy indexing wraps) and not an exception or a sync."""
+    xp = backend
+    model = FullyConnectedNet([6], input_dim=D, num_classes=C, seed=0)
+    X, y = _data(12)
+    y[1] = bad
+    loss, grads = model.loss(xp.asarray(X, dtype=np.float32), xp.asarray(y))
+    assert np.isnan(float(loss))
+    two_layer = TwoLayerNet(input_dim=D, hidden_dim=6, num_classes=C)
+    assert np.isnan(float(two_layer.loss(xp.asarray(X, dtype=np.float32), xp.asarray(y))[0]))
 
 
 def test_zero_width_layers_are_refused():

@@ -457,6 +457,30 @@ def test_evaluate_averages_flips_as_the_run_says_unless_told(cifar_root, tmp_pat
             in printed)
 
 
+@pytest.mark.parametrize("backend", ["cupy"], indirect=True)  # the numpy runs are the tests above
+def test_train_resume_and_evaluate_on_cupy(backend, cifar_root, tmp_path, capsys):
+    """What a GPU user runs: train and resume with --backend cupy (bit for bit, as on the
+    CPU), evaluate on the GPU, and the saved model loads on the CPU."""
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    options = ("--backend", "cupy", "--dropout", "0.2", "--augment", "--batchnorm")
+    assert main(small_args(cifar_root, whole, "--epochs", "2", *options)) == 0
+    assert main(small_args(cifar_root, part, "--epochs", "1", *options)) == 0
+    assert main(["train", "--resume", str(part), "--epochs", "2"]) == 0
+    assert json.loads((part / "config.json").read_text())["backend"] == "cupy"
+    want, want_meta = checkpoint_params(whole)
+    got, got_meta = checkpoint_params(part)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert got_meta["loss_history"] == want_meta["loss_history"]
+    capsys.readouterr()
+    assert main(["evaluate", str(whole), "--backend", "cupy"]) == 0
+    test_acc = json.loads((whole / "metrics.json").read_text())["test_acc"]
+    assert f"test accuracy {test_acc:.4f} on 50 images" in capsys.readouterr().out
+    with fastnn.use_backend("numpy"):
+        model = fastnn.load(whole / "model.npz")
+        assert isinstance(model.params["W1"], np.ndarray)
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(cifar_root, tmp_path, capsys,
                                                                monkeypatch):
     import errno

@@ -10,8 +10,9 @@ import pytest
 
 import fastnn
 from fastnn import kernels, layers, optim
+from fastnn.backend import get_array_module
 from fastnn.kernels import reference
-from helpers import tolerances
+from helpers import backend_tolerances, host_copies, tolerances
 
 X_SHAPES = [(1, 7), (5, 3), (64, 10), (3, 4, 5), (97, 130)]  # the last spans several chunks
 LOSS_SHAPES = [(1, 10), (1, 1), (2, 2), (16, 10), (300, 7)]
@@ -29,8 +30,14 @@ def _host(a):
 
 
 def _close(actual, expected, dtype, scale=1.0):
-    rtol, atol = tolerances(dtype)
+    """A backend's result against numpy's (float32 tolerances when it comes from a GPU)."""
+    rtol, atol = backend_tolerances(get_array_module(actual), dtype)
     np.testing.assert_allclose(_host(actual), _host(expected), rtol=rtol, atol=atol * scale)
+
+
+def _reference(op, *args):
+    """Reference op `op` run by numpy on host copies of `args`: what every backend must give."""
+    return getattr(reference, op)(*host_copies(*args))
 
 
 # Ops compared with the reference somewhere in this file; a new op in OPS needs a test here.
@@ -104,6 +111,46 @@ def test_other_dtypes_run_the_reference():
     assert layers.relu_forward(x)[0].dtype == np.float16
 
 
+def test_mixed_dtypes_run_the_reference(ops):
+    """float32 data mixed with float64 (judged over all data arguments, not the first
+    alone) gets the reference op, which promotes as the array module does, on every
+    backend: the fast kernels take one dtype and CuPy's raise on a mix."""
+    xp, table = ops
+    assert set(kernels.DATA_ARGS) <= set(kernels.OPS)
+    rng = np.random.default_rng(14)
+
+    def arrays(*shapes_and_dtypes):
+        return [xp.asarray(rng.standard_normal(shape) + 1.5, dtype=dtype)
+                for shape, dtype in shapes_and_dtypes]
+
+    f32, f64 = np.float32, np.float64
+    calls = {
+        "relu_backward": arrays(((5, 4), f32), ((5, 4), f64)),
+        "batchnorm_train_forward": arrays(((6, 4), f32), ((4,), f64), ((4,), f32)) + [1e-5],
+        "batchnorm_backward": arrays(((6, 4), f64), ((6, 4), f32), ((4,), f32), ((4,), f32)),
+        "layernorm_forward": arrays(((6, 4), f32), ((4,), f32), ((4,), f64)) + [1e-5],
+        "layernorm_backward": arrays(((6, 4), f32), ((6, 4), f32), ((4,), f64), ((6,), f32)),
+        "groupnorm_forward": arrays(((2, 4, 3, 3), f32), ((4,), f64), ((4,), f64)) + [2, 1e-5],
+    }
+    for op, args in calls.items():
+        assert op in kernels.DATA_ARGS, op
+        got = getattr(table, op)(*args)
+        expected = _reference(op, *args)
+        for g, e in zip(got if isinstance(got, tuple) else [got],
+                        expected if isinstance(expected, tuple) else [expected]):
+            assert g.dtype == e.dtype, op
+            rtol, atol = backend_tolerances(xp, np.float32)
+            np.testing.assert_allclose(_host(g), e, rtol=rtol, atol=atol, err_msg=op)
+    # an in-place update keeps w's dtype; the gradient and state may be float64
+    w, dw, v = arrays(((4, 3), f32), ((4, 3), f64), ((4, 3), f32))
+    w_host, dw_host, v_host = host_copies(w, dw, v)
+    table.sgd_momentum_(w, dw, (v,), (0.1, 0.9))
+    reference.sgd_momentum_(w_host, dw_host, (v_host,), (0.1, 0.9))
+    assert w.dtype == f32 and v.dtype == f32
+    np.testing.assert_allclose(_host(w), w_host, rtol=1e-6)
+    np.testing.assert_allclose(_host(v), v_host, rtol=1e-6)
+
+
 # -- relu ----------------------------------------------------------------------
 @pytest.mark.parametrize("shape", X_SHAPES)
 def test_relu(ops, dtype, shape):
@@ -111,10 +158,10 @@ def test_relu(ops, dtype, shape):
     rng = np.random.default_rng(0)
     x = xp.asarray(rng.standard_normal(shape), dtype=dtype)
     dout = xp.asarray(rng.standard_normal(shape), dtype=dtype)
-    out, out_ref = table.relu_forward(x), reference.relu_forward(x)
+    out, out_ref = table.relu_forward(x), _reference("relu_forward", x)
     assert out.dtype == dtype and out.shape == shape
     np.testing.assert_array_equal(_host(out), _host(out_ref))
-    dx, dx_ref = table.relu_backward(dout, out), reference.relu_backward(dout, out_ref)
+    dx, dx_ref = table.relu_backward(dout, out), _reference("relu_backward", dout, out_ref)
     assert dx.dtype == dtype and dx.shape == shape
     np.testing.assert_array_equal(_host(dx), _host(dx_ref))
 
@@ -124,18 +171,50 @@ def test_relu_non_finite_like_reference(ops, dtype):
     a diverged activation reaches the loss and the Solver's non-finite check."""
     xp, table = ops
     x = xp.asarray(np.array([[np.nan, -np.inf, np.inf, -1.0, 0.0, 2.0]]), dtype=dtype)
-    np.testing.assert_array_equal(_host(table.relu_forward(x)), _host(reference.relu_forward(x)))
+    np.testing.assert_array_equal(_host(table.relu_forward(x)), _reference("relu_forward", x))
     assert np.isnan(_host(table.relu_forward(x))[0, 0])
+
+
+def test_relu_subnormals_and_nan_on_numpy(dtype):
+    """Positive subnormals pass, negative ones (and -0, -inf) give 0, NaN stays NaN: in
+    the reference and in the Numba kernel (a GPU flushes subnormals: not compared there)."""
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = np.array([tiny, -tiny, 3 * tiny, -3 * tiny, np.nan, -np.nan, np.inf, -np.inf, -0.0,
+                  0.0, 1.5, -1.5], dtype=dtype)
+    expected = np.array([tiny, 0, 3 * tiny, 0, np.nan, np.nan, np.inf, 0, 0, 0, 1.5, 0],
+                        dtype=dtype)
+    from fastnn.kernels import cpu
+
+    for op in (reference.relu_forward, cpu.relu_forward, kernels.for_module(np).relu_forward):
+        out = op(x)
+        assert out.dtype == dtype
+        np.testing.assert_array_equal(out, expected)
+    dout = np.arange(1, x.size + 1, dtype=dtype)
+    keep = expected > 0  # dout passes where the output was positive, subnormals included
+    for op in (reference.relu_backward, cpu.relu_backward):
+        np.testing.assert_array_equal(op(dout, expected), np.where(keep, dout, 0))
+
+
+def test_relu_never_passes_a_negative_subnormal(ops, dtype):
+    """On every backend: a negative subnormal gives +0, never itself (CuPy's -ftz=true
+    flushes it to 0 in a comparison, so `x < 0 ? 0 : x` let it through); NaN stays NaN; a
+    positive subnormal gives itself, or 0 where the device flushes subnormals."""
+    xp, table = ops
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = xp.asarray(np.array([-tiny, -5 * tiny, np.nan, tiny, 2.0], dtype=dtype))
+    out = _host(table.relu_forward(x))
+    assert (out[:2] == 0).all() and not np.signbit(out[:2]).any()
+    assert np.isnan(out[2]) and out[3] in (0, tiny) and out[4] == 2
 
 
 def test_relu_non_contiguous_input(ops, dtype):
     xp, table = ops
     x = xp.asarray(np.random.default_rng(1).standard_normal((6, 9)), dtype=dtype).T
     out = table.relu_forward(x)
-    np.testing.assert_array_equal(_host(out), _host(reference.relu_forward(x)))
+    np.testing.assert_array_equal(_host(out), _reference("relu_forward", x))
     dout = xp.asarray(np.random.default_rng(2).standard_normal((9, 6)), dtype=dtype)
     np.testing.assert_array_equal(_host(table.relu_backward(dout, out)),
-                                  _host(reference.relu_backward(dout, out)))
+                                  _reference("relu_backward", dout, out))
 
 
 # -- dropout -------------------------------------------------------------------
@@ -215,11 +294,11 @@ def test_loss(ops, dtype, loss, shape, scale, ties):
     x_host, y_host = _loss_inputs(shape, dtype, scale, np.int64, seed=5, ties=ties)
     x, y = xp.asarray(x_host), xp.asarray(y_host)
     value, dx = getattr(table, loss)(x, y)
-    ref_value, ref_dx = getattr(reference, loss)(x, y)
+    ref_value, ref_dx = _reference(loss, x, y)
     assert np.isfinite(float(value))
     assert dx.dtype == dtype and dx.shape == shape
     assert _host(xp.asarray(value)).dtype == dtype
-    rtol, _ = tolerances(dtype)
+    rtol, _ = backend_tolerances(xp, dtype)
     # the loss is a mean of N rows: compare on the scale of the rows' size
     np.testing.assert_allclose(float(value), float(ref_value), rtol=rtol,
                                atol=rtol * max(1.0, float(np.abs(x_host).max())))
@@ -268,8 +347,8 @@ def test_loss_label_dtypes_and_layout(ops, dtype, loss, label_dtype):
     x_host, y_host = _loss_inputs((12, 6), dtype, 1.0, label_dtype, seed=6)
     x_t = xp.asarray(np.ascontiguousarray(x_host.T)).T  # non-contiguous scores
     value, dx = getattr(table, loss)(x_t, xp.asarray(y_host))
-    ref_value, ref_dx = getattr(reference, loss)(xp.asarray(x_host), xp.asarray(y_host.astype(np.int64)))
-    rtol, atol = tolerances(dtype)
+    ref_value, ref_dx = getattr(reference, loss)(x_host, y_host.astype(np.int64))
+    rtol, atol = backend_tolerances(xp, dtype)
     np.testing.assert_allclose(float(value), float(ref_value), rtol=rtol, atol=atol)
     _close(dx, ref_dx, dtype)
 
@@ -286,21 +365,30 @@ def test_loss_non_finite_scores_like_reference(ops, loss, value, column):
     x_host[0, column] = value
     x, y = xp.asarray(x_host), xp.asarray(np.array([0, 1]))
     got, dx = getattr(table, loss)(x, y)
-    want, ref_dx = getattr(reference, loss)(x, y)
+    want, ref_dx = _reference(loss, x, y)
     np.testing.assert_array_equal(float(got), float(want))  # NaN equals NaN here
-    np.testing.assert_array_equal(_host(dx), _host(ref_dx))
+    rtol, atol = backend_tolerances(xp, np.float64)
+    np.testing.assert_allclose(_host(dx), _host(ref_dx), rtol=rtol, atol=atol)  # NaN where NaN
 
 
 @pytest.mark.parametrize("loss", ["softmax_loss", "svm_loss"])
 @pytest.mark.parametrize("bad", [-1, 5, 1000])
-def test_unchecked_fast_loss_gives_nan_for_bad_labels(ops, loss, bad):
+def test_unchecked_loss_gives_nan_for_bad_labels(ops, dtype, loss, bad):
+    """Without the label check (model.loss skips it) a bad label makes the loss and its
+    row of dx NaN on every backend, the reference included: never an out-of-bounds read,
+    never a plausible loss of a wrapped-around class, and no device sync to find out."""
     xp, table = ops
-    if getattr(table, loss) is getattr(reference, loss):
-        pytest.skip(f"{table.name} has no fast {loss} yet; the reference op does not check labels")
-    x = xp.asarray(np.random.default_rng(7).standard_normal((4, 5)))
+    x = xp.asarray(np.random.default_rng(7).standard_normal((4, 5)), dtype=dtype)
     y = xp.asarray(np.array([0, bad, 2, 4]))
-    value, dx = getattr(table, loss)(x, y)
-    assert np.isnan(float(value))
+    for op in (getattr(table, loss), getattr(reference, loss)):
+        value, dx = op(x, y)
+        assert np.isnan(float(value))
+        dx = _host(dx)
+        assert np.isnan(dx[1]).all() and np.isfinite(dx[[0, 2, 3]]).all()
+        good = [0, 2, 3]
+        _, dx_good = _reference(loss, x[good], y[good])
+        # the good rows keep their gradient (averaged over all 4 rows)
+        _close(dx[good], _host(dx_good) * 3 / 4, dtype)
 
 
 # -- batchnorm -----------------------------------------------------------------
@@ -313,14 +401,14 @@ def test_batchnorm(ops, dtype, shape):
     beta = xp.asarray(rng.standard_normal(shape[1]), dtype=dtype)
     dout = xp.asarray(rng.standard_normal(shape), dtype=dtype)
     got = table.batchnorm_train_forward(x, gamma, beta, 1e-5)
-    want = reference.batchnorm_train_forward(x, gamma, beta, 1e-5)
+    want = _reference("batchnorm_train_forward", x, gamma, beta, 1e-5)
     assert len(got) == 5
     for g, w, name in zip(got, want, ("out", "x_hat", "inv_std", "mean", "var")):
         assert g.dtype == dtype and g.shape == w.shape, name
         _close(g, w, dtype, scale=10)
     out, x_hat, inv_std, mean, var = want
-    got = table.batchnorm_backward(dout, x_hat, gamma, inv_std)
-    want = reference.batchnorm_backward(dout, x_hat, gamma, inv_std)
+    got = table.batchnorm_backward(dout, xp.asarray(x_hat), gamma, xp.asarray(inv_std))
+    want = _reference("batchnorm_backward", dout, x_hat, gamma, inv_std)
     for g, w, name in zip(got, want, ("dx", "dgamma", "dbeta")):
         assert g.dtype == dtype and g.shape == w.shape, name
         _close(g, w, dtype, scale=10 * shape[0])
@@ -374,11 +462,16 @@ def test_update_op_matches_reference(ops, dtype, rule, shape, with_l2):
     fast = [a.copy() for a in (w, *state)]
     ref = [a.copy() for a in (w, *state)]
     dw_before = dw.copy()
+    host = host_copies(w, *state)  # and the reference run by numpy
     fast_sums = getattr(table, op)(fast[0], dw, tuple(fast[1:]), h, l2=l2)
     ref_sums = getattr(reference, op)(ref[0], dw, tuple(ref[1:]), h, l2=l2)
-    for name, f, r in zip(["w", *optim.SPECS[rule].state], fast, ref):
+    getattr(reference, op)(host[0], _host(dw), tuple(host[1:]), tuple(host_copies(*h)),
+                           l2=None if l2 is None else _host(l2))
+    for name, f, r, on_host in zip(["w", *optim.SPECS[rule].state], fast, ref, host):
         assert f.dtype == dtype and f.shape == shape, name
+        # a fused update gives the functional rule's parameters on its own backend, bit for bit
         np.testing.assert_array_equal(_host(f), _host(r), err_msg=name)
+        _close(f, on_host, dtype)
     assert not np.array_equal(_host(fast[0]), _host(w))  # it did update, in place
     np.testing.assert_array_equal(_host(dw), _host(dw_before))
     if l2 is None:
@@ -452,6 +545,129 @@ def test_flip_crop_moves_pixels_only(ops):
         assert any(np.array_equal(result, c) for c in candidates)
     identity = _host(table.flip_crop(xp.asarray(x_host), 5, 0, False, 0))
     np.testing.assert_array_equal(identity, x_host)
+
+
+# -- norms: layernorm and groupnorm -------------------------------------------
+COVERED |= {"layernorm_forward", "layernorm_backward", "groupnorm_forward", "groupnorm_backward"}
+
+
+def _norm_case(xp, shape, dtype, seed, channels_last=False):
+    """Random (x, gamma, beta, dout) on xp; x offset and scaled, as activations are."""
+    rng = np.random.default_rng(seed)
+    x = 3.0 * rng.standard_normal(shape) + 2.0
+    if channels_last:  # an NHWC array seen as NCHW
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    gamma, beta = rng.standard_normal(shape[1]) + 1.0, rng.standard_normal(shape[1])
+    dout = rng.standard_normal(shape)
+    x = xp.asarray(x, dtype=dtype)
+    return x, xp.asarray(gamma, dtype=dtype), xp.asarray(beta, dtype=dtype), \
+        xp.asarray(dout, dtype=dtype)
+
+
+def _compare_with_numpy_reference(got, op, args, dtype, scale=1.0):
+    """`got` (the backend's table) against reference `op` run on host copies of `args`."""
+    expected = getattr(reference, op)(*(_host(a) if hasattr(a, "shape") else a for a in args))
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.shape == e.shape, op
+        _close(g, e, dtype, scale)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (5, 3), (64, 10), (33, 300)])
+def test_layernorm(ops, dtype, shape):
+    xp, table = ops
+    x, gamma, beta, dout = _norm_case(xp, shape, dtype, 40)
+    out, x_hat, inv_std = table.layernorm_forward(x, gamma, beta, 1e-5)
+    _compare_with_numpy_reference((out, x_hat, inv_std), "layernorm_forward",
+                                  (x, gamma, beta, 1e-5), dtype)
+    got = table.layernorm_backward(dout, x_hat, gamma, inv_std)
+    # sums over N rows: tolerances grow with N
+    _compare_with_numpy_reference(got, "layernorm_backward", (dout, x_hat, gamma, inv_std), dtype,
+                                  scale=shape[0])
+
+
+@pytest.mark.parametrize("shape,groups", [((1, 4, 1, 1), 2), ((2, 6, 3, 5), 3), ((3, 8, 7, 7), 1),
+                                          ((4, 16, 6, 6), 16), ((2, 12, 9, 11), 4)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc_view"])
+def test_groupnorm(ops, dtype, shape, groups, channels_last):
+    xp, table = ops
+    x, gamma, beta, dout = _norm_case(xp, shape, dtype, 41, channels_last)
+    out, x_hat, inv_std = table.groupnorm_forward(x, gamma, beta, groups, 1e-5)
+    assert inv_std.shape == (shape[0], groups)
+    _compare_with_numpy_reference((out, x_hat, inv_std), "groupnorm_forward",
+                                  (x, gamma, beta, groups, 1e-5), dtype)
+    got = table.groupnorm_backward(dout, x_hat, gamma, inv_std, groups)
+    _compare_with_numpy_reference(got, "groupnorm_backward",
+                                  (dout, x_hat, gamma, inv_std, groups), dtype,
+                                  scale=shape[0] * shape[2] * shape[3])
+
+
+# -- CUDA sources compile (nvcc, no GPU needed; skipped without nvcc) ----------
+def _nvcc_compiles(tmp_path, name, source):
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    path = tmp_path / f"{name}.cu"
+    path.write_text(source)
+    result = subprocess.run([nvcc, "--ptx", "-ftz=true", "-Werror", "all-warnings", "-o",
+                             str(tmp_path / f"{name}.ptx"), str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{name}:\n{result.stderr}"
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_norm_cuda_source_compiles(tmp_path, dtype_name):
+    from fastnn.kernels import gpu
+
+    _nvcc_compiles(tmp_path, f"norms_{dtype_name}", gpu.norm_source(dtype_name))
+
+
+# CuPy's view of a `raw` argument, enough for the sources to compile: x[j], x.size()
+_RAW = """template <typename U> struct Raw {
+    const U* data; long long n;
+    __device__ U operator[](long long j) const { return data[j]; }
+    __device__ long long size() const { return n; }
+};
+typedef unsigned long long uint64;
+typedef long long int64;
+"""
+
+
+def _elementwise_as_cuda(name, in_params, out_params, operation):
+    """One of gpu.py's ElementwiseKernel sources as a plain CUDA kernel: inputs by value
+    (`raw` ones as Raw<T>), outputs as references to element i, as CuPy's generated code
+    sees them."""
+    def params(text):
+        return [p.split() for p in text.split(",")]
+
+    args = [f"const Raw<{p[1]}> {p[2]}" if p[0] == "raw" else f"const {p[0]} {p[1]}"
+            for p in params(in_params)]
+    args += [f"{t}* {n}_out" for t, n in params(out_params)]
+    outputs = "".join(f"{t}& {n} = {n}_out[i];" for t, n in params(out_params))
+    return (f'extern "C" __global__ void fastnn_{name}({", ".join(args)}) {{\n'
+            f"const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
+            f"{outputs}\n{operation};\n}}\n")
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_elementwise_cuda_sources_compile(tmp_path, dtype_name):
+    """Every ElementwiseKernel body of gpu.py (relu, dropout, each update rule) and the
+    softmax loss's RawKernel compile (with CuPy's -ftz=true)."""
+    from fastnn.kernels import gpu
+
+    ctype = {"float32": "float", "float64": "double"}[dtype_name]
+    kernels_ = [_elementwise_as_cuda(name, *parts) for name, parts in gpu._SOURCES.items()]
+    for rule, (_, scalars, _) in gpu._RULES.items():  # each scalar by value and on the device
+        for on_device in {(False,) * len(scalars), (True,) * len(scalars)}:
+            mask = "".join("d" if d else "s" for d in on_device)
+            kernels_.append(_elementwise_as_cuda(f"{rule}_{mask}",
+                                                 *gpu.rule_source(rule, on_device)))
+    source = f"#define T {ctype}\n{_RAW}" + "".join(kernels_)
+    _nvcc_compiles(tmp_path, f"elementwise_{dtype_name}", source)
+    _nvcc_compiles(tmp_path, f"softmax_loss_{dtype_name}",
+                   gpu.SOFTMAX_LOSS_SOURCE.replace("{T}", ctype))
 
 
 # == convolution ===============================================================

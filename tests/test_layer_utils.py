@@ -118,6 +118,40 @@ def test_need_dx_false_gives_none(backend, sandwich, dtype):
         np.testing.assert_array_equal(fastnn.to_numpy(a), fastnn.to_numpy(c))
 
 
+# -- affine - layernorm - relu ---------------------------------------------------
+def _affine_ln_relu_case(seed):
+    rng = np.random.default_rng(seed)
+    while True:
+        x, w, b = _affine_inputs(rng)
+        gamma, beta = rng.standard_normal(w.shape[1]) + 1.0, 0.5 * rng.standard_normal(w.shape[1])
+        a = x.reshape(x.shape[0], -1) @ w + b
+        pre = gamma * (a - a.mean(1, keepdims=True)) / np.sqrt(a.var(1, keepdims=True) + 1e-5) + beta
+        if np.abs(pre).min() > MARGIN:
+            return x, w, b, gamma, beta, rng.standard_normal(pre.shape)
+
+
+def test_affine_ln_relu_backward_matches_numerical(backend):
+    from fastnn.layer_utils import affine_ln_relu_backward, affine_ln_relu_forward
+
+    xp = backend
+    x, w, b, gamma, beta, dout = (xp.asarray(a) for a in _affine_ln_relu_case(4))
+    out, cache = affine_ln_relu_forward(x, w, b, gamma, beta, {})
+    grads = affine_ln_relu_backward(dout, cache)
+    assert float(xp.min(out)) == 0.0 and float(xp.max(out)) > 0.0
+    args = [x, w, b, gamma, beta]
+    for index, name in enumerate(("dx", "dw", "db", "dgamma", "dbeta")):
+        def g(v, index=index):
+            return affine_ln_relu_forward(*args[:index], v, *args[index + 1:], {})[0]
+
+        numeric = eval_numerical_gradient_array(g, args[index], dout)
+        assert grads[index].shape == args[index].shape
+        assert rel_error(grads[index], numeric) < GRAD_TOL, name
+    partial = affine_ln_relu_backward(dout, cache, need_dx=False)
+    assert partial[0] is None
+    for a, c in zip(grads[1:], partial[1:]):
+        np.testing.assert_array_equal(fastnn.to_numpy(a), fastnn.to_numpy(c))
+
+
 # -- convolutional sandwiches ----------------------------------------------------
 CONV_PARAM = {"stride": 1, "pad": 1}
 POOL_PARAM = {"pool_height": 2, "pool_width": 2, "stride": 2}

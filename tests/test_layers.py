@@ -367,6 +367,192 @@ def test_loss_accepts_labels_at_both_ends(backend, name):
     assert np.isfinite(float(loss))
 
 
+# -- norms: layernorm and spatial groupnorm ------------------------------------
+def _ln_inputs(xp, rng, N=4, D=5, dtype=np.float64):
+    x = xp.asarray(3.0 * rng.standard_normal((N, D)) + 2.0, dtype=dtype)
+    gamma = xp.asarray(rng.standard_normal(D) + 1.0, dtype=dtype)
+    beta = xp.asarray(rng.standard_normal(D), dtype=dtype)
+    return x, gamma, beta
+
+
+def _gn_inputs(xp, rng, shape=(2, 6, 3, 4), dtype=np.float64):
+    C = shape[1]
+    x = xp.asarray(3.0 * rng.standard_normal(shape) + 2.0, dtype=dtype)
+    gamma = xp.asarray(rng.standard_normal((1, C, 1, 1)) + 1.0, dtype=dtype)
+    beta = xp.asarray(rng.standard_normal((1, C, 1, 1)), dtype=dtype)
+    return x, gamma, beta
+
+
+def _check_norm_gradients(forward, backward, x, params, dout):
+    """dx and each parameter's gradient against central differences."""
+    _, cache = forward(x, *params)
+    grads = backward(dout, cache)
+    arrays = [x, *params[:2]]
+    for index, (grad, array) in enumerate(zip(grads, arrays)):
+        def f(v, index=index):
+            args = list(arrays)
+            args[index] = v
+            return forward(args[0], args[1], args[2], *params[2:])[0]
+
+        assert grad.shape == array.shape
+        assert rel_error(grad, eval_numerical_gradient_array(f, array, dout)) < GRAD_TOL, index
+
+
+def test_layernorm_backward_matches_numerical(backend):
+    xp, rng = backend, _rng(30)
+    x, gamma, beta = _ln_inputs(xp, rng)
+    dout = xp.asarray(rng.standard_normal(x.shape))
+    _check_norm_gradients(layers.layernorm_forward, layers.layernorm_backward, x,
+                          (gamma, beta, {}), dout)
+
+
+def test_layernorm_normalises_rows_the_same_in_train_and_test(backend):
+    xp, rng = backend, _rng(31)
+    x, _, _ = _ln_inputs(xp, rng, N=3, D=200)
+    D = x.shape[1]
+    out, _ = layers.layernorm_forward(x, xp.ones(D), xp.zeros(D), {})
+    out = fastnn.to_numpy(out)
+    np.testing.assert_allclose(out.mean(axis=1), 0, atol=1e-10)
+    np.testing.assert_allclose(out.std(axis=1), 1, atol=1e-4)  # eps 1e-5 against var ~9
+    x_host = fastnn.to_numpy(x)
+    gamma, beta = rng.standard_normal(D), rng.standard_normal(D)
+    for ln_param in ({"mode": "train"}, {"mode": "test"}, {"eps": 1e-3}):
+        eps = ln_param.get("eps", 1e-5)
+        out, _ = layers.layernorm_forward(x, xp.asarray(gamma), xp.asarray(beta), ln_param)
+        centered = x_host - x_host.mean(axis=1, keepdims=True)
+        expected = gamma * centered / np.sqrt(x_host.var(axis=1, keepdims=True) + eps) + beta
+        np.testing.assert_allclose(fastnn.to_numpy(out), expected, rtol=1e-10, atol=1e-12)
+    # a row alone gives what it gives in the batch: no statistics across rows
+    one_row, _ = layers.layernorm_forward(x[1:2], xp.asarray(gamma), xp.asarray(beta), ln_param)
+    np.testing.assert_allclose(fastnn.to_numpy(one_row)[0], expected[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,G", [((2, 6, 3, 4), 1), ((2, 6, 3, 4), 2), ((3, 6, 2, 5), 6),
+                                     ((2, 4, 1, 1), 1)])
+def test_spatial_groupnorm_backward_matches_numerical(backend, shape, G):
+    xp, rng = backend, _rng(32)
+    x, gamma, beta = _gn_inputs(xp, rng, shape)
+    dout = xp.asarray(rng.standard_normal(shape))
+    _check_norm_gradients(layers.spatial_groupnorm_forward, layers.spatial_groupnorm_backward,
+                          x, (gamma, beta, G, {}), dout)
+
+
+def test_spatial_groupnorm_normalises_groups(backend):
+    xp, rng = backend, _rng(33)
+    N, C, H, W, G = 2, 6, 5, 7, 3
+    x, gamma, beta = _gn_inputs(xp, rng, (N, C, H, W))
+    out, _ = layers.spatial_groupnorm_forward(x, gamma, beta, G, {"eps": 1e-4})
+    x_host, g, b = (fastnn.to_numpy(a) for a in (x, gamma, beta))
+    groups = x_host.reshape(N, G, -1)
+    normed = (groups - groups.mean(axis=2, keepdims=True)) / np.sqrt(
+        groups.var(axis=2, keepdims=True) + 1e-4)
+    np.testing.assert_allclose(fastnn.to_numpy(out), normed.reshape(x_host.shape) * g + b,
+                               rtol=1e-10, atol=1e-12)
+    # a channels-last array seen as NCHW gives the same result
+    strided = xp.asarray(np.ascontiguousarray(x_host.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+    out_strided, _ = layers.spatial_groupnorm_forward(strided, gamma, beta, G, {"eps": 1e-4})
+    np.testing.assert_allclose(fastnn.to_numpy(out_strided), fastnn.to_numpy(out), rtol=1e-12)
+
+
+def test_norms_keep_dtype(backend, dtype):
+    xp, rng = backend, _rng(34)
+    x, gamma, beta = _ln_inputs(xp, rng, dtype=dtype)
+    out, cache = layers.layernorm_forward(x, gamma, beta, {})
+    for a in (out, *layers.layernorm_backward(xp.ones_like(out), cache)):
+        assert a.dtype == dtype
+    x, gamma, beta = _gn_inputs(xp, rng, dtype=dtype)
+    out, cache = layers.spatial_groupnorm_forward(x, gamma, beta, 3, {})
+    dx, dgamma, dbeta = layers.spatial_groupnorm_backward(xp.ones_like(out), cache)
+    for a in (out, dx, dgamma, dbeta):
+        assert a.dtype == dtype
+    assert dgamma.shape == dbeta.shape == (1, 6, 1, 1)
+
+
+@pytest.mark.parametrize("G", [4, 0, -2, 2.5, 7])
+def test_spatial_groupnorm_rejects_groups_that_do_not_divide_channels(backend, G):
+    xp, rng = backend, _rng(35)
+    x, gamma, beta = _gn_inputs(xp, rng, (2, 6, 3, 3))
+    with pytest.raises(ValueError, match=rf"G={G}.*C=6"):
+        layers.spatial_groupnorm_forward(x, gamma, beta, G, {})
+
+
+def test_norms_reject_bad_shapes(backend):
+    xp = backend
+    with pytest.raises(ValueError, match=r"\(2, 3, 4\)"):
+        layers.layernorm_forward(xp.zeros((2, 3, 4)), xp.ones(4), xp.zeros(4), {})
+    with pytest.raises(ValueError, match=r"\(2, 5\).*\(4,\)"):
+        layers.layernorm_forward(xp.zeros((2, 5)), xp.ones(4), xp.zeros(4), {})
+    with pytest.raises(ValueError, match=r"\(2, 6, 3\)"):
+        layers.spatial_groupnorm_forward(xp.zeros((2, 6, 3)), xp.ones((1, 6, 1, 1)),
+                                         xp.zeros((1, 6, 1, 1)), 2, {})
+    with pytest.raises(ValueError, match=r"\(1, 6, 1, 1\).*\(6,\)"):
+        layers.spatial_groupnorm_forward(xp.zeros((2, 6, 3, 3)), xp.ones(6), xp.zeros(6), 2, {})
+    with pytest.raises(ValueError, match="layernorm_forward: x must be a floating array"):
+        layers.layernorm_forward(xp.ones((2, 4), dtype=np.int64), xp.ones(4), xp.zeros(4), {})
+    with pytest.raises(ValueError, match="groupnorm_forward: x must be a floating array"):
+        layers.spatial_groupnorm_forward(xp.ones((2, 6, 3, 3), dtype=np.int32),
+                                         xp.ones((1, 6, 1, 1)), xp.zeros((1, 6, 1, 1)), 2, {})
+
+
+# PyTorch as an optional oracle, forward and backward, in float64 on the host
+def _torch_grads(torch_forward, arrays, dout):
+    torch = pytest.importorskip("torch")
+    tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
+    out = torch_forward(*tensors)
+    out.backward(torch.tensor(dout))
+    return out.detach().numpy(), [t.grad.numpy() for t in tensors]
+
+
+def test_layernorm_matches_pytorch():
+    torch = pytest.importorskip("torch")
+    rng = _rng(36)
+    x, gamma, beta = (fastnn.to_numpy(a) for a in _ln_inputs(np, rng, N=6, D=9))
+    dout = rng.standard_normal(x.shape)
+    expected, expected_grads = _torch_grads(
+        lambda x_, g_, b_: torch.nn.functional.layer_norm(x_, (9,), g_, b_, eps=1e-5),
+        (x, gamma, beta), dout)
+    out, cache = layers.layernorm_forward(x, gamma, beta, {})
+    np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(layers.layernorm_backward(dout, cache), expected_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("G", [1, 2, 6])
+def test_spatial_groupnorm_matches_pytorch(G):
+    torch = pytest.importorskip("torch")
+    rng = _rng(37)
+    x, gamma, beta = (fastnn.to_numpy(a) for a in _gn_inputs(np, rng, (3, 6, 4, 5)))
+    dout = rng.standard_normal(x.shape)
+    expected, (dx_t, dgamma_t, dbeta_t) = _torch_grads(
+        lambda x_, g_, b_: torch.nn.functional.group_norm(x_, G, g_, b_, eps=1e-5),
+        (x, gamma.reshape(6), beta.reshape(6)), dout)
+    out, cache = layers.spatial_groupnorm_forward(x, gamma, beta, G, {})
+    np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-12)
+    dx, dgamma, dbeta = layers.spatial_groupnorm_backward(dout, cache)
+    np.testing.assert_allclose(dx, dx_t, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dgamma.reshape(6), dgamma_t, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dbeta.reshape(6), dbeta_t, rtol=1e-9, atol=1e-11)
+
+
+def test_bad_inputs_get_value_errors_naming_the_array():
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=r"x must be 2-D \(N, D\), got shape \(4, 3, 1\)") as info:
+        layers.batchnorm_forward(x[:, :, None], gamma, beta, {"mode": "train"})
+    assert "gamma" not in str(info.value)  # the shape of x is what is wrong
+    with pytest.raises(ValueError, match="x must be a floating array, got dtype int64"):
+        layers.batchnorm_forward(np.ones((4, 3), np.int64), gamma, beta, {"mode": "train"})
+    with pytest.raises(ValueError, match="x is an empty batch"):
+        layers.batchnorm_forward(x[:0], gamma, beta, {"mode": "train"})
+    for loss in (layers.softmax_loss, layers.svm_loss):
+        with pytest.raises(ValueError, match=r"scores x is an empty batch \(shape \(0, 3\)\)"):
+            loss(x[:0], np.zeros(0, np.int64))
+        with pytest.raises(ValueError, match="scores x must be a floating array, got dtype int32"):
+            loss(np.ones((2, 3), np.int32), np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="dropout_forward: x must be a floating array"):
+        layers.dropout_forward(np.ones((4, 3), np.int64), {"p": 0.3, "mode": "train", "seed": 0})
+
+
 # -- convolution, max pooling, spatial batchnorm -------------------------------
 # (x shape, w shape, stride, pad): stride 1 and 2, pad 0-2, non-square images and filters
 CONV_CASES = [((2, 3, 5, 5), (2, 3, 3, 3), 1, 1), ((2, 2, 7, 5), (3, 2, 3, 1), 2, 1),
@@ -605,22 +791,3 @@ def test_spatial_batchnorm_matches_torch():
     n = x.size / 4
     np.testing.assert_allclose(bn_param["running_var"],
                                (bn.running_var.numpy() - 0.9) * (n - 1) / n, rtol=1e-9)
-
-
-def test_bad_inputs_get_value_errors_naming_the_array():
-    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
-    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
-    with pytest.raises(ValueError, match=r"x must be 2-D \(N, D\), got shape \(4, 3, 1\)") as info:
-        layers.batchnorm_forward(x[:, :, None], gamma, beta, {"mode": "train"})
-    assert "gamma" not in str(info.value)  # the shape of x is what is wrong
-    with pytest.raises(ValueError, match="x must be a floating array, got dtype int64"):
-        layers.batchnorm_forward(np.ones((4, 3), np.int64), gamma, beta, {"mode": "train"})
-    with pytest.raises(ValueError, match="x is an empty batch"):
-        layers.batchnorm_forward(x[:0], gamma, beta, {"mode": "train"})
-    for loss in (layers.softmax_loss, layers.svm_loss):
-        with pytest.raises(ValueError, match=r"scores x is an empty batch \(shape \(0, 3\)\)"):
-            loss(x[:0], np.zeros(0, np.int64))
-        with pytest.raises(ValueError, match="scores x must be a floating array, got dtype int32"):
-            loss(np.ones((2, 3), np.int32), np.zeros(2, np.int64))
-    with pytest.raises(ValueError, match="dropout_forward: x must be a floating array"):
-        layers.dropout_forward(np.ones((4, 3), np.int64), {"p": 0.3, "mode": "train", "seed": 0})

@@ -14,7 +14,7 @@ from fastnn.gradient_check import eval_numerical_gradient, rel_error
 from fastnn.kernels import reference
 from fastnn.solver import Solver
 from fastnn.stacked import StackedFullyConnectedNet, StackedSolver, as_member_blocks
-from helpers import tolerances
+from helpers import backend_tolerances, host_copies
 
 MEMBERS = [dict(seed=1, weight_scale=0.1, reg=0.1, dropout=0.3),
            dict(seed=2, weight_scale=0.05, reg=0.0, dropout=0.0),
@@ -364,13 +364,13 @@ def test_dropout_stacked(ops, dtype, n, k, h):
             xp.asarray(np.array([reference.keep_threshold(p) for p in ps], np.uint64)),
             xp.asarray(np.array([1 / (1 - p) for p in ps], dtype)), 7)
     out = table.dropout_stacked_forward(x, *args)
-    expected = reference.dropout_stacked_forward(x, *args)
+    expected = reference.dropout_stacked_forward(*host_copies(x, *args))  # on numpy
     assert out.shape == (n, k, h) and out.dtype == dtype
     np.testing.assert_array_equal(_host(out), _host(expected))
     np.testing.assert_array_equal(_host(table.dropout_stacked_backward(x, *args)), _host(expected))
     for member, (p, seed) in enumerate(zip(ps, seeds)):
         alone = xp.ascontiguousarray(x[:, member, :])
-        single = alone if p == 0 else reference.dropout_forward(alone, p, seed, 7)
+        single = alone if p == 0 else reference.dropout_forward(_host(alone), p, seed, 7)
         np.testing.assert_array_equal(_host(out[:, member, :]), _host(single))
 
 
@@ -381,13 +381,13 @@ def test_softmax_loss_stacked(ops, dtype, k, n, c):
     x = xp.asarray(rng.standard_normal((k, n, c)) * 3, dtype=dtype)
     y = xp.asarray(rng.integers(0, c, n))
     losses, dx = table.softmax_loss_stacked(x, y)
-    ref_losses, ref_dx = reference.softmax_loss_stacked(x, y)
+    ref_losses, ref_dx = reference.softmax_loss_stacked(*host_copies(x, y))
     assert losses.shape == (k,) and losses.dtype == dtype and dx.dtype == dtype
-    rtol, atol = tolerances(dtype)
+    rtol, atol = backend_tolerances(xp, dtype)
     np.testing.assert_allclose(_host(losses), _host(ref_losses), rtol=rtol, atol=atol)
     np.testing.assert_allclose(_host(dx), _host(ref_dx), rtol=rtol, atol=atol)
     for member in range(k):
-        loss, single_dx = reference.softmax_loss(x[member], y)
+        loss, single_dx = reference.softmax_loss(*host_copies(x[member], y))
         np.testing.assert_allclose(_host(losses)[member], float(loss), rtol=rtol, atol=atol)
         np.testing.assert_allclose(_host(dx[member]), _host(single_dx), rtol=rtol, atol=atol)
 
@@ -401,10 +401,10 @@ def test_batchnorm_rows(ops, dtype, d, n):
     gamma = xp.asarray(rng.standard_normal(d), dtype=dtype)
     beta = xp.asarray(rng.standard_normal(d), dtype=dtype)
     dout = xp.asarray(rng.standard_normal((d, n)), dtype=dtype)
-    rtol, atol = tolerances(dtype)
+    rtol, atol = backend_tolerances(xp, dtype)
     fast = table.batchnorm_rows_train_forward(x, gamma, beta, 1e-5)
-    ref = reference.batchnorm_rows_train_forward(x, gamma, beta, 1e-5)
-    columns = reference.batchnorm_train_forward(x.T, gamma, beta, 1e-5)
+    ref = reference.batchnorm_rows_train_forward(*host_copies(x, gamma, beta), 1e-5)
+    columns = reference.batchnorm_train_forward(*host_copies(x.T, gamma, beta), 1e-5)
     for name, a, b, c in zip(["out", "x_hat", "inv_std", "mean", "var"], fast, ref, columns):
         assert a.shape == b.shape and a.dtype == dtype, name
         np.testing.assert_allclose(_host(a), _host(b), rtol=rtol, atol=atol, err_msg=name)
@@ -412,7 +412,7 @@ def test_batchnorm_rows(ops, dtype, d, n):
         np.testing.assert_allclose(_host(a), _host(c), rtol=rtol, atol=atol, err_msg=name)
     x_hat, inv_std = fast[1], fast[2]
     grads = table.batchnorm_rows_backward(dout, x_hat, gamma, inv_std)
-    ref_grads = reference.batchnorm_rows_backward(dout, x_hat, gamma, inv_std)
+    ref_grads = reference.batchnorm_rows_backward(*host_copies(dout, x_hat, gamma, inv_std))
     for name, a, b in zip(["dx", "dgamma", "dbeta"], grads, ref_grads):
         assert a.shape == b.shape and a.dtype == dtype, name
         np.testing.assert_allclose(_host(a), _host(b), rtol=rtol * 10, atol=atol * 10,
@@ -433,9 +433,10 @@ def test_l2_stacked(ops, dtype, shape):
     reg[0] = 0.0
     fast, ref = dw.copy(), dw.copy()
     out = table.l2_stacked_(fast, w, xp.asarray(reg))
-    ref_out = reference.l2_stacked_(ref, w, xp.asarray(reg))
+    ref, w_host = host_copies(ref, w)
+    ref_out = reference.l2_stacked_(ref, w_host, reg)
     assert out.shape == (shape[1],) and out.dtype == dtype
-    rtol, atol = tolerances(dtype)
+    rtol, atol = backend_tolerances(xp, dtype)
     np.testing.assert_allclose(_host(out), _host(ref_out), rtol=rtol * 10, atol=atol)
     np.testing.assert_array_equal(_host(fast), _host(ref))
     for k in range(shape[1]):

@@ -11,7 +11,7 @@ import pytest
 optuna = pytest.importorskip("optuna", reason="fastnn tune needs Optuna (a required dependency)")
 
 import fastnn
-from fastnn.cli import main
+from fastnn.cli import build_parser, main
 from helpers import PNG_MAGIC
 
 
@@ -67,7 +67,7 @@ def test_resume_keeps_the_earlier_best_unless_beaten(cifar_root, tmp_path):
     resumed = json.loads((out / "best.json").read_text())
     assert (resumed["val_acc"], resumed["trial"], resumed["config"]) == \
         (2.0, first["trial"], first["config"])
-    assert resumed["trials_started"] == 4
+    assert resumed["study_results"] == 4
     assert (out / "best_model.npz").read_bytes() == model_bytes
 
 
@@ -76,7 +76,7 @@ def test_budget_bounds_the_whole_command(cifar_root, tmp_path):
     assert main(tune_args(cifar_root, tmp_path / "tune", "--trials", "1000", "--parallel", "2",
                           "--budget-minutes", "0.75")) == 0
     assert time.perf_counter() - start < 0.75 * 60 + 15
-    assert json.loads((tmp_path / "tune" / "best.json").read_text())["trials_started"] < 1000
+    assert json.loads((tmp_path / "tune" / "best.json").read_text())["study_results"] < 1000
 
 
 def test_two_workers_share_one_study_without_losing_or_repeating_trials(cifar_root, tmp_path):
@@ -203,3 +203,262 @@ def test_tune_refuses_options_of_the_other_model(cifar_root, tmp_path, capsys):
     assert main(tune_args(cifar_root, tmp_path / "b", "--widths", "4")) == 2
     assert "--widths applies to tune --model convnet" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# -- several workers: the race for the last trials, lost trials, a real server --------------
+def worker_options(storage, trials, **extra):
+    return {"storage": storage, "study_name": "fastnn", "trials": trials, "seed": 0,
+            "resume": False, "shared": True, "heartbeat_seconds": 1, "grace_seconds": 3,
+            "worker": "test", **extra}
+
+
+def test_two_workers_racing_for_the_last_slot_agree_on_who_gets_it(tmp_path, monkeypatch):
+    """B sees one free slot, A takes it before B's trial exists: B's trial is skipped."""
+    from fastnn import tune
+
+    options = worker_options(f"sqlite:///{tmp_path / 'race.db'}", trials=3)
+    worker_a = tune.Worker(tune.create_study(options, tune.open_storage(options)), options, print)
+    worker_b = tune.Worker(tune.create_study(options, tune.open_storage(options)), options, print)
+    assert [slot for _, slot in worker_a.take(2)] == [0, 1]
+    create = worker_b.storage.create_new_trial
+    taken_by_a = []
+
+    def create_after_a(study_id, *args):
+        taken_by_a.extend(worker_a.take(2))  # A reads the same free slot and wins the race
+        return create(study_id, *args)
+
+    monkeypatch.setattr(worker_b.storage, "create_new_trial", create_after_a)
+    assert worker_b.take(2) == []
+    assert [slot for _, slot in taken_by_a] == [2]
+    study = optuna.load_study(study_name="fastnn", storage=options["storage"])
+    skipped = [t for t in study.trials if "skipped" in t.user_attrs]
+    assert [(t.number, t.state.name) for t in skipped] == [(3, "FAIL")]
+    assert worker_b.progress() == (0, {0, 1, 2}, 3)
+
+
+def test_a_trial_that_fails_by_itself_is_a_result_and_a_lost_one_runs_again(tmp_path):
+    from fastnn import tune
+
+    options = worker_options(f"sqlite:///{tmp_path / 'lost.db'}", trials=2)
+    worker = tune.Worker(tune.create_study(options, tune.open_storage(options)), options, print)
+    (diverged, _), (lost, _) = worker.take(2)
+    lost.suggest_float("learning_rate", 1e-3, 1e-3, log=True)
+    assert worker.finish(diverged, state=optuna.trial.TrialState.FAIL, failed="non-finite loss")
+    worker.hand_back(lost._trial_id)  # what a worker that finds it stale does
+    assert worker.progress()[0] == 1  # the diverged trial counts; the lost one does not
+    [(retry, slot)] = worker.take(2)  # no room for a new trial: only the retry
+    assert slot == lost.number and retry.number == 2
+    with pytest.warns(RuntimeWarning, match="Inconsistent parameter values"):  # it keeps 1e-3
+        assert retry.suggest_float("learning_rate", 1e-4, 1e-2, log=True) == 1e-3
+    assert worker.finish(retry, 0.5)
+    assert worker.progress()[0] == 2 and worker.take(2) == []
+
+
+def test_a_worker_that_finds_the_study_full_waits_for_the_others(cifar_root, tmp_path):
+    """tune() with every slot held elsewhere waits, then ends when they have results."""
+    from fastnn import tune
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    options = worker_options(storage, trials=2)
+    other = tune.Worker(tune.create_study(options, tune.open_storage(options)), options, print)
+    held = other.take(2)
+    messages = []
+
+    def log(message):  # the other worker finishes its trials while this one waits
+        messages.append(message)
+        if message.startswith("waiting for 2 trials"):
+            for trial, _ in held:
+                other.finish(trial, 0.5)
+
+    args = build_parser().parse_args(tune_args(
+        cifar_root, tmp_path / "late", "--trials", "2", "--storage", storage,
+        "--heartbeat-seconds", "1", "--grace-seconds", "3"))
+    late = {**vars(args), "start": time.perf_counter(), "final_seconds": 0, "worker": "late"}
+    with pytest.raises(SystemExit, match="already has 2 trials with a result"):
+        tune.tune(late, log=log)
+    assert any(m.startswith("waiting for 2 trials") for m in messages)
+
+
+def test_resume_runs_again_the_trials_a_killed_session_left_running(cifar_root, tmp_path):
+    from fastnn import tune
+
+    out = tmp_path / "tune"
+    assert main(tune_args(cifar_root, out, "--trials", "2", "--parallel", "2")) == 0
+    study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
+    left = study.ask()  # what a session killed mid-trial leaves: RUNNING for ever
+    left.suggest_float("learning_rate", 2e-3, 2e-3, log=True)
+    assert main(tune_args(cifar_root, out, "--trials", "3", "--parallel", "2", "--resume")) == 0
+    trials = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}").trials
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == left.number]
+    assert len(retry) == 1 and tune.has_result(retry[0])
+    assert retry[0].params["learning_rate"] == 2e-3  # it ran what the lost trial had drawn
+    assert sum(tune.has_result(t) for t in trials) == 3
+
+
+def test_journal_file_storage_shares_a_study_without_a_server(cifar_root, tmp_path):
+    journal = tmp_path / "study.journal"
+    assert main(tune_args(cifar_root, tmp_path / "w", "--trials", "2", "--parallel", "2",
+                          "--storage", f"journal:{journal}")) == 0
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name="fastnn", storage=storage)
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE"]
+
+
+@pytest.mark.parametrize("space_change", ["another range", "another parameter", "minimize"])
+def test_a_study_name_taken_by_another_search_space_is_refused(cifar_root, tmp_path, space_change,
+                                                               capsys):
+    from fastnn import tune
+
+    storage = f"sqlite:///{tmp_path / 'other.db'}"
+    study = optuna.create_study(study_name="fastnn", storage=storage,
+                                direction="minimize" if space_change == "minimize" else "maximize")
+    if space_change == "another range":
+        space = tune.search_space()
+        space["hidden_width"] = ["int", 64, 128, True]
+        study.set_user_attr(tune.SEARCH_SPACE_ATTR, space)
+    elif space_change == "another parameter":
+        trial = study.ask()
+        trial.suggest_float("momentum", 0.5, 0.99)
+        study.tell(trial, 0.5)
+    expected = {"another range": r"another search space \(hidden_width: \[.int., 64, 128",
+                "another parameter": r"another search space \(momentum",
+                "minimize": "minimizes its objective"}[space_change]
+    assert main(tune_args(cifar_root, tmp_path / "w", "--trials", "2", "--storage", storage)) == 1
+    err = capsys.readouterr().err
+    assert re.search(expected, err) and len(err.strip().splitlines()) == 1, err
+
+
+def fastnn_command(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fastnn", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def assert_one_line_error(done, *fragments):
+    assert done.returncode != 0
+    message = done.stderr.strip()
+    assert "Traceback" not in message and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_an_unreachable_database_server_is_one_line_naming_host_and_port(cifar_root, tmp_path):
+    pytest.importorskip("psycopg", reason="needs psycopg: pip install 'fastnn[distributed]'")
+    from postgres_server import free_port
+
+    port = free_port()  # nothing listens there
+    done = fastnn_command(*tune_args(cifar_root, tmp_path / "w", "--storage",
+                                     f"postgresql+psycopg://fastnn:secret@127.0.0.1:{port}/db"))
+    assert_one_line_error(done, f"127.0.0.1:{port}", "cannot open the study storage")
+    assert "secret" not in done.stderr
+
+
+# -- a real PostgreSQL server (tests/postgres_server.py) -------------------------------------
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server of this module's own; each test makes its own database in it."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL tests need psycopg: "
+                                          "pip install 'fastnn[distributed]'")
+    from postgres_server import PostgresServer, find_binaries
+
+    bindir, reason = find_binaries()
+    if bindir is None:
+        pytest.skip(reason)
+    server = PostgresServer(bindir).start()
+    yield server
+    server.stop()
+
+
+def test_wrong_database_credentials_are_one_line_naming_host_and_port(postgres, cifar_root,
+                                                                      tmp_path):
+    postgres.create_database("credentials")
+    done = fastnn_command(*tune_args(cifar_root, tmp_path / "w", "--storage",
+                                     postgres.url("credentials", password="wrong")))
+    assert_one_line_error(done, f"127.0.0.1:{postgres.port}", "password authentication failed")
+
+
+@pytest.fixture
+def start_workers(cifar_root, tmp_path):
+    """start(storage, count, trials, *flags): `count` fastnn tune processes on one study and
+    each one's worker name; any still running at the test's end are killed."""
+    procs = []
+
+    def start(storage, count, trials, *extra):
+        started = [subprocess.Popen(
+            [sys.executable, "-m", "fastnn",
+             *tune_args(cifar_root, tmp_path / f"worker{i}", "--trials", str(trials),
+                        "--parallel", "2", "--storage", storage, "--seed", str(i),
+                        "--threads", "1", "--heartbeat-seconds", "1", "--grace-seconds", "4",
+                        "--budget-minutes", "4", *extra)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}) for i in range(count)]
+        procs.extend(started)
+        return started, [f"{os.uname().nodename}:{p.pid}" for p in started]
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_three_workers_on_postgresql_train_each_trial_once(postgres, start_workers, tmp_path):
+    from fastnn import tune
+
+    storage, trials = postgres.create_database("three"), 6
+    procs, names = start_workers(storage, 3, trials)
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr
+    trained = [int(n) for stdout, _ in outputs for n in re.findall(r"^trial (\d+):", stdout, re.M)]
+    assert sorted(trained) == list(range(trials)), "each trial trained exactly once"
+    study = optuna.load_study(study_name="fastnn", storage=storage)
+    results = [t for t in study.trials if tune.has_result(t)]
+    assert sorted(t.number for t in results) == list(range(trials))
+    assert all(t.state.name == "FAIL" and "skipped" in t.user_attrs
+               for t in study.trials if t.number >= trials)
+    for i, name in enumerate(names):
+        best = json.loads((tmp_path / f"worker{i}" / "best.json").read_text())
+        own = {t.number: t.value for t in results if t.user_attrs["worker"] == name}
+        assert best["trial"] in own and best["val_acc"] == own[best["trial"]] == max(own.values())
+        assert (best["study_best_trial"], best["study_best_val_acc"]) == \
+            (study.best_trial.number, study.best_value)
+        assert best["study_results"] == trials and best["worker_trials"] == len(own)
+
+
+def test_a_killed_workers_trials_run_again_on_the_others(postgres, start_workers, tmp_path):
+    from fastnn import tune
+
+    storage, trials = postgres.create_database("killed"), 6
+    procs, names = start_workers(storage, 3, trials, "--epochs", "8")
+    victim, survivors = procs[0], procs[1:]
+    caught, deadline = [], time.monotonic() + 240
+    while not caught:  # until the victim is mid-trial: it has reported an epoch, not the last
+        assert victim.poll() is None, "the victim ended before it could be killed"
+        assert time.monotonic() < deadline, "the victim never ran a trial"
+        time.sleep(0.1)
+        try:
+            study = optuna.load_study(study_name="fastnn", storage=storage)
+        except Exception:  # the first worker has not made the study yet
+            continue
+        caught = [t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                  if t.user_attrs.get("worker") == names[0] and t.intermediate_values]
+    victim.kill()  # SIGKILL: no handler runs, its trials stay RUNNING until found lost
+    victim.wait()
+    for p in survivors:
+        _, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr
+    study = optuna.load_study(study_name="fastnn", storage=storage)
+    assert not [t.number for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
+    results = [t for t in study.trials if tune.has_result(t)]
+    assert sorted(tune.trial_key(t) for t in results) == list(range(trials)), \
+        "one result per trial: none lost, none twice"
+    retried = {t.system_attrs["failed_trial"]: t for t in results if "failed_trial" in t.system_attrs}
+    assert set(caught) <= set(retried), "every trial the victim was training ran again"
+    assert all(t.user_attrs["worker"] in names[1:] for t in retried.values())
+    for number in caught:
+        assert study.trials[number].state.name == "FAIL"
+    table = (tmp_path / "worker1" / "trials.csv").read_text()
+    assert "lost: its worker stopped" in table and f"retry of {caught[0]}" in table

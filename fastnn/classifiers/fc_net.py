@@ -3,14 +3,16 @@
 Parameters live in `model.params` (arrays of the backend active at
 construction); `model.loss(X)` gives scores, `model.loss(X, y)` gives
 `(loss, grads)`. The softmax loss here skips the label checks of
-`fastnn.layers.softmax_loss`: `Solver` checks the labels once up front (an
-out-of-range label gives a NaN loss rather than a read out of bounds).
+`fastnn.layers.softmax_loss`: `Solver` checks the labels once up front. On
+every backend an out-of-range label gives a NaN loss (computed on the device,
+no synchronisation), never a read out of bounds or a wrapped-around class.
 """
 import numpy as np
 
 from fastnn.backend import xp as active_xp
 from fastnn.classifiers.base import Classifier, standard_normal
 from fastnn.layer_utils import (affine_bn_relu_backward, affine_bn_relu_forward,
+                                affine_ln_relu_backward, affine_ln_relu_forward,
                                 affine_relu_backward, affine_relu_forward)
 from fastnn.layers import (affine_backward, affine_forward, draw_seed, dropout_backward,
                            dropout_forward)
@@ -19,21 +21,24 @@ from fastnn.layers import (affine_backward, affine_forward, draw_seed, dropout_b
 class _FullyConnected(Classifier):
     """What both nets share: their parameters, in the order of the initial draws."""
 
-    def _init_params(self, dims, weight_scale, use_batchnorm, rng):
-        """W1..WL (weight_scale * N(0, 1)), b zero; gamma one, beta zero when batchnorm.
+    def _init_params(self, dims, weight_scale, normalization, rng):
+        """W1..WL (weight_scale * N(0, 1)), b zero; gamma one, beta zero after each hidden
+        affine when `normalization` is "batchnorm" or "layernorm".
 
-        Also makes one running-statistics layer per batchnorm (norm_params
-        "1", ...; bn_params lists the same dicts, as the course's nets do).
+        Each batchnorm also gets a running-statistics layer (norm_params "1",
+        ...; bn_params lists the same dicts, as the course's nets do);
+        layernorm keeps none.
         """
         self._start_params()
         for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:]), start=1):
             self._add_param(f"W{i}", weight_scale * standard_normal(rng, (fan_in, fan_out)),
                             "weight")
             self._add_param(f"b{i}", np.zeros(fan_out), "bias")
-            if use_batchnorm and i < len(dims) - 1:
+            if normalization and i < len(dims) - 1:
                 self._add_param(f"gamma{i}", np.ones(fan_out), "scale")
                 self._add_param(f"beta{i}", np.zeros(fan_out), "shift")
-                self._add_norm(i, fan_out)
+                if normalization == "batchnorm":
+                    self._add_norm(i, fan_out)
         self.bn_params = list(self.norm_params.values())
 
 
@@ -50,7 +55,7 @@ class TwoLayerNet(_FullyConnected):
         self.init_args = dict(input_dim=int(input_dim), hidden_dim=int(hidden_dim),
                               num_classes=int(num_classes), weight_scale=float(weight_scale),
                               reg=float(reg), dtype=self.dtype.name)
-        self._init_params([input_dim, hidden_dim, num_classes], weight_scale, False, None)
+        self._init_params([input_dim, hidden_dim, num_classes], weight_scale, None, None)
 
     def loss(self, X, y=None):
         """X (N, d1, ...) -> scores (N, C), or (loss, grads) when labels y (N,) are given."""
@@ -68,10 +73,51 @@ class TwoLayerNet(_FullyConnected):
         return self._loss_and_grads(scores, y, backward)
 
 
-class FullyConnectedNet(_FullyConnected):
-    """{affine - [batchnorm] - relu - [dropout]} x (L - 1) - affine - softmax.
+NORMALIZATIONS = (None, "batchnorm", "layernorm")
 
-    `dropout` is the probability of dropping a unit (0: no dropout). With
+
+def _resolve_normalization(use_batchnorm, normalization):
+    """The one normalisation that `use_batchnorm` and `normalization` describe together."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if use_batchnorm and normalization not in (None, "batchnorm"):
+        raise ValueError(f"use_batchnorm=True asks for batchnorm but normalization="
+                         f"{normalization!r}; give one of them (normalization={normalization!r} "
+                         "alone, or use_batchnorm=True alone)")
+    return "batchnorm" if use_batchnorm else normalization
+
+
+def _resolve_dropout(dropout, dropout_keep_ratio):
+    """The dropping probability that `dropout` and `dropout_keep_ratio` describe together."""
+    if dropout_keep_ratio is None:
+        p = float(dropout)
+    else:
+        keep = float(dropout_keep_ratio)
+        if not 0 < keep <= 1:
+            raise ValueError(f"dropout_keep_ratio is the probability of keeping a unit and must "
+                             f"be in (0, 1], got {dropout_keep_ratio}")
+        p = 1.0 - keep
+        # dropout=0 is also the default, so it agrees with any keep ratio
+        if dropout:
+            if not np.isclose(float(dropout), p, rtol=1e-9, atol=1e-12):
+                raise ValueError(f"dropout={dropout} (drop probability) and dropout_keep_ratio="
+                                 f"{dropout_keep_ratio} (keep probability, i.e. dropout={p:g}) "
+                                 "disagree; give one of them")
+            p = float(dropout)  # the contract's own form wins the last bit of rounding
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout is the probability of dropping a unit and must be in "
+                         f"[0, 1), got {dropout}")
+    return p
+
+
+class FullyConnectedNet(_FullyConnected):
+    """{affine - [batchnorm | layernorm] - relu - [dropout]} x (L - 1) - affine - softmax.
+
+    `dropout` is the probability of dropping a unit (0: no dropout); the later
+    course's `dropout_keep_ratio=r` means dropout = 1 - r. `normalization` is
+    None, "batchnorm" (the same as `use_batchnorm=True`) or "layernorm";
+    either kind has gamma{i}, beta{i} (roles "scale", "shift"), and only
+    batchnorm keeps running statistics (`bn_params`, `norm_params`). With
     `seed` set, the weights are drawn from `np.random.default_rng(seed)` and
     the dropout masks are seeded (deterministic); without it the weights come
     from `np.random` (so `np.random.seed` makes them reproducible) and the
@@ -80,32 +126,40 @@ class FullyConnectedNet(_FullyConnected):
     """
 
     def __init__(self, hidden_dims, input_dim=3 * 32 * 32, num_classes=10, dropout=0,
-                 use_batchnorm=False, reg=0.0, weight_scale=1e-2, dtype=np.float32, seed=None):
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout is the probability of dropping a unit and must be in "
-                             f"[0, 1), got {dropout}")
+                 use_batchnorm=False, reg=0.0, weight_scale=1e-2, dtype=np.float32, seed=None,
+                 normalization=None, dropout_keep_ratio=None):
+        self.normalization = _resolve_normalization(use_batchnorm, normalization)
+        dropout = _resolve_dropout(dropout, dropout_keep_ratio)
         if any(int(h) != h or h < 1 for h in hidden_dims):
             raise ValueError(f"hidden_dims must be layer widths >= 1, got {list(hidden_dims)}")
         hidden_dims = [int(h) for h in hidden_dims]
         self.dtype = np.dtype(dtype)
         self.reg = reg
-        self.use_batchnorm = bool(use_batchnorm)
+        self.use_batchnorm = self.normalization == "batchnorm"
         self.use_dropout = dropout > 0
         self.num_layers = len(hidden_dims) + 1
-        # plain Python values: fastnn.save writes them as JSON
+        # plain Python values: fastnn.save writes them as JSON. Each net is
+        # written in the oldest form that describes it (batchnorm as
+        # use_batchnorm, a keep ratio as dropout), so files and checkpoints of
+        # nets that earlier versions knew keep their exact init_args.
         self.init_args = dict(hidden_dims=hidden_dims, input_dim=int(input_dim),
-                              num_classes=int(num_classes), dropout=float(dropout),
+                              num_classes=int(num_classes), dropout=dropout,
                               use_batchnorm=self.use_batchnorm, reg=float(reg),
                               weight_scale=float(weight_scale), dtype=self.dtype.name,
                               seed=None if seed is None else int(seed))
+        if self.normalization == "layernorm":
+            self.init_args["normalization"] = "layernorm"
         rng = None if seed is None else np.random.default_rng(seed)
         self._init_params([input_dim, *hidden_dims, num_classes], weight_scale,
-                          self.use_batchnorm, rng)
-        self.dropout_param = {"mode": "train", "p": float(dropout), "step": 0}
+                          self.normalization, rng)
+        self.dropout_param = {"mode": "train", "p": dropout, "step": 0}
         if self.use_dropout:
             # One seed for the model's life (the Solver advances `step`): drawing
             # one per call would read a device value every step on cupy.
             self.dropout_param["seed"] = int(seed) if seed is not None else draw_seed(active_xp())
+        # layernorm keeps no state: one ln_param (eps) per layer, never saved
+        self.ln_params = ([{} for _ in hidden_dims] if self.normalization == "layernorm"
+                          else [])
 
     def _layer_dropout_param(self, layer):
         """Layer `layer`'s dropout settings: its own seed, so equal-width layers differ."""
@@ -128,6 +182,9 @@ class FullyConnectedNet(_FullyConnected):
             if self.use_batchnorm:
                 hidden, cache = affine_bn_relu_forward(hidden, w, b, p[f"gamma{i}"],
                                                        p[f"beta{i}"], self.bn_params[i - 1])
+            elif self.ln_params:
+                hidden, cache = affine_ln_relu_forward(hidden, w, b, p[f"gamma{i}"],
+                                                       p[f"beta{i}"], self.ln_params[i - 1])
             else:
                 hidden, cache = affine_relu_forward(hidden, w, b)
             drop_cache = None
@@ -145,9 +202,11 @@ class FullyConnectedNet(_FullyConnected):
             for i in range(last - 1, 0, -1):
                 cache, drop_cache = caches[i - 1]
                 dhidden = dropout_backward(dhidden, drop_cache)
-                if self.use_batchnorm:
+                if self.normalization is not None:
+                    backward_layer = (affine_bn_relu_backward if self.use_batchnorm
+                                      else affine_ln_relu_backward)
                     (dhidden, grads[f"W{i}"], grads[f"b{i}"], grads[f"gamma{i}"],
-                     grads[f"beta{i}"]) = affine_bn_relu_backward(dhidden, cache, need_dx=i > 1)
+                     grads[f"beta{i}"]) = backward_layer(dhidden, cache, need_dx=i > 1)
                 else:
                     dhidden, grads[f"W{i}"], grads[f"b{i}"] = affine_relu_backward(
                         dhidden, cache, need_dx=i > 1)

@@ -6,9 +6,12 @@ gpu.py: CuPy kernels, for cupy), else the reference (plain xp) version. The
 layers call ops only through this table, so a backend adds speed by
 defining a function of the same name and signature in its module.
 
-A fast module's kernels take the floating dtypes in its `DTYPES`; an op
-called with another dtype (judged by its first argument, the data array,
-e.g. float16) runs the reference version instead.
+A fast module's kernels take the floating dtypes in its `DTYPES`, one dtype
+per call. An op runs its fast version when its data arrays (the leading
+arguments that `DATA_ARGS` counts: x, gamma and beta of a batchnorm; w, dw
+and the state of an update) all have one dtype of `DTYPES`; otherwise (float16,
+or float32 mixed with float64) it runs the reference version, which promotes
+as numpy and cupy do (an in-place update keeps w's dtype).
 """
 import functools
 import importlib
@@ -30,10 +33,28 @@ OPS = (
     # stacked models (fastnn.stacked): K members along a model axis
     "dropout_stacked_forward", "dropout_stacked_backward", "softmax_loss_stacked",
     "batchnorm_rows_train_forward", "batchnorm_rows_backward", "l2_stacked_",
+    # norms (fastnn.layers: layernorm, spatial groupnorm)
+    "layernorm_forward", "layernorm_backward", "groupnorm_forward", "groupnorm_backward",
     # convolution (fastnn.fast_layers; the naive layers run the reference ops)
     "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward",
     "batchnorm_relu_train_forward", "batchnorm_relu_backward",
 )
+
+# How many leading arguments of an op are data arrays that share one dtype;
+# ops not named here have one. The arguments after them are labels, seeds,
+# masks and hyperparameters (a stack's per-member learning rates stay float64).
+# An update rule's data are w, dw and its state (a tuple of arrays); its
+# scalars h (per-member ones stay float64) are not.
+DATA_ARGS = {
+    "relu_backward": 2,
+    "batchnorm_train_forward": 3, "batchnorm_backward": 4,
+    "sgd_": 3, "sgd_momentum_": 3, "sgd_nesterov_": 3, "rmsprop_": 3, "adam_": 3,
+    "batchnorm_rows_train_forward": 3, "batchnorm_rows_backward": 4,
+    "l2_stacked_": 2,
+    "layernorm_forward": 3, "layernorm_backward": 4,
+    "groupnorm_forward": 3, "groupnorm_backward": 4,
+    "batchnorm_relu_train_forward": 3, "batchnorm_relu_backward": 4,
+}
 
 _tables = {}
 
@@ -47,17 +68,23 @@ def _fast_module(name):
     return None
 
 
-def _for_dtypes(fast_op, reference_op, dtypes):
-    """fast_op for data of `dtypes` (the first argument's dtype), else reference_op."""
+def _for_dtypes(fast_op, reference_op, dtypes, data_args):
+    """fast_op when the first `data_args` arguments share one dtype of `dtypes`, else
+    reference_op."""
     if fast_op is None:
         return reference_op
     dtypes = tuple(np.dtype(d).type for d in dtypes)
 
+    def same_dtype(values, dtype):
+        return all(same_dtype(v, dtype) if isinstance(v, (tuple, list)) else v.dtype == dtype
+                   for v in values)
+
     @functools.wraps(fast_op)
-    def op(data, *args, **kwargs):
-        if data.dtype.type in dtypes:
-            return fast_op(data, *args, **kwargs)
-        return reference_op(data, *args, **kwargs)
+    def op(*args, **kwargs):
+        dtype = args[0].dtype
+        if dtype.type in dtypes and same_dtype(args[1:data_args], dtype):
+            return fast_op(*args, **kwargs)
+        return reference_op(*args, **kwargs)
 
     return op
 
@@ -71,7 +98,7 @@ def for_module(xp):
         # getattr(None, op, None) is None: no fast module means all reference
         table = types.SimpleNamespace(**{
             op: _for_dtypes(getattr(fast, op, None), getattr(reference, op),
-                            getattr(fast, "DTYPES", ())) for op in OPS})
+                            getattr(fast, "DTYPES", ()), DATA_ARGS.get(op, 1)) for op in OPS})
         table.name = name if fast else f"{name}-reference"
         _tables[name] = table
     return table

@@ -13,8 +13,6 @@ the cores go to BLAS and fastnn's kernels never use Numba's thread pool.
 Kernels are compiled on first use and cached on disk (`cache=True`; Numba
 falls back to a user cache folder when the install is read-only).
 """
-import os
-
 import numba
 import numpy as np
 
@@ -54,7 +52,10 @@ def _flat(a):
 def _relu_forward(x, out):
     for i in range(x.size):
         v = x[i]
-        out[i] = 0 if v < 0 else v  # NaN stays NaN, as np.maximum keeps it
+        # only positive values (subnormals too) and NaN (as np.maximum keeps it)
+        # pass; the form of gpu.py's relu, which must not let a flushed
+        # negative subnormal through
+        out[i] = v if (v > 0 or v != v) else 0
 
 
 @_jit
@@ -587,6 +588,152 @@ def l2_stacked_(dw, w, reg):
     return partial.sum(axis=1, dtype=np.float64).astype(w.dtype)
 
 
+# -- norms: layernorm and groupnorm -------------------------------------------
+# One row per normalised unit (a sample for layernorm, a sample's group for
+# groupnorm), read whole and contiguous: the row sums use the vectorised
+# float64 helpers above; gamma and beta sums accumulate in float64 too.
+@_jit
+def _layernorm_forward(x, gamma, beta, eps, out, x_hat, inv_std):
+    n, d = x.shape
+    for i in range(n):
+        mean = _row_sum(x, i) / d
+        scale = 1.0 / np.sqrt(_row_squared_deviation(x, i, mean) / d + eps)
+        inv_std[i] = scale
+        for j in range(d):
+            normed = (x[i, j] - mean) * scale
+            x_hat[i, j] = normed
+            out[i, j] = normed * gamma[j] + beta[j]
+
+
+@_jit_sums
+def _row_gamma_sums(dout, x_hat, gamma, i):
+    """Over row i: (sum of g, sum of g * x_hat) with g = dout * gamma, the gradient
+    reaching x_hat."""
+    total = 0.0
+    total_xhat = 0.0
+    for j in range(dout.shape[1]):
+        g = dout[i, j] * gamma[j]
+        total += g
+        total_xhat += g * x_hat[i, j]
+    return total, total_xhat
+
+
+@_jit
+def _layernorm_backward(dout, x_hat, gamma, inv_std, dx, dgamma, dbeta):
+    n, d = dout.shape
+    sum_dout = np.zeros(d, dtype=np.float64)
+    sum_dout_xhat = np.zeros(d, dtype=np.float64)
+    for i in range(n):
+        for j in range(d):
+            grad = dout[i, j]
+            sum_dout[j] += grad
+            sum_dout_xhat[j] += grad * x_hat[i, j]
+        mean_g, mean_g_xhat = _row_gamma_sums(dout, x_hat, gamma, i)
+        mean_g /= d
+        mean_g_xhat /= d
+        scale = inv_std[i]
+        for j in range(d):
+            dx[i, j] = scale * (dout[i, j] * gamma[j] - mean_g - x_hat[i, j] * mean_g_xhat)
+    for j in range(d):
+        dgamma[j] = sum_dout_xhat[j]
+        dbeta[j] = sum_dout[j]
+
+
+def layernorm_forward(x, gamma, beta, eps):
+    x = np.ascontiguousarray(x)
+    out, x_hat = np.empty_like(x), np.empty_like(x)
+    inv_std = np.empty(x.shape[0], dtype=x.dtype)
+    _layernorm_forward(x, np.ascontiguousarray(gamma), np.ascontiguousarray(beta),
+                       x.dtype.type(eps), out, x_hat, inv_std)
+    return out, x_hat, inv_std
+
+
+def layernorm_backward(dout, x_hat, gamma, inv_std):
+    dout = np.ascontiguousarray(dout)
+    dx = np.empty_like(dout)
+    dgamma, dbeta = (np.empty(dout.shape[1], dtype=dout.dtype) for _ in range(2))
+    _layernorm_backward(dout, np.ascontiguousarray(x_hat), np.ascontiguousarray(gamma),
+                        np.ascontiguousarray(inv_std), dx, dgamma, dbeta)
+    return dx, dgamma, dbeta
+
+
+# groupnorm: x seen as rows (N * G, C/G, H * W) for the affine part and as
+# (N * G, C/G * H * W) for the statistics; row r is group r % G of a sample
+@_jit
+def _groupnorm_forward(x, rows, gamma, beta, groups, eps, out, x_hat, inv_std):
+    count, channels, positions = x.shape
+    length = channels * positions
+    for r in range(count):
+        first = (r % groups) * channels
+        mean = _row_sum(rows, r) / length
+        scale = 1.0 / np.sqrt(_row_squared_deviation(rows, r, mean) / length + eps)
+        inv_std[r] = scale
+        for c in range(channels):
+            g, b = gamma[first + c], beta[first + c]
+            for k in range(positions):
+                normed = (x[r, c, k] - mean) * scale
+                x_hat[r, c, k] = normed
+                out[r, c, k] = normed * g + b
+
+
+@_jit
+def _groupnorm_backward(dout, x_hat, gamma, inv_std, groups, dx, dgamma, dbeta):
+    count, channels, positions = dout.shape
+    length = channels * positions
+    sum_dout = np.zeros(groups * channels, dtype=np.float64)
+    sum_dout_xhat = np.zeros(groups * channels, dtype=np.float64)
+    for r in range(count):
+        first = (r % groups) * channels
+        mean_g = 0.0  # g = dout * gamma, the gradient reaching x_hat
+        mean_g_xhat = 0.0
+        for c in range(channels):
+            channel_sum = 0.0
+            channel_dot = 0.0
+            for k in range(positions):
+                grad = dout[r, c, k]
+                channel_sum += grad
+                channel_dot += grad * x_hat[r, c, k]
+            sum_dout[first + c] += channel_sum
+            sum_dout_xhat[first + c] += channel_dot
+            mean_g += gamma[first + c] * channel_sum
+            mean_g_xhat += gamma[first + c] * channel_dot
+        mean_g /= length
+        mean_g_xhat /= length
+        scale = inv_std[r]
+        for c in range(channels):
+            g = gamma[first + c]
+            for k in range(positions):
+                dx[r, c, k] = scale * (dout[r, c, k] * g - mean_g - x_hat[r, c, k] * mean_g_xhat)
+    for c in range(groups * channels):
+        dgamma[c] = sum_dout_xhat[c]
+        dbeta[c] = sum_dout[c]
+
+
+def _group_rows(a, groups):
+    """A C-contiguous (N, C, H, W) array as (N * groups, C / groups, H * W)."""
+    n, c = a.shape[:2]
+    return np.ascontiguousarray(a).reshape(n * groups, c // groups, -1)
+
+
+def groupnorm_forward(x, gamma, beta, groups, eps):
+    x3 = _group_rows(x, groups)
+    out, x_hat = np.empty_like(x3), np.empty_like(x3)
+    inv_std = np.empty(x3.shape[0], dtype=x3.dtype)
+    _groupnorm_forward(x3, x3.reshape(x3.shape[0], -1), np.ascontiguousarray(gamma),
+                       np.ascontiguousarray(beta), groups, x3.dtype.type(eps), out, x_hat, inv_std)
+    return (out.reshape(x.shape), x_hat.reshape(x.shape),
+            inv_std.reshape(x.shape[0], groups))
+
+
+def groupnorm_backward(dout, x_hat, gamma, inv_std, groups):
+    dout3 = _group_rows(dout, groups)
+    dx = np.empty_like(dout3)
+    dgamma, dbeta = (np.empty(dout.shape[1], dtype=dout.dtype) for _ in range(2))
+    _groupnorm_backward(dout3, _group_rows(x_hat, groups), np.ascontiguousarray(gamma),
+                        np.ascontiguousarray(inv_std).reshape(-1), groups, dx, dgamma, dbeta)
+    return dx.reshape(dout.shape), dgamma, dbeta
+
+
 # == convolution ==============================================================
 # Activations live channels-last (N, H, W, C) in memory and are handed out
 # as (N, C, H, W) views: then every pixel's channels are one contiguous
@@ -612,77 +759,71 @@ def _chunk_images(n, rows_per_image, row_bytes):
 
 
 @_jit
-def _im2col(x, channels, width, filter_height, filter_width, stride, pad, out_height, out_width,
-            cols):
-    """x (n, H, W*C) -> cols (n*H'*W', HH*WW*C): a row per output pixel, taps (i, j, c).
+def _pad_images(x, pad, out):
+    """x (n, H, W, C) -> out (n, H + 2 pad, (W + 2 pad) * C): zero borders, x inside."""
+    n, height, width, channels = x.shape
+    row = (width + 2 * pad) * channels
+    for image in range(n):
+        for y in range(out.shape[1]):
+            inside = pad <= y < pad + height
+            for t in range(row):
+                out[image, y, t] = 0
+            if inside:
+                for xx in range(width):
+                    for c in range(channels):
+                        out[image, y, (xx + pad) * channels + c] = x[image, y - pad, xx, c]
 
-    Zero padding is implicit. A filter row whose window lies inside the image
-    is one contiguous run of WW*C values: one copy; only edge windows go tap by tap.
+
+@_jit
+def _im2col(x_padded, channels, filter_height, filter_width, stride, out_height, out_width,
+            cols):
+    """x_padded (n, Hp, Wp*C) -> cols (n*H'*W', HH*WW*C): a row per output pixel, taps (i, j, c).
+
+    Each filter row's taps are one contiguous run of WW*C values of the padded
+    image: one copy per filter row, no bounds checks.
     """
-    height = x.shape[1]
     run = filter_width * channels
     row = 0
-    for image in range(x.shape[0]):
+    for image in range(x_padded.shape[0]):
         for oy in range(out_height):
             for ox in range(out_width):
-                x0 = ox * stride - pad
-                inside = x0 >= 0 and x0 + filter_width <= width
+                start = ox * stride * channels
                 for i in range(filter_height):
-                    y = oy * stride - pad + i
                     k = i * run
-                    if y < 0 or y >= height:
-                        for t in range(run):
-                            cols[row, k + t] = 0
-                    elif inside:
-                        base = x0 * channels
-                        for t in range(run):
-                            cols[row, k + t] = x[image, y, base + t]
-                    else:
-                        for j in range(filter_width):
-                            xx = x0 + j
-                            if 0 <= xx < width:
-                                for c in range(channels):
-                                    cols[row, k + j * channels + c] = x[image, y, xx * channels + c]
-                            else:
-                                for c in range(channels):
-                                    cols[row, k + j * channels + c] = 0
+                    for t in range(run):
+                        cols[row, k + t] = x_padded[image, oy * stride + i, start + t]
                 row += 1
 
 
 @_jit
-def _col2im(dcols, channels, width, filter_height, filter_width, stride, pad, out_height,
-            out_width, dx):
-    """The adjoint of _im2col: dx (n, H, W*C) = the sum of the column entries read from each value."""
-    height = dx.shape[1]
+def _col2im(dcols, channels, filter_height, filter_width, stride, out_height, out_width, pad,
+            dx_padded, dx):
+    """The adjoint of _pad_images + _im2col: dx (n, H, W, C) from the columns' gradient.
+
+    dx_padded (n, Hp, Wp*C) is scratch: the sums land there, then the inside goes to dx.
+    """
     run = filter_width * channels
-    dx[:] = 0
+    n = dx.shape[0]
+    dx_padded[:n] = 0
     row = 0
-    for image in range(dx.shape[0]):
+    for image in range(n):
         for oy in range(out_height):
             for ox in range(out_width):
-                x0 = ox * stride - pad
-                inside = x0 >= 0 and x0 + filter_width <= width
+                start = ox * stride * channels
                 for i in range(filter_height):
-                    y = oy * stride - pad + i
                     k = i * run
-                    if y < 0 or y >= height:
-                        continue
-                    if inside:
-                        base = x0 * channels
-                        for t in range(run):
-                            dx[image, y, base + t] += dcols[row, k + t]
-                    else:
-                        for j in range(filter_width):
-                            xx = x0 + j
-                            if 0 <= xx < width:
-                                for c in range(channels):
-                                    dx[image, y, xx * channels + c] += dcols[row, k + j * channels + c]
+                    for t in range(run):
+                        dx_padded[image, oy * stride + i, start + t] += dcols[row, k + t]
                 row += 1
+    height, width = dx.shape[1], dx.shape[2]
+    for image in range(n):
+        for y in range(height):
+            for xx in range(width):
+                for c in range(channels):
+                    dx[image, y, xx, c] = dx_padded[image, y + pad, (xx + pad) * channels + c]
 
 
 _conv_workers = {}  # thread count -> (ThreadPoolExecutor, threadpoolctl controller)
-# a forked child (multiprocessing, say) has none of the parent's threads: new pools there
-os.register_at_fork(after_in_child=_conv_workers.clear)
 
 
 def _run_chunks(work, n, step):
@@ -719,6 +860,13 @@ def _run_chunks(work, n, step):
             future.result()
 
 
+def _conv_buffers(x_nhwc, step, pixels, depth, pad):
+    """One worker's scratch: a column buffer and a padded-images buffer for `step` images."""
+    _, height, width, channels = x_nhwc.shape
+    return (np.empty((step * pixels, depth), dtype=x_nhwc.dtype),
+            np.empty((step, height + 2 * pad, (width + 2 * pad) * channels), dtype=x_nhwc.dtype))
+
+
 def _conv_shapes(x_nhwc, w_shape, stride, pad):
     n, height, width, channels = x_nhwc.shape
     _, _, filter_height, filter_width = w_shape
@@ -745,15 +893,16 @@ def conv_forward(x, w, b, stride, pad):
     bias = None if b is None else b.astype(dtype, copy=False)
     out = np.empty((n, out_height, out_width, filters), dtype=dtype)
     out_rows = out.reshape(n * pixels, filters)
-    x_rows = x_nhwc.reshape(n, x_nhwc.shape[1], -1)  # (N, H, W*C): a pixel row per image row
     buffers = {}
 
     def work(start, stop, worker):
         if worker not in buffers:
-            buffers[worker] = np.empty((step * pixels, depth), dtype=dtype)
-        chunk_cols = buffers[worker][:(stop - start) * pixels]
-        _im2col(x_rows[start:stop], channels, x_nhwc.shape[2], filter_height, filter_width, stride,
-                pad, out_height, out_width, chunk_cols)
+            buffers[worker] = _conv_buffers(x_nhwc, step, pixels, depth, pad)
+        cols, padded = buffers[worker]
+        chunk_cols = cols[:(stop - start) * pixels]
+        _pad_images(x_nhwc[start:stop], pad, padded)
+        _im2col(padded[:stop - start], channels, filter_height, filter_width, stride, out_height,
+                out_width, chunk_cols)
         chunk_out = out_rows[start * pixels:stop * pixels]
         np.matmul(chunk_cols, w_mat, out=chunk_out)
         if bias is not None:
@@ -781,31 +930,31 @@ def conv_backward(dout, saved, need_dx=True):
     dout_nhwc = _channels_last(dout).astype(dtype, copy=False)
     dout_rows = dout_nhwc.reshape(n * pixels, filters)
     dx = np.empty_like(x_nhwc) if need_dx else None
-    height, width = x_nhwc.shape[1:3]
-    x_rows = x_nhwc.reshape(n, height, width * channels)
-    dx_rows = None if dx is None else dx.reshape(n, height, width * channels)
     w_mat_t = w_mat.T
-    partial = {}  # worker -> (dw sum, db sum, dw of one chunk, column buffer)
+    partial = {}  # worker -> (dw sum, db sum, dw of one chunk, column buffer, padding buffer)
 
     def work(start, stop, worker):
         state = partial.get(worker)
         if state is None:
-            state = partial[worker] = (
-                np.zeros((depth, filters), dtype=dtype), np.zeros(filters, dtype=dtype),
-                np.empty((depth, filters), dtype=dtype), np.empty((step * pixels, depth), dtype=dtype))
-        dw_sum, db_sum, dw_chunk, cols = state
-        chunk_cols = cols[:(stop - start) * pixels]
+            state = (np.zeros((depth, filters), dtype=dtype), np.zeros(filters, dtype=dtype),
+                     np.empty((depth, filters), dtype=dtype),
+                     *_conv_buffers(x_nhwc, step, pixels, depth, pad))
+            partial[worker] = state
+        dw_sum, db_sum, dw_chunk, cols, padded = state
+        count = stop - start
+        chunk_cols = cols[:count * pixels]
         chunk_dout = dout_rows[start * pixels:stop * pixels]
-        _im2col(x_rows[start:stop], channels, width, filter_height, filter_width, stride, pad,
-                out_height, out_width, chunk_cols)
+        _pad_images(x_nhwc[start:stop], pad, padded)
+        _im2col(padded[:count], channels, filter_height, filter_width, stride, out_height,
+                out_width, chunk_cols)
         np.matmul(chunk_cols.T, chunk_dout, out=dw_chunk)
         dw_sum += dw_chunk
         if has_bias:
             db_sum += chunk_dout.sum(axis=0)
         if need_dx:
             np.matmul(chunk_dout, w_mat_t, out=chunk_cols)  # the columns' gradient, in place
-            _col2im(chunk_cols, channels, width, filter_height, filter_width, stride, pad,
-                    out_height, out_width, dx_rows[start:stop])
+            _col2im(chunk_cols, channels, filter_height, filter_width, stride, out_height,
+                    out_width, pad, padded, dx[start:stop])
 
     _run_chunks(work, n, step)
     states = [partial[worker] for worker in sorted(partial)]

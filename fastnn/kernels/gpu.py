@@ -1,18 +1,21 @@
 """CuPy kernels for the cupy backend: the same ops, names and results as reference.py.
 
 NOT YET RUN ON A GPU: written without one (see the GPU-speed issue). The
-tests in tests/test_kernels.py compare every op here with the reference on
-cupy; `bash benchmarks/gpu_check.sh` runs them. Ops not defined here (the
+tests in tests/test_kernels.py compare every op here with the reference run by
+numpy on host copies; `bash benchmarks/gpu_check.sh` runs them. Ops not defined here (the
 SVM loss, batchnorm, augmentation, the stacked ops) use the reference code.
 
-Each kernel is an ElementwiseKernel (RawKernels for the softmax loss and the
-convolution section) built on first use and cached, so importing this module
-does not touch CuPy. They are compiled
+Each kernel is an ElementwiseKernel (RawKernel for the softmax loss and in
+the convolution section) built on first use and cached (`_kernel`,
+`_raw_kernel`), so importing this module does not touch CuPy. They are compiled
 with `--fmad=false`: a fused multiply-add would round differently from the
 separate cupy operations of the reference and of fastnn.optim, and the
-update rules must give the same parameters.
+update rules must give the same parameters. The norms (layernorm, groupnorm;
+at the end) are one RawModule per dtype, also built on first use.
+tests/test_kernels.py compile-checks the CUDA sources here with nvcc.
 """
 import functools
+import math
 
 import numpy as np
 
@@ -29,7 +32,10 @@ const bool keep = (z >> {64 - UNIT_BITS}) >= threshold;
 """
 
 _SOURCES = {
-    "relu_forward": ("T x", "T y", "y = x < (T)0 ? (T)0 : x"),
+    # CuPy compiles with -ftz=true, where `x < 0 ? 0 : x` may pass a negative
+    # subnormal through; this form keeps NaN (as np.maximum does) and lets
+    # only positive values through
+    "relu_forward": ("T x", "T y", "y = (x > (T)0 || isnan(x)) ? x : (T)0"),
     "relu_backward": ("T dout, T out", "T dx", "dx = out > (T)0 ? dout : (T)0"),
     # i is the element's C-order position, as in reference.dropout_keep
     "dropout": ("T x, uint64 key, uint64 threshold, T scale", "T y",
@@ -200,6 +206,160 @@ def softmax_loss(x, y, smoothing=0.0):
            (x, cupy.ascontiguousarray(y, dtype=np.int64), np.float64(smoothing), np.int64(n),
             np.int64(c), dx, row_loss))
     return (row_loss.sum() / max(n, 1)).astype(x.dtype), dx
+
+
+# -- norms: layernorm and groupnorm -------------------------------------------
+# One thread block per normalised row (a sample for layernorm, a sample's
+# group for groupnorm; C-contiguous, `length` values). Element k of row r
+# belongs to channel (r % groups) * channels + k / positions: layernorm is
+# groups = 1, channels = D, positions = 1. dgamma and dbeta are column sums,
+# left to cupy's reductions.
+_NORM_THREADS = 256  # a power of two: block_sum halves it
+
+NORM_SOURCE = r"""
+__device__ T block_sum(T value, T* partial) {
+    partial[threadIdx.x] = value;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+        __syncthreads();
+    }
+    const T total = partial[0];
+    __syncthreads();  // every thread has read partial[0] before it is reused
+    return total;
+}
+
+extern "C" __global__ void fastnn_norm_rows_forward(
+        const T* x, const T* gamma, const T* beta, const T eps, const int length,
+        const int groups, const int channels, const int positions,
+        T* out, T* x_hat, T* inv_std) {
+    __shared__ T partial[THREADS];
+    const long long row = blockIdx.x;
+    const long long offset = row * length;
+    T total = 0;
+    for (int k = threadIdx.x; k < length; k += blockDim.x) total += x[offset + k];
+    const T mean = block_sum(total, partial) / length;
+    T deviation = 0;
+    for (int k = threadIdx.x; k < length; k += blockDim.x) {
+        const T centered = x[offset + k] - mean;
+        deviation += centered * centered;
+    }
+    const T scale = (T)1 / sqrt(block_sum(deviation, partial) / length + eps);
+    if (threadIdx.x == 0) inv_std[row] = scale;
+    const int first = (int)(row % groups) * channels;
+    for (int k = threadIdx.x; k < length; k += blockDim.x) {
+        const T normed = (x[offset + k] - mean) * scale;
+        const int c = first + k / positions;
+        x_hat[offset + k] = normed;
+        out[offset + k] = normed * gamma[c] + beta[c];
+    }
+}
+
+extern "C" __global__ void fastnn_norm_rows_backward(
+        const T* dout, const T* x_hat, const T* gamma, const T* inv_std, const int length,
+        const int groups, const int channels, const int positions, T* dx) {
+    __shared__ T partial[THREADS];
+    const long long row = blockIdx.x;
+    const long long offset = row * length;
+    const int first = (int)(row % groups) * channels;
+    T sum_g = 0, sum_g_xhat = 0;  // g = dout * gamma, the gradient reaching x_hat
+    for (int k = threadIdx.x; k < length; k += blockDim.x) {
+        const T g = dout[offset + k] * gamma[first + k / positions];
+        sum_g += g;
+        sum_g_xhat += g * x_hat[offset + k];
+    }
+    const T mean_g = block_sum(sum_g, partial) / length;
+    const T mean_g_xhat = block_sum(sum_g_xhat, partial) / length;
+    const T scale = inv_std[row];
+    for (int k = threadIdx.x; k < length; k += blockDim.x) {
+        const T g = dout[offset + k] * gamma[first + k / positions];
+        dx[offset + k] = scale * (g - mean_g - x_hat[offset + k] * mean_g_xhat);
+    }
+}
+"""
+
+
+def norm_source(dtype):
+    """NORM_SOURCE for one dtype (float32 or float64), ready for NVRTC or nvcc."""
+    ctype = {"float32": "float", "float64": "double"}[np.dtype(dtype).name]
+    return f"#define T {ctype}\n#define THREADS {_NORM_THREADS}\n" + NORM_SOURCE
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_module(dtype_name):
+    import cupy
+
+    return cupy.RawModule(code=norm_source(dtype_name), name_expressions=None)
+
+
+def _norm_rows_forward(x, gamma, beta, eps, rows, groups, channels, positions):
+    """(out, x_hat, inv_std (rows,)) of C-contiguous x normalised as `rows` rows."""
+    import cupy
+
+    x = cupy.ascontiguousarray(x)
+    out, x_hat = cupy.empty_like(x), cupy.empty_like(x)
+    inv_std = cupy.empty(rows, dtype=x.dtype)
+    kernel = _norm_module(x.dtype.name).get_function("fastnn_norm_rows_forward")
+    kernel((rows,), (_NORM_THREADS,),
+           (x, cupy.ascontiguousarray(gamma), cupy.ascontiguousarray(beta), x.dtype.type(eps),
+            np.int32(x.size // max(rows, 1)), np.int32(groups), np.int32(channels),
+            np.int32(positions), out, x_hat, inv_std))
+    return out, x_hat, inv_std
+
+
+def _norm_rows_backward(dout, x_hat, gamma, inv_std, rows, groups, channels, positions):
+    import cupy
+
+    dout = cupy.ascontiguousarray(dout)
+    dx = cupy.empty_like(dout)
+    kernel = _norm_module(dout.dtype.name).get_function("fastnn_norm_rows_backward")
+    kernel((rows,), (_NORM_THREADS,),
+           (dout, cupy.ascontiguousarray(x_hat), cupy.ascontiguousarray(gamma),
+            cupy.ascontiguousarray(inv_std), np.int32(dout.size // max(rows, 1)),
+            np.int32(groups), np.int32(channels), np.int32(positions), dx))
+    return dx
+
+
+def _empty_to_reference(op):
+    """Empty inputs go to the reference op: a launch over zero rows is a CUDA error."""
+    from fastnn.kernels import reference
+
+    reference_op = getattr(reference, op.__name__)
+
+    @functools.wraps(op)
+    def wrapper(first, *args):
+        return (reference_op if first.size == 0 else op)(first, *args)
+
+    return wrapper
+
+
+@_empty_to_reference
+def layernorm_forward(x, gamma, beta, eps):
+    n, d = x.shape
+    return _norm_rows_forward(x, gamma, beta, eps, n, 1, d, 1)
+
+
+@_empty_to_reference
+def layernorm_backward(dout, x_hat, gamma, inv_std):
+    n, d = dout.shape
+    dx = _norm_rows_backward(dout, x_hat, gamma, inv_std, n, 1, d, 1)
+    return dx, (dout * x_hat).sum(axis=0), dout.sum(axis=0)
+
+
+@_empty_to_reference
+def groupnorm_forward(x, gamma, beta, groups, eps):
+    n, c = x.shape[:2]
+    out, x_hat, inv_std = _norm_rows_forward(x, gamma, beta, eps, n * groups, groups,
+                                             c // groups, math.prod(x.shape[2:]))
+    return out, x_hat, inv_std.reshape(n, groups)
+
+
+@_empty_to_reference
+def groupnorm_backward(dout, x_hat, gamma, inv_std, groups):
+    n, c = dout.shape[:2]
+    dx = _norm_rows_backward(dout, x_hat, gamma, inv_std, n * groups, groups, c // groups,
+                             math.prod(dout.shape[2:]))
+    return dx, (dout * x_hat).sum(axis=(0, 2, 3)), dout.sum(axis=(0, 2, 3))
 
 
 # == convolution ==============================================================

@@ -109,30 +109,48 @@ def relu_backward(dout, out):
 
 
 # -- losses ------------------------------------------------------------------
+# The losses do not check their labels (fastnn.layers does, Solver does once
+# up front). A label outside [0, C) makes the loss and that row of dx NaN,
+# as the Numba and CuPy kernels do: computed on the device, with no sync,
+# where plain indexing would raise (numpy), or wrap around to a plausible
+# loss on the wrong class (negative labels on numpy; every bad label on cupy).
+def _labels_to_index(xp, y, num_classes):
+    """(valid (N,) bool, labels with each bad one replaced by class 0)."""
+    valid = (y >= 0) & (y < num_classes)
+    return valid, xp.where(valid, y, 0)
+
+
+def _nan_rows(xp, a, valid):
+    """a with the rows (axis -2) of invalid labels set to NaN."""
+    return xp.where(valid[..., :, None], a, a.dtype.type(float("nan")))
+
+
 def softmax_loss(x, y, smoothing=0.0):
     """Mean softmax cross-entropy of scores x (N, C) and labels y (N,).
 
     smoothing s: the target of row i is q = (1 - s) * onehot(y_i) + s / C
     (label smoothing; 0: the plain loss), loss = mean_i -sum_j q_ij log p_ij,
-    dx = (p - q) / N. Returns (loss as a 0-d array, dx (N, C)); no label checks.
+    dx = (p - q) / N. Returns (loss as a 0-d array, dx (N, C)); no label checks
+    (a bad label: NaN).
     """
     xp = get_array_module(x, y)
     n, classes = x.shape
+    valid, labels = _labels_to_index(xp, y, classes)
     shifted = x - x.max(axis=1, keepdims=True)
     log_z = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
-    log_probs = shifted - log_z
+    log_probs = _nan_rows(xp, shifted - log_z, valid)
     rows = xp.arange(n)
     dx = xp.exp(log_probs)
     if smoothing:
         f = x.dtype.type
-        per_row = (f(1 - smoothing) * log_probs[rows, y]
+        per_row = (f(1 - smoothing) * log_probs[rows, labels]
                    + f(smoothing / classes) * log_probs.sum(axis=1))
         loss = -per_row.sum() / f(n)
-        dx[rows, y] -= f(1 - smoothing)
+        dx[rows, labels] -= f(1 - smoothing)
         dx -= f(smoothing / classes)
     else:
-        loss = -log_probs[rows, y].sum() / x.dtype.type(n)
-        dx[rows, y] -= 1
+        loss = -log_probs[rows, labels].sum() / x.dtype.type(n)
+        dx[rows, labels] -= 1
     dx /= x.dtype.type(n)
     return loss, dx
 
@@ -140,19 +158,20 @@ def softmax_loss(x, y, smoothing=0.0):
 def svm_loss(x, y):
     """Mean multiclass hinge loss (margin 1, correct class excluded).
 
-    Returns (loss as a 0-d array, dx (N, C)); no label checks.
+    Returns (loss as a 0-d array, dx (N, C)); no label checks (a bad label: NaN).
     """
     xp = get_array_module(x, y)
     n = x.shape[0]
+    valid, labels = _labels_to_index(xp, y, x.shape[1])
     rows = xp.arange(n)
-    correct = x[rows, y][:, None]
+    correct = x[rows, labels][:, None]
     margins = xp.maximum(x - correct + x.dtype.type(1), x.dtype.type(0))
-    margins[rows, y] = 0
-    loss = margins.sum() / x.dtype.type(n)
+    margins[rows, labels] = 0
+    loss = _nan_rows(xp, margins, valid).sum() / x.dtype.type(n)
     dx = (margins > 0).astype(x.dtype)
-    dx[rows, y] -= dx.sum(axis=1)
+    dx[rows, labels] -= dx.sum(axis=1)
     dx /= x.dtype.type(n)
-    return loss, dx
+    return loss, _nan_rows(xp, dx, valid)
 
 
 # -- batchnorm ---------------------------------------------------------------
@@ -316,16 +335,17 @@ def softmax_loss_stacked(x, y):
     """Softmax loss of K members' scores x (K, N, C) on shared labels y (N,).
 
     Returns (losses (K,) of x.dtype, each the mean over N; dx (K, N, C)).
-    No label checks.
+    No label checks (a bad label: NaN, as in softmax_loss).
     """
     xp = get_array_module(x, y)
     n = x.shape[1]
+    valid, labels = _labels_to_index(xp, y, x.shape[2])
     shifted = x - x.max(axis=2, keepdims=True)
-    log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=2, keepdims=True))
+    log_probs = _nan_rows(xp, shifted - xp.log(xp.exp(shifted).sum(axis=2, keepdims=True)), valid)
     rows = xp.arange(n)
-    losses = -log_probs[:, rows, y].sum(axis=1) / x.dtype.type(max(n, 1))
+    losses = -log_probs[:, rows, labels].sum(axis=1) / x.dtype.type(max(n, 1))
     dx = xp.exp(log_probs)
-    dx[:, rows, y] -= 1
+    dx[:, rows, labels] -= 1
     dx /= x.dtype.type(max(n, 1))
     return losses, dx
 
@@ -355,6 +375,63 @@ def l2_stacked_(dw, w, reg):
     xp = get_array_module(dw, w, reg)
     dw += reg.astype(w.dtype)[None, :, None] * w
     return xp.einsum("akb,akb->k", w, w)
+
+
+# -- norms: layernorm and groupnorm -------------------------------------------
+# Both normalise rows of their own: a sample's D features (layernorm) or a
+# sample's group of C/G channels over all positions (groupnorm), with the
+# biased variance; gamma and beta are per feature / per channel.
+def _normalise_rows(rows, eps):
+    """rows (R, L) -> (x_hat (R, L), inv_std (R,)), each row to mean 0 and variance 1."""
+    xp = get_array_module(rows)
+    centered = rows - rows.mean(axis=1, keepdims=True)
+    var = (centered * centered).mean(axis=1)
+    inv_std = rows.dtype.type(1) / xp.sqrt(var + rows.dtype.type(eps))
+    return centered * inv_std[:, None], inv_std
+
+
+def _normalise_rows_backward(g, x_hat, inv_std):
+    """dx (R, L) of _normalise_rows from g = dL/dx_hat (R, L)."""
+    return inv_std[:, None] * (g - g.mean(axis=1, keepdims=True)
+                               - x_hat * (g * x_hat).mean(axis=1, keepdims=True))
+
+
+def layernorm_forward(x, gamma, beta, eps):
+    """Normalise each row of x (N, D); gamma, beta (D,).
+
+    Returns (out (N, D), x_hat (N, D), inv_std (N,)).
+    """
+    x_hat, inv_std = _normalise_rows(x, eps)
+    return x_hat * gamma + beta, x_hat, inv_std
+
+
+def layernorm_backward(dout, x_hat, gamma, inv_std):
+    """Gradients (dx (N, D), dgamma (D,), dbeta (D,)) of layernorm_forward."""
+    dbeta = dout.sum(axis=0)
+    dgamma = (dout * x_hat).sum(axis=0)
+    return _normalise_rows_backward(dout * gamma, x_hat, inv_std), dgamma, dbeta
+
+
+def groupnorm_forward(x, gamma, beta, groups, eps):
+    """Normalise x (N, C, H, W) over each sample's `groups` groups of C/groups channels.
+
+    gamma, beta (C,). Returns (out, x_hat (both N, C, H, W), inv_std (N, groups)).
+    """
+    n = x.shape[0]
+    x_hat, inv_std = _normalise_rows(x.reshape(n * groups, -1), eps)
+    x_hat = x_hat.reshape(x.shape)
+    return (x_hat * gamma[None, :, None, None] + beta[None, :, None, None], x_hat,
+            inv_std.reshape(n, groups))
+
+
+def groupnorm_backward(dout, x_hat, gamma, inv_std, groups):
+    """Gradients (dx (N, C, H, W), dgamma (C,), dbeta (C,)) of groupnorm_forward."""
+    n = dout.shape[0]
+    dbeta = dout.sum(axis=(0, 2, 3))
+    dgamma = (dout * x_hat).sum(axis=(0, 2, 3))
+    g = (dout * gamma[None, :, None, None]).reshape(n * groups, -1)
+    dx = _normalise_rows_backward(g, x_hat.reshape(n * groups, -1), inv_std.reshape(-1))
+    return dx.reshape(dout.shape), dgamma, dbeta
 
 
 # == convolution ==============================================================
