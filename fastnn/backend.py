@@ -111,6 +111,11 @@ def get_array_module(*arrays):
     return _cupy if found == "cupy" else np
 
 
+def module_by_name(name):
+    """The array module called `name` ("numpy" or "cupy")."""
+    return _import_cupy() if name == "cupy" else np
+
+
 def to_numpy(a):
     """A host numpy.ndarray from a numpy or cupy array (or anything array-like)."""
     if is_cupy_array(a):

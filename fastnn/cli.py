@@ -32,7 +32,7 @@ import numpy as np
 from fastnn.files import FolderInUse, lock_folder, read_json, write_json
 from fastnn.runs import (CONFIG_FORMAT, DEFAULTS, FORMAT_VERSION, LEGACY_DEFAULTS,
                          METRICS_FORMAT, RECIPES, RESUMABLE, RULE_OPTIONS, build_model,
-                         build_solver, check_config, complete, defaults_for, load_data,
+                         build_solver, check_config, complete, load_data,
                          new_config, not_applicable, option_name, predict, recorded,
                          setup_runtime)
 
@@ -534,14 +534,14 @@ def fill_tune_defaults(options):
         if (options["parallel"] or 1) != 1:
             raise UsageError(f"convnet trials train one at a time; --parallel "
                              f"{options['parallel']} applies to --model fc")
-        recipe = defaults_for("convnet")
-        fill = {"parallel": 1, "epochs": recipe["epochs"], "crop_padding": recipe["crop_padding"]}
     else:
         for name in ("widths", "stem_width"):
             if options[name] is not None:
                 raise UsageError(f"{option_name(name)} applies to tune --model convnet, not fc")
-        fill = {"parallel": 2, "epochs": 30, "crop_padding": 0}
-    options.update({k: v for k, v in fill.items() if options[k] is None})
+    from fastnn.tune import model_defaults
+
+    options.update({k: v for k, v in model_defaults(options["model"]).items()
+                    if options[k] is None})
 
 
 def check_tune_options(options):

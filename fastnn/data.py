@@ -214,8 +214,10 @@ def _load_batch(path):
     try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
-        data = np.asarray(batch[b"data"])
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        # the official files have bytes keys; a batch pickled by Python 3 code has str keys
+        data = np.asarray(batch[b"data"] if b"data" in batch else batch["data"])
+        labels = np.asarray(batch[b"labels"] if b"labels" in batch else batch["labels"],
+                            dtype=np.int64)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"CIFAR-10 batch file {path} is missing: the folder holds an incomplete copy. "
@@ -225,6 +227,8 @@ def _load_batch(path):
         raise ValueError(
             f"CIFAR-10 batch file {path} is truncated or corrupt "
             f"({type(exc).__name__}: {exc}). {_REPLACE_HINT}") from exc
+    if data.dtype.kind in "iu" and data.size and 0 <= data.min() and data.max() <= 255:
+        data = data.astype(np.uint8)  # pixel values pickled as wider integers
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
         raise ValueError(
             f"CIFAR-10 batch file {path} is corrupt: data has shape "

@@ -89,8 +89,11 @@ def update_(rule, w, dw, state, config, l2=None):
     return op(w, dw, tuple(state), spec.scalars(config), l2=l2)
 
 
-def _step(rule, w, dw, config, copy):
-    """One step of `rule` on w (a copy of w and its state when `copy`); returns (w, config)."""
+def _step(rule, w, dw, config, copy, l2=None):
+    """One step of `rule` on w (a copy of w and its state when `copy`).
+
+    Returns (w, config, what the op returns: the L2 sums when l2 is given).
+    """
     spec = SPECS.get(rule)
     if spec is None:
         check_rule(rule)
@@ -106,8 +109,9 @@ def _step(rule, w, dw, config, copy):
         state.append(value)
     if spec.counts_steps:
         config["t"] = config.get("t", 0) + 1
-    getattr(kernels.for_module(xp), spec.op)(w, dw, tuple(state), spec.scalars(config))
-    return w, config
+    sums = getattr(kernels.for_module(xp), spec.op)(w, dw, tuple(state), spec.scalars(config),
+                                                    l2=l2)
+    return w, config, sums
 
 
 def fused_update(rule, w, dw, config):
@@ -120,9 +124,19 @@ def fused_update(rule, w, dw, config):
     return _step(rule, w, dw, config, copy=False)[1]
 
 
+def fused_step(rule, w, dw, config, l2=None):
+    """fused_update for the (A, K, B) blocks of K stacked members (fastnn.stacked).
+
+    config's learning_rate (and weight_decay) may be (K,) arrays, one value
+    per member; the state arrays it creates are blocks too. l2 (K,): the
+    step uses dw + l2_k * w and returns each member's sum(w**2) before it.
+    """
+    return _step(rule, w, dw, config, copy=False, l2=l2)[2]
+
+
 def _functional(name, doc):
     def rule(w, dw, config=None):
-        return _step(name, w, dw, config, copy=True)
+        return _step(name, w, dw, config, copy=True)[:2]
 
     rule.__name__ = rule.__qualname__ = name
     rule.__doc__ = doc

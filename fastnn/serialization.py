@@ -20,6 +20,8 @@ from fastnn.classifiers.base import norm_params
 from fastnn.files import atomic_write
 
 MODEL_FORMAT = "fastnn-model"
+CHECKPOINT_FORMAT = "fastnn-checkpoint"
+CHECKPOINT_VERSION = 2  # 2: running statistics by norm layer key (model/norm/..., best_norm/...)
 FORMAT_VERSION = 2  # of model files; 2: running statistics as norm/{layer key}/...
 _META = "__meta__"
 STATISTICS = ("running_mean", "running_var")
@@ -126,8 +128,9 @@ def set_model_state(model, arrays, source):
         stored = arrays.get(f"param/{name}")
         if stored is None:
             raise ValueError(f"{source} is incompatible: it has no parameter {name!r}")
-        model.params[name] = _checked(stored, f"parameter {name!r}", current.shape,
-                                      current.dtype, xp, source)
+        # into the array itself: params are never rebound (one buffer may back them all)
+        current[...] = _checked(stored, f"parameter {name!r}", current.shape, current.dtype,
+                                xp, source)
     extra = {k[len("param/"):] for k in arrays if k.startswith("param/")} - set(model.params)
     if extra:
         raise ValueError(f"{source} is incompatible: unexpected parameters {sorted(extra)}")
@@ -147,15 +150,51 @@ def set_model_state(model, arrays, source):
         raise ValueError(f"{source} is incompatible: unexpected running statistics {extra}")
 
 
+def write_checkpoint(path, arrays, meta):
+    """Write a checkpoint (the layout read_checkpoint describes) atomically, format and version
+    added to `meta`."""
+    write_npz(path, arrays, {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                             **meta})
+
+
+def read_checkpoint(path):
+    """(arrays, meta) of a checkpoint (fastnn.solver writes them), in the current layout.
+
+    Layout: model/... (model_state), best/{param}, best_norm/{key}/{stat},
+    optim/{param}/{state}, epoch_order; meta holds the format, version and
+    the solver's scalars (epoch, t, histories, generator states, ...).
+    """
+    arrays, meta = read_npz(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    if meta["format_version"] >= 2:
+        return arrays, meta
+    # version 1: model/bn/{i}/... and best_bn/{i}/... for the layer of gamma{i+1}
+    upgraded = {}
+    for name, value in arrays.items():
+        if name.startswith("best_bn/"):
+            i, stat = name[len("best_bn/"):].split("/", 1)
+            name = f"best_norm/{int(i) + 1}/{stat}"
+        upgraded[name] = value
+    model = upgrade_model_state({k[len("model/"):]: v for k, v in upgraded.items()
+                                 if k.startswith("model/")}, 1)
+    upgraded = {k: v for k, v in upgraded.items() if not k.startswith("model/")}
+    upgraded.update({f"model/{k}": v for k, v in model.items()})
+    return upgraded, meta
+
+
 def save(model, path):
     """Write `model` to `path` (.npz) atomically."""
     from fastnn import __version__
 
     if not hasattr(model, "init_args"):
         raise TypeError(f"fastnn.save needs a fastnn classifier, got {type(model).__name__}")
+    init_args = dict(model.init_args)
+    if "reg" in init_args and hasattr(model, "reg"):  # classic code sets model.reg later
+        init_args["reg"] = float(model.reg)
     meta = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION,
-            "class": type(model).__name__, "init_args": model.init_args,
-            "dtype": np.dtype(model.dtype).name, "fastnn_version": __version__}
+            "class": type(model).__name__, "init_args": init_args,
+            "dtype": np.dtype(model.dtype).name, "fastnn_version": __version__,
+            # drawn at construction when the model was built without a seed
+            "dropout_seed": getattr(model, "dropout_param", {}).get("seed")}
     write_npz(path, model_state(model), meta)
 
 
@@ -178,4 +217,6 @@ def load(path):
     finally:
         np.random.set_state(rng_state)
     set_model_state(model, arrays, path)
+    if meta.get("dropout_seed") is not None and hasattr(model, "dropout_param"):
+        model.dropout_param["seed"] = int(meta["dropout_seed"])
     return model

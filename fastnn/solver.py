@@ -1,44 +1,28 @@
 """Solver: trains a classifier with minibatch gradient descent and keeps the best model.
 
+One loop for a lone model and for a stack of K (fastnn.stacked.StackedSolver
+overrides the per-member bookkeeping: its `_loss`, `_update`, `_read_losses`,
+`_record_accuracy`, `_after_epoch`, best-model and checkpoint hooks).
+
 The training step does no host/device traffic: losses stay on the device and
 are read when printed (every `print_every` iterations, when verbose or with a
 progress bar) and at epoch ends, where the non-finite check runs; minibatch
 indices go to the device once per epoch; the data are checked once, when the
 Solver is built.
 """
-import contextlib
 import math
 import signal
-import threading
 
 import numpy as np
 
 from fastnn import inference, kernels, optim, schedules
 from fastnn.backend import get_array_module, to_numpy
 from fastnn.classifiers.base import check_roles, norm_params
-from fastnn.serialization import (STATISTICS, model_state, read_npz, set_model_state,
-                                  upgrade_model_state, write_npz)
+from fastnn.interrupt import TrainingInterrupted, stop_requests
+from fastnn.serialization import (CHECKPOINT_FORMAT, STATISTICS, model_state, read_checkpoint,
+                                  set_model_state, write_checkpoint)
 
-CHECKPOINT_FORMAT = "fastnn-checkpoint"
-CHECKPOINT_VERSION = 2  # 2: running statistics by norm layer key (model/norm/..., best_norm/...)
-
-
-def _upgrade_checkpoint(arrays, version):
-    """A checkpoint's arrays of format `version` in the current layout."""
-    if version >= 2:
-        return arrays
-    # version 1: model/bn/{i}/... and best_bn/{i}/... for the layer of gamma{i+1}
-    upgraded = {}
-    for name, value in arrays.items():
-        if name.startswith("best_bn/"):
-            i, stat = name[len("best_bn/"):].split("/", 1)
-            name = f"best_norm/{int(i) + 1}/{stat}"
-        upgraded[name] = value
-    model = upgrade_model_state({k[len("model/"):]: v for k, v in upgraded.items()
-                                 if k.startswith("model/")}, version)
-    upgraded = {k: v for k, v in upgraded.items() if not k.startswith("model/")}
-    upgraded.update({f"model/{k}": v for k, v in model.items()})
-    return upgraded
+__all__ = ["Solver", "TrainingInterrupted", "CHECKPOINT_FORMAT"]
 
 OPTIONS = {
     # the classic options
@@ -84,21 +68,9 @@ def check_augment(augment, X_train):
     return options
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during train(): the state was saved to `checkpoint` (or None).
-
-    `signum` is the signal that stopped it (signal.SIGINT or signal.SIGTERM).
-    """
-
-    def __init__(self, message, checkpoint, signum=signal.SIGINT):
-        super().__init__(message)
-        self.checkpoint = checkpoint
-        self.signum = signum
-
-
 class SolverBase:
-    """What Solver and StackedSolver share, so that both train alike for one seed:
-    the data checks, the minibatches and the learning-rate schedule.
+    """Solver's data checks, minibatches and learning-rate schedule (StackedSolver is a
+    Solver, so a stack and K lone nets train alike for one seed).
 
     Needs X_train, y_train, batch_size, sampling, augment, lr_decay,
     lr_schedule(_config), num_epochs, epoch, _t, _xp, _batch_rng,
@@ -198,7 +170,7 @@ class Solver(SolverBase):
         self.X_train, self.y_train = self._to_device(data["X_train"], data["y_train"], "train", dtype)
         self.X_val, self.y_val = self._to_device(data["X_val"], data["y_val"], "val", dtype)
         # one forward pass learns the class count
-        self._check_labels(self.model.loss(self.X_train[:1]).shape[1])
+        self._check_labels(self.model.loss(self.X_train[:1]).shape[-1])
         seed = self.seed if self.seed is not None else int(np.random.randint(2**31 - 1))
         batch_seq, eval_seq, augment_seq = np.random.SeedSequence(seed).spawn(3)
         self._batch_rng = np.random.default_rng(batch_seq)
@@ -243,15 +215,10 @@ class Solver(SolverBase):
         dropout_param = getattr(self.model, "dropout_param", None)
         if dropout_param is not None:
             dropout_param["step"] = self._t
-        loss, grads = self.model.loss(X_batch, y_batch)
+        loss, grads = self._loss(X_batch, y_batch)
+        for name, w in list(self.model.params.items()):
+            loss = self._update(name, w, grads[name], loss)
         self._pending_losses.append(loss)
-        params = self.model.params
-        for name, w in params.items():
-            if self.fused_updates:
-                optim.fused_update(self.update_rule, w, grads[name], self.optim_configs[name])
-            else:
-                params[name], self.optim_configs[name] = optim.RULES[self.update_rule](
-                    w, grads[name], self.optim_configs[name])
 
     def _read_losses(self):
         """Move pending losses to loss_history (one device read); stop on a non-finite one."""
@@ -313,7 +280,8 @@ class Solver(SolverBase):
         """model.params (and the norms' running statistics) <- the best seen."""
         if not self.best_params:
             return
-        self.model.params = {k: v.copy() for k, v in self.best_params.items()}
+        for name, best in self.best_params.items():  # into the arrays: params are never rebound
+            self.model.params[name][...] = best
         for key, bn_param in norm_params(self.model).items():
             bn_param.update({k: v.copy() for k, v in self._best_norms.get(key, {}).items()})
 
@@ -325,9 +293,9 @@ class Solver(SolverBase):
         bar = None
         if not self.best_params:  # the initial parameters: a finite fallback from the start
             self._keep_as_best()
-        with self._interrupt_to_checkpoint():
+        with stop_requests() as stop:
             try:
-                while self._t < total:
+                while self._t < total and not self._finished():
                     if self.progress and bar is None:
                         bar = self._progress_bar(per_epoch)
                     self._step()
@@ -340,9 +308,9 @@ class Solver(SolverBase):
                         self._read_losses()
                         if self.verbose and bar is None:
                             self._print(f"(Iteration {t + 1} / {total}) "
-                                        f"loss: {self.loss_history[-1]:f}")
+                                        f"loss: {self._last_loss():f}")
                         if bar is not None:
-                            bar.set_postfix(loss=f"{self.loss_history[-1]:.4f}")
+                            bar.set_postfix(loss=f"{self._last_loss():.4f}")
                     epoch_end = self._t % per_epoch == 0
                     if epoch_end:
                         self._read_losses()
@@ -357,14 +325,40 @@ class Solver(SolverBase):
                         self._read_losses()
                         self._record_accuracy()
                     if epoch_end:
+                        self._after_epoch()
                         self._write_checkpoints()
-                    if self._stop_requested:
-                        self._interrupted()
+                    if stop.requested:
+                        self._interrupted(stop.signum)
             finally:
                 if bar is not None:
                     bar.close()
         self._read_losses()
         self._restore_best()
+
+    # -- hooks (StackedSolver trains K members through the same loop) ---------
+    def _finished(self):
+        """True when nothing is left to train before the last iteration."""
+        return False
+
+    def _after_epoch(self):
+        """Called at each epoch end, after the accuracy check, before checkpoints."""
+
+    def _last_loss(self):
+        """The latest loss read, for printing (a Python float)."""
+        return self.loss_history[-1]
+
+    def _loss(self, X_batch, y_batch):
+        """(loss, grads) of one minibatch."""
+        return self.model.loss(X_batch, y_batch)
+
+    def _update(self, name, w, dw, loss):
+        """Update parameter `name` (the array w) with gradient dw; returns the step's loss."""
+        if self.fused_updates:  # in place: model.params[name] stays the same array
+            optim.fused_update(self.update_rule, w, dw, self.optim_configs[name])
+        else:
+            self.model.params[name], self.optim_configs[name] = optim.RULES[self.update_rule](
+                w, dw, self.optim_configs[name])
+        return loss
 
     def _decay_learning_rates(self):
         default = optim.DEFAULTS[self.update_rule]["learning_rate"]
@@ -412,8 +406,8 @@ class Solver(SolverBase):
                     configs[name][key] = value
         if self._epoch_order is not None:
             arrays["epoch_order"] = self._epoch_order
+        seed = getattr(self.model, "dropout_param", {}).get("seed")
         meta = {
-            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
             "fastnn_version": __version__,
             "model_class": type(self.model).__name__,
             "model_args": getattr(self.model, "init_args", None),
@@ -425,14 +419,20 @@ class Solver(SolverBase):
             "eval_rng": self._eval_rng.bit_generator.state,
             "augment_seed": self._augment_seed,
             # drawn at construction when the model was built without a seed
-            "dropout_seed": getattr(self.model, "dropout_param", {}).get("seed"),
+            "dropout_seed": seed if isinstance(seed, int) else None,
         }
-        write_npz(path, arrays, meta)
+        self._save_extra(arrays, meta)
+        write_checkpoint(path, arrays, meta)
+
+    def _save_extra(self, arrays, meta):
+        """Add what a subclass keeps beyond Solver's state to a checkpoint's arrays and meta."""
+
+    def _load_extra(self, arrays, meta, path):
+        """Restore what _save_extra wrote (called before the model state is restored)."""
 
     def load_checkpoint(self, path):
         """Restore the state save_checkpoint wrote; train() then continues from there."""
-        arrays, meta = read_npz(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
-        arrays = _upgrade_checkpoint(arrays, meta["format_version"])
+        arrays, meta = read_checkpoint(path)
         if meta.get("model_class") != type(self.model).__name__ or (
                 meta.get("model_args") != getattr(self.model, "init_args", None)):
             raise ValueError(f"{path} is incompatible: it was written for {meta.get('model_class')}"
@@ -446,6 +446,7 @@ class Solver(SolverBase):
         def section(prefix):
             return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
+        self._load_extra(arrays, meta, path)
         set_model_state(self.model, section("model/"), path)
         self.best_params = {k: xp.asarray(v) for k, v in section("best/").items()}
         self._best_norms = {}
@@ -468,33 +469,10 @@ class Solver(SolverBase):
         self._eval_rng.bit_generator.state = meta["eval_rng"]
         self._augment_seed = int(meta["augment_seed"])
         if meta.get("dropout_seed") is not None:
-            self.model.dropout_param["seed"] = int(meta["dropout_seed"])
+            self.model.dropout_param["seed"] = meta["dropout_seed"]
 
-    # -- Ctrl-C ---------------------------------------------------------------
-    _stop_requested = False
-
-    @contextlib.contextmanager
-    def _interrupt_to_checkpoint(self):
-        """While training, Ctrl-C (or SIGTERM) finishes the current step, then saves and stops."""
-        self._stop_requested = False
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def request_stop(signum, frame):
-            if self._stop_requested:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
-            self._stop_requested = signum
-
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def _interrupted(self):
-        signum = self._stop_requested
+    # -- Ctrl-C (fastnn.interrupt) -----------------------------------------------
+    def _interrupted(self, signum):
         path = self.checkpoint_path
         if path is None and self.checkpoint_name is not None:
             path = f"{self.checkpoint_name}_interrupted.npz"
@@ -503,7 +481,6 @@ class Solver(SolverBase):
             message = f"interrupted at iteration {self._t}; state saved to {path}"
         else:
             message = f"interrupted at iteration {self._t}; no checkpoint_path was set, nothing saved"
-        self._stop_requested = False
         if signum == signal.SIGTERM:
             message = f"stopped by SIGTERM: {message}"
         raise TrainingInterrupted(message, path, signal.Signals(signum))

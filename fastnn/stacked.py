@@ -14,30 +14,22 @@ rounding decides: with batchnorm, a bias that feeds a batchnorm layer has a
 true gradient of 0, and Adam turns the round-off it gets instead into
 steps of up to lr, in a stack as in a lone net.)
 
-Layout (K members, layer widths D = input_dim, H1, ..., HL-1, C):
+There is no second network here: `StackedFullyConnectedNet` is a
+`FullyConnectedNet` whose parameters have a leading member axis, and its
+`loss` is FullyConnectedNet's, computed by the same layers (fastnn.layers
+take a member axis: see its docstring); `StackedSolver` is a `Solver` (the
+same loop, batches, schedules, printing, progress bar, checkpoints and
+Ctrl-C handling) whose bookkeeping is per member.
 
-- W1 (D, K, H1): reshaped for free to (D, K*H1), so the first layer is ONE
-  matrix product over the shared minibatch; b1 (K, H1).
-- Wi (K, Hi-1, Hi) for i > 1, bi (K, Hi): batched matrix products.
-- gammai, betai (K, Hi); running statistics (K, Hi) in `bn_params`.
-- Hidden activations are kept feature-major, (K, H, N): every product is
-  then on C-contiguous or transposed operands (BLAS reads both without a
-  copy), the first layer's (K*H1, N) output is the transposed problem
-  (as fast as the (N, K*H1) product on idle cores, and 3-4x faster than it
-  in our measurements when other processes share the cores), and
-  batchnorm of the rows of (K*H, N) (`batchnorm_rows_*` ops, each feature a
-  contiguous row) is per-member batchnorm.
+Layout (K members, layer widths D = input_dim, H1, ..., HL-1, C): every
+parameter is (K, ...) (`member_blocks` views any of them, its gradient or
+optimizer state as the (A, K, B) blocks the update ops take); W1 (K, D, H1)
+is a view of a (D, K, H1) array, so the first layer is ONE matrix product
+over the shared minibatch. Members are named by their index in the
+`members` list given to the constructor (their id); ids stay the same when
+other members leave the stack (`remove_members`).
 
-A stack declares each parameter's role (`param_roles`, as FullyConnectedNet)
-and its member axis (`member_axes`); `as_member_blocks` views any
-parameter-shaped array as (A, K, B), the form the stacked kernel
-ops (`fastnn.kernels` `*_stacked*`) take. Members are named by their index
-in the `members` list given to the constructor (their id); ids stay the
-same when other members leave the stack (`remove_members`).
-
-Everything is written against the array namespace of the parameters:
-numpy (Numba kernels) or cupy (the kernels' reference versions; the cupy
-path has not been run yet, for want of a GPU where it was written). The
+Everything is written against the array namespace of the parameters. The
 training step does no host/device synchronisation: per-member learning
 rates live on the device as float64, losses stay there until the epoch end.
 """
@@ -45,27 +37,25 @@ import math
 
 import numpy as np
 
-from fastnn import kernels, optim, schedules
-from fastnn.backend import get_array_module, get_backend, to_numpy, use_backend, xp as active_xp
+from fastnn import optim
+from fastnn.backend import get_array_module, to_numpy, use_backend, xp as active_xp
 from fastnn.classifiers import FullyConnectedNet
-from fastnn.kernels.reference import dropout_seed_keys, keep_threshold
-from fastnn.solver import SolverBase, check_augment
+from fastnn.classifiers.base import member_blocks
+from fastnn.serialization import STATISTICS
+from fastnn.solver import Solver
 
 MEMBER_DEFAULTS = {"weight_scale": 1e-2, "reg": 0.0, "dropout": 0.0}
 MEMBER_KEYS = ("weight_scale", "reg", "dropout", "seed")
-BN_EPS = 1e-5        # batchnorm_forward's defaults, which FullyConnectedNet uses
-BN_MOMENTUM = 0.9
+PER_MEMBER = ("learning_rate", "weight_decay")   # hyperparameters that may differ per member
+EVAL_BATCH_SIZE = 512
 
 
-def as_member_blocks(a, axis):
-    """View an array whose members lie along `axis` as (A, K, B); member k owns [:, k, :]."""
-    return a.reshape(math.prod(a.shape[:axis]), a.shape[axis], math.prod(a.shape[axis + 1:]))
-
-
-def take_members(a, axis, index):
-    """The members `index` (an index array of a's module) of `a`, members along `axis`."""
+def take_members(a, index):
+    """Members `index` (positions, an index array of a's module) of `a` (K, ...), its layout kept."""
     xp = get_array_module(a, index)
-    return xp.take(a, index, axis=axis)
+    perm = sorted(range(a.ndim), key=lambda i: (-a.strides[i], i))
+    taken = xp.take(a.transpose(perm), index, axis=perm.index(0))
+    return taken.transpose(np.argsort(perm))
 
 
 def _check_member(index, member):
@@ -83,7 +73,7 @@ def _check_member(index, member):
             "dropout": float(m["dropout"]), "seed": int(m["seed"])}
 
 
-class StackedFullyConnectedNet:
+class StackedFullyConnectedNet(FullyConnectedNet):
     """K FullyConnectedNets of one architecture, held and computed as one.
 
     hidden_dims, input_dim, num_classes, use_batchnorm, dtype: shared, as in
@@ -96,26 +86,31 @@ class StackedFullyConnectedNet:
 
     def __init__(self, hidden_dims, members, input_dim=3 * 32 * 32, num_classes=10,
                  use_batchnorm=False, dtype=np.float32):
-        self.hidden_dims = [int(h) for h in hidden_dims]
-        if not self.hidden_dims:
+        hidden_dims = [int(h) for h in hidden_dims]
+        if not hidden_dims:
             raise ValueError("a stack needs at least one hidden layer (hidden_dims is empty)")
         members = [_check_member(i, m) for i, m in enumerate(members)]
         if not members:
             raise ValueError("a stack needs at least one member")
-        self.input_dim, self.num_classes = int(input_dim), int(num_classes)
-        self.use_batchnorm = bool(use_batchnorm)
         self.dtype = np.dtype(dtype)
-        self.num_layers = len(self.hidden_dims) + 1
-        self.dims = [self.input_dim, *self.hidden_dims, self.num_classes]
+        self.hidden_dims, self.input_dim, self.num_classes = hidden_dims, int(input_dim), int(num_classes)
+        self.use_batchnorm = bool(use_batchnorm)
+        self.normalization = "batchnorm" if self.use_batchnorm else None
+        self.ln_params = []  # layernorm members are not stacked yet
+        self.num_layers = len(hidden_dims) + 1
+        self.dims = [self.input_dim, *hidden_dims, self.num_classes]
+        self.init_args = dict(hidden_dims=hidden_dims, members=members, input_dim=self.input_dim,
+                              num_classes=self.num_classes, use_batchnorm=self.use_batchnorm,
+                              dtype=self.dtype.name)
         self.members = members
         self.member_ids = list(range(len(members)))
-        self.backend = get_backend()
-        self._init_params()
+        self._init_member_params()
+        self._set_member_values()
 
-    def _init_params(self):
-        """Each member's W_i from its own default_rng(seed), in FullyConnectedNet's order."""
-        xp, k_count = active_xp(), len(self.members)
-        layers = list(enumerate(zip(self.dims[:-1], self.dims[1:]), start=1))
+    def _init_member_params(self):
+        """Each member's parameters from its own default_rng(seed), in FullyConnectedNet's order."""
+        k_count, dims = len(self.members), self.dims
+        layers = list(enumerate(zip(dims[:-1], dims[1:]), start=1))
         weights = {i: np.empty((fan_in, k_count, fan_out) if i == 1 else (k_count, fan_in, fan_out),
                                dtype=self.dtype) for i, (fan_in, fan_out) in layers}
         for k, member in enumerate(self.members):
@@ -126,38 +121,44 @@ class StackedFullyConnectedNet:
                     weights[i][:, k, :] = w
                 else:
                     weights[i][k] = w
-        self.params, self.param_roles, self.member_axes = {}, {}, {}
-
-        def add(name, value, role, axis=0):
-            self.params[name], self.param_roles[name], self.member_axes[name] = value, role, axis
-
+        self._start_params()
         for i, (_, fan_out) in layers:
-            add(f"W{i}", xp.asarray(weights[i]), "weight", 1 if i == 1 else 0)
-            add(f"b{i}", xp.zeros((k_count, fan_out), dtype=self.dtype), "bias")
+            self._add_param(f"W{i}", weights[i], "weight")
+            if i == 1:  # (K, D, H1), a view of the (D, K, H1) array: one product per layer
+                self.params["W1"] = self.params["W1"].transpose(1, 0, 2)
+            self._add_param(f"b{i}", np.zeros((k_count, fan_out)), "bias")
             if self.use_batchnorm and i < self.num_layers:
-                add(f"gamma{i}", xp.ones((k_count, fan_out), dtype=self.dtype), "scale")
-                add(f"beta{i}", xp.zeros((k_count, fan_out), dtype=self.dtype), "shift")
-        self.bn_params = [{"running_mean": xp.zeros((k_count, h), dtype=self.dtype),
-                           "running_var": xp.zeros((k_count, h), dtype=self.dtype)}
-                          for h in self.hidden_dims] if self.use_batchnorm else []
-        self._set_member_values()
+                self._add_param(f"gamma{i}", np.ones((k_count, fan_out)), "scale")
+                self._add_param(f"beta{i}", np.zeros((k_count, fan_out)), "shift")
+                self._add_norm(i, (k_count, fan_out))
+        self.bn_params = list(self.norm_params.values())
 
     def _set_member_values(self):
-        """Per-member constants on the device: reg, dropout keys, thresholds and scales."""
-        xp, dtype, members = active_xp_of(self), self.dtype, self.members
+        """Per-member constants: reg (on the device), dropout p and seeds (the layers' own)."""
+        xp, members = get_array_module(*self.params.values()), self.members
         regs = np.array([m["reg"] for m in members], dtype=np.float64)
+        self.reg = regs
         self._any_reg = bool(np.any(regs))
-        self._reg = xp.asarray(regs.astype(dtype))
-        self._half_reg = xp.asarray((0.5 * regs).astype(dtype))
-        ps = [m["dropout"] for m in members]
-        self._use_dropout = any(p > 0 for p in ps)
-        # FullyConnectedNet's layer i draws its mask with seed (seed + i)
-        seeds = [m["seed"] for m in members]
-        self._dropout_keys = xp.asarray(np.stack([dropout_seed_keys([s + i for s in seeds])
-                                                  for i in range(1, self.num_layers)]))
-        self._keep_thresholds = xp.asarray(np.array([keep_threshold(p) for p in ps],
-                                                    dtype=np.uint64))
-        self._dropout_scales = xp.asarray(np.array([1.0 / (1.0 - p) for p in ps], dtype=dtype))
+        self._reg = xp.asarray(regs.astype(self.dtype))
+        self._half_reg = xp.asarray((0.5 * regs).astype(self.dtype))
+        ps = np.array([m["dropout"] for m in members])
+        self.use_dropout = bool(np.any(ps > 0))
+        # FullyConnectedNet's layer i draws its mask with seed (seed + i), per member
+        self.dropout_param = {"mode": "train", "p": ps, "step": getattr(self, "dropout_param", {}).get("step", 0),
+                              "seed": np.array([m["seed"] for m in members], dtype=np.int64)}
+
+    def _add_l2(self, xp, loss, grads):
+        """Member k's loss + 0.5 * reg_k * sum of its W**2; its grads get reg_k * W."""
+        if not self._any_reg:
+            return loss
+        from fastnn import kernels
+
+        ops = kernels.for_module(xp)
+        for name in self.weight_names():
+            sums = ops.l2_stacked_(member_blocks(grads[name]), member_blocks(self.params[name]),
+                                   self._reg)
+            loss = loss + self._half_reg * sums
+        return loss
 
     @property
     def num_members(self):
@@ -172,123 +173,25 @@ class StackedFullyConnectedNet:
             raise KeyError(f"member {member_id!r} is not in the stack; its members are "
                            f"{self.member_ids}") from None
 
-    # -- forward and backward ------------------------------------------------
-    def loss(self, X, y=None, step=0):
-        """Scores of every member, or their losses and gradients.
+    def loss(self, X, y=None, step=None, l2=True):
+        """Scores of every member, or their losses and gradients (FullyConnectedNet.loss).
 
         X (N, d1, ...) with d1*... = input_dim; y (N,) integer labels or None.
-        step: the dropout step (StackedSolver passes its iteration), as
-        FullyConnectedNet's dropout_param["step"].
-        Returns scores (K, N, C) when y is None (test mode: running batchnorm
-        statistics, no dropout); else (losses (K,) array on the device,
-        grads dict keyed and shaped like params). Member k's loss is its
-        softmax loss + 0.5 * reg_k * sum of its W**2.
-        """
-        return self._loss(X, y, step)
-
-    def _loss(self, X, y, step, grads_out=None, with_l2=True):
-        """loss(); grads_out: optional {name: array shaped like params[name]} written into.
-
-        with_l2=False leaves the L2 term out of losses and grads (StackedSolver's
-        update kernels add it while they read the weights anyway).
+        step: the dropout step (default: dropout_param["step"], which
+        StackedSolver advances). Returns scores (K, N, C) when y is None
+        (test mode); else (losses (K,) on the device, grads keyed and laid
+        out like params). Member k's loss is its softmax loss + 0.5 * reg_k *
+        sum of its W**2 (left out with l2=False).
         """
         if not self.member_ids:
             raise ValueError("the stack has no members left")
-        xp = get_array_module(X, *self.params.values())
-        ops = kernels.for_module(xp)
-        scores, cache = self._forward(xp, ops, X, y is not None, step)
-        if y is None:
-            return scores
-        losses, dscores = ops.softmax_loss_stacked(scores, y)
-        grads = self._backward(xp, ops, dscores, cache, step, grads_out or {})
-        if with_l2 and self._any_reg:
-            for name in (n for n, role in self.param_roles.items() if role == "weight"):
-                axis = self.member_axes[name]
-                sum_squares = ops.l2_stacked_(as_member_blocks(grads[name], axis),
-                                              as_member_blocks(self.params[name], axis), self._reg)
-                losses = losses + self._half_reg * sum_squares
-        return losses, grads
-
-    def _forward(self, xp, ops, X, train, step):
-        p, k_count, n = self.params, self.num_members, X.shape[0]
-        x2d = X.reshape(n, -1)
-        if x2d.shape[1] != self.input_dim:
-            raise ValueError(f"X of shape {X.shape} has {x2d.shape[1]} features per example; "
+        width = math.prod(X.shape[1:])
+        if width != self.input_dim:
+            raise ValueError(f"X of shape {X.shape} has {width} features per example; "
                              f"the stack expects input_dim={self.input_dim}")
-        hidden = None          # (K, H, N)
-        layer_inputs, layer_caches = [], []
-        for i in range(1, self.num_layers):
-            width = self.dims[i]
-            if i == 1:  # the one wide product: (K*H1, D) @ (D, N)
-                a = xp.matmul(p["W1"].reshape(self.input_dim, k_count * width).T, x2d.T)
-            else:       # (K, H, Hprev) @ (K, Hprev, N)
-                a = xp.matmul(p[f"W{i}"].transpose(0, 2, 1), hidden).reshape(k_count * width, n)
-            a += p[f"b{i}"].reshape(k_count * width, 1)
-            bn_cache = None
-            if self.use_batchnorm:
-                a, bn_cache = self._batchnorm_forward(xp, ops, a, i, train)
-            relu_out = ops.relu_forward(a)
-            hidden = relu_out.reshape(k_count, width, n)
-            if train and self._use_dropout:
-                hidden = ops.dropout_stacked_forward(
-                    hidden.transpose(2, 0, 1), self._dropout_keys[i - 1], self._keep_thresholds,
-                    self._dropout_scales, step).transpose(1, 2, 0)
-            layer_caches.append((relu_out, bn_cache))
-            layer_inputs.append(hidden)
-        last = self.num_layers
-        scores = xp.matmul(hidden.transpose(0, 2, 1), p[f"W{last}"])   # (K, N, C)
-        scores += p[f"b{last}"][:, None, :]
-        return scores, (x2d, layer_inputs, layer_caches)
-
-    def _batchnorm_forward(self, xp, ops, a, i, train):
-        """Batchnorm of each row of a (K*H, N) over its N examples: per-member batchnorm."""
-        k_count, width = self.num_members, self.dims[i]
-        gamma = self.params[f"gamma{i}"].reshape(-1)
-        beta = self.params[f"beta{i}"].reshape(-1)
-        bn = self.bn_params[i - 1]
-        if train:
-            out, x_hat, inv_std, mean, var = ops.batchnorm_rows_train_forward(a, gamma, beta,
-                                                                              BN_EPS)
-            bn["running_mean"] = (BN_MOMENTUM * bn["running_mean"]
-                                  + (1 - BN_MOMENTUM) * mean.reshape(k_count, width))
-            bn["running_var"] = (BN_MOMENTUM * bn["running_var"]
-                                 + (1 - BN_MOMENTUM) * var.reshape(k_count, width))
-            return out, (x_hat, gamma, inv_std)
-        scale = gamma / xp.sqrt(bn["running_var"].reshape(-1) + a.dtype.type(BN_EPS))
-        shift = beta - bn["running_mean"].reshape(-1) * scale
-        return a * scale[:, None] + shift[:, None], None
-
-    def _backward(self, xp, ops, dscores, cache, step, grads_out):
-        """dscores (K, N, C) -> grads keyed like params (no gradient for X)."""
-        x2d, layer_inputs, layer_caches = cache
-        p, k_count, n = self.params, self.num_members, x2d.shape[0]
-        last = self.num_layers
-        grads = {f"W{last}": xp.matmul(layer_inputs[-1], dscores),   # (K, H, N) @ (K, N, C)
-                 f"b{last}": dscores.sum(axis=1)}
-        dhidden = xp.matmul(p[f"W{last}"], dscores.transpose(0, 2, 1))  # (K, H, N)
-        for i in range(last - 1, 0, -1):
-            width = self.dims[i]
-            relu_out, bn_cache = layer_caches[i - 1]
-            if self._use_dropout:
-                dhidden = ops.dropout_stacked_backward(
-                    dhidden.transpose(2, 0, 1), self._dropout_keys[i - 1], self._keep_thresholds,
-                    self._dropout_scales, step).transpose(1, 2, 0)
-            da = ops.relu_backward(dhidden.reshape(k_count * width, n), relu_out)  # (K*H, N)
-            if bn_cache is not None:
-                da, dgamma, dbeta = ops.batchnorm_rows_backward(da, *bn_cache)
-                grads[f"gamma{i}"] = dgamma.reshape(k_count, width)
-                grads[f"beta{i}"] = dbeta.reshape(k_count, width)
-            grads[f"b{i}"] = da.sum(axis=1).reshape(k_count, width)
-            if i == 1:  # the one wide product: (D, N) @ (N, K*H1)
-                out = grads_out.get("W1")
-                dw = xp.matmul(x2d.T, da.T, out=None if out is None
-                               else out.reshape(self.input_dim, k_count * width))
-                grads["W1"] = dw.reshape(self.input_dim, k_count, width)
-            else:
-                da = da.reshape(k_count, width, n)
-                grads[f"W{i}"] = xp.matmul(layer_inputs[i - 2], da.transpose(0, 2, 1))
-                dhidden = xp.matmul(p[f"W{i}"], da)   # (K, Hprev, H) @ (K, H, N)
-        return {name: grads[name] for name in p}
+        if step is not None:
+            self.dropout_param["step"] = step
+        return super().loss(X, y, l2=l2)
 
     # -- members -------------------------------------------------------------
     def member_state(self, member_id):
@@ -298,10 +201,8 @@ class StackedFullyConnectedNet:
         statistics: one dict per hidden layer ([] without batchnorm).
         """
         k = self.position(member_id)
-        params = {name: xp_take_one(a, self.member_axes[name], k).copy()
-                  for name, a in self.params.items()}
-        running = [{key: bn[key][k].copy() for key in ("running_mean", "running_var")}
-                   for bn in self.bn_params]
+        params = {name: a[k].copy() for name, a in self.params.items()}
+        running = [{key: bn[key][k].copy() for key in STATISTICS} for bn in self.bn_params]
         return params, running
 
     def member(self, member_id):
@@ -320,12 +221,12 @@ class StackedFullyConnectedNet:
             raise KeyError(f"members {unknown} are not in the stack; its members are "
                            f"{self.member_ids}")
         keep = [k for k, mid in enumerate(self.member_ids) if mid not in drop]
-        xp = active_xp_of(self)
+        xp = get_array_module(*self.params.values())
         index = xp.asarray(np.array(keep, dtype=np.int64))
-        self.params = {name: take_members(a, self.member_axes[name], index)
-                       for name, a in self.params.items()}
+        for name, a in self.params.items():
+            self.params[name] = take_members(a, index)
         for bn in self.bn_params:
-            for key in ("running_mean", "running_var"):
+            for key in STATISTICS:
                 bn[key] = xp.take(bn[key], index, axis=0)
         self.member_ids = [self.member_ids[k] for k in keep]
         self.members = [self.members[k] for k in keep]
@@ -333,32 +234,19 @@ class StackedFullyConnectedNet:
         return keep
 
 
-def xp_take_one(a, axis, k):
-    """Member k's slice of `a` (members along `axis`), a view."""
-    return a[(slice(None),) * axis + (k,)]
-
-
-def active_xp_of(stack):
-    """The array module the stack's parameters live in."""
-    return get_array_module(stack.params["W1"]) if getattr(stack, "params", None) else active_xp()
-
-
-# -- training -----------------------------------------------------------------
-_PER_MEMBER = ("learning_rate", "weight_decay")   # hyperparameters that may differ per member
-EVAL_BATCH_SIZE = 512
-
-
-class StackedSolver(SolverBase):
+class StackedSolver(Solver):
     """Train every member of a StackedFullyConnectedNet at once, as K Solvers would.
 
     data: X_train, y_train, X_val, y_val (as for Solver). update_rule: a
-    fastnn.optim rule. optim_configs: one dict per member (in the stack's
-    order) with its learning_rate (and, for adamw, weight_decay); the other
-    hyperparameters (beta1, momentum, ...) must be the same for all. The
-    remaining options mean what they mean for Solver: for the same seed the
-    same minibatches, augmentation, dropout steps, learning rates and
-    accuracy subsamples. Histories are per member and every loss is kept;
-    losses are read (and non-finite ones detected) at epoch ends.
+    fastnn.optim rule ("adam"). optim_configs: one dict per member (in the
+    stack's order) with its learning_rate (and, for adamw, weight_decay);
+    the other hyperparameters (beta1, momentum, ...) must be the same for
+    all. The other options are Solver's and mean what they mean there (for
+    the same seed: the same minibatches, augmentation, dropout steps,
+    learning rates and accuracy subsamples; checkpoint_path, progress,
+    print_every, verbose (False here)). Histories are per member and every
+    loss is kept; losses are read (and non-finite ones detected) at epoch
+    ends and when printed.
 
     on_epoch_end(epoch, val_accs) is called after each epoch's accuracies
     with val_accs {member_id: float}; it may return member ids to prune.
@@ -368,58 +256,36 @@ class StackedSolver(SolverBase):
     gives a FullyConnectedNet with its best parameters.
     """
 
-    def __init__(self, stack, data, update_rule="adam", optim_configs=None, lr_decay=1.0,
-                 lr_schedule=None, lr_schedule_config=None, batch_size=128, num_epochs=10,
-                 num_train_samples=1000, num_val_samples=None, seed=None, augment=None,
-                 sampling="epoch", on_epoch_end=None, verbose=False):
-        if update_rule not in optim.RULES:
-            raise ValueError(f"unknown update rule {update_rule!r}; choose one of "
-                             f"{sorted(optim.RULES)}")
-        if sampling not in ("epoch", "replacement"):
-            raise ValueError(f"sampling must be 'epoch' or 'replacement', got {sampling!r}")
-        if int(batch_size) < 1 or int(num_epochs) < 0:
-            raise ValueError(f"batch_size must be >= 1 and num_epochs >= 0; got {batch_size}, "
-                             f"{num_epochs}")
-        missing = [k for k in ("X_train", "y_train", "X_val", "y_val") if k not in data]
-        if missing:
-            raise ValueError(f"data is missing {missing}; it needs X_train, y_train, X_val, y_val")
-        self.stack = stack
-        self.update_rule = update_rule
-        self.lr_decay, self.batch_size, self.num_epochs = lr_decay, int(batch_size), int(num_epochs)
-        self.lr_schedule = lr_schedule
-        self.lr_schedule_config = schedules.check_schedule(lr_schedule, lr_schedule_config)
-        self.num_train_samples, self.num_val_samples = num_train_samples, num_val_samples
-        self.sampling, self.on_epoch_end, self.verbose = sampling, on_epoch_end, verbose
-        self.augment = check_augment(augment, data["X_train"])
-        self._xp = xp = active_xp_of(stack)
-        self._ops = kernels.for_module(xp)
-        dtype = stack.dtype
-        self.X_train, self.y_train = self._to_device(data["X_train"], data["y_train"], "train", dtype)
-        self.X_val, self.y_val = self._to_device(data["X_val"], data["y_val"], "val", dtype)
-        self._check_labels(stack.num_classes)
-        configs = self._check_configs(optim_configs)
-        seed = seed if seed is not None else int(np.random.randint(2**31 - 1))
-        batch_seq, eval_seq, augment_seq = np.random.SeedSequence(seed).spawn(3)
-        self._batch_rng = np.random.default_rng(batch_seq)
-        self._eval_rng = np.random.default_rng(eval_seq)
-        self._augment_seed = int(augment_seq.generate_state(1)[0])
-        # per-member rates in float64 on the device: the Solver's Python floats, exactly
-        self._base_lr = xp.asarray(np.array([c["learning_rate"] for c in configs], np.float64))
-        self._lr = self._base_lr.copy()
-        self._weight_decay = xp.asarray(np.array([c.get("weight_decay", 0.0) for c in configs],
-                                                 np.float64))
-        self._state = {name: {key: xp.zeros_like(w) for key in optim.SPECS[update_rule].state}
-                       for name, w in stack.params.items()}
-        self._grad_buffers = {"W1": xp.empty_like(stack.params["W1"])}
-        self.epoch, self._t = 0, 0
-        self._epoch_order, self._batch, self._pending_losses = None, None, []
+    def __init__(self, stack, data, update_rule="adam", optim_configs=None, on_epoch_end=None,
+                 verbose=False, **options):
+        if "optim_config" in options:
+            raise ValueError("StackedSolver takes optim_configs, one dict per member")
+        self.stack, self.on_epoch_end = stack, on_epoch_end
+        self._member_configs = optim_configs
+        super().__init__(stack, data, update_rule=update_rule, verbose=verbose, **options)
+
+    # -- setup -----------------------------------------------------------------
+    def _reset(self):
+        super()._reset()
+        stack, xp = self.stack, self._xp
+        configs = self._check_configs(self._member_configs)
+        lr = xp.asarray(np.array([c["learning_rate"] for c in configs], np.float64))
+        decay = xp.asarray(np.array([c.get("weight_decay", 0.0) for c in configs], np.float64))
+        self.optim_configs = {}
+        for name in stack.params:
+            config = {**self._shared, "learning_rate": lr}
+            if self.update_rule == "adamw":  # the weights only, as Solver
+                config["weight_decay"] = decay if stack.param_roles[name] == "weight" else 0.0
+            self.optim_configs[name] = config
+        self._base_lr = {name: lr for name in stack.params}
+        # the update ops add reg_k * W to the weights' gradients as they read W
+        self._fused_l2 = self.fused_updates and stack._any_reg
         self.results = {mid: {"status": "training", "best_val_acc": 0.0, "loss_history": [],
                               "train_acc_history": [], "val_acc_history": [],
                               "member": dict(m), "optim_config": dict(c)}
                         for mid, m, c in zip(stack.member_ids, stack.members, configs)}
-        self._best = {}
+        self._best, self._val_accs = {}, {}
 
-    # -- setup -----------------------------------------------------------------
     def _check_configs(self, optim_configs):
         """One filled config per member; the shared hyperparameters kept in self._shared."""
         k_count = self.stack.num_members
@@ -435,52 +301,35 @@ class StackedSolver(SolverBase):
                 config.setdefault(key, value)
         self._shared = {}
         for key in defaults:
-            if key in _PER_MEMBER:
+            if key in PER_MEMBER:
                 continue
             values = {c[key] for c in configs}
             if len(values) > 1:
                 raise ValueError(f"{key!r} differs between members ({sorted(values)}); a stack "
-                                 f"shares every hyperparameter but {list(_PER_MEMBER)}")
+                                 f"shares every hyperparameter but {list(PER_MEMBER)}")
             self._shared[key] = configs[0][key]
         return configs
 
     # -- the training step -------------------------------------------------------
-    def _step(self):
-        t = self._t
-        if self.lr_schedule:  # as Solver: base * lr_decay**epoch * schedule factor
-            self._lr = self._base_lr * self._scheduled_factor()
-        X_batch, y_batch = self._next_batch(t)
+    def _loss(self, X_batch, y_batch):
+        return self.stack.loss(X_batch, y_batch, l2=not self._fused_l2)
+
+    def _update(self, name, w, dw, loss):
+        """One fused in-place update of every member's `name` (member_blocks of it)."""
         stack = self.stack
-        losses, grads = stack._loss(X_batch, y_batch, t, self._grad_buffers, with_l2=False)
-        for sum_squares in self._update(grads, t + 1):  # the L2 term, one weight matrix each
-            losses = losses + stack._half_reg * sum_squares
-        self._pending_losses.append(losses)
+        l2 = stack._reg if self._fused_l2 and stack.param_roles[name] == "weight" else None
+        sums = optim.fused_step(self.update_rule, member_blocks(w), member_blocks(dw),
+                                self.optim_configs[name], l2=l2)
+        return loss if l2 is None else loss + stack._half_reg * sums
 
-    def _update(self, grads, t):
-        """One fused in-place update per parameter, every member at once.
+    # -- losses, accuracy, pruning -----------------------------------------------
+    def _finished(self):
+        return not self.stack.num_members
 
-        grads come without the L2 term: the kernels add reg_k * W to each
-        weight matrix's gradient as they read W, and return the per-member
-        sum(W**2) they saw (listed, one per weight matrix, when any reg > 0).
-        """
-        rule, stack = self.update_rule, self.stack
-        keys = optim.SPECS[rule].state
-        sums = []
-        for name, w in stack.params.items():
-            axis = stack.member_axes[name]
-            w, dw = as_member_blocks(w, axis), as_member_blocks(grads[name], axis)
-            state = [as_member_blocks(self._state[name][key], axis) for key in keys]
-            weight = stack.param_roles[name] == "weight"
-            l2 = stack._reg if stack._any_reg and weight else None
-            # Solver decays weight matrices only
-            config = {**self._shared, "learning_rate": self._lr, "t": t,
-                      "weight_decay": self._weight_decay if weight else 0.0}
-            sum_squares = optim.update_(rule, w, dw, state, config, l2=l2)
-            if l2 is not None:
-                sums.append(sum_squares)
-        return sums
+    def _last_loss(self):
+        return float(np.mean([self.results[mid]["loss_history"][-1]
+                              for mid in self.stack.member_ids])) if self.stack.num_members else 0.0
 
-    # -- epoch ends --------------------------------------------------------------
     def _read_losses(self):
         """Pending losses to the histories (one device read); members with a non-finite one fail."""
         if not self._pending_losses:
@@ -495,7 +344,7 @@ class StackedSolver(SolverBase):
                 failed.append(mid)
         if failed:
             if self.verbose:
-                print(f"(Epoch {self.epoch}) members {failed} failed: non-finite loss")
+                self._print(f"(Epoch {self.epoch}) members {failed} failed: non-finite loss")
             self._drop(failed, "failed")
 
     def _correct_counts(self, X, y, num_samples):
@@ -511,23 +360,20 @@ class StackedSolver(SolverBase):
                 axis=1)
         return correct, n
 
-    def _finite_members(self):
-        """(K,) bool on the device: every parameter of the member is finite."""
-        xp, finite = self._xp, None
-        for name, w in self.stack.params.items():
-            ok = xp.isfinite(as_member_blocks(w, self.stack.member_axes[name])).all(axis=(0, 2))
-            finite = ok if finite is None else finite & ok
-        return finite
-
     def _record_accuracy(self):
         """Train and val accuracy of every member (one device read); keep the best parameters."""
+        if not self.stack.num_members:
+            return
         xp = self._xp
         train_correct, n_train = self._correct_counts(self.X_train, self.y_train,
                                                       self.num_train_samples)
         val_correct, n_val = self._correct_counts(self.X_val, self.y_val, self.num_val_samples)
-        counts = to_numpy(xp.stack([train_correct, val_correct,
-                                    self._finite_members().astype(np.int64)]))
-        val_accs = {}
+        finite = None
+        for w in self.stack.params.values():
+            ok = xp.isfinite(member_blocks(w)).all(axis=(0, 2))
+            finite = ok if finite is None else finite & ok
+        counts = to_numpy(xp.stack([train_correct, val_correct, finite.astype(np.int64)]))
+        self._val_accs = {}
         for k, mid in enumerate(self.stack.member_ids):
             result = self.results[mid]
             train_acc = int(counts[0, k]) / max(n_train, 1)
@@ -538,12 +384,24 @@ class StackedSolver(SolverBase):
             if val_acc > result["best_val_acc"] and counts[2, k]:
                 result["best_val_acc"] = val_acc
                 self._best[mid] = self.stack.member_state(mid)
-            val_accs[mid] = val_acc
+            self._val_accs[mid] = val_acc
         if self.verbose:
-            best = max(val_accs.items(), key=lambda item: item[1], default=(None, 0.0))
-            print(f"(Epoch {self.epoch} / {self.num_epochs}) {len(val_accs)} members; "
-                  f"best val_acc {best[1]:f} (member {best[0]})")
-        return val_accs
+            best = max(self._val_accs.items(), key=lambda item: item[1], default=(None, 0.0))
+            self._print(f"(Epoch {self.epoch} / {self.num_epochs}) {len(self._val_accs)} members; "
+                        f"best val_acc {best[1]:f} (member {best[0]})")
+
+    def _after_epoch(self):
+        if self.on_epoch_end is not None and self.stack.num_members:
+            pruned = self.on_epoch_end(self.epoch, dict(self._val_accs))
+            if pruned:
+                self.remove_members(list(pruned), status="pruned")
+
+    def _keep_as_best(self):
+        for mid in self.stack.member_ids:  # the initial parameters: a finite fallback
+            self._best.setdefault(mid, self.stack.member_state(mid))
+
+    def _restore_best(self):
+        """The stack keeps training's last parameters; best_model(member_id) has the best."""
 
     def remove_members(self, member_ids, status="pruned"):
         """Members `member_ids` leave the stack (and their optimizer state with them)."""
@@ -559,44 +417,25 @@ class StackedSolver(SolverBase):
 
     def _drop(self, member_ids, status):
         keep = self.stack.remove_members(member_ids)
-        index = self._xp.asarray(np.array(keep, dtype=np.int64))
-        axes = self.stack.member_axes
-        self._state = {name: {key: take_members(a, axes[name], index) for key, a in state.items()}
-                       for name, state in self._state.items()}
-        self._base_lr = self._base_lr[index]
-        self._lr = self._lr[index]
-        self._weight_decay = self._weight_decay[index]
-        self._grad_buffers = {"W1": self._xp.empty_like(self.stack.params["W1"])}
+        self._keep_configs(keep)
         for mid in member_ids:
             self.results[mid]["status"] = status
+
+    def _keep_configs(self, keep):
+        """The optimizer state and per-member hyperparameters of the members at `keep`."""
+        index = self._xp.asarray(np.array(keep, dtype=np.int64))
+        for config in self.optim_configs.values():
+            for key, value in config.items():
+                if hasattr(value, "ndim") and value.ndim == 1:    # per member: (K,)
+                    config[key] = value[index]
+                elif hasattr(value, "ndim") and value.ndim == 3:  # state blocks (A, K, B)
+                    config[key] = self._xp.take(value, index, axis=1)
+        self._base_lr = {name: lr[index] for name, lr in self._base_lr.items()}
 
     # -- the loop ----------------------------------------------------------------
     def train(self):
         """Train every member; afterwards `results` and `best_model(member_id)` hold the outcome."""
-        per_epoch = self.iterations_per_epoch
-        total = self.num_epochs * per_epoch
-        for mid in self.stack.member_ids:  # the initial parameters: a finite fallback
-            self._best.setdefault(mid, self.stack.member_state(mid))
-        while self._t < total and self.stack.num_members:
-            self._step()
-            t = self._t
-            self._t += 1
-            epoch_end = self._t % per_epoch == 0
-            if epoch_end:
-                self.epoch += 1
-                self._epoch_order = None
-                if not self.lr_schedule:  # the classic decay; schedules set it per step
-                    self._lr = self._lr * self.lr_decay
-            if t == 0 or epoch_end or self._t == total:
-                self._read_losses()
-                if not self.stack.num_members:
-                    break
-                val_accs = self._record_accuracy()
-                if epoch_end and self.on_epoch_end is not None:
-                    pruned = self.on_epoch_end(self.epoch, dict(val_accs))
-                    if pruned:
-                        self.remove_members(list(pruned), status="pruned")
-        self._read_losses()
+        super().train()
         for mid in self.stack.member_ids:
             self.results[mid]["status"] = "complete"
         return self.results
@@ -612,11 +451,46 @@ class StackedSolver(SolverBase):
                            {k: v.copy() for k, v in params.items()},
                            [{k: v.copy() for k, v in stats.items()} for stats in running])
 
+    # -- checkpoints (Solver's format, plus the members' bookkeeping) ---------------
+    def _save_extra(self, arrays, meta):
+        meta["member_ids"] = list(self.stack.member_ids)
+        meta["results"] = {str(mid): result for mid, result in self.results.items()}
+        for mid, (params, running) in self._best.items():
+            arrays.update({f"member_best/{mid}/param/{k}": v for k, v in params.items()})
+            for i, stats in enumerate(running):
+                arrays.update({f"member_best/{mid}/norm/{i}/{k}": v for k, v in stats.items()})
+
+    def _load_extra(self, arrays, meta, path):
+        """Prune the stack to the checkpoint's members, then restore their bookkeeping."""
+        saved = meta.get("member_ids")
+        if saved is None:
+            raise ValueError(f"{path} is incompatible: it is a Solver checkpoint, not a "
+                             "StackedSolver one")
+        missing = sorted(set(saved) - set(self.stack.member_ids))
+        if missing:
+            raise ValueError(f"{path} is incompatible: its members {missing} are not in this stack")
+        gone = [mid for mid in self.stack.member_ids if mid not in saved]
+        if gone:
+            self._keep_configs(self.stack.remove_members(gone))
+        self.results = {int(mid): result for mid, result in meta["results"].items()}
+        xp, self._best = self._xp, {}
+        for name, value in arrays.items():
+            if not name.startswith("member_best/"):
+                continue
+            mid, kind, rest = name[len("member_best/"):].split("/", 2)
+            params, running = self._best.setdefault(
+                int(mid), ({}, [{} for _ in self.stack.bn_params]))
+            if kind == "param":
+                params[rest] = xp.asarray(value)
+            else:
+                i, stat = rest.split("/")
+                running[int(i)][stat] = xp.asarray(value)
+
 
 def _member_net(stack, member, params, running):
     """A FullyConnectedNet with the stack's architecture and `member`'s settings, holding
     `params` and the batchnorm running statistics `running` (arrays taken as they are)."""
-    with use_backend(stack.backend):
+    with use_backend("cupy" if get_array_module(*params.values()) is not np else "numpy"):
         net = FullyConnectedNet(stack.hidden_dims, stack.input_dim, stack.num_classes,
                                 dropout=member["dropout"], use_batchnorm=stack.use_batchnorm,
                                 reg=member["reg"], weight_scale=member["weight_scale"],

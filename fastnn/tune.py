@@ -22,6 +22,7 @@ images. Everything, loading and the test pass included, fits in
 import csv
 import math
 import os
+import signal
 import threading
 import time
 import warnings
@@ -238,10 +239,10 @@ def check_search_space(study, where, model="fc"):
         theirs = {}
         for trial in study.get_trials(deepcopy=False):
             for param, dist in trial.distributions.items():
-                spec = ours.get(param)
-                inside = spec is not None and spec[1] <= dist.low <= dist.high <= spec[2]
-                if not inside:
-                    theirs[param] = [type(dist).__name__, dist.low, dist.high, dist.log]
+                spec, low, high = ours.get(param), getattr(dist, "low", None), \
+                    getattr(dist, "high", None)
+                if spec is None or low is None or not spec[1] <= low <= high <= spec[2]:
+                    theirs[param] = [type(dist).__name__, low, high, getattr(dist, "log", None)]
         ours = {param: ours.get(param) for param in theirs}  # only what its trials drew
         if not theirs:
             study.set_user_attr(SEARCH_SPACE_ATTR, search_space(model))
@@ -290,6 +291,10 @@ def pinned_structure(trial):
     return tuple(pinned.get(name) for name in STRUCTURE_SPACE)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 class Worker:
     """This process's share of a study: takes trials, keeps them alive, finds lost ones.
 
@@ -309,7 +314,8 @@ class Worker:
         self.study_id = self.storage.get_study_id_from_name(study.study_name)
         self.trials = options["trials"]
         self.worker = options["worker"]
-        self.heartbeats = getattr(self.storage, "get_heartbeat_interval", lambda: None)() is not None
+        interval = getattr(self.storage, "get_heartbeat_interval", lambda: None)()
+        self.heartbeats = interval is not None  # database storages; a journal keeps none
         self.interval, self.grace = options["heartbeat_seconds"], options["grace_seconds"]
         self.held = {}  # trial id -> number, for the trials this worker trains
         self.first_seen = {}  # others' RUNNING trial number -> time.monotonic() first seen
@@ -317,18 +323,30 @@ class Worker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
+        self._sigterm = None
 
     def __enter__(self):
         if self.heartbeats:
             self._thread = threading.Thread(target=self._beat, daemon=True,
                                             name="fastnn-heartbeat")
             self._thread.start()
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (a scheduler's preemption) stops this worker as Ctrl-C does.
+            self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, traceback):
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if exc_type is not None:  # stopped or broken: hand the trials back at once, not after
+            for trial_id in list(self.held):  # the grace period
+                try:
+                    self.hand_back(trial_id)
+                except Exception:  # the storage is what broke: the grace period will do it
+                    break
 
     def _beat(self):
         while not self._stop.wait(self.interval):
@@ -422,7 +440,7 @@ class Worker:
                 callback(self.study, self.storage.get_trial(trial_id))
 
     def reclaim_running(self):
-        """A study of this worker alone (its own folder): queue again what a killed session left RUNNING."""
+        """Queue again what a killed session left RUNNING (a study in this worker's own folder)."""
         from optuna.trial import TrialState
 
         for trial in self.study.get_trials(states=(TrialState.RUNNING,)):
@@ -469,17 +487,13 @@ class Worker:
                     self.finish(trial, state=TrialState.FAIL)
         return taken
 
-    def finish(self, trial, value=None, state=None, failed=None, lost=False):
+    def finish(self, trial, value=None, state=None, failed=None):
         """Tell Optuna the trial's end; False when another worker declared it lost meanwhile.
 
-        `failed` (a reason) marks a trial that failed by itself: a result, not run again;
-        `lost` hands the trial back to be run again (this worker is stopping).
+        `failed` (a reason) marks a trial that failed by itself: a result, not run again.
         """
         from optuna.exceptions import UpdateFinishedTrialError
 
-        if lost:
-            self.hand_back(trial._trial_id)
-            return False
         with self._lock:
             self.held.pop(trial._trial_id, None)
         try:
@@ -494,7 +508,8 @@ class Worker:
 
 
 # A configuration known to do well on CIFAR-10 (about 0.62 test accuracy after
-# 30 epochs with flips and a one-cycle schedule): the first trial of a new study, so the search starts from it.
+# 30 epochs with flips and a one-cycle schedule): the first trial of a new study, so the
+# search starts from it.
 BASELINE = {"num_hidden": 3, "hidden_width": 1024, "width_ratio": 0.5, "log2_batch_size": 8,
             "lr_decay": 1.0, "update_rule_id": UPDATE_RULES.index("adamw"), "augment": 1,
             "learning_rate": 1e-3, "reg": 1e-6, "weight_scale": 1e-2, "dropout": 0.3}
@@ -558,12 +573,7 @@ def run_round(worker, taken, data, options, clock, log):
         lr_decay=structure["lr_decay"], lr_schedule=configs[0]["lr_schedule"],
         batch_size=configs[0]["batch_size"], num_epochs=options["epochs"],
         seed=options["seed"], augment=augment_options(configs[0]), on_epoch_end=on_epoch_end)
-    try:
-        solver.train()
-    except KeyboardInterrupt:  # hand the trials back at once rather than after the grace period
-        for trial in trials:
-            worker.finish(trial, state=TrialState.FAIL, lost=True)
-        raise
+    solver.train()
     outcome, best_id, model_epochs = [], None, 0
     for member_id, trial in by_member.items():
         result = solver.results[member_id]
@@ -596,6 +606,14 @@ def run_round(worker, taken, data, options, clock, log):
         round_best = (solver.results[best_id]["best_val_acc"], configs[best_id],
                       solver.best_model(best_id), by_member[best_id].number)
     return outcome, round_best, model_epochs
+
+
+def model_defaults(model):
+    """--parallel, --epochs and --crop-padding of a search of `model` when not given."""
+    if model == "convnet":
+        recipe = defaults_for("convnet")
+        return {"parallel": 1, "epochs": recipe["epochs"], "crop_padding": recipe["crop_padding"]}
+    return {"parallel": 2, "epochs": 30, "crop_padding": 0}
 
 
 def conv_baseline():
@@ -756,6 +774,9 @@ def tune(options, log=print, data=None):
     """
     import fastnn
 
+    for key, value in model_defaults(options.get("model", "fc")).items():
+        if options.get(key) is None:
+            options[key] = value
     clock = Clock(options["budget_minutes"], options["start"])
     out_dir = options["out"]
     os.makedirs(out_dir, exist_ok=True)
@@ -763,9 +784,13 @@ def tune(options, log=print, data=None):
     options["shared"] = options["storage"] is not None
     if options["storage"] is None:
         options["storage"] = f"sqlite:///{os.path.abspath(os.path.join(out_dir, 'study.db'))}"
-    study = create_study(options, open_storage(options))  # before the data: bad URLs fail fast
+    study = create_study(options, open_storage(options))
     setup_runtime(options)
     data = load_data(options) if data is None else data
+    # The training splits go to the backend once: every round's Solver then finds them there
+    # (on cupy, not one upload of X_train per round). The test split stays on the host.
+    data = {**data, **{k: fastnn.xp().asarray(data[k])
+                       for k in ("X_train", "y_train", "X_val", "y_val")}}
     if not options["shared"] and not study.trials:
         # Not with a shared storage: workers starting together would each enqueue it.
         study.enqueue_trial(conv_baseline() if options.get("model") == "convnet" else BASELINE)

@@ -504,7 +504,7 @@ def test_conv_net_default_is_the_reference_net():
 def test_conv_net_gradients(backend):
     """Every parameter (the smoothed head alone: test_conv_net_label_smoothing_loss_by_hand)."""
     xp = backend
-    model = _tiny_conv_net(reg=0.7)
+    model = _tiny_conv_net(reg=0.7, widths=(2, 2))
     _perturb_non_weights(model, seed=1)
     rng = np.random.default_rng(2)
     X, y = rng.standard_normal((4, 2, 6, 5)), rng.integers(0, 3, 4)

@@ -488,7 +488,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(cifar_root, tmp_p
     from fastnn import solver as solver_module
 
     out = tmp_path / "run"
-    real_write, calls = solver_module.write_npz, []
+    real_write, calls = solver_module.write_checkpoint, []
 
     def write_until_full(path, arrays, meta):
         calls.append(path)
@@ -496,11 +496,28 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(cifar_root, tmp_p
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_write(path, arrays, meta)
 
-    monkeypatch.setattr(solver_module, "write_npz", write_until_full)
+    monkeypatch.setattr(solver_module, "write_checkpoint", write_until_full)
     assert main(small_args(cifar_root, out, "--epochs", "3")) == 1
     error = last_error(capsys)
     assert "No space left on device" in error and f"fastnn train --resume {out}" in error
     _, meta = checkpoint_params(out)  # the first epoch's checkpoint is whole
     assert meta["epoch"] == 1
-    monkeypatch.setattr(solver_module, "write_npz", real_write)
+    monkeypatch.setattr(solver_module, "write_checkpoint", real_write)
     assert main(["train", "--resume", str(out)]) == 0
+
+
+def test_a_double_ctrl_c_stops_at_once_without_a_traceback(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fastnn",
+                             *small_args(cifar_root, out, "--epochs", "40")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.npz").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and f"fastnn train --resume {out}" in stderr
+    checkpoint_params(out)  # whole: an interrupted write never replaces it

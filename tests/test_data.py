@@ -354,3 +354,24 @@ def test_aliases_and_classes():
                             "dog", "frog", "horse", "ship", "truck")
     assert data.URL == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     assert data.MD5 == "c58f30108f718f92721af3b95e74349a"
+
+
+def test_batches_pickled_by_python3_code_load(tmp_path):
+    """A folder written the Python 3 way (str keys, int64 pixels), as course code and tests
+    often make one, reads like the official bytes-keyed uint8 files."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, size=(4, 3072))  # int64
+        y = [int(v) for v in rng.integers(0, 10, size=4)]
+        written[name] = (x, y)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": x, "labels": y}, f)
+    X_train, y_train, X_test, y_test = data.load_cifar10(tmp_path, download=False)
+    assert X_train.dtype == np.uint8 and X_train.shape == (20, 32, 32, 3)
+    np.testing.assert_array_equal(
+        X_test, written["test_batch"][0].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(y_train, np.concatenate(
+        [written[f"data_batch_{i}"][1] for i in range(1, 6)]))

@@ -90,3 +90,28 @@ def test_newer_other_and_broken_files_are_refused_in_one_line(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON list"):
         read_json(path, "fastnn-run-config", 1)
+
+
+def test_a_folder_lock_is_held_once_and_freed_when_its_process_dies(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from fastnn.files import FolderInUse, lock_folder
+
+    with lock_folder(tmp_path):
+        with pytest.raises(FolderInUse, match="in use by another fastnn process"):
+            with lock_folder(tmp_path):
+                pass
+    with lock_folder(tmp_path):  # released when the block ended
+        pass
+    # a process that dies holding the lock (kill -9: no cleanup runs) leaves it free
+    code = ("import os, signal, sys; from fastnn.files import lock_folder\n"
+            "with lock_folder(sys.argv[1]):\n"
+            "    print('held', flush=True); os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL and proc.stdout == "held\n"
+    with lock_folder(tmp_path):
+        pass
+    assert os.listdir(tmp_path) == [".lock"]

@@ -40,32 +40,93 @@ def _reference(op, *args):
     return getattr(reference, op)(*host_copies(*args))
 
 
-# Ops compared with the reference somewhere in this file; a new op in OPS needs a test here.
-COVERED = {"relu_forward", "relu_backward", "dropout_forward", "dropout_backward",
-           "softmax_loss", "svm_loss", "batchnorm_train_forward", "batchnorm_backward",
-           "sgd_", "sgd_momentum_", "sgd_nesterov_", "rmsprop_", "adam_", "flip_crop",
-           "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward",
-           "batchnorm_relu_train_forward", "batchnorm_relu_backward"}
-# The stacked-model ops are compared with their references in test_stacked.py.
-STACKED_OPS = {"dropout_stacked_forward", "dropout_stacked_backward", "softmax_loss_stacked",
-               "batchnorm_rows_train_forward", "batchnorm_rows_backward", "l2_stacked_"}
+def _op_args(op, rng):
+    """Small float32 host arguments for every op in kernels.OPS (a new op needs a line here)."""
+    def normal(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    positive = lambda *shape: np.abs(normal(*shape)) + np.float32(0.1)  # noqa: E731
+    stacked_dropout = (normal(4, 5, 6).transpose(2, 0, 1),  # (N, K, H) view of (K, H, N)
+                       reference.dropout_seed_keys([1, 2, 3, 4]),
+                       np.array([0, 1 << 22, 1 << 23, 0], np.uint64),
+                       np.array([1, 4 / 3, 2, 1], np.float32), 3)
+    cases = {
+        "relu_forward": (normal(7, 9),), "relu_backward": (normal(7, 9), positive(7, 9)),
+        "dropout_forward": (normal(7, 9), 0.3, 5, 2), "dropout_backward": (normal(7, 9), 0.3, 5, 2),
+        "softmax_loss": (normal(8, 5), rng.integers(0, 5, 8)),
+        "svm_loss": (normal(8, 5), rng.integers(0, 5, 8)),
+        "batchnorm_train_forward": (normal(8, 6), positive(6), normal(6), 1e-5),
+        "batchnorm_backward": (normal(8, 6), normal(8, 6), positive(6), positive(6)),
+        "flip_crop": (normal(3, 2, 6, 6), 7, 1, True, 2),
+        "dropout_stacked_forward": stacked_dropout, "dropout_stacked_backward": stacked_dropout,
+        "batchnorm_rows_train_forward": (normal(6, 8), positive(6), normal(6), 1e-5),
+        "batchnorm_rows_backward": (normal(6, 8), normal(6, 8), positive(6), positive(6)),
+        "l2_stacked_": (normal(3, 4, 5), normal(3, 4, 5), np.array([0.1, 0.0, 0.5, 2.0])),
+        "layernorm_forward": (normal(8, 6), positive(6), normal(6), 1e-5),
+        "layernorm_backward": (normal(8, 6), normal(8, 6), positive(6), positive(8)),
+        "groupnorm_forward": (normal(2, 4, 3, 3), positive(4), normal(4), 2, 1e-5),
+        "groupnorm_backward": (normal(2, 4, 3, 3), normal(2, 4, 3, 3), positive(4),
+                               positive(2, 2), 2),
+        # convolution: forwards here; their backwards take the same table's saved state
+        "conv_forward": (normal(2, 3, 6, 5), normal(4, 3, 3, 3), normal(4), 1, 1),
+        "max_pool_forward": (normal(2, 3, 6, 6), 2, 2, 2),
+        "batchnorm_relu_train_forward": (normal(8, 6), positive(6), normal(6), 1e-5),
+    }
+    x, gamma = normal(8, 6), positive(6)
+    out, mean, inv_std, _ = reference.batchnorm_relu_train_forward(x, gamma, normal(6), 1e-5)
+    cases["batchnorm_relu_backward"] = (normal(8, 6), x, out, gamma, mean, inv_std)
+    for name, spec in optim.SPECS.items():  # every rule's op, with its default scalars
+        config = {**spec.defaults, "t": 2}
+        cases[spec.op] = (normal(5, 6), normal(5, 6),
+                          tuple(positive(5, 6) for _ in spec.state), spec.scalars(config))
+    return cases[op]
 
 
-def test_every_op_is_compared_here():
-    missing = sorted(set(kernels.OPS) - COVERED - STACKED_OPS)
-    assert not missing, f"ops without a fast-vs-reference test: {missing}"
+def _to(xp, value):
+    if isinstance(value, tuple):
+        return tuple(_to(xp, v) for v in value)
+    return xp.asarray(value) if isinstance(value, np.ndarray) else value
 
 
-def test_stacked_ops_are_compared_in_test_stacked():
-    source = open(__file__.replace("test_kernels.py", "test_stacked.py")).read()
-    assert STACKED_OPS <= set(kernels.OPS)
-    assert [op for op in STACKED_OPS if op not in source] == []
+def _outputs(result, args):
+    """What an op produced: its results, and the arrays it updates in place."""
+    results = list(result) if isinstance(result, tuple) else [] if result is None else [result]
+    arrays = [a for a in args if hasattr(a, "shape")]
+    arrays += [b for a in args if isinstance(a, tuple) for b in a]
+    return results + arrays
 
 
-def test_table_has_every_op(ops):
+# backward ops whose saved state comes from a forward (its layout is each implementation's own)
+SAVED_BY = {"conv_backward": "conv_forward", "max_pool_backward": "max_pool_forward"}
+
+
+@pytest.mark.parametrize("op", kernels.OPS)
+def test_every_op_matches_its_reference(ops, op):
+    """Each op of the table gives what reference.py gives on numpy (a fast kernel that drifts
+    fails; on cupy the comparison is with numpy's result, never with itself)."""
     xp, table = ops
-    for op in kernels.OPS:
-        assert callable(getattr(table, op)), op
+    if op in SAVED_BY:  # a backward: its input is the state its own table's forward saved
+        forward = SAVED_BY[op]
+        forward_args = _op_args(forward, np.random.default_rng(20))
+        _, fast_saved = getattr(table, forward)(*_to(xp, forward_args))
+        ref_out, ref_saved = getattr(reference, forward)(*forward_args)
+        dout = np.random.default_rng(21).standard_normal(ref_out.shape).astype(np.float32)
+        got = _outputs(getattr(table, op)(xp.asarray(dout), fast_saved), ())
+        want = _outputs(getattr(reference, op)(dout, ref_saved), ())
+    else:
+        fast_args = _to(xp, _op_args(op, np.random.default_rng(20)))
+        ref_args = _op_args(op, np.random.default_rng(20))
+        got = _outputs(getattr(table, op)(*fast_args), fast_args)
+        want = _outputs(getattr(reference, op)(*ref_args), ref_args)
+        if op in SAVED_BY.values():  # (out, saved): the saved state is each table's own
+            got, want = got[:1], want[:1]
+    got = [g for g in got if g is not None]
+    want = [w for w in want if w is not None]
+    assert len(got) == len(want)
+    rtol, atol = backend_tolerances(xp, np.float32)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(_host(xp.asarray(g)), np.asarray(w), rtol=rtol,
+                                   atol=atol, err_msg=op)
 
 
 def test_numpy_table_uses_the_numba_kernels():
@@ -512,11 +573,105 @@ def test_update_op_takes_its_scalars_from_device_arrays(ops, dtype, rule):
         np.testing.assert_array_equal(_host(a), _host(b))
 
 
+# -- ops with a member axis (fastnn.stacked): fast vs reference ---------------------
+@pytest.mark.parametrize("n,k,h", [(1, 1, 1), (1, 3, 7), (6, 4, 5), (33, 2, 17)])
+def test_dropout_stacked(ops, dtype, n, k, h):
+    """Fast = reference, bit for bit; member k's mask is dropout_forward's for its seed."""
+    xp, table = ops
+    rng = np.random.default_rng(0)
+    ps = [0.0, 0.5, 0.3, 0.9][:k]
+    seeds = [3, 11, 4, 2**40][:k]
+    # a (K, H, N) array seen as (N, K, H), as the stack keeps its activations
+    x = xp.asarray(rng.standard_normal((k, h, n)), dtype=dtype).transpose(2, 0, 1)
+    args = (xp.asarray(reference.dropout_seed_keys(seeds)),
+            xp.asarray(np.array([reference.keep_threshold(p) for p in ps], np.uint64)),
+            xp.asarray(np.array([1 / (1 - p) for p in ps], dtype)), 7)
+    out = table.dropout_stacked_forward(x, *args)
+    expected = _reference("dropout_stacked_forward", x, *args)
+    assert out.shape == (n, k, h) and out.dtype == dtype
+    np.testing.assert_array_equal(_host(out), _host(expected))
+    np.testing.assert_array_equal(_host(table.dropout_stacked_backward(x, *args)), _host(expected))
+    for member, (p, seed) in enumerate(zip(ps, seeds)):
+        alone = xp.ascontiguousarray(x[:, member, :])
+        single = _host(alone) if p == 0 else _reference("dropout_forward", alone, p, seed, 7)
+        np.testing.assert_array_equal(_host(out[:, member, :]), _host(single))
+
+
+@pytest.mark.parametrize("k,n,c", [(1, 1, 10), (3, 1, 2), (4, 16, 10), (2, 300, 7)])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_softmax_loss_with_a_member_axis(ops, dtype, k, n, c, smoothing):
+    """Scores (K, N, C) on shared labels: member k's loss and dx are softmax_loss of x[k]."""
+    xp, table = ops
+    rng = np.random.default_rng(1)
+    x = xp.asarray(rng.standard_normal((k, n, c)) * 3, dtype=dtype)
+    y = xp.asarray(rng.integers(0, c, n))
+    losses, dx = table.softmax_loss(x, y, smoothing)
+    ref_losses, ref_dx = _reference("softmax_loss", x, y, smoothing)
+    assert losses.shape == (k,) and losses.dtype == dtype and dx.dtype == dtype
+    rtol, atol = backend_tolerances(xp, dtype)
+    np.testing.assert_allclose(_host(losses), _host(ref_losses), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(_host(dx), _host(ref_dx), rtol=rtol, atol=atol)
+    for member in range(k):
+        loss, single_dx = _reference("softmax_loss", x[member], y, smoothing)
+        np.testing.assert_allclose(_host(losses)[member], float(loss), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(_host(dx[member]), _host(single_dx), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("d,n", [(1, 1), (1, 6), (5, 2), (48, 130)])
+def test_batchnorm_rows(ops, dtype, d, n):
+    """Features as rows: fast = reference = the column batchnorm of the transpose."""
+    xp, table = ops
+    rng = np.random.default_rng(4)
+    x = xp.asarray(rng.standard_normal((d, n)) * 3 + 1, dtype=dtype)
+    gamma = xp.asarray(rng.standard_normal(d), dtype=dtype)
+    beta = xp.asarray(rng.standard_normal(d), dtype=dtype)
+    dout = xp.asarray(rng.standard_normal((d, n)), dtype=dtype)
+    rtol, atol = backend_tolerances(xp, dtype)
+    fast = table.batchnorm_rows_train_forward(x, gamma, beta, 1e-5)
+    ref = _reference("batchnorm_rows_train_forward", x, gamma, beta, 1e-5)
+    columns = _reference("batchnorm_train_forward", x.T, gamma, beta, 1e-5)
+    for name, a, b, c in zip(["out", "x_hat", "inv_std", "mean", "var"], fast, ref, columns):
+        assert a.shape == b.shape and a.dtype == dtype, name
+        np.testing.assert_allclose(_host(a), _host(b), rtol=rtol, atol=atol, err_msg=name)
+        c = c.T if c.ndim == 2 else c
+        np.testing.assert_allclose(_host(a), _host(c), rtol=rtol, atol=atol, err_msg=name)
+    x_hat, inv_std = fast[1], fast[2]
+    grads = table.batchnorm_rows_backward(dout, x_hat, gamma, inv_std)
+    ref_grads = _reference("batchnorm_rows_backward", dout, x_hat, gamma, inv_std)
+    for name, a, b in zip(["dx", "dgamma", "dbeta"], grads, ref_grads):
+        assert a.shape == b.shape and a.dtype == dtype, name
+        np.testing.assert_allclose(_host(a), _host(b), rtol=rtol * 10, atol=atol * 10,
+                                   err_msg=name)
+
+
+BLOCKS = [(1, 1, 1), (1, 3, 5), (7, 4, 9), (40, 2, 33)]
+
+
+@pytest.mark.parametrize("shape", BLOCKS)
+def test_l2_stacked(ops, dtype, shape):
+    """dw += reg_k * w (as FullyConnectedNet adds it) and the per-member sum of w**2."""
+    xp, table = ops
+    rng = np.random.default_rng(2)
+    w = xp.asarray(rng.standard_normal(shape), dtype=dtype)
+    dw = xp.asarray(rng.standard_normal(shape), dtype=dtype)
+    reg = rng.uniform(0, 1, shape[1])
+    reg[0] = 0.0
+    fast, ref = dw.copy(), _host(dw).copy()
+    out = table.l2_stacked_(fast, w, xp.asarray(reg))
+    ref_out = reference.l2_stacked_(ref, _host(w), reg)  # numpy's, on host copies
+    assert out.shape == (shape[1],) and out.dtype == dtype
+    rtol, atol = backend_tolerances(xp, dtype)
+    np.testing.assert_allclose(_host(out), _host(ref_out), rtol=rtol * 10, atol=atol)
+    np.testing.assert_allclose(_host(fast), ref, rtol=rtol, atol=atol)
+    for k in range(shape[1]):
+        alone = _host(w)[:, k, :]
+        expected = _host(dw)[:, k, :] + dtype.type(reg[k]) * alone
+        np.testing.assert_array_equal(_host(fast)[:, k, :], expected)
+        np.testing.assert_allclose(_host(out)[k], np.sum(alone.astype(np.float64) ** 2),
+                                   rtol=rtol * 10, atol=atol)
+
+
 # -- augmentation ------------------------------------------------------------------
-flip_crop_only = pytest.mark.skipif("flip_crop" not in kernels.OPS, reason="no flip_crop op")
-
-
-@flip_crop_only
 @pytest.mark.parametrize("shape", [(1, 1, 4, 4), (6, 3, 8, 8), (40, 2, 5, 7)])
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("padding", [0, 1, 3])
@@ -530,7 +685,6 @@ def test_flip_crop_bit_identical_to_reference(ops, dtype, shape, flip, padding):
         np.testing.assert_array_equal(_host(out), reference.flip_crop(x_host, seed, step, flip, padding))
 
 
-@flip_crop_only
 def test_flip_crop_moves_pixels_only(ops):
     """Each output image is its input shifted (zeros shifted in) and maybe mirrored."""
     xp, table = ops
@@ -548,9 +702,6 @@ def test_flip_crop_moves_pixels_only(ops):
 
 
 # -- norms: layernorm and groupnorm -------------------------------------------
-COVERED |= {"layernorm_forward", "layernorm_backward", "groupnorm_forward", "groupnorm_backward"}
-
-
 def _norm_case(xp, shape, dtype, seed, channels_last=False):
     """Random (x, gamma, beta, dout) on xp; x offset and scaled, as activations are."""
     rng = np.random.default_rng(seed)

@@ -166,3 +166,22 @@ def test_fused_update_unknown_rule():
     w = np.zeros(3)
     with pytest.raises(ValueError, match="adagrad"):
         optim.fused_update("adagrad", w, np.ones(3), {})
+
+
+@pytest.mark.parametrize("rule", sorted(optim.RULES))
+def test_step_scalars_may_be_device_arrays(backend, rule):
+    """learning_rate and Adam's t as 0-d arrays (a CUDA graph reads them from the device,
+    updated between steps): the same parameters as with Python numbers, w never rebound."""
+    xp = backend
+    w_host, grads = _problem((6, 5), np.float32, seed=7)
+    w_num, w_dev = xp.asarray(w_host), xp.asarray(w_host)
+    config_num = {"learning_rate": 0.02}
+    config_dev = {"learning_rate": xp.asarray(0.02)}
+    if optim.SPECS[rule].counts_steps:
+        config_dev["t"] = xp.asarray(0)
+    for dw in grads:
+        optim.fused_update(rule, w_num, xp.asarray(dw), config_num)
+        before = w_dev
+        optim.fused_update(rule, w_dev, xp.asarray(dw), config_dev)
+        assert w_dev is before
+    np.testing.assert_array_equal(fastnn.to_numpy(w_dev), fastnn.to_numpy(w_num))

@@ -315,3 +315,17 @@ def test_conv_net_round_trip(backend, tmp_path):
                                           fastnn.to_numpy(bn_param[stat]))
     X = xp.asarray(rng.standard_normal((3, 2, 8, 6)))
     np.testing.assert_array_equal(fastnn.to_numpy(loaded.loss(X)), fastnn.to_numpy(model.loss(X)))
+
+
+def test_round_trip_keeps_a_drawn_dropout_seed_and_a_later_reg(tmp_path):
+    """An unseeded net's dropout seed is drawn at construction, and classic code sets
+    model.reg after it: a loaded model trains with the same masks and the same L2."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((5, 6)).astype(np.float32), rng.integers(0, 3, 5)
+    model = FullyConnectedNet([7], input_dim=6, num_classes=3, dropout=0.5)
+    model.reg = 0.5
+    fastnn.save(model, tmp_path / "m.npz")
+    loaded = fastnn.load(tmp_path / "m.npz")
+    assert loaded.dropout_param["seed"] == model.dropout_param["seed"]
+    assert loaded.reg == 0.5
+    assert float(loaded.loss(X, y)[0]) == float(model.loss(X, y)[0])

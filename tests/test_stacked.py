@@ -2,25 +2,22 @@
 
 Member k of a stack must start from, compute, and (under StackedSolver)
 train to what FullyConnectedNet(seed=seed_k) under Solver(seed=...) gives;
-the stacked kernel ops must match their reference versions.
+its ops (with a member axis) are tested in test_kernels.py.
 """
 import numpy as np
 import pytest
 
 import fastnn
-from fastnn import kernels
 from fastnn.classifiers import FullyConnectedNet
+from fastnn.classifiers.base import member_blocks
 from fastnn.gradient_check import eval_numerical_gradient, rel_error
-from fastnn.kernels import reference
 from fastnn.solver import Solver
-from fastnn.stacked import StackedFullyConnectedNet, StackedSolver, as_member_blocks
+from fastnn.stacked import StackedFullyConnectedNet, StackedSolver
 from helpers import backend_tolerances, host_copies
 
 MEMBERS = [dict(seed=1, weight_scale=0.1, reg=0.1, dropout=0.3),
            dict(seed=2, weight_scale=0.05, reg=0.0, dropout=0.0),
            dict(seed=3, weight_scale=0.2, reg=0.05, dropout=0.5)]
-# the ops fastnn.stacked added to the kernel table; compared with reference here
-STACKED_OPS = [op for op in kernels.OPS if "stacked" in op or op.startswith("batchnorm_rows")]
 
 
 def _host(a):
@@ -28,8 +25,7 @@ def _host(a):
 
 
 def _member_slice(a, name, k):
-    a = _host(a)
-    return a[:, k] if name == "W1" else a[k]  # the stack's layout, written out
+    return _host(a)[k]
 
 
 def _data(shape=(48,), n_train=300, n_val=50, seed=0):
@@ -50,7 +46,7 @@ def _pre_bn_biases(stack):
 def test_initial_params_are_those_of_fully_connected_net(backend, use_batchnorm):
     stack = StackedFullyConnectedNet([7, 5], MEMBERS, input_dim=12, num_classes=4,
                                      use_batchnorm=use_batchnorm)
-    shapes = {"W1": (12, 3, 7), "b1": (3, 7), "W2": (3, 7, 5), "b2": (3, 5), "W3": (3, 5, 4),
+    shapes = {"W1": (3, 12, 7), "b1": (3, 7), "W2": (3, 7, 5), "b2": (3, 5), "W3": (3, 5, 4),
               "b3": (3, 4)}
     if use_batchnorm:
         shapes.update({"gamma1": (3, 7), "beta1": (3, 7), "gamma2": (3, 5), "beta2": (3, 5)})
@@ -259,7 +255,7 @@ def test_remove_members_shrinks_every_array():
     assert stack.remove_members([1]) == [0, 2]
     assert stack.member_ids == [0, 2] and stack.num_members == 2
     for name, value in stack.params.items():
-        assert value.shape[stack.member_axes[name]] == 2, name
+        assert value.shape[0] == 2, name
     for bn in stack.bn_params:
         assert bn["running_mean"].shape == (2, bn["running_mean"].shape[1])
     for k, net in before.items():
@@ -296,9 +292,9 @@ def test_pruned_member_leaves_and_the_others_continue_unchanged(backend):
     assert seen == [(1, [0, 1, 2]), (2, [0, 2]), (3, [0, 2])]
     assert stack.member_ids == [0, 2]
     for name, value in stack.params.items():
-        assert value.shape[stack.member_axes[name]] == 2
-        for state in pruned._state[name].values():
-            assert state.shape == value.shape
+        assert value.shape[0] == 2
+        for key in ("m", "v"):  # adam's state, as the update ops' blocks of the members
+            assert pruned.optim_configs[name][key].shape == member_blocks(value).shape
     assert [r["status"] for r in pruned.results.values()] == ["complete", "pruned", "complete"]
     assert len(pruned.results[1]["loss_history"]) == 6
     assert len(pruned.results[1]["val_acc_history"]) == 2  # first iteration and epoch 1
@@ -334,119 +330,6 @@ def test_failed_member_leaves_and_the_others_go_on():
         _assert_member_equals_solver(stacked, k, solver, stack.member(k).params)
 
 
-# -- the stacked kernel ops: fast vs reference ------------------------------------
-def test_stacked_ops_are_in_the_table():
-    assert set(STACKED_OPS) == {"dropout_stacked_forward", "dropout_stacked_backward",
-                                "softmax_loss_stacked", "batchnorm_rows_train_forward",
-                                "batchnorm_rows_backward", "l2_stacked_"}
-    from fastnn.kernels import cpu
-
-    table = kernels.for_module(np)
-    for op in STACKED_OPS:  # behind the dtype guard of kernels.for_module
-        assert getattr(table, op).__wrapped__ is getattr(cpu, op), op
-
-
-@pytest.fixture
-def ops(backend):
-    return backend, kernels.for_module(backend)
-
-
-@pytest.mark.parametrize("n,k,h", [(1, 1, 1), (1, 3, 7), (6, 4, 5), (33, 2, 17)])
-def test_dropout_stacked(ops, dtype, n, k, h):
-    """Fast = reference, bit for bit; member k's mask is dropout_forward's for its seed."""
-    xp, table = ops
-    rng = np.random.default_rng(0)
-    ps = [0.0, 0.5, 0.3, 0.9][:k]
-    seeds = [3, 11, 4, 2**40][:k]
-    # a (K, H, N) array seen as (N, K, H), as the stack keeps its activations
-    x = xp.asarray(rng.standard_normal((k, h, n)), dtype=dtype).transpose(2, 0, 1)
-    args = (xp.asarray(reference.dropout_seed_keys(seeds)),
-            xp.asarray(np.array([reference.keep_threshold(p) for p in ps], np.uint64)),
-            xp.asarray(np.array([1 / (1 - p) for p in ps], dtype)), 7)
-    out = table.dropout_stacked_forward(x, *args)
-    expected = reference.dropout_stacked_forward(*host_copies(x, *args))  # on numpy
-    assert out.shape == (n, k, h) and out.dtype == dtype
-    np.testing.assert_array_equal(_host(out), _host(expected))
-    np.testing.assert_array_equal(_host(table.dropout_stacked_backward(x, *args)), _host(expected))
-    for member, (p, seed) in enumerate(zip(ps, seeds)):
-        alone = xp.ascontiguousarray(x[:, member, :])
-        single = alone if p == 0 else reference.dropout_forward(_host(alone), p, seed, 7)
-        np.testing.assert_array_equal(_host(out[:, member, :]), _host(single))
-
-
-@pytest.mark.parametrize("k,n,c", [(1, 1, 10), (3, 1, 2), (4, 16, 10), (2, 300, 7)])
-def test_softmax_loss_stacked(ops, dtype, k, n, c):
-    xp, table = ops
-    rng = np.random.default_rng(1)
-    x = xp.asarray(rng.standard_normal((k, n, c)) * 3, dtype=dtype)
-    y = xp.asarray(rng.integers(0, c, n))
-    losses, dx = table.softmax_loss_stacked(x, y)
-    ref_losses, ref_dx = reference.softmax_loss_stacked(*host_copies(x, y))
-    assert losses.shape == (k,) and losses.dtype == dtype and dx.dtype == dtype
-    rtol, atol = backend_tolerances(xp, dtype)
-    np.testing.assert_allclose(_host(losses), _host(ref_losses), rtol=rtol, atol=atol)
-    np.testing.assert_allclose(_host(dx), _host(ref_dx), rtol=rtol, atol=atol)
-    for member in range(k):
-        loss, single_dx = reference.softmax_loss(*host_copies(x[member], y))
-        np.testing.assert_allclose(_host(losses)[member], float(loss), rtol=rtol, atol=atol)
-        np.testing.assert_allclose(_host(dx[member]), _host(single_dx), rtol=rtol, atol=atol)
-
-
-@pytest.mark.parametrize("d,n", [(1, 1), (1, 6), (5, 2), (48, 130)])
-def test_batchnorm_rows(ops, dtype, d, n):
-    """Features as rows: fast = reference = the column batchnorm of the transpose."""
-    xp, table = ops
-    rng = np.random.default_rng(4)
-    x = xp.asarray(rng.standard_normal((d, n)) * 3 + 1, dtype=dtype)
-    gamma = xp.asarray(rng.standard_normal(d), dtype=dtype)
-    beta = xp.asarray(rng.standard_normal(d), dtype=dtype)
-    dout = xp.asarray(rng.standard_normal((d, n)), dtype=dtype)
-    rtol, atol = backend_tolerances(xp, dtype)
-    fast = table.batchnorm_rows_train_forward(x, gamma, beta, 1e-5)
-    ref = reference.batchnorm_rows_train_forward(*host_copies(x, gamma, beta), 1e-5)
-    columns = reference.batchnorm_train_forward(*host_copies(x.T, gamma, beta), 1e-5)
-    for name, a, b, c in zip(["out", "x_hat", "inv_std", "mean", "var"], fast, ref, columns):
-        assert a.shape == b.shape and a.dtype == dtype, name
-        np.testing.assert_allclose(_host(a), _host(b), rtol=rtol, atol=atol, err_msg=name)
-        c = c.T if c.ndim == 2 else c
-        np.testing.assert_allclose(_host(a), _host(c), rtol=rtol, atol=atol, err_msg=name)
-    x_hat, inv_std = fast[1], fast[2]
-    grads = table.batchnorm_rows_backward(dout, x_hat, gamma, inv_std)
-    ref_grads = reference.batchnorm_rows_backward(*host_copies(dout, x_hat, gamma, inv_std))
-    for name, a, b in zip(["dx", "dgamma", "dbeta"], grads, ref_grads):
-        assert a.shape == b.shape and a.dtype == dtype, name
-        np.testing.assert_allclose(_host(a), _host(b), rtol=rtol * 10, atol=atol * 10,
-                                   err_msg=name)
-
-
-BLOCKS = [(1, 1, 1), (1, 3, 5), (7, 4, 9), (40, 2, 33)]
-
-
-@pytest.mark.parametrize("shape", BLOCKS)
-def test_l2_stacked(ops, dtype, shape):
-    """dw += reg_k * w (as FullyConnectedNet adds it) and the per-member sum of w**2."""
-    xp, table = ops
-    rng = np.random.default_rng(2)
-    w = xp.asarray(rng.standard_normal(shape), dtype=dtype)
-    dw = xp.asarray(rng.standard_normal(shape), dtype=dtype)
-    reg = rng.uniform(0, 1, shape[1])
-    reg[0] = 0.0
-    fast, ref = dw.copy(), dw.copy()
-    out = table.l2_stacked_(fast, w, xp.asarray(reg))
-    ref, w_host = host_copies(ref, w)
-    ref_out = reference.l2_stacked_(ref, w_host, reg)
-    assert out.shape == (shape[1],) and out.dtype == dtype
-    rtol, atol = backend_tolerances(xp, dtype)
-    np.testing.assert_allclose(_host(out), _host(ref_out), rtol=rtol * 10, atol=atol)
-    np.testing.assert_array_equal(_host(fast), _host(ref))
-    for k in range(shape[1]):
-        alone = _host(w)[:, k, :]
-        expected = _host(dw)[:, k, :] + dtype.type(reg[k]) * alone
-        np.testing.assert_array_equal(_host(fast)[:, k, :], expected)
-        np.testing.assert_allclose(_host(out)[k], np.sum(alone.astype(np.float64) ** 2),
-                                   rtol=rtol * 10, atol=atol)
-
-
 @pytest.mark.parametrize("use_batchnorm", [False, True])
 def test_stack_declares_the_roles_of_its_members(use_batchnorm):
     stack = StackedFullyConnectedNet([6, 5], MEMBERS, input_dim=8, num_classes=3,
@@ -454,12 +337,13 @@ def test_stack_declares_the_roles_of_its_members(use_batchnorm):
     net = FullyConnectedNet([6, 5], input_dim=8, num_classes=3, use_batchnorm=use_batchnorm)
     assert stack.param_roles == net.param_roles
     assert list(stack.params) == list(net.params)
+    assert member_blocks(stack.params["W1"]).shape == (8, 3, 6)  # one product for the layer
 
 
 def test_as_member_blocks_is_a_view():
     stack = StackedFullyConnectedNet([6, 5], MEMBERS, input_dim=8, num_classes=3)
     for name, value in stack.params.items():
-        blocks = as_member_blocks(value, stack.member_axes[name])
+        blocks = member_blocks(value)
         assert blocks.ndim == 3 and blocks.shape[1] == 3
         assert np.shares_memory(blocks, value), name
 
@@ -477,3 +361,55 @@ def test_pruning_every_member_ends_training():
         assert solver.best_model(k).loss(data["X_val"]).shape == (50, 10)
     with pytest.raises(KeyError, match="no such members"):
         solver.remove_members([5])
+
+
+# -- checkpoints, printing: Solver's, for a stack -----------------------------------
+def _resumable_stack(tmp_path, num_epochs, **extra):
+    data = _data((20,), n_train=120)
+    stack = StackedFullyConnectedNet([16], MEMBERS, input_dim=20, use_batchnorm=True)
+    configs = [{"learning_rate": lr} for lr in (1e-2, 3e-3, 5e-3)]
+    prune_at_1 = lambda epoch, accs: [1] if epoch == 1 else None  # noqa: E731
+    solver = StackedSolver(stack, data, optim_configs=configs, batch_size=40, seed=2,
+                           num_epochs=num_epochs, on_epoch_end=prune_at_1, lr_decay=0.9, **extra)
+    return stack, solver
+
+
+def test_stacked_checkpoint_resume_is_bit_identical(tmp_path):
+    """2 epochs (a member pruned after the first), checkpoint, 2 more == 4 in one go."""
+    path = tmp_path / "stack.npz"
+    _, first = _resumable_stack(tmp_path, 2, checkpoint_path=str(path))
+    first.train()
+    stack, resumed = _resumable_stack(tmp_path, 4)
+    resumed.load_checkpoint(str(path))
+    assert stack.member_ids == [0, 2] and resumed.epoch == 2
+    resumed.train()
+    full_stack, full = _resumable_stack(tmp_path, 4)
+    full.train()
+    for mid in (0, 1, 2):
+        ours, theirs = resumed.results[mid], full.results[mid]
+        assert ours == theirs, mid
+    for name, value in full_stack.params.items():
+        np.testing.assert_array_equal(stack.params[name], value, err_msg=name)
+    for a, b in zip(stack.bn_params, full_stack.bn_params):
+        np.testing.assert_array_equal(a["running_var"], b["running_var"])
+    for mid in (0, 2):
+        for name, value in full.best_model(mid).params.items():
+            np.testing.assert_array_equal(resumed.best_model(mid).params[name], value)
+
+
+def test_a_solver_checkpoint_is_not_a_stack_checkpoint(tmp_path):
+    data = _data((20,), n_train=120)
+    net = FullyConnectedNet([16], input_dim=20, seed=1)
+    Solver(net, data, num_epochs=1, batch_size=40, verbose=False,
+           checkpoint_path=str(tmp_path / "c.npz")).train()
+    _, solver = _resumable_stack(tmp_path, 1)
+    with pytest.raises(ValueError, match="incompatible"):
+        solver.load_checkpoint(str(tmp_path / "c.npz"))
+
+
+def test_stacked_solver_prints_like_solver(capsys):
+    _, solver = _resumable_stack(None, 1, verbose=True, print_every=1)
+    solver.train()
+    out = capsys.readouterr().out
+    assert "(Iteration 1 / 3) loss:" in out and "(Iteration 3 / 3) loss:" in out
+    assert "(Epoch 1 / 1) 3 members; best val_acc" in out

@@ -6,9 +6,8 @@ import subprocess
 import sys
 import time
 
+import optuna  # a required dependency: its absence is a failure, not a skip
 import pytest
-
-optuna = pytest.importorskip("optuna", reason="fastnn tune needs Optuna (a required dependency)")
 
 import fastnn
 from fastnn.cli import build_parser, main
@@ -205,6 +204,17 @@ def test_tune_refuses_options_of_the_other_model(cifar_root, tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_a_tune_folder_held_by_another_process_is_refused(cifar_root, tmp_path, capsys):
+    from fastnn.files import lock_folder
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    with lock_folder(out):
+        assert main(tune_args(cifar_root, out, "--trials", "2")) == 1
+    assert "in use by another fastnn process" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".lock"]
+
+
 # -- several workers: the race for the last trials, lost trials, a real server --------------
 def worker_options(storage, trials, **extra):
     return {"storage": storage, "study_name": "fastnn", "trials": trials, "seed": 0,
@@ -252,6 +262,47 @@ def test_a_trial_that_fails_by_itself_is_a_result_and_a_lost_one_runs_again(tmp_
         assert retry.suggest_float("learning_rate", 1e-4, 1e-2, log=True) == 1e-3
     assert worker.finish(retry, 0.5)
     assert worker.progress()[0] == 2 and worker.take(2) == []
+
+
+def wait_for_running_trial(study_name, storage, worker_name, proc, timeout=120):
+    """The numbers of `worker_name`'s RUNNING trials, once one has reported an epoch."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "the worker ended before it was mid-trial"
+        assert time.monotonic() < deadline, "the worker never ran a trial"
+        time.sleep(0.1)
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        except Exception:  # the worker has not made the study yet
+            continue
+        running = [t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                   if t.user_attrs.get("worker") == worker_name and t.intermediate_values]
+        if running:
+            return running
+
+
+def test_a_worker_stopped_by_sigterm_hands_its_trials_back_at_once(cifar_root, tmp_path):
+    from fastnn import tune
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    proc = subprocess.Popen([sys.executable, "-m", "fastnn", *tune_args(
+        cifar_root, tmp_path / "w", "--trials", "2", "--parallel", "2", "--epochs", "30",
+        "--storage", storage, "--threads", "1", "--budget-minutes", "3")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        running = wait_for_running_trial("fastnn", storage, f"{os.uname().nodename}:{proc.pid}",
+                                         proc)
+        proc.terminate()
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    trials = optuna.load_study(study_name="fastnn", storage=storage).trials
+    for number in running:
+        assert trials[number].state.name == "FAIL" and not tune.has_result(trials[number])
+        assert [t.state.name for t in trials if t.system_attrs.get("failed_trial") == number] \
+            == ["WAITING"], "queued again at once, for the next worker"
 
 
 def test_a_worker_that_finds_the_study_full_waits_for_the_others(cifar_root, tmp_path):
@@ -308,8 +359,8 @@ def test_journal_file_storage_shares_a_study_without_a_server(cifar_root, tmp_pa
 
 
 @pytest.mark.parametrize("space_change", ["another range", "another parameter", "minimize"])
-def test_a_study_name_taken_by_another_search_space_is_refused(cifar_root, tmp_path, space_change,
-                                                               capsys):
+def test_a_study_name_taken_by_another_search_space_is_refused(cifar_root, tmp_path, capsys,
+                                                               space_change):
     from fastnn import tune
 
     storage = f"sqlite:///{tmp_path / 'other.db'}"
@@ -327,8 +378,9 @@ def test_a_study_name_taken_by_another_search_space_is_refused(cifar_root, tmp_p
                 "another parameter": r"another search space \(momentum",
                 "minimize": "minimizes its objective"}[space_change]
     assert main(tune_args(cifar_root, tmp_path / "w", "--trials", "2", "--storage", storage)) == 1
-    err = capsys.readouterr().err
-    assert re.search(expected, err) and len(err.strip().splitlines()) == 1, err
+    error = capsys.readouterr().err
+    assert re.search(expected, error) and "choose another --study-name" in error, error
+    assert len(error.strip().splitlines()) == 1, error
 
 
 def fastnn_command(*args, timeout=300):
@@ -434,17 +486,7 @@ def test_a_killed_workers_trials_run_again_on_the_others(postgres, start_workers
     storage, trials = postgres.create_database("killed"), 6
     procs, names = start_workers(storage, 3, trials, "--epochs", "8")
     victim, survivors = procs[0], procs[1:]
-    caught, deadline = [], time.monotonic() + 240
-    while not caught:  # until the victim is mid-trial: it has reported an epoch, not the last
-        assert victim.poll() is None, "the victim ended before it could be killed"
-        assert time.monotonic() < deadline, "the victim never ran a trial"
-        time.sleep(0.1)
-        try:
-            study = optuna.load_study(study_name="fastnn", storage=storage)
-        except Exception:  # the first worker has not made the study yet
-            continue
-        caught = [t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-                  if t.user_attrs.get("worker") == names[0] and t.intermediate_values]
+    caught = wait_for_running_trial("fastnn", storage, names[0], victim)
     victim.kill()  # SIGKILL: no handler runs, its trials stay RUNNING until found lost
     victim.wait()
     for p in survivors:
@@ -455,10 +497,18 @@ def test_a_killed_workers_trials_run_again_on_the_others(postgres, start_workers
     results = [t for t in study.trials if tune.has_result(t)]
     assert sorted(tune.trial_key(t) for t in results) == list(range(trials)), \
         "one result per trial: none lost, none twice"
-    retried = {t.system_attrs["failed_trial"]: t for t in results if "failed_trial" in t.system_attrs}
+    retried = {t.system_attrs["failed_trial"]: t for t in results
+               if "failed_trial" in t.system_attrs}
     assert set(caught) <= set(retried), "every trial the victim was training ran again"
     assert all(t.user_attrs["worker"] in names[1:] for t in retried.values())
     for number in caught:
         assert study.trials[number].state.name == "FAIL"
     table = (tmp_path / "worker1" / "trials.csv").read_text()
     assert "lost: its worker stopped" in table and f"retry of {caught[0]}" in table
+
+
+def test_a_grace_period_not_longer_than_the_heartbeat_is_refused(cifar_root, tmp_path, capsys):
+    assert main(tune_args(cifar_root, tmp_path / "w", "--heartbeat-seconds", "5",
+                          "--grace-seconds", "5")) == 2
+    assert "--grace-seconds (5) must exceed --heartbeat-seconds (5)" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -14,6 +14,8 @@ A model has:
 Roles are declared where a parameter is made (`Classifier._add_param`); no
 code decides a role from a parameter's name.
 """
+import math
+
 import numpy as np
 
 from fastnn import kernels
@@ -80,18 +82,40 @@ class Classifier:
         """The parameters with role "weight" (L2, AdamW decay), in params order."""
         return [name for name, role in self.param_roles.items() if role == "weight"]
 
-    def _loss_and_grads(self, scores, y, grads_of_scores, smoothing=0.0):
+    def _loss_and_grads(self, scores, y, grads_of_scores, smoothing=0.0, l2=True):
         """Softmax loss plus L2 on the weights; grads_of_scores(dscores) fills the rest."""
         xp = get_array_module(scores, y)
         loss, dscores = kernels.for_module(xp).softmax_loss(scores, y, smoothing)
         grads = grads_of_scores(dscores)
+        return (self._add_l2(xp, loss, grads) if l2 else loss), grads
+
+    def _add_l2(self, xp, loss, grads):
+        """loss + 0.5 * reg * sum(W**2) over the weights; grads get reg * W."""
         if self.reg:
             for name in self.weight_names():
                 w = self.params[name]
                 flat = w.reshape(-1)
                 loss = loss + 0.5 * self.reg * xp.dot(flat, flat)
                 grads[name] += self.reg * w
-        return loss, grads
+        return loss
+
+
+def member_blocks(a):
+    """View an array with a leading member axis (K, ...) as (A, K, B) blocks in memory order.
+
+    Member k owns [:, k, :]; the view walks a's memory contiguously, so an
+    array and its gradient or optimizer state laid out alike give blocks that
+    line up (the stack's first layer (K, D, M) is a (D, K, M) array: blocks
+    (D, K, M)). Raises ValueError for an array with gaps.
+    """
+    perm = sorted(range(a.ndim), key=lambda i: (-a.strides[i], i))
+    memory = a.transpose(perm)
+    if not memory.flags.c_contiguous:
+        raise ValueError(f"member_blocks needs a dense array; got shape {a.shape}, strides "
+                         f"{a.strides}")
+    axis = perm.index(0)
+    return memory.reshape(math.prod(memory.shape[:axis]), a.shape[0],
+                          math.prod(memory.shape[axis + 1:]))
 
 
 def standard_normal(rng, shape):

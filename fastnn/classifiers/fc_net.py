@@ -57,8 +57,11 @@ class TwoLayerNet(_FullyConnected):
                               reg=float(reg), dtype=self.dtype.name)
         self._init_params([input_dim, hidden_dim, num_classes], weight_scale, None, None)
 
-    def loss(self, X, y=None):
-        """X (N, d1, ...) -> scores (N, C), or (loss, grads) when labels y (N,) are given."""
+    def loss(self, X, y=None, l2=True):
+        """X (N, d1, ...) -> scores (N, C), or (loss, grads) when labels y (N,) are given.
+
+        l2=False leaves the L2 term out (a caller that adds it itself).
+        """
         p = self.params
         hidden, cache1 = affine_relu_forward(X, p["W1"], p["b1"])
         scores, cache2 = affine_forward(hidden, p["W2"], p["b2"])
@@ -70,7 +73,7 @@ class TwoLayerNet(_FullyConnected):
             _, dw1, db1 = affine_relu_backward(dhidden, cache1, need_dx=False)
             return {"W1": dw1, "b1": db1, "W2": dw2, "b2": db2}
 
-        return self._loss_and_grads(scores, y, backward)
+        return self._loss_and_grads(scores, y, backward, l2=l2)
 
 
 NORMALIZATIONS = (None, "batchnorm", "layernorm")
@@ -168,8 +171,11 @@ class FullyConnectedNet(_FullyConnected):
             param["seed"] = param["seed"] + layer
         return param
 
-    def loss(self, X, y=None):
-        """X (N, d1, ...) -> scores (N, C), or (loss, grads) when labels y (N,) are given."""
+    def loss(self, X, y=None, l2=True):
+        """X (N, d1, ...) -> scores (N, C), or (loss, grads) when labels y (N,) are given.
+
+        l2=False leaves the L2 term out (a caller that adds it itself).
+        """
         mode = "test" if y is None else "train"
         self.dropout_param["mode"] = mode
         for bn_param in self.bn_params:
@@ -212,4 +218,4 @@ class FullyConnectedNet(_FullyConnected):
                         dhidden, cache, need_dx=i > 1)
             return grads
 
-        return self._loss_and_grads(scores, y, backward)
+        return self._loss_and_grads(scores, y, backward, l2=l2)

@@ -31,7 +31,7 @@ OPS = (
     "sgd_", "sgd_momentum_", "sgd_nesterov_", "rmsprop_", "adam_",
     "flip_crop",
     # stacked models (fastnn.stacked): K members along a model axis
-    "dropout_stacked_forward", "dropout_stacked_backward", "softmax_loss_stacked",
+    "dropout_stacked_forward", "dropout_stacked_backward",
     "batchnorm_rows_train_forward", "batchnorm_rows_backward", "l2_stacked_",
     # norms (fastnn.layers: layernorm, spatial groupnorm)
     "layernorm_forward", "layernorm_backward", "groupnorm_forward", "groupnorm_backward",

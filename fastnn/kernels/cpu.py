@@ -17,7 +17,8 @@ import numba
 import numpy as np
 
 from fastnn.kernels import reference
-from fastnn.kernels.reference import GOLDEN, MIX1, MIX2, UNIT_BITS, dropout_key, keep_threshold
+from fastnn.kernels.reference import (GOLDEN, MIX1, MIX2, UNIT_BITS, augment_key, dropout_key,
+                                     keep_threshold)
 from fastnn.threads import configure_thread_pools, get_num_threads
 
 configure_thread_pools()
@@ -42,6 +43,14 @@ _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _UNIT_SHIFT = np.uint64(64 - UNIT_BITS)
 
 
+@_jit
+def _mix64(z):
+    """SplitMix64's finaliser (reference.mix64): cpu.py's one copy."""
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
 def _flat(a):
     """A 1-D view of a C-contiguous array (a copy only when it is not contiguous)."""
     return np.ascontiguousarray(a).reshape(-1)
@@ -64,29 +73,34 @@ def _relu_backward(dout, out, dx):
         dx[i] = dout[i] if out[i] > 0 else 0
 
 
-def _memory_order(a):
-    """Axes of `a` from the largest stride to the smallest: a.transpose(them) is its memory order."""
-    return tuple(sorted(range(a.ndim), key=lambda axis: -abs(a.strides[axis])))
+def _memory_order(*arrays):
+    """Flat views of arrays that share one dense layout (e.g. the stack's feature-major
+    (K, N, H) views of (K, H, N) arrays), walked in memory order; None when they do not."""
+    a = arrays[0]
+    perm = sorted(range(a.ndim), key=lambda i: -a.strides[i])
+    views = [b.transpose(perm) for b in arrays]
+    if all(v.flags.c_contiguous and v.strides == views[0].strides for v in views):
+        return [v.reshape(-1) for v in views]
+    return None
 
 
-def _flat_in(a, order):
-    """a.transpose(order) as a flat C-order array (a view when a is laid out that way)."""
-    return _flat(a.transpose(order))
-
-
-# The outputs keep the input's memory layout (np.empty_like's order "K"), so a
-# channels-last conv activation seen as (N, C, H, W) stays channels-last.
 def relu_forward(x):
-    out = np.empty_like(x)
-    order = _memory_order(out)
-    _relu_forward(_flat_in(x, order), _flat_in(out, order))
+    out = np.empty_like(x)  # x's layout (order "K")
+    flat = _memory_order(x, out)
+    if flat is None:
+        out = np.empty(x.shape, dtype=x.dtype)
+        flat = [_flat(x), out.reshape(-1)]
+    _relu_forward(*flat)
     return out
 
 
 def relu_backward(dout, out):
-    dx = np.empty_like(out, dtype=dout.dtype)
-    order = _memory_order(dx)
-    _relu_backward(_flat_in(dout, order), _flat_in(out, order), _flat_in(dx, order))
+    dx = np.empty_like(out)
+    flat = _memory_order(dout, out, dx)
+    if flat is None:
+        dx = np.empty(dout.shape, dtype=dout.dtype)
+        flat = [_flat(dout), _flat(out), dx.reshape(-1)]
+    _relu_backward(*flat)
     return dx
 
 
@@ -94,10 +108,7 @@ def relu_backward(dout, out):
 @_jit
 def _dropout(x, out, key, threshold, scale):
     for i in range(x.size):
-        z = np.uint64(i) * _GOLDEN + key
-        z = (z ^ (z >> _S30)) * _MIX1
-        z = (z ^ (z >> _S27)) * _MIX2
-        z = z ^ (z >> _S31)
+        z = _mix64(np.uint64(i) * _GOLDEN + key)
         out[i] = x[i] * scale if (z >> _UNIT_SHIFT) >= threshold else 0
 
 
@@ -118,10 +129,7 @@ def _flip_crop(x, out, key, flip, padding):
     n, channels, height, width = x.shape
     span = np.uint64(2 * padding + 1)
     for i in range(n):
-        z = np.uint64(i) * _GOLDEN + key
-        z = (z ^ (z >> _S30)) * _MIX1
-        z = (z ^ (z >> _S27)) * _MIX2
-        z = z ^ (z >> _S31)
+        z = _mix64(np.uint64(i) * _GOLDEN + key)
         mirrored = flip and (z >> np.uint64(63)) == np.uint64(1)
         dy = np.int64(((z >> np.uint64(32)) & np.uint64(0xFFFF)) % span) - padding
         dx = np.int64((z & np.uint64(0xFFFF)) % span) - padding
@@ -139,15 +147,14 @@ def _flip_crop(x, out, key, flip, padding):
 def flip_crop(x, seed, step, flip, padding):
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
-    _flip_crop(x, out, np.uint64(dropout_key(seed, step)), bool(flip), np.int64(padding))
+    _flip_crop(x, out, np.uint64(augment_key(seed, step)), bool(flip), np.int64(padding))
     return out
 
 
 # -- losses ------------------------------------------------------------------
 @_jit
-def _softmax_loss(x, y, smoothing, dx, row_loss):
+def _softmax_loss(x, y, smoothing, inv_n, dx, row_loss):
     n, c = x.shape
-    inv_n = 1.0 / n
     off = smoothing / c            # label smoothing: q = (1 - s) * onehot + s / C
     on = 1.0 - smoothing
     for i in range(n):
@@ -219,7 +226,16 @@ def _row_loss(kernel, x, y, *args):
 
 
 def softmax_loss(x, y, smoothing=0.0):
-    return _row_loss(_softmax_loss, x, y, float(smoothing))
+    if x.ndim == 3:  # members (K, N, C) on shared labels: per-member means
+        members, n, c = x.shape
+        x2d = np.ascontiguousarray(x).reshape(members * n, c)
+        dx = np.empty(x2d.shape, dtype=x.dtype)
+        row_loss = np.empty(members * n, dtype=np.float64)
+        _softmax_loss(x2d, np.tile(np.ascontiguousarray(y), members), float(smoothing),
+                      1.0 / max(n, 1), dx, row_loss)
+        losses = row_loss.reshape(members, n).sum(axis=1) / max(n, 1)
+        return losses.astype(x.dtype), dx.reshape(x.shape)
+    return _row_loss(_softmax_loss, x, y, float(smoothing), 1.0 / max(x.shape[0], 1))
 
 
 def svm_loss(x, y):
@@ -449,17 +465,11 @@ adam_ = _update_op(_adam, reference.adam_)
 def _dropout_stacked(x, out, seed_keys, step_term, thresholds, scales):
     members, width, n = x.shape  # C-contiguous (K, H, N): the stack's activation layout
     for k in range(members):
-        key = seed_keys[k] + step_term
-        key = (key ^ (key >> _S30)) * _MIX1
-        key = (key ^ (key >> _S27)) * _MIX2
-        key = key ^ (key >> _S31)
+        key = _mix64(seed_keys[k] + step_term)
         threshold, scale = thresholds[k], scales[k]
         for j in range(width):
             for i in range(n):  # positions are C order over member k's (N, H)
-                z = np.uint64(i * width + j) * _GOLDEN + key
-                z = (z ^ (z >> _S30)) * _MIX1
-                z = (z ^ (z >> _S27)) * _MIX2
-                z = z ^ (z >> _S31)
+                z = _mix64(np.uint64(i * width + j) * _GOLDEN + key)
                 out[k, j, i] = x[k, j, i] * scale if (z >> _UNIT_SHIFT) >= threshold else 0
 
 
@@ -480,20 +490,6 @@ def dropout_stacked_forward(x, seed_keys, thresholds, scales, step):
 
 def dropout_stacked_backward(dout, seed_keys, thresholds, scales, step):
     return dropout_stacked_forward(dout, seed_keys, thresholds, scales, step)
-
-
-@_jit
-def _softmax_loss_stacked(x, y, dx, row_loss):
-    for k in range(x.shape[0]):
-        _softmax_loss(x[k], y, 0.0, dx[k], row_loss[k])
-
-
-def softmax_loss_stacked(x, y):
-    x = np.ascontiguousarray(x)
-    dx = np.empty(x.shape, dtype=x.dtype)
-    row_loss = np.empty(x.shape[:2], dtype=np.float64)
-    _softmax_loss_stacked(x, np.ascontiguousarray(y), dx, row_loss)
-    return (row_loss.sum(axis=1) / max(x.shape[1], 1)).astype(x.dtype), dx
 
 
 def _jit_sums(function):

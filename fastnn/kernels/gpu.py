@@ -147,13 +147,13 @@ adam_ = _update_op("adam")
 SOFTMAX_LOSS_SOURCE = r"""
 extern "C" __global__ void fastnn_softmax_loss_{T}(
         const {T}* x, const long long* y, const double smoothing, const long long n,
-        const long long c, {T}* dx, double* row_loss) {
+        const long long c, const double inv_n, {T}* dx, double* row_loss) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const {T}* xi = x + i * c;
     {T}* di = dx + i * c;
     const long long label = y[i];
-    const double inv_n = 1.0 / (double)n, off = smoothing / (double)c, on = 1.0 - smoothing;
+    const double off = smoothing / (double)c, on = 1.0 - smoothing;
     if (label < 0 || label >= c) {  // unchecked labels: NaN, never an out-of-bounds read
         row_loss[i] = nan("");
         for (long long j = 0; j < c; ++j) di[j] = ({T})nan("");
@@ -193,18 +193,29 @@ def _softmax_loss_kernel(type_name):
 
 
 def softmax_loss(x, y, smoothing=0.0):
-    """cpu.py's softmax loss on the device: (loss 0-d of x.dtype, dx (N, C)); no sync."""
+    """cpu.py's softmax loss on the device: (loss 0-d of x.dtype, dx (N, C)); no sync.
+
+    Members: x (K, N, C) on shared labels -> (losses (K,), dx (K, N, C)).
+    """
     import cupy
 
-    x = cupy.ascontiguousarray(x)
-    n, c = x.shape
-    dx = cupy.empty_like(x)
-    row_loss = cupy.empty(n, dtype=np.float64)
+    members = x.shape[0] if x.ndim == 3 else None
+    n, c = x.shape[-2:]
+    x2d = cupy.ascontiguousarray(x).reshape(-1, c)
+    y = cupy.ascontiguousarray(y, dtype=np.int64)
+    if members is not None:
+        y = cupy.tile(y, members)
+    rows = x2d.shape[0]
+    dx = cupy.empty_like(x2d)
+    row_loss = cupy.empty(rows, dtype=np.float64)
     threads = 128
     kernel = _softmax_loss_kernel("float" if x.dtype == np.float32 else "double")
-    kernel(((n + threads - 1) // threads,), (threads,),
-           (x, cupy.ascontiguousarray(y, dtype=np.int64), np.float64(smoothing), np.int64(n),
-            np.int64(c), dx, row_loss))
+    kernel(((rows + threads - 1) // threads,), (threads,),
+           (x2d, y, np.float64(smoothing), np.int64(rows), np.int64(c),
+            np.float64(1.0 / max(n, 1)), dx, row_loss))
+    if members is not None:
+        losses = row_loss.reshape(members, n).sum(axis=1) / max(n, 1)
+        return losses.astype(x.dtype), dx.reshape(x.shape)
     return (row_loss.sum() / max(n, 1)).astype(x.dtype), dx
 
 

@@ -16,17 +16,39 @@ MIX2 = 0x94D049BB133111EB
 UNIT_BITS = 24
 
 
-def mix64(z):
-    """SplitMix64 finaliser on Python ints (host side, for the per-call key)."""
-    z &= _MASK64
-    z = ((z ^ (z >> 30)) * MIX1) & _MASK64
-    z = ((z ^ (z >> 27)) * MIX2) & _MASK64
-    return z ^ (z >> 31)
+def mix64(z, xp=None):
+    """SplitMix64's finaliser: of a Python int (host side, xp None) or of a uint64 array of xp.
+
+    The one SplitMix64 of the reference code (cpu.py and gpu.py have one each).
+    """
+    if xp is None:
+        z &= _MASK64
+        z = ((z ^ (z >> 30)) * MIX1) & _MASK64
+        z = ((z ^ (z >> 27)) * MIX2) & _MASK64
+        return z ^ (z >> 31)
+    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(MIX1)
+    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(MIX2)
+    return z ^ (z >> xp.uint64(31))
+
+
+# Each purpose draws from its own stream of keys: a seed shared by dropout and
+# augmentation (or a dropout seed equal to an augment seed) gives unrelated masks.
+DROPOUT_STREAM, AUGMENT_STREAM = 1, 2
+
+
+def stream_key(seed, step, stream):
+    """The 64-bit key of (seed, step) in `stream`; positions are hashed with it."""
+    return mix64(mix64(int(seed) * GOLDEN + stream) + int(step) * GOLDEN)
 
 
 def dropout_key(seed, step):
-    """The 64-bit key of one (seed, step) pair; positions are hashed with it."""
-    return mix64(mix64(int(seed) * GOLDEN + 1) + int(step) * GOLDEN)
+    """The key of one dropout (seed, step) pair."""
+    return stream_key(seed, step, DROPOUT_STREAM)
+
+
+def augment_key(seed, step):
+    """The key of one augmentation (seed, step) pair (flip_crop)."""
+    return stream_key(seed, step, AUGMENT_STREAM)
 
 
 def keep_threshold(p):
@@ -56,16 +78,13 @@ def dropout_backward(dout, p, seed, step):
 
 def _hash_positions(xp, count, key):
     """SplitMix64 of positions 0..count-1 under `key` (uint64 array)."""
-    z = xp.arange(count, dtype=xp.uint64) * xp.uint64(GOLDEN) + xp.uint64(key)
-    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(MIX1)
-    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(MIX2)
-    return z ^ (z >> xp.uint64(31))
+    return mix64(xp.arange(count, dtype=xp.uint64) * xp.uint64(GOLDEN) + xp.uint64(key), xp)
 
 
 # -- augmentation: random flips and crops, a pure function of (seed, step, image)
 def flip_crop_offsets(xp, count, seed, step, padding):
     """Per image: (flip as bool, row shift, column shift), shifts in [-padding, padding]."""
-    z = _hash_positions(xp, count, dropout_key(seed, step))
+    z = _hash_positions(xp, count, augment_key(seed, step))
     span = xp.uint64(2 * padding + 1)
     flips = (z >> xp.uint64(63)) == xp.uint64(1)
     dy = ((z >> xp.uint64(32)) & xp.uint64(0xFFFF)) % span
@@ -131,27 +150,28 @@ def softmax_loss(x, y, smoothing=0.0):
     smoothing s: the target of row i is q = (1 - s) * onehot(y_i) + s / C
     (label smoothing; 0: the plain loss), loss = mean_i -sum_j q_ij log p_ij,
     dx = (p - q) / N. Returns (loss as a 0-d array, dx (N, C)); no label checks
-    (a bad label: NaN).
+    (a bad label: NaN). Member axis: x (K, N, C) with shared labels ->
+    (losses (K,), dx (K, N, C)).
     """
     xp = get_array_module(x, y)
-    n, classes = x.shape
+    n, classes = x.shape[-2:]
+    f = x.dtype.type
     valid, labels = _labels_to_index(xp, y, classes)
-    shifted = x - x.max(axis=1, keepdims=True)
-    log_z = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+    shifted = x - x.max(axis=-1, keepdims=True)
+    log_z = xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
     log_probs = _nan_rows(xp, shifted - log_z, valid)
     rows = xp.arange(n)
+    picked = log_probs[..., rows, labels]
     dx = xp.exp(log_probs)
     if smoothing:
-        f = x.dtype.type
-        per_row = (f(1 - smoothing) * log_probs[rows, labels]
-                   + f(smoothing / classes) * log_probs.sum(axis=1))
-        loss = -per_row.sum() / f(n)
-        dx[rows, labels] -= f(1 - smoothing)
+        per_row = f(1 - smoothing) * picked + f(smoothing / classes) * log_probs.sum(axis=-1)
+        loss = -per_row.sum(axis=-1) / f(n)
+        dx[..., rows, labels] -= f(1 - smoothing)
         dx -= f(smoothing / classes)
     else:
-        loss = -log_probs[rows, labels].sum() / x.dtype.type(n)
-        dx[rows, labels] -= 1
-    dx /= x.dtype.type(n)
+        loss = -picked.sum(axis=-1) / f(n)
+        dx[..., rows, labels] -= 1
+    dx /= f(n)
     return loss, dx
 
 
@@ -294,18 +314,12 @@ def dropout_seed_keys(seeds):
     """Host uint64 array: the seed half of dropout_key for each seed in `seeds`."""
     import numpy as np
 
-    return np.array([mix64(int(s) * GOLDEN + 1) for s in seeds], dtype=np.uint64)
+    return np.array([mix64(int(s) * GOLDEN + DROPOUT_STREAM) for s in seeds], dtype=np.uint64)
 
 
 def dropout_step_term(step):
     """The step half of dropout_key, as a uint64 (the key is mix64(seed_key + this))."""
     return (int(step) * GOLDEN) & _MASK64
-
-
-def _mix64_array(xp, z):
-    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(MIX1)
-    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(MIX2)
-    return z ^ (z >> xp.uint64(31))
 
 
 def dropout_stacked_forward(x, seed_keys, thresholds, scales, step):
@@ -318,10 +332,10 @@ def dropout_stacked_forward(x, seed_keys, thresholds, scales, step):
     """
     xp = get_array_module(x, seed_keys, thresholds, scales)
     n, _, width = x.shape
-    keys = _mix64_array(xp, seed_keys + xp.uint64(dropout_step_term(step)))
+    keys = mix64(seed_keys + xp.uint64(dropout_step_term(step)), xp)
     positions = (xp.arange(n, dtype=xp.uint64)[:, None, None] * xp.uint64(width)
                  + xp.arange(width, dtype=xp.uint64)[None, None, :])
-    z = _mix64_array(xp, positions * xp.uint64(GOLDEN) + keys[None, :, None])
+    z = mix64(positions * xp.uint64(GOLDEN) + keys[None, :, None], xp)
     keep = (z >> xp.uint64(64 - UNIT_BITS)) >= thresholds[None, :, None]
     return xp.where(keep, x * scales[None, :, None], x.dtype.type(0))
 
@@ -329,25 +343,6 @@ def dropout_stacked_forward(x, seed_keys, thresholds, scales, step):
 def dropout_stacked_backward(dout, seed_keys, thresholds, scales, step):
     """Gradient of dropout_stacked_forward: the same masks and scales applied to dout."""
     return dropout_stacked_forward(dout, seed_keys, thresholds, scales, step)
-
-
-def softmax_loss_stacked(x, y):
-    """Softmax loss of K members' scores x (K, N, C) on shared labels y (N,).
-
-    Returns (losses (K,) of x.dtype, each the mean over N; dx (K, N, C)).
-    No label checks (a bad label: NaN, as in softmax_loss).
-    """
-    xp = get_array_module(x, y)
-    n = x.shape[1]
-    valid, labels = _labels_to_index(xp, y, x.shape[2])
-    shifted = x - x.max(axis=2, keepdims=True)
-    log_probs = _nan_rows(xp, shifted - xp.log(xp.exp(shifted).sum(axis=2, keepdims=True)), valid)
-    rows = xp.arange(n)
-    losses = -log_probs[:, rows, labels].sum(axis=1) / x.dtype.type(max(n, 1))
-    dx = xp.exp(log_probs)
-    dx[:, rows, labels] -= 1
-    dx /= x.dtype.type(max(n, 1))
-    return losses, dx
 
 
 def batchnorm_rows_train_forward(x, gamma, beta, eps):
