@@ -2,9 +2,11 @@
 
     python -m pytest benchmarks/test_bench_e2e.py
     python -m pytest benchmarks/test_bench_e2e.py -k two_layer
+    python -m pytest benchmarks/test_bench_e2e.py -k "convnet and not wide"
 
 Each case builds its trainer, trains one untimed warm-up epoch, then times
-one epoch (benchmark.pedantic, one round: an epoch is seconds long). The
+one epoch (benchmark.pedantic, one round: an epoch is seconds long; a conv
+workload's epoch is its first ConvWorkload.num_train training images). The
 definitions of images/s and of the share of the sgemm ceiling are in
 workloads.py; `python benchmarks/report.py` prints the same comparison as a
 table. Results go to extra_info: images_per_s, share_of_ceiling, the
@@ -21,10 +23,10 @@ EPOCHS = 1
 @pytest.mark.parametrize("contender", CONTENDERS)
 @pytest.mark.parametrize("workload_name", list(WORKLOADS))
 def test_train_epoch(benchmark, bench_data, sgemm_rates, environment, workload_name, contender):
-    reason = workloads.skip_reason(contender)
+    workload = WORKLOADS[workload_name]
+    reason = workloads.skip_reason(contender, workload)
     if reason:
         pytest.skip(reason)
-    workload = WORKLOADS[workload_name]
     trainer = workloads.make_trainer(contender, workload, bench_data)
     trainer.warm_up()
     trainer.prepare(EPOCHS)

@@ -27,7 +27,7 @@ PARAMETERS = [(3072, 100), (1024, 1024), (3072, 1024)]  # weight matrices the ne
 IMAGES = [(200, 3, 32, 32), (512, 3, 32, 32)]         # CIFAR-10 minibatches, NCHW
 # stacked models (fastnn.stacked): 16 two_layer members, or 4 deep_bn-width members
 STACKED_ACTIVATIONS = [(200, 16, 100), (512, 4, 1024)]  # (N, K, H) views of (K, H, N) arrays
-STACKED_SCORES = [(16, 200, 10), (4, 512, 10)]          # (K, N, C)
+STACKED_SCORES = [(16, 200, 10), (4, 512, 10)]          # (K, N, C): softmax_loss, members
 STACKED_PARAMETERS = [(3072, 16, 100), (1024, 4, 1024)]  # (A, K, B)
 STACKED_FEATURE_ROWS = [(1600, 200), (4096, 512)]        # (K*H, N): feature-major activations
 # convolution: layers of the reference ConvNet at batch 64, channels-last views like its own
@@ -40,13 +40,12 @@ FORWARD_OF = {"conv_backward": "conv_forward", "max_pool_backward": "max_pool_fo
 SHAPES = {
     "relu_forward": ACTIVATIONS, "relu_backward": ACTIVATIONS,
     "dropout_forward": ACTIVATIONS, "dropout_backward": ACTIVATIONS,
-    "softmax_loss": SCORES, "svm_loss": SCORES,
+    "softmax_loss": SCORES + STACKED_SCORES, "svm_loss": SCORES,
     "batchnorm_train_forward": ACTIVATIONS, "batchnorm_backward": ACTIVATIONS,
     # update rules: lone parameters and stacked blocks (A, K, B)
     **{spec.op: PARAMETERS + STACKED_PARAMETERS for spec in optim.SPECS.values()},
     "flip_crop": IMAGES,
     "dropout_stacked_forward": STACKED_ACTIVATIONS, "dropout_stacked_backward": STACKED_ACTIVATIONS,
-    "softmax_loss_stacked": STACKED_SCORES,
     "batchnorm_rows_train_forward": STACKED_FEATURE_ROWS,
     "batchnorm_rows_backward": STACKED_FEATURE_ROWS,
     "l2_stacked_": STACKED_PARAMETERS,
@@ -72,7 +71,7 @@ def make_args(op, shape, rng, xp=np):
         return rng.standard_normal(shape, dtype=np.float32), 1234, 7, True, 4
     if op in UPDATE_OPS:
         return make_update_args(op, shape, rng, xp)
-    if op.endswith("_stacked_") or op.startswith(("dropout_stacked", "softmax_loss_stacked")):
+    if op.endswith("_stacked_") or op.startswith("dropout_stacked") or len(shape) == 3:
         return make_stacked_args(op, shape, rng, xp)
     if op.startswith(("layernorm", "groupnorm")):
         return make_norm_args(op, shape, rng)
@@ -149,7 +148,7 @@ def make_stacked_args(op, shape, rng, xp=np):
         keys = rng.integers(0, 2**63, k, dtype=np.uint64)
         thresholds = np.full(k, reference.keep_threshold(0.2), dtype=np.uint64)
         return x, keys, thresholds, np.full(k, 1 / 0.8, dtype=np.float32), 7
-    if op == "softmax_loss_stacked":
+    if op == "softmax_loss":  # K members' scores on shared labels
         k, n, c = shape
         return x, rng.integers(0, c, n, dtype=np.int64)
     k = shape[1]

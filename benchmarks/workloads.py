@@ -22,7 +22,11 @@ with FLOPs per step counting only the matrix products the step must do:
 2*N*in*out per layer forward, 2*N*in*out per layer for dW, and 2*N*in*out
 per layer for dX except the first layer (its input needs no gradient).
 Seconds per step is the timed wall time divided by the number of steps, so
-it includes the accuracy checks and everything else in the loop.
+it includes the accuracy checks and everything else in the loop. A
+convolution counts as a product with fan_in = C_in * kh * kw and fan_out =
+C_out at each of its output positions (2 * N * positions * fan_in * fan_out
+per product); the conv workloads train on a subset of the training images
+per epoch (ConvWorkload.num_train) to keep a report run short.
 """
 import dataclasses
 import importlib
@@ -47,39 +51,70 @@ CHECK_BATCH_SIZE = 128     # Solver.check_accuracy's default batch
 SGEMM_N = 4096
 
 CONTENDERS = ("fastnn-numpy", "fastnn-cupy", "naive-numpy", "naive-cupy",
-              "torch-cpu", "torch-cuda", "torch-cuda-graph")
+              "torch-cpu", "torch-cpu-cl", "torch-cuda", "torch-cuda-graph")
 GPU_CONTENDERS = ("fastnn-cupy", "naive-cupy", "torch-cuda", "torch-cuda-graph")
 BASELINE = {"cpu": "naive-numpy", "gpu": "naive-cupy"}  # "ratio to naive" per device
 REFERENCE = "torch-cpu"                                    # "ratio to PyTorch CPU"
+# conv workloads: the ratio is to the faster of PyTorch CPU's two layouts
+CONV_REFERENCES = ("torch-cpu", "torch-cpu-cl")
+CONV_NUM_TRAIN = 10240     # training images per conv epoch (a subset keeps a report short)
 
 
 # -- workloads -------------------------------------------------------------
+def products_flops(layers, batch_size):
+    """Matrix-product FLOPs of a training step over `layers` [(name, fan_in, fan_out, positions)].
+
+    Forward, dW, and dX except for the first layer (its input needs no gradient).
+    """
+    total = 0
+    for i, (_, fan_in, fan_out, positions) in enumerate(layers):
+        products = 3 if i > 0 else 2
+        total += products * 2 * batch_size * positions * fan_in * fan_out
+    return total
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
+    """A fully connected net on flattened images, trained with adam (lr 1e-3)."""
     name: str
     hidden_dims: tuple
     batch_size: int
     use_batchnorm: bool = False
     dropout: float = 0.0
     description: str = ""
+    kind = "fc"
+    update_rule = "adam"
+    warmup_images = None  # the warm-up is a whole epoch
 
     @property
     def dims(self):
         return (INPUT_DIM, *self.hidden_dims, NUM_CLASSES)
 
+    def layers(self):
+        """[(name, fan_in, fan_out, positions)] of the matrix products, input first."""
+        return [(f"affine{i}", fan_in, fan_out, 1)
+                for i, (fan_in, fan_out) in enumerate(zip(self.dims[:-1], self.dims[1:]), 1)]
+
+    def train_size(self, available=NUM_TRAIN):
+        """Training images an epoch draws from (all of them)."""
+        return available
+
     def iterations_per_epoch(self, num_train=NUM_TRAIN):
-        return max(num_train // self.batch_size, 1)
+        return max(self.train_size(num_train) // self.batch_size, 1)
 
     def images_per_epoch(self, num_train=NUM_TRAIN):
         return self.iterations_per_epoch(num_train) * self.batch_size
 
     def flops_per_step(self):
         """Matrix-product FLOPs of one training step (see the module docstring)."""
-        n, total = self.batch_size, 0
-        for layer, (fan_in, fan_out) in enumerate(zip(self.dims[:-1], self.dims[1:])):
-            products = 3 if layer > 0 else 2  # forward, dW, and dX except for the first layer
-            total += products * 2 * n * fan_in * fan_out
-        return total
+        return products_flops(self.layers(), self.batch_size)
+
+    def arrays(self, arrays):
+        """The data dict this workload trains on, from flattened (N, 3072) arrays."""
+        return arrays
+
+    def solver_options(self):
+        return {"update_rule": self.update_rule}
 
     def fastnn_model(self):
         """The fastnn model, created on the active backend."""
@@ -93,6 +128,148 @@ class Workload:
     def weight_scale(self):
         return 1e-3 if self.name == "two_layer" else 1e-2  # the fastnn defaults
 
+    def torch_model(self):
+        """nn.Sequential of Linear, [BatchNorm1d], ReLU, [Dropout]; PyTorch's default init."""
+        from torch import nn
+
+        layers, fan_in = [], INPUT_DIM
+        for width in self.hidden_dims:
+            layers.append(nn.Linear(fan_in, width))
+            if self.use_batchnorm:
+                layers.append(nn.BatchNorm1d(width))
+            layers.append(nn.ReLU())
+            if self.dropout:
+                layers.append(nn.Dropout(self.dropout))
+            fan_in = width
+        layers.append(nn.Linear(fan_in, NUM_CLASSES))
+        return nn.Sequential(*layers)
+
+    def torch_optimizer(self, model, capturable=False):
+        import torch
+
+        return torch.optim.Adam(model.parameters(), lr=1e-3, capturable=capturable)
+
+
+IMAGE_SHAPE = (3, 32, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvWorkload:
+    """A conv net on (N, 3, 32, 32) images; `net` is "three_layer_conv" or "convnet".
+
+    three_layer_conv: ThreeLayerConvNet(weight_scale=1e-3, hidden_dim=500,
+    reg=1e-3), adam lr 1e-3 (the course notebook's settings). convnet:
+    ConvNet(widths, stem_width, seed=0) and SGD with momentum 0.9 (lr 0.01).
+    PyTorch trains the same net from the same initial parameters (copied
+    from fastnn's), with the same batch, data and update rule.
+    """
+    name: str
+    net: str
+    batch_size: int
+    widths: tuple = ()
+    stem_width: int = 0
+    description: str = ""
+    num_train: int = CONV_NUM_TRAIN
+    kind = "conv"
+
+    @property
+    def warmup_images(self):
+        """The warm-up epoch's images: 4 steps (compilation, first touch, optimizer state)."""
+        return 4 * self.batch_size
+
+    @property
+    def update_rule(self):
+        return "adam" if self.net == "three_layer_conv" else "sgd_momentum"
+
+    @property
+    def learning_rate(self):
+        return 1e-3 if self.net == "three_layer_conv" else 1e-2
+
+    @property
+    def reg(self):
+        return 1e-3 if self.net == "three_layer_conv" else 0.0
+
+    def layers(self):
+        """[(name, fan_in, fan_out, positions)]: each conv as a product per output position."""
+        channels, height, width = IMAGE_SHAPE
+        if self.net == "three_layer_conv":  # 7x7 conv (same size), 2x2 pool, 500 hidden
+            pooled = 32 * (height // 2) * (width // 2)
+            return [("conv", channels * 7 * 7, 32, height * width),
+                    ("affine1", pooled, 500, 1), ("affine2", 500, NUM_CLASSES, 1)]
+        layers = [("stem", channels * 9, self.stem_width, height * width)]
+        c_in = self.stem_width
+        for i, w in enumerate(self.widths, 1):
+            layers.append((f"group{i}.conv1", c_in * 9, w, height * width))
+            height, width = height // 2, width // 2  # the pool after the first conv
+            layers.append((f"group{i}.conv2", w * 9, w, height * width))
+            c_in = w
+        return layers + [("affine", c_in, NUM_CLASSES, 1)]
+
+    def forward_flops_per_image(self):
+        return sum(2 * positions * fan_in * fan_out
+                   for _, fan_in, fan_out, positions in self.layers())
+
+    def flops_per_step(self):
+        return products_flops(self.layers(), self.batch_size)
+
+    def train_size(self, available=NUM_TRAIN):
+        return min(self.num_train, available)
+
+    def iterations_per_epoch(self, num_train=NUM_TRAIN):
+        return max(self.train_size(num_train) // self.batch_size, 1)
+
+    def images_per_epoch(self, num_train=NUM_TRAIN):
+        return self.iterations_per_epoch(num_train) * self.batch_size
+
+    def arrays(self, arrays):
+        """Images (N, 3, 32, 32): the first train_size() training images, all validation ones."""
+        n = self.train_size(arrays["X_train"].shape[0])
+        return {"X_train": arrays["X_train"][:n].reshape(n, *IMAGE_SHAPE),
+                "y_train": arrays["y_train"][:n],
+                "X_val": arrays["X_val"].reshape(-1, *IMAGE_SHAPE), "y_val": arrays["y_val"]}
+
+    def solver_options(self):
+        return {"update_rule": self.update_rule,
+                "optim_config": {"learning_rate": self.learning_rate}}
+
+    def fastnn_model(self):
+        """The fastnn model on the active backend, its initial weights seeded (0)."""
+        from fastnn import classifiers
+
+        if self.net == "three_layer_conv":
+            state = np.random.get_state()
+            np.random.seed(0)  # ThreeLayerConvNet draws from np.random, as the course's does
+            try:
+                return classifiers.ThreeLayerConvNet(weight_scale=1e-3, hidden_dim=500,
+                                                     reg=self.reg)
+            finally:
+                np.random.set_state(state)
+        return classifiers.ConvNet(widths=self.widths, stem_width=self.stem_width, seed=0)
+
+    def torch_model(self):
+        """The same net in PyTorch (NCHW), with fastnn's initial parameters."""
+        import torch_nets
+
+        return torch_nets.from_fastnn(self, _host_model(self))
+
+    def torch_optimizer(self, model, capturable=False):
+        """fastnn's rule: L2 (reg) on the weights only, as weight_decay; no decay on the rest."""
+        import torch
+
+        weights = [p for p in model.parameters() if p.ndim > 1]
+        others = [p for p in model.parameters() if p.ndim <= 1]
+        groups = [{"params": weights, "weight_decay": self.reg},
+                  {"params": others, "weight_decay": 0.0}]
+        if self.update_rule == "adam":
+            return torch.optim.Adam(groups, lr=self.learning_rate, capturable=capturable)
+        return torch.optim.SGD(groups, lr=self.learning_rate, momentum=0.9)
+
+
+def _host_model(workload):
+    """The fastnn model on numpy (for its initial parameters)."""
+    with fastnn.use_backend("numpy"):
+        return workload.fastnn_model()
+
 
 WORKLOADS = {
     "two_layer": Workload("two_layer", (100,), 200,
@@ -100,6 +277,18 @@ WORKLOADS = {
     "deep_bn": Workload("deep_bn", (1024, 1024, 1024), 512, use_batchnorm=True, dropout=0.2,
                         description="3072-1024-1024-1024-10, batchnorm + dropout 0.2, "
                                     "batch 512, adam"),
+    "three_layer_conv": ConvWorkload(
+        "three_layer_conv", "three_layer_conv", 50,
+        description="ThreeLayerConvNet(weight_scale=1e-3, hidden_dim=500, reg=1e-3): "
+                    "conv 7x7x32 - relu - pool - 500 - 10, batch 50, adam 1e-3"),
+    "convnet": ConvWorkload(
+        "convnet", "convnet", 256, widths=(32, 64, 128), stem_width=24,
+        description="ConvNet(widths=(32, 64, 128), stem_width=24), batch 256, "
+                    "SGD momentum 0.9"),
+    "convnet_wide": ConvWorkload(
+        "convnet_wide", "convnet", 256, widths=(64, 128, 128), stem_width=24,
+        description="ConvNet(widths=(64, 128, 128), stem_width=24), batch 256, "
+                    "SGD momentum 0.9"),
 }
 
 
@@ -175,15 +364,20 @@ def _torch_reason(cuda=False):
     return None
 
 
-def skip_reason(contender):
-    """Why `contender` cannot run here, or None."""
+def skip_reason(contender, workload=None):
+    """Why `contender` cannot run here (or cannot train `workload`), or None."""
     if contender not in CONTENDERS:
         raise ValueError(f"unknown contender {contender!r}; choose from {CONTENDERS}")
+    kind = getattr(workload, "kind", None)
+    if contender.startswith("naive-") and kind == "conv":
+        return "no classic-style conv baseline (naive.py covers the fully connected nets)"
+    if contender == "torch-cpu-cl" and kind == "fc":
+        return "channels-last is an image layout: conv workloads only"
     if contender in ("fastnn-numpy", "naive-numpy"):
         return None
     if contender in ("fastnn-cupy", "naive-cupy"):
         return _gpu_reason()
-    return _torch_reason(cuda=contender != "torch-cpu")
+    return _torch_reason(cuda=contender not in ("torch-cpu", "torch-cpu-cl"))
 
 
 def device_of(contender):
@@ -209,8 +403,9 @@ class _Trainer:
         self.data = data
 
     def warm_up(self):
-        """One epoch, untimed: compilation, first-touch, optimizer state, graph capture."""
-        self._train(1)
+        """One epoch (a conv workload's: of warmup_images), untimed: compilation, first
+        touch, optimizer state, graph capture."""
+        self._train(1, warmup=True)
         synchronize(self.device)
 
     def timed(self, epochs=1):
@@ -227,6 +422,10 @@ class _Trainer:
     def images(self, epochs=1):
         return epochs * self.workload.images_per_epoch(self.data.X_train.shape[0])
 
+    def arrays(self, module="numpy"):
+        """The workload's training data as arrays of `module` (device copies made once)."""
+        return self.workload.arrays(self.data.arrays(module))
+
 
 class FastnnTrainer(_Trainer):
     """fastnn's Solver; each run is a new Solver (num_epochs=epochs) on the same model."""
@@ -237,27 +436,31 @@ class FastnnTrainer(_Trainer):
         self.device = "gpu" if backend == "cupy" else "cpu"
         with fastnn.use_backend(backend):
             self.model = workload.fastnn_model()
-        self.arrays = data.arrays(backend)  # device copies made once, outside the clock
+        self.solver_data = self.arrays(backend)  # device copies made once, outside the clock
         self._solver = None
         self._runs = 0
 
-    def prepare(self, epochs=1):
+    def prepare(self, epochs=1, warmup=False):
         from fastnn.solver import Solver
 
         self._runs += 1
+        data = self.solver_data
+        if warmup and self.workload.warmup_images:
+            data = dict(data, X_train=data["X_train"][:self.workload.warmup_images],
+                        y_train=data["y_train"][:self.workload.warmup_images])
         # built outside the clock: it checks the labels (a forward pass and a device read)
-        self._solver = Solver(self.model, self.arrays, update_rule="adam",
+        self._solver = Solver(self.model, data, **self.workload.solver_options(),
                               batch_size=self.workload.batch_size, num_epochs=epochs,
                               num_train_samples=NUM_TRAIN_SAMPLES, verbose=False,
                               seed=self._runs)
 
     def warm_up(self):
-        self.prepare(1)
+        self.prepare(1, warmup=True)
         super().warm_up()
 
-    def _train(self, epochs):
+    def _train(self, epochs, warmup=False):
         if self._solver is None or self._solver.num_epochs != epochs:
-            self.prepare(epochs)
+            self.prepare(epochs, warmup)
         solver, self._solver = self._solver, None
         with fastnn.use_backend(self.backend):
             solver.train()
@@ -278,23 +481,24 @@ class NaiveTrainer(_Trainer):
                                         num_train_samples=NUM_TRAIN_SAMPLES,
                                         check_batch_size=CHECK_BATCH_SIZE)
 
-    def _train(self, epochs):
+    def _train(self, epochs, warmup=False):
         self.solver.train(epochs)
 
 
 class TorchTrainer(_Trainer):
-    """PyTorch: nn.Sequential + CrossEntropyLoss + Adam(lr=1e-3), eager or one CUDA graph.
+    """PyTorch: the workload's torch_model() and torch_optimizer(), eager or one CUDA graph.
 
     A randperm per epoch; accuracy checks as the Solver's (eval mode, no_grad,
     1000 training samples + the validation set, after the first iteration and
     at every epoch end; the best parameters are copied when val improves).
-    With graph=True the whole step (forward, backward, optimizer.step with
-    capturable Adam) is captured once in a CUDA graph and replayed per step,
-    following the whole-network capture example in the PyTorch CUDA-graphs
-    documentation.
+    channels_last=True: the model and every batch in torch.channels_last
+    (NHWC in memory), the batch converted on the clock. With graph=True the
+    whole step (forward, backward, optimizer.step with capturable Adam) is
+    captured once in a CUDA graph and replayed per step, following the
+    whole-network capture example in the PyTorch CUDA-graphs documentation.
     """
 
-    def __init__(self, workload, data, device="cpu", graph=False):
+    def __init__(self, workload, data, device="cpu", graph=False, channels_last=False):
         super().__init__(workload, data)
         import torch
         from torch import nn
@@ -305,20 +509,14 @@ class TorchTrainer(_Trainer):
         if device == "cpu":
             torch.set_num_threads(fastnn.get_num_threads())
         torch.manual_seed(0)
-        layers, fan_in = [], INPUT_DIM
-        for width in workload.hidden_dims:
-            layers.append(nn.Linear(fan_in, width))
-            if workload.use_batchnorm:
-                layers.append(nn.BatchNorm1d(width))
-            layers.append(nn.ReLU())
-            if workload.dropout:
-                layers.append(nn.Dropout(workload.dropout))
-            fan_in = width
-        layers.append(nn.Linear(fan_in, NUM_CLASSES))
-        self.model = nn.Sequential(*layers).to(self.dev)
+        self.model = workload.torch_model().to(self.dev)
+        self.memory_format = torch.channels_last if channels_last else None
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = nn.CrossEntropyLoss()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, capturable=graph)
-        arrays = {k: torch.from_numpy(v) for k, v in data.arrays("numpy").items()}
+        self.optimizer = workload.torch_optimizer(self.model, capturable=graph)
+        arrays = {k: torch.from_numpy(np.ascontiguousarray(v))
+                  for k, v in self.arrays("numpy").items()}
         if device != "cpu":  # one copy to the device, outside the clock
             arrays = {k: v.to(self.dev) for k, v in arrays.items()}
         self.X_train, self.y_train = arrays["X_train"], arrays["y_train"]
@@ -331,9 +529,13 @@ class TorchTrainer(_Trainer):
         if graph:
             self._capture()
 
+    def _layout(self, x):
+        return x if self.memory_format is None else x.contiguous(memory_format=self.memory_format)
+
     # -- steps
     def _eager_step(self, idx):
         x, y = self.X_train.index_select(0, idx), self.y_train.index_select(0, idx)
+        x = self._layout(x)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
@@ -384,7 +586,7 @@ class TorchTrainer(_Trainer):
             X, y, n = X.index_select(0, idx), y.index_select(0, idx), num_samples
         correct = torch.zeros((), dtype=torch.int64, device=self.dev)
         for start in range(0, n, CHECK_BATCH_SIZE):
-            scores = self.model(X[start:start + CHECK_BATCH_SIZE])
+            scores = self.model(self._layout(X[start:start + CHECK_BATCH_SIZE]))
             correct += (scores.argmax(dim=1) == y[start:start + CHECK_BATCH_SIZE]).sum()
         return correct.item() / max(n, 1)
 
@@ -403,9 +605,11 @@ class TorchTrainer(_Trainer):
                                    for k, v in self.model.state_dict().items()}
         self.model.train()
 
-    def _train(self, epochs):
+    def _train(self, epochs, warmup=False):
         torch = self.torch
         n, bs = self.X_train.shape[0], self.workload.batch_size
+        if warmup and self.workload.warmup_images:
+            n = min(n, self.workload.warmup_images)
         per_epoch = self.workload.iterations_per_epoch(n)
         step = self._graph_step if self.graph is not None else self._eager_step
         self.model.train()
@@ -419,15 +623,15 @@ class TorchTrainer(_Trainer):
 
 def make_trainer(contender, workload, data):
     """A trainer for `contender` (see CONTENDERS); raise RuntimeError when it cannot run."""
-    reason = skip_reason(contender)
+    reason = skip_reason(contender, workload)
     if reason:
         raise RuntimeError(f"{contender} cannot run here: {reason}")
     if contender.startswith("fastnn-"):
         return FastnnTrainer(workload, data, contender.split("-", 1)[1])
     if contender.startswith("naive-"):
         return NaiveTrainer(workload, data, contender.split("-", 1)[1])
-    if contender == "torch-cpu":
-        return TorchTrainer(workload, data, "cpu")
+    if contender in ("torch-cpu", "torch-cpu-cl"):
+        return TorchTrainer(workload, data, "cpu", channels_last=contender == "torch-cpu-cl")
     return TorchTrainer(workload, data, "cuda", graph=contender == "torch-cuda-graph")
 
 

@@ -68,15 +68,14 @@ def check_augment(augment, X_train):
     return options
 
 
-class SolverBase:
-    """Solver's data checks, minibatches and learning-rate schedule (StackedSolver is a
-    Solver, so a stack and K lone nets train alike for one seed).
+class Solver:
+    """Train `model` on `data` (X_train, y_train, X_val, y_val); see OPTIONS for kwargs.
 
-    Needs X_train, y_train, batch_size, sampling, augment, lr_decay,
-    lr_schedule(_config), num_epochs, epoch, _t, _xp, _batch_rng,
-    _augment_seed, and _epoch_order / _batch (None to start).
+    StackedSolver is a Solver: a stack and K lone nets get the same data
+    checks, minibatches and learning-rate schedule for one seed.
     """
 
+    # -- data, minibatches, schedule -------------------------------------------
     def _to_device(self, X, y, split, dtype):
         """(X, y) of one split on the device, checked once: the step needs no checks."""
         xp = self._xp
@@ -136,10 +135,6 @@ class SolverBase:
                                                        self.augment["flip"],
                                                        int(self.augment["crop_padding"]))
         return X_batch, y_batch
-
-
-class Solver(SolverBase):
-    """Train `model` on `data` (X_train, y_train, X_val, y_val); see OPTIONS for kwargs."""
 
     def __init__(self, model, data, **kwargs):
         unknown = sorted(set(kwargs) - set(OPTIONS))

@@ -340,7 +340,7 @@ def test_stack_declares_the_roles_of_its_members(use_batchnorm):
     assert member_blocks(stack.params["W1"]).shape == (8, 3, 6)  # one product for the layer
 
 
-def test_as_member_blocks_is_a_view():
+def test_member_blocks_are_views():
     stack = StackedFullyConnectedNet([6, 5], MEMBERS, input_dim=8, num_classes=3)
     for name, value in stack.params.items():
         blocks = member_blocks(value)

@@ -7,10 +7,10 @@ conv - relu - 2x2 max pool - affine - relu - affine - softmax, on images
 import numpy as np
 
 from fastnn.classifiers.base import Classifier, standard_normal
-from fastnn.backend import get_backend, xp as active_xp
-from fastnn.layer_utils import (affine_relu_backward, affine_relu_forward,
-                                conv_relu_pool_backward, conv_relu_pool_forward)
-from fastnn.layers import affine_backward, affine_forward
+from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, max_pool_backward_fast,
+                                max_pool_forward_fast)
+from fastnn.layer_utils import affine_relu_backward, affine_relu_forward
+from fastnn.layers import affine_backward, affine_forward, relu_backward, relu_forward
 
 POOL_PARAM = {"pool_height": 2, "pool_width": 2, "stride": 2}
 
@@ -53,19 +53,15 @@ class ThreeLayerConvNet(Classifier):
                               num_classes=num_classes, weight_scale=float(weight_scale),
                               reg=float(reg), dtype=self.dtype.name)
         pooled = num_filters * (1 + (conv_h - 2) // 2) * (1 + (conv_w - 2) // 2)
-        shapes = {"W1": (num_filters, channels, filter_size, filter_size), "b1": (num_filters,),
-                  "W2": (pooled, hidden_dim), "b2": (hidden_dim,),
-                  "W3": (hidden_dim, num_classes), "b3": (num_classes,)}
-        xp = active_xp()
-        self.params = {}
-        for name, shape in shapes.items():
-            value = (weight_scale * standard_normal(None, shape) if name.startswith("W")
-                     else np.zeros(shape))
-            self.params[name] = xp.asarray(value, dtype=self.dtype)
-        self.param_roles = {name: "weight" if name.startswith("W") else "bias"
-                            for name in self.params}
-        self.norm_params = {}  # no layer keeps running statistics
-        self.backend = get_backend()
+        layout = [("W1", (num_filters, channels, filter_size, filter_size), "weight"),
+                  ("b1", (num_filters,), "bias"), ("W2", (pooled, hidden_dim), "weight"),
+                  ("b2", (hidden_dim,), "bias"), ("W3", (hidden_dim, num_classes), "weight"),
+                  ("b3", (num_classes,), "bias")]
+        self._start_params()  # no layer keeps running statistics: norm_params stays {}
+        for name, shape, role in layout:  # weights drawn in the course's order: W1, W2, W3
+            value = weight_scale * standard_normal(None, shape) if role == "weight" \
+                else np.zeros(shape)
+            self._add_param(name, value, role)
 
     def loss(self, X, y=None):
         """X (N, C, H, W) -> scores (N, num_classes), or (loss, grads) with labels y (N,)."""
@@ -74,8 +70,12 @@ class ThreeLayerConvNet(Classifier):
                              f"{', '.join(map(str, self.input_dim))}), got {tuple(X.shape)}; "
                              "reshape flat rows with X.reshape(-1, C, H, W)")
         p = self.params
-        pooled, conv_cache = conv_relu_pool_forward(X, p["W1"], p["b1"], self.conv_param,
-                                                    self.pool_param)
+        # conv_relu_pool_forward/backward's three fast ops, written out: the sandwich's
+        # backward always computes dx, which this first layer does not need (about half
+        # the cost of its backward)
+        conv, conv_cache = conv_forward_fast(X, p["W1"], p["b1"], self.conv_param)
+        relu, relu_cache = relu_forward(conv)
+        pooled, pool_cache = max_pool_forward_fast(relu, self.pool_param)
         hidden, hidden_cache = affine_relu_forward(pooled, p["W2"], p["b2"])
         scores, scores_cache = affine_forward(hidden, p["W3"], p["b3"])
         if y is None:
@@ -85,7 +85,8 @@ class ThreeLayerConvNet(Classifier):
             grads = {}
             dhidden, grads["W3"], grads["b3"] = affine_backward(dscores, scores_cache)
             dpooled, grads["W2"], grads["b2"] = affine_relu_backward(dhidden, hidden_cache)
-            _, grads["W1"], grads["b1"] = conv_relu_pool_backward(dpooled, conv_cache)
+            drelu = relu_backward(max_pool_backward_fast(dpooled, pool_cache), relu_cache)
+            _, grads["W1"], grads["b1"] = conv_backward_fast(drelu, conv_cache, need_dx=False)
             return grads
 
         return self._loss_and_grads(scores, y, backward)

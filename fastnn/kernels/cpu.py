@@ -13,6 +13,8 @@ the cores go to BLAS and fastnn's kernels never use Numba's thread pool.
 Kernels are compiled on first use and cached on disk (`cache=True`; Numba
 falls back to a user cache folder when the install is read-only).
 """
+import os
+
 import numba
 import numpy as np
 
@@ -755,71 +757,77 @@ def _chunk_images(n, rows_per_image, row_bytes):
 
 
 @_jit
-def _pad_images(x, pad, out):
-    """x (n, H, W, C) -> out (n, H + 2 pad, (W + 2 pad) * C): zero borders, x inside."""
-    n, height, width, channels = x.shape
-    row = (width + 2 * pad) * channels
-    for image in range(n):
-        for y in range(out.shape[1]):
-            inside = pad <= y < pad + height
-            for t in range(row):
-                out[image, y, t] = 0
-            if inside:
-                for xx in range(width):
-                    for c in range(channels):
-                        out[image, y, (xx + pad) * channels + c] = x[image, y - pad, xx, c]
-
-
-@_jit
-def _im2col(x_padded, channels, filter_height, filter_width, stride, out_height, out_width,
+def _im2col(x, channels, width, filter_height, filter_width, stride, pad, out_height, out_width,
             cols):
-    """x_padded (n, Hp, Wp*C) -> cols (n*H'*W', HH*WW*C): a row per output pixel, taps (i, j, c).
+    """x (n, H, W*C) -> cols (n*H'*W', HH*WW*C): a row per output pixel, taps (i, j, c).
 
-    Each filter row's taps are one contiguous run of WW*C values of the padded
-    image: one copy per filter row, no bounds checks.
+    Zero padding is implicit. A filter row whose window lies inside the image
+    is one contiguous run of WW*C values: one copy; only edge windows go tap by tap.
     """
+    height = x.shape[1]
     run = filter_width * channels
     row = 0
-    for image in range(x_padded.shape[0]):
+    for image in range(x.shape[0]):
         for oy in range(out_height):
             for ox in range(out_width):
-                start = ox * stride * channels
+                x0 = ox * stride - pad
+                inside = x0 >= 0 and x0 + filter_width <= width
                 for i in range(filter_height):
+                    y = oy * stride - pad + i
                     k = i * run
-                    for t in range(run):
-                        cols[row, k + t] = x_padded[image, oy * stride + i, start + t]
+                    if y < 0 or y >= height:
+                        for t in range(run):
+                            cols[row, k + t] = 0
+                    elif inside:
+                        base = x0 * channels
+                        for t in range(run):
+                            cols[row, k + t] = x[image, y, base + t]
+                    else:
+                        for j in range(filter_width):
+                            xx = x0 + j
+                            if 0 <= xx < width:
+                                for c in range(channels):
+                                    cols[row, k + j * channels + c] = x[image, y, xx * channels + c]
+                            else:
+                                for c in range(channels):
+                                    cols[row, k + j * channels + c] = 0
                 row += 1
 
 
 @_jit
-def _col2im(dcols, channels, filter_height, filter_width, stride, out_height, out_width, pad,
-            dx_padded, dx):
-    """The adjoint of _pad_images + _im2col: dx (n, H, W, C) from the columns' gradient.
-
-    dx_padded (n, Hp, Wp*C) is scratch: the sums land there, then the inside goes to dx.
-    """
+def _col2im(dcols, channels, width, filter_height, filter_width, stride, pad, out_height,
+            out_width, dx):
+    """The adjoint of _im2col: dx (n, H, W*C) = the sum of the column entries read from each value."""
+    height = dx.shape[1]
     run = filter_width * channels
-    n = dx.shape[0]
-    dx_padded[:n] = 0
+    dx[:] = 0
     row = 0
-    for image in range(n):
+    for image in range(dx.shape[0]):
         for oy in range(out_height):
             for ox in range(out_width):
-                start = ox * stride * channels
+                x0 = ox * stride - pad
+                inside = x0 >= 0 and x0 + filter_width <= width
                 for i in range(filter_height):
+                    y = oy * stride - pad + i
                     k = i * run
-                    for t in range(run):
-                        dx_padded[image, oy * stride + i, start + t] += dcols[row, k + t]
+                    if y < 0 or y >= height:
+                        continue
+                    if inside:
+                        base = x0 * channels
+                        for t in range(run):
+                            dx[image, y, base + t] += dcols[row, k + t]
+                    else:
+                        for j in range(filter_width):
+                            xx = x0 + j
+                            if 0 <= xx < width:
+                                for c in range(channels):
+                                    dx[image, y, xx * channels + c] += dcols[row, k + j * channels + c]
                 row += 1
-    height, width = dx.shape[1], dx.shape[2]
-    for image in range(n):
-        for y in range(height):
-            for xx in range(width):
-                for c in range(channels):
-                    dx[image, y, xx, c] = dx_padded[image, y + pad, (xx + pad) * channels + c]
 
 
 _conv_workers = {}  # thread count -> (ThreadPoolExecutor, threadpoolctl controller)
+# a forked child (multiprocessing, say) has none of the parent's threads: new pools there
+os.register_at_fork(after_in_child=_conv_workers.clear)
 
 
 def _run_chunks(work, n, step):
@@ -856,13 +864,6 @@ def _run_chunks(work, n, step):
             future.result()
 
 
-def _conv_buffers(x_nhwc, step, pixels, depth, pad):
-    """One worker's scratch: a column buffer and a padded-images buffer for `step` images."""
-    _, height, width, channels = x_nhwc.shape
-    return (np.empty((step * pixels, depth), dtype=x_nhwc.dtype),
-            np.empty((step, height + 2 * pad, (width + 2 * pad) * channels), dtype=x_nhwc.dtype))
-
-
 def _conv_shapes(x_nhwc, w_shape, stride, pad):
     n, height, width, channels = x_nhwc.shape
     _, _, filter_height, filter_width = w_shape
@@ -889,16 +890,15 @@ def conv_forward(x, w, b, stride, pad):
     bias = None if b is None else b.astype(dtype, copy=False)
     out = np.empty((n, out_height, out_width, filters), dtype=dtype)
     out_rows = out.reshape(n * pixels, filters)
+    x_rows = x_nhwc.reshape(n, x_nhwc.shape[1], -1)  # (N, H, W*C): a pixel row per image row
     buffers = {}
 
     def work(start, stop, worker):
         if worker not in buffers:
-            buffers[worker] = _conv_buffers(x_nhwc, step, pixels, depth, pad)
-        cols, padded = buffers[worker]
-        chunk_cols = cols[:(stop - start) * pixels]
-        _pad_images(x_nhwc[start:stop], pad, padded)
-        _im2col(padded[:stop - start], channels, filter_height, filter_width, stride, out_height,
-                out_width, chunk_cols)
+            buffers[worker] = np.empty((step * pixels, depth), dtype=dtype)
+        chunk_cols = buffers[worker][:(stop - start) * pixels]
+        _im2col(x_rows[start:stop], channels, x_nhwc.shape[2], filter_height, filter_width, stride,
+                pad, out_height, out_width, chunk_cols)
         chunk_out = out_rows[start * pixels:stop * pixels]
         np.matmul(chunk_cols, w_mat, out=chunk_out)
         if bias is not None:
@@ -926,31 +926,31 @@ def conv_backward(dout, saved, need_dx=True):
     dout_nhwc = _channels_last(dout).astype(dtype, copy=False)
     dout_rows = dout_nhwc.reshape(n * pixels, filters)
     dx = np.empty_like(x_nhwc) if need_dx else None
+    height, width = x_nhwc.shape[1:3]
+    x_rows = x_nhwc.reshape(n, height, width * channels)
+    dx_rows = None if dx is None else dx.reshape(n, height, width * channels)
     w_mat_t = w_mat.T
-    partial = {}  # worker -> (dw sum, db sum, dw of one chunk, column buffer, padding buffer)
+    partial = {}  # worker -> (dw sum, db sum, dw of one chunk, column buffer)
 
     def work(start, stop, worker):
         state = partial.get(worker)
         if state is None:
-            state = (np.zeros((depth, filters), dtype=dtype), np.zeros(filters, dtype=dtype),
-                     np.empty((depth, filters), dtype=dtype),
-                     *_conv_buffers(x_nhwc, step, pixels, depth, pad))
-            partial[worker] = state
-        dw_sum, db_sum, dw_chunk, cols, padded = state
-        count = stop - start
-        chunk_cols = cols[:count * pixels]
+            state = partial[worker] = (
+                np.zeros((depth, filters), dtype=dtype), np.zeros(filters, dtype=dtype),
+                np.empty((depth, filters), dtype=dtype), np.empty((step * pixels, depth), dtype=dtype))
+        dw_sum, db_sum, dw_chunk, cols = state
+        chunk_cols = cols[:(stop - start) * pixels]
         chunk_dout = dout_rows[start * pixels:stop * pixels]
-        _pad_images(x_nhwc[start:stop], pad, padded)
-        _im2col(padded[:count], channels, filter_height, filter_width, stride, out_height,
-                out_width, chunk_cols)
+        _im2col(x_rows[start:stop], channels, width, filter_height, filter_width, stride, pad,
+                out_height, out_width, chunk_cols)
         np.matmul(chunk_cols.T, chunk_dout, out=dw_chunk)
         dw_sum += dw_chunk
         if has_bias:
             db_sum += chunk_dout.sum(axis=0)
         if need_dx:
             np.matmul(chunk_dout, w_mat_t, out=chunk_cols)  # the columns' gradient, in place
-            _col2im(chunk_cols, channels, filter_height, filter_width, stride, out_height,
-                    out_width, pad, padded, dx[start:stop])
+            _col2im(chunk_cols, channels, width, filter_height, filter_width, stride, pad,
+                    out_height, out_width, dx_rows[start:stop])
 
     _run_chunks(work, n, step)
     states = [partial[worker] for worker in sorted(partial)]
