@@ -30,9 +30,10 @@ import time
 import numpy as np
 
 from fastnn.files import FolderInUse, lock_folder, read_json, write_json
-from fastnn.runs import (CONFIG_FORMAT, DEFAULTS, FORMAT_VERSION, METRICS_FORMAT, RESUMABLE,
-                         RULE_OPTIONS, build_model, build_solver, check_config, complete,
-                         load_data, not_applicable, option_name, predict, recorded,
+from fastnn.runs import (CONFIG_FORMAT, DEFAULTS, FORMAT_VERSION, LEGACY_DEFAULTS,
+                         METRICS_FORMAT, RECIPES, RESUMABLE, RULE_OPTIONS, build_model,
+                         build_solver, check_config, complete, load_data,
+                         new_config, not_applicable, option_name, predict, recorded,
                          setup_runtime)
 
 START_TIME = time.perf_counter()  # budgets count from the command's start
@@ -66,29 +67,44 @@ def build_parser():
     add("--config", dest="config_file", metavar="FILE",
         help="start from the configuration in FILE (a run's config.json, or a tune folder's "
              "best.json); flags override it")
-    add("--model", choices=["fc", "two_layer"], help="fully connected net or TwoLayerNet (fc)")
+    add("--model", choices=list(RECIPES),
+        help="convnet (the main job), fc (fully connected), two_layer (TwoLayerNet) or "
+             "three_layer_conv (ThreeLayerConvNet); the other defaults are that model's "
+             "recipe: convnet's below, fc's after a slash (convnet)")
+    add("--widths", type=int, nargs="+", help="convnet channels of each group (32 64 128)")
+    add("--stem-width", type=int, help="convnet channels of the stem (24)")
+    add("--label-smoothing", type=float,
+        help="convnet: mix the one-hot targets with the uniform distribution (0.2)")
     add("--hidden-dims", type=int, nargs="+", help="fc hidden sizes (1024 512 256)")
-    add("--hidden-dim", type=int, help="two_layer hidden size (100)")
+    add("--hidden-dim", type=int, help="two_layer / three_layer_conv hidden size (100 / 500)")
+    add("--num-filters", type=int, help="three_layer_conv filters (32)")
+    add("--filter-size", type=int, help="three_layer_conv filter size (7)")
     add("--batchnorm", action=argparse.BooleanOptionalAction, help="fc batchnorm (on)")
     add("--dropout", type=float, help="fc dropout: probability of dropping a unit (0.3)")
-    add("--reg", type=float, help="L2 regularisation strength (0)")
-    add("--weight-scale", type=float, help="std of the initial weights (1e-2)")
-    add("--update-rule", choices=list(RULE_OPTIONS), help="update rule (adam)")
-    add("--lr", "--learning-rate", dest="learning_rate", type=float, help="learning rate (1e-3)")
+    add("--reg", type=float, help="L2 regularisation strength (5e-4 / 0)")
+    add("--weight-scale", type=float,
+        help="fc, two_layer, three_layer_conv: std of the initial weights (1e-2; "
+             "three_layer_conv 1e-3); convnet draws He-style weights")
+    add("--update-rule", choices=list(RULE_OPTIONS), help="update rule (sgd_nesterov / adam)")
+    add("--lr", "--learning-rate", dest="learning_rate", type=float,
+        help="learning rate (0.2 / 1e-3)")
     add("--momentum", type=float, help="sgd_momentum / sgd_nesterov momentum (0.9)")
     add("--beta1", type=float, help="adam/adamw beta1 (0.9)")
     add("--beta2", type=float, help="adam/adamw beta2 (0.999)")
     add("--decay-rate", type=float, help="rmsprop decay rate (0.99)")
     add("--epsilon", type=float, help="rmsprop/adam/adamw epsilon (1e-8)")
     add("--weight-decay", type=float, help="adamw decoupled weight decay (1e-2)")
-    add("--lr-schedule", choices=["step", "cosine", "onecycle"],
-        help="learning-rate schedule (none); multiplies with --lr-decay")
+    add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"],
+        help="learning-rate schedule (onecycle / none); multiplies with --lr-decay")
     add("--augment", action=argparse.BooleanOptionalAction,
-        help="random horizontal flips of the training images (off)")
+        help="random horizontal flips of the training images (on / off)")
     add("--crop-padding", type=int,
-        help="with --augment, also random crops shifted by up to this many pixels (0)")
-    add("--lr-decay", type=float, help="learning-rate factor after each epoch (0.9)")
-    add("--epochs", type=int, help="epochs (15)")
+        help="with --augment, also random translations by up to this many pixels, "
+             "zeros shifted in (2 / 0)")
+    add("--flip-test", action=argparse.BooleanOptionalAction,
+        help="test accuracy from the mean of each image's and its mirror's scores (on / off)")
+    add("--lr-decay", type=float, help="learning-rate factor after each epoch (1 / 0.9)")
+    add("--epochs", type=int, help="epochs (11 / 15)")
     add("--batch-size", type=int, help="minibatch size (256)")
     add("--backend", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (GPU) (numpy)")
     add("--seed", type=int, help="seed for weights, batches and dropout (0)")
@@ -109,16 +125,26 @@ def build_parser():
                     "plots to the run folder (retrain the best: fastnn train --config "
                     "DIR/best.json).")
     add = tune.add_argument
+    add("--model", choices=["fc", "convnet"], default="fc",
+        help="fc: fully connected nets, K trials at once as a stack; convnet: ConvNets around "
+             "the main job's recipe (learning rate, reg, momentum, label smoothing), one "
+             "trial at a time (fc)")
+    add("--widths", type=int, nargs="+", default=None,
+        help="convnet trials' group widths (the recipe's 32 64 128)")
+    add("--stem-width", type=int, default=None, help="convnet trials' stem width (24)")
     add("--trials", type=int, default=60, help="trials in the study, all workers together (60)")
     add("--budget-minutes", type=float, default=None,
         help="stop in time to finish within M minutes of the command's start (none)")
-    add("--parallel", type=int, default=2,
-        help="trials trained together as one stack (2; more pays for small nets and on GPUs)")
-    add("--epochs", type=int, default=30, help="epochs per trial (30)")
+    add("--parallel", type=int, default=None,
+        help="fc trials trained together as one stack (2; more pays for small nets and on "
+             "GPUs); convnet trials train one at a time")
+    add("--epochs", type=int, default=None,
+        help="epochs per trial (fc 30; convnet the recipe's 11)")
     add("--final-epochs", type=int, default=0,
         help="retrain the best configuration for this many epochs at the end (0: no)")
-    add("--crop-padding", type=int, default=0,
-        help="trials that augment (a searched choice) also crop, shifted by up to this (0)")
+    add("--crop-padding", type=int, default=None,
+        help="trials that augment (fc: a searched choice; convnet: always) also translate "
+             "by up to this many pixels (fc 0; convnet 2)")
     add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"], default="onecycle",
         help="learning-rate schedule of every trial (onecycle)")
     add("--storage", default=None,
@@ -151,6 +177,9 @@ def build_parser():
     evaluate.add_argument("--data", help="folder holding cifar-10-batches-py")
     evaluate.add_argument("--backend", choices=["numpy", "cupy"], default=None,
                           help="numpy (CPU) or cupy (GPU) (the run's)")
+    evaluate.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
+                          help="average each image's scores with its mirror's (default: as the "
+                               "run was trained to test)")
     return parser
 
 
@@ -259,6 +288,8 @@ def read_config_file(path):
             config = read_json(path, CONFIG_FORMAT, FORMAT_VERSION)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"--config {path}: {one_line(exc)}") from exc
+    # a stored configuration without a key means that key's value before it existed
+    config = {"model": LEGACY_DEFAULTS["model"], **config}
     unknown = sorted(set(config) - set(DEFAULTS) - {"model_seed"})
     if unknown:
         raise UsageError(f"--config {path} has keys fastnn train does not know: {unknown}")
@@ -292,12 +323,15 @@ def prepare(config):
 def train_command(args):
     given = {k: v for k, v in vars(args).items()
              if k not in ("command", "out", "resume", "debug", "config_file")}
+    if given.get("lr_schedule") == "none":
+        given["lr_schedule"] = None
     if "resume" in args:
         return resume_run(args, given)
     base = {}
     if "config_file" in args:
         base = read_config_file(args.config_file)
-    config = complete({**base, **given})
+    # a new run: its model's recipe (convnet unless told), then the file, then the flags
+    config = new_config({**base, **given})
     check_flags(config, given)
     out_dir = getattr(args, "out", None)
     if out_dir is not None:
@@ -332,6 +366,7 @@ def resume_run(args, given):
         raise UsageError(f"--resume continues a run as configured; it cannot change "
                          f"{', '.join(option_name(k) for k in fixed)} (only "
                          f"{', '.join(option_name(k) for k in sorted(RESUMABLE))})")
+    # a run made before a key existed keeps that key's old value (LEGACY_DEFAULTS)
     config = complete({**stored, **given})
     check_flags(config, given)
     with failing_as(CommandError, FolderInUse), lock_folder(out_dir):
@@ -377,7 +412,7 @@ def run_training(solver, model, data, config, out_dir):
         failure = one_line(exc)
     with failing_as(CommandError, OSError, "cannot write the results: ",
                     f"; free the space or fix the folder, then {resume_hint}"):
-        metrics = write_results(solver, model, data, out_dir, start, failure)
+        metrics = write_results(solver, model, data, config, out_dir, start, failure)
     if failure:
         print(f"fastnn train: the run diverged: {failure} Saved the best model (val acc "
               f"{solver.best_val_acc:.4f}, test acc {metrics['test_acc']:.4f}) to "
@@ -385,21 +420,28 @@ def run_training(solver, model, data, config, out_dir):
               file=sys.stderr)
         return 1
     print(f"best val acc {solver.best_val_acc:.4f}; test acc {metrics['test_acc']:.4f} on "
-          f"{metrics['num_test']} images; {metrics['seconds']:.0f} s; run folder {out_dir}")
+          f"{metrics['num_test']} images ({metrics['test_acc_plain']:.4f} without, "
+          f"{metrics['test_acc_flip']:.4f} with flip averaging); {metrics['seconds']:.0f} s; "
+          f"run folder {out_dir}")
     return 0
 
 
-def write_results(solver, model, data, out_dir, start, failure):
+def write_results(solver, model, data, config, out_dir, start, failure):
     """model.npz, metrics.json (with `failure`, None when the run finished) and the plots."""
     import fastnn
     from fastnn import plots
+    from fastnn.inference import plain_and_flip_accuracy
 
     fastnn.save(model, os.path.join(out_dir, "model.npz"))
-    test_acc = float((fastnn.to_numpy(predict(model, data["X_test"])) == data["y_test"]).mean())
+    # both accuracies from one batched pass; test_acc is the one the run asks for
+    test_plain, test_flip = plain_and_flip_accuracy(model, data["X_test"], data["y_test"])
+    test_acc = test_flip if config["flip_test"] else test_plain
     per_epoch = [{"epoch": e, "train_acc": tr, "val_acc": va}
                  for e, (tr, va) in enumerate(zip(solver.train_acc_history, solver.val_acc_history))]
     metrics = {"status": "diverged" if failure else "finished", "failure": failure,
                "best_val_acc": solver.best_val_acc, "test_acc": test_acc,
+               "flip_test": config["flip_test"], "test_acc_plain": test_plain,
+               "test_acc_flip": test_flip,
                "num_test": int(data["X_test"].shape[0]), "epochs": per_epoch,
                "loss_history": [v if np.isfinite(v) else None for v in solver.loss_history],
                "seconds": round(time.perf_counter() - start, 2)}
@@ -408,10 +450,14 @@ def write_results(solver, model, data, out_dir, start, failure):
     plots.plot_loss(finite_loss, os.path.join(out_dir, "loss.png"), solver.iterations_per_epoch)
     plots.plot_accuracy(solver.train_acc_history, solver.val_acc_history,
                         os.path.join(out_dir, "accuracy.png"))
-    first_weight = next((n for n, role in model.param_roles.items() if role == "weight"), None)
-    W1 = model.params.get(first_weight)
-    if W1 is not None and W1.ndim == 2 and W1.shape[0] == 3 * 32 * 32:  # image templates
-        plots.plot_first_layer_weights(fastnn.to_numpy(W1), os.path.join(out_dir, "weights.png"))
+    # the first weight's columns are image templates when it is an affine map of the
+    # pixels; a conv model's first weight holds its first layer's filters
+    first = next((model.params[k] for k, role in model.param_roles.items() if role == "weight"),
+                 None)
+    if first is not None and (first.ndim == 4 or first.ndim == 2
+                              and first.shape[0] == 3 * 32 * 32):
+        plots.plot_first_layer_weights(fastnn.to_numpy(first),
+                                       os.path.join(out_dir, "weights.png"))
     return metrics
 
 
@@ -447,6 +493,7 @@ def evaluate_command(args):
         raise CommandError(f"cannot evaluate: {model_path} does not exist (the run has not "
                            f"finished; resume it: fastnn train --resume {run_dir})")
     config = complete(config)
+    flip = config["flip_test"] if args.flip_test is None else args.flip_test
     if args.backend:
         config["backend"] = args.backend
     with failing_as(CommandError, (RuntimeError, ValueError), "backend: "):
@@ -455,12 +502,13 @@ def evaluate_command(args):
         data = load_data(config, args.data)
     with failing_as(CommandError, (OSError, ValueError), "cannot evaluate: "):
         model = fastnn.load(model_path)
-    y_pred = fastnn.to_numpy(predict(model, data["X_test"]))
+    y_pred = fastnn.to_numpy(predict(model, data["X_test"], flip=flip))
     y_true = data["y_test"]
     accuracy = float((y_pred == y_true).mean())
     matrix = confusion_matrix(y_true, y_pred, len(CLASSES))
     width = max(len(c) for c in CLASSES)
-    print(f"test accuracy {accuracy:.4f} on {len(y_true)} images")
+    print(f"test accuracy {accuracy:.4f} on {len(y_true)} images "
+          f"(flip averaging {'on' if flip else 'off'})")
     print("confusion matrix (rows: true class, columns: predicted)")
     print(" " * (width + 1) + " ".join(f"{c[:5]:>5}" for c in CLASSES))
     for name, row in zip(CLASSES, matrix):
@@ -478,6 +526,22 @@ TUNE_RESUME = "fastnn tune --resume --out {}"
 
 def tune_holds_run(folder):
     return any(os.path.exists(os.path.join(folder, name)) for name in ("study.db", "best.json"))
+
+
+def fill_tune_defaults(options):
+    """The per-model defaults of --parallel, --epochs and --crop-padding (None: not given)."""
+    if options["model"] == "convnet":
+        if (options["parallel"] or 1) != 1:
+            raise UsageError(f"convnet trials train one at a time; --parallel "
+                             f"{options['parallel']} applies to --model fc")
+    else:
+        for name in ("widths", "stem_width"):
+            if options[name] is not None:
+                raise UsageError(f"{option_name(name)} applies to tune --model convnet, not fc")
+    from fastnn.tune import model_defaults
+
+    options.update({k: v for k, v in model_defaults(options["model"]).items()
+                    if options[k] is None})
 
 
 def check_tune_options(options):
@@ -505,6 +569,7 @@ def tune_command(args):
 
     options = {**vars(args), "start": START_TIME, "final_seconds": 0,
                "worker": f"{os.uname().nodename}:{os.getpid()}"}
+    fill_tune_defaults(options)
     check_tune_options(options)
     out_dir = options["out"]
 

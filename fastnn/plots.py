@@ -61,16 +61,19 @@ def plot_accuracy(train_acc_history, val_acc_history, path):
 
 
 def plot_first_layer_weights(W1, path, image_shape=(3, 32, 32), max_images=100):
-    """The first layer's weights, each unit's template shown as a colour image, in a grid.
+    """The first layer's weights, each unit shown as a colour image, in a grid.
 
-    W1 (3*32*32, H): column j is unit j's template, in R, G, B planes; or
-    conv filters (F, 3, HH, WW), one image per filter.
+    W1 (3*32*32, H): column j is unit j's template, in R, G, B planes; or conv
+    filters W1 (F, C, HH, WW): filter f as an HH x WW image (colour when C is
+    3, else the mean over its channels in grey).
     """
     plt = _figure()
     W1 = np.asarray(W1, dtype=np.float64)
     if W1.ndim == 4:
         count = min(W1.shape[0], max_images)
         images = W1[:count].transpose(0, 2, 3, 1)
+        if images.shape[-1] != 3:
+            images = images.mean(axis=-1, keepdims=True).repeat(3, axis=-1)
     else:
         count = min(W1.shape[1], max_images)
         images = W1[:, :count].T.reshape(count, *image_shape).transpose(0, 2, 3, 1)
@@ -84,7 +87,7 @@ def plot_first_layer_weights(W1, path, image_shape=(3, 32, 32), max_images=100):
         ax.axis("off")
         if k < count:
             ax.imshow(images[k], interpolation="nearest")
-    fig.suptitle("First-layer weights")
+    fig.suptitle("First-layer filters" if W1.ndim == 4 else "First-layer weights")
     save_figure(fig, path)
 
 

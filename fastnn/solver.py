@@ -15,7 +15,7 @@ import signal
 
 import numpy as np
 
-from fastnn import kernels, optim, schedules
+from fastnn import inference, kernels, optim, schedules
 from fastnn.backend import get_array_module, to_numpy
 from fastnn.classifiers.base import check_roles, norm_params
 from fastnn.interrupt import TrainingInterrupted, stop_requests
@@ -235,11 +235,12 @@ class Solver:
                 "smaller weight_scale or stronger reg.")
 
     # -- accuracy and the best model -------------------------------------------
-    def check_accuracy(self, X, y, num_samples=None, batch_size=128):
+    def check_accuracy(self, X, y, num_samples=None, batch_size=128, flip=False):
         """Fraction of `X` the model classifies as `y` (a Python float).
 
         num_samples: evaluate a random subsample of this size. Predictions
-        run in batches of `batch_size`; correct counts stay on the device.
+        run in batches of `batch_size` (fastnn.inference); correct counts stay
+        on the device. flip: average each image's scores with its mirror's.
         """
         xp = self._xp
         X, y = xp.asarray(X), xp.asarray(y)
@@ -247,11 +248,7 @@ class Solver:
         if num_samples is not None and n > num_samples:
             idx = xp.asarray(self._eval_rng.choice(n, num_samples, replace=False))
             X, y, n = X[idx], y[idx], num_samples
-        correct = xp.zeros((), dtype=np.int64)
-        for start in range(0, n, batch_size):
-            scores = self.model.loss(X[start:start + batch_size])
-            correct += (xp.argmax(scores, axis=1) == y[start:start + batch_size]).sum()
-        return float(correct) / max(n, 1)
+        return float(inference.count_correct(self.model, X, y, batch_size, flip)) / max(n, 1)
 
     def _record_accuracy(self):
         train_acc = self.check_accuracy(self.X_train, self.y_train,

@@ -31,8 +31,8 @@ import numpy as np
 
 from fastnn.files import atomic_write, read_json, write_json
 from fastnn.plots import save_figure
-from fastnn.runs import (augment_options, build_model, build_solver, load_data, predict,
-                         recorded, setup_runtime)
+from fastnn.runs import (augment_options, build_model, build_solver, complete, defaults_for,
+                         load_data, predict, recorded, setup_runtime)
 
 BEST_FORMAT, FORMAT_VERSION = "fastnn-tune-best", 1
 
@@ -52,6 +52,16 @@ MEMBER_SPACE = {
     "reg": ("float", 1e-6, 1e-1, True),
     "weight_scale": ("float", 1e-3, 1e-1, True),
     "dropout": ("float", 0.0, 0.6, False),
+}
+# --model convnet: one ConvNet trial at a time (a stack of conv nets would save
+# nothing: their products are already large), around the main job's recipe, in
+# a small space; every trial trains all its epochs (the plain Solver has no
+# per-epoch pruning hook), and its per-epoch validation accuracy is reported.
+CONV_SPACE = {
+    "learning_rate": ("float", 0.05, 0.5, True),
+    "reg": ("float", 1e-4, 2e-3, True),
+    "momentum": ("float", 0.8, 0.95, False),
+    "label_smoothing": ("float", 0.0, 0.3, False),
 }
 RESERVE_SECONDS = 45  # the final test pass, plots and files
 
@@ -209,16 +219,18 @@ def open_storage(options):
                 time.sleep(0.5 * (attempt + 1))
 
 
-def search_space():
+def search_space(model="fc"):
     """Every searched parameter's (kind, low, high, log), as JSON keeps it."""
-    return {name: list(spec) for name, spec in {**STRUCTURE_SPACE, **MEMBER_SPACE}.items()}
+    spaces = CONV_SPACE if model == "convnet" else {**STRUCTURE_SPACE, **MEMBER_SPACE}
+    return {name: list(spec) for name, spec in spaces.items()}
 
 
-def check_search_space(study, where):
-    """SystemExit unless `study` draws from this fastnn's search space; a new study records it."""
+def check_search_space(study, where, model="fc"):
+    """SystemExit unless `study` draws from this fastnn's search space (of `model`: fc or
+    convnet); records it in a new study."""
     from optuna.study import StudyDirection
 
-    name, ours = study.study_name, search_space()
+    name, ours = study.study_name, search_space(model)
     if study.direction != StudyDirection.MAXIMIZE:
         raise SystemExit(f"fastnn: study {name!r} in the {where} minimizes its objective, so it "
                          "is not a fastnn tune study; choose another --study-name")
@@ -233,7 +245,7 @@ def check_search_space(study, where):
                     theirs[param] = [type(dist).__name__, low, high, getattr(dist, "log", None)]
         ours = {param: ours.get(param) for param in theirs}  # only what its trials drew
         if not theirs:
-            study.set_user_attr(SEARCH_SPACE_ATTR, search_space())
+            study.set_user_attr(SEARCH_SPACE_ATTR, search_space(model))
             return
     differ = sorted(p for p in ours.keys() | theirs.keys() if ours.get(p) != theirs.get(p))
     if differ:
@@ -256,7 +268,7 @@ def create_study(options, storage):
     except optuna.exceptions.DuplicatedStudyError:
         raise SystemExit(f"fastnn: study {options['study_name']!r} already exists in the {where}; "
                          "pass --resume to continue it") from None
-    check_search_space(study, where)
+    check_search_space(study, where, options.get("model", "fc"))
     return study
 
 
@@ -596,6 +608,79 @@ def run_round(worker, taken, data, options, clock, log):
     return outcome, round_best, model_epochs
 
 
+def model_defaults(model):
+    """--parallel, --epochs and --crop-padding of a search of `model` when not given."""
+    if model == "convnet":
+        recipe = defaults_for("convnet")
+        return {"parallel": 1, "epochs": recipe["epochs"], "crop_padding": recipe["crop_padding"]}
+    return {"parallel": 2, "epochs": 30, "crop_padding": 0}
+
+
+def conv_baseline():
+    """The main job's recipe, as CONV_SPACE values: a new convnet study's first trial."""
+    recipe = defaults_for("convnet")
+    return {name: recipe[name] for name in CONV_SPACE}
+
+
+def conv_train_config(params, options, slot):
+    """A `fastnn train` configuration for one convnet trial: the recipe with `params`,
+    the architecture and schedule of `options` (cli's tune flags); the weights' seed
+    follows the slot, as train_config's does."""
+    config = {**defaults_for("convnet"), **params, "epochs": options["epochs"],
+              "lr_schedule": None if options["lr_schedule"] == "none" else options["lr_schedule"],
+              "crop_padding": options["crop_padding"], "seed": options["seed"],
+              "model_seed": options["seed"] + slot}
+    for key in ("widths", "stem_width"):
+        if options.get(key) is not None:
+            config[key] = options[key]
+    for key in ("data", "num_training", "num_validation", "num_test"):  # as train_config
+        config[key] = options[key]
+    return recorded(config)
+
+
+def run_conv_trial(worker, taken, data, options, clock, log):
+    """Train one convnet trial (worker.take(1)'s [(trial, slot)]) with the plain Solver;
+    returns (outcome, trial_best, model_epochs) as run_round does."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    (trial, slot), = taken
+    with warnings.catch_warnings():  # a retry holds its lost trial's values already
+        warnings.filterwarnings("ignore", "Inconsistent parameter values", RuntimeWarning)
+        params = {name: _suggest(trial, name, spec) for name, spec in CONV_SPACE.items()}
+    config = conv_train_config(params, options, slot)
+    trial.set_user_attr("config", config)
+    start = time.perf_counter()
+    model = build_model(config)
+    solver = build_solver(model, data, config, out_dir=None, verbose=False)
+    try:
+        solver.train()
+    except KeyboardInterrupt:  # hand the trial back at once rather than after the grace period
+        worker.finish(trial, state=TrialState.FAIL, lost=True)
+        raise
+    except FloatingPointError:
+        if worker.finish(trial, state=TrialState.FAIL, failed="non-finite loss"):
+            log(f"trial {trial.number}: failed (non-finite loss)")
+            return [(trial.number, None)], None, solver.epoch
+        return [], None, solver.epoch
+    # the epoch-end entries (with one iteration per epoch the first one is also one)
+    epoch_ends = solver.val_acc_history[-solver.epoch:] if solver.epoch else []
+    try:
+        for epoch, acc in enumerate(epoch_ends, start=1):
+            trial.report(acc, epoch)
+    except UpdateFinishedTrialError:
+        pass  # another worker found it lost: finish() below says so
+    value = solver.best_val_acc
+    if not worker.finish(trial, value):
+        return [], None, solver.epoch
+    budget = "" if clock.deadline is None else f"; {clock.left():.0f} s of budget left"
+    log(f"trial {trial.number}: val {value:.4f} (complete) convnet "
+        f"lr {config['learning_rate']:.2e} reg {config['reg']:.1e} "
+        f"momentum {config['momentum']:.3f} smoothing {config['label_smoothing']:.2f}; "
+        f"{time.perf_counter() - start:.0f} s{budget}")
+    return [(trial.number, value)], (value, config, model, trial.number), solver.epoch
+
+
 def retrain(config, data, epochs, log):
     """Train `config` for `epochs` with the plain Solver; returns (model, best val acc)."""
     config = {**config, "epochs": epochs, "print_every": 10**9}
@@ -689,6 +774,9 @@ def tune(options, log=print, data=None):
     """
     import fastnn
 
+    for key, value in model_defaults(options.get("model", "fc")).items():
+        if options.get(key) is None:
+            options[key] = value
     clock = Clock(options["budget_minutes"], options["start"])
     out_dir = options["out"]
     os.makedirs(out_dir, exist_ok=True)
@@ -705,7 +793,7 @@ def tune(options, log=print, data=None):
                        for k in ("X_train", "y_train", "X_val", "y_val")}}
     if not options["shared"] and not study.trials:
         # Not with a shared storage: workers starting together would each enqueue it.
-        study.enqueue_trial(BASELINE)
+        study.enqueue_trial(conv_baseline() if options.get("model") == "convnet" else BASELINE)
     best = previous_best(out_dir)  # (val_acc, config, model, trial number)
     trained_here = 0
     with Worker(study, options, log) as worker:
@@ -738,8 +826,8 @@ def tune(options, log=print, data=None):
                 continue
             waiting = False
             round_start = time.perf_counter()
-            outcome, round_best, model_epochs = run_round(worker, taken, data, options, clock,
-                                                          log)
+            trainer = run_conv_trial if options.get("model") == "convnet" else run_round
+            outcome, round_best, model_epochs = trainer(worker, taken, data, options, clock, log)
             round_seconds = time.perf_counter() - round_start
             trained_here += len(outcome)
             if options["final_epochs"] and model_epochs:  # a retrain's cost, at this round's pace
@@ -761,7 +849,9 @@ def tune(options, log=print, data=None):
             value, model = retrained_val, retrained
             config = {**config, "epochs": options["final_epochs"]}
     fastnn.save(model, os.path.join(out_dir, "best_model.npz"))
-    test_acc = float((fastnn.to_numpy(predict(model, data["X_test"])) == data["y_test"]).mean())
+    test_acc = float((fastnn.to_numpy(predict(model, data["X_test"],
+                                              flip=complete(config)["flip_test"]))
+                      == data["y_test"]).mean())
     try:  # completed trials only; pruned ones (still ranked here) do not count for Optuna
         study_best = {"study_best_trial": study.best_trial.number,
                       "study_best_val_acc": study.best_value}

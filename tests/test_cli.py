@@ -19,10 +19,27 @@ from helpers import PNG_MAGIC
 
 def small_args(root, out, *extra):
     """A tiny run (fc 24-16 unless extra picks another --model)."""
-    widths = () if "--model" in extra else ("--hidden-dims", "24", "16")
+    model = () if "--model" in extra else ("--model", "fc", "--hidden-dims", "24", "16")
     return ["train", "--out", str(out), "--data", root, "--num-training", "160",
-            "--num-validation", "40", "--num-test", "50", *widths,
+            "--num-validation", "40", "--num-test", "50", *model,
             "--batch-size", "16", "--print-every", "5", *extra]
+
+
+# Tiny nets of each model, for small_args.
+TINY_MODELS = {
+    "fc": ("--model", "fc", "--hidden-dims", "24", "16"),
+    "two_layer": ("--model", "two_layer", "--hidden-dim", "20"),
+    "three_layer_conv": ("--model", "three_layer_conv", "--num-filters", "4",
+                         "--filter-size", "3", "--hidden-dim", "16"),
+    "convnet": ("--model", "convnet", "--widths", "4", "8", "--stem-width", "4"),
+}
+
+
+def convnet_args(root, out, *extra):
+    """A tiny run with the convnet defaults (the main job's recipe), tiny widths."""
+    return ["train", "--out", str(out), "--data", root, "--num-training", "160",
+            "--num-validation", "40", "--num-test", "50", "--widths", "4", "8",
+            "--stem-width", "4", "--batch-size", "16", "--print-every", "5", *extra]
 
 
 def checkpoint_params(run_dir):
@@ -353,6 +370,92 @@ def test_python_dash_m_fastnn_shows_help():
     result = subprocess.run([sys.executable, "-m", "fastnn", "train", "--help"],
                             capture_output=True, text=True, check=True)
     assert "--resume" in result.stdout and "--lr-schedule" in result.stdout
+
+
+def test_train_defaults_to_the_convnet_recipe(cifar_root, tmp_path):
+    from fastnn.classifiers import ConvNet
+    from fastnn.runs import RECIPES
+
+    out = tmp_path / "run"
+    assert main(convnet_args(cifar_root, out, "--epochs", "2")) == 0
+    config = json.loads((out / "config.json").read_text())
+    for key, value in RECIPES["convnet"].items():
+        if key != "epochs":
+            assert config[key] == value, key
+    assert config["model"] == "convnet" and config["widths"] == [4, 8]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["flip_test"] is True and metrics["test_acc"] == metrics["test_acc_flip"]
+    assert 0 <= metrics["test_acc_plain"] <= 1
+    model = fastnn.load(out / "model.npz")
+    assert isinstance(model, ConvNet) and model.params["W1"].shape == (4, 3, 3, 3)
+    assert model.label_smoothing == config["label_smoothing"]
+    assert (out / "weights.png").read_bytes()[:8] == PNG_MAGIC  # the stem's filters
+    loss = metrics["loss_history"]
+    assert np.mean(loss[-5:]) < np.mean(loss[:3])  # it trains (40 val images are too few to say)
+
+
+@pytest.mark.parametrize("model", sorted(TINY_MODELS))
+def test_every_model_resumes_bit_for_bit_and_evaluates(cifar_root, tmp_path, model, capsys):
+    # no schedule: its shape depends on --epochs
+    options = (*TINY_MODELS[model], "--augment", "--lr-schedule", "none")
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(small_args(cifar_root, whole, "--epochs", "2", *options)) == 0
+    assert main(small_args(cifar_root, part, "--epochs", "1", *options)) == 0
+    assert main(["train", "--resume", str(part), "--epochs", "2"]) == 0
+    want, _ = checkpoint_params(whole)
+    got, _ = checkpoint_params(part)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    capsys.readouterr()
+    assert main(["evaluate", str(part)]) == 0
+    metrics = json.loads((part / "metrics.json").read_text())
+    assert f"test accuracy {metrics['test_acc']:.4f} on 50 images" in capsys.readouterr().out
+
+
+def test_resuming_a_run_made_before_the_convnet_default_keeps_its_settings(cifar_root, tmp_path):
+    """A config.json as the earlier fastnn wrote it (no conv keys, no flip_test, no format
+    keys) resumes as the fc run it was, equal to an uninterrupted run of today's fc."""
+    from fastnn.runs import LEGACY_DEFAULTS
+
+    old_keys = ["model", "hidden_dims", "hidden_dim", "batchnorm", "dropout", "reg",
+                "weight_scale", "update_rule", "learning_rate", "momentum", "beta1", "beta2",
+                "decay_rate", "epsilon", "weight_decay", "lr_schedule", "augment",
+                "crop_padding", "lr_decay", "epochs", "batch_size", "backend", "seed", "data",
+                "num_training", "num_validation", "num_test", "threads", "print_every"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(small_args(cifar_root, whole, "--epochs", "2")) == 0
+    assert main(small_args(cifar_root, part, "--epochs", "1")) == 0
+    config = json.loads((part / "config.json").read_text())
+    old = {key: config.get(key, LEGACY_DEFAULTS[key]) for key in old_keys}  # every old key
+    assert old["model"] == "fc" and set(LEGACY_DEFAULTS) > set(old)
+    (part / "config.json").write_text(json.dumps(old, indent=2))
+    assert main(["train", "--resume", str(part), "--epochs", "2"]) == 0
+    want, _ = checkpoint_params(whole)
+    got, _ = checkpoint_params(part)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    resumed = json.loads((part / "config.json").read_text())
+    assert resumed["model"] == "fc" and resumed["flip_test"] is False
+    assert resumed["update_rule"] == "adam" and "label_smoothing" not in resumed
+    metrics = json.loads((part / "metrics.json").read_text())
+    assert metrics["flip_test"] is False and metrics["test_acc"] == metrics["test_acc_plain"]
+    assert metrics["test_acc"] == json.loads((whole / "metrics.json").read_text())["test_acc"]
+
+
+def test_evaluate_averages_flips_as_the_run_says_unless_told(cifar_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(convnet_args(cifar_root, out, "--epochs", "1")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (f"test accuracy {metrics['test_acc_flip']:.4f} on 50 images (flip averaging on)"
+            in printed)
+    assert main(["evaluate", str(out), "--no-flip-test"]) == 0
+    printed = capsys.readouterr().out
+    assert (f"test accuracy {metrics['test_acc_plain']:.4f} on 50 images (flip averaging off)"
+            in printed)
 
 
 @pytest.mark.parametrize("backend", ["cupy"], indirect=True)  # the numpy runs are the tests above

@@ -590,6 +590,23 @@ def test_missing_data_key_is_a_value_error():
         Solver(_small(), {"y_train": np.zeros(3, dtype=int)})
 
 
+def test_a_conv_batch_is_memorised_with_the_main_jobs_rule():
+    """ConvNet, label smoothing and sgd_nesterov (fastnn train's recipe) on 20 random images."""
+    from fastnn.classifiers import ConvNet
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 20)
+    model = ConvNet(widths=(8, 16), stem_width=8, input_dim=(3, 8, 8), seed=0,
+                    label_smoothing=0.1)
+    solver = Solver(model, {"X_train": X, "y_train": y, "X_val": X, "y_val": y},
+                    update_rule="sgd_nesterov", optim_config={"learning_rate": 0.05},
+                    batch_size=20, num_epochs=40, verbose=False, seed=0)
+    solver.train()
+    assert solver.loss_history[-1] < 0.3 * solver.loss_history[0]
+    assert solver.best_val_acc == 1.0
+
+
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_nan_data_is_named_before_training(split):
     data = _data()

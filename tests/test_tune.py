@@ -9,6 +9,7 @@ import time
 import optuna  # a required dependency: its absence is a failure, not a skip
 import pytest
 
+import fastnn
 from fastnn.cli import build_parser, main
 from helpers import PNG_MAGIC
 
@@ -171,6 +172,36 @@ def test_final_epochs_retrains_within_the_budget(cifar_root, tmp_path):
     best = json.loads((out / "best.json").read_text())
     assert best["config"]["epochs"] in (2, 3)  # 3 when the retrain beat the trials
     assert (out / "best_model.npz").exists()
+
+
+def test_tune_model_convnet_starts_from_the_recipe_one_trial_at_a_time(cifar_root, tmp_path):
+    from fastnn.classifiers import ConvNet
+    from fastnn.runs import RECIPES
+    from fastnn.tune import CONV_SPACE
+
+    out = tmp_path / "tune"
+    conv = ("--model", "convnet", "--widths", "4", "8", "--stem-width", "4", "--epochs", "1")
+    assert main(tune_args(cifar_root, out, *conv, "--trials", "1")) == 0
+    best = json.loads((out / "best.json").read_text())
+    config = best["config"]
+    assert config["model"] == "convnet" and config["widths"] == [4, 8] and config["epochs"] == 1
+    for name in CONV_SPACE:  # the first trial of a new study is the main job's recipe
+        assert config[name] == RECIPES["convnet"][name], name
+    assert config["update_rule"] == "sgd_nesterov" and config["flip_test"] is True
+    assert 0 <= best["test_acc"] <= 1 and best["num_test"] == 50
+    assert isinstance(fastnn.load(out / "best_model.npz"), ConvNet)
+    study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    assert list(study.trials[0].intermediate_values) == [1]  # per-epoch val acc reported
+
+
+def test_tune_refuses_options_of_the_other_model(cifar_root, tmp_path, capsys):
+    conv = ("--model", "convnet", "--widths", "4", "8", "--stem-width", "4")
+    assert main(tune_args(cifar_root, tmp_path / "a", *conv, "--parallel", "2")) == 2
+    assert "one at a time" in capsys.readouterr().err
+    assert main(tune_args(cifar_root, tmp_path / "b", "--widths", "4")) == 2
+    assert "--widths applies to tune --model convnet" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_a_tune_folder_held_by_another_process_is_refused(cifar_root, tmp_path, capsys):

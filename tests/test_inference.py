@@ -1,0 +1,94 @@
+"""fastnn.inference: batched prediction and flip test-time averaging."""
+import numpy as np
+import pytest
+
+import fastnn
+from fastnn import inference
+from fastnn.classifiers import FullyConnectedNet
+from fastnn.solver import Solver
+from helpers import is_0d_array, tolerances
+
+
+class Recording:
+    """Wraps a model; records the row count of every scoring call."""
+
+    def __init__(self, model):
+        self.model = model
+        self.params = model.params
+        self.dtype = model.dtype
+        self.rows = []
+
+    def loss(self, X, y=None):
+        self.rows.append(X.shape[0])
+        return self.model.loss(X, y)
+
+
+def small_model_and_images(n=23, seed=0):
+    rng = np.random.default_rng(seed)
+    model = FullyConnectedNet([16], input_dim=3 * 4 * 5, use_batchnorm=True, weight_scale=0.5,
+                              seed=seed)
+    X = rng.standard_normal((n, 3, 4, 5)).astype(np.float32)
+    return model, X, rng.integers(0, 10, n)
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 23, 100])
+def test_predict_in_batches_equals_one_pass(backend, batch_size):
+    model, X, _ = small_model_and_images()
+    recording = Recording(model)
+    labels = inference.predict(recording, X, batch_size=batch_size)
+    assert isinstance(labels, backend.ndarray) and labels.dtype == np.int64
+    want = np.argmax(fastnn.to_numpy(model.loss(backend.asarray(X))), axis=1)
+    np.testing.assert_array_equal(fastnn.to_numpy(labels), want)
+    assert max(recording.rows) <= batch_size and sum(recording.rows) == X.shape[0]
+
+
+def test_flip_averages_the_scores_of_an_image_and_its_mirror(backend):
+    model, X, _ = small_model_and_images()
+    got = fastnn.to_numpy(inference.predict_scores(model, X, batch_size=6, flip=True))
+    plain = fastnn.to_numpy(model.loss(backend.asarray(X)))
+    mirrored = fastnn.to_numpy(model.loss(backend.asarray(X[..., ::-1].copy())))
+    np.testing.assert_allclose(got, (plain + mirrored) / 2, *tolerances(np.float32))
+    assert not np.allclose(plain, mirrored)  # the mirror really changes the scores
+
+
+def test_count_correct_stays_on_the_device_and_accuracy_is_a_float(backend):
+    model, X, y = small_model_and_images()
+    correct = inference.count_correct(model, X, y, batch_size=4)
+    assert is_0d_array(correct, backend)
+    want = int((fastnn.to_numpy(inference.predict(model, X)) == y).sum())
+    assert int(correct) == want
+    acc = inference.accuracy(model, X, y, batch_size=4, flip=True)
+    assert type(acc) is float and 0 <= acc <= 1
+
+
+def test_plain_and_flip_accuracy_in_one_pass(backend):
+    model, X, y = small_model_and_images()
+    plain, flipped = inference.plain_and_flip_accuracy(model, X, y, batch_size=4)
+    assert type(plain) is float and type(flipped) is float
+    assert plain == inference.accuracy(model, X, y)
+    assert flipped == inference.accuracy(model, X, y, flip=True)
+
+
+def test_empty_input_and_bad_arguments():
+    model, X, y = small_model_and_images()
+    assert inference.predict(model, X[:0]).shape == (0,)
+    assert inference.accuracy(model, X[:0], y[:0]) == 0.0
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        inference.predict(model, X, batch_size=0)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\).*\(23, 60\)"):
+        inference.predict(model, X.reshape(23, -1), flip=True)
+    with pytest.raises(ValueError, match="one label per row"):
+        inference.count_correct(model, X, y[:5])
+
+
+def test_solver_check_accuracy_runs_in_batches_with_optional_flip():
+    model, X, y = small_model_and_images(n=40)
+    data = {"X_train": X, "y_train": y, "X_val": X, "y_val": y}
+    solver = Solver(model, data, verbose=False, seed=0)
+    recording = Recording(model)
+    solver.model = recording
+    acc = solver.check_accuracy(X, y, batch_size=8)
+    assert max(recording.rows) <= 8
+    assert acc == inference.accuracy(model, X, y)
+    flipped = solver.check_accuracy(X, y, batch_size=8, flip=True)
+    assert flipped == inference.accuracy(model, X, y, flip=True)
