@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 import fastnn
-from fastnn import kernels
+from fastnn import kernels, optim
 from fastnn.classifiers import ConvNet
 from fastnn.classifiers import conv_net as conv_net_module
 
@@ -45,12 +45,12 @@ def forward_mflop(widths, stem_width, input_dim=(3, 32, 32)):
 
 
 def fastnn_step(model, X, y, lr=1e-3):
-    table = kernels.for_module(np)
+    configs = {name: {"learning_rate": lr} for name in model.params}
 
     def step():
         _, grads = model.loss(X, y)
         for name, w in model.params.items():
-            table.sgd_(w, grads[name], lr)
+            optim.fused_update("sgd", w, grads[name], configs[name])
 
     return step
 
