@@ -895,6 +895,74 @@ def test_conv_many_chunks_match_the_reference(ops, monkeypatch):
         _close(got, expected, np.float64, 10.0)
 
 
+
+# (N, C, H, W, F): even and odd sizes, one-pixel images, more filters than channels and fewer
+WINOGRAD_CASES = [(2, 3, 8, 8, 4), (3, 5, 7, 5, 6), (2, 8, 1, 1, 3), (2, 4, 2, 3, 5),
+                  (3, 9, 5, 6, 2), (2, 16, 6, 4, 16)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_winograd_conv_matches_the_reference(dtype, case, layout, has_bias, monkeypatch):
+    """The numpy kernels' Winograd F(2x2, 3x3) path (every channel count let through it here),
+    forward and both backwards, against the direct reference, across several chunks."""
+    from fastnn.kernels import cpu
+
+    monkeypatch.setattr(cpu, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(cpu, "CONV_CHUNK_BYTES", 4000)  # several chunks of images per call
+    n, c, h, w_, f = case
+    rng = np.random.default_rng(sum(case))
+    x = rng.standard_normal((n, c, h, w_)).astype(dtype)
+    if layout == "channels_last":
+        x = _channels_last_view(np, x)
+    w = rng.standard_normal((f, c, 3, 3)).astype(dtype)
+    b = rng.standard_normal(f).astype(dtype) if has_bias else None
+    assert cpu._winograd_fits(w.shape, 1, 1)
+    out, saved = cpu.conv_forward(x, w, b, 1, 1)
+    out_ref, saved_ref = reference.conv_forward(x, w, np.zeros(f, dtype) if b is None else b, 1, 1)
+    assert out.dtype == dtype and out.shape == out_ref.shape
+    _close(out, out_ref, dtype, float(np.abs(out_ref).max()))
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    if layout == "channels_last":
+        dout = _channels_last_view(np, dout)
+    dx, dw, db = cpu.conv_backward(dout, saved)
+    dx_ref, dw_ref, db_ref = reference.conv_backward(dout, saved_ref)
+    for got, expected in ((dx, dx_ref), (dw, dw_ref)) + (((db, db_ref),) if has_bias else ()):
+        assert got.dtype == dtype and got.shape == expected.shape
+        _close(got, expected, dtype, float(np.abs(expected).max()))
+    assert db is None or has_bias
+    no_dx = cpu.conv_backward(dout, saved, False)
+    assert no_dx[0] is None
+    _close(no_dx[1], dw_ref, dtype, float(np.abs(dw_ref).max()))
+
+
+def test_winograd_takes_the_3x3_same_convs_of_enough_channels():
+    from fastnn.kernels import cpu
+
+    assert cpu._winograd_fits((32, 24, 3, 3), 1, 1)  # ConvNet's convs after the stem
+    assert not cpu._winograd_fits((24, 3, 3, 3), 1, 1)  # the stem: im2col
+    assert not cpu._winograd_fits((32, 32, 3, 3), 2, 1)  # strided
+    assert not cpu._winograd_fits((32, 32, 3, 3), 1, 0)  # another padding
+    assert not cpu._winograd_fits((32, 32, 5, 5), 1, 2)  # another filter size
+
+
+def test_winograd_conv_at_the_reference_nets_widths_in_float32():
+    """A wide layer (K = 9 * 64 products per output) stays within the contract's float32 bound."""
+    from fastnn.kernels import cpu
+
+    rng = np.random.default_rng(7)
+    x = _channels_last_view(np, rng.standard_normal((3, 64, 6, 6)).astype(np.float32))
+    w = (rng.standard_normal((128, 64, 3, 3)) / 24).astype(np.float32)
+    out, saved = cpu.conv_forward(x, w, None, 1, 1)
+    out_ref, saved_ref = reference.conv_forward(x.astype(np.float64), w.astype(np.float64),
+                                                np.zeros(128), 1, 1)
+    assert np.abs(out - out_ref).max() <= 1e-5 * np.abs(out_ref).max()
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    for got, expected in zip(cpu.conv_backward(dout, saved)[:2],
+                             reference.conv_backward(dout.astype(np.float64), saved_ref)[:2]):
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("case", POOL_CASES)
 def test_max_pool(ops, dtype, case, layout):
