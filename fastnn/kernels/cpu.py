@@ -888,7 +888,6 @@ def _conv_shapes(x_nhwc, w_shape, stride, pad):
 # (B^T d B)^T (A dy A^T)] G. A narrow input (the stem's 3 channels) gives
 # products too thin to pay for the transforms: im2col stays there.
 WINOGRAD_MIN_CHANNELS = 8
-_WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 
 
 def _winograd_fits(w_shape, stride, pad):
@@ -995,24 +994,36 @@ def _winograd_output_grad(dout, start, stop, padded, e):
                 t += 1
 
 
+def _g_times(a):
+    """G @ a over a's first axis, (3, ...) -> (4, ...): G's rows (1 0 0), (1 1 1)/2, (1 -1 1)/2, (0 0 1)."""
+    half = a.dtype.type(0.5)
+    outer = (a[0] + a[2]) * half
+    return np.stack([a[0], outer + a[1] * half, outer - a[1] * half, a[2]])
+
+
+def _g_transposed_times(a):
+    """G^T @ a over a's first axis, (4, ...) -> (3, ...)."""
+    half = a.dtype.type(0.5)
+    both, diff = (a[1] + a[2]) * half, (a[1] - a[2]) * half
+    return np.stack([a[0] + both, diff, both + a[3]])
+
+
 def _winograd_filters(w_mat, flip=False):
     """w_mat (9C, F), taps (i, j, c) -> U (16, C, F): G g G^T of each (c, f) filter.
 
     flip: the input gradient's filters instead (rotated 180 degrees, C and F swapped): (16, F, C).
     """
-    filters = w_mat.shape[1]
-    g = w_mat.reshape(3, 3, -1, filters)
+    g = w_mat.reshape(3, 3, -1, w_mat.shape[1])
     if flip:
         g = g[::-1, ::-1].transpose(0, 1, 3, 2)
-    G = _WINOGRAD_G.astype(w_mat.dtype)
-    u = np.einsum("ia,abcf,jb->ijcf", G, g, G, optimize=True)
+    u = _g_times(_g_times(g).swapaxes(0, 1)).swapaxes(0, 1)  # (4, 4, C, F)
     return np.ascontiguousarray(u.reshape(16, *u.shape[2:]))
 
 
 def _winograd_filter_grad(du):
     """du (16, C, F), the gradient of U -> the filters' gradient (9C, F), taps (i, j, c)."""
-    G = _WINOGRAD_G.astype(du.dtype)
-    dg = np.einsum("ai,abcf,bj->ijcf", G, du.reshape(4, 4, *du.shape[1:]), G, optimize=True)
+    dg = du.reshape(4, 4, *du.shape[1:])
+    dg = _g_transposed_times(_g_transposed_times(dg).swapaxes(0, 1)).swapaxes(0, 1)
     return np.ascontiguousarray(dg.reshape(-1, du.shape[2]))
 
 
