@@ -75,8 +75,8 @@ def spatial_batchnorm_relu_forward(x, gamma, beta, bn_param):
         return from_channels_last_rows(out, x.shape), (rows, out, gamma, mean, inv_std)
     if mode == "test":
         bn_param["running_mean"], bn_param["running_var"] = running_mean, running_var
-        scale = gamma / xp.sqrt(running_var + x.dtype.type(eps))
-        out = xp.maximum(rows * scale + (beta - running_mean * scale), x.dtype.type(0))
+        out = kernels.for_module(xp).batchnorm_relu_test_forward(
+            rows, gamma, beta, running_mean, running_var, eps)
         return from_channels_last_rows(out, x.shape), None
     raise ValueError(f"batchnorm mode must be 'train' or 'test', got {mode!r}")
 

@@ -71,6 +71,8 @@ def _op_args(op, rng):
         "conv_forward": (normal(2, 3, 6, 5), normal(4, 3, 3, 3), normal(4), 1, 1),
         "max_pool_forward": (normal(2, 3, 6, 6), 2, 2, 2),
         "batchnorm_relu_train_forward": (normal(8, 6), positive(6), normal(6), 1e-5),
+        "batchnorm_relu_test_forward": (normal(8, 6), positive(6), normal(6), normal(6),
+                                        positive(6), 1e-5),
     }
     x, gamma = normal(8, 6), positive(6)
     out, mean, inv_std, _ = reference.batchnorm_relu_train_forward(x, gamma, normal(6), 1e-5)
@@ -1022,6 +1024,12 @@ def test_batchnorm_relu(ops, dtype, shape):
     for g, e in zip(got, expected):
         assert g.dtype == dtype and g.shape == e.shape
         _close(g, e, dtype, float(np.abs(_host(e)).max()) + 1)
+    running_mean, running_var = mean * 0.9, xp.abs(xp.asarray(_host(inv_std), dtype=dtype)) + 0.5
+    got = table.batchnorm_relu_test_forward(x, gamma, beta, running_mean, running_var, 1e-5)
+    expected = reference.batchnorm_relu_test_forward(x, gamma, beta, running_mean, running_var,
+                                                     1e-5)
+    assert got.dtype == dtype and got.shape == shape and float(_host(got).min()) == 0.0
+    _close(got, expected, dtype, 10.0)
 
 
 def test_cuda_convolution_sources_compile(tmp_path):

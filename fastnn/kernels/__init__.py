@@ -37,7 +37,7 @@ OPS = (
     "layernorm_forward", "layernorm_backward", "groupnorm_forward", "groupnorm_backward",
     # convolution (fastnn.fast_layers; the naive layers run the reference ops)
     "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward",
-    "batchnorm_relu_train_forward", "batchnorm_relu_backward",
+    "batchnorm_relu_train_forward", "batchnorm_relu_test_forward", "batchnorm_relu_backward",
 )
 
 # How many leading arguments of an op are data arrays that share one dtype;
@@ -53,7 +53,8 @@ DATA_ARGS = {
     "l2_stacked_": 2,
     "layernorm_forward": 3, "layernorm_backward": 4,
     "groupnorm_forward": 3, "groupnorm_backward": 4,
-    "batchnorm_relu_train_forward": 3, "batchnorm_relu_backward": 4,
+    "batchnorm_relu_train_forward": 3, "batchnorm_relu_test_forward": 5,
+    "batchnorm_relu_backward": 4,
 }
 
 _tables = {}

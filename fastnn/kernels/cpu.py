@@ -1401,6 +1401,15 @@ def batchnorm_relu_train_forward(x, gamma, beta, eps):
     return out, mean, inv_std, var.astype(x.dtype)
 
 
+def batchnorm_relu_test_forward(x, gamma, beta, running_mean, running_var, eps):
+    x = np.ascontiguousarray(x)
+    scale = (gamma / np.sqrt(running_var + x.dtype.type(eps))).astype(x.dtype)
+    out = np.empty_like(x)
+    _run_rows(_bn_relu_apply, x.shape[0], (x, out), running_mean.astype(x.dtype), scale,
+              beta.astype(x.dtype))
+    return out
+
+
 def batchnorm_relu_backward(dout, x, out, gamma, mean, inv_std):
     dout, x, out = (np.ascontiguousarray(a) for a in (dout, x, out))
     rows, channels = x.shape

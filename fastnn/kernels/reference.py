@@ -532,6 +532,13 @@ def batchnorm_relu_train_forward(x, gamma, beta, eps):
     return out, mean, inv_std.astype(x.dtype, copy=False), var
 
 
+def batchnorm_relu_test_forward(x, gamma, beta, running_mean, running_var, eps):
+    """relu(batchnorm(x)) of rows x (M, C) with fixed (running) statistics -> out (M, C)."""
+    xp = get_array_module(x, gamma, beta)
+    scale = gamma / xp.sqrt(running_var + x.dtype.type(eps))
+    return xp.maximum((x - running_mean) * scale + beta, x.dtype.type(0))
+
+
 def batchnorm_relu_backward(dout, x, out, gamma, mean, inv_std):
     """Gradient of batchnorm_relu_train_forward: dout (M, C) -> (dx, dgamma, dbeta)."""
     xp = get_array_module(dout, x, out)
