@@ -102,7 +102,8 @@ def time_steps(step, count, clock=time.perf_counter):
 class OpTimer:
     """Wraps the layer functions ConvNet calls and sums their wall time per name."""
 
-    NAMES = ("conv_forward_fast", "conv_backward_fast", "max_pool_forward_fast",
+    NAMES = ("conv_forward_fast", "conv_backward_fast", "conv_pool_forward_fast",
+             "conv_pool_backward_fast", "max_pool_forward_fast",
              "max_pool_backward_fast", "spatial_batchnorm_forward", "spatial_batchnorm_backward",
              "spatial_batchnorm_relu_forward", "spatial_batchnorm_relu_backward",
              "affine_forward", "affine_backward")

@@ -7,6 +7,8 @@ view; the outputs are (N, C, H, W) views of channels-last memory on numpy,
 which is the layout these layers read fastest, so a stack of them never
 changes layout. A fast forward's cache goes to the fast backward.
 """
+import types
+
 from fastnn import kernels
 from fastnn.backend import get_array_module
 from fastnn.layers import (channels_last_rows, conv_geometry, from_channels_last_rows,
@@ -30,6 +32,30 @@ def conv_backward_fast(dout, cache, need_dx=True):
     """
     xp = get_array_module(dout)
     return kernels.for_module(xp).conv_backward(dout, cache, need_dx)
+
+
+def conv_pool_forward_fast(x, w, b, conv_param, pool_param):
+    """max_pool_forward_fast(conv_forward_fast(x, w, b, conv_param), pool_param) as one op
+    -> (out (N, F, H'', W''), cache).
+
+    On numpy a 3x3 stride-1 pad-1 conv (Winograd) with a 2x2 stride-2 pool on even
+    sizes pools each output tile as it is made; otherwise it is the two layers.
+    """
+    xp = get_array_module(x, w, b)
+    stride, pad, out_height, out_width = conv_geometry(x, w, b, conv_param,
+                                                       "conv_pool_forward_fast")
+    conv_shape = (x.shape[0], w.shape[0], out_height, out_width)
+    pool_height, pool_width, pool_stride = pool_geometry(
+        types.SimpleNamespace(ndim=4, shape=conv_shape), pool_param, "conv_pool_forward_fast")
+    return kernels.for_module(xp).conv_pool_forward(x, w, b, stride, pad, pool_height,
+                                                    pool_width, pool_stride)
+
+
+def conv_pool_backward_fast(dout, cache, need_dx=True):
+    """dout (N, F, H'', W'') -> (dx (N, C, H, W) or None, dw, db or None); need_dx as for
+    conv_backward_fast."""
+    xp = get_array_module(dout)
+    return kernels.for_module(xp).conv_pool_backward(dout, cache, need_dx)
 
 
 def max_pool_forward_fast(x, pool_param):

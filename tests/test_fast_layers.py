@@ -192,3 +192,34 @@ def test_spatial_batchnorm_relu_rejects_bad_input():
                                                    {"mode": "train"})
     with pytest.raises(ValueError, match="train-mode forward"):
         fast_layers.spatial_batchnorm_relu_backward(np.zeros((2, 3, 2, 2)), None)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 4), (2, 8, 5, 6), (1, 3, 4, 4)])
+def test_conv_pool_is_the_conv_then_the_pool(backend, dtype, shape):
+    """conv_pool_forward_fast / backward against the naive conv and pool, forward and
+    backward (fused or not, whichever the backend takes for the shape), on every view."""
+    xp = backend
+    rng = np.random.default_rng(11)
+    channels = shape[1]
+    w = xp.asarray(rng.standard_normal((8, channels, 3, 3)), dtype=dtype)
+    b = xp.asarray(rng.standard_normal(8), dtype=dtype)
+    conv_param, pool_param = {"stride": 1, "pad": 1}, {"pool_height": 2, "pool_width": 2,
+                                                       "stride": 2}
+    for name, x in _views(xp, xp.asarray(rng.standard_normal(shape), dtype=dtype)).items():
+        out, cache = fast_layers.conv_pool_forward_fast(x, w, b, conv_param, pool_param)
+        conv_out, conv_cache = layers.conv_forward_naive(x, w, b, conv_param)
+        expected, pool_cache = layers.max_pool_forward_naive(conv_out, pool_param)
+        _close(out, expected, dtype)
+        dout = xp.asarray(rng.standard_normal(out.shape), dtype=dtype)
+        got = fast_layers.conv_pool_backward_fast(dout, cache)
+        want = layers.conv_backward_naive(
+            layers.max_pool_backward_naive(dout, pool_cache), conv_cache)
+        for g, e in zip(got, want):
+            _close(g, e, dtype)
+
+
+def test_conv_pool_refuses_a_window_larger_than_the_conv_output():
+    x, w = np.zeros((1, 8, 2, 2)), np.zeros((8, 8, 3, 3))
+    with pytest.raises(ValueError, match="3x3 window is larger than the 2x2 input"):
+        fast_layers.conv_pool_forward_fast(x, w, None, {"stride": 1, "pad": 1},
+                                           {"pool_height": 3, "pool_width": 3, "stride": 1})

@@ -69,6 +69,8 @@ def _op_args(op, rng):
                                positive(2, 2), 2),
         # convolution: forwards here; their backwards take the same table's saved state
         "conv_forward": (normal(2, 3, 6, 5), normal(4, 3, 3, 3), normal(4), 1, 1),
+        # 8 channels and even sizes: the numpy kernels' fused Winograd path
+        "conv_pool_forward": (normal(2, 8, 6, 4), normal(8, 8, 3, 3), normal(8), 1, 1, 2, 2, 2),
         "max_pool_forward": (normal(2, 3, 6, 6), 2, 2, 2),
         "batchnorm_relu_train_forward": (normal(8, 6), positive(6), normal(6), 1e-5),
         "batchnorm_relu_test_forward": (normal(8, 6), positive(6), normal(6), normal(6),
@@ -99,7 +101,8 @@ def _outputs(result, args):
 
 
 # backward ops whose saved state comes from a forward (its layout is each implementation's own)
-SAVED_BY = {"conv_backward": "conv_forward", "max_pool_backward": "max_pool_forward"}
+SAVED_BY = {"conv_backward": "conv_forward", "max_pool_backward": "max_pool_forward",
+            "conv_pool_backward": "conv_pool_forward"}
 
 
 @pytest.mark.parametrize("op", kernels.OPS)
@@ -937,6 +940,68 @@ def test_winograd_conv_matches_the_reference(dtype, case, layout, has_bias, monk
     no_dx = cpu.conv_backward(dout, saved, False)
     assert no_dx[0] is None
     _close(no_dx[1], dw_ref, dtype, float(np.abs(dw_ref).max()))
+
+
+# (N, C, H, W, F): even sizes fuse the pool into the conv; odd ones run the two ops
+CONV_POOL_CASES = [(2, 8, 6, 4, 8), (3, 9, 4, 8, 12), (2, 16, 2, 2, 8), (2, 8, 5, 6, 8)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", CONV_POOL_CASES)
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_conv_pool_matches_the_two_reference_ops(dtype, case, layout, has_bias, monkeypatch):
+    from fastnn.kernels import cpu
+
+    monkeypatch.setattr(cpu, "CONV_CHUNK_BYTES", 4000)  # several chunks of images per call
+    n, c, h, w_, f = case
+    rng = np.random.default_rng(sum(case) + 1)
+    x = rng.standard_normal((n, c, h, w_)).astype(dtype)
+    if layout == "channels_last":
+        x = _channels_last_view(np, x)
+    w = rng.standard_normal((f, c, 3, 3)).astype(dtype)
+    b = rng.standard_normal(f).astype(dtype) if has_bias else None
+    assert cpu._pool_fuses(x.shape, w.shape, 1, 1, 2, 2, 2) == (h % 2 == 0 and w_ % 2 == 0)
+    out, saved = cpu.conv_pool_forward(x, w, b, 1, 1, 2, 2, 2)
+    out_ref, saved_ref = reference.conv_pool_forward(
+        x, w, np.zeros(f, dtype) if b is None else b, 1, 1, 2, 2, 2)
+    assert out.dtype == dtype and out.shape == out_ref.shape
+    _close(out, out_ref, dtype, float(np.abs(out_ref).max()))
+    # the same windows' maxima (the numpy kernels keep argmax channels-last)
+    np.testing.assert_array_equal(saved[1][1].transpose(0, 3, 1, 2), saved_ref[1][1])
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    if layout == "channels_last":
+        dout = _channels_last_view(np, dout)
+    dx, dw, db = cpu.conv_pool_backward(dout, saved)
+    dx_ref, dw_ref, db_ref = reference.conv_pool_backward(dout, saved_ref)
+    for got, expected in ((dx, dx_ref), (dw, dw_ref)) + (((db, db_ref),) if has_bias else ()):
+        assert got.dtype == dtype and got.shape == expected.shape
+        _close(got, expected, dtype, float(np.abs(expected).max()))
+    assert (db is None) == (not has_bias)
+    no_dx = cpu.conv_pool_backward(dout, saved, False)
+    assert no_dx[0] is None
+    _close(no_dx[1], dw_ref, dtype, float(np.abs(dw_ref).max()))
+
+
+def test_conv_pool_ties_go_to_the_first_tap():
+    """Zero filters: every conv output is its bias, each window a four-way tie; the fused
+    pool's gradient goes to each window's top-left value, as max_pool_backward's does."""
+    from fastnn.kernels import cpu
+
+    x = np.random.default_rng(0).standard_normal((1, 8, 4, 4))
+    w = np.zeros((8, 8, 3, 3))
+    b = np.arange(8.0)
+    out, saved = cpu.conv_pool_forward(x, w, b, 1, 1, 2, 2, 2)
+    np.testing.assert_array_equal(out, np.broadcast_to(b[None, :, None, None], (1, 8, 2, 2)))
+    np.testing.assert_array_equal(saved[1][1], 0)
+    # the conv's input gradient from a pooled gradient of ones: the window's first tap only
+    dout = np.ones(out.shape)
+    _, dw, db = cpu.conv_pool_backward(dout, saved)
+    conv_out, conv_saved = reference.conv_forward(x, w, b, 1, 1)
+    unpooled = np.zeros(conv_out.shape)
+    unpooled[:, :, ::2, ::2] = 1
+    _, dw_ref, db_ref = reference.conv_backward(unpooled, conv_saved)
+    np.testing.assert_allclose(dw, dw_ref, atol=1e-12)
+    np.testing.assert_allclose(db, db_ref)
 
 
 def test_winograd_takes_the_3x3_same_convs_of_enough_channels():

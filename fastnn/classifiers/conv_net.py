@@ -15,7 +15,8 @@ import numpy as np
 
 from fastnn import kernels
 from fastnn.backend import get_array_module, get_backend, xp as active_xp
-from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, max_pool_backward_fast,
+from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, conv_pool_backward_fast,
+                                conv_pool_forward_fast, max_pool_backward_fast,
                                 max_pool_forward_fast, spatial_batchnorm_relu_backward,
                                 spatial_batchnorm_relu_forward)
 from fastnn.layers import affine_backward, affine_forward
@@ -102,13 +103,13 @@ class ConvNet:
         for i in range(1, self.num_convs + 1):
             # convs 2, 4, ... open a group and are followed by the pool
             pooled = i % 2 == 0
-            hidden, conv_cache = conv_forward_fast(hidden, p[f"W{i}"], None, _CONV)
-            pool_cache = None
-            if pooled:
-                hidden, pool_cache = max_pool_forward_fast(hidden, _POOL)
+            if pooled:  # one op: fused where the backend can (fastnn.fast_layers)
+                hidden, conv_cache = conv_pool_forward_fast(hidden, p[f"W{i}"], None, _CONV, _POOL)
+            else:
+                hidden, conv_cache = conv_forward_fast(hidden, p[f"W{i}"], None, _CONV)
             hidden, bn_cache = spatial_batchnorm_relu_forward(
                 hidden, p[f"gamma{i}"], p[f"beta{i}"], self.bn_params[i - 1])
-            caches.append((conv_cache, pool_cache, bn_cache))
+            caches.append((conv_cache, pooled, bn_cache))
         n, channels, height, width = hidden.shape
         pooled_max, head_pool_cache = max_pool_forward_fast(
             hidden, {"pool_height": height, "pool_width": width, "stride": 1})
@@ -123,12 +124,11 @@ class ConvNet:
         dfeatures, grads[f"W{last}"], grads[f"b{last}"] = affine_backward(dscores, affine_cache)
         dhidden = max_pool_backward_fast(dfeatures.reshape(n, channels, 1, 1), head_pool_cache)
         for i in range(self.num_convs, 0, -1):
-            conv_cache, pool_cache, bn_cache = caches[i - 1]
+            conv_cache, pooled, bn_cache = caches[i - 1]
             dhidden, grads[f"gamma{i}"], grads[f"beta{i}"] = spatial_batchnorm_relu_backward(
                 dhidden, bn_cache)
-            if pool_cache is not None:
-                dhidden = max_pool_backward_fast(dhidden, pool_cache)
-            dhidden, grads[f"W{i}"], _ = conv_backward_fast(dhidden, conv_cache, need_dx=i > 1)
+            conv_backward = conv_pool_backward_fast if pooled else conv_backward_fast
+            dhidden, grads[f"W{i}"], _ = conv_backward(dhidden, conv_cache, need_dx=i > 1)
         if self.reg:
             for name, role in self.param_roles.items():
                 if role == "weight":

@@ -37,6 +37,7 @@ OPS = (
     "layernorm_forward", "layernorm_backward", "groupnorm_forward", "groupnorm_backward",
     # convolution (fastnn.fast_layers; the naive layers run the reference ops)
     "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward",
+    "conv_pool_forward", "conv_pool_backward",
     "batchnorm_relu_train_forward", "batchnorm_relu_test_forward", "batchnorm_relu_backward",
 )
 

@@ -897,18 +897,41 @@ def _winograd_fits(w_shape, stride, pad):
 
 
 @_jit
-def _winograd_input(x, start, stop, padded, v):
+def _fill_padded(x, argmax, image, padded):
+    """padded[1:H+1, 1:W+1] = x[image] (n, H, W, C); the border stays as it is (zero).
+
+    With argmax (not None), x is the gradient of a 2x2 stride-2 max pool instead,
+    (n, H/2, W/2, C): each value goes to its window's argmax tap, zeros to the rest.
+    """
+    if argmax is None:
+        padded[1:x.shape[1] + 1, 1:x.shape[2] + 1, :] = x[image]
+        return
+    for py in range(x.shape[1]):
+        top, below = padded[2 * py + 1], padded[2 * py + 2]
+        for px in range(x.shape[2]):
+            left = 2 * px + 1
+            for c in range(x.shape[3]):
+                tap, g = argmax[image, py, px, c], x[image, py, px, c]
+                top[left, c] = g if tap == 0 else 0
+                top[left + 1, c] = g if tap == 1 else 0
+                below[left, c] = g if tap == 2 else 0
+                below[left + 1, c] = g if tap == 3 else 0
+
+
+@_jit
+def _winograd_input(x, argmax, start, stop, padded, v):
     """v (tiles, 16, C): B^T d B of every 4x4 tile d (pad 1) of images [start, stop) of
-    x (n, H, W, C), tile by tile in row-major order.
+    x (n, H, W, C) (or of a max pool's gradient: see _fill_padded), tile by tile in
+    row-major order.
 
     padded (2 * tiles_y + 2, 2 * tiles_x + 2, C) must be zero outside [1:H+1, 1:W+1]
     (only that part is written here).
     """
-    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    channels = x.shape[3]
     tiles_y, tiles_x = (padded.shape[0] - 2) // 2, (padded.shape[1] - 2) // 2
     t = 0
     for image in range(start, stop):
-        padded[1:height + 1, 1:width + 1, :] = x[image]
+        _fill_padded(x, argmax, image, padded)
         for ty in range(tiles_y):
             for tx in range(tiles_x):
                 x0 = 2 * tx
@@ -962,17 +985,48 @@ def _winograd_output(m, start, stop, bias, out):
 
 
 @_jit
-def _winograd_output_grad(dout, start, stop, padded, e):
-    """e (tiles, 16, F): A dy A^T of every 2x2 tile dy of images [start, stop) of
-    dout (n, H, W, F), zero beyond the image: the gradient of each tile's m.
+def _winograd_output_pool(m, start, stop, bias, pooled, argmax):
+    """As _winograd_output, then a 2x2 stride-2 max pool of each tile (its window):
+    pooled and argmax (n, H/2, W/2, F) get each window's max and first tap (row-major)."""
+    tiles_y, tiles_x, filters = pooled.shape[1], pooled.shape[2], pooled.shape[3]
+    t = 0
+    for image in range(start, stop):
+        for ty in range(tiles_y):
+            for tx in range(tiles_x):
+                mt = m[t]
+                for i in range(4):
+                    for f in range(filters):
+                        m0, m1, m2, m3 = mt[4 * i, f], mt[4 * i + 1, f], mt[4 * i + 2, f], mt[4 * i + 3, f]
+                        mt[4 * i, f] = m0 + m1 + m2
+                        mt[4 * i + 1, f] = m1 - m2 - m3
+                out, taps = pooled[image, ty, tx], argmax[image, ty, tx]
+                for f in range(filters):
+                    best, tap = mt[0, f] + mt[4, f] + mt[8, f] + bias[f], 0
+                    v = mt[1, f] + mt[5, f] + mt[9, f] + bias[f]
+                    if v > best:  # strictly greater: ties keep the first tap, as the pool does
+                        best, tap = v, 1
+                    v = mt[4, f] - mt[8, f] - mt[12, f] + bias[f]
+                    if v > best:
+                        best, tap = v, 2
+                    v = mt[5, f] - mt[9, f] - mt[13, f] + bias[f]
+                    if v > best:
+                        best, tap = v, 3
+                    out[f] = best
+                    taps[f] = tap
+                t += 1
 
-    padded is as for _winograd_input (and holds dout[image] with pad 1 afterwards).
+
+@_jit
+def _winograd_output_grad(dout, argmax, start, stop, padded, e):
+    """e (tiles, 16, F): A dy A^T of every 2x2 tile dy of images [start, stop) of
+    dout (n, H, W, F) (or of a max pool's gradient: see _fill_padded), zero beyond
+    the image: the gradient of each tile's m. padded is as for _winograd_input.
     """
-    height, width, filters = dout.shape[1], dout.shape[2], dout.shape[3]
+    filters = dout.shape[3]
     tiles_y, tiles_x = (padded.shape[0] - 2) // 2, (padded.shape[1] - 2) // 2
     t = 0
     for image in range(start, stop):
-        padded[1:height + 1, 1:width + 1, :] = dout[image]
+        _fill_padded(dout, argmax, image, padded)
         for ty in range(tiles_y):
             for tx in range(tiles_x):
                 x0 = 2 * tx + 1
@@ -1037,14 +1091,22 @@ def _winograd_geometry(x_nhwc, widths):
     return tiles_y, tiles_x, tiles, max(1, min(n, CONV_CHUNK_BYTES // per_image))
 
 
-def _winograd_forward(x_nhwc, w_mat, bias):
-    """x_nhwc (n, H, W, C), w_mat (9C, F), bias (F,) or None -> out (n, H, W, F)."""
+def _winograd_forward(x_nhwc, w_mat, bias, pool=False):
+    """x_nhwc (n, H, W, C), w_mat (9C, F), bias (F,) or None -> out (n, H, W, F).
+
+    pool (H and W even): each 2x2 output tile max-pooled on the spot instead ->
+    (pooled, argmax), both (n, H/2, W/2, F): the full-size output is never written.
+    """
     n, height, width, channels = x_nhwc.shape
     filters, dtype = w_mat.shape[1], x_nhwc.dtype
     tiles_y, tiles_x, tiles, step = _winograd_geometry(x_nhwc, (channels, filters))
     u = _winograd_filters(w_mat)
     bias = np.zeros(filters, dtype) if bias is None else bias
-    out = np.empty((n, height, width, filters), dtype=dtype)
+    if pool:
+        out = np.empty((n, tiles_y, tiles_x, filters), dtype=dtype)
+        argmax = np.empty(out.shape, dtype=np.uint8)
+    else:
+        out = np.empty((n, height, width, filters), dtype=dtype)
     buffers = {}
 
     def work(start, stop, worker):
@@ -1055,16 +1117,23 @@ def _winograd_forward(x_nhwc, w_mat, bias):
         padded, v, m = buffers[worker]
         count = (stop - start) * tiles
         v, m = v[:count], m[:count]
-        _winograd_input(x_nhwc, start, stop, padded, v)
+        _winograd_input(x_nhwc, None, start, stop, padded, v)
         np.matmul(v.transpose(1, 0, 2), u, out=m.transpose(1, 0, 2))
-        _winograd_output(m, start, stop, bias, out)
+        if pool:
+            _winograd_output_pool(m, start, stop, bias, out, argmax)
+        else:
+            _winograd_output(m, start, stop, bias, out)
 
     _run_chunks(work, n, step)
-    return out
+    return (out, argmax) if pool else out
 
 
-def _winograd_backward(dout_nhwc, x_nhwc, w_mat, need_dx, has_bias):
-    """-> (dx (n, H, W, C) or None, dw_mat (9C, F), db (F,) or None)."""
+def _winograd_backward(dout_nhwc, x_nhwc, w_mat, need_dx, has_bias, argmax=None):
+    """-> (dx (n, H, W, C) or None, dw_mat (9C, F), db (F,) or None).
+
+    argmax (n, H/2, W/2, F): dout_nhwc is the gradient of the output's 2x2 max pool
+    (_winograd_forward with pool), unpooled tile by tile.
+    """
     n, height, width, channels = x_nhwc.shape
     filters, dtype = w_mat.shape[1], x_nhwc.dtype
     widths = (channels, filters)
@@ -1072,7 +1141,8 @@ def _winograd_backward(dout_nhwc, x_nhwc, w_mat, need_dx, has_bias):
     u_flipped = _winograd_filters(w_mat, flip=True) if need_dx else None
     dx = np.empty_like(x_nhwc) if need_dx else None
     no_bias = np.zeros(channels, dtype)
-    dout_rows = dout_nhwc.reshape(n * height * width, filters)
+    dout_pixels = dout_nhwc.shape[1] * dout_nhwc.shape[2]
+    dout_rows = dout_nhwc.reshape(n * dout_pixels, filters)
     partial = {}  # worker -> its buffers and partial sums
 
     def work(start, stop, worker):
@@ -1088,15 +1158,15 @@ def _winograd_backward(dout_nhwc, x_nhwc, w_mat, need_dx, has_bias):
                 e=np.empty((step * tiles, 16, filters), dtype))
         count = (stop - start) * tiles
         v, e = s["v"][:count], s["e"][:count]
-        _winograd_input(x_nhwc, start, stop, s["padded_x"], v)
-        _winograd_output_grad(dout_nhwc, start, stop, s["padded_dout"], e)
+        _winograd_input(x_nhwc, None, start, stop, s["padded_x"], v)
+        _winograd_output_grad(dout_nhwc, argmax, start, stop, s["padded_dout"], e)
         np.matmul(v.transpose(1, 2, 0), e.transpose(1, 0, 2), out=s["du_chunk"])
         s["du"] += s["du_chunk"]
-        if has_bias:
-            s["db"] += dout_rows[start * height * width:stop * height * width].sum(axis=0)
+        if has_bias:  # (a pool's gradient has the same sum as the unpooled one)
+            s["db"] += dout_rows[start * dout_pixels:stop * dout_pixels].sum(axis=0)
         if need_dx:  # into the same buffers (their tiles are used up): less cache in use
             v_dout, m_dx = e, v
-            _winograd_input(dout_nhwc, start, stop, s["padded_dout"], v_dout)
+            _winograd_input(dout_nhwc, argmax, start, stop, s["padded_dout"], v_dout)
             np.matmul(v_dout.transpose(1, 0, 2), u_flipped, out=m_dx.transpose(1, 0, 2))
             _winograd_output(m_dx, start, stop, no_bias, dx)
 
@@ -1302,6 +1372,46 @@ def max_pool_backward(dout, saved):
 
     _run_chunks(work, x_shape[0], _row_blocks(x_shape[0], dout_nhwc[0].size))
     return dx.transpose(0, 3, 1, 2)
+
+
+def _pool_fuses(conv_shape, w_shape, stride, pad, pool_height, pool_width, pool_stride):
+    """A Winograd conv whose 2x2 output tiles are exactly the pool's windows."""
+    return (_winograd_fits(w_shape, stride, pad) and (pool_height, pool_width, pool_stride)
+            == (2, 2, 2) and conv_shape[2] % 2 == 0 and conv_shape[3] % 2 == 0)
+
+
+def conv_pool_forward(x, w, b, stride, pad, pool_height, pool_width, pool_stride):
+    """max_pool_forward(conv_forward(x, w, b, stride, pad), ...) -> (out, (conv saved, pool saved)).
+
+    A 3x3 Winograd conv with a 2x2 stride-2 pool on even sizes pools each output
+    tile as it is made: the full-size conv output never exists.
+    """
+    if not _pool_fuses(x.shape, w.shape, stride, pad, pool_height, pool_width, pool_stride):
+        out, conv_saved = conv_forward(x, w, b, stride, pad)
+        pooled, pool_saved = max_pool_forward(out, pool_height, pool_width, pool_stride)
+        return pooled, (conv_saved, pool_saved)
+    x_nhwc = _channels_last(x)
+    dtype = x_nhwc.dtype
+    w_mat = np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=dtype).reshape(-1, w.shape[0])
+    bias = None if b is None else b.astype(dtype, copy=False)
+    pooled, argmax = _winograd_forward(x_nhwc, w_mat, bias, pool=True)
+    conv_saved = (x_nhwc, w_mat, w.shape, stride, pad, b is not None)
+    pool_saved = (x_nhwc.shape[:3] + (w.shape[0],), argmax, 2, 2, 2)
+    return pooled.transpose(0, 3, 1, 2), (conv_saved, pool_saved)
+
+
+def conv_pool_backward(dout, saved, need_dx=True):
+    """dout (N, F, H'', W'') of the pool's output -> (dx or None, dw, db or None)."""
+    conv_saved, pool_saved = saved
+    x_nhwc, w_mat, w_shape, stride, pad, has_bias = conv_saved
+    conv_shape, argmax = pool_saved[:2]
+    nchw = (conv_shape[0], conv_shape[3], conv_shape[1], conv_shape[2])
+    if not _pool_fuses(nchw, w_shape, stride, pad, *pool_saved[2:]):
+        return conv_backward(max_pool_backward(dout, pool_saved), conv_saved, need_dx)
+    dout_nhwc = _channels_last(dout).astype(x_nhwc.dtype, copy=False)
+    dx, dw_mat, db = _winograd_backward(dout_nhwc, x_nhwc, w_mat, need_dx, has_bias, argmax)
+    return ((None if dx is None else dx.transpose(0, 3, 1, 2)),
+            _filters_from_matrix(dw_mat, w_shape), db)
 
 
 # -- batchnorm + relu on channels-last rows (M, C), for the conv nets ---------

@@ -19,7 +19,8 @@ import math
 
 import numpy as np
 
-from fastnn.kernels.reference import GOLDEN, MIX1, MIX2, UNIT_BITS, dropout_key, keep_threshold
+from fastnn.kernels.reference import (GOLDEN, MIX1, MIX2, UNIT_BITS, conv_pool_ops, dropout_key,
+                                     keep_threshold)
 
 DTYPES = (np.float32, np.float64)  # other dtypes (float16) run reference.py (kernels/__init__)
 
@@ -593,3 +594,7 @@ def max_pool_backward(dout, saved):
             np.int32(height), np.int32(width), np.int32(pool_height), np.int32(pool_width),
             np.int32(stride), np.int32(dout.shape[2]), np.int32(dout.shape[3]), dx)
     return dx
+
+
+conv_pool_forward, conv_pool_backward = conv_pool_ops(conv_forward, conv_backward,
+                                                      max_pool_forward, max_pool_backward)

@@ -522,6 +522,29 @@ def max_pool_backward(dout, saved):
     return dx
 
 
+def conv_pool_ops(conv_forward, conv_backward, max_pool_forward, max_pool_backward):
+    """(conv_pool_forward, conv_pool_backward) made of a module's conv and pool ops.
+
+    conv_pool_forward(x, w, b, stride, pad, pool_height, pool_width, pool_stride)
+    -> (max_pool_forward(conv_forward(x, ...)), (conv saved, pool saved));
+    conv_pool_backward(dout, saved, need_dx=True) -> (dx or None, dw, db or None).
+    """
+    def conv_pool_forward(x, w, b, stride, pad, pool_height, pool_width, pool_stride):
+        out, conv_saved = conv_forward(x, w, b, stride, pad)
+        pooled, pool_saved = max_pool_forward(out, pool_height, pool_width, pool_stride)
+        return pooled, (conv_saved, pool_saved)
+
+    def conv_pool_backward(dout, saved, need_dx=True):
+        conv_saved, pool_saved = saved
+        return conv_backward(max_pool_backward(dout, pool_saved), conv_saved, need_dx)
+
+    return conv_pool_forward, conv_pool_backward
+
+
+conv_pool_forward, conv_pool_backward = conv_pool_ops(conv_forward, conv_backward,
+                                                      max_pool_forward, max_pool_backward)
+
+
 def batchnorm_relu_train_forward(x, gamma, beta, eps):
     """relu(batchnorm(x)) of rows x (M, C), batch statistics -> (out, mean, inv_std, var)."""
     xp = get_array_module(x, gamma, beta)
