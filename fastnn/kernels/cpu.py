@@ -740,9 +740,10 @@ def groupnorm_backward(dout, x_hat, gamma, inv_std, groups):
 # directly. Any other input layout is copied to channels-last once.
 #
 # A convolution runs over chunks of images: im2col of one chunk (Numba) and
-# one sgemm on it (numpy's BLAS). No full-batch column buffer exists: the
-# backward pass rebuilds each chunk's columns, which costs less than keeping
-# them (9x the input for a 3x3 filter).
+# one sgemm on it (numpy's BLAS), or the Winograd tiles of one chunk (below)
+# for the 3x3 stride-1 convs. No full-batch column buffer exists: the
+# backward pass rebuilds each chunk's columns (or tiles), which costs less
+# than keeping them (9x the input for a 3x3 filter, 4x as tiles).
 CONV_CHUNK_BYTES = 1 << 20  # column buffer per chunk: it and the product stay in L2 (2 MB here)
 
 
