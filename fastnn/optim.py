@@ -13,7 +13,10 @@ gpu.py); the functional rules below, the Solver's fused in-place path
 the same parameters by construction. Adding a rule: its `Rule` here, its op
 in reference.py, cpu.py and gpu.py (and its name in kernels.OPS).
 """
+import numbers
 from typing import Callable, NamedTuple
+
+import numpy as np
 
 from fastnn import kernels
 from fastnn.backend import get_array_module
@@ -89,18 +92,16 @@ def update_(rule, w, dw, state, config, l2=None):
     return op(w, dw, tuple(state), spec.scalars(config), l2=l2)
 
 
-def _step(rule, w, dw, config, copy, l2=None):
-    """One step of `rule` on w (a copy of w and its state when `copy`).
+def _prepare(rule, w, config, copy):
+    """Fill config, make (or copy) the rule's state like w, advance t.
 
-    Returns (w, config, what the op returns: the L2 sums when l2 is given).
+    Returns (config, state tuple) with the state in SPECS[rule].state order.
     """
     spec = SPECS.get(rule)
     if spec is None:
         check_rule(rule)
     config = _config(rule, config)
-    xp = get_array_module(w, dw)
-    if copy:
-        w = w.copy()
+    xp = get_array_module(w)
     state = []
     for key in spec.state:
         value = config.get(key)
@@ -109,9 +110,58 @@ def _step(rule, w, dw, config, copy, l2=None):
         state.append(value)
     if spec.counts_steps:
         config["t"] = config.get("t", 0) + 1
-    sums = getattr(kernels.for_module(xp), spec.op)(w, dw, tuple(state), spec.scalars(config),
-                                                    l2=l2)
+    return config, tuple(state)
+
+
+def _step(rule, w, dw, config, copy, l2=None):
+    """One step of `rule` on w (a copy of w and its state when `copy`).
+
+    Returns (w, config, what the op returns: the L2 sums when l2 is given).
+    """
+    if copy:
+        w = w.copy()
+    config, state = _prepare(rule, w, config, copy)
+    spec = SPECS[rule]
+    sums = getattr(kernels.for_module(get_array_module(w, dw)), spec.op)(
+        w, dw, state, spec.scalars(config), l2=l2)
     return w, config, sums
+
+
+def begin_step(rule, w, config, rows=None):
+    """The host half of an in-place step: fill config, make its state, advance t, and write
+    the op's scalars into `rows`, in place.
+
+    w: the parameter, or its (A, K, B) member blocks. rows: the scalar rows
+    from the previous call for this parameter (None, or a shape that no
+    longer fits, makes new ones): a (K, H) array of w's module and dtype,
+    column j holding scalar j of SPECS[rule].scalars(config), cast to w.dtype
+    as the functional rules cast them. Returns rows; `apply_step` reads
+    them, so the array work of a step takes no Python number of the step
+    (a CUDA graph of the step stays valid as the scalars change).
+    """
+    config, _ = _prepare(rule, w, config, copy=False)
+    values = SPECS[rule].scalars(config)
+    xp = get_array_module(w)
+    members = w.shape[1] if w.ndim == 3 else 1
+    if rows is None or rows.shape != (members, len(values)) or rows.dtype != w.dtype:
+        rows = xp.empty((members, len(values)), dtype=w.dtype)
+    # the host values in one write (on cupy one small copy, made between steps);
+    # array values (a stack's per-member learning rates) column by column, on their device
+    host = [isinstance(v, numbers.Real) for v in values]
+    rows[...] = xp.asarray([float(v) if on_host else 0.0 for v, on_host in zip(values, host)],
+                           dtype=np.float64)
+    for j, (value, on_host) in enumerate(zip(values, host)):
+        if not on_host:
+            rows[:, j] = value
+    return rows
+
+
+def apply_step(rule, w, dw, config, rows, l2=None):
+    """The array half of an in-place step after begin_step: rule's op on w with config's
+    state and the scalars in rows. l2: as in fused_step. Returns what the op returns."""
+    spec = SPECS[rule]
+    op = getattr(kernels.for_module(get_array_module(w, dw)), spec.op)
+    return op(w, dw, tuple(config[key] for key in spec.state), rows, l2=l2)
 
 
 def fused_update(rule, w, dw, config):
