@@ -13,7 +13,6 @@ gpu.py); the functional rules below, the Solver's fused in-place path
 the same parameters by construction. Adding a rule: its `Rule` here, its op
 in reference.py, cpu.py and gpu.py (and its name in kernels.OPS).
 """
-import numbers
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -147,7 +146,7 @@ def begin_step(rule, w, config, rows=None):
         rows = xp.empty((members, len(values)), dtype=w.dtype)
     # the host values in one write (on cupy one small copy, made between steps);
     # array values (a stack's per-member learning rates) column by column, on their device
-    host = [isinstance(v, numbers.Real) for v in values]
+    host = [isinstance(v, (int, float, np.generic)) for v in values]  # not an array
     rows[...] = xp.asarray([float(v) if on_host else 0.0 for v, on_host in zip(values, host)],
                            dtype=np.float64)
     for j, (value, on_host) in enumerate(zip(values, host)):
