@@ -8,9 +8,10 @@ One home per rule: `SPECS[name]` says what a rule has (hyperparameters and
 their defaults, state arrays, whether it counts steps) and which in-place
 op of the kernel table (`fastnn.kernels`, e.g. `adam_`) computes its step.
 That op is the one formula, written once per backend (reference.py, cpu.py,
-gpu.py); the functional rules below, the Solver's fused in-place path
-(`fused_update`) and the stacked path (`update_`) all run it, so they give
-the same parameters by construction. Adding a rule: its `Rule` here, its op
+gpu.py); the functional rules below, the fused in-place path
+(`fused_update`) and the Solver's and the stack's path (`begin_step`, which
+writes the step's scalars into arrays in place, then `apply_step`) all run
+it, so they give the same parameters by construction. Adding a rule: its `Rule` here, its op
 in reference.py, cpu.py and gpu.py (and its name in kernels.OPS).
 """
 from typing import Callable, NamedTuple
@@ -77,20 +78,6 @@ def _config(name, config):
     return config
 
 
-def update_(rule, w, dw, state, config, l2=None):
-    """Apply one step of `rule` to `w` in place with the kernel table of w's module.
-
-    state: the rule's state arrays, in `SPECS[rule].state` order, updated in
-    place. config: filled hyperparameters (and `t`, already advanced); a
-    value may be a per-member array for (A, K, B) blocks (fastnn.stacked) or
-    a device array (a step's scalars read on the device). l2: see the
-    kernels' update ops. Returns what the op returns.
-    """
-    spec = SPECS[rule]
-    op = getattr(kernels.for_module(get_array_module(w, dw)), spec.op)
-    return op(w, dw, tuple(state), spec.scalars(config), l2=l2)
-
-
 def _prepare(rule, w, config, copy):
     """Fill config, make (or copy) the rule's state like w, advance t.
 
@@ -112,18 +99,15 @@ def _prepare(rule, w, config, copy):
     return config, tuple(state)
 
 
-def _step(rule, w, dw, config, copy, l2=None):
-    """One step of `rule` on w (a copy of w and its state when `copy`).
-
-    Returns (w, config, what the op returns: the L2 sums when l2 is given).
-    """
+def _step(rule, w, dw, config, copy):
+    """One step of `rule` on w (a copy of w and its state when `copy`) -> (w, config)."""
     if copy:
         w = w.copy()
     config, state = _prepare(rule, w, config, copy)
     spec = SPECS[rule]
-    sums = getattr(kernels.for_module(get_array_module(w, dw)), spec.op)(
-        w, dw, state, spec.scalars(config), l2=l2)
-    return w, config, sums
+    getattr(kernels.for_module(get_array_module(w, dw)), spec.op)(w, dw, state,
+                                                                 spec.scalars(config))
+    return w, config
 
 
 def begin_step(rule, w, config, rows=None):
@@ -157,7 +141,12 @@ def begin_step(rule, w, config, rows=None):
 
 def apply_step(rule, w, dw, config, rows, l2=None):
     """The array half of an in-place step after begin_step: rule's op on w with config's
-    state and the scalars in rows. l2: as in fused_step. Returns what the op returns."""
+    state and the scalars in rows.
+
+    For the (A, K, B) blocks of K stacked members (fastnn.stacked), l2 (K,)
+    makes the step use dw + l2_k * w and return each member's sum(w**2)
+    before it; otherwise it returns None.
+    """
     spec = SPECS[rule]
     op = getattr(kernels.for_module(get_array_module(w, dw)), spec.op)
     return op(w, dw, tuple(config[key] for key in spec.state), rows, l2=l2)
@@ -173,19 +162,9 @@ def fused_update(rule, w, dw, config):
     return _step(rule, w, dw, config, copy=False)[1]
 
 
-def fused_step(rule, w, dw, config, l2=None):
-    """fused_update for the (A, K, B) blocks of K stacked members (fastnn.stacked).
-
-    config's learning_rate (and weight_decay) may be (K,) arrays, one value
-    per member; the state arrays it creates are blocks too. l2 (K,): the
-    step uses dw + l2_k * w and returns each member's sum(w**2) before it.
-    """
-    return _step(rule, w, dw, config, copy=False, l2=l2)[2]
-
-
 def _functional(name, doc):
     def rule(w, dw, config=None):
-        return _step(name, w, dw, config, copy=True)[:2]
+        return _step(name, w, dw, config, copy=True)
 
     rule.__name__ = rule.__qualname__ = name
     rule.__doc__ = doc
