@@ -130,13 +130,19 @@ def begin_step(rule, w, config, rows=None):
         rows = xp.empty((members, len(values)), dtype=w.dtype)
     # the host values in one write (on cupy one small copy, made between steps);
     # array values (a stack's per-member learning rates) column by column, on their device
-    host = [isinstance(v, (int, float, np.generic)) for v in values]  # not an array
+    host = [isinstance(v, _HOST_SCALARS) for v in values]
+    if all(host):
+        rows[...] = values if xp is np else xp.asarray(values, dtype=np.float64)
+        return rows
     rows[...] = xp.asarray([float(v) if on_host else 0.0 for v, on_host in zip(values, host)],
                            dtype=np.float64)
     for j, (value, on_host) in enumerate(zip(values, host)):
         if not on_host:
             rows[:, j] = value
     return rows
+
+
+_HOST_SCALARS = (int, float, np.generic)  # Python and numpy numbers (not arrays)
 
 
 def apply_step(rule, w, dw, config, rows, l2=None):
