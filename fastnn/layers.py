@@ -223,8 +223,9 @@ def dropout_forward(x, dropout_param):
     """Inverted dropout of x (any shape): units dropped with probability `p`.
 
     dropout_param: `p`, `mode` ("train"/"test"), optional `seed` and `step`
-    (0; an int or a 0-d integer array). The mask is a pure function of (seed, step, position), the same on
-    every backend; kept units are scaled by 1 / (1 - p). Test mode: identity.
+    (0; an int, or a 0-d integer array read when the op runs). The mask is a
+    pure function of (seed, step, position), the same on every backend; kept
+    units are scaled by 1 / (1 - p). Test mode: identity.
     Member axis: x (K, N, H) with `p` and `seed` sequences of K values;
     member k's mask is the one its own (N, H) activation gets with
     (p_k, seed_k, step).
