@@ -210,12 +210,22 @@ def _dropout_seed(dropout_param, xp):
     return draw_seed(xp) if seed is None else seed
 
 
+def _dropout_step(dropout_param):
+    """dropout_param's step: an int, or a 0-d integer array passed on as it is (the
+    Solver's step counter, which it updates in place: the kernels read it when they run)."""
+    step = dropout_param.get("step", 0)
+    if hasattr(step, "shape") and reference.is_step_array(step):
+        return step
+    return int(step)
+
+
 def dropout_forward(x, dropout_param):
     """Inverted dropout of x (any shape): units dropped with probability `p`.
 
     dropout_param: `p`, `mode` ("train"/"test"), optional `seed` and `step`
-    (0). The mask is a pure function of (seed, step, position), the same on
-    every backend; kept units are scaled by 1 / (1 - p). Test mode: identity.
+    (0; an int, or a 0-d integer array read when the op runs). The mask is a
+    pure function of (seed, step, position), the same on every backend; kept
+    units are scaled by 1 / (1 - p). Test mode: identity.
     Member axis: x (K, N, H) with `p` and `seed` sequences of K values;
     member k's mask is the one its own (N, H) activation gets with
     (p_k, seed_k, step).
@@ -234,7 +244,7 @@ def dropout_forward(x, dropout_param):
         raise ValueError(f"dropout_forward: x must be a floating array, got dtype {x.dtype}; "
                          "convert it first (x.astype(np.float32))")
     xp = get_array_module(x)
-    seed, step = _dropout_seed(dropout_param, xp), int(dropout_param.get("step", 0))
+    seed, step = _dropout_seed(dropout_param, xp), _dropout_step(dropout_param)
     return kernels.for_module(xp).dropout_forward(x, p, seed, step), (p, seed, step)
 
 
@@ -277,7 +287,7 @@ def _member_dropout_forward(x, dropout_param, mode):
     module = "numpy" if xp is np else "cupy"
     constants = _member_dropout_constants(module, tuple(int(s) for s in seeds), ps,
                                           np.dtype(x.dtype).name)
-    step = int(dropout_param.get("step", 0))
+    step = _dropout_step(dropout_param)
     # the kernels take (N, K, H) views of (K, H, N) activations
     out = kernels.for_module(xp).dropout_stacked_forward(x.transpose(1, 0, 2), *constants, step)
     return out.transpose(1, 0, 2), (constants, step)

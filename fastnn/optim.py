@@ -8,12 +8,15 @@ One home per rule: `SPECS[name]` says what a rule has (hyperparameters and
 their defaults, state arrays, whether it counts steps) and which in-place
 op of the kernel table (`fastnn.kernels`, e.g. `adam_`) computes its step.
 That op is the one formula, written once per backend (reference.py, cpu.py,
-gpu.py); the functional rules below, the Solver's fused in-place path
-(`fused_update`) and the stacked path (`update_`) all run it, so they give
-the same parameters by construction. Adding a rule: its `Rule` here, its op
+gpu.py); the functional rules below, the fused in-place path
+(`fused_update`) and the Solver's and the stack's path (`begin_step`, which
+writes the step's scalars into arrays in place, then `apply_step`) all run
+it, so they give the same parameters by construction. Adding a rule: its `Rule` here, its op
 in reference.py, cpu.py and gpu.py (and its name in kernels.OPS).
 """
 from typing import Callable, NamedTuple
+
+import numpy as np
 
 from fastnn import kernels
 from fastnn.backend import get_array_module
@@ -75,32 +78,16 @@ def _config(name, config):
     return config
 
 
-def update_(rule, w, dw, state, config, l2=None):
-    """Apply one step of `rule` to `w` in place with the kernel table of w's module.
+def _prepare(rule, w, config, copy):
+    """Fill config, make (or copy) the rule's state like w, advance t.
 
-    state: the rule's state arrays, in `SPECS[rule].state` order, updated in
-    place. config: filled hyperparameters (and `t`, already advanced); a
-    value may be a per-member array for (A, K, B) blocks (fastnn.stacked) or
-    a device array (a step's scalars read on the device). l2: see the
-    kernels' update ops. Returns what the op returns.
-    """
-    spec = SPECS[rule]
-    op = getattr(kernels.for_module(get_array_module(w, dw)), spec.op)
-    return op(w, dw, tuple(state), spec.scalars(config), l2=l2)
-
-
-def _step(rule, w, dw, config, copy, l2=None):
-    """One step of `rule` on w (a copy of w and its state when `copy`).
-
-    Returns (w, config, what the op returns: the L2 sums when l2 is given).
+    Returns (config, state tuple) with the state in SPECS[rule].state order.
     """
     spec = SPECS.get(rule)
     if spec is None:
         check_rule(rule)
     config = _config(rule, config)
-    xp = get_array_module(w, dw)
-    if copy:
-        w = w.copy()
+    xp = get_array_module(w)
     state = []
     for key in spec.state:
         value = config.get(key)
@@ -109,9 +96,66 @@ def _step(rule, w, dw, config, copy, l2=None):
         state.append(value)
     if spec.counts_steps:
         config["t"] = config.get("t", 0) + 1
-    sums = getattr(kernels.for_module(xp), spec.op)(w, dw, tuple(state), spec.scalars(config),
-                                                    l2=l2)
-    return w, config, sums
+    return config, tuple(state)
+
+
+def _step(rule, w, dw, config, copy):
+    """One step of `rule` on w (a copy of w and its state when `copy`) -> (w, config)."""
+    if copy:
+        w = w.copy()
+    config, state = _prepare(rule, w, config, copy)
+    spec = SPECS[rule]
+    getattr(kernels.for_module(get_array_module(w, dw)), spec.op)(w, dw, state,
+                                                                 spec.scalars(config))
+    return w, config
+
+
+def begin_step(rule, w, config, rows=None):
+    """The host half of an in-place step: fill config, make its state, advance t, and write
+    the op's scalars into `rows`, in place.
+
+    w: the parameter, or its (A, K, B) member blocks. rows: the scalar rows
+    from the previous call for this parameter (None, or a shape that no
+    longer fits, makes new ones): a (K, H) array of w's module and dtype,
+    column j holding scalar j of SPECS[rule].scalars(config), cast to w.dtype
+    as the functional rules cast them. Returns rows; `apply_step` reads
+    them, so the array work of a step takes no Python number of the step
+    (a CUDA graph of the step stays valid as the scalars change).
+    """
+    config, _ = _prepare(rule, w, config, copy=False)
+    values = SPECS[rule].scalars(config)
+    xp = get_array_module(w)
+    members = w.shape[1] if w.ndim == 3 else 1
+    if rows is None or rows.shape != (members, len(values)) or rows.dtype != w.dtype:
+        rows = xp.empty((members, len(values)), dtype=w.dtype)
+    # the host values in one write (on cupy one small copy, made between steps);
+    # array values (a stack's per-member learning rates) column by column, on their device
+    host = [isinstance(v, _HOST_SCALARS) for v in values]
+    if all(host):
+        rows[...] = values if xp is np else xp.asarray(values, dtype=np.float64)
+        return rows
+    rows[...] = xp.asarray([float(v) if on_host else 0.0 for v, on_host in zip(values, host)],
+                           dtype=np.float64)
+    for j, (value, on_host) in enumerate(zip(values, host)):
+        if not on_host:
+            rows[:, j] = value
+    return rows
+
+
+_HOST_SCALARS = (int, float, np.generic)  # Python and numpy numbers (not arrays)
+
+
+def apply_step(rule, w, dw, config, rows, l2=None):
+    """The array half of an in-place step after begin_step: rule's op on w with config's
+    state and the scalars in rows.
+
+    For the (A, K, B) blocks of K stacked members (fastnn.stacked), l2 (K,)
+    makes the step use dw + l2_k * w and return each member's sum(w**2)
+    before it; otherwise it returns None.
+    """
+    spec = SPECS[rule]
+    op = getattr(kernels.for_module(get_array_module(w, dw)), spec.op)
+    return op(w, dw, tuple(config[key] for key in spec.state), rows, l2=l2)
 
 
 def fused_update(rule, w, dw, config):
@@ -124,19 +168,9 @@ def fused_update(rule, w, dw, config):
     return _step(rule, w, dw, config, copy=False)[1]
 
 
-def fused_step(rule, w, dw, config, l2=None):
-    """fused_update for the (A, K, B) blocks of K stacked members (fastnn.stacked).
-
-    config's learning_rate (and weight_decay) may be (K,) arrays, one value
-    per member; the state arrays it creates are blocks too. l2 (K,): the
-    step uses dw + l2_k * w and returns each member's sum(w**2) before it.
-    """
-    return _step(rule, w, dw, config, copy=False, l2=l2)[2]
-
-
 def _functional(name, doc):
     def rule(w, dw, config=None):
-        return _step(name, w, dw, config, copy=True)[:2]
+        return _step(name, w, dw, config, copy=True)
 
     rule.__name__ = rule.__qualname__ = name
     rule.__doc__ = doc

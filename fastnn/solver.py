@@ -130,8 +130,9 @@ class Solver:
         X_batch, y_batch = self._batch
         _gather(xp, self.X_train, idx, X_batch)
         _gather(xp, self.y_train, idx, y_batch)
-        if self.augment:
-            X_batch = kernels.for_module(xp).flip_crop(X_batch, self._augment_seed, t,
+        if self.augment:  # the step as the step counter array (see _begin_step)
+            X_batch = kernels.for_module(xp).flip_crop(X_batch, self._augment_seed,
+                                                       self._step_index,
                                                        self.augment["flip"],
                                                        int(self.augment["crop_padding"]))
         return X_batch, y_batch
@@ -185,6 +186,10 @@ class Solver:
         self._t = 0
         self._epoch_order = None
         self._batch = None
+        # the step's scalars as arrays of the backend, rewritten in place before each step
+        # (_begin_step): the step number, and each parameter's update-op scalar rows
+        self._step_index = self._xp.zeros((), dtype=np.int64)
+        self._scalar_rows = {}
         self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
         if self.update_rule == "adamw":  # decay the model's weights only
             roles = check_roles(self.model)
@@ -203,13 +208,32 @@ class Solver:
         for name, config in self.optim_configs.items():
             config["learning_rate"] = self._base_lr[name] * factor
 
+    def _begin_step(self):
+        """The host half of a step: its scalars into the arrays that the step's ops read.
+
+        The step number goes into `_step_index` (the dropout and augment step,
+        as the contract's dropout_param["step"]); with fused updates, each
+        parameter's learning rate (times the schedule), Adam's step count and
+        bias corrections go into its scalar rows (optim.begin_step). The
+        arrays stay the same objects from step to step, so everything after
+        this reads the step's values from memory and a CUDA graph of it stays
+        valid. (Without fused updates the functional rules take Python floats.)
+        """
+        self._step_index[...] = self._t
+        dropout_param = getattr(self.model, "dropout_param", None)
+        if dropout_param is not None:
+            dropout_param["step"] = self._step_index
+        if self._fused():
+            rows = self._scalar_rows
+            for name, w in self.model.params.items():
+                rows[name] = optim.begin_step(self.update_rule, self._update_view(w),
+                                              self.optim_configs[name], rows.get(name))
+
     def _step(self):
         if self.lr_schedule:
             self._set_learning_rates()
+        self._begin_step()
         X_batch, y_batch = self._next_batch(self._t)
-        dropout_param = getattr(self.model, "dropout_param", None)
-        if dropout_param is not None:
-            dropout_param["step"] = self._t
         loss, grads = self._loss(X_batch, y_batch)
         for name, w in list(self.model.params.items()):
             loss = self._update(name, w, grads[name], loss)
@@ -346,10 +370,19 @@ class Solver:
         """(loss, grads) of one minibatch."""
         return self.model.loss(X_batch, y_batch)
 
+    def _fused(self):
+        """Whether updates run in place (optim.begin_step / apply_step)."""
+        return self.fused_updates
+
+    def _update_view(self, w):
+        """The array the update op steps for parameter w (the stack: its member blocks)."""
+        return w
+
     def _update(self, name, w, dw, loss):
         """Update parameter `name` (the array w) with gradient dw; returns the step's loss."""
         if self.fused_updates:  # in place: model.params[name] stays the same array
-            optim.fused_update(self.update_rule, w, dw, self.optim_configs[name])
+            optim.apply_step(self.update_rule, w, dw, self.optim_configs[name],
+                             self._scalar_rows[name])
         else:
             self.model.params[name], self.optim_configs[name] = optim.RULES[self.update_rule](
                 w, dw, self.optim_configs[name])

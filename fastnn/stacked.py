@@ -314,12 +314,18 @@ class StackedSolver(Solver):
     def _loss(self, X_batch, y_batch):
         return self.stack.loss(X_batch, y_batch, l2=not self._fused_l2)
 
+    def _fused(self):
+        return True  # the stack always updates in place
+
+    def _update_view(self, w):
+        return member_blocks(w)
+
     def _update(self, name, w, dw, loss):
         """One fused in-place update of every member's `name` (member_blocks of it)."""
         stack = self.stack
         l2 = stack._reg if self._fused_l2 and stack.param_roles[name] == "weight" else None
-        sums = optim.fused_step(self.update_rule, member_blocks(w), member_blocks(dw),
-                                self.optim_configs[name], l2=l2)
+        sums = optim.apply_step(self.update_rule, member_blocks(w), member_blocks(dw),
+                                self.optim_configs[name], self._scalar_rows[name], l2=l2)
         return loss if l2 is None else loss + stack._half_reg * sums
 
     # -- losses, accuracy, pruning -----------------------------------------------

@@ -578,6 +578,57 @@ def test_update_op_takes_its_scalars_from_device_arrays(ops, dtype, rule):
         np.testing.assert_array_equal(_host(a), _host(b))
 
 
+@pytest.mark.parametrize("rule", sorted(optim.SPECS))
+@pytest.mark.parametrize("shape", [(6, 7), (5, 3, 4)], ids=["lone", "blocks"])
+def test_update_op_takes_scalar_rows(ops, dtype, rule, shape):
+    """h as optim.begin_step's scalar rows ((K, H) in w.dtype, or (H,) float64) = as a tuple."""
+    xp, table = ops
+    config, w, dw, state, _ = _update_problem(xp, rule, shape, dtype, False)
+    spec = optim.SPECS[rule]
+    h = spec.scalars(config)
+    members = shape[1] if len(shape) == 3 else 1
+    rows = xp.empty((members, len(h)), dtype=dtype)
+    for j, value in enumerate(h):
+        rows[:, j] = value
+    candidates = [rows]
+    if members == 1:
+        candidates.append(xp.asarray(np.array(h, dtype=np.float64)))  # (H,), cast by the op
+    by_tuple = [a.copy() for a in (w, *state)]
+    getattr(table, spec.op)(by_tuple[0], dw, tuple(by_tuple[1:]), h)
+    for h_array in candidates:
+        by_rows = [a.copy() for a in (w, *state)]
+        getattr(table, spec.op)(by_rows[0], dw, tuple(by_rows[1:]), h_array)
+        for a, b in zip(by_tuple, by_rows):
+            np.testing.assert_array_equal(_host(a), _host(b))
+
+
+def test_step_as_a_0d_array_gives_the_int_steps_masks(ops, dtype):
+    """dropout, stacked dropout and flip_crop: step as a 0-d integer array (the Solver's
+    counter) = step as an int, on every backend; the array is read when the op runs."""
+    xp, table = ops
+    rng = np.random.default_rng(4)
+    x = xp.asarray(rng.standard_normal((9, 13)) + 3, dtype=dtype)
+    images = xp.asarray(rng.standard_normal((5, 2, 6, 6)), dtype=dtype)
+    members = (xp.asarray(reference.dropout_seed_keys([3, 8])),
+               xp.asarray(np.array([reference.keep_threshold(p) for p in (0.3, 0.6)], np.uint64)),
+               xp.asarray(np.array([1 / 0.7, 1 / 0.4], dtype)))
+    counter = xp.zeros((), dtype=np.int64)
+    masks = []
+    for step in (0, 1, 2**33 + 5):
+        counter[...] = step
+        for op, args in ((table.dropout_forward, (x, 0.4, 17)),
+                         (reference.dropout_forward, (x, 0.4, 17)),
+                         (table.dropout_stacked_forward, (x.reshape(9, 1, 13)
+                                                          .repeat(2, axis=1), *members)),
+                         (table.flip_crop, (images, 21)),
+                         (reference.flip_crop, (images, 21))):
+            tail = (True, 2) if op in (table.flip_crop, reference.flip_crop) else ()
+            by_int = op(*args, step, *tail)
+            np.testing.assert_array_equal(_host(op(*args, counter, *tail)), _host(by_int))
+        masks.append(_host(table.dropout_forward(x, 0.4, 17, counter)))
+    assert not np.array_equal(masks[0], masks[1])  # the value in the array counts
+
+
 # -- ops with a member axis (fastnn.stacked): fast vs reference ---------------------
 @pytest.mark.parametrize("n,k,h", [(1, 1, 1), (1, 3, 7), (6, 4, 5), (33, 2, 17)])
 def test_dropout_stacked(ops, dtype, n, k, h):

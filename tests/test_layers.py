@@ -224,6 +224,25 @@ def test_dropout_mask_is_a_function_of_seed_and_step(backend):
     assert (first != _mask(xp, shape, p=0.5, seed=8)).mean() > 0.3
 
 
+def test_dropout_step_may_be_a_0d_array(backend):
+    """dropout_param["step"] as a 0-d integer array (Solver's counter): the int's mask, the
+    value read at each call (cache included); other arrays are refused with a ValueError."""
+    xp = backend
+    x = xp.asarray(np.random.default_rng(2).standard_normal((6, 9)) + 4, dtype=np.float32)
+    counter = xp.zeros((), dtype=np.int64)
+    param = {"p": 0.5, "mode": "train", "seed": 7, "step": counter}
+    for step in (0, 3):
+        counter[...] = step
+        out, cache = layers.dropout_forward(x, param)
+        expected, _ = layers.dropout_forward(x, {**param, "step": step})
+        np.testing.assert_array_equal(fastnn.to_numpy(out), fastnn.to_numpy(expected))
+        np.testing.assert_array_equal(fastnn.to_numpy(layers.dropout_backward(x, cache)),
+                                      fastnn.to_numpy(expected))
+    for bad in (xp.zeros(2, dtype=np.int64), xp.zeros((), dtype=np.float32)):
+        with pytest.raises(ValueError, match="0-d integer array"):
+            layers.dropout_forward(x, {**param, "step": bad})
+
+
 def test_dropout_keeps_one_minus_p_and_scales(backend, dtype):
     xp, rng = backend, _rng(11)
     p = 0.3

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import fastnn
+from fastnn import optim
 from fastnn.classifiers import FullyConnectedNet, TwoLayerNet
 from fastnn.solver import Solver
 
@@ -180,6 +181,72 @@ def test_fused_and_functional_updates_agree(backend, rule):
     (a, model_a), (b, model_b) = runs
     assert a.loss_history == b.loss_history
     _assert_params_equal(model_a.params, model_b.params)
+
+
+@pytest.mark.parametrize("rule", ["adam", "adamw", "sgd_momentum"])
+def test_step_scalars_are_arrays_rewritten_in_place(backend, monkeypatch, rule):
+    """Every op of a step reads its step scalars from arrays of the backend that stay the
+    same objects from step to step while their values change (what a CUDA graph of the
+    step needs): the update ops' scalar rows (schedule x learning rate, Adam's bias
+    corrections) and the dropout and augment step. A scalar passed as a Python number
+    (baked into the call) fails here."""
+    from fastnn import kernels
+
+    table = kernels.for_module(backend)
+    seen = {"update": [], "dropout": [], "augment": []}
+
+    def spy(kind, op, position):
+        def call(*args, **kwargs):
+            value = args[position]
+            seen[kind].append((args[0], value, fastnn.to_numpy(value).copy()))
+            return op(*args, **kwargs)
+        return call
+
+    op = optim.SPECS[rule].op
+    monkeypatch.setattr(table, op, spy("update", getattr(table, op), 3))
+    monkeypatch.setattr(table, "dropout_forward", spy("dropout", table.dropout_forward, 3))
+    monkeypatch.setattr(table, "flip_crop", spy("augment", table.flip_crop, 2))
+    model = FullyConnectedNet([6, 5], input_dim=3 * 4 * 4, num_classes=3, dropout=0.3,
+                              use_batchnorm=True, weight_scale=0.1, seed=2)
+    before = dict(model.params)
+    data = _data(n_train=12, n_val=6, shape=(3, 4, 4), classes=3)
+    solver = Solver(model, data, update_rule=rule, batch_size=4, num_epochs=1, seed=0,
+                    lr_schedule="cosine", augment={"crop_padding": 1}, verbose=False)
+    solver.train()
+    steps, names = 3, len(model.params)
+    assert len(seen["update"]) == steps * names
+    for j, name in enumerate(model.params):
+        calls = seen["update"][j::names]
+        assert all(w is model.params[name] for w, _, _ in calls)
+        rows = [h for _, h, _ in calls]
+        assert isinstance(rows[0], backend.ndarray) and all(h is rows[0] for h in rows)
+        values = [v for _, _, v in calls]
+        for a, b in zip(values, values[1:]):
+            assert not np.array_equal(a, b), name  # the schedule (and t) moved them
+    for kind, per_step in (("dropout", 2), ("augment", 1)):  # two dropout layers
+        counters = [step for _, step, _ in seen[kind]]
+        assert len(counters) == steps * per_step
+        assert isinstance(counters[0], backend.ndarray) and counters[0].shape == ()
+        assert all(c is counters[0] for c in counters)
+        assert [int(v) for _, _, v in seen[kind]] == [t for t in range(steps)
+                                                        for _ in range(per_step)]
+    # the in-place path never rebinds a parameter (one flat buffer may back them later)
+    assert all(model.params[name] is array for name, array in before.items())
+
+
+def test_scalar_rows_match_the_functional_rules_scalars(backend):
+    """The rows begin_step writes are the op's scalars of the functional path, cast to w's
+    dtype (the numpy path's results stay bit for bit those of Python floats)."""
+    w = backend.zeros((3, 2), dtype=np.float32)
+    config = {"learning_rate": 3e-3}
+    rows = None
+    for t in (1, 2):
+        rows_before = rows
+        rows = optim.begin_step("adam", w, config, rows)
+        assert rows_before is None or rows is rows_before
+        assert config["t"] == t
+        expected = np.array([optim.SPECS["adam"].scalars(config)], dtype=np.float32)
+        np.testing.assert_array_equal(fastnn.to_numpy(rows), expected)
 
 
 def test_sampling_with_replacement(backend):

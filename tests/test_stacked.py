@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fastnn
+from fastnn import optim
 from fastnn.classifiers import FullyConnectedNet
 from fastnn.classifiers.base import member_blocks
 from fastnn.gradient_check import eval_numerical_gradient, rel_error
@@ -413,3 +414,26 @@ def test_stacked_solver_prints_like_solver(capsys):
     out = capsys.readouterr().out
     assert "(Iteration 1 / 3) loss:" in out and "(Iteration 3 / 3) loss:" in out
     assert "(Epoch 1 / 1) 3 members; best val_acc" in out
+
+
+def test_step_scalars_are_member_rows_rewritten_in_place(backend):
+    """StackedSolver's update ops read (K, H) scalar rows that stay the same arrays from step
+    to step (row k: member k's learning rate), and training never rebinds a parameter."""
+    stack = StackedFullyConnectedNet([8], MEMBERS, input_dim=48)
+    before = dict(stack.params)
+    configs = [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-4)]
+    solver = StackedSolver(stack, _data(n_train=100), optim_configs=configs, batch_size=50,
+                           num_epochs=1, seed=1, lr_schedule="cosine")
+    solver.train()
+    rows = dict(solver._scalar_rows)
+    first = {name: _host(r).copy() for name, r in rows.items()}
+    solver.num_epochs = 2
+    solver.train()
+    assert all(stack.params[name] is array for name, array in before.items())
+    for name, r in rows.items():
+        assert solver._scalar_rows[name] is r and isinstance(r, backend.ndarray)
+        assert r.shape == (3, len(optim.SPECS["adam"].scalars({**optim.DEFAULTS["adam"],
+                                                               "t": 1})))
+        lr = _host(r)[:, 0]
+        assert len(set(lr.tolist())) == 3  # one learning rate per member
+        assert not np.array_equal(_host(r), first[name])

@@ -75,16 +75,31 @@ def _for_dtypes(fast_op, reference_op, dtypes, data_args):
     reference_op."""
     if fast_op is None:
         return reference_op
-    dtypes = tuple(np.dtype(d).type for d in dtypes)
+    dtypes = frozenset(np.dtype(d) for d in dtypes)
+
+    # the check runs on every op call, so it stays a few attribute reads (no generators)
+    if data_args == 1:
+        @functools.wraps(fast_op)
+        def op(*args, **kwargs):
+            if args[0].dtype in dtypes:
+                return fast_op(*args, **kwargs)
+            return reference_op(*args, **kwargs)
+
+        return op
 
     def same_dtype(values, dtype):
-        return all(same_dtype(v, dtype) if isinstance(v, (tuple, list)) else v.dtype == dtype
-                   for v in values)
+        for v in values:
+            if isinstance(v, (tuple, list)):
+                if not same_dtype(v, dtype):
+                    return False
+            elif v.dtype != dtype:
+                return False
+        return True
 
     @functools.wraps(fast_op)
     def op(*args, **kwargs):
         dtype = args[0].dtype
-        if dtype.type in dtypes and same_dtype(args[1:data_args], dtype):
+        if dtype in dtypes and same_dtype(args[1:data_args], dtype):
             return fast_op(*args, **kwargs)
         return reference_op(*args, **kwargs)
 

@@ -87,6 +87,10 @@ def _memory_order(*arrays):
 
 
 def relu_forward(x):
+    if x.flags.c_contiguous:  # the common case, without _memory_order's layout search
+        out = np.empty(x.shape, dtype=x.dtype)
+        _relu_forward(x.reshape(-1), out.reshape(-1))
+        return out
     out = np.empty_like(x)  # x's layout (order "K")
     flat = _memory_order(x, out)
     if flat is None:
@@ -97,6 +101,10 @@ def relu_forward(x):
 
 
 def relu_backward(dout, out):
+    if dout.flags.c_contiguous and out.flags.c_contiguous:
+        dx = np.empty(dout.shape, dtype=dout.dtype)
+        _relu_backward(dout.reshape(-1), out.reshape(-1), dx.reshape(-1))
+        return dx
     dx = np.empty_like(out)
     flat = _memory_order(dout, out, dx)
     if flat is None:
@@ -115,8 +123,9 @@ def _dropout(x, out, key, threshold, scale):
 
 
 def dropout_forward(x, p, seed, step):
+    # step: an int or a 0-d array (host memory here: int() reads it at call time)
     out = np.empty(x.shape, dtype=x.dtype)
-    _dropout(_flat(x), out.reshape(-1), np.uint64(dropout_key(seed, step)),
+    _dropout(_flat(x), out.reshape(-1), np.uint64(dropout_key(seed, int(step))),
              np.uint64(keep_threshold(p)), x.dtype.type(1.0 / (1.0 - p)))
     return out
 
@@ -149,7 +158,7 @@ def _flip_crop(x, out, key, flip, padding):
 def flip_crop(x, seed, step, flip, padding):
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
-    _flip_crop(x, out, np.uint64(augment_key(seed, step)), bool(flip), np.int64(padding))
+    _flip_crop(x, out, np.uint64(augment_key(seed, int(step))), bool(flip), np.int64(padding))
     return out
 
 
@@ -407,9 +416,23 @@ def _adam(w, dw, m, v, h, l2, use_l2, partial):
 
 
 def _scalar_rows(h, members, dtype):
-    """The rule's scalars h (floats, 0-d or (K,) arrays) as a (K, len(h)) array of dtype."""
-    if members == 1 and all(np.ndim(v) == 0 for v in h):
-        return np.array([h], dtype=dtype)  # casts each value as dtype.type(value) does
+    """The rule's scalars h as a (K, len(h)) array of dtype.
+
+    h: scalar rows ((H,) or (K, H); used as they are when they are (K, H) of
+    dtype already, as optim.begin_step makes them), or a tuple of floats, 0-d
+    or (K,) arrays. The casts are reference.py's (dtype.type(value)).
+    """
+    if isinstance(h, np.ndarray):
+        if h.ndim == 2 and h.shape[0] == members and h.dtype == dtype and h.flags.c_contiguous:
+            return h
+        return np.ascontiguousarray(np.broadcast_to(h.astype(dtype), (members, h.shape[-1])))
+    if members == 1:
+        try:  # floats and 0-d arrays (a (K,) array among floats makes this raise)
+            rows = np.array([h], dtype=dtype)
+            if rows.ndim == 2:
+                return rows
+        except (TypeError, ValueError):
+            pass
     rows = np.empty((members, len(h)), dtype=dtype)
     for j, value in enumerate(h):
         rows[:, j] = value
@@ -484,7 +507,7 @@ def dropout_stacked_forward(x, seed_keys, thresholds, scales, step):
     x_khn = np.ascontiguousarray(x.transpose(1, 2, 0))
     out = np.empty_like(x_khn)
     _dropout_stacked(x_khn, out, np.ascontiguousarray(seed_keys, dtype=np.uint64),
-                     np.uint64(dropout_step_term(step)),
+                     np.uint64(dropout_step_term(int(step))),
                      np.ascontiguousarray(thresholds, dtype=np.uint64),
                      np.ascontiguousarray(scales, dtype=x.dtype))
     return out.transpose(2, 0, 1)

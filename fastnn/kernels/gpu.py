@@ -62,7 +62,10 @@ def relu_backward(dout, out):
 
 
 def dropout_forward(x, p, seed, step):
-    return _kernel("dropout")(x, np.uint64(dropout_key(seed, step)),
+    # step a 0-d device array (the Solver's step counter): the key is a 0-d device
+    # array too, which the kernel broadcasts (no device read)
+    key = dropout_key(seed, step)
+    return _kernel("dropout")(x, np.uint64(key) if isinstance(key, int) else key,
                               np.uint64(keep_threshold(p)), x.dtype.type(1.0 / (1.0 - p)))
 
 
@@ -126,6 +129,10 @@ def _update_op(rule):
         if l2 is not None:  # blocks (A, K, B); the kernel then needs no reduction
             sums = cupy.einsum("akb,akb->k", w, w)
             dw = dw + l2.astype(w.dtype)[None, :, None] * w
+        if hasattr(h, "shape"):  # scalar rows (H,) or (K, H): contiguous columns
+            columns = cupy.ascontiguousarray(h.astype(w.dtype, copy=False).reshape(
+                -1, h.shape[-1]).T)
+            h = tuple(columns[j] for j in range(columns.shape[0]))
         on_device = tuple(not isinstance(v, (int, float)) for v in h)
         args = [cupy.asarray(v).astype(w.dtype, copy=False).reshape(-1) if device
                 else w.dtype.type(v) for v, device in zip(h, on_device)]

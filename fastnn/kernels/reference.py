@@ -3,6 +3,8 @@
 Every fast kernel (cpu.py, gpu.py) is tested against these on random inputs.
 Each function takes its array module from its arguments.
 """
+import numbers
+
 from fastnn.backend import get_array_module
 
 # -- dropout mask: a pure function of (seed, step, position) ----------------
@@ -36,9 +38,30 @@ def mix64(z, xp=None):
 DROPOUT_STREAM, AUGMENT_STREAM = 1, 2
 
 
+def is_step_array(step):
+    """True when `step` is a 0-d integer array (the Solver's step counter, updated in place
+    between steps) rather than an int; ValueError when it is neither."""
+    if isinstance(step, numbers.Integral):
+        return False
+    if getattr(step, "shape", None) != () or step.dtype.kind not in "iu":
+        raise ValueError(f"a step must be an int or a 0-d integer array, got {step!r}")
+    return True
+
+
 def stream_key(seed, step, stream):
-    """The 64-bit key of (seed, step) in `stream`; positions are hashed with it."""
-    return mix64(mix64(int(seed) * GOLDEN + stream) + int(step) * GOLDEN)
+    """The 64-bit key of (seed, step) in `stream`; positions are hashed with it.
+
+    step an int: a Python int. step a 0-d integer array (of any module): a 0-d
+    uint64 array of its module, computed there (no device read), equal to the int's key.
+    """
+    seed_key = mix64(int(seed) * GOLDEN + stream)
+    if not is_step_array(step):
+        return mix64(seed_key + int(step) * GOLDEN)
+    xp = get_array_module(step)
+    # (1,)-shaped until the end: numpy computes on 0-d arrays as on scalars, which warn
+    # when the wrap-around arithmetic overflows
+    term = step.reshape(1).astype(xp.uint64) * xp.uint64(GOLDEN)
+    return mix64(term + xp.uint64(seed_key), xp).reshape(())
 
 
 def dropout_key(seed, step):
@@ -77,8 +100,9 @@ def dropout_backward(dout, p, seed, step):
 
 
 def _hash_positions(xp, count, key):
-    """SplitMix64 of positions 0..count-1 under `key` (uint64 array)."""
-    return mix64(xp.arange(count, dtype=xp.uint64) * xp.uint64(GOLDEN) + xp.uint64(key), xp)
+    """SplitMix64 of positions 0..count-1 under `key` (an int or a 0-d uint64 array)."""
+    key = xp.uint64(key) if isinstance(key, numbers.Integral) else key
+    return mix64(xp.arange(count, dtype=xp.uint64) * xp.uint64(GOLDEN) + key, xp)
 
 
 # -- augmentation: random flips and crops, a pure function of (seed, step, image)
@@ -225,7 +249,9 @@ def batchnorm_backward(dout, x_hat, gamma, inv_std):
 # (A, K, B) blocks of K stacked members, member k owning [:, k, :]
 # (fastnn.stacked). h: the rule's scalars (optim.SPECS[rule].scalars), each a
 # Python float, a 0-d array or, for blocks, a (K,) array with one value per
-# member (on w's device: a step's scalars need not come from the host); they
+# member (on w's device: a step's scalars need not come from the host); or h
+# is one array of "scalar rows", (H,) or (K, H), column j holding scalar j
+# (optim.begin_step writes them in place before a step); they
 # are cast to w.dtype, as the course's Python floats are. l2: None, or (K,)
 # for blocks: the step uses dw + l2_k * w_k (the L2 gradient, added while w
 # is read) and returns each member's sum(w_k ** 2) before the step;
@@ -234,6 +260,8 @@ def batchnorm_backward(dout, x_hat, gamma, inv_std):
 def _scalars(w, h):
     """h as w.dtype values that broadcast against w (per-member ones as (1, K, 1))."""
     xp = get_array_module(w)
+    if hasattr(h, "shape"):  # scalar rows: its columns
+        h = [h[..., j] for j in range(h.shape[-1])]
     out = []
     for value in h:
         if isinstance(value, (int, float)):
@@ -318,8 +346,12 @@ def dropout_seed_keys(seeds):
 
 
 def dropout_step_term(step):
-    """The step half of dropout_key, as a uint64 (the key is mix64(seed_key + this))."""
-    return (int(step) * GOLDEN) & _MASK64
+    """The step half of a key (the key is mix64(seed_key + this)): an int for an int step,
+    a 0-d uint64 array of its module for a 0-d integer array step."""
+    if not is_step_array(step):
+        return (int(step) * GOLDEN) & _MASK64
+    xp = get_array_module(step)
+    return (step.reshape(1).astype(xp.uint64) * xp.uint64(GOLDEN)).reshape(())
 
 
 def dropout_stacked_forward(x, seed_keys, thresholds, scales, step):
@@ -332,7 +364,8 @@ def dropout_stacked_forward(x, seed_keys, thresholds, scales, step):
     """
     xp = get_array_module(x, seed_keys, thresholds, scales)
     n, _, width = x.shape
-    keys = mix64(seed_keys + xp.uint64(dropout_step_term(step)), xp)
+    term = dropout_step_term(step)
+    keys = mix64(seed_keys + (xp.uint64(term) if isinstance(term, int) else term), xp)
     positions = (xp.arange(n, dtype=xp.uint64)[:, None, None] * xp.uint64(width)
                  + xp.arange(width, dtype=xp.uint64)[None, None, :])
     z = mix64(positions * xp.uint64(GOLDEN) + keys[None, :, None], xp)
