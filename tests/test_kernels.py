@@ -952,6 +952,20 @@ def test_conv_many_chunks_match_the_reference(ops, monkeypatch):
 
 
 
+def _check_conv_backward(backward, reference_backward, dout, saved, saved_ref, dtype, has_bias):
+    """A numpy kernel's conv backward (dx, dw, db; and with need_dx False) against the
+    reference's on the same dout."""
+    dx, dw, db = backward(dout, saved)
+    dx_ref, dw_ref, db_ref = reference_backward(dout, saved_ref)
+    for got, expected in ((dx, dx_ref), (dw, dw_ref)) + (((db, db_ref),) if has_bias else ()):
+        assert got.dtype == dtype and got.shape == expected.shape
+        _close(got, expected, dtype, float(np.abs(expected).max()))
+    assert (db is None) == (not has_bias)
+    no_dx = backward(dout, saved, False)
+    assert no_dx[0] is None
+    _close(no_dx[1], dw_ref, dtype, float(np.abs(dw_ref).max()))
+
+
 # (N, C, H, W, F): even and odd sizes, one-pixel images, more filters than channels and fewer
 WINOGRAD_CASES = [(2, 3, 8, 8, 4), (3, 5, 7, 5, 6), (2, 8, 1, 1, 3), (2, 4, 2, 3, 5),
                   (3, 9, 5, 6, 2), (2, 16, 6, 4, 16)]
@@ -982,15 +996,8 @@ def test_winograd_conv_matches_the_reference(dtype, case, layout, has_bias, monk
     dout = rng.standard_normal(out.shape).astype(dtype)
     if layout == "channels_last":
         dout = _channels_last_view(np, dout)
-    dx, dw, db = cpu.conv_backward(dout, saved)
-    dx_ref, dw_ref, db_ref = reference.conv_backward(dout, saved_ref)
-    for got, expected in ((dx, dx_ref), (dw, dw_ref)) + (((db, db_ref),) if has_bias else ()):
-        assert got.dtype == dtype and got.shape == expected.shape
-        _close(got, expected, dtype, float(np.abs(expected).max()))
-    assert db is None or has_bias
-    no_dx = cpu.conv_backward(dout, saved, False)
-    assert no_dx[0] is None
-    _close(no_dx[1], dw_ref, dtype, float(np.abs(dw_ref).max()))
+    _check_conv_backward(cpu.conv_backward, reference.conv_backward, dout, saved, saved_ref,
+                         dtype, has_bias)
 
 
 # (N, C, H, W, F): even sizes fuse the pool into the conv; odd ones run the two ops
@@ -1011,7 +1018,7 @@ def test_conv_pool_matches_the_two_reference_ops(dtype, case, layout, has_bias, 
         x = _channels_last_view(np, x)
     w = rng.standard_normal((f, c, 3, 3)).astype(dtype)
     b = rng.standard_normal(f).astype(dtype) if has_bias else None
-    assert cpu._pool_fuses(x.shape, w.shape, 1, 1, 2, 2, 2) == (h % 2 == 0 and w_ % 2 == 0)
+    assert cpu._pool_fuses(h, w_, w.shape, 1, 1, 2, 2, 2) == (h % 2 == 0 and w_ % 2 == 0)
     out, saved = cpu.conv_pool_forward(x, w, b, 1, 1, 2, 2, 2)
     out_ref, saved_ref = reference.conv_pool_forward(
         x, w, np.zeros(f, dtype) if b is None else b, 1, 1, 2, 2, 2)
@@ -1022,15 +1029,8 @@ def test_conv_pool_matches_the_two_reference_ops(dtype, case, layout, has_bias, 
     dout = rng.standard_normal(out.shape).astype(dtype)
     if layout == "channels_last":
         dout = _channels_last_view(np, dout)
-    dx, dw, db = cpu.conv_pool_backward(dout, saved)
-    dx_ref, dw_ref, db_ref = reference.conv_pool_backward(dout, saved_ref)
-    for got, expected in ((dx, dx_ref), (dw, dw_ref)) + (((db, db_ref),) if has_bias else ()):
-        assert got.dtype == dtype and got.shape == expected.shape
-        _close(got, expected, dtype, float(np.abs(expected).max()))
-    assert (db is None) == (not has_bias)
-    no_dx = cpu.conv_pool_backward(dout, saved, False)
-    assert no_dx[0] is None
-    _close(no_dx[1], dw_ref, dtype, float(np.abs(dw_ref).max()))
+    _check_conv_backward(cpu.conv_pool_backward, reference.conv_pool_backward, dout, saved,
+                         saved_ref, dtype, has_bias)
 
 
 def test_conv_pool_ties_go_to_the_first_tap():

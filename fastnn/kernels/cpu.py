@@ -979,6 +979,17 @@ def _winograd_input(x, argmax, start, stop, padded, v):
 
 
 @_jit
+def _rows_times_a(mt):
+    """Each row of one tile's m (16, F) as 4x4 rows times A, in place into the row's
+    first two slots: the first half of A^T m A."""
+    for i in range(4):
+        for f in range(mt.shape[1]):
+            m0, m1, m2, m3 = mt[4 * i, f], mt[4 * i + 1, f], mt[4 * i + 2, f], mt[4 * i + 3, f]
+            mt[4 * i, f] = m0 + m1 + m2
+            mt[4 * i + 1, f] = m1 - m2 - m3
+
+
+@_jit
 def _winograd_output(m, start, stop, bias, out):
     """out (n, H, W, F) of images [start, stop): A^T m A + bias of each tile's m (16, F)
     in m (tiles, 16, F), which is overwritten."""
@@ -989,11 +1000,7 @@ def _winograd_output(m, start, stop, bias, out):
         for ty in range(tiles_y):
             for tx in range(tiles_x):
                 mt = m[t]
-                for i in range(4):  # each row of m times A, into the row's first two slots
-                    for f in range(filters):
-                        m0, m1, m2, m3 = mt[4 * i, f], mt[4 * i + 1, f], mt[4 * i + 2, f], mt[4 * i + 3, f]
-                        mt[4 * i, f] = m0 + m1 + m2
-                        mt[4 * i + 1, f] = m1 - m2 - m3
+                _rows_times_a(mt)
                 y0, x0 = 2 * ty, 2 * tx
                 for j in range(2):  # then A^T times those two columns
                     if x0 + j >= width:  # the odd edge: a tile half outside the image
@@ -1018,11 +1025,7 @@ def _winograd_output_pool(m, start, stop, bias, pooled, argmax):
         for ty in range(tiles_y):
             for tx in range(tiles_x):
                 mt = m[t]
-                for i in range(4):
-                    for f in range(filters):
-                        m0, m1, m2, m3 = mt[4 * i, f], mt[4 * i + 1, f], mt[4 * i + 2, f], mt[4 * i + 3, f]
-                        mt[4 * i, f] = m0 + m1 + m2
-                        mt[4 * i + 1, f] = m1 - m2 - m3
+                _rows_times_a(mt)
                 out, taps = pooled[image, ty, tx], argmax[image, ty, tx]
                 for f in range(filters):
                     best, tap = mt[0, f] + mt[4, f] + mt[8, f] + bias[f], 0
@@ -1203,19 +1206,25 @@ def _winograd_backward(dout_nhwc, x_nhwc, w_mat, need_dx, has_bias, argmax=None)
     return dx, _winograd_filter_grad(du), (db if has_bias else None)
 
 
+def _conv_operands(x, w, b):
+    """-> (x as a C-contiguous (N, H, W, C), w as (HH*WW*C, F) in x's dtype, row order
+    (i, j, c) as _im2col lays out a column row, b in x's dtype or None)."""
+    x_nhwc = _channels_last(x)
+    dtype = x_nhwc.dtype
+    w_mat = np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=dtype).reshape(-1, w.shape[0])
+    return x_nhwc, w_mat, (None if b is None else b.astype(dtype, copy=False))
+
+
 def conv_forward(x, w, b, stride, pad):
     """x (N, C, H, W) any strides, w (F, C, HH, WW), b (F,) or None -> (out, saved).
 
     out is an (N, F, H', W') view of channels-last memory.
     """
-    x_nhwc = _channels_last(x)
+    x_nhwc, w_mat, bias = _conv_operands(x, w, b)
     n, channels = x_nhwc.shape[0], x_nhwc.shape[3]
     filters, _, filter_height, filter_width = w.shape
     out_height, out_width, pixels, depth, step = _conv_shapes(x_nhwc, w.shape, stride, pad)
     dtype = x_nhwc.dtype
-    # (HH*WW*C, F): row order (i, j, c), as _im2col lays out a column row
-    w_mat = np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=dtype).reshape(depth, filters)
-    bias = None if b is None else b.astype(dtype, copy=False)
     if _winograd_fits(w.shape, stride, pad):
         out = _winograd_forward(x_nhwc, w_mat, bias)
         return out.transpose(0, 3, 1, 2), (x_nhwc, w_mat, w.shape, stride, pad, b is not None)
@@ -1398,10 +1407,15 @@ def max_pool_backward(dout, saved):
     return dx.transpose(0, 3, 1, 2)
 
 
-def _pool_fuses(conv_shape, w_shape, stride, pad, pool_height, pool_width, pool_stride):
-    """A Winograd conv whose 2x2 output tiles are exactly the pool's windows."""
+def _pool_fuses(height, width, w_shape, stride, pad, pool_height, pool_width, pool_stride):
+    """A Winograd conv (of an H x W output) whose 2x2 output tiles are the pool's windows."""
     return (_winograd_fits(w_shape, stride, pad) and (pool_height, pool_width, pool_stride)
-            == (2, 2, 2) and conv_shape[2] % 2 == 0 and conv_shape[3] % 2 == 0)
+            == (2, 2, 2) and height % 2 == 0 and width % 2 == 0)
+
+
+# where the pool does not fuse: the two ops, one after the other
+_conv_then_pool, _conv_then_pool_backward = reference.conv_pool_ops(
+    conv_forward, conv_backward, max_pool_forward, max_pool_backward)
 
 
 def conv_pool_forward(x, w, b, stride, pad, pool_height, pool_width, pool_stride):
@@ -1410,17 +1424,13 @@ def conv_pool_forward(x, w, b, stride, pad, pool_height, pool_width, pool_stride
     A 3x3 Winograd conv with a 2x2 stride-2 pool on even sizes pools each output
     tile as it is made: the full-size conv output never exists.
     """
-    if not _pool_fuses(x.shape, w.shape, stride, pad, pool_height, pool_width, pool_stride):
-        out, conv_saved = conv_forward(x, w, b, stride, pad)
-        pooled, pool_saved = max_pool_forward(out, pool_height, pool_width, pool_stride)
-        return pooled, (conv_saved, pool_saved)
-    x_nhwc = _channels_last(x)
-    dtype = x_nhwc.dtype
-    w_mat = np.ascontiguousarray(w.transpose(2, 3, 1, 0), dtype=dtype).reshape(-1, w.shape[0])
-    bias = None if b is None else b.astype(dtype, copy=False)
+    pool = (pool_height, pool_width, pool_stride)
+    if not _pool_fuses(x.shape[2], x.shape[3], w.shape, stride, pad, *pool):
+        return _conv_then_pool(x, w, b, stride, pad, *pool)
+    x_nhwc, w_mat, bias = _conv_operands(x, w, b)
     pooled, argmax = _winograd_forward(x_nhwc, w_mat, bias, pool=True)
     conv_saved = (x_nhwc, w_mat, w.shape, stride, pad, b is not None)
-    pool_saved = (x_nhwc.shape[:3] + (w.shape[0],), argmax, 2, 2, 2)
+    pool_saved = (x_nhwc.shape[:3] + (w.shape[0],), argmax) + pool
     return pooled.transpose(0, 3, 1, 2), (conv_saved, pool_saved)
 
 
@@ -1428,10 +1438,9 @@ def conv_pool_backward(dout, saved, need_dx=True):
     """dout (N, F, H'', W'') of the pool's output -> (dx or None, dw, db or None)."""
     conv_saved, pool_saved = saved
     x_nhwc, w_mat, w_shape, stride, pad, has_bias = conv_saved
-    conv_shape, argmax = pool_saved[:2]
-    nchw = (conv_shape[0], conv_shape[3], conv_shape[1], conv_shape[2])
-    if not _pool_fuses(nchw, w_shape, stride, pad, *pool_saved[2:]):
-        return conv_backward(max_pool_backward(dout, pool_saved), conv_saved, need_dx)
+    conv_shape, argmax = pool_saved[:2]  # (N, H, W, F): the conv output's, channels-last
+    if not _pool_fuses(conv_shape[1], conv_shape[2], w_shape, stride, pad, *pool_saved[2:]):
+        return _conv_then_pool_backward(dout, saved, need_dx)
     dout_nhwc = _channels_last(dout).astype(x_nhwc.dtype, copy=False)
     dx, dw_mat, db = _winograd_backward(dout_nhwc, x_nhwc, w_mat, need_dx, has_bias, argmax)
     return ((None if dx is None else dx.transpose(0, 3, 1, 2)),
