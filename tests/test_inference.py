@@ -6,7 +6,7 @@ import fastnn
 from fastnn import inference
 from fastnn.classifiers import FullyConnectedNet
 from fastnn.solver import Solver
-from helpers import is_0d_array, tolerances
+from helpers import is_0d_array
 
 
 class Recording:
@@ -47,7 +47,10 @@ def test_flip_averages_the_scores_of_an_image_and_its_mirror(backend):
     got = fastnn.to_numpy(inference.predict_scores(model, X, batch_size=6, flip=True))
     plain = fastnn.to_numpy(model.loss(backend.asarray(X)))
     mirrored = fastnn.to_numpy(model.loss(backend.asarray(X[..., ::-1].copy())))
-    np.testing.assert_allclose(got, (plain + mirrored) / 2, *tolerances(np.float32))
+    # scores in the thousands (weight_scale 0.5): a float32 sum's error scales with them, and
+    # batches of 6 and of 23 take different BLAS blockings
+    scale = np.abs(np.concatenate([plain, mirrored])).max()
+    np.testing.assert_allclose(got, (plain + mirrored) / 2, rtol=1e-5, atol=1e-5 * scale)
     assert not np.allclose(plain, mirrored)  # the mirror really changes the scores
 
 
