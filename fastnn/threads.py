@@ -3,7 +3,9 @@
 fastnn's Numba kernels are serial (see fastnn/kernels/cpu.py), so the cores
 belong to the BLAS library's matrix products and the two pools never fight.
 The count defaults to `NUMBA_NUM_THREADS` (all cores when unset);
-`set_num_threads(n)` changes it for both Numba and BLAS.
+`set_num_threads(n)` changes it for both Numba and BLAS. OpenBLAS's idle threads
+are told to stop spinning sooner (shorten_blas_spin), since the conv kernels run
+threads of their own right after its products.
 """
 import os
 
@@ -41,8 +43,45 @@ def get_num_threads():
     return numba.config.NUMBA_NUM_THREADS
 
 
+# OpenBLAS's idle threads spin for 2**28 cycles (about 0.1 s) after each product before
+# they sleep. Spinning, one holds a core that the conv kernels' threads want right after an
+# affine layer's product: ThreeLayerConvNet's conv took twice as long there (13 -> 26 ms).
+# 2**20 cycles (about 0.5 ms) still bridges back-to-back products (benchmarks/README.md).
+BLAS_SPIN_LOG2_CYCLES = 20
+
+
+def shorten_blas_spin():
+    """Make the loaded OpenBLAS (pthreads) builds' idle threads sleep after
+    2**BLAS_SPIN_LOG2_CYCLES cycles of spinning. -> the libraries changed (paths).
+
+    OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when its thread pool starts: this sets the
+    variable, has OpenBLAS read its environment again and stops its pool, which the next
+    threaded product starts anew. A value the user set is left alone, as is any other BLAS.
+    """
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+        return []
+    import ctypes
+
+    from threadpoolctl import threadpool_info
+
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(BLAS_SPIN_LOG2_CYCLES)
+    changed = []
+    for pool in threadpool_info():
+        if pool.get("internal_api") != "openblas" or pool.get("threading_layer") != "pthreads":
+            continue
+        lib = ctypes.CDLL(pool["filepath"])
+        if not all(hasattr(lib, name) for name in ("openblas_read_env", "blas_thread_shutdown_")):
+            continue  # an older or differently built OpenBLAS: keep its default
+        lib.openblas_read_env()
+        lib.blas_thread_shutdown_()
+        changed.append(pool["filepath"])
+    return changed
+
+
 def configure_thread_pools():
-    """Called when the Numba kernels load: honour NUMBA_NUM_THREADS for BLAS too."""
+    """Called when the Numba kernels load: honour NUMBA_NUM_THREADS for BLAS too, and
+    shorten OpenBLAS's spinning (shorten_blas_spin)."""
+    shorten_blas_spin()
     if os.environ.get("NUMBA_NUM_THREADS"):
         import numba
 

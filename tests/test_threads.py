@@ -14,6 +14,7 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import fastnn
+from fastnn import threads
 from fastnn.kernels import cpu
 
 
@@ -80,3 +81,37 @@ print(json.dumps([fastnn.get_num_threads(),
                          check=True, env=env)
     numba_threads, blas_threads = json.loads(out.stdout)
     assert numba_threads == 1 and blas_threads and set(blas_threads) == {1}
+
+
+def _openblas_pthreads():
+    return [pool for pool in threadpool_info()
+            if pool.get("internal_api") == "openblas" and pool.get("threading_layer") == "pthreads"]
+
+
+_SPIN_SCRIPT = """
+import ctypes, json, os
+import numpy as np
+from threadpoolctl import threadpool_info
+a = np.ones((256, 256), np.float32)
+a @ a  # OpenBLAS's pool starts with the timeout it read at load
+import fastnn.kernels.cpu  # noqa: F401  (loading the kernels shortens the spin)
+a @ a  # and restarts with the new one
+lib = ctypes.CDLL([p["filepath"] for p in threadpool_info()
+                   if p.get("internal_api") == "openblas"][0])
+print(json.dumps([lib.openblas_thread_timeout(), os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+                  float((a @ a)[0, 0])]))
+"""
+
+
+@pytest.mark.skipif(not _openblas_pthreads(), reason="numpy's BLAS is not a pthreads OpenBLAS")
+@pytest.mark.parametrize("user_value", [None, "12"])
+def test_loading_the_kernels_shortens_openblas_spin_unless_the_user_chose(user_value):
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if user_value is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = user_value
+    out = subprocess.run([sys.executable, "-c", _SPIN_SCRIPT], capture_output=True, text=True,
+                         check=True, env=env)
+    timeout, env_value, product = json.loads(out.stdout)
+    expected = int(user_value) if user_value else threads.BLAS_SPIN_LOG2_CYCLES
+    assert timeout == expected and env_value == str(expected)
+    assert product == 256.0  # the restarted pool still computes

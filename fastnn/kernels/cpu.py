@@ -9,6 +9,10 @@ product. A parallel Numba loop started then fights them for the cores: on 2
 cores it took about 4 ms whatever its size, 7x slower than the serial loop at
 3M elements and 40-400x slower at 20k-524k (benchmarks/thread_pools.py). So
 the cores go to BLAS and fastnn's kernels never use Numba's thread pool.
+The conv and norm kernels split a batch over Python threads of their own
+(_run_chunks), each with a one-thread BLAS; loading this module shortens
+OpenBLAS's spinning (fastnn.threads.shorten_blas_spin) so that an idle BLAS
+thread does not hold a core they need.
 
 Kernels are compiled on first use and cached on disk (`cache=True`; Numba
 falls back to a user cache folder when the install is read-only).
