@@ -50,32 +50,32 @@ def get_num_threads():
 BLAS_SPIN_LOG2_CYCLES = 20
 
 
+def openblas_pthreads_libraries():
+    """Paths of the loaded OpenBLAS libraries that run their own (pthreads) thread pool."""
+    from threadpoolctl import threadpool_info
+
+    return [pool["filepath"] for pool in threadpool_info()
+            if pool.get("internal_api") == "openblas" and pool.get("threading_layer") == "pthreads"]
+
+
 def shorten_blas_spin():
     """Make the loaded OpenBLAS (pthreads) builds' idle threads sleep after
-    2**BLAS_SPIN_LOG2_CYCLES cycles of spinning. -> the libraries changed (paths).
+    2**BLAS_SPIN_LOG2_CYCLES cycles of spinning.
 
     OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when its thread pool starts: this sets the
     variable, has OpenBLAS read its environment again and stops its pool, which the next
     threaded product starts anew. A value the user set is left alone, as is any other BLAS.
     """
     if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
-        return []
+        return
     import ctypes
 
-    from threadpoolctl import threadpool_info
-
     os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(BLAS_SPIN_LOG2_CYCLES)
-    changed = []
-    for pool in threadpool_info():
-        if pool.get("internal_api") != "openblas" or pool.get("threading_layer") != "pthreads":
-            continue
-        lib = ctypes.CDLL(pool["filepath"])
-        if not all(hasattr(lib, name) for name in ("openblas_read_env", "blas_thread_shutdown_")):
-            continue  # an older or differently built OpenBLAS: keep its default
-        lib.openblas_read_env()
-        lib.blas_thread_shutdown_()
-        changed.append(pool["filepath"])
-    return changed
+    for path in openblas_pthreads_libraries():
+        lib = ctypes.CDLL(path)
+        if all(hasattr(lib, name) for name in ("openblas_read_env", "blas_thread_shutdown_")):
+            lib.openblas_read_env()  # (an older or differently built OpenBLAS keeps its default)
+            lib.blas_thread_shutdown_()
 
 
 def configure_thread_pools():

@@ -174,6 +174,15 @@ def _conv_case(seed, x_shape=(2, 3, 4, 6), w_shape=(3, 3, 3, 3), bn=False):
             return x, w, b, gamma, beta
 
 
+def _assert_matches_numerical(grad, numerical, label):
+    """grad within GRAD_TOL of the numerical gradient, relative to each entry and to the
+    gradient's scale: rel_error alone is per entry, and on an entry near 0 it measures the
+    central difference's own round-off (~1e-10 absolute)."""
+    scale = float(np.abs(numerical).max())
+    np.testing.assert_allclose(fastnn.to_numpy(grad), numerical, rtol=GRAD_TOL,
+                               atol=GRAD_TOL * scale, err_msg=str(label))
+
+
 def _check(forward, backward, inputs, out_shape, seed):
     xp = fastnn.xp()
     dout = xp.asarray(np.random.default_rng(seed).standard_normal(out_shape))
@@ -185,11 +194,7 @@ def _check(forward, backward, inputs, out_shape, seed):
             return forward(*inputs)[0]
         numerical = eval_numerical_gradient_array(f, inputs[i], dout)
         assert grad.shape == inputs[i].shape
-        # rel_error is per element: on a gradient entry near 0 it measures the central
-        # difference's own round-off (~1e-10 absolute), so the floor is the gradient's scale
-        scale = float(np.abs(numerical).max())
-        np.testing.assert_allclose(fastnn.to_numpy(grad), numerical, rtol=GRAD_TOL,
-                                   atol=GRAD_TOL * scale, err_msg=str(i))
+        _assert_matches_numerical(grad, numerical, i)
 
 
 def test_conv_relu_backward_matches_numerical(backend):
@@ -225,8 +230,4 @@ def test_conv_bn_relu_backward_matches_numerical(backend):
             np.testing.assert_allclose(fastnn.to_numpy(grad), 0, atol=1e-10)
             np.testing.assert_allclose(fastnn.to_numpy(numerical), 0, atol=1e-8)
             continue
-        # rel_error is per element: on a gradient entry near 0 it measures the central
-        # difference's own round-off (~1e-10 absolute), so the floor is the gradient's scale
-        scale = float(np.abs(numerical).max())
-        np.testing.assert_allclose(fastnn.to_numpy(grad), numerical, rtol=GRAD_TOL,
-                                   atol=GRAD_TOL * scale, err_msg=str(i))
+        _assert_matches_numerical(grad, numerical, i)

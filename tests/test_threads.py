@@ -83,27 +83,21 @@ print(json.dumps([fastnn.get_num_threads(),
     assert numba_threads == 1 and blas_threads and set(blas_threads) == {1}
 
 
-def _openblas_pthreads():
-    return [pool for pool in threadpool_info()
-            if pool.get("internal_api") == "openblas" and pool.get("threading_layer") == "pthreads"]
-
-
 _SPIN_SCRIPT = """
 import ctypes, json, os
 import numpy as np
-from threadpoolctl import threadpool_info
 a = np.ones((256, 256), np.float32)
 a @ a  # OpenBLAS's pool starts with the timeout it read at load
 import fastnn.kernels.cpu  # noqa: F401  (loading the kernels shortens the spin)
 a @ a  # and restarts with the new one
-lib = ctypes.CDLL([p["filepath"] for p in threadpool_info()
-                   if p.get("internal_api") == "openblas"][0])
+from fastnn.threads import openblas_pthreads_libraries
+lib = ctypes.CDLL(openblas_pthreads_libraries()[0])
 print(json.dumps([lib.openblas_thread_timeout(), os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
                   float((a @ a)[0, 0])]))
 """
 
 
-@pytest.mark.skipif(not _openblas_pthreads(), reason="numpy's BLAS is not a pthreads OpenBLAS")
+@pytest.mark.skipif(not threads.openblas_pthreads_libraries(), reason="numpy's BLAS is not a pthreads OpenBLAS")
 @pytest.mark.parametrize("user_value", [None, "12"])
 def test_loading_the_kernels_shortens_openblas_spin_unless_the_user_chose(user_value):
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
