@@ -48,6 +48,9 @@ def _can_build_offline():
 
 def _run(args, env, cwd):
     result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0 and "No matching distribution found for setuptools" in result.stderr:
+        pytest.skip("building fastnn needs setuptools>=68 (or 64+ with wheel); this environment "
+                    "has none and pip could not fetch it (offline?)")
     assert result.returncode == 0, f"{' '.join(map(str, args))}\n{result.stdout}\n{result.stderr}"
     return result
 
