@@ -3,7 +3,7 @@
 # machine lacks into folders of the checkout that .gitignore ignores and `carry` sends:
 #   .data/  the bundled CIFAR-10 archive (18 MB) and its build script, from ../shared/data
 #   .whl/   Optuna and the dependencies the device image lacks, as wheels for its Python 3.12
-# README.md ("On the project's device machine") gives the run command that uses them.
+# benchmarks/README.md ("On the project's GPU test machine") gives the run command that uses them.
 #   bash benchmarks/gpu_prepare.sh [SHARED_DATA_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -33,29 +33,63 @@ def save_figure(fig, path):
         plt.close(fig)
 
 
+def _moving_average(values, window):
+    """The centred mean of `window` neighbours of each value (fewer at the ends), same length."""
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    index = np.arange(len(values))
+    low = np.maximum(index - window // 2, 0)
+    high = np.minimum(index + (window + 1) // 2, len(values))
+    return (sums[high] - sums[low]) / (high - low)
+
+
+def _integer_ticks(axis):
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_loss(loss_history, path, iterations_per_epoch=None):
-    """Training loss per iteration, with a moving average."""
+    """Each minibatch's training loss (faint points) under its moving average (a line).
+
+    The x axis counts epochs when `iterations_per_epoch` is given, else iterations.
+    """
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4))
     loss = np.asarray(loss_history, dtype=np.float64)
-    ax.plot(loss, ".", markersize=2, alpha=0.3, label="iteration")
-    window = max(1, min(len(loss) // 20, iterations_per_epoch or 50))
-    if len(loss) >= window > 1:
-        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-        ax.plot(np.arange(window - 1, len(loss)), smooth, label=f"mean of {window}")
-    ax.set(xlabel="iteration", ylabel="training loss", title="Training loss")
+    steps = np.arange(1, len(loss) + 1)
+    x = steps / iterations_per_epoch if iterations_per_epoch else steps
+    # faint where thousands of points overlap, so that the mean line stands out
+    ax.plot(x, loss, "o", markersize=3, markeredgewidth=0, alpha=0.3 if len(loss) > 500 else 0.6,
+            color="tab:blue", label="minibatch loss")
+    window = min(iterations_per_epoch or 100, max(len(loss) // 20, 5), len(loss))
+    if window > 1:
+        ax.plot(x, _moving_average(loss, window), color="tab:blue", linewidth=2.2,
+                label=f"mean of {window} minibatches")
+    if iterations_per_epoch:
+        ax.set_xlim(left=0)
+        _integer_ticks(ax.xaxis)
+    ax.set(xlabel="epoch" if iterations_per_epoch else "iteration (minibatch)",
+           ylabel="training loss", title="Training loss")
+    ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path)
 
 
 def plot_accuracy(train_acc_history, val_acc_history, path):
-    """Train and validation accuracy at each check (first iteration, epoch ends)."""
+    """Train and validation accuracy before training (epoch 0) and after each epoch."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(train_acc_history, "o-", label="train")
-    ax.plot(val_acc_history, "o-", label="val")
-    ax.set(xlabel="check (0 = first iteration, then each epoch)", ylabel="accuracy",
+    epochs = np.arange(len(val_acc_history))
+    ax.plot(np.arange(len(train_acc_history)), train_acc_history, "o-", label="train")
+    ax.plot(epochs, val_acc_history, "o-", label="validation")
+    if len(val_acc_history):
+        best = int(np.argmax(val_acc_history))
+        ax.plot(best, val_acc_history[best], "*", color="tab:red", markersize=14,
+                label=f"best validation: {val_acc_history[best]:.3f} (epoch {best})")
+    _integer_ticks(ax.xaxis)
+    ax.set(xlabel="epoch (0: before training)", ylabel="accuracy",
            title="Classification accuracy")
+    ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path)
 

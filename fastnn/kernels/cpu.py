@@ -14,15 +14,16 @@ The conv and norm kernels split a batch over Python threads of their own
 OpenBLAS's spinning (fastnn.threads.shorten_blas_spin) so that an idle BLAS
 thread does not hold a core they need.
 
-Kernels are compiled on first use and cached on disk (`cache=True`; Numba
-falls back to a user cache folder when the install is read-only).
+Kernels are compiled on first use and cached on disk in a user folder, never
+in the installed package (fastnn.kernels.compile_cache: `~/.cache/fastnn/numba`
+or `$NUMBA_CACHE_DIR`).
 """
 import os
 
 import numba
 import numpy as np
 
-from fastnn.kernels import reference
+from fastnn.kernels import compile_cache, reference
 from fastnn.kernels.reference import (GOLDEN, MIX1, MIX2, UNIT_BITS, augment_key, dropout_key,
                                      keep_threshold)
 from fastnn.threads import configure_thread_pools, get_num_threads
@@ -34,15 +35,11 @@ DTYPES = (np.float32, np.float64)  # other dtypes (float16) run reference.py (ke
 
 
 def _jit(function, **flags):
-    """Compile with Numba, cached on disk where any cache folder is writable.
+    """Compile with Numba, cached on disk in the user cache folder when it is writable.
 
     error_model="numpy": no per-division zero checks, so the loops vectorise.
     """
-    options = dict(nogil=True, error_model="numpy", **flags)
-    try:
-        return numba.njit(cache=True, **options)(function)
-    except RuntimeError:  # no writable cache folder at all: compile in each process
-        return numba.njit(cache=False, **options)(function)
+    return compile_cache.enable(numba.njit(nogil=True, error_model="numpy", **flags)(function))
 
 _GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
