@@ -11,7 +11,7 @@ import operator
 
 import numpy as np
 
-__all__ = ["as_size", "as_optional_size", "as_real"]
+__all__ = ["as_size", "as_optional_size", "as_sizes", "as_real"]
 
 
 def as_size(value, name, low=0, high=None):
@@ -20,9 +20,9 @@ def as_size(value, name, low=0, high=None):
     Raises TypeError (naming `name` and the value) for anything that is not an integer
     (bool, float, str, ...) and ValueError for an integer out of range.
     """
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got the boolean {value!r}")
     try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError  # True is an int to Python, but never a size
         size = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {value!r} "
@@ -36,6 +36,14 @@ def as_size(value, name, low=0, high=None):
 def as_optional_size(value, name, low=0, high=None):
     """None stays None (meaning "all" or "not given"); anything else as `as_size`."""
     return None if value is None else as_size(value, name, low, high)
+
+
+def as_sizes(values, name, low=0, high=None):
+    """A sequence of sizes (list, tuple, 1-D array) as a list of Python ints, each checked as
+    `as_size` and named `name[i]` in messages."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of integers, got {values!r}")
+    return [as_size(v, f"{name}[{i}]", low, high) for i, v in enumerate(values)]
 
 
 def as_real(value, name, low=-math.inf, high=math.inf, *, low_open=False, high_open=False):
