@@ -112,7 +112,7 @@ class Solver:
         """With a schedule, the learning rate is base * this: lr_decay**epoch * the factor."""
         per_epoch = self.iterations_per_epoch
         return self.lr_decay ** self.epoch * schedules.lr_factor(
-            self.lr_schedule, self._t, int(self.num_epochs) * per_epoch, per_epoch,
+            self.lr_schedule, self._t, self.num_epochs * per_epoch, per_epoch,
             self.lr_schedule_config)
 
     def _next_batch(self, t):
@@ -134,7 +134,7 @@ class Solver:
             X_batch = kernels.for_module(xp).flip_crop(X_batch, self._augment_seed,
                                                        self._step_index,
                                                        self.augment["flip"],
-                                                       int(self.augment["crop_padding"]))
+                                                       self.augment["crop_padding"])
         return X_batch, y_batch
 
     def __init__(self, model, data, **kwargs):
@@ -313,7 +313,7 @@ class Solver:
     def train(self):
         """Run the optimisation; afterwards model.params holds the best parameters seen."""
         per_epoch = self.iterations_per_epoch
-        total = int(self.num_epochs) * per_epoch
+        total = self.num_epochs * per_epoch
         bar = None
         if not self.best_params:  # the initial parameters: a finite fallback from the start
             self._keep_as_best()

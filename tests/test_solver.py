@@ -176,6 +176,12 @@ def test_unknown_optim_config_key_is_named(rule, key):
     (dict(update_rule="adam", optim_config={"epsilon": 0}), ValueError, r"\['epsilon'\]"),
     (dict(update_rule="adamw", optim_config={"weight_decay": -1e-4}), ValueError,
      r"optim_config\['weight_decay'\] must be a finite number >= 0"),
+    (dict(lr_schedule="step", lr_schedule_config={"step_epochs": 1.5}), TypeError,
+     r"lr_schedule_config\['step_epochs'\] must be an integer, got 1.5"),
+    (dict(lr_schedule="step", lr_schedule_config={"gamma": -0.5}), ValueError,
+     r"lr_schedule_config\['gamma'\] must be a positive finite number, got -0.5"),
+    (dict(lr_schedule="onecycle", lr_schedule_config={"pct_start": 2}), ValueError,
+     r"lr_schedule_config\['pct_start'\] must be a finite number in \[0, 1\], got 2"),
 ])
 def test_bad_option_values_are_named(options, error, match):
     with pytest.raises(error, match=match):
