@@ -71,7 +71,7 @@ def _check_member(index, member):
         raise ValueError(f"member {index}: dropout is the probability of dropping a unit and "
                          f"must be in [0, 1), got {m['dropout']}")
     return {"weight_scale": float(m["weight_scale"]), "reg": float(m["reg"]),
-            "dropout": float(m["dropout"]), "seed": int(m["seed"])}
+            "dropout": float(m["dropout"]), "seed": as_size(m["seed"], f"member {index}: seed")}
 
 
 class StackedFullyConnectedNet(FullyConnectedNet):

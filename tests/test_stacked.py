@@ -158,6 +158,8 @@ def test_sizes_and_member_hyperparameters_are_checked():
         StackedSolver(stack, _data(), optim_configs=[{}, {"learning_rate": -0.1}, {}])
     with pytest.raises(TypeError, match="num_epochs must be an integer, got 2.5"):
         StackedSolver(stack, _data(), num_epochs=2.5)
+    with pytest.raises(TypeError, match="member 0: seed must be an integer, got 1.5"):
+        StackedFullyConnectedNet([4], [dict(seed=1.5)], input_dim=48)  # was floored to 1
 
 
 # -- StackedSolver = K Solvers ---------------------------------------------------
