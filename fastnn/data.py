@@ -295,10 +295,9 @@ def load_cifar10(root=None, download=True, *, url=URL, md5=MD5):
                 raise RuntimeError(
                     f"no such folder: the CIFAR-10 data folder {root} does not exist (looked "
                     f"for {folder}), and downloading CIFAR-10 into it failed ({exc.url}: "
-                    f"{exc.cause}). Check the "
-                    "path given as --data, FASTNN_DATA or root=; offline, create the folder "
-                    f"and copy the official archive {ARCHIVE} (or its unpacked {FOLDER} "
-                    "folder) into it.") from cause
+                    f"{exc.cause}). Check the path given as --data, FASTNN_DATA or root=; "
+                    f"offline, create the folder and copy the official archive {ARCHIVE} (or "
+                    f"its unpacked {FOLDER} folder) into it.") from cause
             raise RuntimeError(
                 f"could not download CIFAR-10 from {exc.url}: {exc.cause}. "
                 f"Looked for the data in {folder}. Without internet, copy the official "
