@@ -35,6 +35,8 @@ import urllib.request
 
 import numpy as np
 
+from fastnn.checks import as_size
+
 __all__ = ["CLASSES", "URL", "MD5", "load_cifar10", "get_cifar10_data",
            "load_CIFAR10", "get_CIFAR10_data", "default_root"]
 
@@ -147,7 +149,11 @@ def _md5_of(path):
 
 def _download(root, url, md5, archive=None):
     """Download (or take the local `archive`), check and unpack into ``root/FOLDER``, atomically."""
-    made_root = not os.path.isdir(root)
+    made = []  # the folders made for the download, deepest first
+    path = os.path.abspath(root)
+    while not os.path.isdir(path):
+        made.append(path)
+        path = os.path.dirname(path)
     os.makedirs(root, exist_ok=True)
     target = os.path.join(root, FOLDER)
     part = None
@@ -194,10 +200,11 @@ def _download(root, url, md5, archive=None):
             os.remove(part)
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
-        if made_root and not os.path.isdir(target):
+        if made and not os.path.isdir(target):
             # a failed first download leaves no empty data folder behind (rmdir: only if empty)
-            with contextlib.suppress(OSError):
-                os.rmdir(root)
+            for path in made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
 
 
 _REPLACE_HINT = (f"Replace it with the file from the official archive ({URL}), or remove the "
@@ -261,6 +268,7 @@ def load_cifar10(root=None, download=True, *, url=URL, md5=MD5):
         RuntimeError: the download failed (no network, HTTP error, cut short).
         ValueError: bad MD5, unsafe/malformed archive, corrupt batch file.
     """
+    chosen = root is not None or bool(os.environ.get("FASTNN_DATA"))  # not the cache default
     root = _resolve_root(root)
     folder = os.path.join(root, FOLDER)
     if os.path.isfile(root):
@@ -273,19 +281,28 @@ def load_cifar10(root=None, download=True, *, url=URL, md5=MD5):
         _download(root, url, md5, archive=archive)  # the user's copy of the archive
     elif not os.path.isdir(folder):
         if not download:
+            missing = "" if os.path.isdir(root) else f" (no such folder: {root} does not exist)"
             raise FileNotFoundError(
-                f"CIFAR-10 not found: no folder {folder}. Pass download=True to "
+                f"CIFAR-10 not found: no folder {folder}{missing}. Pass download=True to "
                 f"fetch it, or set FASTNN_DATA (or root=) to a folder that holds "
                 f"{FOLDER} or {ARCHIVE}.")
+        mistyped = chosen and not os.path.isdir(root)  # a path the user gave, perhaps mistyped
         try:
             _download(root, url, md5)
         except _DownloadError as exc:
+            cause = exc.cause if isinstance(exc.cause, BaseException) else None
+            if mistyped:
+                raise RuntimeError(
+                    f"no such folder: the CIFAR-10 data folder {root} does not exist (looked "
+                    f"for {folder}), and downloading CIFAR-10 into it failed ({exc.url}: "
+                    f"{exc.cause}). Check the path given as --data, FASTNN_DATA or root=; "
+                    f"offline, create the folder and copy the official archive {ARCHIVE} (or "
+                    f"its unpacked {FOLDER} folder) into it.") from cause
             raise RuntimeError(
                 f"could not download CIFAR-10 from {exc.url}: {exc.cause}. "
                 f"Looked for the data in {folder}. Without internet, copy the official "
                 f"archive {ARCHIVE} (or its unpacked {FOLDER} folder) into {root}, or "
-                f"point FASTNN_DATA (--data, root=) at the folder that holds it."
-            ) from (exc.cause if isinstance(exc.cause, BaseException) else None)
+                f"point FASTNN_DATA (--data, root=) at the folder that holds it.") from cause
     xs, ys = [], []
     for name in _TRAIN_FILES:
         x, y = _load_batch(os.path.join(folder, name))
@@ -309,10 +326,10 @@ def get_cifar10_data(num_training=49000, num_validation=1000, num_test=1000,
         X_val (num_validation, 3, 32, 32), y_val, X_test (num_test, 3, 32, 32),
         y_test; images float32, labels int64.
     """
-    for name, value in (("num_training", num_training),
-                        ("num_validation", num_validation), ("num_test", num_test)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    # Python ints before any arithmetic: numpy integers would wrap (np.int8(100) + 100 = -56)
+    num_training = as_size(num_training, "num_training")
+    num_validation = as_size(num_validation, "num_validation")
+    num_test = as_size(num_test, "num_test")
     if subtract_mean and num_training == 0:
         raise ValueError("subtract_mean=True needs num_training >= 1 to compute "
                          "the mean image; pass subtract_mean=False or more images.")

@@ -10,11 +10,19 @@ which is the layout these layers read fastest, so a stack of them never
 changes layout. A fast forward's cache goes to the fast backward.
 """
 import types
+from typing import NamedTuple
 
 from fastnn import kernels
 from fastnn.backend import get_array_module
+from fastnn.kernels import reference
 from fastnn.layers import (channels_last_rows, conv_geometry, from_channels_last_rows,
                            pool_geometry)
+
+
+class _EmptyBatch(NamedTuple):
+    """The cache of a fast forward on an empty batch (N = 0), which runs the reference op as
+    the naive layer does: the fast kernels split the batch into chunks and have none."""
+    saved: tuple
 
 
 def conv_forward_fast(x, w, b, conv_param):
@@ -24,6 +32,9 @@ def conv_forward_fast(x, w, b, conv_param):
     """
     xp = get_array_module(x, w, b)
     stride, pad, _, _ = conv_geometry(x, w, b, conv_param, "conv_forward_fast")
+    if x.shape[0] == 0:
+        out, saved = reference.conv_forward(x, w, b, stride, pad)
+        return out, _EmptyBatch(saved)
     return kernels.for_module(xp).conv_forward(x, w, b, stride, pad)
 
 
@@ -32,6 +43,8 @@ def conv_backward_fast(dout, cache, need_dx=True):
 
     With need_dx=False (a first layer) dx is None and its product is skipped.
     """
+    if isinstance(cache, _EmptyBatch):
+        return reference.conv_backward(dout, cache.saved, need_dx)
     xp = get_array_module(dout)
     return kernels.for_module(xp).conv_backward(dout, cache, need_dx)
 
@@ -49,13 +62,18 @@ def conv_pool_forward_fast(x, w, b, conv_param, pool_param):
     conv_shape = (x.shape[0], w.shape[0], out_height, out_width)
     pool_height, pool_width, pool_stride = pool_geometry(
         types.SimpleNamespace(ndim=4, shape=conv_shape), pool_param, "conv_pool_forward_fast")
-    return kernels.for_module(xp).conv_pool_forward(x, w, b, stride, pad, pool_height,
-                                                    pool_width, pool_stride)
+    pool = (pool_height, pool_width, pool_stride)
+    if x.shape[0] == 0:
+        out, saved = reference.conv_pool_forward(x, w, b, stride, pad, *pool)
+        return out, _EmptyBatch(saved)
+    return kernels.for_module(xp).conv_pool_forward(x, w, b, stride, pad, *pool)
 
 
 def conv_pool_backward_fast(dout, cache, need_dx=True):
     """dout (N, F, H'', W'') -> (dx (N, C, H, W) or None, dw, db or None); need_dx as for
     conv_backward_fast."""
+    if isinstance(cache, _EmptyBatch):
+        return reference.conv_pool_backward(dout, cache.saved, need_dx)
     xp = get_array_module(dout)
     return kernels.for_module(xp).conv_pool_backward(dout, cache, need_dx)
 
@@ -64,11 +82,16 @@ def max_pool_forward_fast(x, pool_param):
     """As max_pool_forward_naive: x (N, C, H, W) -> out (N, C, H', W'), H' floored."""
     xp = get_array_module(x)
     pool_height, pool_width, stride = pool_geometry(x, pool_param, "max_pool_forward_fast")
+    if x.shape[0] == 0:
+        out, saved = reference.max_pool_forward(x, pool_height, pool_width, stride)
+        return out, _EmptyBatch(saved)
     return kernels.for_module(xp).max_pool_forward(x, pool_height, pool_width, stride)
 
 
 def max_pool_backward_fast(dout, cache):
     """dout (N, C, H', W') -> dx (N, C, H, W); gradient to each window's first maximum."""
+    if isinstance(cache, _EmptyBatch):
+        return reference.max_pool_backward(dout, cache.saved)
     xp = get_array_module(dout)
     return kernels.for_module(xp).max_pool_backward(dout, cache)
 

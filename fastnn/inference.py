@@ -9,17 +9,18 @@ scores of the image and of its left-right mirror.
 import numpy as np
 
 from fastnn.backend import get_array_module, to_numpy
+from fastnn.checks import as_size
 
 DEFAULT_BATCH_SIZE = 256
 
 
 def _check(X, batch_size, flip):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    """batch_size as a Python int (>= 1); flip only for images."""
+    batch_size = as_size(batch_size, "batch_size", low=1)
     if flip and X.ndim != 4:
         raise ValueError(f"flip averaging mirrors images shaped (N, C, H, W); X has shape "
                          f"{X.shape}: pass flip=False for other inputs")
+    return batch_size
 
 
 def batch_scores(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False):
@@ -28,7 +29,7 @@ def batch_scores(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False):
     Each batch moves to the model's backend (and dtype) on its own, so a
     host X never goes to the device whole.
     """
-    _check(X, batch_size, flip)
+    batch_size = _check(X, batch_size, flip)
     xp = get_array_module(*model.params.values())
     dtype = getattr(model, "dtype", None)
     for start in range(0, X.shape[0], batch_size):
@@ -50,12 +51,35 @@ def predict_scores(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False):
 
 
 def predict(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False):
-    """Predicted labels (N,) (int64, on the model's backend) for X (N, ...), in batches."""
+    """Predicted labels (N,) (int64, on the model's backend) for X (N, ...), in batches.
+
+    Raises ValueError when some images get NaN scores (NaN or infinite pixels, NaN
+    parameters, an overflow): argmax would label them class 0 without a word.
+    """
     xp = get_array_module(*model.params.values())
-    parts = [xp.argmax(scores, axis=1) for _, scores in batch_scores(model, X, batch_size, flip)]
-    if not parts:
+    labels, nan_rows = [], []
+    for _, scores in batch_scores(model, X, batch_size, flip):
+        labels.append(xp.argmax(scores, axis=1))
+        nan_rows.append(xp.isnan(scores).any(axis=1))
+    if not labels:
         return xp.zeros(0, dtype=np.int64)
-    return xp.concatenate(parts).astype(np.int64, copy=False)
+    nan_rows = xp.concatenate(nan_rows)
+    if bool(nan_rows.any()):  # one device read per call: predict hands labels to the user
+        _refuse_nan_scores(X, to_numpy(nan_rows))
+    return xp.concatenate(labels).astype(np.int64, copy=False)
+
+
+def _refuse_nan_scores(X, nan_rows):
+    """ValueError naming the images (rows of X) whose scores are NaN, and the likely cause."""
+    rows = np.flatnonzero(nan_rows)
+    shown = ", ".join(str(i) for i in rows[:5]) + (", ..." if rows.size > 5 else "")
+    xp = get_array_module(X)
+    bad_pixels = int(xp.count_nonzero(~xp.isfinite(xp.asarray(X)))) if X.dtype.kind in "fc" else 0
+    cause = (f"X holds {bad_pixels} NaN or infinite values: clean or drop those images"
+             if bad_pixels else "X is finite, so the model's parameters hold NaN or its scores "
+             "overflow: check the model (e.g. the run that trained it)")
+    raise ValueError(f"the scores of {rows.size} of {nan_rows.size} images are NaN (rows "
+                     f"{shown}), so they have no predicted class; {cause}")
 
 
 def count_correct(model, X, y, batch_size=DEFAULT_BATCH_SIZE, flip=False):
@@ -80,7 +104,7 @@ def accuracy(model, X, y, batch_size=DEFAULT_BATCH_SIZE, flip=False):
 def plain_and_flip_accuracy(model, X, y, batch_size=DEFAULT_BATCH_SIZE):
     """(accuracy without, accuracy with flip averaging) of X (N, C, H, W) against y (N,),
     Python floats, from one pass: each batch is scored once as given and once mirrored."""
-    _check(X, batch_size, flip=True)
+    batch_size = _check(X, batch_size, flip=True)
     xp = get_array_module(*model.params.values())
     y = xp.asarray(y)
     if y.shape != (X.shape[0],):

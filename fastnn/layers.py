@@ -21,6 +21,7 @@ import numpy as np
 from fastnn import kernels
 from fastnn.kernels import reference
 from fastnn.backend import get_array_module, module_by_name
+from fastnn.checks import as_size
 
 
 def affine_forward(x, w, b):
@@ -411,10 +412,8 @@ def conv_geometry(x, w, b, conv_param, where="conv_forward"):
         raise ValueError(f"{where}: x of shape {x.shape} needs w of shape "
                          f"(F, {x.shape[1]}, HH, WW) and b of shape (F,); got w {w.shape} and "
                          f"b {None if b is None else b.shape}")
-    stride, pad = int(conv_param["stride"]), int(conv_param["pad"])
-    if stride < 1 or pad < 0:
-        raise ValueError(f"{where}: stride must be >= 1 and pad >= 0, got stride {stride}, "
-                         f"pad {pad}")
+    stride = as_size(conv_param["stride"], f"{where}: conv_param['stride']", low=1)
+    pad = as_size(conv_param["pad"], f"{where}: conv_param['pad']", low=0)
     sizes = []
     for axis, name in ((2, "H"), (3, "W")):
         size, filter_size = x.shape[axis], w.shape[axis]
@@ -435,11 +434,9 @@ def pool_geometry(x, pool_param, where="max_pool_forward"):
     """Check a max pool's arguments -> (pool_height, pool_width, stride)."""
     if getattr(x, "ndim", None) != 4:
         raise ValueError(f"{where}: x must be 4-D (N, C, H, W), got shape {x.shape}")
-    pool_height, pool_width = int(pool_param["pool_height"]), int(pool_param["pool_width"])
-    stride = int(pool_param["stride"])
-    if pool_height < 1 or pool_width < 1 or stride < 1:
-        raise ValueError(f"{where}: pool_height, pool_width and stride must be >= 1, got "
-                         f"{pool_height}, {pool_width}, {stride}")
+    pool_height, pool_width, stride = (as_size(pool_param[key], f"{where}: pool_param[{key!r}]",
+                                               low=1)
+                                       for key in ("pool_height", "pool_width", "stride"))
     if pool_height > x.shape[2] or pool_width > x.shape[3]:
         raise ValueError(f"{where}: the {pool_height}x{pool_width} window is larger than the "
                          f"{x.shape[2]}x{x.shape[3]} input")

@@ -20,6 +20,7 @@ import numpy as np
 
 from fastnn import kernels
 from fastnn.backend import get_array_module
+from fastnn.checks import as_real
 
 
 class Rule(NamedTuple):
@@ -69,6 +70,27 @@ def check_config_keys(rule, config, where):
     if unknown:
         raise ValueError(f"{where} has unknown keys {unknown} for update rule {rule!r}; "
                          f"known: {sorted(DEFAULTS[rule])}")
+
+
+# Each hyperparameter's allowed values: (low, high, low end open, high end open), all finite.
+_INF = float("inf")
+RANGES = {"learning_rate": (0, _INF, True, False), "momentum": (0, 1, False, True),
+          "decay_rate": (0, 1, False, True), "beta1": (0, 1, False, True),
+          "beta2": (0, 1, False, True), "epsilon": (0, _INF, True, False),
+          "weight_decay": (0, _INF, False, False)}
+
+
+def check_config(rule, config, where):
+    """`config` with its hyperparameters as Python floats; ValueError for an unknown key
+    (check_config_keys) or a value out of its range (RANGES: a positive learning rate,
+    momentum and decay rates in [0, 1), ...), TypeError for one that is not a number."""
+    check_config_keys(rule, config, where)
+    checked = dict(config)
+    for key, value in config.items():
+        low, high, low_open, high_open = RANGES[key]
+        checked[key] = as_real(value, f"{where}[{key!r}]", low, high, low_open=low_open,
+                               high_open=high_open)
+    return checked
 
 
 def _config(name, config):

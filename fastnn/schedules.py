@@ -10,6 +10,8 @@ iteration, so a resumed run gets the same rates.
 """
 import math
 
+from fastnn.checks import as_optional_size, as_real
+
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 DEFAULTS = {
     "constant": {},
@@ -29,7 +31,19 @@ def check_schedule(schedule, config=None):
     if unknown:
         raise ValueError(f"unknown options {unknown} for lr_schedule {name!r}; "
                          f"known: {sorted(DEFAULTS[name])}")
-    return {**DEFAULTS[name], **config}
+    config = {**DEFAULTS[name], **config}
+    for key, value in config.items():
+        where = f"lr_schedule_config[{key!r}]"
+        if key == "step_epochs":
+            config[key] = as_optional_size(value, where, low=1)
+        elif key in _UNIT_INTERVAL:
+            config[key] = as_real(value, where, 0, 1)
+        else:  # gamma and the divisors
+            config[key] = as_real(value, where, 0, math.inf, low_open=True)
+    return config
+
+
+_UNIT_INTERVAL = ("min_factor", "pct_start")
 
 
 def _cosine(start, end, fraction):

@@ -17,6 +17,7 @@ import numpy as np
 
 from fastnn import inference, kernels, optim, schedules
 from fastnn.backend import get_array_module, to_numpy
+from fastnn.checks import as_optional_size, as_real, as_size
 from fastnn.classifiers.base import check_roles, norm_params
 from fastnn.interrupt import TrainingInterrupted, stop_requests
 from fastnn.serialization import (CHECKPOINT_FORMAT, STATISTICS, model_state, read_checkpoint,
@@ -62,9 +63,8 @@ def check_augment(augment, X_train):
     if X_train.ndim != 4:
         raise ValueError(f"augment needs images shaped (N, C, H, W); X_train has shape "
                          f"{X_train.shape}")
-    if not 0 <= int(options["crop_padding"]) < min(X_train.shape[2:]):
-        raise ValueError(f"crop_padding must be in [0, {min(X_train.shape[2:])}), "
-                         f"got {options['crop_padding']}")
+    options["crop_padding"] = as_size(options["crop_padding"], "crop_padding", low=0,
+                                      high=min(X_train.shape[2:]) - 1)
     return options
 
 
@@ -112,7 +112,7 @@ class Solver:
         """With a schedule, the learning rate is base * this: lr_decay**epoch * the factor."""
         per_epoch = self.iterations_per_epoch
         return self.lr_decay ** self.epoch * schedules.lr_factor(
-            self.lr_schedule, self._t, int(self.num_epochs) * per_epoch, per_epoch,
+            self.lr_schedule, self._t, self.num_epochs * per_epoch, per_epoch,
             self.lr_schedule_config)
 
     def _next_batch(self, t):
@@ -134,7 +134,7 @@ class Solver:
             X_batch = kernels.for_module(xp).flip_crop(X_batch, self._augment_seed,
                                                        self._step_index,
                                                        self.augment["flip"],
-                                                       int(self.augment["crop_padding"]))
+                                                       self.augment["crop_padding"])
         return X_batch, y_batch
 
     def __init__(self, model, data, **kwargs):
@@ -149,11 +149,15 @@ class Solver:
                              f"choose one of {sorted(optim.RULES)}")
         if self.sampling not in ("epoch", "replacement"):
             raise ValueError(f"sampling must be 'epoch' or 'replacement', got {self.sampling!r}")
-        if int(self.batch_size) < 1 or int(self.num_epochs) < 0 or int(self.print_every) < 1:
-            raise ValueError("batch_size and print_every must be >= 1 and num_epochs >= 0; got "
-                             f"{self.batch_size}, {self.print_every}, {self.num_epochs}")
-        self.optim_config = dict(self.optim_config or {})
-        optim.check_config_keys(self.update_rule, self.optim_config, "optim_config")
+        self.batch_size = as_size(self.batch_size, "batch_size", low=1)
+        self.num_epochs = as_size(self.num_epochs, "num_epochs")
+        self.print_every = as_size(self.print_every, "print_every", low=1)
+        self.num_train_samples = as_optional_size(self.num_train_samples, "num_train_samples",
+                                                  low=1)
+        self.num_val_samples = as_optional_size(self.num_val_samples, "num_val_samples", low=1)
+        self.lr_decay = as_real(self.lr_decay, "lr_decay", 0, math.inf, low_open=True)
+        self.optim_config = optim.check_config(self.update_rule, self.optim_config or {},
+                                               "optim_config")
         self.lr_schedule_config = schedules.check_schedule(self.lr_schedule,
                                                            self.lr_schedule_config)
         self.model = model
@@ -266,6 +270,7 @@ class Solver:
         run in batches of `batch_size` (fastnn.inference); correct counts stay
         on the device. flip: average each image's scores with its mirror's.
         """
+        num_samples = as_optional_size(num_samples, "num_samples", low=1)
         xp = self._xp
         X, y = xp.asarray(X), xp.asarray(y)
         n = X.shape[0]
@@ -308,7 +313,7 @@ class Solver:
     def train(self):
         """Run the optimisation; afterwards model.params holds the best parameters seen."""
         per_epoch = self.iterations_per_epoch
-        total = int(self.num_epochs) * per_epoch
+        total = self.num_epochs * per_epoch
         bar = None
         if not self.best_params:  # the initial parameters: a finite fallback from the start
             self._keep_as_best()

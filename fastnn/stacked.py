@@ -39,6 +39,7 @@ import numpy as np
 
 from fastnn import optim
 from fastnn.backend import get_array_module, to_numpy, use_backend, xp as active_xp
+from fastnn.checks import as_size
 from fastnn.classifiers import FullyConnectedNet
 from fastnn.classifiers.base import member_blocks
 from fastnn.serialization import STATISTICS
@@ -70,7 +71,7 @@ def _check_member(index, member):
         raise ValueError(f"member {index}: dropout is the probability of dropping a unit and "
                          f"must be in [0, 1), got {m['dropout']}")
     return {"weight_scale": float(m["weight_scale"]), "reg": float(m["reg"]),
-            "dropout": float(m["dropout"]), "seed": int(m["seed"])}
+            "dropout": float(m["dropout"]), "seed": as_size(m["seed"], f"member {index}: seed")}
 
 
 class StackedFullyConnectedNet(FullyConnectedNet):
@@ -86,14 +87,16 @@ class StackedFullyConnectedNet(FullyConnectedNet):
 
     def __init__(self, hidden_dims, members, input_dim=3 * 32 * 32, num_classes=10,
                  use_batchnorm=False, dtype=np.float32):
-        hidden_dims = [int(h) for h in hidden_dims]
+        hidden_dims = [as_size(h, f"hidden_dims[{i}]", low=1) for i, h in enumerate(hidden_dims)]
         if not hidden_dims:
             raise ValueError("a stack needs at least one hidden layer (hidden_dims is empty)")
         members = [_check_member(i, m) for i, m in enumerate(members)]
         if not members:
             raise ValueError("a stack needs at least one member")
         self.dtype = np.dtype(dtype)
-        self.hidden_dims, self.input_dim, self.num_classes = hidden_dims, int(input_dim), int(num_classes)
+        self.hidden_dims = hidden_dims
+        self.input_dim = as_size(input_dim, "input_dim", low=1)
+        self.num_classes = as_size(num_classes, "num_classes", low=1)
         self.use_batchnorm = bool(use_batchnorm)
         self.normalization = "batchnorm" if self.use_batchnorm else None
         self.ln_params = []  # layernorm members are not stacked yet
@@ -290,13 +293,13 @@ class StackedSolver(Solver):
         """One filled config per member; the shared hyperparameters kept in self._shared."""
         k_count = self.stack.num_members
         configs = [{} for _ in range(k_count)] if optim_configs is None else [
-            dict(c or {}) for c in optim_configs]
+            optim.check_config(self.update_rule, c or {}, f"optim_configs[{k}]")
+            for k, c in enumerate(optim_configs)]
         if len(configs) != k_count:
             raise ValueError(f"optim_configs has {len(configs)} entries for a stack of "
                              f"{k_count} members; give one dict per member")
         defaults = optim.DEFAULTS[self.update_rule]
-        for k, config in enumerate(configs):
-            optim.check_config_keys(self.update_rule, config, f"optim_configs[{k}]")
+        for config in configs:
             for key, value in defaults.items():
                 config.setdefault(key, value)
         self._shared = {}

@@ -9,6 +9,8 @@ threads of their own right after its products.
 """
 import os
 
+from fastnn.checks import as_size
+
 _blas_limiter = None
 _num_threads = None  # set by set_num_threads; None: NUMBA_NUM_THREADS
 
@@ -26,12 +28,13 @@ def set_num_threads(n):
     import numba
 
     limit = numba.config.NUMBA_NUM_THREADS
-    if not 1 <= int(n) <= limit:
+    n = as_size(n, "the thread count")
+    if not 1 <= n <= limit:
         raise ValueError(f"thread count must be in [1, {limit}] (NUMBA_NUM_THREADS), got {n}")
     global _num_threads
-    numba.set_num_threads(int(n))  # for the user's own parallel Numba code
+    numba.set_num_threads(n)  # for the user's own parallel Numba code
     _limit_blas(n)
-    _num_threads = int(n)
+    _num_threads = n
 
 
 def get_num_threads():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastnn
-from fastnn.classifiers import ConvNet, FullyConnectedNet, TwoLayerNet
+from fastnn.classifiers import ConvNet, FullyConnectedNet, ThreeLayerConvNet, TwoLayerNet
 from fastnn.gradient_check import eval_numerical_gradient, rel_error
 
 GRAD_TOL = 1e-6
@@ -456,10 +456,37 @@ def test_out_of_range_labels_give_a_nan_loss_on_every_backend(backend, bad):
 
 
 def test_zero_width_layers_are_refused():
-    with pytest.raises(ValueError, match=r"hidden_dims must be layer widths >= 1, got \[8, 0\]"):
+    with pytest.raises(ValueError, match=r"hidden_dims\[1\] must be an integer >= 1, got 0"):
         FullyConnectedNet([8, 0])
-    with pytest.raises(ValueError, match="hidden_dim must be a layer width >= 1, got 0"):
+    with pytest.raises(ValueError, match="hidden_dim must be an integer >= 1, got 0"):
         TwoLayerNet(hidden_dim=0)
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda v: TwoLayerNet(input_dim=12, hidden_dim=v), "hidden_dim"),
+    (lambda v: TwoLayerNet(input_dim=v), "input_dim"),
+    (lambda v: FullyConnectedNet([4, v], input_dim=12), r"hidden_dims\[1\]"),
+    (lambda v: FullyConnectedNet([4], input_dim=12, num_classes=v), "num_classes"),
+    (lambda v: ThreeLayerConvNet(input_dim=(3, 8, 8), num_filters=v), "num_filters"),
+    (lambda v: ThreeLayerConvNet(input_dim=(3, 8, 8), filter_size=v), "filter_size"),
+    (lambda v: ThreeLayerConvNet(input_dim=(3, 8, v)), r"input_dim\[2\]"),
+    (lambda v: ConvNet(widths=(4, v), stem_width=2, input_dim=(3, 8, 8)), r"widths\[1\]"),
+    (lambda v: ConvNet(widths=(4,), stem_width=v, input_dim=(3, 8, 8)), "stem_width"),
+])
+def test_sizes_are_integers(make, name):
+    """Numpy integers are taken exactly (the init_args hold Python ints, as fastnn.save needs);
+    floats, even integral ones, strings and booleans are refused, naming the argument."""
+    model = make(np.int16(3))
+    assert all(type(v) is int for v in _ints_in(model.init_args))
+    for bad in (2.5, 3.0, "3", True):
+        with pytest.raises(TypeError, match=f"{name} must be an integer, got {bad!r}"):
+            make(bad)
+
+
+def _ints_in(args):
+    """The integers of init_args (in lists too), numpy ones included."""
+    values = [v for value in args.values() for v in (value if isinstance(value, list) else [value])]
+    return [v for v in values if isinstance(v, (int, np.integer)) and not isinstance(v, bool)]
 
 
 # -- ConvNet --------------------------------------------------------------------------------

@@ -204,6 +204,21 @@ def test_no_network_message(tmp_path):
     assert not root.exists()  # the data folder it made for the download is gone too
 
 
+def test_a_given_folder_that_does_not_exist_is_named(tmp_path, monkeypatch):
+    """--data /nonexistent (root= or FASTNN_DATA): "no such folder", not just a failed download."""
+    url, missing = _closed_port_url(), tmp_path / "no" / "such"
+    with pytest.raises(RuntimeError, match=f"no such folder: the CIFAR-10 data folder {missing} "
+                                           f"does not exist \\(looked for {missing / FOLDER}") as info:
+        data.load_cifar10(missing, url=url)
+    assert url in str(info.value) and "--data" in str(info.value)
+    monkeypatch.setenv("FASTNN_DATA", str(missing))
+    with pytest.raises(RuntimeError, match=f"no such folder.*{missing}"):
+        data.load_cifar10(url=url)
+    with pytest.raises(FileNotFoundError, match=f"no such folder: {missing} does not exist"):
+        data.load_cifar10(download=False)
+    assert not missing.exists() and not missing.parent.exists()
+
+
 def test_http_error_is_reported(tmp_path, archive, serve):
     base = serve(functools.partial(_QuietHandler, directory=str(archive.dir)))
     url = base + "/missing.tar.gz"
@@ -345,6 +360,27 @@ def test_get_cifar10_data_rejects_bad_sizes(tmp_path, archive, kwargs, match):
     kwargs = dict(dict(num_validation=0, num_test=0), **kwargs)
     with pytest.raises(ValueError, match=match):
         data.get_cifar10_data(root=root, **kwargs)
+
+
+def test_get_cifar10_data_takes_numpy_integer_sizes_exactly(tmp_path, archive):
+    """Sizes become Python ints first: numpy integers neither wrap nor shift the split."""
+    root = _populate(tmp_path / "root", archive)
+    out = data.get_cifar10_data(num_training=np.int8(70), num_validation=np.uint16(20),
+                                num_test=np.int64(10), root=root)
+    assert [len(out[k]) for k in ("X_train", "X_val", "X_test")] == [70, 20, 10]
+    np.testing.assert_array_equal(out["y_val"], archive.train_labels[70:90])
+    # np.int8(90) + np.int8(90) wraps to -76, which would pass the size check
+    with pytest.raises(ValueError, match=r"90 \+ 90 = 180 exceeds the 100"):
+        data.get_cifar10_data(num_training=np.int8(90), num_validation=np.int8(90), root=root)
+    with pytest.raises(ValueError, match="18446744073709551615"):
+        data.get_cifar10_data(num_training=10, num_validation=np.uint64(2**64 - 1), root=root)
+
+
+@pytest.mark.parametrize("value", [2.5, 70.0, "3", True, None])
+def test_get_cifar10_data_refuses_sizes_that_are_not_integers(tmp_path, archive, value):
+    root = _populate(tmp_path / "root", archive)
+    with pytest.raises(TypeError, match=f"num_validation must be an integer, got.*{value!r}"):
+        data.get_cifar10_data(num_training=10, num_validation=value, root=root)
 
 
 def test_aliases_and_classes():

@@ -131,6 +131,52 @@ def test_max_pool_fast_tie_rule(backend, dtype):
     np.testing.assert_array_equal(dx, expected)
 
 
+@pytest.mark.parametrize("pool", [(2, 2, 2), (3, 3, 1), (2, 3, 1)])
+def test_max_pool_fast_nan_rule(backend, dtype, pool):
+    """A window holding NaN pools to NaN, its gradient to its first NaN (row-major), as the
+    naive layer's np.argmax does: a NaN after a larger value, before one, two NaNs, inf."""
+    xp = backend
+    x = np.random.default_rng(12).standard_normal((2, 2, 6, 6))
+    x[0, 0, 0, 1] = x[0, 0, 1, 0] = np.nan    # two NaNs in the first window
+    x[0, 0, 0, 0] = 9.0                       # after the window's largest value
+    x[0, 1, 2, 2] = np.nan                    # before a larger value
+    x[0, 1, 3, 3] = 9.0
+    x[1, 0, 4, 5], x[1, 0, 5, 4] = np.inf, np.nan
+    x[1, 1] = np.nan                          # every value
+    pool_height, pool_width, stride = pool
+    pool_param = {"pool_height": pool_height, "pool_width": pool_width, "stride": stride}
+    out, cache = fast_layers.max_pool_forward_fast(xp.asarray(x, dtype=dtype), pool_param)
+    out_naive, cache_naive = layers.max_pool_forward_naive(x.astype(dtype), pool_param)
+    assert np.isnan(_host(out)).any()
+    np.testing.assert_array_equal(_host(out), out_naive)  # NaN where the naive layer has NaN
+    dout = np.random.default_rng(13).standard_normal(out.shape).astype(dtype)
+    dx = fast_layers.max_pool_backward_fast(xp.asarray(dout), cache)
+    _close(dx, layers.max_pool_backward_naive(dout, cache_naive), dtype)
+
+
+@pytest.mark.parametrize("channels", [3, 8])  # 8 channels: the Winograd (and fused pool) path
+def test_fast_layers_take_an_empty_batch_as_the_naive_ones(backend, dtype, channels):
+    """N = 0: empty outputs of the naive layers' shapes, and backwards that give empty dx."""
+    xp = backend
+    x = xp.zeros((0, channels, 6, 6), dtype=dtype)
+    w = xp.asarray(np.random.default_rng(14).standard_normal((5, channels, 3, 3)), dtype=dtype)
+    b = xp.zeros(5, dtype=dtype)
+    conv_param, pool_param = {"stride": 1, "pad": 1}, {"pool_height": 2, "pool_width": 2,
+                                                       "stride": 2}
+    out, cache = fast_layers.conv_forward_fast(x, w, b, conv_param)
+    assert out.shape == layers.conv_forward_naive(x, w, b, conv_param)[0].shape == (0, 5, 6, 6)
+    dx, dw, db = fast_layers.conv_backward_fast(xp.zeros(out.shape, dtype=dtype), cache)
+    assert dx.shape == x.shape and dw.shape == w.shape and db.shape == (5,)
+    assert not _host(dw).any() and dw.dtype == dtype
+    pooled, pool_cache = fast_layers.max_pool_forward_fast(x, pool_param)
+    assert pooled.shape == (0, channels, 3, 3) and pooled.dtype == dtype
+    assert fast_layers.max_pool_backward_fast(pooled, pool_cache).shape == x.shape
+    out, cache = fast_layers.conv_pool_forward_fast(x, w, None, conv_param, pool_param)
+    assert out.shape == (0, 5, 3, 3)
+    dx, dw, db = fast_layers.conv_pool_backward_fast(out, cache, need_dx=False)
+    assert dx is None and db is None and dw.shape == w.shape
+
+
 def test_fast_layers_reject_bad_input():
     x = np.zeros((1, 2, 5, 5))
     with pytest.raises(ValueError, match=r"5 \+ 2\*1 - 3 = 4 is not divisible by the stride 3"):

@@ -84,6 +84,31 @@ def test_empty_input_and_bad_arguments():
         inference.count_correct(model, X, y[:5])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN through the matmuls
+def test_predict_refuses_nan_scores(backend):
+    """All-NaN images got class 0 without a word: the images with NaN scores are named."""
+    model, X, _ = small_model_and_images(n=12)
+    X[[3, 7]] = np.nan
+    X[9, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"the scores of 3 of 12 images are NaN \(rows 3, 7, 9\)"
+                                         r".*X holds \d+ NaN or infinite values"):
+        inference.predict(model, X, batch_size=5)
+    for name in model.params:  # finite images, NaN parameters
+        model.params[name][...] = np.nan
+        break
+    with pytest.raises(ValueError, match="12 of 12 images.*the model's parameters hold NaN"):
+        inference.predict(model, np.zeros_like(X), flip=True)
+
+
+def test_batch_sizes_are_integers():
+    model, X, _ = small_model_and_images()
+    labels = inference.predict(model, X)
+    np.testing.assert_array_equal(inference.predict(model, X, batch_size=np.int8(5)), labels)
+    for bad in (2.5, "5", True):
+        with pytest.raises(TypeError, match=f"batch_size must be an integer, got {bad!r}"):
+            inference.predict(model, X, batch_size=bad)
+
+
 def test_solver_check_accuracy_runs_in_batches_with_optional_flip():
     model, X, y = small_model_and_images(n=40)
     data = {"X_train": X, "y_train": y, "X_val": X, "y_val": y}

@@ -1055,6 +1055,28 @@ def test_conv_pool_ties_go_to_the_first_tap():
     np.testing.assert_allclose(db, db_ref)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_pool_takes_the_first_nan(dtype):
+    """The fused pool of the Winograd output tiles against the reference pool of the same
+    tiles unpooled: a window holding NaN pools to its first NaN (row-major), as np.argmax."""
+    from fastnn.kernels import cpu
+
+    rng = np.random.default_rng(3)
+    filters, tiles = 6, 4  # one 4x4 image: 2x2 tiles of 2x2 outputs
+    m = rng.standard_normal((tiles, 16, filters)).astype(dtype)
+    m[rng.random(m.shape) < 0.05] = np.nan  # each lands in some of a tile's four outputs
+    bias = rng.standard_normal(filters).astype(dtype)
+    out = np.empty((1, 4, 4, filters), dtype)
+    cpu._winograd_output(m.copy(), 0, 1, bias, out)  # it transforms m in place
+    pooled, argmax = np.empty((1, 2, 2, filters), dtype), np.empty((1, 2, 2, filters), np.uint8)
+    cpu._winograd_output_pool(m.copy(), 0, 1, bias, pooled, argmax)
+    expected, (_, expected_argmax, *_) = reference.max_pool_forward(
+        out.transpose(0, 3, 1, 2), 2, 2, 2)
+    assert np.isnan(expected).any() and not np.isnan(expected).all()
+    np.testing.assert_array_equal(pooled.transpose(0, 3, 1, 2), expected)
+    np.testing.assert_array_equal(argmax.transpose(0, 3, 1, 2), expected_argmax)
+
+
 def test_winograd_takes_the_3x3_same_convs_of_enough_channels():
     from fastnn.kernels import cpu
 

@@ -655,6 +655,30 @@ def test_conv_rejects_bad_sizes(forward):
         conv(x, np.zeros((2, 4, 3, 3)), b, {"stride": 1, "pad": 1})
 
 
+@pytest.mark.parametrize("layer", ["conv_forward_naive", "conv_forward_fast",
+                                   "max_pool_forward_naive", "max_pool_forward_fast"])
+def test_conv_and_pool_params_are_integers(layer):
+    """A stride of 1.5 was floored to 1 without a word; numpy integers are taken exactly."""
+    from fastnn import fast_layers
+
+    forward = getattr(layers, layer, None) or getattr(fast_layers, layer)
+    x, w = np.random.default_rng(16).standard_normal((1, 2, 5, 5)), np.ones((1, 2, 3, 3))
+    if layer.startswith("conv"):
+        key, param = "stride", {"stride": 2, "pad": 1}
+        run = lambda p: forward(x, w, np.zeros(1), p)[0]  # noqa: E731
+    else:
+        key, param = "pool_width", {"pool_height": 2, "pool_width": 2, "stride": 1}
+        run = lambda p: forward(x, p)[0]  # noqa: E731
+    expected = run(param)
+    np.testing.assert_array_equal(run({k: np.int8(v) for k, v in param.items()}), expected)
+    for bad in (1.5, 2.0, "2", True):
+        with pytest.raises(TypeError, match=rf"{layer}: \w+_param\['{key}'\] must be an "
+                                            f"integer, got {bad!r}"):
+            run({**param, key: bad})
+    with pytest.raises(ValueError, match=rf"\['{key}'\] must be an integer >= 1, got 0"):
+        run({**param, key: 0})
+
+
 POOL_CASES = [((2, 3, 4, 4), 2, 2, 2), ((1, 2, 5, 7), 2, 3, 2), ((2, 2, 5, 5), 3, 3, 1)]
 
 

@@ -152,6 +152,67 @@ def test_unknown_optim_config_key_is_named(rule, key):
         Solver(_small(), _small_data(), update_rule=rule, optim_config={key: 0.1})
 
 
+@pytest.mark.parametrize("options, error, match", [
+    (dict(num_epochs=2.5), TypeError, "num_epochs must be an integer, got 2.5"),
+    (dict(batch_size="10"), TypeError, "batch_size must be an integer, got '10'"),
+    (dict(print_every=True), TypeError, "print_every must be an integer, got True"),
+    (dict(batch_size=0), ValueError, "batch_size must be an integer >= 1, got 0"),
+    (dict(num_epochs=-1), ValueError, "num_epochs must be an integer >= 0, got -1"),
+    (dict(num_train_samples=0), ValueError, "num_train_samples must be an integer >= 1, got 0"),
+    (dict(num_val_samples=1.5), TypeError, "num_val_samples must be an integer, got 1.5"),
+    (dict(lr_decay=0), ValueError, "lr_decay must be a positive finite number, got 0"),
+    (dict(lr_decay=float("nan")), ValueError, "lr_decay must be a positive finite number"),
+    (dict(optim_config={"learning_rate": -1}), ValueError,
+     r"optim_config\['learning_rate'\] must be a positive finite number, got -1"),
+    (dict(optim_config={"learning_rate": float("inf")}), ValueError,
+     r"optim_config\['learning_rate'\] must be a positive finite number, got inf"),
+    (dict(optim_config={"learning_rate": "1e-3"}), TypeError,
+     r"optim_config\['learning_rate'\] must be a number, got '1e-3'"),
+    (dict(update_rule="sgd_momentum", optim_config={"momentum": 1.0}), ValueError,
+     r"optim_config\['momentum'\] must be a finite number in \[0, 1\), got 1.0"),
+    (dict(update_rule="adam", optim_config={"beta2": -0.1}), ValueError, r"\['beta2'\]"),
+    (dict(update_rule="rmsprop", optim_config={"decay_rate": 1.5}), ValueError,
+     r"\['decay_rate'\]"),
+    (dict(update_rule="adam", optim_config={"epsilon": 0}), ValueError, r"\['epsilon'\]"),
+    (dict(update_rule="adamw", optim_config={"weight_decay": -1e-4}), ValueError,
+     r"optim_config\['weight_decay'\] must be a finite number >= 0"),
+    (dict(lr_schedule="step", lr_schedule_config={"step_epochs": 1.5}), TypeError,
+     r"lr_schedule_config\['step_epochs'\] must be an integer, got 1.5"),
+    (dict(lr_schedule="step", lr_schedule_config={"gamma": -0.5}), ValueError,
+     r"lr_schedule_config\['gamma'\] must be a positive finite number, got -0.5"),
+    (dict(lr_schedule="onecycle", lr_schedule_config={"pct_start": 2}), ValueError,
+     r"lr_schedule_config\['pct_start'\] must be a finite number in \[0, 1\], got 2"),
+])
+def test_bad_option_values_are_named(options, error, match):
+    with pytest.raises(error, match=match):
+        Solver(_small(), _small_data(), verbose=False, **options)
+
+
+def test_bad_crop_padding_is_named():
+    model = FullyConnectedNet([8], input_dim=3 * 8 * 8, seed=0)
+    with pytest.raises(TypeError, match="crop_padding must be an integer, got 2.5"):
+        Solver(model, _data(), verbose=False, augment={"crop_padding": 2.5})
+    with pytest.raises(ValueError, match=r"crop_padding must be an integer in \[0, 7\], got 8"):
+        Solver(model, _data(), verbose=False, augment={"crop_padding": 8})
+
+
+def test_numpy_integer_and_float_options_become_python_numbers():
+    """Numpy scalars (e.g. from a grid made with np.arange) are taken exactly."""
+    solver = Solver(_small(), _small_data(), verbose=False, seed=0, batch_size=np.int8(10),
+                    num_epochs=np.uint64(2), print_every=np.int16(5), num_train_samples=np.int32(20),
+                    lr_decay=np.float32(0.5), update_rule="sgd_momentum",
+                    optim_config={"learning_rate": np.float64(0.01), "momentum": np.float32(0.5)})
+    for value in (solver.batch_size, solver.num_epochs, solver.print_every,
+                  solver.num_train_samples):
+        assert type(value) is int
+    assert type(solver.lr_decay) is float
+    assert all(type(v) is float for v in solver.optim_config.values())
+    solver.train()
+    assert len(solver.loss_history) == 2 * 4  # 40 images in batches of 10, two epochs
+    with pytest.raises(TypeError, match="num_samples must be an integer, got 2.5"):
+        solver.check_accuracy(solver.X_val, solver.y_val, num_samples=2.5)
+
+
 def test_lr_decay_each_epoch(backend):
     solver = Solver(_small(), _small_data(), update_rule="sgd_momentum",
                     optim_config={"learning_rate": 0.01}, lr_decay=0.5, num_epochs=3,

@@ -145,6 +145,23 @@ def test_bad_arguments():
         stack.member(7)
 
 
+def test_sizes_and_member_hyperparameters_are_checked():
+    stack = StackedFullyConnectedNet([np.int8(4)], MEMBERS, input_dim=np.int16(48),
+                                     num_classes=np.uint8(10))
+    assert [type(v) for v in (*stack.hidden_dims, stack.input_dim, stack.num_classes)] == [int] * 3
+    with pytest.raises(TypeError, match=r"hidden_dims\[0\] must be an integer, got 4.5"):
+        StackedFullyConnectedNet([4.5], MEMBERS, input_dim=48)
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"):
+        StackedFullyConnectedNet([4], MEMBERS, input_dim=48, num_classes=0)
+    with pytest.raises(ValueError, match=r"optim_configs\[1\]\['learning_rate'\] must be a "
+                                         "positive finite number, got -0.1"):
+        StackedSolver(stack, _data(), optim_configs=[{}, {"learning_rate": -0.1}, {}])
+    with pytest.raises(TypeError, match="num_epochs must be an integer, got 2.5"):
+        StackedSolver(stack, _data(), num_epochs=2.5)
+    with pytest.raises(TypeError, match="member 0: seed must be an integer, got 1.5"):
+        StackedFullyConnectedNet([4], [dict(seed=1.5)], input_dim=48)  # was floored to 1
+
+
 # -- StackedSolver = K Solvers ---------------------------------------------------
 class _KeepFinal(Solver):
     """A Solver that leaves model.params at the last step (Solver restores the best)."""

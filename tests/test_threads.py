@@ -66,6 +66,8 @@ def test_set_num_threads_rejects_a_bad_count():
         fastnn.set_num_threads(0)
     with pytest.raises(ValueError, match="thread count"):
         fastnn.set_num_threads(numba.config.NUMBA_NUM_THREADS + 1)
+    with pytest.raises(TypeError, match="the thread count must be an integer, got 1.5"):
+        fastnn.set_num_threads(1.5)  # was floored to 1
 
 
 def test_numba_num_threads_is_respected_by_blas_too():

@@ -6,6 +6,7 @@ conv - relu - 2x2 max pool - affine - relu - affine - softmax, on images
 """
 import numpy as np
 
+from fastnn.checks import as_size, as_sizes
 from fastnn.classifiers.base import Classifier, standard_normal
 from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, max_pool_backward_fast,
                                 max_pool_forward_fast)
@@ -26,15 +27,14 @@ class ThreeLayerConvNet(Classifier):
 
     def __init__(self, input_dim=(3, 32, 32), num_filters=32, filter_size=7, hidden_dim=100,
                  num_classes=10, weight_scale=1e-3, reg=0.0, dtype=np.float32):
-        input_dim = tuple(int(d) for d in input_dim)
-        if len(input_dim) != 3 or min(input_dim) < 1:
+        input_dim = tuple(as_sizes(input_dim, "input_dim", low=1))
+        if len(input_dim) != 3:
             raise ValueError(f"input_dim must be (C, H, W) with positive sizes, got {input_dim}")
         channels, height, width = input_dim
-        num_filters, filter_size = int(num_filters), int(filter_size)
-        hidden_dim, num_classes = int(hidden_dim), int(num_classes)
-        if min(num_filters, filter_size, hidden_dim, num_classes) < 1:
-            raise ValueError(f"num_filters, filter_size, hidden_dim and num_classes must be >= 1; "
-                             f"got {num_filters}, {filter_size}, {hidden_dim}, {num_classes}")
+        num_filters = as_size(num_filters, "num_filters", low=1)
+        filter_size = as_size(filter_size, "filter_size", low=1)
+        hidden_dim = as_size(hidden_dim, "hidden_dim", low=1)
+        num_classes = as_size(num_classes, "num_classes", low=1)
         pad = (filter_size - 1) // 2
         conv_h, conv_w = height + 2 * pad - filter_size + 1, width + 2 * pad - filter_size + 1
         if min(conv_h, conv_w) < 2:

@@ -15,6 +15,7 @@ import numpy as np
 
 from fastnn import kernels
 from fastnn.backend import get_array_module, get_backend, xp as active_xp
+from fastnn.checks import as_size, as_sizes
 from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, conv_pool_backward_fast,
                                 conv_pool_forward_fast, max_pool_backward_fast,
                                 max_pool_forward_fast, spatial_batchnorm_relu_backward,
@@ -44,11 +45,14 @@ class ConvNet:
 
     def __init__(self, widths=(32, 64, 128), stem_width=24, input_dim=(3, 32, 32),
                  num_classes=10, reg=0.0, dtype=np.float32, seed=None, label_smoothing=0.0):
-        widths = [int(w) for w in widths]
-        channels, height, width = (int(d) for d in input_dim)
-        if not widths or min(widths) < 1 or int(stem_width) < 1:
-            raise ValueError(f"ConvNet needs at least one group width and every width >= 1; "
-                             f"got widths {widths}, stem_width {stem_width}")
+        widths = as_sizes(widths, "widths", low=1)
+        stem_width = as_size(stem_width, "stem_width", low=1)
+        num_classes = as_size(num_classes, "num_classes", low=1)
+        input_dim = as_sizes(input_dim, "input_dim", low=1)
+        if not widths or len(input_dim) != 3:
+            raise ValueError(f"ConvNet needs at least one group width and input_dim (C, H, W); "
+                             f"got widths {widths}, input_dim {input_dim}")
+        channels, height, width = input_dim
         if min(height, width) < 2 ** len(widths):
             raise ValueError(f"ConvNet: {len(widths)} groups halve the image {len(widths)} times, "
                              f"which needs at least {2 ** len(widths)} pixels a side; input_dim "
@@ -58,9 +62,9 @@ class ConvNet:
         self.dtype = np.dtype(dtype)
         self.reg = float(reg)
         self.label_smoothing = float(label_smoothing)
-        self.widths, self.stem_width = widths, int(stem_width)
+        self.widths, self.stem_width = widths, stem_width
         self.init_args = dict(widths=widths, stem_width=self.stem_width,
-                              input_dim=[channels, height, width], num_classes=int(num_classes),
+                              input_dim=[channels, height, width], num_classes=num_classes,
                               reg=self.reg, dtype=self.dtype.name,
                               seed=None if seed is None else int(seed),
                               label_smoothing=self.label_smoothing)
@@ -78,9 +82,9 @@ class ConvNet:
             self._add(f"beta{i}", "shift", np.zeros(c_out), xp)
         last = self.num_convs + 1
         self._add(f"W{last}", "weight",
-                  init_weight(rng, (conv_channels[-1], int(num_classes)), conv_channels[-1], 1.0),
+                  init_weight(rng, (conv_channels[-1], num_classes), conv_channels[-1], 1.0),
                   xp)
-        self._add(f"b{last}", "bias", np.zeros(int(num_classes)), xp)
+        self._add(f"b{last}", "bias", np.zeros(num_classes), xp)
         self.num_layers = last
         # bn_params[i] belongs to gamma{i + 1}; norm_params names the same dicts by that suffix
         self.bn_params = [{"mode": "train"} for _ in range(self.num_convs)]

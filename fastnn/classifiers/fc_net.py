@@ -10,6 +10,7 @@ no synchronisation), never a read out of bounds or a wrapped-around class.
 import numpy as np
 
 from fastnn.backend import xp as active_xp
+from fastnn.checks import as_size, as_sizes
 from fastnn.classifiers.base import Classifier, standard_normal
 from fastnn.layer_utils import (affine_bn_relu_backward, affine_bn_relu_forward,
                                 affine_ln_relu_backward, affine_ln_relu_forward,
@@ -47,13 +48,14 @@ class TwoLayerNet(_FullyConnected):
 
     def __init__(self, input_dim=3 * 32 * 32, hidden_dim=100, num_classes=10,
                  weight_scale=1e-3, reg=0.0, dtype=np.float32):
-        if int(hidden_dim) != hidden_dim or hidden_dim < 1:
-            raise ValueError(f"hidden_dim must be a layer width >= 1, got {hidden_dim}")
+        input_dim = as_size(input_dim, "input_dim", low=1)
+        hidden_dim = as_size(hidden_dim, "hidden_dim", low=1)
+        num_classes = as_size(num_classes, "num_classes", low=1)
         self.dtype = np.dtype(dtype)
         self.reg = reg
         self.num_layers = 2
-        self.init_args = dict(input_dim=int(input_dim), hidden_dim=int(hidden_dim),
-                              num_classes=int(num_classes), weight_scale=float(weight_scale),
+        self.init_args = dict(input_dim=input_dim, hidden_dim=hidden_dim,
+                              num_classes=num_classes, weight_scale=float(weight_scale),
                               reg=float(reg), dtype=self.dtype.name)
         self._init_params([input_dim, hidden_dim, num_classes], weight_scale, None, None)
 
@@ -133,9 +135,9 @@ class FullyConnectedNet(_FullyConnected):
                  normalization=None, dropout_keep_ratio=None):
         self.normalization = _resolve_normalization(use_batchnorm, normalization)
         dropout = _resolve_dropout(dropout, dropout_keep_ratio)
-        if any(int(h) != h or h < 1 for h in hidden_dims):
-            raise ValueError(f"hidden_dims must be layer widths >= 1, got {list(hidden_dims)}")
-        hidden_dims = [int(h) for h in hidden_dims]
+        hidden_dims = as_sizes(hidden_dims, "hidden_dims", low=1)
+        input_dim = as_size(input_dim, "input_dim", low=1)
+        num_classes = as_size(num_classes, "num_classes", low=1)
         self.dtype = np.dtype(dtype)
         self.reg = reg
         self.use_batchnorm = self.normalization == "batchnorm"
@@ -145,8 +147,8 @@ class FullyConnectedNet(_FullyConnected):
         # written in the oldest form that describes it (batchnorm as
         # use_batchnorm, a keep ratio as dropout), so files and checkpoints of
         # nets that earlier versions knew keep their exact init_args.
-        self.init_args = dict(hidden_dims=hidden_dims, input_dim=int(input_dim),
-                              num_classes=int(num_classes), dropout=dropout,
+        self.init_args = dict(hidden_dims=hidden_dims, input_dim=input_dim,
+                              num_classes=num_classes, dropout=dropout,
                               use_batchnorm=self.use_batchnorm, reg=float(reg),
                               weight_scale=float(weight_scale), dtype=self.dtype.name,
                               seed=None if seed is None else int(seed))

@@ -1017,6 +1017,16 @@ def _winograd_output(m, start, stop, bias, out):
 
 
 @_jit
+def _takes_over(v, best):
+    """Whether a later tap v replaces a window's best so far: strictly greater (ties keep the
+    first tap, row-major), or the window's first NaN, which then stays: np.argmax's rule, so
+    a window holding NaN pools to NaN with its gradient to that NaN, as in reference.py."""
+    # `not v <= best` is true for a greater v and for a NaN v; `best == best` keeps a NaN
+    # best. This form measured as fast as the plain `v > best` (`v > best or ...` was ~8% slower)
+    return not v <= best and best == best
+
+
+@_jit
 def _winograd_output_pool(m, start, stop, bias, pooled, argmax):
     """As _winograd_output, then a 2x2 stride-2 max pool of each tile (its window):
     pooled and argmax (n, H/2, W/2, F) get each window's max and first tap (row-major)."""
@@ -1031,13 +1041,13 @@ def _winograd_output_pool(m, start, stop, bias, pooled, argmax):
                 for f in range(filters):
                     best, tap = mt[0, f] + mt[4, f] + mt[8, f] + bias[f], 0
                     v = mt[1, f] + mt[5, f] + mt[9, f] + bias[f]
-                    if v > best:  # strictly greater: ties keep the first tap, as the pool does
+                    if _takes_over(v, best):  # the pool's rule: first maximum, or first NaN
                         best, tap = v, 1
                     v = mt[4, f] - mt[8, f] - mt[12, f] + bias[f]
-                    if v > best:
+                    if _takes_over(v, best):
                         best, tap = v, 2
                     v = mt[5, f] - mt[9, f] - mt[13, f] + bias[f]
-                    if v > best:
+                    if _takes_over(v, best):
                         best, tap = v, 3
                     out[f] = best
                     taps[f] = tap
@@ -1332,7 +1342,7 @@ def _max_pool_forward(x, pool_height, pool_width, stride, out, argmax):
                         if tap > 0:  # strictly greater: ties keep the first tap (row-major)
                             for c in range(channels):
                                 v = x[image, y0 + i, x0 + j, c]
-                                if v > out[image, oy, ox, c]:
+                                if _takes_over(v, out[image, oy, ox, c]):
                                     out[image, oy, ox, c] = v
                                     argmax[image, oy, ox, c] = tap
                         tap += 1

@@ -448,7 +448,8 @@ extern "C" __global__ void fastnn_max_pool_forward_{T}(
         const {T}* x, long long sn, long long sc, long long sh, long long sw, int channels,
         int pool_height, int pool_width, int stride, int out_height, int out_width,
         {T}* out, int* argmax, long long total) {{
-    // out, argmax (N, C, H', W') contiguous; argmax: the window's first maximum, row-major
+    // out, argmax (N, C, H', W') contiguous; argmax: the window's first maximum, row-major,
+    // or its first NaN, which then stays (np.argmax's rule, as reference.py's pool)
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= total) return;
     int ox = (int)(idx % out_width);
@@ -462,7 +463,7 @@ extern "C" __global__ void fastnn_max_pool_forward_{T}(
     for (int i = 0; i < pool_height; ++i)
         for (int j = 0; j < pool_width; ++j) {{
             {T} v = base[i * sh + j * sw];
-            if (v > best) {{ best = v; best_tap = i * pool_width + j; }}
+            if (v > best || (v != v && best == best)) {{ best = v; best_tap = i * pool_width + j; }}
         }}
     out[idx] = best;
     argmax[idx] = best_tap;
