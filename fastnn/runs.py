@@ -16,6 +16,7 @@ Which option applies to which model, update rule or switch is listed in
 three tables (MODEL_OPTIONS, RULE_OPTIONS, NEEDS); a new model adds a row to
 MODEL_OPTIONS, a new rule arrives through fastnn.optim's table.
 """
+import json
 import numbers
 import os
 
@@ -291,7 +292,8 @@ class RunSolver(Solver):
         changed = changed_options(stored, self.run_config) if stored is not None else {}
         if changed:
             raise ValueError(f"{path} was trained with " + ", ".join(
-                f"{option_name(k)} {old!r}, not {new!r}" for k, (old, new) in changed.items())
+                f"{option_name(k)} {json.dumps(old)}, not {json.dumps(new)}"
+                for k, (old, new) in changed.items())
                 + "; a resumed run may change only "
                 f"{', '.join(option_name(k) for k in sorted(RESUMABLE))}")
         epoch, t = int(meta["epoch"]), int(meta["t"])
