@@ -450,8 +450,8 @@ def resume_run(args, given):
             if epochs < trained:
                 raise UsageError(f"--epochs {epochs} is below the {trained} epochs {out_dir} "
                                  "has trained already")
-            print(f"{out_dir} has finished: {trained} epochs, test acc "
-                  f"{finished['test_acc']:.4f} (best val acc {finished['best_val_acc']:.4f}); "
+            print(f"{out_dir} has finished ({trained} of {trained} epochs, test acc "
+                  f"{finished['test_acc']:.4f}, best val acc {finished['best_val_acc']:.4f}); "
                   f"nothing to do, nothing changed. To train it longer: fastnn train --resume "
                   f"{out_dir} --epochs N (N > {trained})")
             return 0

@@ -124,7 +124,8 @@ LOCK_NAME = ".lock"
 
 
 def remove_temporaries(folder):
-    """Delete the temporaries atomic_write left in `folder` (a killed writer's); returns their names.
+    """Delete the temporaries that killed writers of atomic_write left in `folder`; returns
+    their names.
 
     Only safe while no other process writes there: lock_folder calls it once
     it holds the folder.

@@ -61,7 +61,7 @@ DEFAULT_MODEL = "convnet"
 
 def defaults_for(model):
     """The complete configuration a new run of `model` gets with no other flags."""
-    if model not in RECIPES:
+    if not isinstance(model, str) or model not in RECIPES:
         raise ValueError(f"--model must be one of {sorted(RECIPES)}, got {model!r}")
     return {**LEGACY_DEFAULTS, **RECIPES[model], "model": model}
 
@@ -299,7 +299,7 @@ class RunSolver(Solver):
         epoch, t = int(meta["epoch"]), int(meta["t"])
         if not epoch * per_epoch <= t < (epoch + 1) * per_epoch:
             raise ValueError(f"{path} was trained with another --batch-size or --num-training: "
-                             f"it stopped at iteration {t} after {epoch} epochs, but "
+                             f"it stopped at iteration {t}, after epoch {epoch}, but "
                              f"{per_epoch} iterations make an epoch now")
 
 

@@ -555,8 +555,9 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run, tmp_p
     for extra in ((), ("--epochs", "1"), ("--threads", "1")):
         assert main(["train", "--resume", str(out), *extra]) == 0
         printed = capsys.readouterr().out.strip().splitlines()
-        assert printed == [f"{out} has finished: 1 epochs, test acc {metrics['test_acc']:.4f} "
-                           f"(best val acc {metrics['best_val_acc']:.4f}); nothing to do, "
+        assert printed == [f"{out} has finished (1 of 1 epochs, test acc "
+                           f"{metrics['test_acc']:.4f}, best val acc "
+                           f"{metrics['best_val_acc']:.4f}); nothing to do, "
                            f"nothing changed. To train it longer: fastnn train --resume {out} "
                            "--epochs N (N > 1)"], printed
         assert folder_state(out) == before
@@ -614,7 +615,7 @@ def test_a_checkpoint_from_before_checkpoints_recorded_the_config_still_guards_r
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--epochs", "2"]) == 1
     assert ("was trained with another --batch-size or --num-training: it stopped at iteration "
-            "10 after 1 epochs, but 5 iterations make an epoch now") in last_error(capsys)
+            "10, after epoch 1, but 5 iterations make an epoch now") in last_error(capsys)
     assert folder_state(out) == before
 
 

@@ -187,6 +187,6 @@ def test_a_checkpoint_refuses_a_solver_of_another_configuration(tmp_path):
     meta.pop("run_config", None)  # as fastnn wrote checkpoints before
     write_npz(path, arrays, meta)
     with pytest.raises(ValueError, match="another --batch-size or --num-training: it stopped at "
-                                         "iteration 4 after 1 epochs, but 2 iterations make"):
+                                         "iteration 4, after epoch 1, but 2 iterations make"):
         other.load_checkpoint(path)
     again.load_checkpoint(path)
