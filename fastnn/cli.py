@@ -360,6 +360,16 @@ def checkpoint_epoch(run_dir):
         return None
 
 
+def extension_note(run_dir, finished, epochs):
+    """A line on a folder whose `finished` run (finished_metrics) is being extended to `epochs`."""
+    at = checkpoint_epoch(run_dir)
+    return (f"note: {os.path.join(run_dir, 'model.npz')} is from the finished "
+            f"{finished['trained_epochs']}-epoch run (test acc {finished['test_acc']:.4f}); the "
+            f"folder's extension to {epochs} epochs has not finished"
+            + ("" if at is None else f" (its checkpoint is at epoch {at})")
+            + f": if it stopped, resume it with fastnn train --resume {run_dir}")
+
+
 def at_chance(accuracy, num_images, num_classes):
     """Whether `accuracy` on `num_images` is not measurably above guessing (1 / num_classes):
     within 3 standard errors of it, or 2 points where that is less."""
@@ -454,6 +464,8 @@ def resume_run(args, given):
                   f"{finished['test_acc']:.4f}, best val acc {finished['best_val_acc']:.4f}); "
                   f"nothing to do, nothing changed. To train it longer: fastnn train --resume "
                   f"{out_dir} --epochs N (N > {trained})")
+            if stored["epochs"] > trained:  # config.json asks for more: a stopped extension
+                print(extension_note(out_dir, finished, stored["epochs"]))
             return 0
         data, model, solver = prepare(config)
         checkpoint = os.path.join(out_dir, "checkpoint.npz")
@@ -594,12 +606,7 @@ def evaluate_command(args):
                            f"finished; resume it: fastnn train --resume {run_dir})")
     config = complete(config)
     if finished is not None and finished["trained_epochs"] < config["epochs"]:
-        at = checkpoint_epoch(run_dir)
-        print(f"note: {model_path} is from the finished {finished['trained_epochs']}-epoch run "
-              f"(test acc {finished['test_acc']:.4f}); the folder's extension to "
-              f"{config['epochs']} epochs has not finished"
-              + ("" if at is None else f" (its checkpoint is at epoch {at})")
-              + f": if it stopped, resume it with fastnn train --resume {run_dir}")
+        print(extension_note(run_dir, finished, config["epochs"]))
     flip = config["flip_test"] if args.flip_test is None else args.flip_test
     if args.backend:
         config["backend"] = args.backend

@@ -641,6 +641,8 @@ def test_resume_removes_the_temporaries_of_a_killed_write(finished_run, tmp_path
 def test_a_killed_extension_is_named_by_evaluate_and_resume(finished_run, tmp_path, capsys):
     """`--resume --epochs 40` of a finished 1-epoch run, killed (kill -9) at a later epoch:
     model.npz and metrics.json still hold the 1-epoch run, and evaluate and resume say so."""
+    from fastnn.files import remove_temporaries
+
     out = copy_run(finished_run, tmp_path)
     first = (out / "checkpoint.npz").stat().st_mtime_ns
     proc = subprocess.Popen([sys.executable, "-m", "fastnn", "train", "--resume", str(out),
@@ -665,6 +667,13 @@ def test_a_killed_extension_is_named_by_evaluate_and_resume(finished_run, tmp_pa
             f"(its checkpoint is at epoch {stopped}): if it stopped, resume it with fastnn train "
             f"--resume {out}") in printed
     assert f"test accuracy {metrics['test_acc']:.4f} on 50 images" in printed
+    remove_temporaries(out)  # the kill may have come mid-write: locking removes those
+    before = folder_state(out)
+    assert main(["train", "--resume", str(out), "--epochs", "1"]) == 0  # the finished run's
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"{out} has finished (1 of 1 epochs")
+    assert printed[1].startswith(f"note: {out / 'model.npz'} is from the finished 1-epoch run")
+    assert folder_state(out) == before
     assert main(["train", "--resume", str(out)]) == 0
     assert (f"resuming {out} at epoch {stopped} of 40, extending the finished 1-epoch run "
             f"(test acc {metrics['test_acc']:.4f})") in capsys.readouterr().out
