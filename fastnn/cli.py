@@ -8,6 +8,12 @@
 A run folder holds config.json, metrics.json, loss.png, accuracy.png,
 weights.png, model.npz (the best-validation model, `fastnn.load` reads it)
 and checkpoint.npz (the Solver's state after the last epoch, for --resume).
+The folder's state is what these files say together: no metrics.json, a run
+still training (or stopped: --resume continues it); metrics.json "finished"
+with as many epochs as config.json asks for, a finished run (--resume says so
+and changes nothing; --resume --epochs N extends it); "finished" with fewer,
+an extension under way or stopped, while model.npz and metrics.json still hold
+the finished run's results (evaluate and --resume say so).
 
 Failure paths: every check that can run before training (flags, output
 folder, backend, data) runs before the run folder is claimed, so a failed
@@ -21,6 +27,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import shutil
 import signal
@@ -30,7 +37,7 @@ import time
 import numpy as np
 
 from fastnn.files import FolderInUse, lock_folder, read_json, write_json
-from fastnn.runs import (CONFIG_FORMAT, DEFAULTS, FORMAT_VERSION, LEGACY_DEFAULTS,
+from fastnn.runs import (CONFIG_FORMAT, FORMAT_VERSION, LEGACY_DEFAULTS,
                          METRICS_FORMAT, RECIPES, RESUMABLE, RULE_OPTIONS, build_model,
                          build_solver, check_config, complete, load_data,
                          new_config, not_applicable, option_name, predict, recorded,
@@ -237,8 +244,18 @@ def check_new_folder(out_dir, holds_run, resume="fastnn train --resume {}"):
             raise CommandError(f"cannot create --out {out_dir}: {existing} is a file, not a "
                                "folder; choose another --out")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise CommandError(f"cannot write in {existing} (permission denied); choose another "
-                           "--out")
+        raise CommandError(f"cannot write in {existing} ({unwritable_reason(existing)}); "
+                           "choose another --out")
+
+
+def unwritable_reason(folder):
+    """Why os.access says `folder` is not writable: a read-only mount, or its permissions."""
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        pass
+    return "permission denied"
 
 
 @contextlib.contextmanager
@@ -259,7 +276,8 @@ def claimed_folder(out_dir, holds_run, resume="fastnn train --resume {}"):
     except FileExistsError:
         pass  # another process made it first: the lock decides
     except OSError as exc:
-        raise CommandError(f"cannot create the run folder {out_dir}: {one_line(exc)}") from exc
+        raise CommandError(f"cannot create the run folder {out_dir or 'under runs/'}: "
+                           f"{one_line(exc)}") from exc
     with failing_as(CommandError, FolderInUse), lock_folder(out_dir):
         try:
             if holds_run(out_dir):
@@ -278,22 +296,85 @@ def train_holds_run(folder):
 
 
 def read_config_file(path):
-    """A run configuration from a run's config.json or a tune folder's best.json."""
+    """A run configuration from a run's config.json or a tune folder's best.json, checked."""
     try:
         with open(path, encoding="utf-8") as fh:
             raw = json.load(fh)
+    except OSError as exc:
+        raise UsageError(f"--config {path}: {one_line(exc)}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" ({exc.msg} at line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) \
+            else ""
+        raise UsageError(f"--config {path} is not a fastnn configuration: it is not JSON{where}; "
+                         "pass a run's config.json or a tune folder's best.json") from None
+    try:
         if isinstance(raw, dict) and raw.get("format") == TUNE_BEST_FORMAT:
             config = read_json(path, TUNE_BEST_FORMAT, FORMAT_VERSION)["config"]
         else:
             config = read_json(path, CONFIG_FORMAT, FORMAT_VERSION)
+        # a stored configuration without a key means that key's value before it existed
+        config = {"model": LEGACY_DEFAULTS["model"], **config}
+        check_config(new_config(config))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"--config {path}: {one_line(exc)}") from exc
-    # a stored configuration without a key means that key's value before it existed
-    config = {"model": LEGACY_DEFAULTS["model"], **config}
-    unknown = sorted(set(config) - set(DEFAULTS) - {"model_seed"})
-    if unknown:
-        raise UsageError(f"--config {path} has keys fastnn train does not know: {unknown}")
     return config
+
+
+def checked(config, path):
+    """`config`, read from `path`, checked as a new run's configuration is (check_config);
+    ValueError naming the file."""
+    try:
+        check_config(config)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return config
+
+
+def read_run_config(path):
+    """A run folder's config.json, checked; ValueError naming the file."""
+    return checked(read_json(path, CONFIG_FORMAT, FORMAT_VERSION), path)
+
+
+def finished_metrics(run_dir):
+    """The metrics.json of a run folder whose run finished, with its epoch count as
+    "trained_epochs"; None when it has none or its run did not finish (it diverged)."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    metrics = read_json(path, METRICS_FORMAT, FORMAT_VERSION)
+    if metrics.get("status") != "finished":
+        return None
+    epochs = metrics.get("epochs")  # one accuracy check before training, one after each epoch
+    if not isinstance(epochs, list) or not epochs or "test_acc" not in metrics:
+        raise ValueError(f"{path} is damaged: it holds no epochs or test accuracy")
+    return {**metrics, "trained_epochs": len(epochs) - 1}
+
+
+def checkpoint_epoch(run_dir):
+    """The epoch a run folder's checkpoint.npz is at (None: none, or unreadable)."""
+    from fastnn.serialization import read_checkpoint
+
+    try:
+        return int(read_checkpoint(os.path.join(run_dir, "checkpoint.npz"))[1]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def extension_note(run_dir, finished, epochs):
+    """A line on a folder whose `finished` run (finished_metrics) is being extended to `epochs`."""
+    at = checkpoint_epoch(run_dir)
+    return (f"note: {os.path.join(run_dir, 'model.npz')} is from the finished "
+            f"{finished['trained_epochs']}-epoch run (test acc {finished['test_acc']:.4f}); the "
+            f"folder's extension to {epochs} epochs has not finished"
+            + ("" if at is None else f" (its checkpoint is at epoch {at})")
+            + f": if it stopped, resume it with fastnn train --resume {run_dir}")
+
+
+def at_chance(accuracy, num_images, num_classes):
+    """Whether `accuracy` on `num_images` is not measurably above guessing (1 / num_classes):
+    within 3 standard errors of it, or 2 points where that is less."""
+    chance = 1 / num_classes
+    return accuracy < chance + max(0.02, 3 * math.sqrt(chance * (1 - chance) / num_images))
 
 
 def check_flags(config, given):
@@ -359,8 +440,9 @@ def resume_run(args, given):
     if not os.path.exists(config_path):
         raise CommandError(f"cannot resume: {config_path} does not exist (is this a folder "
                            f"written by `fastnn train`? start a run with --out {out_dir})")
-    with failing_as(CommandError, (OSError, ValueError), "cannot resume: "):
-        stored = read_json(config_path, CONFIG_FORMAT, FORMAT_VERSION)
+    unchanged = f" (nothing in {out_dir} was changed)"
+    with failing_as(CommandError, (OSError, ValueError), "cannot resume: ", unchanged):
+        stored = read_run_config(config_path)
     fixed = sorted(set(given) - RESUMABLE)
     if fixed:
         raise UsageError(f"--resume continues a run as configured; it cannot change "
@@ -369,18 +451,36 @@ def resume_run(args, given):
     # a run made before a key existed keeps that key's old value (LEGACY_DEFAULTS)
     config = complete({**stored, **given})
     check_flags(config, given)
+    epochs = config["epochs"]
     with failing_as(CommandError, FolderInUse), lock_folder(out_dir):
+        with failing_as(CommandError, (OSError, ValueError), "cannot resume: ", unchanged):
+            finished = finished_metrics(out_dir)
+        if finished is not None and epochs <= finished["trained_epochs"]:
+            trained = finished["trained_epochs"]
+            if epochs < trained:
+                raise UsageError(f"--epochs {epochs} is below the {trained} epochs {out_dir} "
+                                 "has trained already")
+            print(f"{out_dir} has finished ({trained} of {trained} epochs, test acc "
+                  f"{finished['test_acc']:.4f}, best val acc {finished['best_val_acc']:.4f}); "
+                  f"nothing to do, nothing changed. To train it longer: fastnn train --resume "
+                  f"{out_dir} --epochs N (N > {trained})")
+            if stored["epochs"] > trained:  # config.json asks for more: a stopped extension
+                print(extension_note(out_dir, finished, stored["epochs"]))
+            return 0
         data, model, solver = prepare(config)
         checkpoint = os.path.join(out_dir, "checkpoint.npz")
         solver.checkpoint_path = checkpoint
         if os.path.exists(checkpoint):
-            with failing_as(CommandError, (OSError, ValueError), "cannot resume: ",
-                            f" (nothing in {out_dir} was changed)"):
+            with failing_as(CommandError, (OSError, ValueError), "cannot resume: ", unchanged):
                 solver.load_checkpoint(checkpoint)
-            if solver.epoch > config["epochs"]:
-                raise UsageError(f"--epochs {config['epochs']} is below the {solver.epoch} "
+            if solver.epoch > epochs:
+                raise UsageError(f"--epochs {epochs} is below the {solver.epoch} "
                                  f"epochs {out_dir} has trained already")
-            print(f"resuming {out_dir} at epoch {solver.epoch} of {config['epochs']}")
+            extending = "" if finished is None else (
+                f", extending the finished {finished['trained_epochs']}-epoch run (test acc "
+                f"{finished['test_acc']:.4f}): its model.npz and metrics.json stay until the "
+                "extension ends")
+            print(f"resuming {out_dir} at epoch {solver.epoch} of {epochs}{extending}")
         else:  # it stopped in its first epoch: nothing to continue, so it starts over
             print(f"{out_dir} has no checkpoint yet (it stopped in its first epoch): "
                   "training it from the start")
@@ -419,10 +519,17 @@ def run_training(solver, model, data, config, out_dir):
               f"{os.path.join(out_dir, 'model.npz')} and the failure to metrics.json.",
               file=sys.stderr)
         return 1
+    from fastnn.data import CLASSES
+
+    chance = ""
+    if at_chance(metrics["test_acc"], metrics["num_test"], len(CLASSES)):
+        chance = (f"; that is chance level (1/{len(CLASSES)} for {len(CLASSES)} classes): the "
+                  "run learned nothing measurable; train it longer (--epochs) or on more images "
+                  "(--num-training)")
     print(f"best val acc {solver.best_val_acc:.4f}; test acc {metrics['test_acc']:.4f} on "
           f"{metrics['num_test']} images ({metrics['test_acc_plain']:.4f} without, "
           f"{metrics['test_acc_flip']:.4f} with flip averaging); {metrics['seconds']:.0f} s; "
-          f"run folder {out_dir}")
+          f"run folder {out_dir}{chance}")
     return 0
 
 
@@ -432,9 +539,11 @@ def write_results(solver, model, data, config, out_dir, start, failure):
     from fastnn import plots
     from fastnn.inference import plain_and_flip_accuracy
 
-    fastnn.save(model, os.path.join(out_dir, "model.npz"))
-    # both accuracies from one batched pass; test_acc is the one the run asks for
+    # both accuracies from one batched pass; test_acc is the one the run asks for. It runs
+    # first so that model.npz and metrics.json are replaced together (an extended run's
+    # files say the same number of epochs even when a kill comes during the test pass)
     test_plain, test_flip = plain_and_flip_accuracy(model, data["X_test"], data["y_test"])
+    fastnn.save(model, os.path.join(out_dir, "model.npz"))
     test_acc = test_flip if config["flip_test"] else test_plain
     per_epoch = [{"epoch": e, "train_acc": tr, "val_acc": va}
                  for e, (tr, va) in enumerate(zip(solver.train_acc_history, solver.val_acc_history))]
@@ -480,12 +589,15 @@ def evaluate_command(args):
     config_path = os.path.join(run_dir, "config.json")
     model_path = os.path.join(run_dir, "model.npz")
     best_path = os.path.join(run_dir, "best.json")
+    finished = None
     with failing_as(CommandError, (OSError, ValueError), "cannot evaluate: "):
         if os.path.exists(best_path):  # a `fastnn tune` folder
-            config = read_json(best_path, TUNE_BEST_FORMAT, FORMAT_VERSION)["config"]
+            config = checked(read_json(best_path, TUNE_BEST_FORMAT, FORMAT_VERSION)["config"],
+                             best_path)
             model_path = os.path.join(run_dir, "best_model.npz")
         elif os.path.exists(config_path):
-            config = read_json(config_path, CONFIG_FORMAT, FORMAT_VERSION)
+            config = read_run_config(config_path)
+            finished = finished_metrics(run_dir)
         else:
             raise CommandError(f"cannot evaluate: {run_dir} holds no run (no config.json or "
                                "best.json); train one with fastnn train --out DIR")
@@ -493,6 +605,8 @@ def evaluate_command(args):
         raise CommandError(f"cannot evaluate: {model_path} does not exist (the run has not "
                            f"finished; resume it: fastnn train --resume {run_dir})")
     config = complete(config)
+    if finished is not None and finished["trained_epochs"] < config["epochs"]:
+        print(extension_note(run_dir, finished, config["epochs"]))
     flip = config["flip_test"] if args.flip_test is None else args.flip_test
     if args.backend:
         config["backend"] = args.backend

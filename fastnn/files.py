@@ -12,11 +12,14 @@ JSON files carry {"format": ..., "format_version": ...}: `write_json` adds
 them and `read_json` checks them (files written before versions existed,
 without the keys, still load; a newer version is refused in one line).
 
-`lock_folder(folder)` holds a run folder for one process at a time.
+`lock_folder(folder)` holds a run folder for one process at a time; once
+it holds it, it removes the temporaries of writes that a killed process left
+there (`remove_temporaries`).
 """
 import contextlib
 import json
 import os
+import re
 import tempfile
 
 
@@ -34,16 +37,23 @@ def _umask():
     return mask
 
 
+_TMP_SUFFIX = ".tmp"
+# atomic_write's temporaries: "." + the target's name + "." + mkstemp's 8 random characters
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(_TMP_SUFFIX))
+
+
 @contextlib.contextmanager
 def atomic_write(path, text=False, newline=None):
     """Open a temporary file that replaces `path` when the block ends without error.
 
     Yields a binary file object (text=True: a UTF-8 text one, `newline` as in
-    `open`). The folder must exist. On any error `path` is left as it was.
+    `open`). The folder must exist. On any error `path` is left as it was; a
+    process killed mid-write leaves the temporary (remove_temporaries).
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=_TMP_SUFFIX,
+                               dir=folder)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; fastnn's files are not
         mode = "w" if text else "wb"
@@ -113,13 +123,32 @@ class FolderInUse(OSError):
 LOCK_NAME = ".lock"
 
 
+def remove_temporaries(folder):
+    """Delete the temporaries that killed writers of atomic_write left in `folder`; returns
+    their names.
+
+    Only safe while no other process writes there: lock_folder calls it once
+    it holds the folder.
+    """
+    removed = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if _TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+    return sorted(removed)
+
+
 @contextlib.contextmanager
 def lock_folder(folder):
     """Hold `folder`'s lock for the block, or raise FolderInUse at once if another process has it.
 
     An advisory flock on folder/.lock: the kernel drops it when the process
-    ends, so a crashed run never leaves its folder locked. The lock file is
-    created once and never rewritten. Without fcntl (Windows) nothing is locked.
+    ends, so a crashed run never leaves its folder locked; the temporaries
+    such a run left (up to a whole checkpoint) are removed once the lock is
+    held. The lock file is created once and never rewritten. Without fcntl
+    (Windows) nothing is locked, and nothing removed.
     """
     try:
         import fcntl
@@ -133,6 +162,7 @@ def lock_folder(folder):
         except BlockingIOError:
             raise FolderInUse(f"{folder} is in use by another fastnn process; wait for it to "
                               "end (or stop it), then try again") from None
+        remove_temporaries(folder)
         yield
     finally:
         os.close(fd)  # closing drops the lock

@@ -6,15 +6,17 @@ per trial). This module is the one place that knows what the keys mean:
 
     new_config(given)          a new run: the model's recipe (RECIPES) under the given keys
     complete(config)           a stored config: missing keys get their LEGACY_DEFAULTS value
-    check_config(config)       ValueError naming the first bad value
+    check_config(config)       ValueError naming the first bad value or unknown key
     not_applicable(config, keys)  the keys that do nothing under this model / rule
     recorded(config)           the config without keys that do not apply
     load_data / build_model / build_solver / predict / setup_runtime
+    changed_options(old, new)  what differs between two configs beyond what --resume may change
 
 Which option applies to which model, update rule or switch is listed in
 three tables (MODEL_OPTIONS, RULE_OPTIONS, NEEDS); a new model adds a row to
 MODEL_OPTIONS, a new rule arrives through fastnn.optim's table.
 """
+import json
 import numbers
 import os
 
@@ -22,6 +24,7 @@ import numpy as np
 
 from fastnn import optim
 from fastnn.inference import DEFAULT_BATCH_SIZE
+from fastnn.solver import Solver
 
 # What a key a configuration lacks means: the value it had before the key
 # existed. Run folders and trials written before the convnet main job lack the
@@ -58,7 +61,7 @@ DEFAULT_MODEL = "convnet"
 
 def defaults_for(model):
     """The complete configuration a new run of `model` gets with no other flags."""
-    if model not in RECIPES:
+    if not isinstance(model, str) or model not in RECIPES:
         raise ValueError(f"--model must be one of {sorted(RECIPES)}, got {model!r}")
     return {**LEGACY_DEFAULTS, **RECIPES[model], "model": model}
 
@@ -79,6 +82,8 @@ RULE_OPTIONS = {rule: tuple(k for k in optim.DEFAULTS[rule] if k != "learning_ra
 NEEDS = {"crop_padding": ("augment", "--crop-padding shifts the crops of --augment")}
 # What --resume may change: where and how fast it runs and how long, not what it trains.
 RESUMABLE = {"epochs", "backend", "data", "threads", "print_every"}
+# Every key a configuration may hold (fastnn tune's trials add model_seed).
+KNOWN_KEYS = set(LEGACY_DEFAULTS) | {"model_seed"}
 
 CONFIG_FORMAT, METRICS_FORMAT, FORMAT_VERSION = "fastnn-run-config", "fastnn-run-metrics", 1
 
@@ -95,6 +100,10 @@ _FLOAT_RANGES = {"learning_rate": (0, None, True), "weight_scale": (0, None, Tru
                  "decay_rate": (0, 1, False, True), "epsilon": (0, None, True),
                  "weight_decay": (0, None, False), "label_smoothing": (0, 1, False, True)}
 _CHOICES = {"backend": ("numpy", "cupy"), "lr_schedule": (None, "step", "cosine", "onecycle")}
+_BOOLEANS = ("augment", "batchnorm", "flip_test")
+# None means "the rule's default" (the rule options), "all cores" (threads), "the default
+# folder" (data); every other key must hold a value of its type.
+_OPTIONAL = {"threads", "data", *(k for keys in RULE_OPTIONS.values() for k in keys)}
 
 
 def complete(config):
@@ -154,24 +163,31 @@ def _check_number(key, value, bounds, integer):
 
 
 def check_config(config):
-    """Raise ValueError naming the first option of `config` (complete or not) that is invalid."""
+    """Raise ValueError naming the first key of `config` (complete or not) that is unknown, or
+    whose value is of the wrong type or out of range (a hand-edited config.json as a flag)."""
+    unknown = sorted(set(config) - KNOWN_KEYS)
+    if unknown:
+        raise ValueError(f"keys fastnn train does not know: {unknown}; remove them")
     config = complete(config)
-    if config["model"] not in MODEL_OPTIONS:
-        raise ValueError(f"--model must be one of {sorted(MODEL_OPTIONS)}, got {config['model']!r}")
-    if config["update_rule"] not in RULE_OPTIONS:
-        raise ValueError(f"--update-rule must be one of {sorted(RULE_OPTIONS)}, "
-                         f"got {config['update_rule']!r}")
+    for key, choices in (("model", MODEL_OPTIONS), ("update_rule", RULE_OPTIONS)):
+        if not isinstance(config[key], str) or config[key] not in choices:
+            raise ValueError(f"{option_name(key)} must be one of {sorted(choices)}, "
+                             f"got {config[key]!r}")
     for key, choices in _CHOICES.items():
         if config[key] not in choices:
             raise ValueError(f"{option_name(key)} must be one of {list(choices)}, "
                              f"got {config[key]!r}")
+    if config["data"] is not None and not isinstance(config["data"], str):
+        raise ValueError(f"--data must be a folder (a path), got {config['data']!r}")
     skip = not_applicable(config, config)
-    for key, bounds in _INT_RANGES.items():
-        if config.get(key) is not None and key not in skip:
-            _check_number(key, config[key], bounds, integer=True)
-    for key, bounds in _FLOAT_RANGES.items():
-        if config.get(key) is not None and key not in skip:
-            _check_number(key, config[key], bounds, integer=False)
+    for key in _BOOLEANS:
+        if key not in skip and not isinstance(config[key], bool):
+            raise ValueError(f"{option_name(key)} must be true or false, got {config[key]!r}")
+    for ranges, integer in ((_INT_RANGES, True), (_FLOAT_RANGES, False)):
+        for key, bounds in ranges.items():
+            if key in config and key not in skip and not (config[key] is None
+                                                          and key in _OPTIONAL):
+                _check_number(key, config[key], bounds, integer)
     if config["model"] == "fc":
         dims = config["hidden_dims"]
         if not isinstance(dims, (list, tuple)) or not dims or any(
@@ -186,8 +202,6 @@ def check_config(config):
         if len(widths) > 5:  # each group halves the 32x32 image
             raise ValueError(f"--widths: at most 5 groups fit 32x32 images (each halves the "
                              f"size), got {len(widths)}: {widths!r}")
-    if not isinstance(config["flip_test"], bool):
-        raise ValueError(f"--flip-test must be true or false, got {config['flip_test']!r}")
     if config["augment"] and config["crop_padding"] >= 32:
         raise ValueError(f"--crop-padding must be below the image size 32, "
                          f"got {config['crop_padding']}")
@@ -252,18 +266,56 @@ def augment_options(config):
     return {"flip": True, "crop_padding": int(config.get("crop_padding") or 0)}
 
 
-def build_solver(model, data, config, out_dir=None, verbose=True):
-    """A Solver for `model` as `config` says; checkpoints go to out_dir/checkpoint.npz."""
-    from fastnn.solver import Solver
+def changed_options(old, new):
+    """{key: (old value, new value)} for the keys beyond RESUMABLE where two configs differ."""
+    old, new = complete(recorded(old)), complete(recorded(new))
+    return {k: (old.get(k), new.get(k)) for k in sorted((set(old) | set(new)) - RESUMABLE)
+            if old.get(k) != new.get(k)}
 
+
+class RunSolver(Solver):
+    """A Solver whose checkpoints record the run configuration they were trained under
+    (`run_config`); load_checkpoint refuses a checkpoint trained under another one.
+
+    So a resumed run trains as it started, whatever was edited in its config.json
+    since; checkpoints written before they recorded it are checked for the one thing
+    they show, the number of iterations an epoch takes.
+    """
+
+    run_config = None
+
+    def _save_extra(self, arrays, meta):
+        meta["run_config"] = self.run_config
+
+    def _load_extra(self, arrays, meta, path):
+        stored, per_epoch = meta.get("run_config"), self.iterations_per_epoch
+        changed = changed_options(stored, self.run_config) if stored is not None else {}
+        if changed:
+            raise ValueError(f"{path} was trained with " + ", ".join(
+                f"{option_name(k)} {json.dumps(old)}, not {json.dumps(new)}"
+                for k, (old, new) in changed.items())
+                + "; a resumed run may change only "
+                f"{', '.join(option_name(k) for k in sorted(RESUMABLE))}")
+        epoch, t = int(meta["epoch"]), int(meta["t"])
+        if not epoch * per_epoch <= t < (epoch + 1) * per_epoch:
+            raise ValueError(f"{path} was trained with another --batch-size or --num-training: "
+                             f"it stopped at iteration {t}, after epoch {epoch}, but "
+                             f"{per_epoch} iterations make an epoch now")
+
+
+def build_solver(model, data, config, out_dir=None, verbose=True):
+    """A Solver (RunSolver) for `model` as `config` says; checkpoints go to
+    out_dir/checkpoint.npz and record `config`."""
     config = complete(config)
-    return Solver(model, data, update_rule=config["update_rule"],
-                  optim_config=optim_config(config),
-                  lr_decay=config["lr_decay"], batch_size=config["batch_size"],
-                  num_epochs=config["epochs"], print_every=config["print_every"],
-                  verbose=verbose, progress=verbose, seed=config["seed"],
-                  lr_schedule=config["lr_schedule"], augment=augment_options(config),
-                  checkpoint_path=out_dir and os.path.join(out_dir, "checkpoint.npz"))
+    solver = RunSolver(model, data, update_rule=config["update_rule"],
+                       optim_config=optim_config(config),
+                       lr_decay=config["lr_decay"], batch_size=config["batch_size"],
+                       num_epochs=config["epochs"], print_every=config["print_every"],
+                       verbose=verbose, progress=verbose, seed=config["seed"],
+                       lr_schedule=config["lr_schedule"], augment=augment_options(config),
+                       checkpoint_path=out_dir and os.path.join(out_dir, "checkpoint.npz"))
+    solver.run_config = recorded(config)
+    return solver
 
 
 def predict(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False):

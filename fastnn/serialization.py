@@ -10,6 +10,7 @@ read (model files of version 1 kept running statistics as `bn/{i}/...`,
 the layer of gamma{i+1}; they load as norm layer str(i + 1)).
 """
 import json
+import numbers
 import os
 import zipfile
 
@@ -25,6 +26,9 @@ CHECKPOINT_VERSION = 2  # 2: running statistics by norm layer key (model/norm/..
 FORMAT_VERSION = 2  # of model files; 2: running statistics as norm/{layer key}/...
 _META = "__meta__"
 STATISTICS = ("running_mean", "running_var")
+# The constructor arguments that size a model's arrays (fastnn's classifiers)
+SIZE_ARGS = ("input_dim", "hidden_dim", "hidden_dims", "num_classes", "num_filters",
+             "filter_size", "widths", "stem_width")
 
 
 def write_npz(path, arrays, meta):
@@ -198,6 +202,26 @@ def save(model, path):
     write_npz(path, model_state(model), meta)
 
 
+def _check_header(meta, arrays, path):
+    """ValueError naming the field when `meta`'s init_args or dropout_seed cannot describe
+    `arrays`: checked before the model is built, so a damaged or edited header never makes
+    load allocate more than the file holds."""
+    stored = sum(a.size for a in arrays.values())
+    for key in SIZE_ARGS:
+        value = meta["init_args"].get(key)
+        for size in value if isinstance(value, (list, tuple)) else [value]:
+            # a size larger than all the numbers stored cannot describe them
+            if isinstance(size, numbers.Real) and not isinstance(size, bool) \
+                    and not size <= stored:
+                raise ValueError(f"{path} is incompatible: its init_args {key} {value!r} "
+                                 f"exceed the {stored} numbers its arrays hold (a damaged or "
+                                 "edited file; save the model again)")
+    seed = meta.get("dropout_seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"{path} is incompatible: its dropout_seed must be a non-negative "
+                         f"integer, got {seed!r} (a damaged or edited file)")
+
+
 def load(path):
     """Read a model written by `save`; its arrays live on the active backend."""
     from fastnn import classifiers
@@ -207,16 +231,20 @@ def load(path):
     cls = getattr(classifiers, str(meta.get("class")), None)
     if cls is None or not isinstance(meta.get("init_args"), dict):
         raise ValueError(f"{path} is incompatible: unknown model class {meta.get('class')!r}")
+    _check_header(meta, arrays, path)
     # Building the model draws initial weights; keep the user's global RNG untouched.
     rng_state = np.random.get_state()
     try:
         model = cls(**meta["init_args"])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"{path} is incompatible: its constructor arguments do not fit "
                          f"{cls.__name__} ({exc})") from exc
+    except MemoryError:  # sizes within the bound above can still multiply past the memory
+        raise ValueError(f"{path} is incompatible: its init_args {meta['init_args']} ask for "
+                         "more memory than there is (a damaged or edited file?)") from None
     finally:
         np.random.set_state(rng_state)
     set_model_state(model, arrays, path)
     if meta.get("dropout_seed") is not None and hasattr(model, "dropout_param"):
-        model.dropout_param["seed"] = int(meta["dropout_seed"])
+        model.dropout_param["seed"] = meta["dropout_seed"]
     return model

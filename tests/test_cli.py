@@ -522,3 +522,218 @@ def test_a_double_ctrl_c_stops_at_once_without_a_traceback(cifar_root, tmp_path)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and f"fastnn train --resume {out}" in stderr
     checkpoint_params(out)  # whole: an interrupted write never replaces it
+
+
+# -- a finished run's folder, edited, extended, resumed ------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(cifar_root, tmp_path_factory):
+    """A finished 1-epoch tiny fc run, trained once: tests copy it (copy_run)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(small_args(cifar_root, out, "--epochs", "1")) == 0
+    return out
+
+
+def copy_run(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def folder_state(folder):
+    """Each file's bytes and modification time."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}, indent=2))
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    before = folder_state(out)
+    for extra in ((), ("--epochs", "1"), ("--threads", "1")):
+        assert main(["train", "--resume", str(out), *extra]) == 0
+        printed = capsys.readouterr().out.strip().splitlines()
+        assert printed == [f"{out} has finished (1 of 1 epochs, test acc "
+                           f"{metrics['test_acc']:.4f}, best val acc "
+                           f"{metrics['best_val_acc']:.4f}); nothing to do, "
+                           f"nothing changed. To train it longer: fastnn train --resume {out} "
+                           "--epochs N (N > 1)"], printed
+        assert folder_state(out) == before
+    assert main(["train", "--resume", str(out), "--epochs", "0"]) == 2
+    assert main(["train", "--resume", str(out), "--epochs", "2"]) == 0  # extending still works
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 3
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"augment": "false"}, "--augment must be true or false, got 'false'"),
+    ({"dropout": None}, "--dropout must be a number, got None"),
+    ({"data": 5}, r"--data must be a folder \(a path\), got 5"),
+    ({"colour": "red"}, r"keys fastnn train does not know: \['colour'\]; remove them"),
+    ({"batch_size": 32}, "checkpoint.npz was trained with --batch-size 16, not 32; a resumed "
+                         "run may change only --backend, --data, --epochs, --print-every, "
+                         "--threads"),
+    ({"num_training": 120}, "trained with --num-training 160, not 120"),
+    ({"learning_rate": 0.5, "augment": True}, "trained with --augment false, not true, "
+                                              "--lr 0.001, not 0.5"),
+])
+def test_a_hand_edited_config_is_checked_on_resume_as_a_new_one(finished_run, tmp_path, capsys,
+                                                                 edit, message):
+    """config.json edited by hand: each key of its type, no unknown key, nothing changed but
+    what --resume may change; refused in one line, the folder as it was."""
+    out = copy_run(finished_run, tmp_path)
+    edit_json(out / "config.json", **edit)
+    before = folder_state(out)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--epochs", "2"]) == 1
+    error = last_error(capsys)
+    assert error.startswith("fastnn train: cannot resume: ") and re.search(message, error), error
+    assert error.endswith(f"(nothing in {out} was changed)")
+    assert folder_state(out) == before
+
+
+def test_a_config_edit_that_resume_may_make_is_taken(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    edit_json(out / "config.json", epochs=2, print_every=3)
+    assert main(["train", "--resume", str(out)]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 3
+
+
+def test_a_checkpoint_from_before_checkpoints_recorded_the_config_still_guards_resume(
+        finished_run, tmp_path, capsys):
+    """A changed --batch-size at a later epoch used to end the run at once, exit 0."""
+    from fastnn.serialization import read_checkpoint, write_npz
+
+    out = copy_run(finished_run, tmp_path)
+    arrays, meta = read_checkpoint(out / "checkpoint.npz")
+    meta.pop("run_config", None)  # as fastnn wrote checkpoints before
+    write_npz(out / "checkpoint.npz", arrays, meta)
+    edit_json(out / "config.json", batch_size=32)
+    before = folder_state(out)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--epochs", "2"]) == 1
+    assert ("was trained with another --batch-size or --num-training: it stopped at iteration "
+            "10, after epoch 1, but 5 iterations make an epoch now") in last_error(capsys)
+    assert folder_state(out) == before
+
+
+def test_evaluate_checks_the_config_too(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    edit_json(out / "config.json", flip_test="false")
+    assert main(["evaluate", str(out)]) == 1
+    assert re.search(r"cannot evaluate: .*config.json: --flip-test must be true or false, "
+                     "got 'false'", last_error(capsys))
+
+
+def test_resume_removes_the_temporaries_of_a_killed_write(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    stale = [out / ".checkpoint.npz.k2_8fj3a.tmp", out / ".loss.png.0abcdefz.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 4096)
+    before = folder_bytes(out)
+    assert main(["train", "--resume", str(out)]) == 0  # finished: only the stale files go
+    after = folder_bytes(out)
+    assert after == {k: v for k, v in before.items() if k not in {p.name for p in stale}}
+
+
+def test_a_killed_extension_is_named_by_evaluate_and_resume(finished_run, tmp_path, capsys):
+    """`--resume --epochs 40` of a finished 1-epoch run, killed (kill -9) at a later epoch:
+    model.npz and metrics.json still hold the 1-epoch run, and evaluate and resume say so."""
+    from fastnn.files import remove_temporaries
+
+    out = copy_run(finished_run, tmp_path)
+    first = (out / "checkpoint.npz").stat().st_mtime_ns
+    proc = subprocess.Popen([sys.executable, "-m", "fastnn", "train", "--resume", str(out),
+                             "--epochs", "40"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while (out / "checkpoint.npz").stat().st_mtime_ns == first:  # the extension's first epoch
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=60)
+    _, meta = checkpoint_params(out)
+    stopped = meta["epoch"]
+    assert 1 < stopped < 40, "the extension should have stopped mid-way"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 2  # still the finished 1-epoch run's
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (f"note: {out / 'model.npz'} is from the finished 1-epoch run (test acc "
+            f"{metrics['test_acc']:.4f}); the folder's extension to 40 epochs has not finished "
+            f"(its checkpoint is at epoch {stopped}): if it stopped, resume it with fastnn train "
+            f"--resume {out}") in printed
+    assert f"test accuracy {metrics['test_acc']:.4f} on 50 images" in printed
+    remove_temporaries(out)  # the kill may have come mid-write: locking removes those
+    before = folder_state(out)
+    assert main(["train", "--resume", str(out), "--epochs", "1"]) == 0  # the finished run's
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"{out} has finished (1 of 1 epochs")
+    assert printed[1].startswith(f"note: {out / 'model.npz'} is from the finished 1-epoch run")
+    assert folder_state(out) == before
+    assert main(["train", "--resume", str(out)]) == 0
+    assert (f"resuming {out} at epoch {stopped} of 40, extending the finished 1-epoch run "
+            f"(test acc {metrics['test_acc']:.4f})") in capsys.readouterr().out
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 41
+    assert main(["evaluate", str(out)]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_a_crafted_model_file_is_one_line_in_evaluate(finished_run, tmp_path, capsys):
+    from fastnn.serialization import MODEL_FORMAT, write_npz
+
+    out = copy_run(finished_run, tmp_path)
+    arrays, meta = read_npz(out / "model.npz", MODEL_FORMAT)
+    meta["init_args"]["hidden_dims"] = [1e7, 1e7]
+    write_npz(out / "model.npz", arrays, meta)
+    assert main(["evaluate", str(out)]) == 1
+    assert re.search(r"cannot evaluate: .*model.npz is incompatible: its init_args hidden_dims "
+                     r"\[10000000.0, 10000000.0\] exceed", last_error(capsys))
+
+
+def test_a_run_that_ends_at_chance_says_so_in_its_last_line(cifar_root, tmp_path, capsys):
+    assert main(small_args(cifar_root, tmp_path / "stuck", "--epochs", "1", "--lr", "1e-9")) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.search(r"test acc 0\.[01]\d+ on 50 images .*; that is chance level \(1/10 for 10 "
+                     r"classes\): the run learned nothing measurable; train it longer "
+                     r"\(--epochs\) or on more images \(--num-training\)$", last), last
+    assert main(small_args(cifar_root, tmp_path / "learns", "--epochs", "2")) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("best val acc") and "chance level" not in last
+
+
+def test_at_chance_allows_for_the_number_of_test_images():
+    from fastnn.cli import at_chance
+
+    assert at_chance(0.11, 10000, 10) and not at_chance(0.13, 10000, 10)
+    assert at_chance(0.2, 50, 10) and not at_chance(0.3, 50, 10)  # 50 images: +-0.04 each
+    assert at_chance(0.05, 10000, 10)
+
+
+def test_a_read_only_file_system_is_named_as_such(cifar_root, tmp_path, capsys, monkeypatch):
+    import types
+
+    readonly = tmp_path / "mnt"
+    readonly.mkdir()
+    real_access, real_statvfs = os.access, os.statvfs
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        False if os.fspath(path) == str(readonly) else real_access(path, mode, **kw)))
+    monkeypatch.setattr(os, "statvfs", lambda path: (
+        types.SimpleNamespace(f_flag=os.ST_RDONLY) if os.fspath(path) == str(readonly)
+        else real_statvfs(path)))
+    assert main(small_args(cifar_root, readonly / "run")) == 1
+    assert last_error(capsys) == (f"fastnn train: cannot write in {readonly} (read-only file "
+                                  "system); choose another --out")
+
+
+def test_a_config_file_that_is_not_json_says_so(cifar_root, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# fastnn\n\nTrain with `fastnn train`.\n")
+    assert main(["train", "--config", str(readme), "--out", str(tmp_path / "run")]) == 2
+    assert last_error(capsys) == (
+        f"fastnn train: error: --config {readme} is not a fastnn configuration: it is not JSON "
+        "(Expecting value at line 1); pass a run's config.json or a tune folder's best.json")
+    assert not (tmp_path / "run").exists()

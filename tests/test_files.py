@@ -115,3 +115,34 @@ def test_a_folder_lock_is_held_once_and_freed_when_its_process_dies(tmp_path):
     with lock_folder(tmp_path):
         pass
     assert os.listdir(tmp_path) == [".lock"]
+
+
+def test_locking_a_folder_removes_the_temporaries_of_a_killed_writer(tmp_path):
+    """A process killed mid-write (kill -9) leaves atomic_write's temporary; the next process
+    to lock the folder removes it, and nothing else."""
+    import signal
+    import subprocess
+    import sys
+
+    from fastnn.files import lock_folder
+
+    code = ("import os, signal, sys; from fastnn.files import atomic_write, lock_folder\n"
+            "with lock_folder(sys.argv[1]):\n"
+            "    for name in ('checkpoint.npz', 'loss.png'):\n"
+            "        with atomic_write(os.path.join(sys.argv[1], name)) as fh:\n"
+            "            fh.write(b'x' * 4096)\n"
+            "            if name == 'loss.png': os.kill(os.getpid(), signal.SIGKILL)\n")
+    (tmp_path / "checkpoint.npz").write_bytes(b"old")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    left = [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".loss.png."), left
+    mine = ["notes.tmp", ".notes.tmp", "data.abcdefgh.tmp"]  # not atomic_write's names
+    for name in mine:
+        (tmp_path / name).write_text("keep")
+    (tmp_path / ".dir.abcdefgh.tmp").mkdir()
+    with lock_folder(tmp_path):
+        assert sorted(os.listdir(tmp_path)) == sorted([".lock", "checkpoint.npz",
+                                                       ".dir.abcdefgh.tmp", *mine])
+    assert (tmp_path / "checkpoint.npz").read_bytes() == b"x" * 4096

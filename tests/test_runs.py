@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from fastnn.runs import (DEFAULTS, LEGACY_DEFAULTS, MODEL_OPTIONS, RECIPES, RULE_OPTIONS,
-                         build_model, build_solver, check_config, complete, defaults_for,
-                         new_config, not_applicable, optim_config, predict, recorded)
+                         build_model, build_solver, changed_options, check_config, complete,
+                         defaults_for, new_config, not_applicable, optim_config, predict,
+                         recorded)
 
 
 def test_the_defaults_are_valid():
@@ -35,6 +36,31 @@ def test_the_defaults_are_valid():
 def test_bad_values_are_named(key, value, message):
     with pytest.raises(ValueError, match=message):
         check_config({key: value})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("augment", "false", "--augment must be true or false, got 'false'"),
+    ("batchnorm", 0, "--batchnorm must be true or false, got 0"),
+    ("dropout", None, "--dropout must be a number, got None"),
+    ("epochs", None, "--epochs must be an integer, got None"),
+    ("seed", "0", "--seed must be an integer, got '0'"),
+    ("model_seed", None, "--model-seed must be an integer, got None"),
+    ("data", 5, r"--data must be a folder \(a path\), got 5"),
+    ("model", ["fc"], r"--model must be one of .*got \['fc'\]"),
+    ("update_rule", None, "--update-rule must be one of .*got None"),
+    ("hidden_dims", "24", "--hidden-dims must be one or more sizes"),
+    ("colour", "red", r"keys fastnn train does not know: \['colour'\]"),
+])
+def test_every_key_of_a_stored_config_is_checked(key, value, message):
+    """What a hand-edited config.json may hold: each key of its type, no unknown key."""
+    with pytest.raises(ValueError, match=message):
+        check_config({"model": "fc", key: value})
+
+
+def test_none_means_a_default_only_where_a_key_has_one():
+    check_config({"model": "fc", "update_rule": "sgd_momentum", "momentum": None,
+                  "threads": None, "data": None, "lr_schedule": None})
+    check_config({"model": "convnet", "dropout": None})  # fc's option: convnet ignores it
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -124,3 +150,43 @@ def test_build_and_predict_in_batches_including_an_empty_batch():
     data = {"X_train": X, "y_train": np.arange(7) % 10, "X_val": X, "y_val": np.arange(7) % 10}
     solver = build_solver(model, data, config, verbose=False)
     assert solver.batch_size == 4 and solver.num_epochs == 1 and solver.checkpoint_path is None
+
+
+def test_changed_options_are_those_a_resumed_run_may_not_change():
+    old = recorded(defaults_for("fc"))
+    assert changed_options(old, {**old, "epochs": 99, "threads": 1, "data": "/x"}) == {}
+    assert changed_options(old, {**old, "batch_size": 32, "augment": True}) == {
+        "augment": (False, True), "batch_size": (256, 32)}
+    # a key left out means its old default, the same as writing it
+    assert changed_options({k: v for k, v in old.items() if k != "reg"}, old) == {}
+
+
+def test_a_checkpoint_refuses_a_solver_of_another_configuration(tmp_path):
+    """build_solver's checkpoints record the configuration; one trained under another
+    (a hand-edited config.json) is refused, naming what differs."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((32, 3, 32, 32)).astype(np.float32)
+    data = {"X_train": X, "y_train": np.arange(32) % 10, "X_val": X, "y_val": np.arange(32) % 10}
+    config = {"hidden_dims": [8], "epochs": 1, "batch_size": 8, "num_training": 32}
+    path = tmp_path / "checkpoint.npz"
+    solver = build_solver(build_model(config), data, config, verbose=False)
+    solver.checkpoint_path = path
+    solver.train()
+    again = build_solver(build_model(config), data, {**config, "epochs": 3}, verbose=False)
+    again.load_checkpoint(path)
+    assert again.epoch == 1
+    edited = {**config, "batch_size": 16}
+    other = build_solver(build_model(edited), data, edited, verbose=False)
+    with pytest.raises(ValueError, match="checkpoint.npz was trained with --batch-size 8, not 16; "
+                                         "a resumed run may change only --backend"):
+        other.load_checkpoint(path)
+    # a checkpoint written before they recorded the configuration shows its epoch length
+    from fastnn.serialization import read_checkpoint, write_npz
+
+    arrays, meta = read_checkpoint(path)
+    meta.pop("run_config", None)  # as fastnn wrote checkpoints before
+    write_npz(path, arrays, meta)
+    with pytest.raises(ValueError, match="another --batch-size or --num-training: it stopped at "
+                                         "iteration 4, after epoch 1, but 2 iterations make"):
+        other.load_checkpoint(path)
+    again.load_checkpoint(path)

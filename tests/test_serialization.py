@@ -329,3 +329,56 @@ def test_round_trip_keeps_a_drawn_dropout_seed_and_a_later_reg(tmp_path):
     assert loaded.dropout_param["seed"] == model.dropout_param["seed"]
     assert loaded.reg == 0.5
     assert float(loaded.loss(X, y)[0]) == float(model.loss(X, y)[0])
+
+
+def _with_header(tmp_path, **changes):
+    """A saved fc_bn_dropout model whose metadata got `changes` (init_args merged) -> its path."""
+    from fastnn.serialization import MODEL_FORMAT, read_npz, write_npz
+
+    path = tmp_path / "model.npz"
+    fastnn.save(_trained("fc_bn_dropout", np), path)
+    arrays, meta = read_npz(path, MODEL_FORMAT)
+    meta["init_args"].update(changes.pop("init_args", {}))
+    write_npz(path, arrays, {**meta, **changes})
+    return path
+
+
+@pytest.mark.parametrize("init_args", [{"hidden_dims": [1e7, 1e7]}, {"input_dim": 10**9},
+                                       {"num_classes": float("inf")}])
+def test_a_header_declaring_huge_sizes_is_refused_before_allocating(tmp_path, init_args):
+    import tracemalloc
+
+    path = _with_header(tmp_path, init_args=init_args)
+    key = next(iter(init_args))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=f"model.npz is incompatible: its init_args {key} "
+                                             ".* exceed the .* numbers its arrays hold") as info:
+            fastnn.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20 and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("seed", ["x", -1, 1.5, True])
+def test_a_bad_dropout_seed_names_the_file_and_the_field(tmp_path, seed):
+    path = _with_header(tmp_path, dropout_seed=seed)
+    with pytest.raises(ValueError, match=f"model.npz is incompatible: its dropout_seed must be a "
+                                         f"non-negative integer, got {seed!r}"):
+        fastnn.load(path)
+
+
+def test_a_header_asking_for_more_memory_than_there_is_is_one_line(tmp_path, monkeypatch):
+    from fastnn import classifiers
+
+    path = _with_header(tmp_path)
+
+    class Huge(FullyConnectedNet):  # what sizes within the bound may still multiply to
+        def __init__(self, *args, **kwargs):
+            raise MemoryError
+
+    monkeypatch.setattr(classifiers, "FullyConnectedNet", Huge)
+    with pytest.raises(ValueError, match="model.npz is incompatible: its init_args .* ask for "
+                                         "more memory than there is"):
+        fastnn.load(path)
