@@ -616,7 +616,8 @@ def evaluate_command(args):
         data = load_data(config, args.data)
     with failing_as(CommandError, (OSError, ValueError), "cannot evaluate: "):
         model = fastnn.load(model_path)
-    y_pred = fastnn.to_numpy(predict(model, data["X_test"], flip=flip))
+    with failing_as(CommandError, ValueError, f"cannot evaluate {model_path}: "):
+        y_pred = fastnn.to_numpy(predict(model, data["X_test"], flip=flip))
     y_true = data["y_test"]
     accuracy = float((y_pred == y_true).mean())
     matrix = confusion_matrix(y_true, y_pred, len(CLASSES))

@@ -694,6 +694,19 @@ def test_a_crafted_model_file_is_one_line_in_evaluate(finished_run, tmp_path, ca
                      r"\[10000000.0, 10000000.0\] exceed", last_error(capsys))
 
 
+def test_a_model_file_with_nan_parameters_is_one_line_in_evaluate(finished_run, tmp_path, capsys):
+    from fastnn.serialization import MODEL_FORMAT, write_npz
+
+    out = copy_run(finished_run, tmp_path)
+    arrays, meta = read_npz(out / "model.npz", MODEL_FORMAT)
+    name = next(k for k, v in arrays.items() if v.ndim == 2)
+    arrays[name] = np.full_like(arrays[name], np.nan)
+    write_npz(out / "model.npz", arrays, meta)
+    assert main(["evaluate", str(out)]) == 1
+    assert re.search(r"cannot evaluate .*model.npz: the scores of 50 of 50 images are NaN",
+                     last_error(capsys))
+
+
 def test_a_run_that_ends_at_chance_says_so_in_its_last_line(cifar_root, tmp_path, capsys):
     assert main(small_args(cifar_root, tmp_path / "stuck", "--epochs", "1", "--lr", "1e-9")) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
