@@ -727,6 +727,10 @@ def main(argv=None):
             raise
         print(f"fastnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fastnn evaluate DIR | head`: the reader has all it wanted
+        # stdout's unflushed rest would raise again at exit: send it nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (CommandError, OSError) as exc:  # OSError: the file system said no
         if debug:
             raise

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -705,6 +706,15 @@ def test_a_model_file_with_nan_parameters_is_one_line_in_evaluate(finished_run, 
     assert main(["evaluate", str(out)]) == 1
     assert re.search(r"cannot evaluate .*model.npz: the scores of 50 of 50 images are NaN",
                      last_error(capsys))
+
+
+def test_evaluate_into_a_closed_pipe_is_quiet(finished_run, tmp_path):
+    """`fastnn evaluate DIR | head -1`: no 'Broken pipe' message once the reader is done."""
+    out = copy_run(finished_run, tmp_path)  # evaluate writes confusion.png into it
+    command = f"{shlex.quote(sys.executable)} -m fastnn evaluate {shlex.quote(str(out))}"
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {command} | head -c 1 >/dev/null"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.stderr == "", result.stderr
 
 
 def test_a_run_that_ends_at_chance_says_so_in_its_last_line(cifar_root, tmp_path, capsys):
