@@ -152,7 +152,7 @@ def build_parser():
         help="study storage shared by workers: postgresql+psycopg://USER@HOST:PORT/DB (the "
              "password from ~/.pgpass or PGPASSWORD, not the command line, where ps shows it), "
              "sqlite:///PATH or journal:PATH (default: $FASTNN_STORAGE, else sqlite in the run "
-             "folder; --storage wins over $FASTNN_STORAGE)")
+             "folder)")
     add("--study-name", default="fastnn", help="study name in the storage (fastnn)")
     add("--heartbeat-seconds", type=int, default=10,
         help="a worker records a heartbeat for its running trials this often (10)")
@@ -632,7 +632,7 @@ def tune_command(args):
             resume_hint = tune_resume_command(vars(args), out_dir)
             options["out"] = out_dir
             try:
-                with failing_as(CommandError, OSError):
+                with failing_as(CommandError, (OSError, tune.StorageUnavailable)):
                     tune.tune(options, data=data)
             except SystemExit as stop:  # fastnn.tune's own one-line refusals
                 if not isinstance(stop.code, str):

@@ -17,7 +17,8 @@ worker trains, and the trials of a worker that died queued again for a live one.
 After the search the best configuration may be retrained for longer
 (`--final-epochs`), and the best-validation model is tested on all test
 images. Everything, loading and the test pass included, fits in
-`--budget-minutes`.
+`--budget-minutes`. Ctrl-C or SIGTERM ends the search early with what finished
+written; a database server that restarts is waited for (`--outage-seconds`).
 """
 import contextlib
 import csv

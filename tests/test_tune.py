@@ -725,3 +725,31 @@ def test_a_storage_url_without_password_from_the_environment(postgres, cifar_roo
     assert proc.returncode == 0, stderr
     study = optuna.load_study(study_name="fastnn", storage=postgres.url(database))
     assert [t.state.name for t in study.trials] == ["COMPLETE"]
+
+
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("stop", ["stopped", "crashed"])
+def test_a_workers_folder_is_kept_once_it_holds_results(cifar_root, tmp_path, monkeypatch,
+                                                        resume, stop):
+    """A worker on a shared storage (--resume or not) that stops after writing its results into
+    a folder it created keeps the folder; one that stops before any result removes it."""
+    from fastnn import tune
+
+    def tune_then_stop(options, data):
+        if options["trials"] == 2:  # this worker had finished trials
+            (tmp_path / "w" / "best.json").write_text("{}")
+        if stop == "stopped":
+            raise tune.TuneStopped("stopped by SIGTERM", 143)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(tune, "tune", tune_then_stop)
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    for trials, kept in ((1, False), (2, True)):
+        args = tune_args(cifar_root, tmp_path / "w", "--trials", str(trials), "--storage", storage,
+                         *(["--resume"] if resume else []))
+        if stop == "stopped":
+            assert main(args) == 143
+        else:
+            with pytest.raises(RuntimeError):
+                main(args)
+        assert (tmp_path / "w").exists() == kept
