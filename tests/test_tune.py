@@ -753,3 +753,14 @@ def test_a_workers_folder_is_kept_once_it_holds_results(cifar_root, tmp_path, mo
             with pytest.raises(RuntimeError):
                 main(args)
         assert (tmp_path / "w").exists() == kept
+
+
+def test_fastnn_storage_names_the_storage_and_storage_wins(cifar_root, tmp_path, capsys,
+                                                           monkeypatch):
+    monkeypatch.setenv("FASTNN_STORAGE", "sqlite:////nonexistent/env.db")
+    assert main(tune_args(cifar_root, tmp_path / "a", "--trials", "1")) == 1
+    assert "no folder /nonexistent for the SQLite file /nonexistent/env.db" in \
+        capsys.readouterr().err
+    storage = f"sqlite:///{tmp_path / 'flag.db'}"
+    assert main(tune_args(cifar_root, tmp_path / "b", "--trials", "1", "--storage", storage)) == 0
+    assert len(optuna.load_study(study_name="fastnn", storage=storage).trials) == 1
