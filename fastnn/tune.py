@@ -1075,10 +1075,16 @@ def _tune(options, log, data, stop):
     if stopped is None and options["final_epochs"] and \
             clock.left() > RESERVE_SECONDS + options["final_seconds"]:
         value, config, model, number = best
-        retrained, retrained_val = retrain(config, data, options["final_epochs"], log)
-        if retrained_val >= value:
-            best = (retrained_val, {**config, "epochs": options["final_epochs"]}, retrained,
-                    number)
+        try:
+            retrained, retrained_val = retrain(config, data, options["final_epochs"], log)
+        except TrainingInterrupted as interrupt:  # the search's best is kept
+            name = signal.Signals(interrupt.signum).name
+            stopped = TuneStopped(f"stopped by {name} while retraining the best configuration",
+                                  128 + int(interrupt.signum))
+        else:
+            if retrained_val >= value:
+                best = (retrained_val, {**config, "epochs": options["final_epochs"]},
+                        retrained, number)
     result = write_results(study if results is not None else None, best, data, options,
                            results, trained_here, log)
     if stopped is not None:

@@ -555,9 +555,10 @@ def test_a_signal_stops_tune_writing_what_finished_and_saying_how_to_resume(cifa
     from fastnn import tune
 
     out = tmp_path / "tune"
+    # trials enough that the signal comes with more than one round left
     flags = ("--model", "convnet", "--widths", "4", "8", "--stem-width", "4", "--epochs", "4") \
         if model == "convnet" else ("--parallel", "2", "--epochs", "6")
-    args = tune_args(cifar_root, out, "--trials", "4", "--threads", "1", *flags)
+    args = tune_args(cifar_root, out, "--trials", "6", "--threads", "1", *flags)
     storage = f"sqlite:///{out / 'study.db'}"
     proc = tune_process(*args)
     try:
@@ -580,12 +581,12 @@ def test_a_signal_stops_tune_writing_what_finished_and_saying_how_to_resume(cifa
     assert best["worker_trials"] == len(finished) and best["val_acc"] == finished[best["trial"]]
     assert (out / "best_model.npz").exists() and (out / "trials.png").exists()
     assert len((out / "trials.csv").read_text().splitlines()) == 1 + len(trials)
-    if signum == signal.SIGTERM:  # the printed command continues the study to its 4 trials
+    if signum == signal.SIGTERM:  # the printed command continues the study to its 6 trials
         done = subprocess.run([sys.executable, "-m", "fastnn", *shlex.split(resume)[1:]],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         study = optuna.load_study(study_name="fastnn", storage=storage)
-        assert sum(tune.has_result(t) for t in study.trials) == 4
+        assert sum(tune.has_result(t) for t in study.trials) == 6
 
 
 @pytest.mark.parametrize("storage, message", [
@@ -654,7 +655,7 @@ def test_a_worker_rides_out_a_database_restart(own_postgres, cifar_root, tmp_pat
     """The server stops (its connections cut) for 4 s mid-trial: the worker waits, reconnects
     and finishes every trial itself."""
     storage = own_postgres.create_database("restart")
-    proc = outage_worker(cifar_root, tmp_path / "w", storage, "--trials", "4", "--epochs", "12")
+    proc = outage_worker(cifar_root, tmp_path / "w", storage, "--trials", "4", "--epochs", "30")
     try:
         caught = wait_for_running_trial("fastnn", storage, f"{os.uname().nodename}:{proc.pid}",
                                         proc)
