@@ -146,7 +146,8 @@ def build_parser():
         help="fc trials trained together as one stack (2; more pays for small nets and on "
              "GPUs); convnet trials train one at a time")
     add("--epochs", type=int, default=None,
-        help="epochs per trial (fc 30; convnet the recipe's 11)")
+        help="epochs per trial (fc 30; convnet the recipe's 11; a resumed study keeps its own "
+             "and refuses another)")
     add("--final-epochs", type=int, default=0,
         help="retrain the best configuration for this many epochs at the end (0: no)")
     add("--crop-padding", type=int, default=None,
@@ -155,13 +156,18 @@ def build_parser():
     add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"], default="onecycle",
         help="learning-rate schedule of every trial (onecycle)")
     add("--storage", default=None,
-        help="study storage shared by workers: postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB, "
-             "sqlite:///PATH or journal:PATH (default: sqlite in the run folder)")
+        help="study storage shared by workers: postgresql+psycopg://USER@HOST:PORT/DB (the "
+             "password from ~/.pgpass or PGPASSWORD, not the command line, where ps shows it), "
+             "sqlite:///PATH or journal:PATH (default: $FASTNN_STORAGE, else sqlite in the run "
+             "folder)")
     add("--study-name", default="fastnn", help="study name in the storage (fastnn)")
     add("--heartbeat-seconds", type=int, default=10,
         help="a worker records a heartbeat for its running trials this often (10)")
     add("--grace-seconds", type=int, default=60,
         help="a trial with no heartbeat for this long is lost: FAIL, and run again (60)")
+    add("--outage-seconds", type=int, default=60,
+        help="a database server that stops answering is waited for this long (retrying with "
+             "backoff) before the worker stops (60)")
     add("--resume", action="store_true", help="continue the study in the storage")
     add("--out", default=None, help="run folder (default: a new one under runs/)")
     add("--seed", type=int, default=0, help="sampler and training seed (0)")
@@ -259,13 +265,15 @@ def unwritable_reason(folder):
 
 
 @contextlib.contextmanager
-def claimed_folder(out_dir, holds_run, resume="fastnn train --resume {}"):
+def claimed_folder(out_dir, holds_run, resume="fastnn train --resume {}", has_results=None):
     """Create (if needed) and lock a new run folder for the block; yields its path.
 
     Refused when another process holds it or when it holds a run by now (a
     process that started at the same instant won). A folder made here is
-    removed again when the block fails before it holds a run.
+    removed again when the block fails before it holds a run (before
+    `has_results(folder)`, when given: holds_run's test at the start may differ).
     """
+    has_results = has_results or holds_run
     created = False
     try:
         if out_dir is None:
@@ -286,7 +294,7 @@ def claimed_folder(out_dir, holds_run, resume="fastnn train --resume {}"):
                                    "or choose another --out")
             yield out_dir
         except BaseException:
-            if created and not holds_run(out_dir):  # only while holding the lock
+            if created and not has_results(out_dir):  # only while holding the lock
                 shutil.rmtree(out_dir, ignore_errors=True)
             raise
 
@@ -640,11 +648,14 @@ TUNE_RESUME = "fastnn tune --resume --out {}"
 
 
 def tune_holds_run(folder):
-    return any(os.path.exists(os.path.join(folder, name)) for name in ("study.db", "best.json"))
+    """A study in the folder, or a worker's results (best.json and its model)."""
+    return any(os.path.exists(os.path.join(folder, name))
+               for name in ("study.db", "best.json", "best_model.npz"))
 
 
 def fill_tune_defaults(options):
-    """The per-model defaults of --parallel, --epochs and --crop-padding (None: not given)."""
+    """The per-model defaults of --parallel and --crop-padding (None: not given); --epochs
+    stays None when not given: a resumed study keeps its own (fastnn.tune.check_epochs)."""
     if options["model"] == "convnet":
         if (options["parallel"] or 1) != 1:
             raise UsageError(f"convnet trials train one at a time; --parallel "
@@ -656,13 +667,13 @@ def fill_tune_defaults(options):
     from fastnn.tune import model_defaults
 
     options.update({k: v for k, v in model_defaults(options["model"]).items()
-                    if options[k] is None})
+                    if options[k] is None and k != "epochs"})
 
 
 def check_tune_options(options):
     for name, low in (("trials", 1), ("parallel", 1), ("epochs", 1), ("final_epochs", 0),
-                      ("heartbeat_seconds", 1)):
-        if options[name] < low:
+                      ("heartbeat_seconds", 1), ("outage_seconds", 1)):
+        if options[name] is not None and options[name] < low:
             raise UsageError(f"{option_name(name)} must be >= {low}, got {options[name]}")
     if options["grace_seconds"] <= options["heartbeat_seconds"]:
         raise UsageError(f"--grace-seconds ({options['grace_seconds']}) must exceed "
@@ -672,11 +683,38 @@ def check_tune_options(options):
     if budget is not None and not (np.isfinite(budget) and budget > 0):
         raise UsageError(f"--budget-minutes must be a positive number of minutes, got {budget}")
     shared = {k: options[k] for k in ("num_training", "num_validation", "num_test", "threads",
-                                      "backend", "seed", "crop_padding", "epochs")}
+                                      "backend", "seed", "crop_padding")}
+    if options["epochs"] is not None:
+        shared["epochs"] = options["epochs"]
     with failing_as(UsageError, ValueError):
         check_config({**shared, "augment": True})  # trials that augment use --crop-padding
     if options["resume"] and options["out"] is None and options["storage"] is None:
         raise UsageError("--resume needs --out DIR (the earlier run folder) or --storage")
+
+
+def tune_resume_command(given, out_dir):
+    """The command that resumes a tune of the flags `given` (vars of its arguments): those that
+    differ from the defaults, --resume and --out DIR; a --storage URL's password is shown as
+    ***, and a URL from $FASTNN_STORAGE (not in `given`) is left to it."""
+    import shlex
+
+    from fastnn.tune import hide_password
+
+    tune_parser = next(a for a in build_parser()._actions if a.dest == "command").choices["tune"]
+    words = ["fastnn", "tune", "--resume", "--out", out_dir]
+    for action in tune_parser._actions:
+        value = given.get(action.dest, action.default)
+        if not action.option_strings or value == action.default or \
+                action.dest in ("help", "debug", "resume", "out"):
+            continue
+        if action.dest == "storage":
+            value = hide_password(value)
+        words += [action.option_strings[0],
+                  *(map(str, value) if isinstance(value, list) else [str(value)])]
+    command = shlex.join(words)
+    if ":***@" in command:
+        command += " (with the password for ***, or with it in ~/.pgpass or PGPASSWORD)"
+    return command
 
 
 def tune_command(args):
@@ -684,6 +722,8 @@ def tune_command(args):
 
     options = {**vars(args), "start": START_TIME, "final_seconds": 0,
                "worker": f"{os.uname().nodename}:{os.getpid()}"}
+    if options["storage"] is None and os.environ.get(tune.STORAGE_ENV):  # --storage wins
+        options["storage"] = os.environ[tune.STORAGE_ENV]
     fill_tune_defaults(options)
     check_tune_options(options)
     out_dir = options["out"]
@@ -701,15 +741,27 @@ def tune_command(args):
         setup_runtime(options)
     with failing_as(CommandError, (RuntimeError, ValueError, OSError), "CIFAR-10 data: "):
         data = load_data(options)
-    with claimed_folder(out_dir, holds_run, TUNE_RESUME) as out_dir:
-        options["out"] = out_dir
-        try:
-            with failing_as(CommandError, OSError):
-                tune.tune(options, data=data)
-        except SystemExit as stop:  # fastnn.tune's own one-line refusals
-            if not isinstance(stop.code, str):
-                raise
-            raise CommandError(stop.code.removeprefix("fastnn: ")) from None
+    resume_hint = None  # set once the folder is known; the folder goes if it holds nothing
+    try:
+        with claimed_folder(out_dir, holds_run, TUNE_RESUME, tune_holds_run) as out_dir:
+            resume_hint = tune_resume_command(vars(args), out_dir)
+            options["out"] = out_dir
+            try:
+                with failing_as(CommandError, (OSError, tune.StorageUnavailable)):
+                    tune.tune(options, data=data)
+            except SystemExit as stop:  # fastnn.tune's own one-line refusals
+                if not isinstance(stop.code, str):
+                    raise
+                raise CommandError(stop.code.removeprefix("fastnn: ")) from None
+    except tune.TuneStopped as stop:  # a signal, or the database stayed away
+        print(f"\nfastnn tune: {stop}. Resume with: {resume_hint}", file=sys.stderr)
+        return stop.status
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the search began: at once
+        if resume_hint is None:
+            raise
+        print(f"\nfastnn tune: stopped at once; the study keeps every finished trial. "
+              f"Resume with: {resume_hint}", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 

@@ -17,11 +17,15 @@ worker trains, and the trials of a worker that died queued again for a live one.
 After the search the best configuration may be retrained for longer
 (`--final-epochs`), and the best-validation model is tested on all test
 images. Everything, loading and the test pass included, fits in
-`--budget-minutes`.
+`--budget-minutes`. Ctrl-C or SIGTERM ends the search early with what finished
+written; a database server that restarts is waited for (`--outage-seconds`).
 """
+import contextlib
 import csv
+import functools
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -30,6 +34,7 @@ import warnings
 import numpy as np
 
 from fastnn.files import atomic_write, read_json, write_json
+from fastnn.interrupt import TrainingInterrupted, stop_requests
 from fastnn.plots import save_figure
 from fastnn.runs import (augment_options, build_model, build_solver, complete, defaults_for,
                          load_data, predict, recorded, setup_runtime)
@@ -127,8 +132,24 @@ class Clock:
 
 # -- the study: its storage, and which worker trains which trial --------------
 DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
+STORAGE_ENV = "FASTNN_STORAGE"  # the storage URL when --storage is not given
 SEARCH_SPACE_ATTR = "fastnn_search_space"  # a study user attribute: the ranges its trials drew from
 MAX_RETRIES = 2  # a trial that takes its worker down every time (out of memory) is given up
+
+
+def hide_password(url):
+    """`url` with its password (if any) shown as ***, for messages and resume commands."""
+    from sqlalchemy.engine import make_url
+
+    if url.startswith("journal:"):
+        return url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: hide what sits between USER: and @
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            scheme, rest = "", url
+        return scheme + sep + re.sub(r"^([^/:@]*):[^@]*@", r"\1:***@", rest)
 
 
 def describe_storage(url):
@@ -144,6 +165,16 @@ def describe_storage(url):
     return f"{parsed.get_backend_name()} server {parsed.host}:{port} database {parsed.database}"
 
 
+def check_file_storage(path, what):
+    """SystemExit unless the folder of the storage file `path` exists (and `path` is no folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SystemExit(f"fastnn: the {what} {path} is a folder; give a file path in --storage")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"fastnn: no folder {folder} for the {what} {path}; create it, or give "
+                         "--storage a path in an existing folder")
+
+
 def check_database(url):
     """Connect once to the database of `url`; returns the engine options for Optuna.
 
@@ -155,15 +186,20 @@ def check_database(url):
 
     try:
         parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise SystemExit(f"fastnn: --storage {url!r} is not a storage URL; use "
-                         "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE, "
+    except (sqlalchemy.exc.ArgumentError, ValueError) as error:  # ValueError: a bad port
+        raise SystemExit(f"fastnn: --storage {hide_password(url)!r} is not a storage URL "
+                         f"({error}); use "
+                         "postgresql+psycopg://USER@HOST:PORT/DATABASE, "
                          "sqlite:///PATH or journal:PATH") from None
     backend = parsed.get_backend_name()
+    engine_kwargs = {}
     if backend == "sqlite":
-        return {}
-    # A trial keeps the pool idle for minutes: test a connection before using it again.
-    engine_kwargs = {"pool_pre_ping": True}
+        if parsed.database not in (None, "", ":memory:"):
+            check_file_storage(parsed.database, "SQLite file")
+    else:
+        # A trial keeps the pool idle for minutes, and a server may restart: test a
+        # connection before using it again (a dead one is replaced).
+        engine_kwargs["pool_pre_ping"] = True
     if backend == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
     where = describe_storage(url)
@@ -178,6 +214,9 @@ def check_database(url):
             pass
     except sqlalchemy.exc.DBAPIError as error:
         reason = " ".join(str(error.orig if error.orig is not None else error).split())
+        if backend == "sqlite":
+            raise SystemExit(f"fastnn: cannot open the study storage, the {where} ({reason}); "
+                             "check the path and its permissions") from None
         raise SystemExit(f"fastnn: cannot open the study storage on the {where} ({reason}); "
                          "check that the server runs there and the URL's user, password "
                          "and database") from None
@@ -186,13 +225,136 @@ def check_database(url):
     return engine_kwargs
 
 
-def open_storage(options):
+def wait(seconds, stop):
+    """Sleep `seconds`, or raise TrainingInterrupted as soon as `stop` (a StopRequest) is set."""
+    end = time.monotonic() + seconds
+    while True:
+        if stop is not None and stop.requested:
+            raise TrainingInterrupted("interrupted", None, signal.Signals(stop.signum))
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.2))
+
+
+class StorageUnavailable(Exception):
+    """The study's database did not answer for the whole outage allowance (one line)."""
+
+
+def _connection_lost(error):
+    """True when `error` (raised by an RDBStorage call) says the server went away, not
+    that the call was wrong: worth trying again."""
+    import sqlalchemy
+
+    from optuna.exceptions import StorageInternalError
+
+    if isinstance(error, StorageInternalError):
+        error = error.__cause__
+    return isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) \
+        or getattr(error, "connection_invalidated", False)
+
+
+# The RDBStorage methods that talk to the database (what Optuna's cache calls included).
+DATABASE_CALLS = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_all_studies", "create_new_trial",
+    "_create_new_trial", "set_trial_param", "_set_trial_param", "get_trial_param",
+    "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+    "set_trial_system_attr", "get_trial_user_attrs", "get_trial_system_attrs",
+    "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "_get_trials",
+    "get_best_trial", "_get_best_trial_id", "record_heartbeat", "_get_stale_trial_ids")
+
+
+@functools.cache
+def patient_storage_class():
+    """An optuna RDBStorage whose database calls ride out a server restart.
+
+    A call that fails because the connection is gone is made again (a failed
+    transaction was rolled back, so it is made whole or not at all), after
+    0.5, 1, 2, 4, 8, 8, ... s, for up to `outage_seconds` from the first
+    failure (or until `stop`, a StopRequest, is set); then StorageUnavailable
+    names the server. Only the outermost call retries (Optuna's calls nest),
+    and one message per outage is logged.
+    """
+    import optuna
+
+    class PatientRDBStorage(optuna.storages.RDBStorage):
+        def __init__(self, url, *, outage_seconds, log, stop=None, **kwargs):
+            self.outage_seconds, self.log, self.stop = outage_seconds, log, stop
+            self.where = describe_storage(url)
+            self._depth = threading.local()
+            self._outage_lock = threading.Lock()
+            self._outage_since = None  # time.monotonic() of the first failed call, or None
+            super().__init__(url, **kwargs)
+
+        def _patiently(self, call, *args, **kwargs):
+            if getattr(self._depth, "value", 0):  # an inner call: the outer one retries
+                return call(*args, **kwargs)
+            delay = 0.5
+            while True:
+                self._depth.value = 1
+                try:
+                    result = call(*args, **kwargs)
+                except Exception as error:
+                    if not _connection_lost(error):
+                        raise
+                    self._wait(error, delay)
+                    delay = min(2 * delay, 8)
+                    continue
+                finally:
+                    self._depth.value = 0
+                with self._outage_lock:
+                    if self._outage_since is not None:
+                        self.log(f"the {self.where} answers again after "
+                                 f"{time.monotonic() - self._outage_since:.0f} s")
+                        self._outage_since = None
+                return result
+
+        def _wait(self, error, delay):
+            cause = error.__cause__ if error.__cause__ is not None else error
+            reason = " ".join(str(getattr(cause, "orig", None) or cause).split())
+            with self._outage_lock:
+                now = time.monotonic()
+                if self._outage_since is None:
+                    self._outage_since = now
+                    self.log(f"the {self.where} does not answer ({reason}); trying again "
+                             f"for up to {self.outage_seconds} s")
+                waited = now - self._outage_since
+            if waited >= self.outage_seconds:
+                raise StorageUnavailable(
+                    f"the study storage, the {self.where}, did not answer for "
+                    f"{waited:.0f} s ({reason})") from None
+            end = time.monotonic() + min(delay, self.outage_seconds - waited)
+            while time.monotonic() < end:  # in steps: Ctrl-C is not kept waiting
+                if self.stop is not None and self.stop.requested:
+                    raise StorageUnavailable(f"the {self.where} does not answer ({reason})")
+                time.sleep(min(0.2, max(end - time.monotonic(), 0)))
+
+    def patient(name):
+        method = getattr(optuna.storages.RDBStorage, name)
+
+        def call(self, *args, **kwargs):
+            return self._patiently(method.__get__(self), *args, **kwargs)
+
+        call.__name__ = name
+        return call
+
+    for name in DATABASE_CALLS:
+        setattr(PatientRDBStorage, name, patient(name))
+    return PatientRDBStorage
+
+
+def open_storage(options, log=print, stop=None):
     """The Optuna storage of options["storage"]: a database URL or journal:PATH.
 
     A database storage keeps heartbeats: a trial whose worker sent none for
     `grace_seconds` is marked FAIL by the next worker that looks, and queued
     again with its parameters (Optuna's RetryHeartbeatStaleTrialCallback). A
     journal file keeps no heartbeats, so it cannot tell a dead worker's trial.
+    A database server that goes away is waited for up to
+    options["outage_seconds"] (patient_storage_class); `stop`, a
+    fastnn.interrupt.StopRequest, cuts that wait short.
     """
     import optuna
     from sqlalchemy.exc import DBAPIError
@@ -201,15 +363,18 @@ def open_storage(options):
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        path = url[len("journal:"):]
+        check_file_storage(path, "journal file")
+        return optuna.storages.JournalStorage(JournalFileBackend(path))
     engine_kwargs = check_database(url)
     with warnings.catch_warnings():  # heartbeats and retries are experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
         for attempt in range(5):
             try:
-                return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine_kwargs,
+                return patient_storage_class()(
+                    url, outage_seconds=options.get("outage_seconds", 60), log=log, stop=stop,
+                    engine_kwargs=engine_kwargs,
                     heartbeat_interval=options["heartbeat_seconds"],
                     grace_period=options["grace_seconds"], heartbeat_stale_trial_callback=retry)
             except DBAPIError:
@@ -291,10 +456,6 @@ def pinned_structure(trial):
     return tuple(pinned.get(name) for name in STRUCTURE_SPACE)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 class Worker:
     """This process's share of a study: takes trials, keeps them alive, finds lost ones.
 
@@ -323,30 +484,33 @@ class Worker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
-        self._sigterm = None
+        self.stop = None  # the StopRequest of tune()'s signals, checked before training
 
     def __enter__(self):
         if self.heartbeats:
             self._thread = threading.Thread(target=self._beat, daemon=True,
                                             name="fastnn-heartbeat")
             self._thread.start()
-        if threading.current_thread() is threading.main_thread():
-            # SIGTERM (a scheduler's preemption) stops this worker as Ctrl-C does.
-            self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
         return self
 
     def __exit__(self, exc_type, exc, traceback):
-        if self._sigterm is not None:
-            signal.signal(signal.SIGTERM, self._sigterm)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if exc_type is not None:  # stopped or broken: hand the trials back at once, not after
-            for trial_id in list(self.held):  # the grace period
-                try:
-                    self.hand_back(trial_id)
-                except Exception:  # the storage is what broke: the grace period will do it
-                    break
+        if exc_type is not None and not issubclass(exc_type, StorageUnavailable):
+            self.hand_back_all()  # stopped or broken: at once, not after the grace period
+
+    def hand_back_all(self):
+        """Hand back every trial this worker trains (it stops); says so where it cannot."""
+        for trial_id in list(self.held):
+            try:
+                self.hand_back(trial_id)
+            except Exception as error:  # the storage is what broke
+                numbers = ", ".join(str(n) for n in sorted(self.held.values()))
+                self.log(f"could not hand back trial(s) {numbers} ({' '.join(str(error).split())})"
+                         f"; other workers run them again after {self.grace} s without a "
+                         "heartbeat")
+                return
 
     def _beat(self):
         while not self._stop.wait(self.interval):
@@ -573,6 +737,7 @@ def run_round(worker, taken, data, options, clock, log):
         lr_decay=structure["lr_decay"], lr_schedule=configs[0]["lr_schedule"],
         batch_size=configs[0]["batch_size"], num_epochs=options["epochs"],
         seed=options["seed"], augment=augment_options(configs[0]), on_epoch_end=on_epoch_end)
+    wait(0, worker.stop)  # a signal since the trials were taken (the Solver sees only its own)
     solver.train()
     outcome, best_id, model_epochs = [], None, 0
     for member_id, trial in by_member.items():
@@ -653,11 +818,9 @@ def run_conv_trial(worker, taken, data, options, clock, log):
     start = time.perf_counter()
     model = build_model(config)
     solver = build_solver(model, data, config, out_dir=None, verbose=False)
+    wait(0, worker.stop)  # a signal since the trial was taken (the Solver sees only its own)
     try:
-        solver.train()
-    except KeyboardInterrupt:  # hand the trial back at once rather than after the grace period
-        worker.finish(trial, state=TrialState.FAIL, lost=True)
-        raise
+        solver.train()  # Ctrl-C: TrainingInterrupted, and tune() hands the trial back
     except FloatingPointError:
         if worker.finish(trial, state=TrialState.FAIL, failed="non-finite loss"):
             log(f"trial {trial.number}: failed (non-finite loss)")
@@ -767,15 +930,55 @@ def previous_best(out_dir):
     return saved["val_acc"], saved["config"], fastnn.load(model_path), saved["trial"]
 
 
+class TuneStopped(Exception):
+    """The search stopped early (a signal, a lost storage): `status` is the exit status;
+    the message says why and what was written."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
+
+def trial_epochs(study):
+    """The --epochs the study's trials were trained with (a set: empty for a new study)."""
+    return {t.user_attrs["config"]["epochs"] for t in study.get_trials(deepcopy=False)
+            if isinstance(t.user_attrs.get("config"), dict) and "epochs" in t.user_attrs["config"]}
+
+
+def check_epochs(study, options):
+    """Settle options["epochs"]: a study's trials all train alike, so a resumed or joined study
+    keeps its own --epochs (taken when not given; another one is refused): val accuracies
+    after other numbers of epochs do not compare, and TPE and the pruner would mix them."""
+    theirs = trial_epochs(study)
+    if options.get("epochs") is None:
+        options["epochs"] = min(theirs) if len(theirs) == 1 else \
+            model_defaults(options.get("model", "fc"))["epochs"]
+    elif theirs and theirs != {options["epochs"]}:
+        where = describe_storage(options["storage"])
+        shown = " and ".join(str(e) for e in sorted(theirs))
+        raise SystemExit(f"fastnn: study {study.study_name!r} in the {where} trains its trials "
+                         f"for {shown} epochs, not --epochs {options['epochs']} (their accuracies "
+                         "would not compare); drop --epochs to continue it, start another study "
+                         "with --study-name, or retrain the best for longer with --final-epochs")
+
+
 def tune(options, log=print, data=None):
     """Run the search described by `options` (see cli.py's tune flags); returns best.json's dict.
 
-    `data`: the CIFAR-10 split, when the caller has loaded it already.
+    `data`: the CIFAR-10 split, when the caller has loaded it already. Ctrl-C or
+    SIGTERM, or a database that stays away for options["outage_seconds"], stops
+    the search: the trials in training are handed back, what finished is written
+    (best.json, best_model.npz, trials.csv, plots), and TuneStopped says so.
     """
+    with stop_requests() as stop:  # a signal is acted on between trials (Solver: between steps)
+        return _tune(options, log, data, stop)
+
+
+def _tune(options, log, data, stop):
     import fastnn
 
     for key, value in model_defaults(options.get("model", "fc")).items():
-        if options.get(key) is None:
+        if options.get(key) is None and key != "epochs":  # epochs: the study's, if it has any
             options[key] = value
     clock = Clock(options["budget_minutes"], options["start"])
     out_dir = options["out"]
@@ -784,7 +987,8 @@ def tune(options, log=print, data=None):
     options["shared"] = options["storage"] is not None
     if options["storage"] is None:
         options["storage"] = f"sqlite:///{os.path.abspath(os.path.join(out_dir, 'study.db'))}"
-    study = create_study(options, open_storage(options))
+    study = create_study(options, open_storage(options, log, stop))
+    check_epochs(study, options)
     setup_runtime(options)
     data = load_data(options) if data is None else data
     # The training splits go to the backend once: every round's Solver then finds them there
@@ -796,75 +1000,126 @@ def tune(options, log=print, data=None):
         study.enqueue_trial(conv_baseline() if options.get("model") == "convnet" else BASELINE)
     best = previous_best(out_dir)  # (val_acc, config, model, trial number)
     trained_here = 0
+    stopped = None  # TuneStopped, when the search ends early
+    results = None  # trials with a result in the study (None: the storage is gone)
     with Worker(study, options, log) as worker:
+        worker.stop = stop
         if not options["shared"]:
             worker.reclaim_running()
         round_seconds = None  # the first round always runs; its trials stop at the deadline
         waiting = False
-        while True:
-            if round_seconds is not None and \
-                    clock.left() < RESERVE_SECONDS + options["final_seconds"] + round_seconds:
-                log("stopping the search: the budget is nearly spent")
-                break
-            taken = worker.take(options["parallel"])
-            if not taken:  # the study is full: done, or trials in flight on other workers
-                results, _, in_flight = worker.progress()
-                if results >= options["trials"] or not in_flight:
+        try:
+            while True:
+                wait(0, stop)
+                if round_seconds is not None and \
+                        clock.left() < RESERVE_SECONDS + options["final_seconds"] + round_seconds:
+                    log("stopping the search: the budget is nearly spent")
                     break
-                if not worker.heartbeats:
-                    log(f"{in_flight} trials run on other workers; this one stops (a journal "
-                        "storage keeps no heartbeats, so a lost trial is not run again)")
-                    break
-                if clock.left() < RESERVE_SECONDS + options["final_seconds"] + worker.interval:
-                    log("stopping: the budget is nearly spent")
-                    break
-                if not waiting:
-                    log(f"waiting for {in_flight} trials on other workers: a trial whose worker "
-                        f"stops for {worker.grace} s runs again here")
-                waiting = True
-                time.sleep(worker.interval)
-                continue
-            waiting = False
-            round_start = time.perf_counter()
-            trainer = run_conv_trial if options.get("model") == "convnet" else run_round
-            outcome, round_best, model_epochs = trainer(worker, taken, data, options, clock, log)
-            round_seconds = time.perf_counter() - round_start
-            trained_here += len(outcome)
-            if options["final_epochs"] and model_epochs:  # a retrain's cost, at this round's pace
-                per_model_epoch = round_seconds / model_epochs
-                options["final_seconds"] = 1.5 * per_model_epoch * options["final_epochs"]
-            if round_best is not None and (best is None or round_best[0] > best[0]):
-                best = round_best
-        results = worker.progress()[0]
+                taken = worker.take(options["parallel"])
+                if not taken:  # the study is full: done, or trials in flight on other workers
+                    results, _, in_flight = worker.progress()
+                    if results >= options["trials"] or not in_flight:
+                        break
+                    if not worker.heartbeats:
+                        log(f"{in_flight} trials run on other workers; this one stops (a journal "
+                            "storage keeps no heartbeats, so a lost trial is not run again)")
+                        break
+                    if clock.left() < RESERVE_SECONDS + options["final_seconds"] + \
+                            worker.interval:
+                        log("stopping: the budget is nearly spent")
+                        break
+                    if not waiting:
+                        log(f"waiting for {in_flight} trials on other workers: a trial whose "
+                            f"worker stops for {worker.grace} s runs again here")
+                    waiting = True
+                    wait(worker.interval, stop)
+                    continue
+                waiting = False
+                round_start = time.perf_counter()
+                trainer = run_conv_trial if options.get("model") == "convnet" else run_round
+                outcome, round_best, model_epochs = trainer(worker, taken, data, options, clock,
+                                                            log)
+                round_seconds = time.perf_counter() - round_start
+                trained_here += len(outcome)
+                if options["final_epochs"] and model_epochs:  # a retrain's cost, at this pace
+                    per_model_epoch = round_seconds / model_epochs
+                    options["final_seconds"] = 1.5 * per_model_epoch * options["final_epochs"]
+                if round_best is not None and (best is None or round_best[0] > best[0]):
+                    best = round_best
+            results = worker.progress()[0]
+        except TrainingInterrupted as interrupt:  # the first signal (a second one: at once)
+            name = signal.Signals(interrupt.signum).name
+            log(f"{name}: handing back the trials in training")
+            worker.hand_back_all()
+            stopped = TuneStopped(f"stopped by {name}", 128 + int(interrupt.signum))
+            with contextlib.suppress(StorageUnavailable):
+                results = worker.progress()[0]
+        except StorageUnavailable as lost:  # its trials run again elsewhere after the grace
+            again = f"the trials in training here run again on another worker after " \
+                f"--grace-seconds {worker.grace}"
+            if stop.requested:  # a signal while waiting for the database
+                name = signal.Signals(stop.signum).name
+                stopped = TuneStopped(f"stopped by {name}: {lost}; {again}",
+                                      128 + int(stop.signum))
+            else:
+                stopped = TuneStopped(f"{lost}; {again}", 1)
     if best is None:
+        if stopped is not None:
+            raise TuneStopped(f"{stopped}; no trial had finished here, nothing was written",
+                              stopped.status)
         if results >= options["trials"]:
             raise SystemExit(f"fastnn: study {options['study_name']!r} already has {results} "
                              f"trials with a result (--trials {options['trials']}); raise "
                              "--trials to run more")
         raise SystemExit("fastnn: no trial finished; raise --budget-minutes or --trials")
+    if stopped is None and options["final_epochs"] and \
+            clock.left() > RESERVE_SECONDS + options["final_seconds"]:
+        value, config, model, number = best
+        try:
+            retrained, retrained_val = retrain(config, data, options["final_epochs"], log)
+        except TrainingInterrupted as interrupt:  # the search's best is kept
+            name = signal.Signals(interrupt.signum).name
+            stopped = TuneStopped(f"stopped by {name} while retraining the best configuration",
+                                  128 + int(interrupt.signum))
+        else:
+            if retrained_val >= value:
+                best = (retrained_val, {**config, "epochs": options["final_epochs"]},
+                        retrained, number)
+    result = write_results(study if results is not None else None, best, data, options,
+                           results, trained_here, log)
+    if stopped is not None:
+        written = "best.json, best_model.npz, trials.csv and plots" if results is not None \
+            else "best.json and best_model.npz"
+        raise TuneStopped(f"{stopped}; {written} of the {trained_here} trials finished here are "
+                          f"in {out_dir}", stopped.status)
+    return result
+
+
+def write_results(study, best, data, options, results, trained_here, log):
+    """best_model.npz and best.json of `best` (val_acc, config, model, trial number); then
+    trials.csv and the plots of `study` (None: its storage is gone, they are left out)."""
+    import fastnn
+
     value, config, model, number = best
-    if options["final_epochs"] and clock.left() > RESERVE_SECONDS + options["final_seconds"]:
-        retrained, retrained_val = retrain(config, data, options["final_epochs"], log)
-        if retrained_val >= value:
-            value, model = retrained_val, retrained
-            config = {**config, "epochs": options["final_epochs"]}
-    fastnn.save(model, os.path.join(out_dir, "best_model.npz"))
+    out_dir = options["out"]
     test_acc = float((fastnn.to_numpy(predict(model, data["X_test"],
                                               flip=complete(config)["flip_test"]))
                       == data["y_test"]).mean())
-    try:  # completed trials only; pruned ones (still ranked here) do not count for Optuna
-        study_best = {"study_best_trial": study.best_trial.number,
-                      "study_best_val_acc": study.best_value}
-    except ValueError:
-        study_best = {"study_best_trial": None, "study_best_val_acc": None}
+    study_best = {"study_best_trial": None, "study_best_val_acc": None}
+    if study is not None:
+        with contextlib.suppress(ValueError):  # completed trials only; pruned ones do not count
+            study_best = {"study_best_trial": study.best_trial.number,
+                          "study_best_val_acc": study.best_value}
+    fastnn.save(model, os.path.join(out_dir, "best_model.npz"))
     result = {"config": config, "val_acc": value, "test_acc": test_acc,
               "num_test": int(data["X_test"].shape[0]), "trial": number, **study_best,
               "study_results": results, "worker": options["worker"],
               "worker_trials": trained_here,
               "seconds": round(time.perf_counter() - options["start"], 1)}
     write_json(os.path.join(out_dir, "best.json"), result, BEST_FORMAT, FORMAT_VERSION)
-    write_trials_table(study, os.path.join(out_dir, "trials.csv"))
-    plot_study(study, out_dir)
+    if study is not None:
+        write_trials_table(study, os.path.join(out_dir, "trials.csv"))
+        plot_study(study, out_dir)
     log(f"best: val {value:.4f}, test {test_acc:.4f} on {result['num_test']} images "
         f"(trial {number}); {result['seconds']:.0f} s; folder {out_dir}")
     return result

@@ -37,7 +37,8 @@ def free_port():
 
 
 class PostgresServer:
-    """`start()` / `stop()`; `url(database)` and `create_database(name)` while it runs."""
+    """`start()` / `stop()`; `url(database)` and `create_database(name)` while it runs;
+    `halt()` and `restart()` stop it and start it again on its port and files (an outage)."""
 
     def __init__(self, bindir):
         self.bindir = bindir
@@ -72,22 +73,35 @@ class PostgresServer:
                          "-A", "scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync")
         if done.returncode:
             raise RuntimeError(f"initdb failed: {done.stderr}")
+        return self.restart()
+
+    def restart(self):
+        """Start the server on the files start() made (after halt())."""
         options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-        done = self._run("pg_ctl", "-D", data, "-l", os.path.join(self.folder, "log"), "-w",
-                         "-o", options, "start")
+        done = self._run("pg_ctl", "-D", os.path.join(self.folder, "data"), "-l",
+                         os.path.join(self.folder, "log"), "-w", "-o", options, "start")
         if done.returncode:
             log = os.path.join(self.folder, "log")
             raise RuntimeError(f"pg_ctl start failed: {done.stderr}\n"
                                f"{open(log).read() if os.path.exists(log) else ''}")
         return self
 
+    def halt(self):
+        """Stop the server as an administrator's restart does (its clients are cut off)."""
+        done = self._run("pg_ctl", "-D", os.path.join(self.folder, "data"), "-m", "fast", "-w",
+                         "stop")
+        if done.returncode:
+            raise RuntimeError(f"pg_ctl stop failed: {done.stderr}")
+
     def stop(self):
         self._run("pg_ctl", "-D", os.path.join(self.folder, "data"), "-m", "immediate", "stop")
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def url(self, database, password=PASSWORD):
-        return f"postgresql+psycopg://{USER}:{password}@127.0.0.1:{self.port}/{database}"
+        """The URL of `database`; password=None leaves the password out (libpq finds it)."""
+        secret = "" if password is None else f":{password}"
+        return f"postgresql+psycopg://{USER}{secret}@127.0.0.1:{self.port}/{database}"
 
     def create_database(self, name):
         import psycopg

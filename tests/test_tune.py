@@ -2,6 +2,8 @@
 import json
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -512,3 +514,254 @@ def test_a_grace_period_not_longer_than_the_heartbeat_is_refused(cifar_root, tmp
                           "--grace-seconds", "5")) == 2
     assert "--grace-seconds (5) must exceed --heartbeat-seconds (5)" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+# -- stopping: signals, a database that goes away, storages that cannot be opened ------------
+def tune_process(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "fastnn", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def wait_for_states(storage, proc, *, complete, running, worker=None, timeout=120):
+    """Wait until the study has `complete` trials with a value and `running` RUNNING ones
+    (of `worker`, when given); returns the study."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the worker ended first: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the search never got there"
+        time.sleep(0.1)
+        try:
+            trials = optuna.load_study(study_name="fastnn", storage=storage).trials
+        except Exception:  # the worker has not made the study yet
+            continue
+        trials = [t for t in trials if worker is None or t.user_attrs.get("worker") == worker]
+        if sum(t.state.name == "COMPLETE" for t in trials) >= complete and \
+                sum(t.state.name == "RUNNING" for t in trials) >= running:
+            return trials
+
+
+def stop_line(stderr):
+    """The one line a stopped tune prints on stderr."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("model", ["fc", "convnet"])
+def test_a_signal_stops_tune_writing_what_finished_and_saying_how_to_resume(cifar_root, tmp_path,
+                                                                             model, signum):
+    from fastnn import tune
+
+    out = tmp_path / "tune"
+    # trials enough that the signal comes with more than one round left
+    flags = ("--model", "convnet", "--widths", "4", "8", "--stem-width", "4", "--epochs", "4") \
+        if model == "convnet" else ("--parallel", "2", "--epochs", "6")
+    args = tune_args(cifar_root, out, "--trials", "6", "--threads", "1", *flags)
+    storage = f"sqlite:///{out / 'study.db'}"
+    proc = tune_process(*args)
+    try:
+        wait_for_states(storage, proc, complete=1, running=1)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signum, stderr
+    line = stop_line(stderr)
+    assert f"stopped by {signum.name}" in line
+    resume = line.split("Resume with: ")[1]
+    assert resume.startswith(f"fastnn tune --resume --out {out} ")
+    trials = optuna.load_study(study_name="fastnn", storage=storage).trials
+    assert not [t.number for t in trials if t.state.name == "RUNNING"], "handed back at once"
+    finished = {t.number: t.value for t in trials if t.state.name in ("COMPLETE", "PRUNED")}
+    best = json.loads((out / "best.json").read_text())
+    assert best["worker_trials"] == len(finished) and best["val_acc"] == finished[best["trial"]]
+    assert (out / "best_model.npz").exists() and (out / "trials.png").exists()
+    assert len((out / "trials.csv").read_text().splitlines()) == 1 + len(trials)
+    if signum == signal.SIGTERM:  # the printed command continues the study to its 6 trials
+        done = subprocess.run([sys.executable, "-m", "fastnn", *shlex.split(resume)[1:]],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        study = optuna.load_study(study_name="fastnn", storage=storage)
+        assert sum(tune.has_result(t) for t in study.trials) == 6
+
+
+@pytest.mark.parametrize("storage, message", [
+    ("sqlite:////nonexistent/x.db", "no folder /nonexistent for the SQLite file"),
+    ("journal:/nonexistent/x.journal", "no folder /nonexistent for the journal file"),
+    ("postgresql+psycopg://fastnn:secret@127.0.0.1:port/db", "is not a storage URL"),
+])
+def test_a_storage_that_cannot_be_opened_is_one_line(cifar_root, tmp_path, capsys, storage,
+                                                     message):
+    assert main(tune_args(cifar_root, tmp_path / "w", "--storage", storage)) == 1
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and message in error, error
+    assert "secret" not in error
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_resume_command_shows_no_password_and_not_the_environments_url():
+    from fastnn.cli import tune_resume_command
+
+    given = vars(build_parser().parse_args(
+        ["tune", "--trials", "8", "--storage", "postgresql+psycopg://me:s3cret@db:5432/study"]))
+    command = tune_resume_command(given, "runs/x")
+    assert command.startswith("fastnn tune --resume --out runs/x --trials 8 --storage "
+                              "'postgresql+psycopg://me:***@db:5432/study'")
+    assert "s3cret" not in command
+    given["storage"] = None  # the URL came from $FASTNN_STORAGE: it will again
+    assert tune_resume_command(given, "runs/x") == "fastnn tune --resume --out runs/x --trials 8"
+
+
+def test_a_resumed_study_keeps_its_epochs_and_refuses_others(cifar_root, tmp_path, capsys):
+    out = tmp_path / "tune"
+    assert main(tune_args(cifar_root, out, "--trials", "2")) == 0  # 2 epochs
+    assert main(tune_args(cifar_root, out, "--trials", "4", "--resume", "--epochs", "3")) == 1
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert "trains its trials for 2 epochs, not --epochs 3" in error
+    no_epochs = tune_args(cifar_root, out)[:-2]
+    assert "--epochs" not in no_epochs
+    assert main([*no_epochs, "--trials", "3", "--resume"]) == 0  # its own 2 epochs
+    study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
+    assert [t.user_attrs["config"]["epochs"] for t in study.trials] == [2, 2, 2]
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL server of the test's own, to stop and start again."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL tests need psycopg: "
+                                          "pip install 'fastnn[distributed]'")
+    from postgres_server import PostgresServer, find_binaries
+
+    bindir, reason = find_binaries()
+    if bindir is None:
+        pytest.skip(reason)
+    server = PostgresServer(bindir).start()
+    yield server
+    server.stop()
+
+
+def outage_worker(cifar_root, out, storage, *extra):
+    return tune_process(*tune_args(
+        cifar_root, out, "--parallel", "2", "--storage", storage, "--threads", "1",
+        "--heartbeat-seconds", "1", "--grace-seconds", "30", "--budget-minutes", "4", *extra))
+
+
+def test_a_worker_rides_out_a_database_restart(own_postgres, cifar_root, tmp_path):
+    """The server stops (its connections cut) for 4 s mid-trial: the worker waits, reconnects
+    and finishes every trial itself."""
+    storage = own_postgres.create_database("restart")
+    proc = outage_worker(cifar_root, tmp_path / "w", storage, "--trials", "4", "--epochs", "30")
+    try:
+        caught = wait_for_running_trial("fastnn", storage, f"{os.uname().nodename}:{proc.pid}",
+                                        proc)
+        own_postgres.halt()
+        time.sleep(4)
+        own_postgres.restart()
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    where = f"postgresql server 127.0.0.1:{own_postgres.port} database restart"
+    assert f"the {where} does not answer" in stdout and "answers again" in stdout, stdout
+    study = optuna.load_study(study_name="fastnn", storage=storage)
+    assert [t.state.name for t in study.trials if t.number in caught] == ["COMPLETE"] * len(caught)
+    assert sorted(int(n) for n in re.findall(r"^trial (\d+):", stdout, re.M)) == [0, 1, 2, 3]
+    assert (tmp_path / "w" / "best.json").exists()
+
+
+def test_a_database_that_stays_away_stops_the_worker_keeping_its_results(own_postgres,
+                                                                         cifar_root, tmp_path):
+    storage = own_postgres.create_database("gone")
+    out = tmp_path / "w"
+    proc = outage_worker(cifar_root, out, storage, "--trials", "40", "--epochs", "12",
+                         "--outage-seconds", "3")
+    try:
+        wait_for_states(storage, proc, complete=1, running=1)
+        own_postgres.halt()
+        start = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1 and time.monotonic() - start < 60, stderr
+    line = stop_line(stderr)
+    assert f"postgresql server 127.0.0.1:{own_postgres.port} database gone, did not answer" \
+        in line and "Resume with: fastnn tune --resume --out" in line
+    assert own_postgres.url("gone") not in line and ":***@" in line  # never the password
+    finished = {int(n): float(v) for n, v in re.findall(r"^trial (\d+): val ([\d.]+) \(complete",
+                                                        stdout, re.M)}
+    best = json.loads((out / "best.json").read_text())  # the folder keeps what finished
+    assert best["trial"] in finished and best["val_acc"] == max(finished.values())
+    assert best["study_results"] is None and (out / "best_model.npz").exists()
+
+
+@pytest.mark.parametrize("libpq_source", ["PGPASSWORD", "PGPASSFILE"])
+def test_a_storage_url_without_password_from_the_environment(postgres, cifar_root, tmp_path,
+                                                             libpq_source):
+    """$FASTNN_STORAGE holds a URL without the password; libpq finds it (PGPASSWORD or a
+    .pgpass file), so no password is on the command line."""
+    from postgres_server import PASSWORD, USER
+
+    database = f"nopassword_{libpq_source.lower()}"
+    postgres.create_database(database)
+    env = {"FASTNN_STORAGE": postgres.url(database, password=None)}
+    if libpq_source == "PGPASSWORD":
+        env["PGPASSWORD"] = PASSWORD
+    else:
+        passfile = tmp_path / "pgpass"
+        passfile.write_text(f"127.0.0.1:{postgres.port}:{database}:{USER}:{PASSWORD}\n")
+        passfile.chmod(0o600)
+        env["PGPASSFILE"] = str(passfile)
+    proc = tune_process(*tune_args(cifar_root, tmp_path / "w", "--trials", "1", "--epochs", "1"),
+                        env=env)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    study = optuna.load_study(study_name="fastnn", storage=postgres.url(database))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+
+
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("stop", ["stopped", "crashed"])
+def test_a_workers_folder_is_kept_once_it_holds_results(cifar_root, tmp_path, monkeypatch,
+                                                        resume, stop):
+    """A worker on a shared storage (--resume or not) that stops after writing its results into
+    a folder it created keeps the folder; one that stops before any result removes it."""
+    from fastnn import tune
+
+    def tune_then_stop(options, data):
+        if options["trials"] == 2:  # this worker had finished trials
+            (tmp_path / "w" / "best.json").write_text("{}")
+        if stop == "stopped":
+            raise tune.TuneStopped("stopped by SIGTERM", 143)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(tune, "tune", tune_then_stop)
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    for trials, kept in ((1, False), (2, True)):
+        args = tune_args(cifar_root, tmp_path / "w", "--trials", str(trials), "--storage", storage,
+                         *(["--resume"] if resume else []))
+        if stop == "stopped":
+            assert main(args) == 143
+        else:
+            with pytest.raises(RuntimeError):
+                main(args)
+        assert (tmp_path / "w").exists() == kept
+
+
+def test_fastnn_storage_names_the_storage_and_storage_wins(cifar_root, tmp_path, capsys,
+                                                           monkeypatch):
+    monkeypatch.setenv("FASTNN_STORAGE", "sqlite:////nonexistent/env.db")
+    assert main(tune_args(cifar_root, tmp_path / "a", "--trials", "1")) == 1
+    assert "no folder /nonexistent for the SQLite file /nonexistent/env.db" in \
+        capsys.readouterr().err
+    storage = f"sqlite:///{tmp_path / 'flag.db'}"
+    assert main(tune_args(cifar_root, tmp_path / "b", "--trials", "1", "--storage", storage)) == 0
+    assert len(optuna.load_study(study_name="fastnn", storage=storage).trials) == 1
