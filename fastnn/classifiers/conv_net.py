@@ -83,9 +83,7 @@ class ConvNet(Classifier):
         self._add_param(f"W{last}", init_weight(rng, (conv_channels[-1], num_classes),
                                                 conv_channels[-1], 1.0), "weight")
         self._add_param(f"b{last}", np.zeros(num_classes), "bias")
-        self.num_layers = last
-        # bn_params[i] is norm_params[str(i + 1)], the layer after conv W{i + 1}
-        self.bn_params = list(self.norm_params.values())
+        self.num_layers = last  # bn_params[i - 1]: the batchnorm after conv W{i}
 
     def loss(self, X, y=None):
         """X (N, C, H, W) -> scores (N, num_classes), or (loss, grads) given labels y (N,)."""
