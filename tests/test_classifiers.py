@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 
 import fastnn
+from fastnn import kernels
 from fastnn.classifiers import ConvNet, FullyConnectedNet, ThreeLayerConvNet, TwoLayerNet
+from fastnn.classifiers.base import Classifier
 from fastnn.gradient_check import eval_numerical_gradient, rel_error
 
 GRAD_TOL = 1e-6
@@ -520,6 +522,10 @@ def test_conv_net_structure_and_roles(backend):
     X = backend.asarray(np.random.default_rng(0).standard_normal((2, 3, 8, 8)), dtype=np.float32)
     assert model.loss(X).shape == (2, 5)
     assert model.init_args["widths"] == [4, 6] and model.init_args["label_smoothing"] == 0.0
+    # registered through Classifier, as the other models: L2 and decay read weight_names()
+    assert isinstance(model, Classifier)
+    assert model.weight_names() == [f"W{i}" for i in range(1, 7)]
+    assert model.bn_params == list(model.norm_params.values())
 
 
 def test_conv_net_default_is_the_reference_net():
@@ -528,10 +534,11 @@ def test_conv_net_default_is_the_reference_net():
         (24, 3), (32, 24), (32, 32), (64, 32), (64, 64), (128, 64), (128, 128)]
 
 
-def test_conv_net_gradients(backend):
-    """Every parameter (the smoothed head alone: test_conv_net_label_smoothing_loss_by_hand)."""
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_conv_net_gradients(backend, smoothing):
+    """Every parameter, in float64, with and without label smoothing."""
     xp = backend
-    model = _tiny_conv_net(reg=0.7, widths=(2, 2))
+    model = _tiny_conv_net(reg=0.7, widths=(2, 2), label_smoothing=smoothing)
     _perturb_non_weights(model, seed=1)
     rng = np.random.default_rng(2)
     X, y = rng.standard_normal((4, 2, 6, 5)), rng.integers(0, 3, 4)
@@ -554,19 +561,34 @@ def test_conv_net_l2_covers_every_filter_and_the_affine_weight(backend):
         np.testing.assert_allclose(diff, expected, atol=1e-12, err_msg=name)
 
 
-def test_conv_net_label_smoothing_loss_by_hand():
-    """The smoothed head on given scores: targets (1 - s) onehot + s / C, and its gradient."""
-    model = _tiny_conv_net(label_smoothing=0.3)
+def test_conv_net_label_smoothing_is_one_pass_of_the_loss_op(backend, monkeypatch):
+    """The op gets the smoothing (no second log-softmax pass); its loss is the by-hand one,
+    targets (1 - s) onehot + s / C, plus the L2 term."""
+    xp, s, reg = backend, 0.3, 0.2
+    ops = kernels.for_module(xp)
+    calls = []
+
+    def spy(scores, y, *args, **kwargs):
+        calls.append((scores, args, kwargs))
+        return softmax_loss(scores, y, *args, **kwargs)
+
+    softmax_loss = ops.softmax_loss
+    monkeypatch.setattr(ops, "softmax_loss", spy)
+    model = _tiny_conv_net(label_smoothing=s, reg=reg)
     rng = np.random.default_rng(4)
-    scores, y = rng.standard_normal((5, 3)), rng.integers(0, 3, 5)
+    X, y = rng.standard_normal((5, 2, 6, 5)), rng.integers(0, 3, 5)
+    loss, _ = model.loss(xp.asarray(X), xp.asarray(y))
+    assert len(calls) == 1
+    scores, args, kwargs = calls[0]
+    assert (list(args) + list(kwargs.values())) == [s]
+    scores = fastnn.to_numpy(scores)
     log_p = scores - scores.max(1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
-    target = np.full((5, 3), 0.1)
-    target[np.arange(5), y] += 0.7
-    loss, dscores = model._data_loss(scores, y)
-    assert float(loss) == pytest.approx(-(target * log_p).sum(1).mean(), rel=1e-12)
-    numeric = eval_numerical_gradient(lambda s: model._data_loss(s, y)[0], scores, verbose=False)
-    assert rel_error(numeric, dscores) < 1e-8
+    target = np.full((5, 3), s / 3)
+    target[np.arange(5), y] += 1 - s
+    l2 = 0.5 * reg * sum(float((fastnn.to_numpy(model.params[k]) ** 2).sum())
+                         for k in model.weight_names())
+    assert float(loss) == pytest.approx(-(target * log_p).sum(1).mean() + l2, rel=1e-12)
 
 
 def test_conv_net_global_max_gradient_goes_to_the_first_maximum():

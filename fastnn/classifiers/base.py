@@ -9,6 +9,8 @@ A model has:
   layer that keeps running statistics (`running_mean`, `running_var`), keyed
   by its gamma's suffix ("gamma1" -> "1"); layers without running statistics
   (layernorm) are not in it;
+- `bn_params`: the same dicts as a list, in the order they were made (the
+  course's form);
 - `init_args` (JSON-able constructor arguments), `dtype`, `loss(X, y=None)`.
 
 Roles are declared where a parameter is made (`Classifier._add_param`); no
@@ -52,12 +54,13 @@ class Classifier:
     """Base of fastnn's classifiers: declared parameters, L2 over the weights, the softmax head.
 
     Subclasses set `dtype`, `reg` and `init_args`, create every parameter
-    with `_add_param` (after `_start_params`) and register each running-
-    statistics layer with `_add_norm`.
+    with `_add_param` (after `_start_params`), register each running-
+    statistics layer with `_add_norm`, and return `_loss_and_grads(...)` from
+    `loss(X, y)`.
     """
 
     def _start_params(self):
-        self.params, self.param_roles, self.norm_params = {}, {}, {}
+        self.params, self.param_roles, self.norm_params, self.bn_params = {}, {}, {}, []
         self.backend = get_backend()
 
     def _add_param(self, name, value, role):
@@ -76,6 +79,7 @@ class Classifier:
         bn_param = {"mode": "train", "running_mean": xp.zeros(features, dtype=self.dtype),
                     "running_var": xp.zeros(features, dtype=self.dtype)}
         self.norm_params[str(key)] = bn_param
+        self.bn_params.append(bn_param)
         return bn_param
 
     def weight_names(self):
@@ -83,7 +87,11 @@ class Classifier:
         return [name for name, role in self.param_roles.items() if role == "weight"]
 
     def _loss_and_grads(self, scores, y, grads_of_scores, smoothing=0.0, l2=True):
-        """Softmax loss plus L2 on the weights; grads_of_scores(dscores) fills the rest."""
+        """(loss, grads): the softmax loss of scores (N, C) and labels y (N,) plus L2 on the
+        weights (unless l2=False); grads_of_scores(dscores) -> the grads dict.
+
+        smoothing s: label-smoothed targets (1 - s) * onehot + s / C, in the loss op's one pass.
+        """
         xp = get_array_module(scores, y)
         loss, dscores = kernels.for_module(xp).softmax_loss(scores, y, smoothing)
         grads = grads_of_scores(dscores)

@@ -13,9 +13,9 @@ channels-last on numpy (fastnn.fast_layers); inputs are (N, C, H, W).
 """
 import numpy as np
 
-from fastnn import kernels
-from fastnn.backend import get_array_module, get_backend, xp as active_xp
+from fastnn.backend import get_array_module
 from fastnn.checks import as_size, as_sizes
+from fastnn.classifiers.base import Classifier, standard_normal
 from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, conv_pool_backward_fast,
                                 conv_pool_forward_fast, max_pool_backward_fast,
                                 max_pool_forward_fast, spatial_batchnorm_relu_backward,
@@ -31,11 +31,10 @@ def init_weight(rng, shape, fan_in, gain=2.0):
 
     rng: a numpy Generator, or None for np.random (np.random.seed reproduces it).
     """
-    draws = np.random.randn(*shape) if rng is None else rng.standard_normal(shape)
-    return np.sqrt(gain / fan_in) * draws
+    return np.sqrt(gain / fan_in) * standard_normal(rng, shape)
 
 
-class ConvNet:
+class ConvNet(Classifier):
     """The contract's ConvNet (see the module docstring); `loss(X)` / `loss(X, y)`.
 
     widths: channels of each group (each halves the image size); stem_width:
@@ -69,31 +68,22 @@ class ConvNet:
                               seed=None if seed is None else int(seed),
                               label_smoothing=self.label_smoothing)
         rng = None if seed is None else np.random.default_rng(seed)
-        xp = active_xp()
-        self.params, self.param_roles = {}, {}
+        self._start_params()
         conv_channels = [channels, self.stem_width]
         for w in widths:
             conv_channels += [w, w]
         self.num_convs = len(conv_channels) - 1
         for i in range(1, self.num_convs + 1):
             c_in, c_out = conv_channels[i - 1], conv_channels[i]
-            self._add(f"W{i}", "weight", init_weight(rng, (c_out, c_in, 3, 3), 9 * c_in), xp)
-            self._add(f"gamma{i}", "scale", np.ones(c_out), xp)
-            self._add(f"beta{i}", "shift", np.zeros(c_out), xp)
+            self._add_param(f"W{i}", init_weight(rng, (c_out, c_in, 3, 3), 9 * c_in), "weight")
+            self._add_param(f"gamma{i}", np.ones(c_out), "scale")
+            self._add_param(f"beta{i}", np.zeros(c_out), "shift")
+            self._add_norm(i, c_out)
         last = self.num_convs + 1
-        self._add(f"W{last}", "weight",
-                  init_weight(rng, (conv_channels[-1], num_classes), conv_channels[-1], 1.0),
-                  xp)
-        self._add(f"b{last}", "bias", np.zeros(num_classes), xp)
-        self.num_layers = last
-        # bn_params[i] belongs to gamma{i + 1}; norm_params names the same dicts by that suffix
-        self.bn_params = [{"mode": "train"} for _ in range(self.num_convs)]
-        self.norm_params = {str(i + 1): p for i, p in enumerate(self.bn_params)}
-        self.backend = get_backend()
-
-    def _add(self, name, role, value, xp):
-        self.params[name] = xp.asarray(value, dtype=self.dtype)
-        self.param_roles[name] = role
+        self._add_param(f"W{last}", init_weight(rng, (conv_channels[-1], num_classes),
+                                                conv_channels[-1], 1.0), "weight")
+        self._add_param(f"b{last}", np.zeros(num_classes), "bias")
+        self.num_layers = last  # bn_params[i - 1]: the batchnorm after conv W{i}
 
     def loss(self, X, y=None):
         """X (N, C, H, W) -> scores (N, num_classes), or (loss, grads) given labels y (N,)."""
@@ -123,36 +113,18 @@ class ConvNet:
         if y is None:
             return scores
 
-        loss, dscores = self._data_loss(scores, y)
-        grads = {}
-        dfeatures, grads[f"W{last}"], grads[f"b{last}"] = affine_backward(dscores, affine_cache)
-        dhidden = max_pool_backward_fast(dfeatures.reshape(n, channels, 1, 1), head_pool_cache)
-        for i in range(self.num_convs, 0, -1):
-            conv_cache, pooled, bn_cache = caches[i - 1]
-            dhidden, grads[f"gamma{i}"], grads[f"beta{i}"] = spatial_batchnorm_relu_backward(
-                dhidden, bn_cache)
-            conv_backward = conv_pool_backward_fast if pooled else conv_backward_fast
-            dhidden, grads[f"W{i}"], _ = conv_backward(dhidden, conv_cache, need_dx=i > 1)
-        if self.reg:
-            for name, role in self.param_roles.items():
-                if role == "weight":
-                    w = p[name]
-                    flat = w.reshape(-1)
-                    loss = loss + 0.5 * self.reg * xp.dot(flat, flat)
-                    grads[name] += self.reg * w
-        return loss, grads
+        def backward(dscores):
+            grads = {}
+            dfeatures, grads[f"W{last}"], grads[f"b{last}"] = affine_backward(dscores,
+                                                                              affine_cache)
+            dhidden = max_pool_backward_fast(dfeatures.reshape(n, channels, 1, 1),
+                                             head_pool_cache)
+            for i in range(self.num_convs, 0, -1):
+                conv_cache, pooled, bn_cache = caches[i - 1]
+                dhidden, grads[f"gamma{i}"], grads[f"beta{i}"] = spatial_batchnorm_relu_backward(
+                    dhidden, bn_cache)
+                conv_backward = conv_pool_backward_fast if pooled else conv_backward_fast
+                dhidden, grads[f"W{i}"], _ = conv_backward(dhidden, conv_cache, need_dx=i > 1)
+            return grads
 
-    def _data_loss(self, scores, y):
-        """Softmax cross-entropy (label-smoothed when label_smoothing > 0) -> (loss, dscores)."""
-        xp = get_array_module(scores, y)
-        loss, dscores = kernels.for_module(xp).softmax_loss(scores, y)
-        if self.label_smoothing:
-            # targets (1 - s) * onehot + s / C: the loss mixes in the mean over classes of
-            # -log p, and dscores = (p - targets) / N mixes in (p - 1 / C) / N
-            s, (n, classes) = self.label_smoothing, scores.shape
-            shifted = scores - scores.max(axis=1, keepdims=True)
-            log_p = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
-            loss = (1 - s) * loss - s * log_p.mean()
-            dscores = (1 - s) * dscores + (s / n) * (xp.exp(log_p) - 1.0 / classes)
-            dscores = dscores.astype(scores.dtype, copy=False)
-        return loss, dscores
+        return self._loss_and_grads(scores, y, backward, smoothing=self.label_smoothing)
