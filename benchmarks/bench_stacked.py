@@ -136,7 +136,7 @@ def steps_only(solver, device, steps=50):
 
 def sgemm_rate(backend):
     rates = machine.sgemm_rates(repeats=5, include_torch=False,
-                                  include_gpu=backend == "cupy")
+                                include_gpu=backend == "cupy")
     return machine.ceiling(rates, "gpu" if backend == "cupy" else "cpu")
 
 

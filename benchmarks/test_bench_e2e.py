@@ -6,7 +6,7 @@
 
 Each case builds its trainer, trains one untimed warm-up epoch, then times
 one epoch (benchmark.pedantic, one round: an epoch is seconds long; a conv
-workload's epoch is its first ConvWorkload.num_train training images). The
+workload's epoch is its first Workload.num_train training images). The
 definitions of images/s and of the share of the sgemm ceiling are in
 trainers.py and machine.py; `python benchmarks/report.py` prints the same comparison as a
 table. Results go to extra_info: images_per_s, share_of_ceiling, the
