@@ -34,8 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 import fastnn  # noqa: E402
+import machine  # noqa: E402
 import workloads  # noqa: E402
-from workloads import OtherLoad, synchronize  # noqa: E402
+from machine import OtherLoad, synchronize  # noqa: E402
 
 WORKLOAD = workloads.WORKLOADS["two_layer"]
 
@@ -60,7 +61,7 @@ def parse_args(argv=None):
 def member_settings(k_count):
     """K members: log-spread learning rates and reg, the two-layer weight scale, own seeds."""
     rng = np.random.default_rng(0)
-    members = [{"seed": 100 + k, "weight_scale": WORKLOAD.weight_scale(),
+    members = [{"seed": 100 + k, "weight_scale": WORKLOAD.net.weight_scale,
                 "reg": float(10 ** rng.uniform(-6, -1)), "dropout": 0.0} for k in range(k_count)]
     configs = [{"learning_rate": float(10 ** rng.uniform(-4, -2.5))} for _ in range(k_count)]
     return members, configs
@@ -74,7 +75,7 @@ def stacked_run(members, configs, data, device):
     """(seconds of one epoch of the whole stack after a warm-up epoch, the warmed solver)."""
     from fastnn.stacked import StackedFullyConnectedNet, StackedSolver
 
-    stack = StackedFullyConnectedNet(list(WORKLOAD.hidden_dims), members)
+    stack = StackedFullyConnectedNet(list(WORKLOAD.net.hidden_dims), members)
     StackedSolver(stack, data, optim_configs=configs, seed=0, **SOLVER_OPTIONS).train()
     solver = StackedSolver(stack, data, optim_configs=configs, seed=1, **SOLVER_OPTIONS)
     return timed(solver.train, device), solver
@@ -86,7 +87,7 @@ def sequential_run(members, configs, data, device):
     from fastnn.solver import Solver
 
     def net(member):
-        return FullyConnectedNet(list(WORKLOAD.hidden_dims), **member)
+        return FullyConnectedNet(list(WORKLOAD.net.hidden_dims), **member)
 
     Solver(net(members[0]), data, optim_config=dict(configs[0]), verbose=False, seed=0,
            **SOLVER_OPTIONS).train()
@@ -134,23 +135,23 @@ def steps_only(solver, device, steps=50):
 
 
 def sgemm_rate(backend):
-    rates = workloads.sgemm_rates(repeats=5, include_torch=False,
-                                  include_gpu=backend == "cupy")
-    return workloads.ceiling(rates, "gpu" if backend == "cupy" else "cpu")
+    rates = machine.sgemm_rates(repeats=5, include_torch=False,
+                                include_gpu=backend == "cupy")
+    return machine.ceiling(rates, "gpu" if backend == "cupy" else "cpu")
 
 
 def main(argv=None):
     args = parse_args(argv)
     fastnn.set_backend(args.backend)
     device = "gpu" if args.backend == "cupy" else "cpu"
-    env = workloads.environment()
+    env = machine.environment()
     print(f"fastnn {env['fastnn']}, numpy {env['numpy']}, numba {env['numba']}, "
           f"threads {env['fastnn_threads']}, cpu {env['cpu']} ({env['logical_cpus']} logical)"
           + (f", gpu {env['gpu']}" if env.get("gpu") else ""))
     for blas in env["blas"]:
         print(f"BLAS: {blas['internal_api']} {blas['version']} ({blas['num_threads']} threads, "
               f"{blas['architecture']})")
-    note = workloads.blas_override_note(env)
+    note = machine.blas_override_note(env)
     if note:
         print(note)
     data_set = workloads.load_data(random=args.random_data)
@@ -164,7 +165,7 @@ def main(argv=None):
 
     def quiet():
         if args.wait_quiet:
-            workloads.wait_until_quiet(args.wait_quiet)
+            machine.wait_until_quiet(args.wait_quiet)
 
     quiet()
     rate_before = sgemm_rate(args.backend)

@@ -8,6 +8,7 @@ GPU is missing.
 import pytest
 
 import fastnn
+import machine
 import workloads
 
 
@@ -20,13 +21,13 @@ def bench_data():
 @pytest.fixture(scope="session")
 def sgemm_rates():
     """GFLOP/s of a 4096^3 float32 product per library and device (the ceiling)."""
-    return workloads.sgemm_rates()
+    return machine.sgemm_rates()
 
 
 @pytest.fixture(scope="session")
 def environment():
     """Versions, thread counts and hardware, recorded in every benchmark's extra_info."""
-    return workloads.environment()
+    return machine.environment()
 
 
 @pytest.fixture(autouse=True)

@@ -54,6 +54,7 @@ def measure(workload_name, contender, steps=STEPS):
 
     import numpy as np
 
+    import trainers
     import workloads
 
     workload = workloads.WORKLOADS[workload_name]
@@ -66,7 +67,7 @@ def measure(workload_name, contender, steps=STEPS):
                              rng.integers(0, workloads.NUM_CLASSES, n),
                              rng.standard_normal((256, size), dtype=np.float32),
                              rng.integers(0, workloads.NUM_CLASSES, 256), source="random")
-    trainer = workloads.make_trainer(contender, workload, data)
+    trainer = trainers.make_trainer(contender, workload, data)
     trainer.warm_up()
     before = _status_mb("VmRSS")
     reset = _reset_peak()

@@ -5,8 +5,8 @@
                                 [--contenders ...] [--random-data] [--no-memory] [--json PATH]
 
 Everything runs in this one process, one contender after the other, each
-warmed up for one epoch before it is timed. See workloads.py (and README.md)
-for what images/s and the share of the matrix-multiply ceiling mean. With
+warmed up for one epoch before it is timed. See trainers.py, machine.py (and
+README.md) for what images/s and the share of the matrix-multiply ceiling mean. With
 `convnet` among the workloads it also measures the peak RSS of training that
 net (memory.py, one fresh process per contender).
 """
@@ -19,9 +19,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import machine  # noqa: E402
 import memory  # noqa: E402
+import trainers  # noqa: E402
 import workloads  # noqa: E402
-from workloads import BASELINE, CONTENDERS, CONV_REFERENCES, REFERENCE, WORKLOADS  # noqa: E402
+from trainers import BASELINE, CONTENDERS, CONV_REFERENCES, REFERENCE  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -60,7 +63,7 @@ def parse_args(argv=None):
 
 def plan(args):
     """[(contender, skip reason or None)] in run order."""
-    gpu = workloads.skip_reason("fastnn-cupy") is None
+    gpu = trainers.skip_reason("fastnn-cupy") is None
     backends = args.backends or (["numpy", "cupy"] if gpu else ["numpy"])
     wanted = []
     if "fastnn" in args.contenders:
@@ -70,7 +73,7 @@ def plan(args):
     if "torch" in args.contenders:
         wanted += ["torch-cpu", "torch-cpu-cl", "torch-cuda", "torch-cuda-graph"]
     order = [c for c in CONTENDERS if c in wanted]
-    return [(c, workloads.skip_reason(c)) for c in order]
+    return [(c, trainers.skip_reason(c)) for c in order]
 
 
 def _fmt(value, spec, suffix=""):
@@ -91,7 +94,7 @@ def selected_workloads(args):
 def header_lines(env, rates, data_source, args, sgemm_other=None):
     def rates_text(device):
         parts = [f"{lib} {gflops:.1f}" for lib, gflops in rates.get(device, {}).items()]
-        top = workloads.ceiling(rates, device)
+        top = machine.ceiling(rates, device)
         return ", ".join(parts) + f" GFLOP/s -> ceiling {top:.1f} GFLOP/s" if parts else "none"
 
     blas = "; ".join(f"{b['internal_api']} {b['version']} ({b['threading_layer']}, "
@@ -104,14 +107,14 @@ def header_lines(env, rates, data_source, args, sgemm_other=None):
                f"layer {env['numba_threading_layer']}) | BLAS {blas or 'none found'}")
     if env.get("torch_threads") is not None:
         threads += f" | torch {env['torch_threads']}"
-    note = workloads.blas_override_note(env)
+    note = machine.blas_override_note(env)
     return [
         "fastnn end-to-end benchmark",
         *([note] if note else []),
         " | ".join(versions),
         f"CPU: {env['cpu']} ({env['logical_cpus']} logical CPUs) | GPU: {env['gpu'] or 'none'}",
         threads,
-        f"sgemm {workloads.SGEMM_N}^3 fp32, median of {args.sgemm_repeats}: "
+        f"sgemm {machine.SGEMM_N}^3 fp32, median of {args.sgemm_repeats}: "
         f"CPU {rates_text('cpu')}" + (f" | GPU {rates_text('gpu')}" if rates.get("gpu") else "")
         + (f" (others {100 * sgemm_other:.0f}%)" if sgemm_other is not None else ""),
         f"data: {data_source}; {workloads.NUM_TRAIN} train / {workloads.NUM_VAL} val",
@@ -149,7 +152,7 @@ def table_lines(workload, results, rates, num_train=workloads.NUM_TRAIN):
         naive = by_name.get(BASELINE[r["device"]])
         vs_ref = r["images_per_s"] / ref["images_per_s"] if ref else None
         vs_naive = r["images_per_s"] / naive["images_per_s"] if naive else None
-        share = workloads.share_of_ceiling(r, rates)
+        share = machine.share_of_ceiling(r, rates)
         other = r.get("other_cpu_share")
         r.update(vs_reference=vs_ref, reference=ref and ref["contender"], vs_naive=vs_naive,
                  share_of_ceiling=share)
@@ -178,31 +181,31 @@ def main(argv=None):
     started = time.perf_counter()
     runs = plan(args)
     needs_torch = any(c.startswith("torch") and reason is None for c, reason in runs)
-    gpu_runs = any(workloads.device_of(c) == "gpu" and reason is None for c, reason in runs)
+    gpu_runs = any(trainers.device_of(c) == "gpu" and reason is None for c, reason in runs)
 
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     log("loading data ...")
     data = workloads.load_data(random=args.random_data)
     log("measuring the sgemm ceiling ...")
     if args.wait_quiet:
-        workloads.wait_until_quiet(args.wait_quiet)
-    with workloads.OtherLoad() as sgemm_load:
-        rates = workloads.sgemm_rates(repeats=args.sgemm_repeats, include_torch=needs_torch,
-                                      include_gpu=gpu_runs)
+        machine.wait_until_quiet(args.wait_quiet)
+    with machine.OtherLoad() as sgemm_load:
+        rates = machine.sgemm_rates(repeats=args.sgemm_repeats, include_torch=needs_torch,
+                                    include_gpu=gpu_runs)
     tables = {}
     chosen = selected_workloads(args)
     for name, workload in chosen.items():
         results = []
         for contender, reason in runs:
-            reason = reason or workloads.skip_reason(contender, workload)
+            reason = reason or trainers.skip_reason(contender, workload)
             if reason:
-                results.append({"contender": contender, "device": workloads.device_of(contender),
+                results.append({"contender": contender, "device": trainers.device_of(contender),
                                 "workload": name, "skipped": reason})
                 continue
             log(f"{name}: {contender} (1 warm-up epoch + {args.repeat} x "
                 f"{args.epochs_timed} timed) ...")
-            res = workloads.measure(contender, workload, data, epochs=args.epochs_timed,
-                                    repeat=args.repeat, wait_quiet=args.wait_quiet)
+            res = trainers.measure(contender, workload, data, epochs=args.epochs_timed,
+                                   repeat=args.repeat, wait_quiet=args.wait_quiet)
             other = res["other_cpu_share"]
             log(f"  {res['images_per_s']:.0f} images/s"
                 + (f" (other processes used {100 * other:.0f}% of the CPUs)" if other else ""))
@@ -212,12 +215,12 @@ def main(argv=None):
     memory_results = []
     if "convnet" in chosen and not args.no_memory:
         for contender, reason in runs:
-            if reason is None and workloads.device_of(contender) == "cpu" and \
-                    workloads.skip_reason(contender, chosen["convnet"]) is None:
+            if reason is None and trainers.device_of(contender) == "cpu" and \
+                    trainers.skip_reason(contender, chosen["convnet"]) is None:
                 log(f"peak RSS: convnet, {contender} (a fresh process) ...")
                 memory_results.append(memory.measure_in_subprocess("convnet", contender))
 
-    env = workloads.environment()  # after the runs: the thread pools are all started now
+    env = machine.environment()  # after the runs: the thread pools are all started now
     lines = header_lines(env, rates, data.source, args, sgemm_load.share)
     for name, results in tables.items():
         lines += [""] + table_lines(chosen[name], results, rates, data.X_train.shape[0])

@@ -6,16 +6,18 @@
 
 Each case builds its trainer, trains one untimed warm-up epoch, then times
 one epoch (benchmark.pedantic, one round: an epoch is seconds long; a conv
-workload's epoch is its first ConvWorkload.num_train training images). The
+workload's epoch is its first Workload.num_train training images). The
 definitions of images/s and of the share of the sgemm ceiling are in
-workloads.py; `python benchmarks/report.py` prints the same comparison as a
+trainers.py and machine.py; `python benchmarks/report.py` prints the same comparison as a
 table. Results go to extra_info: images_per_s, share_of_ceiling, the
 versions and the thread counts.
 """
 import pytest
 
-import workloads
-from workloads import CONTENDERS, WORKLOADS
+import machine
+import trainers
+from trainers import CONTENDERS
+from workloads import WORKLOADS
 
 EPOCHS = 1
 
@@ -24,28 +26,28 @@ EPOCHS = 1
 @pytest.mark.parametrize("workload_name", list(WORKLOADS))
 def test_train_epoch(benchmark, bench_data, sgemm_rates, environment, workload_name, contender):
     workload = WORKLOADS[workload_name]
-    reason = workloads.skip_reason(contender, workload)
+    reason = trainers.skip_reason(contender, workload)
     if reason:
         pytest.skip(reason)
-    trainer = workloads.make_trainer(contender, workload, bench_data)
+    trainer = trainers.make_trainer(contender, workload, bench_data)
     trainer.warm_up()
     trainer.prepare(EPOCHS)
     seconds = []
 
     def timed_epoch():
-        with workloads.OtherLoad() as load:
+        with machine.OtherLoad() as load:
             seconds.append(trainer.timed(EPOCHS))
         benchmark.extra_info["other_cpu_share"] = load.share
 
     benchmark.group = f"e2e {workload_name}"
     benchmark.pedantic(timed_epoch, rounds=1, iterations=1, warmup_rounds=0)
-    res = workloads.result(contender, workload, trainer.images(EPOCHS), seconds, EPOCHS,
-                           bench_data.X_train.shape[0])
+    res = trainers.result(contender, workload, trainer.images(EPOCHS), seconds, EPOCHS,
+                          bench_data.X_train.shape[0])
     benchmark.extra_info.update(
         workload=workload_name, contender=contender, device=res["device"],
         images_per_s=res["images_per_s"], seconds=seconds[0], images=res["images"],
         flops_per_step=res["flops_per_step"], achieved_gflops=res["achieved_gflops"],
-        share_of_ceiling=workloads.share_of_ceiling(res, sgemm_rates),
+        share_of_ceiling=machine.share_of_ceiling(res, sgemm_rates),
         sgemm_gflops=sgemm_rates, data=bench_data.source, environment=environment)
 
 
@@ -53,7 +55,7 @@ def test_sgemm_ceiling(benchmark, environment):
     """The 4096^3 float32 product through numpy's BLAS, the CPU ceiling's main part."""
     import numpy as np
 
-    n = workloads.SGEMM_N
+    n = machine.SGEMM_N
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
     c = np.empty_like(a)

@@ -61,7 +61,7 @@ def main(argv=None):
 
     import fastnn
     from threadpoolctl import threadpool_info
-    from workloads import OtherLoad
+    from machine import OtherLoad
 
     if args.threads is not None:
         fastnn.set_num_threads(args.threads)

@@ -75,9 +75,3 @@ def convnet(model, widths, stem_width, channels=3, num_classes=10):
                          "copy expects; update benchmarks/torch_nets.py")
     return nn.Sequential(*layers, _GlobalMax(), fc)
 
-
-def from_fastnn(workload, model):
-    """The PyTorch twin of `model` (a fastnn model of `workload`)."""
-    if workload.net == "three_layer_conv":
-        return three_layer_conv(model)
-    return convnet(model, workload.widths, workload.stem_width)
