@@ -71,21 +71,34 @@ def _memory_order(*arrays):
     return None
 
 
-def elementwise(kernel, *inputs):
-    """kernel(*flat inputs, flat out) for arrays of one shape and dtype -> out.
-
-    out has the last input's layout when the inputs share a dense one (the
-    stack's feature-major views stay so), else C order (inputs copied flat).
-    """
-    if all(a.flags.c_contiguous for a in inputs):  # the common case, no layout search
-        out = np.empty(inputs[0].shape, dtype=inputs[0].dtype)
-        kernel(*[a.reshape(-1) for a in inputs], out.reshape(-1))
+def elementwise_unary(kernel, x):
+    """kernel(flat x, flat out) -> out, laid out as x when x is dense (the stack's
+    feature-major views stay so), else in C order."""
+    if x.flags.c_contiguous:  # the common case, without _memory_order's layout search
+        out = np.empty(x.shape, dtype=x.dtype)
+        kernel(x.reshape(-1), out.reshape(-1))
         return out
-    out = np.empty_like(inputs[-1])  # its layout (order "K")
-    flat = _memory_order(*inputs, out)
+    out = np.empty_like(x)  # x's layout (order "K")
+    flat = _memory_order(x, out)
     if flat is None:
-        out = np.empty(inputs[0].shape, dtype=inputs[0].dtype)
-        flat = [_flat(a) for a in inputs] + [out.reshape(-1)]
+        out = np.empty(x.shape, dtype=x.dtype)
+        flat = [_flat(x), out.reshape(-1)]
+    kernel(*flat)
+    return out
+
+
+def elementwise_binary(kernel, a, b):
+    """kernel(flat a, flat b, flat out) -> out for a and b of one shape and dtype, laid out as
+    b when the two share a dense layout, else in C order."""
+    if a.flags.c_contiguous and b.flags.c_contiguous:
+        out = np.empty(a.shape, dtype=a.dtype)
+        kernel(a.reshape(-1), b.reshape(-1), out.reshape(-1))
+        return out
+    out = np.empty_like(b)
+    flat = _memory_order(a, b, out)
+    if flat is None:
+        out = np.empty(a.shape, dtype=a.dtype)
+        flat = [_flat(a), _flat(b), out.reshape(-1)]
     kernel(*flat)
     return out
 

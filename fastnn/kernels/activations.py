@@ -7,7 +7,8 @@ import numpy as np
 
 from fastnn.backend import get_array_module
 from fastnn.kernels import _cupy
-from fastnn.kernels._numba import _GOLDEN, _UNIT_SHIFT, _flat, _jit, _mix64, elementwise
+from fastnn.kernels._numba import (_GOLDEN, _UNIT_SHIFT, _flat, _jit, _mix64,
+                                   elementwise_binary, elementwise_unary)
 from fastnn.kernels.registry import declare
 from fastnn.kernels.rng import (GOLDEN, UNIT_BITS, dropout_key, dropout_keep, dropout_step_term,
                                 keep_threshold, mix64)
@@ -46,12 +47,12 @@ def _relu_backward(dout, out, dx):
 
 @relu_forward.register("numpy")
 def relu_forward_numba(x):
-    return elementwise(_relu_forward, x)
+    return elementwise_unary(_relu_forward, x)
 
 
 @relu_backward.register("numpy")
 def relu_backward_numba(dout, out):
-    return elementwise(_relu_backward, dout, out)
+    return elementwise_binary(_relu_backward, dout, out)
 
 
 _cupy._SOURCES.update({
