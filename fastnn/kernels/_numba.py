@@ -44,7 +44,7 @@ _UNIT_SHIFT = np.uint64(64 - UNIT_BITS)
 
 @_jit
 def _mix64(z):
-    """SplitMix64's finaliser (reference.mix64): cpu.py's one copy."""
+    """SplitMix64's finaliser (rng.mix64): the Numba kernels' one copy."""
     z = (z ^ (z >> _S30)) * _MIX1
     z = (z ^ (z >> _S27)) * _MIX2
     return z ^ (z >> _S31)

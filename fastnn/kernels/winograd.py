@@ -130,7 +130,7 @@ def _winograd_output(m, start, stop, bias, out):
 def _takes_over(v, best):
     """Whether a later tap v replaces a window's best so far: strictly greater (ties keep the
     first tap, row-major), or the window's first NaN, which then stays: np.argmax's rule, so
-    a window holding NaN pools to NaN with its gradient to that NaN, as in reference.py."""
+    a window holding NaN pools to NaN with its gradient to that NaN, as in the reference."""
     # `not v <= best` is true for a greater v and for a NaN v; `best == best` keeps a NaN
     # best. This form measured as fast as the plain `v > best` (`v > best or ...` was ~8% slower)
     return not v <= best and best == best
