@@ -20,7 +20,6 @@ import numpy as np
 
 from fastnn import kernels
 from fastnn.kernels import reference
-from fastnn.kernels.conv import conv_output_size
 from fastnn.backend import get_array_module, module_by_name
 from fastnn.checks import as_size
 
@@ -427,7 +426,7 @@ def conv_geometry(x, w, b, conv_param, where="conv_forward"):
             raise ValueError(f"{where}: {name} + 2*pad - filter = {size} + 2*{pad} - "
                              f"{filter_size} = {padded - filter_size} is not divisible by the "
                              f"stride {stride}; change the padding or the stride")
-        sizes.append(conv_output_size(size, filter_size, stride, pad))
+        sizes.append(kernels.conv.conv_output_size(size, filter_size, stride, pad))
     return stride, pad, sizes[0], sizes[1]
 
 

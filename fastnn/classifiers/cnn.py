@@ -10,9 +10,9 @@ from fastnn.checks import as_size, as_sizes
 from fastnn.classifiers.base import Classifier, standard_normal
 from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, max_pool_backward_fast,
                                 max_pool_forward_fast)
+from fastnn.kernels.conv import conv_output_size
 from fastnn.layer_utils import affine_relu_backward, affine_relu_forward
-from fastnn.layers import (affine_backward, affine_forward, conv_output_size, relu_backward,
-                           relu_forward)
+from fastnn.layers import affine_backward, affine_forward, relu_backward, relu_forward
 
 POOL_PARAM = {"pool_height": 2, "pool_width": 2, "stride": 2}
 
