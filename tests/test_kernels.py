@@ -80,14 +80,26 @@ def test_every_update_rule_has_its_op_declared_with_its_data():
 
 
 def test_registration_fails_loudly():
-    """An unknown backend, a second version for one backend, an op declared twice: each
-    raises where it is written (at import), naming the op."""
+    """An unknown backend, a second version for one backend, an op declared twice, a fast
+    version whose parameters are not the reference's, more data arguments than parameters:
+    each raises where it is written (at import), naming the op."""
     with pytest.raises(ValueError, match="relu_forward: unknown backend 'numba'"):
         reference.relu_forward.register("numba")
     with pytest.raises(ValueError, match="relu_forward already has a numpy version"):
         reference.relu_forward.register("numpy")
     with pytest.raises(ValueError, match="op relu_forward is declared twice"):
         registry.declare()(reference.relu_forward)
+    with pytest.raises(ValueError, match=r"op relu_backward: its cupy version .*\(dout\) does "
+                                         r"not take the reference's parameters \(dout, out\)"):
+        registry.Op(reference.relu_backward, 2, registry.FLOATS).register("cupy")(
+            lambda dout: dout)
+
+    def three(a, b, c):
+        pass
+
+    with pytest.raises(ValueError, match="op three: data_args 4 is not between 1 and its 3"):
+        registry.declare(data_args=4)(three)
+    assert "three" not in registry.OPS
     assert registry.fast_ops("numpy") == NUMBA_OPS  # nothing changed by the failed attempts
 
 
@@ -167,7 +179,7 @@ def test_mixed_dtypes_run_the_reference(ops, op, position):
     xp, table = ops
     host = list(examples.args(op, np.random.default_rng(14)))
     host[position] = _with_float64(host[position])
-    args = examples.to_module(xp, host)
+    args = examples.to_module(xp, tuple(host))
     ref_args = [tuple(host_copies(*a)) if isinstance(a, tuple) else a
                 for a in host_copies(*args)]
     got = _outputs(getattr(table, op)(*args), args)

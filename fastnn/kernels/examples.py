@@ -186,20 +186,16 @@ def backward_args(op, table, rng, shape=None, xp=np, dtype=np.float32):
     """(dout, saved) of a backward op: saved by `table`'s forward (EXAMPLES[op].forward) on
     its example; dout channels-last, as the next layer hands it back."""
     forward = EXAMPLES[op].forward
-    out, saved = getattr(table, forward)(*_to(xp, args(forward, rng, shape, xp, dtype)))
+    out, saved = getattr(table, forward)(*to_module(xp, args(forward, rng, shape, xp, dtype)))
     return _channels_last(xp, rng.standard_normal(out.shape).astype(dtype)), saved
 
 
-def _to(xp, value):
-    """Host arrays among `value` (a tuple of arguments, nested) moved to xp."""
+def to_module(xp, value):
+    """An example's arguments (a tuple, nested: an update's state) with their host arrays
+    moved to xp."""
     if isinstance(value, tuple):
-        return tuple(_to(xp, v) for v in value)
+        return tuple(to_module(xp, v) for v in value)
     return xp.asarray(value) if isinstance(value, np.ndarray) else value
-
-
-def to_module(xp, arguments):
-    """An example's arguments with their host arrays moved to xp."""
-    return _to(xp, tuple(arguments))
 
 
 def missing():

@@ -10,9 +10,12 @@ backend's fast version registers against that declaration.
 `declare` records the op under its function's name with the number of its
 leading data arguments (arrays that must share one dtype: x, gamma and beta of
 a batchnorm; w, dw and the state tuple of an update) and the dtypes its fast
-versions take. Registering for an unknown backend, or twice for one backend,
-raises at import; a misspelled op is a NameError there.
+versions take. Registering for an unknown backend, twice for one backend, or a
+version whose parameters differ from the reference's raises at import; a
+misspelled op is a NameError there.
 """
+import inspect
+
 import numpy as np
 
 BACKENDS = ("numpy", "cupy")
@@ -41,6 +44,11 @@ class Op:
                              f"({self.fast[backend].__qualname__}); register one per backend")
 
         def decorator(function):
+            if _parameters(function) != _parameters(self.reference):
+                raise ValueError(
+                    f"op {self.name}: its {backend} version {function.__qualname__}"
+                    f"{inspect.signature(function)} does not take the reference's parameters "
+                    f"{inspect.signature(self.reference)}")
             self.fast[backend] = function
             return function
 
@@ -50,11 +58,18 @@ class Op:
         return f"Op({self.name}, data_args={self.data_args}, fast={sorted(self.fast)})"
 
 
+def _parameters(function):
+    return [(p.name, p.default) for p in inspect.signature(function).parameters.values()]
+
+
 def declare(data_args=1, dtypes=FLOATS):
     """Decorator on a reference function: declare the op of its name; returns the function,
     which gains `.register(backend)` for its fast versions."""
     def decorator(reference):
         name = reference.__name__
+        if not 1 <= data_args <= len(_parameters(reference)):
+            raise ValueError(f"op {name}: data_args {data_args} is not between 1 and its "
+                             f"{len(_parameters(reference))} parameters")
         if name in OPS:
             raise ValueError(f"op {name} is declared twice ({OPS[name].reference.__module__} "
                              f"and {reference.__module__})")
