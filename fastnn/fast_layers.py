@@ -3,9 +3,9 @@
 The numpy backend runs chunked channels-last Winograd F(2x2, 3x3) for 3x3
 stride-1 convolutions of 8+ channels (with a following 2x2 pool fused in by
 conv_pool_forward_fast) and im2col plus one sgemm per chunk for the others
-(fastnn/kernels/cpu.py); the cupy backend im2col/pool CUDA kernels plus
-`cupy.matmul` (gpu.py). Inputs may be any strided (N, C, H, W)
-view; the outputs are (N, C, H, W) views of channels-last memory on numpy,
+(fastnn/kernels/conv.py, winograd.py, pool.py); the cupy backend im2col/pool
+CUDA kernels plus `cupy.matmul` (the same modules). Inputs may be any strided
+(N, C, H, W) view; the outputs are (N, C, H, W) views of channels-last memory on numpy,
 which is the layout these layers read fastest, so a stack of them never
 changes layout. A fast forward's cache goes to the fast backward.
 """

@@ -426,7 +426,7 @@ def conv_geometry(x, w, b, conv_param, where="conv_forward"):
             raise ValueError(f"{where}: {name} + 2*pad - filter = {size} + 2*{pad} - "
                              f"{filter_size} = {padded - filter_size} is not divisible by the "
                              f"stride {stride}; change the padding or the stride")
-        sizes.append(1 + (padded - filter_size) // stride)
+        sizes.append(kernels.conv.conv_output_size(size, filter_size, stride, pad))
     return stride, pad, sizes[0], sizes[1]
 
 

@@ -7,12 +7,12 @@ rule computes in the array module of `w`.
 One home per rule: `SPECS[name]` says what a rule has (hyperparameters and
 their defaults, state arrays, whether it counts steps) and which in-place
 op of the kernel table (`fastnn.kernels`, e.g. `adam_`) computes its step.
-That op is the one formula, written once per backend (reference.py, cpu.py,
-gpu.py); the functional rules below, the fused in-place path
-(`fused_update`) and the Solver's and the stack's path (`begin_step`, which
+That op is the one formula, written once per backend (its reference, Numba
+and CuPy versions in fastnn/kernels/updates.py); the functional rules below,
+the fused in-place path (`fused_update`) and the Solver's and the stack's path (`begin_step`, which
 writes the step's scalars into arrays in place, then `apply_step`) all run
 it, so they give the same parameters by construction. Adding a rule: its `Rule` here, its op
-in reference.py, cpu.py and gpu.py (and its name in kernels.OPS).
+declared in kernels/updates.py with its Numba and CuPy versions registered there.
 """
 from typing import Callable, NamedTuple
 

@@ -1,6 +1,6 @@
 """CPU threads: one count for the BLAS pool and Numba.
 
-fastnn's Numba kernels are serial (see fastnn/kernels/cpu.py), so the cores
+fastnn's Numba kernels are serial (see fastnn/kernels/_numba.py), so the cores
 belong to the BLAS library's matrix products and the two pools never fight.
 The count defaults to `NUMBA_NUM_THREADS` (all cores when unset);
 `set_num_threads(n)` changes it for both Numba and BLAS. OpenBLAS's idle threads

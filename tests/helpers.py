@@ -31,3 +31,17 @@ def backend_tolerances(xp, dtype):
     """(rtol, atol) for a result of backend `xp` against numpy's: float32 ones on a GPU,
     whose exp, log and summation orders differ from numpy's."""
     return tolerances(dtype if xp is np else np.float32)
+
+
+def numba_kernels():
+    """{module.name: dispatcher} of every Numba kernel in fastnn.kernels' modules."""
+    import sys
+
+    import numba
+
+    import fastnn.kernels  # noqa: F401  (loads every family module)
+
+    return {f"{name}.{attr}": obj for name, module in list(sys.modules.items())
+            if name.startswith("fastnn.kernels.")
+            for attr, obj in vars(module).items()
+            if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.__module__ == name}

@@ -1,9 +1,10 @@
 """Tests for fastnn.kernels: every op of each backend's table against the reference ops.
 
-The numpy table holds the Numba kernels (fastnn/kernels/cpu.py), the cupy
-table the CuPy kernels (fastnn/kernels/gpu.py) where they exist; both must
-give what fastnn.kernels.reference gives on the same inputs. Dropout masks
-must match bit for bit, on every backend and thread count.
+The numpy table holds the Numba versions, the cupy table the CuPy versions
+where they exist (each op's family module, fastnn/kernels/<family>.py, holds
+both beside its reference); both must give what fastnn.kernels.reference gives
+on the same inputs (fastnn.kernels.examples makes them). Dropout masks must
+match bit for bit, on every backend and thread count.
 """
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ import pytest
 import fastnn
 from fastnn import kernels, layers, optim
 from fastnn.backend import get_array_module
-from fastnn.kernels import reference
-from helpers import backend_tolerances, host_copies, tolerances
+from fastnn.kernels import (_cupy, _numba, activations, conv, examples, losses, norms, pool,
+                            reference, registry, updates, winograd)
+from helpers import backend_tolerances, host_copies, numba_kernels, tolerances
 
 X_SHAPES = [(1, 7), (5, 3), (64, 10), (3, 4, 5), (97, 130)]  # the last spans several chunks
 LOSS_SHAPES = [(1, 10), (1, 1), (2, 2), (16, 10), (300, 7)]
@@ -40,91 +42,95 @@ def _reference(op, *args):
     return getattr(reference, op)(*host_copies(*args))
 
 
-def _op_args(op, rng):
-    """Small float32 host arguments for every op in kernels.OPS (a new op needs a line here)."""
-    def normal(*shape):
-        return rng.standard_normal(shape).astype(np.float32)
-
-    positive = lambda *shape: np.abs(normal(*shape)) + np.float32(0.1)  # noqa: E731
-    stacked_dropout = (normal(4, 5, 6).transpose(2, 0, 1),  # (N, K, H) view of (K, H, N)
-                       reference.dropout_seed_keys([1, 2, 3, 4]),
-                       np.array([0, 1 << 22, 1 << 23, 0], np.uint64),
-                       np.array([1, 4 / 3, 2, 1], np.float32), 3)
-    cases = {
-        "relu_forward": (normal(7, 9),), "relu_backward": (normal(7, 9), positive(7, 9)),
-        "dropout_forward": (normal(7, 9), 0.3, 5, 2), "dropout_backward": (normal(7, 9), 0.3, 5, 2),
-        "softmax_loss": (normal(8, 5), rng.integers(0, 5, 8)),
-        "svm_loss": (normal(8, 5), rng.integers(0, 5, 8)),
-        "batchnorm_train_forward": (normal(8, 6), positive(6), normal(6), 1e-5),
-        "batchnorm_backward": (normal(8, 6), normal(8, 6), positive(6), positive(6)),
-        "flip_crop": (normal(3, 2, 6, 6), 7, 1, True, 2),
-        "dropout_stacked_forward": stacked_dropout, "dropout_stacked_backward": stacked_dropout,
-        "batchnorm_rows_train_forward": (normal(6, 8), positive(6), normal(6), 1e-5),
-        "batchnorm_rows_backward": (normal(6, 8), normal(6, 8), positive(6), positive(6)),
-        "l2_stacked_": (normal(3, 4, 5), normal(3, 4, 5), np.array([0.1, 0.0, 0.5, 2.0])),
-        "layernorm_forward": (normal(8, 6), positive(6), normal(6), 1e-5),
-        "layernorm_backward": (normal(8, 6), normal(8, 6), positive(6), positive(8)),
-        "groupnorm_forward": (normal(2, 4, 3, 3), positive(4), normal(4), 2, 1e-5),
-        "groupnorm_backward": (normal(2, 4, 3, 3), normal(2, 4, 3, 3), positive(4),
-                               positive(2, 2), 2),
-        # convolution: forwards here; their backwards take the same table's saved state
-        "conv_forward": (normal(2, 3, 6, 5), normal(4, 3, 3, 3), normal(4), 1, 1),
-        # 8 channels and even sizes: the numpy kernels' fused Winograd path
-        "conv_pool_forward": (normal(2, 8, 6, 4), normal(8, 8, 3, 3), normal(8), 1, 1, 2, 2, 2),
-        "max_pool_forward": (normal(2, 3, 6, 6), 2, 2, 2),
-        "batchnorm_relu_train_forward": (normal(8, 6), positive(6), normal(6), 1e-5),
-        "batchnorm_relu_test_forward": (normal(8, 6), positive(6), normal(6), normal(6),
-                                        positive(6), 1e-5),
-    }
-    x, gamma = normal(8, 6), positive(6)
-    out, mean, inv_std, _ = reference.batchnorm_relu_train_forward(x, gamma, normal(6), 1e-5)
-    cases["batchnorm_relu_backward"] = (normal(8, 6), x, out, gamma, mean, inv_std)
-    for name, spec in optim.SPECS.items():  # every rule's op, with its default scalars
-        config = {**spec.defaults, "t": 2}
-        cases[spec.op] = (normal(5, 6), normal(5, 6),
-                          tuple(positive(5, 6) for _ in spec.state), spec.scalars(config))
-    return cases[op]
-
-
-def _to(xp, value):
-    if isinstance(value, tuple):
-        return tuple(_to(xp, v) for v in value)
-    return xp.asarray(value) if isinstance(value, np.ndarray) else value
-
-
 def _outputs(result, args):
     """What an op produced: its results, and the arrays it updates in place."""
     results = list(result) if isinstance(result, tuple) else [] if result is None else [result]
     arrays = [a for a in args if hasattr(a, "shape")]
-    arrays += [b for a in args if isinstance(a, tuple) for b in a]
+    arrays += [b for a in args if isinstance(a, tuple) for b in a if hasattr(b, "shape")]
     return results + arrays
 
 
-# backward ops whose saved state comes from a forward (its layout is each implementation's own)
-SAVED_BY = {"conv_backward": "conv_forward", "max_pool_backward": "max_pool_forward",
-            "conv_pool_backward": "conv_pool_forward"}
+# -- the table: declarations, registrations, dtype guard -------------------------
+# The ops that run fast on each backend. A fast version lost (a misnamed or
+# unregistered kernel) fails here instead of running the reference in silence.
+NUMBA_OPS = set(kernels.OPS)  # every op has a Numba version
+CUPY_OPS = {"relu_forward", "relu_backward", "dropout_forward", "dropout_backward", "softmax_loss",
+            "layernorm_forward", "layernorm_backward", "groupnorm_forward", "groupnorm_backward",
+            "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward",
+            "conv_pool_forward", "conv_pool_backward",
+            "sgd_", "sgd_momentum_", "sgd_nesterov_", "rmsprop_", "adam_"}
+
+
+def test_each_backend_runs_exactly_its_fast_ops():
+    """Checked from the registrations, so the CuPy set is checked without CuPy too."""
+    assert registry.fast_ops("numpy") == NUMBA_OPS
+    assert registry.fast_ops("cupy") == CUPY_OPS
+    table = kernels.for_module(np)
+    for name, op in registry.OPS.items():  # the fast version sits behind the dtype guard
+        assert getattr(table, name).__wrapped__ is op.fast["numpy"], name
+
+
+def test_every_update_rule_has_its_op_declared_with_its_data():
+    """fastnn.optim.SPECS names each rule's op: each is declared, with w, dw and the state as
+    its data (a mixed dtype among them runs the reference), and runs fast on both backends."""
+    for rule, spec in optim.SPECS.items():
+        assert spec.op in registry.OPS, (rule, spec.op)
+        assert kernels.DATA_ARGS[spec.op] == 3, spec.op
+        assert {"numpy", "cupy"} <= set(registry.OPS[spec.op].fast), spec.op
+
+
+def test_registration_fails_loudly():
+    """An unknown backend, a second version for one backend, an op declared twice, a fast
+    version whose parameters are not the reference's, more data arguments than parameters:
+    each raises where it is written (at import), naming the op."""
+    with pytest.raises(ValueError, match="relu_forward: unknown backend 'numba'"):
+        reference.relu_forward.register("numba")
+    with pytest.raises(ValueError, match="relu_forward already has a numpy version"):
+        reference.relu_forward.register("numpy")
+    with pytest.raises(ValueError, match="op relu_forward is declared twice"):
+        registry.declare()(reference.relu_forward)
+    with pytest.raises(ValueError, match=r"op relu_backward: its cupy version .*\(dout\) does "
+                                         r"not take the reference's parameters \(dout, out\)"):
+        registry.Op(reference.relu_backward, 2, registry.FLOATS).register("cupy")(
+            lambda dout: dout)
+
+    def three(a, b, c):
+        pass
+
+    with pytest.raises(ValueError, match="op three: data_args 4 is not between 1 and its 3"):
+        registry.declare(data_args=4)(three)
+    assert "three" not in registry.OPS
+    assert registry.fast_ops("numpy") == NUMBA_OPS  # nothing changed by the failed attempts
+
+
+def test_every_op_has_example_arguments():
+    assert examples.missing() == []
+    for name, example in examples.EXAMPLES.items():
+        assert example.shapes, name
+        assert (example.make is None) == (example.forward is not None), name
+
+
+def _example(op, xp, table, seed=20):
+    """(the op's arguments on xp for `table`, the same on the host for the reference)."""
+    forward = examples.EXAMPLES[op].forward
+    if forward is not None:  # a backward: its input is the state its own table's forward saved
+        return (examples.backward_args(op, table, np.random.default_rng(seed), xp=xp),
+                examples.backward_args(op, reference, np.random.default_rng(seed)))
+    return (examples.to_module(xp, examples.args(op, np.random.default_rng(seed), xp=xp)),
+            examples.args(op, np.random.default_rng(seed)))
 
 
 @pytest.mark.parametrize("op", kernels.OPS)
 def test_every_op_matches_its_reference(ops, op):
-    """Each op of the table gives what reference.py gives on numpy (a fast kernel that drifts
+    """Each op of the table gives what the reference gives on numpy (a fast kernel that drifts
     fails; on cupy the comparison is with numpy's result, never with itself)."""
     xp, table = ops
-    if op in SAVED_BY:  # a backward: its input is the state its own table's forward saved
-        forward = SAVED_BY[op]
-        forward_args = _op_args(forward, np.random.default_rng(20))
-        _, fast_saved = getattr(table, forward)(*_to(xp, forward_args))
-        ref_out, ref_saved = getattr(reference, forward)(*forward_args)
-        dout = np.random.default_rng(21).standard_normal(ref_out.shape).astype(np.float32)
-        got = _outputs(getattr(table, op)(xp.asarray(dout), fast_saved), ())
-        want = _outputs(getattr(reference, op)(dout, ref_saved), ())
-    else:
-        fast_args = _to(xp, _op_args(op, np.random.default_rng(20)))
-        ref_args = _op_args(op, np.random.default_rng(20))
-        got = _outputs(getattr(table, op)(*fast_args), fast_args)
-        want = _outputs(getattr(reference, op)(*ref_args), ref_args)
-        if op in SAVED_BY.values():  # (out, saved): the saved state is each table's own
-            got, want = got[:1], want[:1]
+    fast_args, ref_args = _example(op, xp, table)
+    backward = examples.EXAMPLES[op].forward is not None  # its arguments: (dout, saved)
+    got = _outputs(getattr(table, op)(*fast_args), () if backward else fast_args)
+    want = _outputs(getattr(reference, op)(*ref_args), () if backward else ref_args)
+    if op in SAVING:
+        got, want = got[:1], want[:1]  # (out, saved): the saved state is each table's own
     got = [g for g in got if g is not None]
     want = [w for w in want if w is not None]
     assert len(got) == len(want)
@@ -134,87 +140,57 @@ def test_every_op_matches_its_reference(ops, op):
                                    atol=atol, err_msg=op)
 
 
-def test_numpy_table_uses_the_numba_kernels():
-    from fastnn.kernels import cpu
+FORWARDS = [op for op in kernels.OPS if examples.EXAMPLES[op].forward is None]
+SAVING = {example.forward for example in examples.EXAMPLES.values()} - {None}
 
+
+@pytest.mark.parametrize("op", FORWARDS)
+def test_other_dtypes_run_the_reference(op):
+    """float16 (which the Numba kernels do not take) gets the reference op, dtype kept."""
     table = kernels.for_module(np)
-    assert table.name == "numpy"
-    for op in kernels.OPS:
-        if hasattr(cpu, op):  # behind the dtype guard (see test_other_dtypes_run_the_reference)
-            assert getattr(table, op).__wrapped__ is getattr(cpu, op), op
-    # the ops this module promises to speed up are there
-    for op in ("relu_forward", "relu_backward", "dropout_forward", "dropout_backward",
-               "softmax_loss", "svm_loss", "sgd_", "sgd_momentum_", "rmsprop_", "adam_"):
-        assert hasattr(cpu, op), op
+    args = examples.args(op, np.random.default_rng(0), dtype=np.float16)
+    ref_args = host_copies(*args)  # (in-place updates: each its own copy)
+    ref_args = [tuple(host_copies(*a)) if isinstance(a, tuple) else a for a in ref_args]
+    got = _outputs(getattr(table, op)(*args), args)
+    expected = _outputs(getattr(reference, op)(*ref_args), ref_args)
+    if op in SAVING:
+        got, expected = got[:1], expected[:1]  # (out, saved)
+    for g, e in zip(got, expected):
+        assert np.asarray(g).dtype == np.asarray(e).dtype, op
+        np.testing.assert_array_equal(g, e, err_msg=op)
+    assert layers.relu_forward(args[0])[0].dtype == np.float16
 
 
-def test_other_dtypes_run_the_reference():
-    """float16 (which the Numba kernels do not take) gets the reference ops, dtype kept."""
-    table = kernels.for_module(np)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((6, 5)).astype(np.float16)
-    y = rng.integers(0, 5, 6)
-    gamma, beta = np.ones(5, np.float16), np.zeros(5, np.float16)
-    calls = {
-        "relu_forward": (x,),
-        "relu_backward": (x, np.maximum(x, 0)),
-        "dropout_forward": (x, 0.3, 7, 2),
-        "softmax_loss": (x, y),
-        "svm_loss": (x, y),
-        "batchnorm_train_forward": (x, gamma, beta, 1e-3),
-    }
-    for op, args in calls.items():
-        got, expected = getattr(table, op)(*args), getattr(reference, op)(*args)
-        for g, e in zip(got if isinstance(got, tuple) else [got],
-                        expected if isinstance(expected, tuple) else [expected]):
-            assert np.asarray(g).dtype == np.asarray(e).dtype, op
-            np.testing.assert_array_equal(g, e, err_msg=op)
-    w, dw = x.copy(), x[::-1].copy()
-    w_ref = w.copy()
-    table.sgd_(w, dw, (), (0.1,))
-    reference.sgd_(w_ref, dw, (), (0.1,))
-    np.testing.assert_array_equal(w, w_ref)
-    assert layers.relu_forward(x)[0].dtype == np.float16
+def _with_float64(value):
+    if isinstance(value, tuple):
+        return tuple(_with_float64(v) for v in value)
+    return value.astype(np.float64)
 
 
-def test_mixed_dtypes_run_the_reference(ops):
-    """float32 data mixed with float64 (judged over all data arguments, not the first
-    alone) gets the reference op, which promotes as the array module does, on every
-    backend: the fast kernels take one dtype and CuPy's raise on a mix."""
+MIXED = [(op, position) for op in kernels.OPS for position in range(1, kernels.DATA_ARGS[op])]
+
+
+@pytest.mark.parametrize("op, position", MIXED)
+def test_mixed_dtypes_run_the_reference(ops, op, position):
+    """float32 data with one of its other data arguments (a declared data position) in
+    float64 gets the reference op, which promotes as the array module does, on every
+    backend: the fast kernels take one dtype and CuPy's raise on a mix. An in-place update
+    keeps w's dtype."""
     xp, table = ops
-    assert set(kernels.DATA_ARGS) <= set(kernels.OPS)
-    rng = np.random.default_rng(14)
-
-    def arrays(*shapes_and_dtypes):
-        return [xp.asarray(rng.standard_normal(shape) + 1.5, dtype=dtype)
-                for shape, dtype in shapes_and_dtypes]
-
-    f32, f64 = np.float32, np.float64
-    calls = {
-        "relu_backward": arrays(((5, 4), f32), ((5, 4), f64)),
-        "batchnorm_train_forward": arrays(((6, 4), f32), ((4,), f64), ((4,), f32)) + [1e-5],
-        "batchnorm_backward": arrays(((6, 4), f64), ((6, 4), f32), ((4,), f32), ((4,), f32)),
-        "layernorm_forward": arrays(((6, 4), f32), ((4,), f32), ((4,), f64)) + [1e-5],
-        "layernorm_backward": arrays(((6, 4), f32), ((6, 4), f32), ((4,), f64), ((6,), f32)),
-        "groupnorm_forward": arrays(((2, 4, 3, 3), f32), ((4,), f64), ((4,), f64)) + [2, 1e-5],
-    }
-    for op, args in calls.items():
-        assert op in kernels.DATA_ARGS, op
-        got = getattr(table, op)(*args)
-        expected = _reference(op, *args)
-        for g, e in zip(got if isinstance(got, tuple) else [got],
-                        expected if isinstance(expected, tuple) else [expected]):
-            assert g.dtype == e.dtype, op
-            rtol, atol = backend_tolerances(xp, np.float32)
-            np.testing.assert_allclose(_host(g), e, rtol=rtol, atol=atol, err_msg=op)
-    # an in-place update keeps w's dtype; the gradient and state may be float64
-    w, dw, v = arrays(((4, 3), f32), ((4, 3), f64), ((4, 3), f32))
-    w_host, dw_host, v_host = host_copies(w, dw, v)
-    table.sgd_momentum_(w, dw, (v,), (0.1, 0.9))
-    reference.sgd_momentum_(w_host, dw_host, (v_host,), (0.1, 0.9))
-    assert w.dtype == f32 and v.dtype == f32
-    np.testing.assert_allclose(_host(w), w_host, rtol=1e-6)
-    np.testing.assert_allclose(_host(v), v_host, rtol=1e-6)
+    host = list(examples.args(op, np.random.default_rng(14)))
+    host[position] = _with_float64(host[position])
+    args = examples.to_module(xp, tuple(host))
+    ref_args = [tuple(host_copies(*a)) if isinstance(a, tuple) else a
+                for a in host_copies(*args)]
+    got = _outputs(getattr(table, op)(*args), args)
+    expected = _outputs(getattr(reference, op)(*ref_args), ref_args)
+    assert len(got) == len(expected)
+    rtol, atol = backend_tolerances(xp, np.float32)
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype, op
+        np.testing.assert_allclose(_host(g), e, rtol=rtol, atol=atol, err_msg=op)
+    if op.endswith("_"):  # in place: the updated array keeps its dtype
+        assert args[0].dtype == np.float32
 
 
 # -- relu ----------------------------------------------------------------------
@@ -249,15 +225,14 @@ def test_relu_subnormals_and_nan_on_numpy(dtype):
                   0.0, 1.5, -1.5], dtype=dtype)
     expected = np.array([tiny, 0, 3 * tiny, 0, np.nan, np.nan, np.inf, 0, 0, 0, 1.5, 0],
                         dtype=dtype)
-    from fastnn.kernels import cpu
-
-    for op in (reference.relu_forward, cpu.relu_forward, kernels.for_module(np).relu_forward):
+    for op in (reference.relu_forward, activations.relu_forward_numba,
+               kernels.for_module(np).relu_forward):
         out = op(x)
         assert out.dtype == dtype
         np.testing.assert_array_equal(out, expected)
     dout = np.arange(1, x.size + 1, dtype=dtype)
     keep = expected > 0  # dout passes where the output was positive, subnormals included
-    for op in (reference.relu_backward, cpu.relu_backward):
+    for op in (reference.relu_backward, activations.relu_backward_numba):
         np.testing.assert_array_equal(op(dout, expected), np.where(keep, dout, 0))
 
 
@@ -320,11 +295,9 @@ def test_dropout_same_mask_on_every_thread_count(dtype):
 
 
 def test_numba_kernels_are_serial():
-    """cpu.py's loops are serial by policy (its docstring says why): none may ask for threads."""
-    import numba
-    from fastnn.kernels import cpu
-
-    kernels_found = [obj for obj in vars(cpu).values() if isinstance(obj, numba.core.registry.CPUDispatcher)]
+    """The Numba loops are serial by policy (_numba.py's docstring says why): none may ask
+    for threads."""
+    kernels_found = list(numba_kernels().values())
     assert len(kernels_found) > 10
     assert [k.py_func.__name__ for k in kernels_found if k.targetoptions.get("parallel")] == []
 
@@ -826,9 +799,7 @@ def _nvcc_compiles(tmp_path, name, source):
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
 def test_norm_cuda_source_compiles(tmp_path, dtype_name):
-    from fastnn.kernels import gpu
-
-    _nvcc_compiles(tmp_path, f"norms_{dtype_name}", gpu.norm_source(dtype_name))
+    _nvcc_compiles(tmp_path, f"norms_{dtype_name}", norms.norm_source(dtype_name))
 
 
 # CuPy's view of a `raw` argument, enough for the sources to compile: x[j], x.size()
@@ -843,7 +814,7 @@ typedef long long int64;
 
 
 def _elementwise_as_cuda(name, in_params, out_params, operation):
-    """One of gpu.py's ElementwiseKernel sources as a plain CUDA kernel: inputs by value
+    """One of the ElementwiseKernel sources as a plain CUDA kernel: inputs by value
     (`raw` ones as Raw<T>), outputs as references to element i, as CuPy's generated code
     sees them."""
     def params(text):
@@ -860,21 +831,19 @@ def _elementwise_as_cuda(name, in_params, out_params, operation):
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
 def test_elementwise_cuda_sources_compile(tmp_path, dtype_name):
-    """Every ElementwiseKernel body of gpu.py (relu, dropout, each update rule) and the
+    """Every ElementwiseKernel body (relu, dropout, each update rule) and the
     softmax loss's RawKernel compile (with CuPy's -ftz=true)."""
-    from fastnn.kernels import gpu
-
     ctype = {"float32": "float", "float64": "double"}[dtype_name]
-    kernels_ = [_elementwise_as_cuda(name, *parts) for name, parts in gpu._SOURCES.items()]
-    for rule, (_, scalars, _) in gpu._RULES.items():  # each scalar by value and on the device
+    kernels_ = [_elementwise_as_cuda(name, *parts) for name, parts in _cupy._SOURCES.items()]
+    for rule, (_, scalars, _) in updates._RULES.items():  # each scalar by value and on the device
         for on_device in {(False,) * len(scalars), (True,) * len(scalars)}:
             mask = "".join("d" if d else "s" for d in on_device)
             kernels_.append(_elementwise_as_cuda(f"{rule}_{mask}",
-                                                 *gpu.rule_source(rule, on_device)))
+                                                 *updates.rule_source(rule, on_device)))
     source = f"#define T {ctype}\n{_RAW}" + "".join(kernels_)
     _nvcc_compiles(tmp_path, f"elementwise_{dtype_name}", source)
     _nvcc_compiles(tmp_path, f"softmax_loss_{dtype_name}",
-                   gpu.SOFTMAX_LOSS_SOURCE.replace("{T}", ctype))
+                   losses.SOFTMAX_LOSS_SOURCE.replace("{T}", ctype))
 
 
 # == convolution ===============================================================
@@ -935,9 +904,7 @@ def test_conv_without_bias(ops, dtype):
 def test_conv_many_chunks_match_the_reference(ops, monkeypatch):
     """Batches that span several of the numpy kernels' column chunks (a small chunk size here)."""
     xp, table = ops
-    from fastnn.kernels import cpu
-
-    monkeypatch.setattr(cpu, "CONV_CHUNK_BYTES", 3000)
+    monkeypatch.setattr(_numba, "CONV_CHUNK_BYTES", 3000)
     rng = np.random.default_rng(5)
     x = xp.asarray(rng.standard_normal((7, 3, 6, 5)))
     w = xp.asarray(rng.standard_normal((4, 3, 3, 3)))
@@ -977,10 +944,8 @@ WINOGRAD_CASES = [(2, 3, 8, 8, 4), (3, 5, 7, 5, 6), (2, 8, 1, 1, 3), (2, 4, 2, 3
 def test_winograd_conv_matches_the_reference(dtype, case, layout, has_bias, monkeypatch):
     """The numpy kernels' Winograd F(2x2, 3x3) path (every channel count let through it here),
     forward and both backwards, against the direct reference, across several chunks."""
-    from fastnn.kernels import cpu
-
-    monkeypatch.setattr(cpu, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(cpu, "CONV_CHUNK_BYTES", 4000)  # several chunks of images per call
+    monkeypatch.setattr(winograd, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(_numba, "CONV_CHUNK_BYTES", 4000)  # several chunks of images per call
     n, c, h, w_, f = case
     rng = np.random.default_rng(sum(case))
     x = rng.standard_normal((n, c, h, w_)).astype(dtype)
@@ -988,15 +953,15 @@ def test_winograd_conv_matches_the_reference(dtype, case, layout, has_bias, monk
         x = _channels_last_view(np, x)
     w = rng.standard_normal((f, c, 3, 3)).astype(dtype)
     b = rng.standard_normal(f).astype(dtype) if has_bias else None
-    assert cpu._winograd_fits(w.shape, 1, 1)
-    out, saved = cpu.conv_forward(x, w, b, 1, 1)
+    assert winograd._winograd_fits(w.shape, 1, 1)
+    out, saved = conv.conv_forward_numba(x, w, b, 1, 1)
     out_ref, saved_ref = reference.conv_forward(x, w, np.zeros(f, dtype) if b is None else b, 1, 1)
     assert out.dtype == dtype and out.shape == out_ref.shape
     _close(out, out_ref, dtype, float(np.abs(out_ref).max()))
     dout = rng.standard_normal(out.shape).astype(dtype)
     if layout == "channels_last":
         dout = _channels_last_view(np, dout)
-    _check_conv_backward(cpu.conv_backward, reference.conv_backward, dout, saved, saved_ref,
+    _check_conv_backward(conv.conv_backward_numba, reference.conv_backward, dout, saved, saved_ref,
                          dtype, has_bias)
 
 
@@ -1008,9 +973,7 @@ CONV_POOL_CASES = [(2, 8, 6, 4, 8), (3, 9, 4, 8, 12), (2, 16, 2, 2, 8), (2, 8, 5
 @pytest.mark.parametrize("case", CONV_POOL_CASES)
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_conv_pool_matches_the_two_reference_ops(dtype, case, layout, has_bias, monkeypatch):
-    from fastnn.kernels import cpu
-
-    monkeypatch.setattr(cpu, "CONV_CHUNK_BYTES", 4000)  # several chunks of images per call
+    monkeypatch.setattr(_numba, "CONV_CHUNK_BYTES", 4000)  # several chunks of images per call
     n, c, h, w_, f = case
     rng = np.random.default_rng(sum(case) + 1)
     x = rng.standard_normal((n, c, h, w_)).astype(dtype)
@@ -1018,8 +981,8 @@ def test_conv_pool_matches_the_two_reference_ops(dtype, case, layout, has_bias, 
         x = _channels_last_view(np, x)
     w = rng.standard_normal((f, c, 3, 3)).astype(dtype)
     b = rng.standard_normal(f).astype(dtype) if has_bias else None
-    assert cpu._pool_fuses(h, w_, w.shape, 1, 1, 2, 2, 2) == (h % 2 == 0 and w_ % 2 == 0)
-    out, saved = cpu.conv_pool_forward(x, w, b, 1, 1, 2, 2, 2)
+    assert pool._pool_fuses(h, w_, w.shape, 1, 1, 2, 2, 2) == (h % 2 == 0 and w_ % 2 == 0)
+    out, saved = pool.conv_pool_forward_numba(x, w, b, 1, 1, 2, 2, 2)
     out_ref, saved_ref = reference.conv_pool_forward(
         x, w, np.zeros(f, dtype) if b is None else b, 1, 1, 2, 2, 2)
     assert out.dtype == dtype and out.shape == out_ref.shape
@@ -1029,24 +992,22 @@ def test_conv_pool_matches_the_two_reference_ops(dtype, case, layout, has_bias, 
     dout = rng.standard_normal(out.shape).astype(dtype)
     if layout == "channels_last":
         dout = _channels_last_view(np, dout)
-    _check_conv_backward(cpu.conv_pool_backward, reference.conv_pool_backward, dout, saved,
+    _check_conv_backward(pool.conv_pool_backward_numba, reference.conv_pool_backward, dout, saved,
                          saved_ref, dtype, has_bias)
 
 
 def test_conv_pool_ties_go_to_the_first_tap():
     """Zero filters: every conv output is its bias, each window a four-way tie; the fused
     pool's gradient goes to each window's top-left value, as max_pool_backward's does."""
-    from fastnn.kernels import cpu
-
     x = np.random.default_rng(0).standard_normal((1, 8, 4, 4))
     w = np.zeros((8, 8, 3, 3))
     b = np.arange(8.0)
-    out, saved = cpu.conv_pool_forward(x, w, b, 1, 1, 2, 2, 2)
+    out, saved = pool.conv_pool_forward_numba(x, w, b, 1, 1, 2, 2, 2)
     np.testing.assert_array_equal(out, np.broadcast_to(b[None, :, None, None], (1, 8, 2, 2)))
     np.testing.assert_array_equal(saved[1][1], 0)
     # the conv's input gradient from a pooled gradient of ones: the window's first tap only
     dout = np.ones(out.shape)
-    _, dw, db = cpu.conv_pool_backward(dout, saved)
+    _, dw, db = pool.conv_pool_backward_numba(dout, saved)
     conv_out, conv_saved = reference.conv_forward(x, w, b, 1, 1)
     unpooled = np.zeros(conv_out.shape)
     unpooled[:, :, ::2, ::2] = 1
@@ -1059,17 +1020,15 @@ def test_conv_pool_ties_go_to_the_first_tap():
 def test_winograd_pool_takes_the_first_nan(dtype):
     """The fused pool of the Winograd output tiles against the reference pool of the same
     tiles unpooled: a window holding NaN pools to its first NaN (row-major), as np.argmax."""
-    from fastnn.kernels import cpu
-
     rng = np.random.default_rng(3)
     filters, tiles = 6, 4  # one 4x4 image: 2x2 tiles of 2x2 outputs
     m = rng.standard_normal((tiles, 16, filters)).astype(dtype)
     m[rng.random(m.shape) < 0.05] = np.nan  # each lands in some of a tile's four outputs
     bias = rng.standard_normal(filters).astype(dtype)
     out = np.empty((1, 4, 4, filters), dtype)
-    cpu._winograd_output(m.copy(), 0, 1, bias, out)  # it transforms m in place
+    winograd._winograd_output(m.copy(), 0, 1, bias, out)  # it transforms m in place
     pooled, argmax = np.empty((1, 2, 2, filters), dtype), np.empty((1, 2, 2, filters), np.uint8)
-    cpu._winograd_output_pool(m.copy(), 0, 1, bias, pooled, argmax)
+    winograd._winograd_output_pool(m.copy(), 0, 1, bias, pooled, argmax)
     expected, (_, expected_argmax, *_) = reference.max_pool_forward(
         out.transpose(0, 3, 1, 2), 2, 2, 2)
     assert np.isnan(expected).any() and not np.isnan(expected).all()
@@ -1078,28 +1037,24 @@ def test_winograd_pool_takes_the_first_nan(dtype):
 
 
 def test_winograd_takes_the_3x3_same_convs_of_enough_channels():
-    from fastnn.kernels import cpu
-
-    assert cpu._winograd_fits((32, 24, 3, 3), 1, 1)  # ConvNet's convs after the stem
-    assert not cpu._winograd_fits((24, 3, 3, 3), 1, 1)  # the stem: im2col
-    assert not cpu._winograd_fits((32, 32, 3, 3), 2, 1)  # strided
-    assert not cpu._winograd_fits((32, 32, 3, 3), 1, 0)  # another padding
-    assert not cpu._winograd_fits((32, 32, 5, 5), 1, 2)  # another filter size
+    assert winograd._winograd_fits((32, 24, 3, 3), 1, 1)  # ConvNet's convs after the stem
+    assert not winograd._winograd_fits((24, 3, 3, 3), 1, 1)  # the stem: im2col
+    assert not winograd._winograd_fits((32, 32, 3, 3), 2, 1)  # strided
+    assert not winograd._winograd_fits((32, 32, 3, 3), 1, 0)  # another padding
+    assert not winograd._winograd_fits((32, 32, 5, 5), 1, 2)  # another filter size
 
 
 def test_winograd_conv_at_the_reference_nets_widths_in_float32():
     """A wide layer (K = 9 * 64 products per output) stays within the contract's float32 bound."""
-    from fastnn.kernels import cpu
-
     rng = np.random.default_rng(7)
     x = _channels_last_view(np, rng.standard_normal((3, 64, 6, 6)).astype(np.float32))
     w = (rng.standard_normal((128, 64, 3, 3)) / 24).astype(np.float32)
-    out, saved = cpu.conv_forward(x, w, None, 1, 1)
+    out, saved = conv.conv_forward_numba(x, w, None, 1, 1)
     out_ref, saved_ref = reference.conv_forward(x.astype(np.float64), w.astype(np.float64),
                                                 np.zeros(128), 1, 1)
     assert np.abs(out - out_ref).max() <= 1e-5 * np.abs(out_ref).max()
     dout = rng.standard_normal(out.shape).astype(np.float32)
-    for got, expected in zip(cpu.conv_backward(dout, saved)[:2],
+    for got, expected in zip(conv.conv_backward_numba(dout, saved)[:2],
                              reference.conv_backward(dout.astype(np.float64), saved_ref)[:2]):
         assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
@@ -1175,20 +1130,23 @@ def test_cuda_convolution_sources_compile(tmp_path):
     import shutil
     import subprocess
 
-    from fastnn.kernels import gpu
-
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not installed")
     source = tmp_path / "conv.cu"
-    source.write_text(gpu.conv_source("float") + gpu.conv_source("double"))
+    source.write_text(_conv_sources("float") + _conv_sources("double"))
     result = subprocess.run([nvcc, "--ptx", "-o", str(tmp_path / "conv.ptx"), str(source)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     ptx = (tmp_path / "conv.ptx").read_text()
-    for name in gpu._CONV_KERNELS:
+    for name in ("im2col", "col2im", "max_pool_forward", "max_pool_backward"):
         for ctype in ("float", "double"):
             assert f"fastnn_{name}_{ctype}" in ptx
+
+
+def _conv_sources(ctype):
+    """The CUDA source of the convolution and pool RawKernels for `ctype`."""
+    return conv.CONV_SOURCE.format(T=ctype) + pool.POOL_SOURCE.format(T=ctype)
 
 
 def _host_cuda_kernels(tmp_path, ctype):
@@ -1201,8 +1159,6 @@ def _host_cuda_kernels(tmp_path, ctype):
     import shutil
     import subprocess
 
-    from fastnn.kernels import gpu
-
     compiler = shutil.which("g++")
     if compiler is None:
         pytest.skip("g++ is not installed")
@@ -1211,7 +1167,7 @@ def _host_cuda_kernels(tmp_path, ctype):
                'extern "C" void set_thread(long long i) { thread_index = i; }\n'
                "#define threadIdx (Dim{thread_index})\n#define __global__\n")
     source = tmp_path / f"conv_{ctype}.cpp"
-    source.write_text(prelude + gpu.conv_source(ctype))
+    source.write_text(prelude + _conv_sources(ctype))
     library = tmp_path / f"conv_{ctype}.so"
     result = subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(library), str(source)],
                             capture_output=True, text=True)
@@ -1232,9 +1188,7 @@ def _host_cuda_kernels(tmp_path, ctype):
 
 @pytest.mark.parametrize("ctype", ["float", "double"])
 def test_cuda_convolution_kernels_on_the_host(tmp_path, ctype):
-    """im2col, col2im and the pool kernels of gpu.py against the reference ops."""
-    from fastnn.kernels.reference import _im2col
-
+    """The CuPy im2col, col2im and pool kernels against the reference ops."""
     launch = _host_cuda_kernels(tmp_path, ctype)
     dtype = np.float32 if ctype == "float" else np.float64
     rng = np.random.default_rng(8)
@@ -1245,7 +1199,7 @@ def test_cuda_convolution_kernels_on_the_host(tmp_path, ctype):
     strides = [np.int64(s // x.itemsize) for s in x.strides]
     cols = np.zeros((n * ho * wo, c * hh * ww), dtype=dtype)
     launch("im2col", cols.size, x, *strides, *geometry, np.int32(0), cols)
-    expected = _im2col(np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))), hh, ww, stride, ho, wo)
+    expected = conv._im2col_xp(np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))), hh, ww, stride, ho, wo)
     np.testing.assert_array_equal(cols, expected.transpose(0, 2, 1).reshape(cols.shape))
 
     # col2im is the adjoint of im2col: <im2col(x), d> == <x, col2im(d)>
@@ -1294,3 +1248,20 @@ def test_conv_threads_work_in_a_forked_child():
 
 def _conv_in_child(x, w):
     return np.ascontiguousarray(kernels.for_module(np).conv_forward(x, w, None, 1, 1)[0])
+
+
+def test_conv_output_size_is_written_once():
+    """1 + (H + 2*pad - HH) // stride lives in kernels/conv.py alone: the layers' checks, the
+    models and every backend's conv use conv_output_size."""
+    import pathlib
+    import re
+
+    assert conv.conv_output_size(32, 3, 1, 1) == 32 and conv.conv_output_size(7, 3, 2, 1) == 4
+    x, w = np.zeros((1, 2, 9, 7)), np.zeros((3, 2, 3, 5))
+    assert layers.conv_geometry(x, w, None, {"stride": 2, "pad": 2})[2:] == (
+        conv.conv_output_size(9, 3, 2, 2), conv.conv_output_size(7, 5, 2, 2))
+    formula = re.compile(r"2 \* pad - \w+\) // ")
+    package = pathlib.Path(fastnn.__file__).parent
+    written = [str(path.relative_to(package)) for path in sorted(package.rglob("*.py"))
+               for _ in formula.finditer(path.read_text())]
+    assert written == ["kernels/conv.py"]

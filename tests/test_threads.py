@@ -1,6 +1,6 @@
 """Thread configuration: the BLAS pool gets the cores and Numba's pool never starts.
 
-fastnn/kernels/cpu.py explains why (a parallel Numba loop right after a BLAS
+fastnn/kernels/_numba.py explains why (a parallel Numba loop right after a BLAS
 product fights the spinning BLAS threads and took about 4 ms whatever its size). These tests
 pin that configuration down without timing anything.
 """
@@ -15,16 +15,11 @@ from threadpoolctl import threadpool_info
 
 import fastnn
 from fastnn import threads
-from fastnn.kernels import cpu
-
-
-def _dispatchers():
-    return {name: obj for name, obj in vars(cpu).items()
-            if isinstance(obj, numba.core.registry.CPUDispatcher)}
+from helpers import numba_kernels
 
 
 def test_every_numba_kernel_is_serial():
-    kernels = _dispatchers()
+    kernels = numba_kernels()
     assert len(kernels) >= 8
     parallel = [name for name, d in kernels.items() if d.targetoptions.get("parallel")]
     assert parallel == []
@@ -74,7 +69,7 @@ def test_numba_num_threads_is_respected_by_blas_too():
     script = """
 import json, fastnn
 from threadpoolctl import threadpool_info
-import fastnn.kernels.cpu  # loading the kernels applies the thread count
+import fastnn.kernels  # loading the kernels applies the thread count
 print(json.dumps([fastnn.get_num_threads(),
                   [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]]))
 """
@@ -90,7 +85,7 @@ import ctypes, json, os
 import numpy as np
 a = np.ones((256, 256), np.float32)
 a @ a  # OpenBLAS's pool starts with the timeout it read at load
-import fastnn.kernels.cpu  # noqa: F401  (loading the kernels shortens the spin)
+import fastnn.kernels  # noqa: F401  (loading the kernels shortens the spin)
 a @ a  # and restarts with the new one
 from fastnn.threads import openblas_pthreads_libraries
 lib = ctypes.CDLL(openblas_pthreads_libraries()[0])

@@ -10,6 +10,7 @@ from fastnn.checks import as_size, as_sizes
 from fastnn.classifiers.base import Classifier, standard_normal
 from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, max_pool_backward_fast,
                                 max_pool_forward_fast)
+from fastnn.kernels.conv import conv_output_size
 from fastnn.layer_utils import affine_relu_backward, affine_relu_forward
 from fastnn.layers import affine_backward, affine_forward, relu_backward, relu_forward
 
@@ -36,7 +37,7 @@ class ThreeLayerConvNet(Classifier):
         hidden_dim = as_size(hidden_dim, "hidden_dim", low=1)
         num_classes = as_size(num_classes, "num_classes", low=1)
         pad = (filter_size - 1) // 2
-        conv_h, conv_w = height + 2 * pad - filter_size + 1, width + 2 * pad - filter_size + 1
+        conv_h, conv_w = (conv_output_size(size, filter_size, 1, pad) for size in (height, width))
         if min(conv_h, conv_w) < 2:
             raise ValueError(
                 f"filter_size {filter_size} (pad {pad}) leaves a {conv_h}x{conv_w} conv output "

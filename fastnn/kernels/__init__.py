@@ -1,73 +1,35 @@
-"""One table of hot ops, per array module.
+"""One table of hot ops, per array module, grouped by family.
 
-`kernels.for_module(xp)` returns a namespace holding every op in `OPS`:
-the backend's fast version where one exists (cpu.py: Numba, for numpy;
-gpu.py: CuPy kernels, for cupy), else the reference (plain xp) version. The
-layers call ops only through this table, so a backend adds speed by
-defining a function of the same name and signature in its module.
+Each family module (activations, augment, losses, updates, batchnorm, norms,
+conv, winograd, pool) holds, per op, its reference version (plain xp, declared
+with `registry.declare`: its name, its data arguments, its dtypes), its Numba
+version (registered for "numpy") and its CuPy version (registered for "cupy").
+Shared helpers: rng.py (the keyed masks), _numba.py, _cupy.py.
 
-A fast module's kernels take the floating dtypes in its `DTYPES`, one dtype
-per call. An op runs its fast version when its data arrays (the leading
-arguments that `DATA_ARGS` counts: x, gamma and beta of a batchnorm; w, dw
-and the state of an update) all have one dtype of `DTYPES`; otherwise (float16,
-or float32 mixed with float64) it runs the reference version, which promotes
-as numpy and cupy do (an in-place update keeps w's dtype).
+`kernels.for_module(xp)` returns a namespace holding every declared op: the
+backend's fast version where one is registered, else the reference. The layers
+call ops only through this table. An op runs its fast version when its data
+arrays (its leading `data_args` arguments: x, gamma and beta of a batchnorm;
+w, dw and the state of an update) all have one dtype of its `dtypes`;
+otherwise (float16, or float32 mixed with float64) it runs the reference,
+which promotes as numpy and cupy do (an in-place update keeps w's dtype).
+`kernels.reference` is the table of reference versions.
 """
 import functools
-import importlib
 import types
 
 import numpy as np
 
-from fastnn.kernels import reference
+# the family modules declare and register their ops on import
+from fastnn.kernels import (activations, augment, batchnorm, conv, losses, norms,  # noqa: F401
+                            pool, updates)
+from fastnn.kernels.registry import OPS as _DECLARED
 
-OPS = (
-    "relu_forward", "relu_backward",
-    "dropout_forward", "dropout_backward",
-    "softmax_loss", "svm_loss",
-    "batchnorm_train_forward", "batchnorm_backward",
-    # update rules, in place, for lone parameters and stacked members alike
-    # (fastnn.optim.SPECS names each rule's op)
-    "sgd_", "sgd_momentum_", "sgd_nesterov_", "rmsprop_", "adam_",
-    "flip_crop",
-    # stacked models (fastnn.stacked): K members along a model axis
-    "dropout_stacked_forward", "dropout_stacked_backward",
-    "batchnorm_rows_train_forward", "batchnorm_rows_backward", "l2_stacked_",
-    # norms (fastnn.layers: layernorm, spatial groupnorm)
-    "layernorm_forward", "layernorm_backward", "groupnorm_forward", "groupnorm_backward",
-    # convolution (fastnn.fast_layers; the naive layers run the reference ops)
-    "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward",
-    "conv_pool_forward", "conv_pool_backward",
-    "batchnorm_relu_train_forward", "batchnorm_relu_test_forward", "batchnorm_relu_backward",
-)
-
-# How many leading arguments of an op are data arrays that share one dtype;
-# ops not named here have one. The arguments after them are labels, seeds,
-# masks and hyperparameters (a stack's per-member learning rates stay float64).
-# An update rule's data are w, dw and its state (a tuple of arrays); its
-# scalars h (per-member ones stay float64) are not.
-DATA_ARGS = {
-    "relu_backward": 2,
-    "batchnorm_train_forward": 3, "batchnorm_backward": 4,
-    "sgd_": 3, "sgd_momentum_": 3, "sgd_nesterov_": 3, "rmsprop_": 3, "adam_": 3,
-    "batchnorm_rows_train_forward": 3, "batchnorm_rows_backward": 4,
-    "l2_stacked_": 2,
-    "layernorm_forward": 3, "layernorm_backward": 4,
-    "groupnorm_forward": 3, "groupnorm_backward": 4,
-    "batchnorm_relu_train_forward": 3, "batchnorm_relu_test_forward": 5,
-    "batchnorm_relu_backward": 4,
-}
+OPS = tuple(_DECLARED)  # every op's name, in declaration order
+# how many leading arguments of each op are data arrays that share one dtype
+DATA_ARGS = {name: op.data_args for name, op in _DECLARED.items()}
 
 _tables = {}
-
-
-def _fast_module(name):
-    """The fast-kernel module for an array module name, or None."""
-    if name == "numpy":
-        return importlib.import_module("fastnn.kernels.cpu")
-    if name == "cupy":
-        return importlib.import_module("fastnn.kernels.gpu")
-    return None
 
 
 def _for_dtypes(fast_op, reference_op, dtypes, data_args):
@@ -75,7 +37,6 @@ def _for_dtypes(fast_op, reference_op, dtypes, data_args):
     reference_op."""
     if fast_op is None:
         return reference_op
-    dtypes = frozenset(np.dtype(d) for d in dtypes)
 
     # the check runs on every op call, so it stays a few attribute reads (no generators)
     if data_args == 1:
@@ -111,11 +72,9 @@ def for_module(xp):
     name = "cupy" if xp is not np else "numpy"
     table = _tables.get(name)
     if table is None:
-        fast = _fast_module(name)
-        # getattr(None, op, None) is None: no fast module means all reference
         table = types.SimpleNamespace(**{
-            op: _for_dtypes(getattr(fast, op, None), getattr(reference, op),
-                            getattr(fast, "DTYPES", ()), DATA_ARGS.get(op, 1)) for op in OPS})
-        table.name = name if fast else f"{name}-reference"
+            op.name: _for_dtypes(op.fast.get(name), op.reference, op.dtypes, op.data_args)
+            for op in _DECLARED.values()})
+        table.name = name
         _tables[name] = table
     return table

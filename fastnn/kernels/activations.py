@@ -1,0 +1,193 @@
+"""Activations: relu and dropout (a stack's per-member dropout too).
+
+Each op: its reference (plain xp, the declaration), its Numba version and its
+CuPy version, in that order.
+"""
+import numpy as np
+
+from fastnn.backend import get_array_module
+from fastnn.kernels import _cupy
+from fastnn.kernels._numba import (_GOLDEN, _UNIT_SHIFT, _flat, _jit, _mix64,
+                                   elementwise_binary, elementwise_unary)
+from fastnn.kernels.registry import declare
+from fastnn.kernels.rng import (GOLDEN, UNIT_BITS, dropout_key, dropout_keep, dropout_step_term,
+                                keep_threshold, mix64)
+
+
+# -- relu --------------------------------------------------------------------
+@declare()
+def relu_forward(x):
+    """max(x, 0), same shape and dtype."""
+    xp = get_array_module(x)
+    return xp.maximum(x, x.dtype.type(0))
+
+
+@declare(data_args=2)
+def relu_backward(dout, out):
+    """dout where the forward output was positive, else 0."""
+    xp = get_array_module(dout, out)
+    return xp.where(out > 0, dout, dout.dtype.type(0))
+
+
+@_jit
+def _relu_forward(x, out):
+    for i in range(x.size):
+        v = x[i]
+        # only positive values (subnormals too) and NaN (as np.maximum keeps it)
+        # pass; the form of the CuPy relu below, which must not let a flushed
+        # negative subnormal through
+        out[i] = v if (v > 0 or v != v) else 0
+
+
+@_jit
+def _relu_backward(dout, out, dx):
+    for i in range(dout.size):
+        dx[i] = dout[i] if out[i] > 0 else 0
+
+
+@relu_forward.register("numpy")
+def relu_forward_numba(x):
+    return elementwise_unary(_relu_forward, x)
+
+
+@relu_backward.register("numpy")
+def relu_backward_numba(dout, out):
+    return elementwise_binary(_relu_backward, dout, out)
+
+
+_cupy._SOURCES.update({
+    # CuPy compiles with -ftz=true, where `x < 0 ? 0 : x` may pass a negative
+    # subnormal through; this form keeps NaN (as np.maximum does) and lets
+    # only positive values through
+    "relu_forward": ("T x", "T y", "y = (x > (T)0 || isnan(x)) ? x : (T)0"),
+    "relu_backward": ("T dout, T out", "T dx", "dx = out > (T)0 ? dout : (T)0"),
+})
+
+
+@relu_forward.register("cupy")
+def relu_forward_cupy(x):
+    return _cupy._kernel("relu_forward")(x)
+
+
+@relu_backward.register("cupy")
+def relu_backward_cupy(dout, out):
+    return _cupy._kernel("relu_backward")(dout, out)
+
+
+# -- dropout: its mask a pure function of (seed, step, position) (fastnn.kernels.rng)
+@declare()
+def dropout_forward(x, p, seed, step):
+    """Inverted dropout: x * keep / (1 - p); x any shape."""
+    xp = get_array_module(x)
+    keep = dropout_keep(xp, x.size, seed, step, p).reshape(x.shape)
+    return xp.where(keep, x * x.dtype.type(1.0 / (1.0 - p)), x.dtype.type(0))
+
+
+@declare()
+def dropout_backward(dout, p, seed, step):
+    """Gradient of dropout_forward: the same mask and scale applied to dout."""
+    return dropout_forward(dout, p, seed, step)
+
+
+@_jit
+def _dropout(x, out, key, threshold, scale):
+    for i in range(x.size):
+        z = _mix64(np.uint64(i) * _GOLDEN + key)
+        out[i] = x[i] * scale if (z >> _UNIT_SHIFT) >= threshold else 0
+
+
+@dropout_forward.register("numpy")
+def dropout_forward_numba(x, p, seed, step):
+    # step: an int or a 0-d array (host memory here: int() reads it at call time)
+    out = np.empty(x.shape, dtype=x.dtype)
+    _dropout(_flat(x), out.reshape(-1), np.uint64(dropout_key(seed, int(step))),
+             np.uint64(keep_threshold(p)), x.dtype.type(1.0 / (1.0 - p)))
+    return out
+
+
+@dropout_backward.register("numpy")
+def dropout_backward_numba(dout, p, seed, step):
+    return dropout_forward_numba(dout, p, seed, step)
+
+
+# i is the element's C-order position, as in rng.dropout_keep
+_cupy._SOURCES["dropout"] = ("T x, uint64 key, uint64 threshold, T scale", "T y",
+                             _cupy._HASH + "y = keep ? x * scale : (T)0;")
+
+
+@dropout_forward.register("cupy")
+def dropout_forward_cupy(x, p, seed, step):
+    # step a 0-d device array (the Solver's step counter): the key is a 0-d device
+    # array too, which the kernel broadcasts (no device read)
+    key = dropout_key(seed, step)
+    return _cupy._kernel("dropout")(x, np.uint64(key) if isinstance(key, int) else key,
+                                    np.uint64(keep_threshold(p)), x.dtype.type(1.0 / (1.0 - p)))
+
+
+@dropout_backward.register("cupy")
+def dropout_backward_cupy(dout, p, seed, step):
+    return dropout_forward_cupy(dout, p, seed, step)
+
+
+# -- stacked dropout (fastnn.stacked): K members along a model axis, each its own mask
+# Member k's dropout mask is the one dropout_keep draws for its own
+# (seed_k, step) over its own (N, H) activation in C order, so a member of
+# a stack drops exactly the units the same net trained alone would drop.
+# The per-member key is split: `dropout_seed_keys` (host, once per stack)
+# and the step term added on the device, so a step sends nothing to the GPU
+# (both in fastnn.kernels.rng).
+@declare()
+def dropout_stacked_forward(x, seed_keys, thresholds, scales, step):
+    """Inverted dropout of K members' activations, each member with its own mask.
+
+    x (N, K, H), any strides: member k's activation is x[:, k, :].
+    seed_keys (K,) uint64 (dropout_seed_keys of the members' seeds),
+    thresholds (K,) uint64 (keep_threshold(p_k); 0 keeps every unit),
+    scales (K,) of x.dtype (1 / (1 - p_k)). Returns out (N, K, H).
+    """
+    xp = get_array_module(x, seed_keys, thresholds, scales)
+    n, _, width = x.shape
+    term = dropout_step_term(step)
+    keys = mix64(seed_keys + (xp.uint64(term) if isinstance(term, int) else term), xp)
+    positions = (xp.arange(n, dtype=xp.uint64)[:, None, None] * xp.uint64(width)
+                 + xp.arange(width, dtype=xp.uint64)[None, None, :])
+    z = mix64(positions * xp.uint64(GOLDEN) + keys[None, :, None], xp)
+    keep = (z >> xp.uint64(64 - UNIT_BITS)) >= thresholds[None, :, None]
+    return xp.where(keep, x * scales[None, :, None], x.dtype.type(0))
+
+
+@declare()
+def dropout_stacked_backward(dout, seed_keys, thresholds, scales, step):
+    """Gradient of dropout_stacked_forward: the same masks and scales applied to dout."""
+    return dropout_stacked_forward(dout, seed_keys, thresholds, scales, step)
+
+
+@_jit
+def _dropout_stacked(x, out, seed_keys, step_term, thresholds, scales):
+    members, width, n = x.shape  # C-contiguous (K, H, N): the stack's activation layout
+    for k in range(members):
+        key = _mix64(seed_keys[k] + step_term)
+        threshold, scale = thresholds[k], scales[k]
+        for j in range(width):
+            for i in range(n):  # positions are C order over member k's (N, H)
+                z = _mix64(np.uint64(i * width + j) * _GOLDEN + key)
+                out[k, j, i] = x[k, j, i] * scale if (z >> _UNIT_SHIFT) >= threshold else 0
+
+
+@dropout_stacked_forward.register("numpy")
+def dropout_stacked_forward_numba(x, seed_keys, thresholds, scales, step):
+    """x (N, K, H), any strides; the result is laid out (K, H, N) in memory, as the stack's."""
+    # The stack passes a (K, H, N) array viewed as (N, K, H): this is then no copy,
+    # and the kernel sees contiguous rows (an any-strides kernel ran 10x slower).
+    x_khn = np.ascontiguousarray(x.transpose(1, 2, 0))
+    out = np.empty_like(x_khn)
+    _dropout_stacked(x_khn, out, np.ascontiguousarray(seed_keys, dtype=np.uint64),
+                     np.uint64(dropout_step_term(int(step))),
+                     np.ascontiguousarray(thresholds, dtype=np.uint64),
+                     np.ascontiguousarray(scales, dtype=x.dtype))
+    return out.transpose(2, 0, 1)
+
+
+@dropout_stacked_backward.register("numpy")
+def dropout_stacked_backward_numba(dout, seed_keys, thresholds, scales, step):
+    return dropout_stacked_forward_numba(dout, seed_keys, thresholds, scales, step)

@@ -1,0 +1,72 @@
+"""Augmentation: random flips and crops, a pure function of (seed, step, image).
+
+The op's reference (plain xp, the declaration) and its Numba version; the cupy
+table runs the reference.
+"""
+import numpy as np
+
+from fastnn.backend import get_array_module
+from fastnn.kernels._numba import _GOLDEN, _jit, _mix64
+from fastnn.kernels.registry import declare
+from fastnn.kernels.rng import _hash_positions, augment_key
+
+
+def flip_crop_offsets(xp, count, seed, step, padding):
+    """Per image: (flip as bool, row shift, column shift), shifts in [-padding, padding]."""
+    z = _hash_positions(xp, count, augment_key(seed, step))
+    span = xp.uint64(2 * padding + 1)
+    flips = (z >> xp.uint64(63)) == xp.uint64(1)
+    dy = ((z >> xp.uint64(32)) & xp.uint64(0xFFFF)) % span
+    dx = (z & xp.uint64(0xFFFF)) % span
+    return flips, dy.astype(xp.int64) - padding, dx.astype(xp.int64) - padding
+
+
+@declare()
+def flip_crop(x, seed, step, flip, padding):
+    """Random horizontal flips and zero-padded random crops of images x (N, C, H, W).
+
+    Image i is shifted by (dy, dx) in [-padding, padding] (pixels shifted in
+    are 0) and, when `flip`, mirrored left-right with probability 1/2.
+    """
+    xp = get_array_module(x)
+    n, channels, height, width = x.shape
+    flips, dy, dx = flip_crop_offsets(xp, n, seed, step, padding)
+    if not flip:
+        flips = xp.zeros_like(flips)
+    rows = xp.arange(height)[None, :] + dy[:, None]
+    cols = xp.arange(width)[None, :]
+    cols = xp.where(flips[:, None], width - 1 - cols, cols) + dx[:, None]
+    valid = (((rows >= 0) & (rows < height))[:, None, :, None]
+             & ((cols >= 0) & (cols < width))[:, None, None, :])
+    picked = x[xp.arange(n)[:, None, None, None], xp.arange(channels)[None, :, None, None],
+               xp.clip(rows, 0, height - 1)[:, None, :, None],
+               xp.clip(cols, 0, width - 1)[:, None, None, :]]
+    return xp.where(valid, picked, x.dtype.type(0))
+
+
+@_jit
+def _flip_crop(x, out, key, flip, padding):
+    n, channels, height, width = x.shape
+    span = np.uint64(2 * padding + 1)
+    for i in range(n):
+        z = _mix64(np.uint64(i) * _GOLDEN + key)
+        mirrored = flip and (z >> np.uint64(63)) == np.uint64(1)
+        dy = np.int64(((z >> np.uint64(32)) & np.uint64(0xFFFF)) % span) - padding
+        dx = np.int64((z & np.uint64(0xFFFF)) % span) - padding
+        for c in range(channels):
+            for r in range(height):
+                src_r = r + dy
+                for col in range(width):
+                    src_c = (width - 1 - col if mirrored else col) + dx
+                    if 0 <= src_r < height and 0 <= src_c < width:
+                        out[i, c, r, col] = x[i, c, src_r, src_c]
+                    else:
+                        out[i, c, r, col] = 0
+
+
+@flip_crop.register("numpy")
+def flip_crop_numba(x, seed, step, flip, padding):
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    _flip_crop(x, out, np.uint64(augment_key(seed, int(step))), bool(flip), np.int64(padding))
+    return out

@@ -1,0 +1,381 @@
+"""Update rules, one in-place step each (fastnn.optim.SPECS names each rule's op), and the
+stack's one-pass L2 (l2_stacked_).
+
+Each rule's reference (plain xp, declared with `update_op`: its data are w, dw
+and the state tuple), then the Numba kernels, then the CuPy ones. A new rule:
+its `Rule` in fastnn.optim, its reference here, and its Numba and CuPy kernels
+registered against it (tests/test_kernels.py checks every SPECS op is here).
+"""
+import functools
+
+import numpy as np
+
+from fastnn.backend import get_array_module
+from fastnn.kernels._numba import _jit
+from fastnn.kernels.registry import declare
+
+# an update's data arguments: w, dw and its state (a tuple of arrays); its scalars h are not
+update_op = declare(data_args=3)
+
+
+# -- update rules: one in-place step each (fastnn.optim.SPECS says which) ------
+# Signature: rule_(w, dw, state, h, l2=None). w, dw and the state arrays
+# (a tuple, in the rule's SPECS order) are a parameter of any shape, or the
+# (A, K, B) blocks of K stacked members, member k owning [:, k, :]
+# (fastnn.stacked). h: the rule's scalars (optim.SPECS[rule].scalars), each a
+# Python float, a 0-d array or, for blocks, a (K,) array with one value per
+# member (on w's device: a step's scalars need not come from the host); or h
+# is one array of "scalar rows", (H,) or (K, H), column j holding scalar j
+# (optim.begin_step writes them in place before a step); they
+# are cast to w.dtype, as the course's Python floats are. l2: None, or (K,)
+# for blocks: the step uses dw + l2_k * w_k (the L2 gradient, added while w
+# is read) and returns each member's sum(w_k ** 2) before the step;
+# without l2 it returns None. The formulas are the contract's, in the
+# order of operations every backend's kernel repeats.
+def _scalars(w, h):
+    """h as w.dtype values that broadcast against w (per-member ones as (1, K, 1))."""
+    xp = get_array_module(w)
+    if hasattr(h, "shape"):  # scalar rows: its columns
+        h = [h[..., j] for j in range(h.shape[-1])]
+    out = []
+    for value in h:
+        if isinstance(value, (int, float)):
+            out.append(w.dtype.type(value))
+            continue
+        value = xp.asarray(value).astype(w.dtype)
+        out.append(value.reshape(1, -1, 1) if value.ndim and w.ndim == 3 else value.reshape(()))
+    return out
+
+
+def _with_l2(dw, w, l2):
+    """(the gradient to step with, per-member sum(w**2) or None)."""
+    if l2 is None:
+        return dw, None
+    xp = get_array_module(dw, w, l2)
+    return dw + l2.astype(w.dtype)[None, :, None] * w, xp.einsum("akb,akb->k", w, w)
+
+
+@update_op
+def sgd_(w, dw, state, h, l2=None):
+    (lr,) = _scalars(w, h)
+    dw, sums = _with_l2(dw, w, l2)
+    w -= dw * lr
+    return sums
+
+
+@update_op
+def sgd_momentum_(w, dw, state, h, l2=None):
+    (v,), (lr, momentum) = state, _scalars(w, h)
+    dw, sums = _with_l2(dw, w, l2)
+    v *= momentum
+    v -= dw * lr
+    w += v
+    return sums
+
+
+@update_op
+def sgd_nesterov_(w, dw, state, h, l2=None):
+    """v = momentum * v - lr * dw; w + momentum * v - lr * dw."""
+    (v,), (lr, momentum) = state, _scalars(w, h)
+    dw, sums = _with_l2(dw, w, l2)
+    v *= momentum
+    v -= dw * lr
+    w += momentum * v
+    w -= dw * lr
+    return sums
+
+
+@update_op
+def rmsprop_(w, dw, state, h, l2=None):
+    xp = get_array_module(w, dw)
+    (cache,), (lr, decay, one_minus_decay, eps) = state, _scalars(w, h)
+    dw, sums = _with_l2(dw, w, l2)
+    cache *= decay
+    cache += one_minus_decay * (dw * dw)
+    w -= lr * dw / (xp.sqrt(cache) + eps)
+    return sums
+
+
+@update_op
+def adam_(w, dw, state, h, l2=None):
+    """Adam (and AdamW: `decay` = 1 - lr * weight_decay multiplies w first)."""
+    xp = get_array_module(w, dw)
+    (m, v), (lr, beta1, one_minus_beta1, beta2, one_minus_beta2, c1, c2, eps,
+             decay) = state, _scalars(w, h)
+    dw, sums = _with_l2(dw, w, l2)
+    m *= beta1
+    m += one_minus_beta1 * dw
+    v *= beta2
+    v += one_minus_beta2 * (dw * dw)
+    w *= decay
+    w -= lr * (m / c1) / (xp.sqrt(v / c2) + eps)
+    return sums
+
+
+@declare(data_args=2)
+def l2_stacked_(dw, w, reg):
+    """L2 regularisation of K members in one pass: dw += reg_k * w in place.
+
+    w, dw (A, K, B), member k owning [:, k, :]; reg (K,) floats. Returns the
+    per-member sum(w_k ** 2) as a (K,) array of w.dtype.
+    """
+    xp = get_array_module(dw, w, reg)
+    dw += reg.astype(w.dtype)[None, :, None] * w
+    return xp.einsum("akb,akb->k", w, w)
+
+
+# -- Numba (in place): one kernel per rule, over (A, K, B) blocks -----------
+# A lone parameter is the one-member block (1, 1, size); the stack passes its
+# members' blocks (fastnn.stacked). h (K, H) holds the rule's scalars in
+# w.dtype, one row per member (cast as the reference casts them, so the
+# arithmetic matches fastnn.optim's rules); l2 (K,), use_l2 and partial: see
+# _l2_args. The inner loop over b is contiguous and vectorises.
+@_jit
+def _sgd(w, dw, h, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr, l2_k = h[k, 0], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                w[a, k, b] = wi - g * lr
+
+
+@_jit
+def _sgd_momentum(w, dw, v, h, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr, momentum, l2_k = h[k, 0], h[k, 1], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                vi = v[a, k, b] * momentum - g * lr
+                v[a, k, b] = vi
+                w[a, k, b] = wi + vi
+
+
+@_jit
+def _sgd_nesterov(w, dw, v, h, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr, momentum, l2_k = h[k, 0], h[k, 1], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                vi = v[a, k, b] * momentum - g * lr
+                v[a, k, b] = vi
+                w[a, k, b] = (wi + momentum * vi) - g * lr
+
+
+@_jit
+def _rmsprop(w, dw, cache, h, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr, decay, one_minus_decay, eps, l2_k = h[k, 0], h[k, 1], h[k, 2], h[k, 3], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                ci = cache[a, k, b] * decay + one_minus_decay * (g * g)
+                cache[a, k, b] = ci
+                w[a, k, b] = wi - lr * g / (np.sqrt(ci) + eps)
+
+
+@_jit
+def _adam(w, dw, m, v, h, l2, use_l2, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            lr, beta1, one_minus_beta1, beta2, one_minus_beta2 = h[k, 0], h[k, 1], h[k, 2], \
+                h[k, 3], h[k, 4]
+            c1, c2, eps, decay, l2_k = h[k, 5], h[k, 6], h[k, 7], h[k, 8], l2[k]
+            for b in range(inner):
+                wi, g = w[a, k, b], dw[a, k, b]
+                if use_l2:
+                    g = g + l2_k * wi
+                    partial[k, b] += wi * wi
+                mi = m[a, k, b] * beta1 + one_minus_beta1 * g
+                vi = v[a, k, b] * beta2 + one_minus_beta2 * (g * g)
+                m[a, k, b] = mi
+                v[a, k, b] = vi
+                # decay: adamw's decoupled weight decay (1 for adam; w * 1 is exact)
+                w[a, k, b] = wi * decay - lr * (mi / c1) / (np.sqrt(vi / c2) + eps)
+
+
+def _scalar_rows(h, members, dtype):
+    """The rule's scalars h as a (K, len(h)) array of dtype.
+
+    h: scalar rows ((H,) or (K, H); used as they are when they are (K, H) of
+    dtype already, as optim.begin_step makes them), or a tuple of floats, 0-d
+    or (K,) arrays. The casts are the reference's (dtype.type(value)).
+    """
+    if isinstance(h, np.ndarray):
+        if h.ndim == 2 and h.shape[0] == members and h.dtype == dtype and h.flags.c_contiguous:
+            return h
+        return np.ascontiguousarray(np.broadcast_to(h.astype(dtype), (members, h.shape[-1])))
+    if members == 1:
+        try:  # floats and 0-d arrays (a (K,) array among floats makes this raise)
+            rows = np.array([h], dtype=dtype)
+            if rows.ndim == 2:
+                return rows
+        except (TypeError, ValueError):
+            pass
+    rows = np.empty((members, len(h)), dtype=dtype)
+    for j, value in enumerate(h):
+        rows[:, j] = value
+    return rows
+
+
+_NO_L2 = {}
+
+
+def _l2_args(w, l2):
+    """(l2 (K,) in w.dtype, whether to use it, the (K, B) partial sums of w**2)."""
+    if l2 is None:
+        key = (w.shape[1], w.dtype)
+        if key not in _NO_L2:  # placeholders the kernel never reads
+            _NO_L2[key] = (np.zeros(w.shape[1], dtype=w.dtype), False,
+                           np.zeros((1, 1), dtype=w.dtype))
+        return _NO_L2[key]
+    return np.ascontiguousarray(l2, dtype=w.dtype), True, np.zeros(w.shape[1:], dtype=w.dtype)
+
+
+def _update_op_numba(kernel, reference_op):
+    """The table op for one rule's kernel: reference_op's signature and results.
+
+    A parameter or state array that is not C-contiguous (a transposed view,
+    say) runs reference_op, which takes any strides and gives the same values.
+    """
+    def op(w, dw, state, h, l2=None):
+        if not (w.flags.c_contiguous and all(s.flags.c_contiguous for s in state)):
+            return reference_op(w, dw, state, h, l2)
+        shape = w.shape if w.ndim == 3 else (1, 1, w.size)
+        blocks = w.reshape(shape)
+        l2_args = _l2_args(blocks, l2)
+        kernel(blocks, np.ascontiguousarray(dw).reshape(shape),
+               *(s.reshape(shape) for s in state), _scalar_rows(h, shape[1], w.dtype), *l2_args)
+        if l2_args[1]:
+            return l2_args[2].sum(axis=1, dtype=np.float64).astype(w.dtype)
+        return None
+
+    op.__name__ = op.__qualname__ = reference_op.__name__
+    op.__doc__ = reference_op.__doc__
+    return op
+
+
+sgd_.register("numpy")(_update_op_numba(_sgd, sgd_))
+sgd_momentum_.register("numpy")(_update_op_numba(_sgd_momentum, sgd_momentum_))
+sgd_nesterov_.register("numpy")(_update_op_numba(_sgd_nesterov, sgd_nesterov_))
+rmsprop_.register("numpy")(_update_op_numba(_rmsprop, rmsprop_))
+adam_.register("numpy")(_update_op_numba(_adam, adam_))
+
+
+@_jit
+def _l2_stacked(dw, w, reg, partial):
+    outer, members, inner = w.shape
+    for a in range(outer):
+        for k in range(members):
+            reg_k = reg[k]
+            # partial sums per (member, column): the inner loop vectorises
+            for b in range(inner):
+                wi = w[a, k, b]
+                dw[a, k, b] += reg_k * wi
+                partial[k, b] += wi * wi
+
+
+@l2_stacked_.register("numpy")
+def l2_stacked_numba(dw, w, reg):
+    if not (dw.flags.c_contiguous and w.flags.c_contiguous):
+        return l2_stacked_(dw, w, reg)
+    partial = np.zeros(w.shape[1:], dtype=w.dtype)
+    _l2_stacked(dw, w, np.ascontiguousarray(reg, dtype=w.dtype), partial)
+    return partial.sum(axis=1, dtype=np.float64).astype(w.dtype)
+
+
+# -- CuPy: one formula per rule, the operations of the reference in its order
+# g is the gradient (dw, plus l2_k * w when l2 is given); w and the state
+# are read and written; the scalars are named in optim.SPECS[rule].scalars order.
+_RULES = {
+    "sgd": ((), ("lr",), "w = w - g * lr;"),
+    "sgd_momentum": (("v",), ("lr", "momentum"), "v = v * momentum - g * lr; w = w + v;"),
+    "sgd_nesterov": (("v",), ("lr", "momentum"),
+                     "v = v * momentum - g * lr; w = (w + momentum * v) - g * lr;"),
+    "rmsprop": (("cache",), ("lr", "decay", "one_minus_decay", "eps"),
+                "cache = cache * decay + one_minus_decay * (g * g);"
+                "w = w - lr * g / (sqrt(cache) + eps);"),
+    "adam": (("m", "v"), ("lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "c1",
+                          "c2", "eps", "decay"),
+             "m = m * beta1 + one_minus_beta1 * g;"
+             "v = v * beta2 + one_minus_beta2 * (g * g);"
+             "w = w * decay - lr * (m / c1) / (sqrt(v / c2) + eps);"),
+}
+
+
+def rule_source(rule, on_device):
+    """(in_params, out_params, operation) of rule `rule`'s ElementwiseKernel.
+
+    on_device[j]: scalar j is read from a device array (one value, or one
+    per member of (A, K, B) blocks: member k of element i is (i / inner) % K)
+    rather than passed as a kernel argument.
+    """
+    state, names, body = _RULES[rule]
+    params, reads = ["T g"], []
+    for name, device in zip(names, on_device):
+        if device:
+            params.append(f"raw T {name}_k")
+            reads.append(f"const T {name} = {name}_k[(i / inner) % {name}_k.size()];")
+        else:
+            params.append(f"T {name}")
+    params.append("int64 inner")
+    return ", ".join(params), ", ".join(f"T {n}" for n in ("w", *state)), "".join(reads) + body
+
+
+@functools.lru_cache(maxsize=None)
+def _rule_kernel(rule, on_device):
+    import cupy
+
+    mask = "".join("d" if d else "s" for d in on_device)
+    return cupy.ElementwiseKernel(*rule_source(rule, on_device), f"fastnn_{rule}_{mask}",
+                                  options=("--fmad=false",))
+
+
+def _update_op_cupy(rule):
+    """The table op of one rule: the reference's signature and results."""
+    def op(w, dw, state, h, l2=None):
+        import cupy
+
+        sums = None
+        if l2 is not None:  # blocks (A, K, B); the kernel then needs no reduction
+            sums = cupy.einsum("akb,akb->k", w, w)
+            dw = dw + l2.astype(w.dtype)[None, :, None] * w
+        if hasattr(h, "shape"):  # scalar rows (H,) or (K, H): contiguous columns
+            columns = cupy.ascontiguousarray(h.astype(w.dtype, copy=False).reshape(
+                -1, h.shape[-1]).T)
+            h = tuple(columns[j] for j in range(columns.shape[0]))
+        on_device = tuple(not isinstance(v, (int, float)) for v in h)
+        args = [cupy.asarray(v).astype(w.dtype, copy=False).reshape(-1) if device
+                else w.dtype.type(v) for v, device in zip(h, on_device)]
+        inner = w.shape[2] if w.ndim == 3 else w.size
+        _rule_kernel(rule, on_device)(dw, *args, np.int64(inner), w, *state)
+        return sums
+
+    op.__name__ = op.__qualname__ = f"{rule}_"
+    return op
+
+
+sgd_.register("cupy")(_update_op_cupy("sgd"))
+sgd_momentum_.register("cupy")(_update_op_cupy("sgd_momentum"))
+sgd_nesterov_.register("cupy")(_update_op_cupy("sgd_nesterov"))
+rmsprop_.register("cupy")(_update_op_cupy("rmsprop"))
+adam_.register("cupy")(_update_op_cupy("adam"))
