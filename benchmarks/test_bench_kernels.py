@@ -22,7 +22,7 @@ import pytest
 from fastnn import kernels
 from fastnn.kernels import OPS, examples, reference
 
-import workloads
+import trainers
 
 IMPLEMENTATIONS = ["reference", "numpy", "cupy-reference", "cupy"]
 
@@ -50,7 +50,7 @@ def _cases():
 @pytest.mark.parametrize("op, shape, impl", list(_cases()))
 def test_kernel(benchmark, op, shape, impl):
     if impl.startswith("cupy"):
-        reason = workloads.skip_reason("fastnn-cupy")
+        reason = trainers.skip_reason("fastnn-cupy")
         if reason:
             pytest.skip(reason)
         import cupy as xp

@@ -376,10 +376,3 @@ def load_data(random=False, seed=0):
                    rng.integers(0, NUM_CLASSES, NUM_VAL, dtype=np.int64),
                    source="random float32 (set FASTNN_DATA to a folder holding "
                           "cifar-10-batches-py for real CIFAR-10)")
-
-
-def skip_reason(contender, workload=None):
-    """trainers.skip_reason, kept here for benchmarks/test_bench_kernels.py (owned elsewhere)."""
-    import trainers  # at call time: trainers imports this module
-
-    return trainers.skip_reason(contender, workload)
