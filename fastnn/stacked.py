@@ -15,9 +15,9 @@ true gradient of 0, and Adam turns the round-off it gets instead into
 steps of up to lr, in a stack as in a lone net.)
 
 There is no second network here: `StackedFullyConnectedNet` is a
-`FullyConnectedNet` whose parameters have a leading member axis, and its
-`loss` is FullyConnectedNet's, computed by the same layers (fastnn.layers
-take a member axis: see its docstring); `StackedSolver` is a `Solver` (the
+`FullyConnectedNet` whose parameters have a leading member axis, built by
+FullyConnectedNet's constructor, and its `loss` is FullyConnectedNet's, run
+with the stacked layers (fastnn.stacked_layers); `StackedSolver` is a `Solver` (the
 same loop, batches, schedules, printing, progress bar, checkpoints and
 Ctrl-C handling) whose bookkeeping is per member.
 
@@ -44,6 +44,7 @@ from fastnn.classifiers import FullyConnectedNet
 from fastnn.classifiers.base import member_blocks
 from fastnn.serialization import STATISTICS
 from fastnn.solver import Solver
+from fastnn.stacked_layers import STACKED_LAYERS
 
 MEMBER_DEFAULTS = {"weight_scale": 1e-2, "reg": 0.0, "dropout": 0.0}
 MEMBER_KEYS = ("weight_scale", "reg", "dropout", "seed")
@@ -85,6 +86,8 @@ class StackedFullyConnectedNet(FullyConnectedNet):
     Parameters live on the backend active at construction.
     """
 
+    layer_set = STACKED_LAYERS
+
     def __init__(self, hidden_dims, members, input_dim=3 * 32 * 32, num_classes=10,
                  use_batchnorm=False, dtype=np.float32):
         hidden_dims = [as_size(h, f"hidden_dims[{i}]", low=1) for i, h in enumerate(hidden_dims)]
@@ -93,26 +96,21 @@ class StackedFullyConnectedNet(FullyConnectedNet):
         members = [_check_member(i, m) for i, m in enumerate(members)]
         if not members:
             raise ValueError("a stack needs at least one member")
-        self.dtype = np.dtype(dtype)
-        self.hidden_dims = hidden_dims
-        self.input_dim = as_size(input_dim, "input_dim", low=1)
-        self.num_classes = as_size(num_classes, "num_classes", low=1)
-        self.use_batchnorm = bool(use_batchnorm)
-        self.normalization = "batchnorm" if self.use_batchnorm else None
-        self.ln_params = []  # layernorm members are not stacked yet
-        self.num_layers = len(hidden_dims) + 1
-        self.dims = [self.input_dim, *hidden_dims, self.num_classes]
-        self.init_args = dict(hidden_dims=hidden_dims, members=members, input_dim=self.input_dim,
-                              num_classes=self.num_classes, use_batchnorm=self.use_batchnorm,
-                              dtype=self.dtype.name)
         self.members = members
         self.member_ids = list(range(len(members)))
-        self._init_member_params()
+        # FullyConnectedNet's constructor: its checks, layer plan and attributes; the
+        # parameters come from _init_params below, the per-member values after it
+        super().__init__(hidden_dims, input_dim, num_classes, use_batchnorm=bool(use_batchnorm),
+                         dtype=dtype)
+        self.init_args = dict(hidden_dims=self.hidden_dims, members=members,
+                              input_dim=self.input_dim, num_classes=self.num_classes,
+                              use_batchnorm=self.use_batchnorm, dtype=self.dtype.name)
         self._set_member_values()
 
-    def _init_member_params(self):
-        """Each member's parameters from its own default_rng(seed), in FullyConnectedNet's order."""
-        k_count, dims = len(self.members), self.dims
+    def _init_params(self, dims, weight_scale, normalization, rng):
+        """Each member's parameters from its own default_rng(seed), in FullyConnectedNet's order
+        (the members' weight scales replace weight_scale and rng)."""
+        k_count = len(self.members)
         layers = list(enumerate(zip(dims[:-1], dims[1:]), start=1))
         weights = {i: np.empty((fan_in, k_count, fan_out) if i == 1 else (k_count, fan_in, fan_out),
                                dtype=self.dtype) for i, (fan_in, fan_out) in layers}
@@ -147,7 +145,7 @@ class StackedFullyConnectedNet(FullyConnectedNet):
         ps = np.array([m["dropout"] for m in members])
         self.use_dropout = bool(np.any(ps > 0))
         # FullyConnectedNet's layer i draws its mask with seed (seed + i), per member
-        self.dropout_param = {"mode": "train", "p": ps, "step": getattr(self, "dropout_param", {}).get("step", 0),
+        self.dropout_param = {"mode": "train", "p": ps, "step": self.dropout_param["step"],
                               "seed": np.array([m["seed"] for m in members], dtype=np.int64)}
 
     def _add_l2(self, xp, loss, grads):
@@ -281,8 +279,6 @@ class StackedSolver(Solver):
                 config["weight_decay"] = decay if stack.param_roles[name] == "weight" else 0.0
             self.optim_configs[name] = config
         self._base_lr = {name: lr for name in stack.params}
-        # the update ops add reg_k * W to the weights' gradients as they read W
-        self._fused_l2 = self.fused_updates and stack._any_reg
         self.results = {mid: {"status": "training", "best_val_acc": 0.0, "loss_history": [],
                               "train_acc_history": [], "val_acc_history": [],
                               "member": dict(m), "optim_config": dict(c)}
@@ -314,9 +310,6 @@ class StackedSolver(Solver):
         return configs
 
     # -- the training step -------------------------------------------------------
-    def _loss(self, X_batch, y_batch):
-        return self.stack.loss(X_batch, y_batch, l2=not self._fused_l2)
-
     def _fused(self):
         return True  # the stack always updates in place
 
@@ -324,12 +317,11 @@ class StackedSolver(Solver):
         return member_blocks(w)
 
     def _update(self, name, w, dw, loss):
-        """One fused in-place update of every member's `name` (member_blocks of it)."""
-        stack = self.stack
-        l2 = stack._reg if self._fused_l2 and stack.param_roles[name] == "weight" else None
-        sums = optim.apply_step(self.update_rule, member_blocks(w), member_blocks(dw),
-                                self.optim_configs[name], self._scalar_rows[name], l2=l2)
-        return loss if l2 is None else loss + stack._half_reg * sums
+        """One fused in-place update of every member's `name` (member_blocks of it); the L2
+        gradient is already in dw (the stack's loss adds it)."""
+        optim.apply_step(self.update_rule, member_blocks(w), member_blocks(dw),
+                         self.optim_configs[name], self._scalar_rows[name])
+        return loss
 
     # -- losses, accuracy, pruning -----------------------------------------------
     def _finished(self):

@@ -2,7 +2,7 @@
 
 Member k of a stack must start from, compute, and (under StackedSolver)
 train to what FullyConnectedNet(seed=seed_k) under Solver(seed=...) gives;
-its ops (with a member axis) are tested in test_kernels.py.
+its layers are tested in test_stacked_layers.py, its ops in test_kernels.py.
 """
 import numpy as np
 import pytest
@@ -455,3 +455,51 @@ def test_step_scalars_are_member_rows_rewritten_in_place(backend):
         lr = _host(r)[:, 0]
         assert len(set(lr.tolist())) == 3  # one learning rate per member
         assert not np.array_equal(_host(r), first[name])
+
+
+def test_stack_is_built_by_fully_connected_nets_constructor(monkeypatch):
+    """StackedFullyConnectedNet runs FullyConnectedNet.__init__ (its checks, layer plan and
+    attributes) with the stacked layers, instead of setting the attributes loss reads by hand."""
+    from fastnn.stacked_layers import STACKED_LAYERS
+
+    calls = []
+    init = FullyConnectedNet.__init__
+
+    def spy(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(FullyConnectedNet, "__init__", spy)
+    stack = StackedFullyConnectedNet([6, 5], MEMBERS, input_dim=8, num_classes=3,
+                                     use_batchnorm=True)
+    assert calls == ["StackedFullyConnectedNet"]
+    assert stack.layer_set is STACKED_LAYERS and stack.dims == [8, 6, 5, 3]
+    assert stack._hidden_forward is STACKED_LAYERS.affine_bn_relu_forward
+
+
+def test_stacked_solver_adds_l2_through_the_stacks_loss_only(monkeypatch):
+    """One L2 path: the stack's loss adds reg_k * W (l2_stacked_); the update ops never get l2.
+    The losses are those of stack.loss with its L2 term."""
+    calls = []
+    apply_step = optim.apply_step
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("l2"))
+        return apply_step(*args, **kwargs)
+
+    monkeypatch.setattr(optim, "apply_step", spy)
+    stack = StackedFullyConnectedNet([8], MEMBERS, input_dim=48)
+    data = _data(n_train=50)
+    start = {name: a.copy() for name, a in stack.params.items()}
+    solver = StackedSolver(stack, data, batch_size=50, num_epochs=1, seed=0,
+                           optim_configs=[{"learning_rate": 1e-3}] * 3)
+    first_batch = solver._next_batch(0)
+    fresh = StackedFullyConnectedNet([8], MEMBERS, input_dim=48)
+    for name, a in start.items():
+        fresh.params[name][...] = a
+    expected, _ = fresh.loss(*first_batch, step=0)
+    solver = StackedSolver(stack, data, batch_size=50, num_epochs=1, seed=0,
+                           optim_configs=[{"learning_rate": 1e-3}] * 3)
+    solver.train()
+    assert calls and all(l2 is None for l2 in calls)
+    assert [solver.results[k]["loss_history"][0] for k in range(3)] == _host(expected).tolist()
