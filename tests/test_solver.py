@@ -744,3 +744,30 @@ def test_nan_data_is_named_before_training(split):
     with pytest.raises(ValueError, match=f"X_{split} holds 1 NaN or infinite values") as info:
         Solver(model, data, num_epochs=1, verbose=False)
     assert "learning_rate" not in str(info.value)
+
+
+def test_stacked_solver_differs_from_solver_in_its_parts_only():
+    """Solver is built from parts (fastnn.solver_parts: an Updater and a Tracker); StackedSolver
+    makes the stack's parts and adds its own API, but overrides none of Solver's loop (it
+    overrode 12 hooks of a template method before)."""
+    from fastnn.solver_parts import Tracker, Updater
+    from fastnn.stacked import StackedSolver
+    from fastnn.stacked_parts import StackedTracker, StackedUpdater
+
+    overridden = {name for name, value in vars(StackedSolver).items()
+                  if callable(value) and name in dir(Solver)}
+    assert overridden == {"__init__", "_make_updater", "_make_tracker", "train"}
+    assert issubclass(StackedUpdater, Updater) and issubclass(StackedTracker, Tracker)
+
+
+def test_solver_attributes_are_its_parts_state(backend):
+    """The contract's attributes read and write the parts: one copy of each piece of state."""
+    solver = Solver(_small(), _small_data(), num_epochs=1, batch_size=10, verbose=False, seed=0)
+    solver.train()
+    tracker, updater = solver.tracker, solver.updater
+    assert solver.loss_history is tracker.loss_history and len(solver.loss_history) == 4
+    assert solver.val_acc_history is tracker.val_acc_history
+    assert solver.best_params is tracker.best_params and solver.best_val_acc == tracker.best_val_acc
+    assert solver.optim_configs is updater.configs
+    solver.loss_history = [1.0]
+    assert tracker.loss_history == [1.0]

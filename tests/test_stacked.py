@@ -13,6 +13,7 @@ from fastnn.classifiers import FullyConnectedNet
 from fastnn.classifiers.base import member_blocks
 from fastnn.gradient_check import eval_numerical_gradient, rel_error
 from fastnn.solver import Solver
+from fastnn.solver_parts import Tracker
 from fastnn.stacked import StackedFullyConnectedNet, StackedSolver
 from helpers import backend_tolerances, host_copies
 
@@ -163,11 +164,16 @@ def test_sizes_and_member_hyperparameters_are_checked():
 
 
 # -- StackedSolver = K Solvers ---------------------------------------------------
+class _KeepLast(Tracker):
+    def restore_best(self):
+        pass
+
+
 class _KeepFinal(Solver):
     """A Solver that leaves model.params at the last step (Solver restores the best)."""
 
-    def _restore_best(self):
-        pass
+    def _make_tracker(self):
+        return _KeepLast(self.model, self._xp)
 
 
 def _separate_runs(data, members, configs, hidden_dims, use_batchnorm, **options):
@@ -443,13 +449,13 @@ def test_step_scalars_are_member_rows_rewritten_in_place(backend):
     solver = StackedSolver(stack, _data(n_train=100), optim_configs=configs, batch_size=50,
                            num_epochs=1, seed=1, lr_schedule="cosine")
     solver.train()
-    rows = dict(solver._scalar_rows)
+    rows = dict(solver.updater.scalar_rows)
     first = {name: _host(r).copy() for name, r in rows.items()}
     solver.num_epochs = 2
     solver.train()
     assert all(stack.params[name] is array for name, array in before.items())
     for name, r in rows.items():
-        assert solver._scalar_rows[name] is r and isinstance(r, backend.ndarray)
+        assert solver.updater.scalar_rows[name] is r and isinstance(r, backend.ndarray)
         assert r.shape == (3, len(optim.SPECS["adam"].scalars({**optim.DEFAULTS["adam"],
                                                                "t": 1})))
         lr = _host(r)[:, 0]
