@@ -509,3 +509,32 @@ def test_stacked_solver_adds_l2_through_the_stacks_loss_only(monkeypatch):
     solver.train()
     assert calls and all(l2 is None for l2 in calls)
     assert [solver.results[k]["loss_history"][0] for k in range(3)] == _host(expected).tolist()
+
+
+def test_a_stacked_checkpoint_written_before_the_parts_resumes():
+    """A StackedSolver checkpoint from before its parts (issue 21: member 1 pruned after
+    epoch 1, reg on two members) loads into them and continues as the uninterrupted run."""
+    import os
+
+    from test_solver import _pre21_run
+
+    def make(data, num_epochs):
+        members = [dict(seed=1, reg=0.01, dropout=0.2), dict(seed=2),
+                   dict(seed=3, reg=0.05, dropout=0.5)]
+        stack = StackedFullyConnectedNet([8], members, input_dim=12, num_classes=4,
+                                         use_batchnorm=True, dtype=np.float64)
+        return StackedSolver(stack, data, update_rule="adamw",
+                             optim_configs=[{"learning_rate": lr} for lr in (1e-2, 3e-3, 5e-3)],
+                             batch_size=10, num_epochs=num_epochs, seed=5,
+                             on_epoch_end=lambda epoch, accs: [1])
+
+    path = os.path.join(os.path.dirname(__file__), "data",
+                        "stacked_checkpoint_before_issue21.npz")
+    resumed, straight = _pre21_run(make, path), _pre21_run(make)
+    assert resumed.stack.member_ids == [0, 2] and resumed.results[1]["status"] == "pruned"
+    for mid in (0, 1, 2):
+        ours, theirs = resumed.results[mid], straight.results[mid]
+        assert ours["status"] == theirs["status"]
+        np.testing.assert_allclose(ours["loss_history"], theirs["loss_history"], rtol=1e-9)
+    for name, value in straight.stack.params.items():
+        np.testing.assert_allclose(resumed.stack.params[name], value, rtol=1e-9, atol=1e-12)
