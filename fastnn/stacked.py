@@ -19,7 +19,8 @@ There is no second network here: `StackedFullyConnectedNet` is a
 FullyConnectedNet's constructor, and its `loss` is FullyConnectedNet's, run
 with the stacked layers (fastnn.stacked_layers); `StackedSolver` is a `Solver` (the
 same loop, batches, schedules, printing, progress bar, checkpoints and
-Ctrl-C handling) whose bookkeeping is per member.
+Ctrl-C handling) whose parts, its updater and tracker, are per member
+(fastnn.stacked_parts).
 
 Layout (K members, layer widths D = input_dim, H1, ..., HL-1, C): every
 parameter is (K, ...) (`member_blocks` views any of them, its gradient or
