@@ -70,7 +70,7 @@ def check_augment(augment, X_train):
     return options
 
 
-def _part_attribute(part, name, doc):
+def part_attribute(part, name, doc):
     """A Solver attribute that is `name` of its part `part` (read and written there)."""
     return property(lambda self: getattr(getattr(self, part), name),
                     lambda self, value: setattr(getattr(self, part), name, value), doc=doc)
@@ -83,13 +83,13 @@ class Solver:
     checks, minibatches and learning-rate schedule for one seed.
     """
 
-    optim_configs = _part_attribute("updater", "configs", "One config per parameter name.")
-    loss_history = _part_attribute("tracker", "loss_history", "Every loss read (floats).")
-    train_acc_history = _part_attribute("tracker", "train_acc_history", "Train accuracies.")
-    val_acc_history = _part_attribute("tracker", "val_acc_history", "Val accuracies.")
-    best_val_acc = _part_attribute("tracker", "best_val_acc", "The best val accuracy.")
-    best_params = _part_attribute("tracker", "best_params", "The best parameters (copies).")
-    _pending_losses = _part_attribute("tracker", "pending", "Losses not read yet (device).")
+    optim_configs = part_attribute("updater", "configs", "One config per parameter name.")
+    loss_history = part_attribute("tracker", "loss_history", "Every loss read (floats).")
+    train_acc_history = part_attribute("tracker", "train_acc_history", "Train accuracies.")
+    val_acc_history = part_attribute("tracker", "val_acc_history", "Val accuracies.")
+    best_val_acc = part_attribute("tracker", "best_val_acc", "The best val accuracy.")
+    best_params = part_attribute("tracker", "best_params", "The best parameters (copies).")
+    _pending_losses = part_attribute("tracker", "pending", "Losses not read yet (device).")
 
     # -- data, minibatches, schedule -------------------------------------------
     def _to_device(self, X, y, split, dtype):

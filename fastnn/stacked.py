@@ -43,7 +43,7 @@ from fastnn.checks import as_size
 from fastnn.classifiers import FullyConnectedNet
 from fastnn.classifiers.base import member_blocks
 from fastnn.serialization import STATISTICS
-from fastnn.solver import Solver, _part_attribute
+from fastnn.solver import Solver, part_attribute
 from fastnn.stacked_parts import StackedTracker, StackedUpdater
 from fastnn.stacked_layers import STACKED_LAYERS
 
@@ -256,7 +256,7 @@ class StackedSolver(Solver):
     gives a FullyConnectedNet with its best parameters.
     """
 
-    results = _part_attribute("tracker", "results", "member id -> its outcome (see above).")
+    results = part_attribute("tracker", "results", "member id -> its outcome (see above).")
 
     def __init__(self, stack, data, update_rule="adam", optim_configs=None, on_epoch_end=None,
                  verbose=False, **options):
