@@ -1,10 +1,12 @@
 """Sandwich layers: common layer sequences as one forward/backward pair."""
+from typing import Callable, NamedTuple, Optional
+
 from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, max_pool_backward_fast,
                                 max_pool_forward_fast, spatial_batchnorm_relu_backward,
                                 spatial_batchnorm_relu_forward)
 from fastnn.layers import (affine_backward, affine_forward, batchnorm_backward,
-                           batchnorm_forward, layernorm_backward, layernorm_forward,
-                           relu_backward, relu_forward)
+                           batchnorm_forward, dropout_backward, dropout_forward,
+                           layernorm_backward, layernorm_forward, relu_backward, relu_forward)
 
 
 def affine_relu_forward(x, w, b):
@@ -99,3 +101,26 @@ def conv_bn_relu_backward(dout, cache):
     dan, dgamma, dbeta = spatial_batchnorm_relu_backward(dout, bn_relu_cache)
     dx, dw, db = conv_backward_fast(dan, conv_cache)
     return dx, dw, db, dgamma, dbeta
+
+
+class LayerSet(NamedTuple):
+    """The layers a fully connected net is built from (fastnn.classifiers.FullyConnectedNet).
+
+    FC_LAYERS are the course's, for one model; fastnn.stacked_layers.STACKED_LAYERS
+    the same layers for K models along a member axis. A norm left None is not available.
+    """
+    affine_forward: Callable
+    affine_backward: Callable
+    affine_relu_forward: Callable
+    affine_relu_backward: Callable
+    affine_bn_relu_forward: Callable
+    affine_bn_relu_backward: Callable
+    affine_ln_relu_forward: Optional[Callable]
+    affine_ln_relu_backward: Optional[Callable]
+    dropout_forward: Callable
+    dropout_backward: Callable
+
+
+FC_LAYERS = LayerSet(affine_forward, affine_backward, affine_relu_forward, affine_relu_backward,
+                     affine_bn_relu_forward, affine_bn_relu_backward, affine_ln_relu_forward,
+                     affine_ln_relu_backward, dropout_forward, dropout_backward)

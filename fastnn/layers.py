@@ -4,23 +4,16 @@ Written once against the array namespace: every function computes in the
 module of the arrays it is given and keeps their dtype. Hot element-wise ops
 go through the kernel table (`fastnn.kernels`).
 
-Member axis: the same layers compute K stacked nets at once (fastnn.stacked)
-when the parameters have a leading member axis: w (K, D, M), b (K, M),
-gamma and beta (K, M). Activations then have one too, (K, N, M), kept
-feature-major in memory ((K, M, N): every product is then on contiguous or
-transposed operands and each feature's N values are one contiguous row),
-and a shared input x (N, d1, ...) of the first layer meets all K weight
-matrices in one matrix product (when w is the (K, D, M) view of a (D, K, M)
-array, as the stack holds its first layer).
+Stacked models (K of them along a leading member axis) have their own
+layers, named as such: fastnn.stacked_layers.
 """
-import functools
 import math
 
 import numpy as np
 
 from fastnn import kernels
 from fastnn.kernels import reference
-from fastnn.backend import get_array_module, module_by_name
+from fastnn.backend import get_array_module
 from fastnn.checks import as_size
 
 
@@ -28,12 +21,8 @@ def affine_forward(x, w, b):
     """out = x.reshape(N, D) @ w + b.
 
     x (N, d1, ..., dk) with D = d1*...*dk, w (D, M), b (M,) -> out (N, M).
-    Member axis: w (K, D, M), b (K, M) with x shared, (N, d1, ...), or per
-    member, (K, N, D) -> out (K, N, M) (feature-major, see the module doc).
     """
     xp = get_array_module(x, w, b)
-    if w.ndim == 3:
-        return _member_affine_forward(xp, x, w, b)
     width = math.prod(x.shape[1:])
     if w.ndim != 2 or w.shape[0] != width or b.shape != (w.shape[1],):
         raise ValueError(
@@ -49,61 +38,12 @@ def affine_backward(dout, cache, need_dx=True):
     """dout (N, M) -> (dx shaped like x, dw (D, M), db (M,)).
 
     With need_dx=False (a first layer, whose input needs no gradient) dx is None.
-    Member axis: dout (K, N, M) -> dw and db shaped (and laid out) like w and b.
     """
     x, w = cache
-    if w.ndim == 3:
-        return _member_affine_backward(dout, x, w, need_dx)
     x2d = x.reshape(x.shape[0], w.shape[0])
     dw = x2d.T @ dout
     db = dout.sum(axis=0)
     dx = (dout @ w.T).reshape(x.shape) if need_dx else None
-    return dx, dw, db
-
-
-def _is_per_member(x, w):
-    return x.ndim == 3 and x.shape[0] == w.shape[0] and x.shape[2] == w.shape[1]
-
-
-def _member_affine_forward(xp, x, w, b):
-    """affine_forward with a member axis: out (K, N, M), memory (K, M, N)."""
-    k, d, m = w.shape
-    if b.shape != (k, m):
-        raise ValueError(f"affine_forward: w of shape {w.shape} needs b of shape {(k, m)}, "
-                         f"got {b.shape}")
-    if _is_per_member(x, w):  # out_k^T = w_k^T @ x_k^T, batched over members
-        out_t = xp.matmul(w.transpose(0, 2, 1), x.transpose(0, 2, 1))          # (K, M, N)
-    else:
-        n = x.shape[0]
-        x2d = x.reshape(n, -1)
-        if x2d.shape[1] != d:
-            raise ValueError(f"affine_forward: x of shape {x.shape} has {x2d.shape[1]} features "
-                             f"per example; w of shape {w.shape} needs {d} (shared input) or "
-                             f"x of shape ({k}, N, {d}) (one input per member)")
-        # one product for all members: (K*M, D) @ (D, N); free when w is a (D, K, M) view
-        w_mem = w.transpose(1, 0, 2).reshape(d, k * m)
-        out_t = xp.matmul(w_mem.T, x2d.T).reshape(k, m, n)
-    out_t += b[:, :, None]
-    return out_t.transpose(0, 2, 1), (x, w)
-
-
-def _member_affine_backward(dout, x, w, need_dx):
-    xp = get_array_module(dout, x, w)
-    k, d, m = w.shape
-    dout_t = dout.transpose(0, 2, 1)                                           # (K, M, N)
-    db = dout.sum(axis=1)
-    if _is_per_member(x, w):
-        dw = xp.matmul(x.transpose(0, 2, 1), dout)                             # (K, D, M)
-        dx = xp.matmul(w, dout_t).transpose(0, 2, 1) if need_dx else None      # (K, N, D)
-        return dx, dw, db
-    n = x.shape[0]
-    x2d = x.reshape(n, d)
-    dout_rows = dout_t.reshape(k * m, n)
-    # dw laid out as w is: the (K, D, M) view of a (D, K, M) array
-    dw = xp.matmul(x2d.T, dout_rows.T).reshape(d, k, m).transpose(1, 0, 2)
-    dx = None
-    if need_dx:
-        dx = xp.matmul(dout_rows.T, w.transpose(1, 0, 2).reshape(d, k * m).T).reshape(x.shape)
     return dx, dw, db
 
 
@@ -120,81 +60,66 @@ def relu_backward(dout, cache):
     return kernels.for_module(xp).relu_backward(dout, cache)
 
 
-def batchnorm_forward(x, gamma, beta, bn_param):
-    """Batch normalisation of x (N, D) with gamma, beta (D,) -> out (N, D).
-
-    bn_param: `mode` ("train"/"test"), optional `eps` (1e-5) and `momentum`
-    (0.9); keeps `running_mean` / `running_var` (zeros on first use), updated
-    in train mode with the biased batch variance. Member axis: x (K, N, D),
-    gamma, beta and the running statistics (K, D); each member normalises
-    over its own N examples.
-    """
+def _batchnorm_settings(x, gamma, beta, bn_param, where):
+    """Check a batchnorm's arguments (x (..., N, D), gamma and beta x's shape without N)
+    -> (xp, mode, eps, momentum, running_mean, running_var); in test mode the running
+    statistics (zeros when absent) are stored in bn_param."""
     xp = get_array_module(x, gamma, beta)
     mode = bn_param.get("mode", "train")
-    eps = bn_param.get("eps", 1e-5)
-    momentum = bn_param.get("momentum", 0.9)
-    members = x.ndim == 3 and gamma.ndim == 2
-    features = gamma.shape
-    if not members and x.ndim != 2:
-        raise ValueError(f"batchnorm_forward: x must be 2-D (N, D), got shape {x.shape}; "
-                         "reshape it (x.reshape(N, -1)) or use a spatial batchnorm for images")
+    if mode not in ("train", "test"):
+        raise ValueError(f"batchnorm mode must be 'train' or 'test', got {mode!r}")
     if x.dtype.kind != "f":
-        raise ValueError(f"batchnorm_forward: x must be a floating array, got dtype {x.dtype}; "
+        raise ValueError(f"{where}: x must be a floating array, got dtype {x.dtype}; "
                          "convert it first (x.astype(np.float32))")
     if x.shape[-2] == 0 and mode == "train":
-        raise ValueError(f"batchnorm_forward: x is an empty batch (shape {x.shape}); train mode "
+        raise ValueError(f"{where}: x is an empty batch (shape {x.shape}); train mode "
                          "needs at least one row to compute the batch statistics")
-    if gamma.shape != x.shape[:-2] + x.shape[-1:] or beta.shape != gamma.shape:
-        raise ValueError(f"batchnorm_forward: x of shape {x.shape} needs gamma and beta of shape "
-                         f"({x.shape[-1]},) (or (K, D) for x (K, N, D)); got {gamma.shape} and "
-                         f"{beta.shape}")
+    features = x.shape[:-2] + x.shape[-1:]
+    if gamma.shape != features or beta.shape != features:
+        raise ValueError(f"{where}: x of shape {x.shape} needs gamma and beta of shape "
+                         f"{features}; got {gamma.shape} and {beta.shape}")
     running_mean = bn_param.get("running_mean")
     running_var = bn_param.get("running_var")
     if running_mean is None:
         running_mean = xp.zeros(features, dtype=x.dtype)
     if running_var is None:
         running_var = xp.zeros(features, dtype=x.dtype)
-    if mode == "train":
-        ops = kernels.for_module(xp)
-        if members:  # each feature's N values as a row: (K*D, N), free when feature-major
-            k, n, d = x.shape
-            rows = x.transpose(0, 2, 1).reshape(k * d, n)
-            out, x_hat, inv_std, mean, var = ops.batchnorm_rows_train_forward(
-                rows, gamma.reshape(-1), beta.reshape(-1), eps)
-            out = out.reshape(k, d, n).transpose(0, 2, 1)
-            mean, var = mean.reshape(features), var.reshape(features)
-        else:
-            out, x_hat, inv_std, mean, var = ops.batchnorm_train_forward(x, gamma, beta, eps)
-        bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mean
-        bn_param["running_var"] = momentum * running_var + (1 - momentum) * var
-        return out, (x_hat, gamma, inv_std, members)
     if mode == "test":
         bn_param["running_mean"], bn_param["running_var"] = running_mean, running_var
-        scale = gamma / xp.sqrt(running_var + x.dtype.type(eps))
-        shift = beta - running_mean * scale
-        if members:
-            return x * scale[:, None, :] + shift[:, None, :], None
-        return x * scale + shift, None
-    raise ValueError(f"batchnorm mode must be 'train' or 'test', got {mode!r}")
+    return (xp, mode, bn_param.get("eps", 1e-5), bn_param.get("momentum", 0.9), running_mean,
+            running_var)
+
+
+def batchnorm_forward(x, gamma, beta, bn_param):
+    """Batch normalisation of x (N, D) with gamma, beta (D,) -> out (N, D).
+
+    bn_param: `mode` ("train"/"test"), optional `eps` (1e-5) and `momentum`
+    (0.9); keeps `running_mean` / `running_var` (zeros on first use), updated
+    in train mode with the biased batch variance.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"batchnorm_forward: x must be 2-D (N, D), got shape {x.shape}; "
+                         "reshape it (x.reshape(N, -1)) or use a spatial batchnorm for images")
+    xp, mode, eps, momentum, running_mean, running_var = _batchnorm_settings(
+        x, gamma, beta, bn_param, "batchnorm_forward")
+    if mode == "train":
+        out, x_hat, inv_std, mean, var = kernels.for_module(xp).batchnorm_train_forward(
+            x, gamma, beta, eps)
+        bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mean
+        bn_param["running_var"] = momentum * running_var + (1 - momentum) * var
+        return out, (x_hat, gamma, inv_std)
+    scale = gamma / xp.sqrt(running_var + x.dtype.type(eps))
+    return x * scale + (beta - running_mean * scale), None
 
 
 def batchnorm_backward(dout, cache):
-    """dout (N, D) -> (dx (N, D), dgamma (D,), dbeta (D,)); needs a train-mode cache.
-
-    Member axis: dout (K, N, D) -> dx (K, N, D), dgamma and dbeta (K, D).
-    """
+    """dout (N, D) -> (dx (N, D), dgamma (D,), dbeta (D,)); needs a train-mode cache."""
     if cache is None:
         raise ValueError("batchnorm_backward needs the cache of a train-mode forward pass; "
                          "test mode uses fixed running statistics and has no backward")
-    x_hat, gamma, inv_std, members = cache
+    x_hat, gamma, inv_std = cache
     xp = get_array_module(dout, x_hat)
-    ops = kernels.for_module(xp)
-    if not members:
-        return ops.batchnorm_backward(dout, x_hat, gamma, inv_std)
-    k, n, d = dout.shape
-    dx, dgamma, dbeta = ops.batchnorm_rows_backward(dout.transpose(0, 2, 1).reshape(k * d, n),
-                                                    x_hat, gamma.reshape(-1), inv_std)
-    return dx.reshape(k, d, n).transpose(0, 2, 1), dgamma.reshape(k, d), dbeta.reshape(k, d)
+    return kernels.for_module(xp).batchnorm_backward(dout, x_hat, gamma, inv_std)
 
 
 def draw_seed(xp):
@@ -227,15 +152,13 @@ def dropout_forward(x, dropout_param):
     (0; an int, or a 0-d integer array read when the op runs). The mask is a
     pure function of (seed, step, position), the same on every backend; kept
     units are scaled by 1 / (1 - p). Test mode: identity.
-    Member axis: x (K, N, H) with `p` and `seed` sequences of K values;
-    member k's mask is the one its own (N, H) activation gets with
-    (p_k, seed_k, step).
     """
     mode = dropout_param.get("mode", "train")
     if mode not in ("train", "test"):
         raise ValueError(f"dropout mode must be 'train' or 'test', got {mode!r}")
     if np.ndim(dropout_param["p"]):
-        return _member_dropout_forward(x, dropout_param, mode)
+        raise ValueError(f"dropout p must be one number, got {dropout_param['p']}; one p per "
+                         "stacked member is fastnn.stacked_layers.dropout_stacked_forward")
     p = float(dropout_param["p"])
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout p (the probability of dropping a unit) must be in [0, 1), got {p}")
@@ -254,44 +177,8 @@ def dropout_backward(dout, cache):
     if cache is None:
         return dout
     xp = get_array_module(dout)
-    if len(cache) == 2:  # members
-        constants, step = cache
-        return kernels.for_module(xp).dropout_stacked_backward(
-            dout.transpose(1, 0, 2), *constants, step).transpose(1, 0, 2)
     p, seed, step = cache
     return kernels.for_module(xp).dropout_backward(dout, p, seed, step)
-
-
-@functools.lru_cache(maxsize=256)
-def _member_dropout_constants(module, seeds, ps, dtype):
-    """(seed keys, keep thresholds, scales) of K members on the device, made once per stack."""
-    from fastnn.kernels.reference import dropout_seed_keys, keep_threshold
-
-    xp = module_by_name(module)
-    return (xp.asarray(dropout_seed_keys(seeds)),
-            xp.asarray(np.array([keep_threshold(p) for p in ps], dtype=np.uint64)),
-            xp.asarray(np.array([1.0 / (1.0 - p) for p in ps], dtype=dtype)))
-
-
-def _member_dropout_forward(x, dropout_param, mode):
-    ps = tuple(float(p) for p in dropout_param["p"])
-    if any(not 0.0 <= p < 1.0 for p in ps):
-        raise ValueError(f"dropout p (the probability of dropping a unit) must be in [0, 1), "
-                         f"got {list(ps)}")
-    if mode == "test" or not any(ps):
-        return x, None
-    seeds = dropout_param.get("seed")
-    if seeds is None or len(seeds) != len(ps) or x.ndim != 3 or x.shape[0] != len(ps):
-        raise ValueError(f"member dropout needs x (K, N, H) and one seed per member; got x of "
-                         f"shape {x.shape}, {len(ps)} p values and seeds {seeds}")
-    xp = get_array_module(x)
-    module = "numpy" if xp is np else "cupy"
-    constants = _member_dropout_constants(module, tuple(int(s) for s in seeds), ps,
-                                          np.dtype(x.dtype).name)
-    step = _dropout_step(dropout_param)
-    # the kernels take (N, K, H) views of (K, H, N) activations
-    out = kernels.for_module(xp).dropout_stacked_forward(x.transpose(1, 0, 2), *constants, step)
-    return out.transpose(1, 0, 2), (constants, step)
 
 
 def _check_scores_and_labels(x, y):

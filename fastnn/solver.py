@@ -1,8 +1,10 @@
 """Solver: trains a classifier with minibatch gradient descent and keeps the best model.
 
-One loop for a lone model and for a stack of K (fastnn.stacked.StackedSolver
-overrides the per-member bookkeeping: its `_loss`, `_update`, `_read_losses`,
-`_record_accuracy`, `_after_epoch`, best-model and checkpoint hooks).
+One loop for a lone model and for a stack of K. The Solver holds the data,
+the minibatch order, the loop, checkpoints and Ctrl-C; two parts hold the
+rest (fastnn.solver_parts): its `updater` (the update rule's configs and step
+scalars) and its `tracker` (histories, pending losses, the best parameters).
+fastnn.stacked.StackedSolver is a Solver with the stack's parts.
 
 The training step does no host/device traffic: losses stay on the device and
 are read when printed (every `print_every` iterations, when verbose or with a
@@ -18,10 +20,10 @@ import numpy as np
 from fastnn import inference, kernels, optim, schedules
 from fastnn.backend import get_array_module, to_numpy
 from fastnn.checks import as_optional_size, as_real, as_size
-from fastnn.classifiers.base import check_roles, norm_params
 from fastnn.interrupt import TrainingInterrupted, stop_requests
-from fastnn.serialization import (CHECKPOINT_FORMAT, STATISTICS, model_state, read_checkpoint,
+from fastnn.serialization import (CHECKPOINT_FORMAT, model_state, read_checkpoint,
                                   set_model_state, write_checkpoint)
+from fastnn.solver_parts import Tracker, Updater
 
 __all__ = ["Solver", "TrainingInterrupted", "CHECKPOINT_FORMAT"]
 
@@ -68,12 +70,26 @@ def check_augment(augment, X_train):
     return options
 
 
+def part_attribute(part, name, doc):
+    """A Solver attribute that is `name` of its part `part` (read and written there)."""
+    return property(lambda self: getattr(getattr(self, part), name),
+                    lambda self, value: setattr(getattr(self, part), name, value), doc=doc)
+
+
 class Solver:
     """Train `model` on `data` (X_train, y_train, X_val, y_val); see OPTIONS for kwargs.
 
     StackedSolver is a Solver: a stack and K lone nets get the same data
     checks, minibatches and learning-rate schedule for one seed.
     """
+
+    optim_configs = part_attribute("updater", "configs", "One config per parameter name.")
+    loss_history = part_attribute("tracker", "loss_history", "Every loss read (floats).")
+    train_acc_history = part_attribute("tracker", "train_acc_history", "Train accuracies.")
+    val_acc_history = part_attribute("tracker", "val_acc_history", "Val accuracies.")
+    best_val_acc = part_attribute("tracker", "best_val_acc", "The best val accuracy.")
+    best_params = part_attribute("tracker", "best_params", "The best parameters (copies).")
+    _pending_losses = part_attribute("tracker", "pending", "Losses not read yet (device).")
 
     # -- data, minibatches, schedule -------------------------------------------
     def _to_device(self, X, y, split, dtype):
@@ -180,87 +196,51 @@ class Solver:
 
     def _reset(self):
         self.epoch = 0
-        self.best_val_acc = 0.0
-        self.best_params = {}
-        self._best_norms = {}
-        self.loss_history = []
-        self.train_acc_history = []
-        self.val_acc_history = []
-        self._pending_losses = []
         self._t = 0
         self._epoch_order = None
         self._batch = None
-        # the step's scalars as arrays of the backend, rewritten in place before each step
-        # (_begin_step): the step number, and each parameter's update-op scalar rows
+        # the step number as an array of the backend, rewritten in place before each step
         self._step_index = self._xp.zeros((), dtype=np.int64)
-        self._scalar_rows = {}
-        self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
-        if self.update_rule == "adamw":  # decay the model's weights only
-            roles = check_roles(self.model)
-            for name, config in self.optim_configs.items():
-                config.setdefault("weight_decay", optim.DEFAULTS["adamw"]["weight_decay"])
-                if roles[name] != "weight":
-                    config["weight_decay"] = 0.0
-        self._base_lr = {name: config.get("learning_rate",
-                                          optim.DEFAULTS[self.update_rule]["learning_rate"])
-                         for name, config in self.optim_configs.items()}
+        self.updater = self._make_updater()
+        self.tracker = self._make_tracker()
+
+    # the parts (fastnn.solver_parts); StackedSolver makes the stack's
+    def _make_updater(self):
+        return Updater(self.update_rule, self.model, self.optim_config, self.fused_updates)
+
+    def _make_tracker(self):
+        return Tracker(self.model, self._xp)
 
     # -- the training step ---------------------------------------------------
-    def _set_learning_rates(self):
-        """With a schedule: learning_rate = base * lr_decay**epoch * schedule factor."""
-        factor = self._scheduled_factor()
-        for name, config in self.optim_configs.items():
-            config["learning_rate"] = self._base_lr[name] * factor
-
     def _begin_step(self):
         """The host half of a step: its scalars into the arrays that the step's ops read.
 
         The step number goes into `_step_index` (the dropout and augment step,
-        as the contract's dropout_param["step"]); with fused updates, each
-        parameter's learning rate (times the schedule), Adam's step count and
-        bias corrections go into its scalar rows (optim.begin_step). The
-        arrays stay the same objects from step to step, so everything after
-        this reads the step's values from memory and a CUDA graph of it stays
-        valid. (Without fused updates the functional rules take Python floats.)
+        as the contract's dropout_param["step"]); the updater writes each
+        parameter's learning rate (times the schedule) and the rule's step
+        scalars into its scalar rows. The arrays stay the same objects from
+        step to step, so everything after this reads the step's values from
+        memory and a CUDA graph of it stays valid.
         """
         self._step_index[...] = self._t
         dropout_param = getattr(self.model, "dropout_param", None)
         if dropout_param is not None:
             dropout_param["step"] = self._step_index
-        if self._fused():
-            rows = self._scalar_rows
-            for name, w in self.model.params.items():
-                rows[name] = optim.begin_step(self.update_rule, self._update_view(w),
-                                              self.optim_configs[name], rows.get(name))
+        self.updater.begin_step(self.model.params)
 
     def _step(self):
+        updater = self.updater
         if self.lr_schedule:
-            self._set_learning_rates()
+            updater.set_learning_rates(self._scheduled_factor())
         self._begin_step()
         X_batch, y_batch = self._next_batch(self._t)
-        loss, grads = self._loss(X_batch, y_batch)
-        for name, w in list(self.model.params.items()):
-            loss = self._update(name, w, grads[name], loss)
-        self._pending_losses.append(loss)
+        loss, grads = self.model.loss(X_batch, y_batch)
+        updater.step(self.model.params, grads)
+        self.tracker.pending.append(loss)
 
     def _read_losses(self):
-        """Move pending losses to loss_history (one device read); stop on a non-finite one."""
-        if not self._pending_losses:
-            return
-        pending = self._pending_losses
-        self._pending_losses = []
-        values = [float(v) for v in to_numpy(self._xp.stack([self._xp.asarray(l) for l in pending]))]
-        first = len(self.loss_history)
-        self.loss_history.extend(values)
-        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-        if bad is not None:
-            iteration = first + bad + 1
-            self._restore_best()
-            raise FloatingPointError(
-                f"the training loss became {values[bad]} at iteration {iteration} (epoch "
-                f"{(iteration - 1) // self.iterations_per_epoch + 1}); training stopped and "
-                "model.params holds the best parameters seen. Try a lower learning_rate, a "
-                "smaller weight_scale or stronger reg.")
+        """Pending losses to the histories (one device read); see Tracker.read_losses."""
+        self.tracker.read_losses(self)
 
     # -- accuracy and the best model -------------------------------------------
     def check_accuracy(self, X, y, num_samples=None, batch_size=128, flip=False):
@@ -279,47 +259,18 @@ class Solver:
             X, y, n = X[idx], y[idx], num_samples
         return float(inference.count_correct(self.model, X, y, batch_size, flip)) / max(n, 1)
 
-    def _record_accuracy(self):
-        train_acc = self.check_accuracy(self.X_train, self.y_train,
-                                        num_samples=self.num_train_samples)
-        val_acc = self.check_accuracy(self.X_val, self.y_val, num_samples=self.num_val_samples)
-        self.train_acc_history.append(train_acc)
-        self.val_acc_history.append(val_acc)
-        if self.verbose:
-            self._print(f"(Epoch {self.epoch} / {self.num_epochs}) "
-                        f"train acc: {train_acc:f}; val_acc: {val_acc:f}")
-        if val_acc > self.best_val_acc or not self.best_params:
-            # NaN parameters can still score (argmax of NaN rows is class 0): never keep them
-            xp = self._xp
-            if bool(xp.stack([xp.isfinite(w).all() for w in self.model.params.values()]).all()):
-                self.best_val_acc = val_acc
-                self._keep_as_best()
-
-    def _keep_as_best(self):
-        self.best_params = {k: v.copy() for k, v in self.model.params.items()}
-        self._best_norms = {key: {k: p[k].copy() for k in STATISTICS if p.get(k) is not None}
-                            for key, p in norm_params(self.model).items()}
-
-    def _restore_best(self):
-        """model.params (and the norms' running statistics) <- the best seen."""
-        if not self.best_params:
-            return
-        for name, best in self.best_params.items():  # into the arrays: params are never rebound
-            self.model.params[name][...] = best
-        for key, bn_param in norm_params(self.model).items():
-            bn_param.update({k: v.copy() for k, v in self._best_norms.get(key, {}).items()})
-
     # -- the loop ------------------------------------------------------------
     def train(self):
         """Run the optimisation; afterwards model.params holds the best parameters seen."""
         per_epoch = self.iterations_per_epoch
         total = self.num_epochs * per_epoch
         bar = None
-        if not self.best_params:  # the initial parameters: a finite fallback from the start
-            self._keep_as_best()
+        tracker = self.tracker
+        if not tracker.best_params:  # the initial parameters: a finite fallback from the start
+            tracker.keep_as_best()
         with stop_requests() as stop:
             try:
-                while self._t < total and not self._finished():
+                while self._t < total and not tracker.finished():
                     if self.progress and bar is None:
                         bar = self._progress_bar(per_epoch)
                     self._step()
@@ -332,24 +283,24 @@ class Solver:
                         self._read_losses()
                         if self.verbose and bar is None:
                             self._print(f"(Iteration {t + 1} / {total}) "
-                                        f"loss: {self._last_loss():f}")
+                                        f"loss: {tracker.last_loss():f}")
                         if bar is not None:
-                            bar.set_postfix(loss=f"{self._last_loss():.4f}")
+                            bar.set_postfix(loss=f"{tracker.last_loss():.4f}")
                     epoch_end = self._t % per_epoch == 0
                     if epoch_end:
                         self._read_losses()
                         self.epoch += 1
                         self._epoch_order = None
                         if not self.lr_schedule:  # the classic decay; schedules set it per step
-                            self._decay_learning_rates()
+                            self.updater.decay_learning_rates(self.lr_decay)
                         if bar is not None:
                             bar.close()
                             bar = None
                     if t == 0 or epoch_end or self._t == total:
                         self._read_losses()
-                        self._record_accuracy()
+                        tracker.record_accuracy(self)
                     if epoch_end:
-                        self._after_epoch()
+                        tracker.after_epoch(self)
                         self._write_checkpoints()
                     if stop.requested:
                         self._interrupted(stop.signum)
@@ -357,47 +308,9 @@ class Solver:
                 if bar is not None:
                     bar.close()
         self._read_losses()
-        self._restore_best()
+        tracker.restore_best()
 
-    # -- hooks (StackedSolver trains K members through the same loop) ---------
-    def _finished(self):
-        """True when nothing is left to train before the last iteration."""
-        return False
-
-    def _after_epoch(self):
-        """Called at each epoch end, after the accuracy check, before checkpoints."""
-
-    def _last_loss(self):
-        """The latest loss read, for printing (a Python float)."""
-        return self.loss_history[-1]
-
-    def _loss(self, X_batch, y_batch):
-        """(loss, grads) of one minibatch."""
-        return self.model.loss(X_batch, y_batch)
-
-    def _fused(self):
-        """Whether updates run in place (optim.begin_step / apply_step)."""
-        return self.fused_updates
-
-    def _update_view(self, w):
-        """The array the update op steps for parameter w (the stack: its member blocks)."""
-        return w
-
-    def _update(self, name, w, dw, loss):
-        """Update parameter `name` (the array w) with gradient dw; returns the step's loss."""
-        if self.fused_updates:  # in place: model.params[name] stays the same array
-            optim.apply_step(self.update_rule, w, dw, self.optim_configs[name],
-                             self._scalar_rows[name])
-        else:
-            self.model.params[name], self.optim_configs[name] = optim.RULES[self.update_rule](
-                w, dw, self.optim_configs[name])
-        return loss
-
-    def _decay_learning_rates(self):
-        default = optim.DEFAULTS[self.update_rule]["learning_rate"]
-        for config in self.optim_configs.values():
-            config["learning_rate"] = config.get("learning_rate", default) * self.lr_decay
-
+    # -- printing ------------------------------------------------------------
     def _progress_bar(self, per_epoch):
         from tqdm.auto import tqdm
 
@@ -426,17 +339,7 @@ class Solver:
 
         self._read_losses()
         arrays = {f"model/{k}": v for k, v in model_state(self.model).items()}
-        arrays.update({f"best/{k}": v for k, v in self.best_params.items()})
-        for key, best in self._best_norms.items():
-            arrays.update({f"best_norm/{key}/{k}": v for k, v in best.items()})
-        configs = {}
-        for name, config in self.optim_configs.items():
-            configs[name] = {}
-            for key, value in config.items():
-                if hasattr(value, "shape"):
-                    arrays[f"optim/{name}/{key}"] = value
-                else:
-                    configs[name][key] = value
+        configs = self.updater.save(arrays)
         if self._epoch_order is not None:
             arrays["epoch_order"] = self._epoch_order
         seed = getattr(self.model, "dropout_param", {}).get("seed")
@@ -445,23 +348,22 @@ class Solver:
             "model_class": type(self.model).__name__,
             "model_args": getattr(self.model, "init_args", None),
             "update_rule": self.update_rule, "optim_configs": configs,
-            "epoch": self.epoch, "t": self._t, "best_val_acc": self.best_val_acc,
-            "loss_history": self.loss_history, "train_acc_history": self.train_acc_history,
-            "val_acc_history": self.val_acc_history,
+            "epoch": self.epoch, "t": self._t,
             "batch_rng": self._batch_rng.bit_generator.state,
             "eval_rng": self._eval_rng.bit_generator.state,
             "augment_seed": self._augment_seed,
             # drawn at construction when the model was built without a seed
             "dropout_seed": seed if isinstance(seed, int) else None,
         }
+        self.tracker.save(arrays, meta)
         self._save_extra(arrays, meta)
         write_checkpoint(path, arrays, meta)
 
     def _save_extra(self, arrays, meta):
-        """Add what a subclass keeps beyond Solver's state to a checkpoint's arrays and meta."""
+        """Add what a subclass keeps beyond the Solver's and its parts' state to a checkpoint."""
 
     def _load_extra(self, arrays, meta, path):
-        """Restore what _save_extra wrote (called before the model state is restored)."""
+        """Restore (or check) what _save_extra wrote; called first, before the parts load."""
 
     def load_checkpoint(self, path):
         """Restore the state save_checkpoint wrote; train() then continues from there."""
@@ -475,29 +377,13 @@ class Solver:
             raise ValueError(f"{path} is incompatible: it was trained with update rule "
                              f"{meta.get('update_rule')!r}, this Solver uses {self.update_rule!r}")
         xp = self._xp
-
-        def section(prefix):
-            return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-
         self._load_extra(arrays, meta, path)
-        set_model_state(self.model, section("model/"), path)
-        self.best_params = {k: xp.asarray(v) for k, v in section("best/").items()}
-        self._best_norms = {}
-        for name, value in section("best_norm/").items():
-            key, stat = name.split("/", 1)
-            self._best_norms.setdefault(key, {})[stat] = xp.asarray(value)
-        self.optim_configs = {}
-        for name, config in meta["optim_configs"].items():
-            config = dict(config)
-            config.update({k: xp.asarray(v) for k, v in section(f"optim/{name}/").items()})
-            self.optim_configs[name] = config
+        self.tracker.load(arrays, meta, path, self)
+        set_model_state(self.model, {k[len("model/"):]: v for k, v in arrays.items()
+                                     if k.startswith("model/")}, path)
+        self.updater.load(meta["optim_configs"], arrays, xp)
         self._epoch_order = xp.asarray(arrays["epoch_order"]) if "epoch_order" in arrays else None
         self.epoch, self._t = int(meta["epoch"]), int(meta["t"])
-        self.best_val_acc = float(meta["best_val_acc"])
-        self.loss_history = [float(v) for v in meta["loss_history"]]
-        self.train_acc_history = [float(v) for v in meta["train_acc_history"]]
-        self.val_acc_history = [float(v) for v in meta["val_acc_history"]]
-        self._pending_losses = []
         self._batch_rng.bit_generator.state = meta["batch_rng"]
         self._eval_rng.bit_generator.state = meta["eval_rng"]
         self._augment_seed = int(meta["augment_seed"])

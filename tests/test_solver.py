@@ -744,3 +744,62 @@ def test_nan_data_is_named_before_training(split):
     with pytest.raises(ValueError, match=f"X_{split} holds 1 NaN or infinite values") as info:
         Solver(model, data, num_epochs=1, verbose=False)
     assert "learning_rate" not in str(info.value)
+
+
+def test_stacked_solver_differs_from_solver_in_its_parts_only():
+    """Solver is built from parts (fastnn.solver_parts: an Updater and a Tracker); StackedSolver
+    makes the stack's parts and adds its own API, but overrides none of Solver's loop (it
+    overrode 12 hooks of a template method before)."""
+    from fastnn.solver_parts import Tracker, Updater
+    from fastnn.stacked import StackedSolver
+    from fastnn.stacked_parts import StackedTracker, StackedUpdater
+
+    overridden = {name for name, value in vars(StackedSolver).items()
+                  if callable(value) and name in dir(Solver)}
+    assert overridden == {"__init__", "_make_updater", "_make_tracker", "train"}
+    assert issubclass(StackedUpdater, Updater) and issubclass(StackedTracker, Tracker)
+
+
+def test_solver_attributes_are_its_parts_state(backend):
+    """The contract's attributes read and write the parts: one copy of each piece of state."""
+    solver = Solver(_small(), _small_data(), num_epochs=1, batch_size=10, verbose=False, seed=0)
+    solver.train()
+    tracker, updater = solver.tracker, solver.updater
+    assert solver.loss_history is tracker.loss_history and len(solver.loss_history) == 4
+    assert solver.val_acc_history is tracker.val_acc_history
+    assert solver.best_params is tracker.best_params and solver.best_val_acc == tracker.best_val_acc
+    assert solver.optim_configs is updater.configs
+    solver.loss_history = [1.0]
+    assert tracker.loss_history == [1.0]
+
+
+def _pre21_run(make, path=None):
+    """The run tests/data/*_before_issue21.npz was written by (at its epoch 1 of 1), made by
+    `make(data, num_epochs)`: resumed from `path` for 3 epochs, or (None) straight through."""
+    rng = np.random.default_rng(0)
+    data = {"X_train": rng.standard_normal((40, 12)), "y_train": rng.integers(0, 4, 40),
+            "X_val": rng.standard_normal((12, 12)), "y_val": rng.integers(0, 4, 12)}
+    solver = make(data, 3)
+    if path is not None:
+        solver.load_checkpoint(path)
+    solver.train()
+    return solver
+
+
+def test_a_checkpoint_written_before_the_parts_resumes():
+    """A checkpoint that Solver wrote before it was made of parts (issue 21) loads into them and
+    continues as the uninterrupted run (float64; the file may come from another machine)."""
+    import os
+
+    def make(data, num_epochs):
+        net = FullyConnectedNet([8], input_dim=12, num_classes=4, dropout=0.25,
+                                use_batchnorm=True, reg=0.01, seed=3, dtype=np.float64)
+        return Solver(net, data, update_rule="adam", batch_size=10, num_epochs=num_epochs,
+                      verbose=False, seed=5, lr_decay=0.9)
+
+    path = os.path.join(os.path.dirname(__file__), "data", "solver_checkpoint_before_issue21.npz")
+    resumed, straight = _pre21_run(make, path), _pre21_run(make)
+    assert len(resumed.loss_history) == 12 and len(resumed.val_acc_history) == 4
+    np.testing.assert_allclose(resumed.loss_history, straight.loss_history, rtol=1e-9)
+    for name, value in straight.model.params.items():
+        np.testing.assert_allclose(resumed.model.params[name], value, rtol=1e-9, atol=1e-12)

@@ -2,7 +2,7 @@
 
 Member k of a stack must start from, compute, and (under StackedSolver)
 train to what FullyConnectedNet(seed=seed_k) under Solver(seed=...) gives;
-its ops (with a member axis) are tested in test_kernels.py.
+its layers are tested in test_stacked_layers.py, its ops in test_kernels.py.
 """
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ from fastnn.classifiers import FullyConnectedNet
 from fastnn.classifiers.base import member_blocks
 from fastnn.gradient_check import eval_numerical_gradient, rel_error
 from fastnn.solver import Solver
+from fastnn.solver_parts import Tracker
 from fastnn.stacked import StackedFullyConnectedNet, StackedSolver
 from helpers import backend_tolerances, host_copies
 
@@ -163,11 +164,16 @@ def test_sizes_and_member_hyperparameters_are_checked():
 
 
 # -- StackedSolver = K Solvers ---------------------------------------------------
+class _KeepLast(Tracker):
+    def restore_best(self):
+        pass
+
+
 class _KeepFinal(Solver):
     """A Solver that leaves model.params at the last step (Solver restores the best)."""
 
-    def _restore_best(self):
-        pass
+    def _make_tracker(self):
+        return _KeepLast(self.model, self._xp)
 
 
 def _separate_runs(data, members, configs, hidden_dims, use_batchnorm, **options):
@@ -443,15 +449,92 @@ def test_step_scalars_are_member_rows_rewritten_in_place(backend):
     solver = StackedSolver(stack, _data(n_train=100), optim_configs=configs, batch_size=50,
                            num_epochs=1, seed=1, lr_schedule="cosine")
     solver.train()
-    rows = dict(solver._scalar_rows)
+    rows = dict(solver.updater.scalar_rows)
     first = {name: _host(r).copy() for name, r in rows.items()}
     solver.num_epochs = 2
     solver.train()
     assert all(stack.params[name] is array for name, array in before.items())
     for name, r in rows.items():
-        assert solver._scalar_rows[name] is r and isinstance(r, backend.ndarray)
+        assert solver.updater.scalar_rows[name] is r and isinstance(r, backend.ndarray)
         assert r.shape == (3, len(optim.SPECS["adam"].scalars({**optim.DEFAULTS["adam"],
                                                                "t": 1})))
         lr = _host(r)[:, 0]
         assert len(set(lr.tolist())) == 3  # one learning rate per member
         assert not np.array_equal(_host(r), first[name])
+
+
+def test_stack_is_built_by_fully_connected_nets_constructor(monkeypatch):
+    """StackedFullyConnectedNet runs FullyConnectedNet.__init__ (its checks, layer plan and
+    attributes) with the stacked layers, instead of setting the attributes loss reads by hand."""
+    from fastnn.stacked_layers import STACKED_LAYERS
+
+    calls = []
+    init = FullyConnectedNet.__init__
+
+    def spy(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(FullyConnectedNet, "__init__", spy)
+    stack = StackedFullyConnectedNet([6, 5], MEMBERS, input_dim=8, num_classes=3,
+                                     use_batchnorm=True)
+    assert calls == ["StackedFullyConnectedNet"]
+    assert stack.layer_set is STACKED_LAYERS and stack.dims == [8, 6, 5, 3]
+    assert stack._hidden_forward is STACKED_LAYERS.affine_bn_relu_forward
+
+
+def test_stacked_solver_adds_l2_through_the_stacks_loss_only(monkeypatch):
+    """One L2 path: the stack's loss adds reg_k * W (l2_stacked_); the update ops never get l2.
+    The losses are those of stack.loss with its L2 term."""
+    calls = []
+    apply_step = optim.apply_step
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("l2"))
+        return apply_step(*args, **kwargs)
+
+    monkeypatch.setattr(optim, "apply_step", spy)
+    stack = StackedFullyConnectedNet([8], MEMBERS, input_dim=48)
+    data = _data(n_train=50)
+    start = {name: a.copy() for name, a in stack.params.items()}
+    solver = StackedSolver(stack, data, batch_size=50, num_epochs=1, seed=0,
+                           optim_configs=[{"learning_rate": 1e-3}] * 3)
+    first_batch = solver._next_batch(0)
+    fresh = StackedFullyConnectedNet([8], MEMBERS, input_dim=48)
+    for name, a in start.items():
+        fresh.params[name][...] = a
+    expected, _ = fresh.loss(*first_batch, step=0)
+    solver = StackedSolver(stack, data, batch_size=50, num_epochs=1, seed=0,
+                           optim_configs=[{"learning_rate": 1e-3}] * 3)
+    solver.train()
+    assert calls and all(l2 is None for l2 in calls)
+    assert [solver.results[k]["loss_history"][0] for k in range(3)] == _host(expected).tolist()
+
+
+def test_a_stacked_checkpoint_written_before_the_parts_resumes():
+    """A StackedSolver checkpoint from before its parts (issue 21: member 1 pruned after
+    epoch 1, reg on two members) loads into them and continues as the uninterrupted run."""
+    import os
+
+    from test_solver import _pre21_run
+
+    def make(data, num_epochs):
+        members = [dict(seed=1, reg=0.01, dropout=0.2), dict(seed=2),
+                   dict(seed=3, reg=0.05, dropout=0.5)]
+        stack = StackedFullyConnectedNet([8], members, input_dim=12, num_classes=4,
+                                         use_batchnorm=True, dtype=np.float64)
+        return StackedSolver(stack, data, update_rule="adamw",
+                             optim_configs=[{"learning_rate": lr} for lr in (1e-2, 3e-3, 5e-3)],
+                             batch_size=10, num_epochs=num_epochs, seed=5,
+                             on_epoch_end=lambda epoch, accs: [1])
+
+    path = os.path.join(os.path.dirname(__file__), "data",
+                        "stacked_checkpoint_before_issue21.npz")
+    resumed, straight = _pre21_run(make, path), _pre21_run(make)
+    assert resumed.stack.member_ids == [0, 2] and resumed.results[1]["status"] == "pruned"
+    for mid in (0, 1, 2):
+        ours, theirs = resumed.results[mid], straight.results[mid]
+        assert ours["status"] == theirs["status"]
+        np.testing.assert_allclose(ours["loss_history"], theirs["loss_history"], rtol=1e-9)
+    for name, value in straight.stack.params.items():
+        np.testing.assert_allclose(resumed.stack.params[name], value, rtol=1e-9, atol=1e-12)

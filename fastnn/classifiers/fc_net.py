@@ -12,11 +12,8 @@ import numpy as np
 from fastnn.backend import xp as active_xp
 from fastnn.checks import as_size, as_sizes
 from fastnn.classifiers.base import Classifier, standard_normal
-from fastnn.layer_utils import (affine_bn_relu_backward, affine_bn_relu_forward,
-                                affine_ln_relu_backward, affine_ln_relu_forward,
-                                affine_relu_backward, affine_relu_forward)
-from fastnn.layers import (affine_backward, affine_forward, draw_seed, dropout_backward,
-                           dropout_forward)
+from fastnn.layer_utils import FC_LAYERS, affine_relu_backward, affine_relu_forward
+from fastnn.layers import affine_backward, affine_forward, draw_seed
 
 
 class _FullyConnected(Classifier):
@@ -130,40 +127,52 @@ class FullyConnectedNet(_FullyConnected):
     masks change with `dropout_param["step"]`, which Solver advances.
     """
 
+    # the layers it is built from; StackedFullyConnectedNet runs this net's constructor and
+    # loss with the stacked ones (fastnn.stacked_layers)
+    layer_set = FC_LAYERS
+
     def __init__(self, hidden_dims, input_dim=3 * 32 * 32, num_classes=10, dropout=0,
                  use_batchnorm=False, reg=0.0, weight_scale=1e-2, dtype=np.float32, seed=None,
                  normalization=None, dropout_keep_ratio=None):
         self.normalization = _resolve_normalization(use_batchnorm, normalization)
         dropout = _resolve_dropout(dropout, dropout_keep_ratio)
-        hidden_dims = as_sizes(hidden_dims, "hidden_dims", low=1)
-        input_dim = as_size(input_dim, "input_dim", low=1)
-        num_classes = as_size(num_classes, "num_classes", low=1)
+        self.hidden_dims = as_sizes(hidden_dims, "hidden_dims", low=1)
+        self.input_dim = as_size(input_dim, "input_dim", low=1)
+        self.num_classes = as_size(num_classes, "num_classes", low=1)
         self.dtype = np.dtype(dtype)
         self.reg = reg
         self.use_batchnorm = self.normalization == "batchnorm"
         self.use_dropout = dropout > 0
-        self.num_layers = len(hidden_dims) + 1
+        self.num_layers = len(self.hidden_dims) + 1
+        self.dims = [self.input_dim, *self.hidden_dims, self.num_classes]
+        # the hidden layers' sandwich, chosen once
+        layer_set, norm = self.layer_set, self.normalization
+        self._hidden_forward, self._hidden_backward = (
+            (layer_set.affine_bn_relu_forward, layer_set.affine_bn_relu_backward)
+            if norm == "batchnorm" else
+            (layer_set.affine_ln_relu_forward, layer_set.affine_ln_relu_backward)
+            if norm == "layernorm" else
+            (layer_set.affine_relu_forward, layer_set.affine_relu_backward))
         # plain Python values: fastnn.save writes them as JSON. Each net is
         # written in the oldest form that describes it (batchnorm as
         # use_batchnorm, a keep ratio as dropout), so files and checkpoints of
         # nets that earlier versions knew keep their exact init_args.
-        self.init_args = dict(hidden_dims=hidden_dims, input_dim=input_dim,
-                              num_classes=num_classes, dropout=dropout,
+        self.init_args = dict(hidden_dims=self.hidden_dims, input_dim=self.input_dim,
+                              num_classes=self.num_classes, dropout=dropout,
                               use_batchnorm=self.use_batchnorm, reg=float(reg),
                               weight_scale=float(weight_scale), dtype=self.dtype.name,
                               seed=None if seed is None else int(seed))
         if self.normalization == "layernorm":
             self.init_args["normalization"] = "layernorm"
         rng = None if seed is None else np.random.default_rng(seed)
-        self._init_params([input_dim, *hidden_dims, num_classes], weight_scale,
-                          self.normalization, rng)
+        self._init_params(self.dims, weight_scale, self.normalization, rng)
         self.dropout_param = {"mode": "train", "p": dropout, "step": 0}
         if self.use_dropout:
             # One seed for the model's life (the Solver advances `step`): drawing
             # one per call would read a device value every step on cupy.
             self.dropout_param["seed"] = int(seed) if seed is not None else draw_seed(active_xp())
         # layernorm keeps no state: one ln_param (eps) per layer, never saved
-        self.ln_params = ([{} for _ in hidden_dims] if self.normalization == "layernorm"
+        self.ln_params = ([{} for _ in self.hidden_dims] if self.normalization == "layernorm"
                           else [])
 
     def _layer_dropout_param(self, layer):
@@ -182,42 +191,38 @@ class FullyConnectedNet(_FullyConnected):
         self.dropout_param["mode"] = mode
         for bn_param in self.bn_params:
             bn_param["mode"] = mode
-        p = self.params
+        p, layer_set = self.params, self.layer_set
+        norms = self.bn_params or self.ln_params  # one dict per hidden layer, or none
+        forward, backward_layer = self._hidden_forward, self._hidden_backward
         hidden = X
         caches = []
         for i in range(1, self.num_layers):
             w, b = p[f"W{i}"], p[f"b{i}"]
-            if self.use_batchnorm:
-                hidden, cache = affine_bn_relu_forward(hidden, w, b, p[f"gamma{i}"],
-                                                       p[f"beta{i}"], self.bn_params[i - 1])
-            elif self.ln_params:
-                hidden, cache = affine_ln_relu_forward(hidden, w, b, p[f"gamma{i}"],
-                                                       p[f"beta{i}"], self.ln_params[i - 1])
+            if norms:
+                hidden, cache = forward(hidden, w, b, p[f"gamma{i}"], p[f"beta{i}"], norms[i - 1])
             else:
-                hidden, cache = affine_relu_forward(hidden, w, b)
+                hidden, cache = forward(hidden, w, b)
             drop_cache = None
             if self.use_dropout:
-                hidden, drop_cache = dropout_forward(hidden, self._layer_dropout_param(i))
+                hidden, drop_cache = layer_set.dropout_forward(hidden,
+                                                               self._layer_dropout_param(i))
             caches.append((cache, drop_cache))
         last = self.num_layers
-        scores, last_cache = affine_forward(hidden, p[f"W{last}"], p[f"b{last}"])
+        scores, last_cache = layer_set.affine_forward(hidden, p[f"W{last}"], p[f"b{last}"])
         if mode == "test":
             return scores
 
         def backward(dscores):
             grads = {}
-            dhidden, grads[f"W{last}"], grads[f"b{last}"] = affine_backward(dscores, last_cache)
+            dhidden, grads[f"W{last}"], grads[f"b{last}"] = layer_set.affine_backward(
+                dscores, last_cache)
             for i in range(last - 1, 0, -1):
                 cache, drop_cache = caches[i - 1]
-                dhidden = dropout_backward(dhidden, drop_cache)
-                if self.normalization is not None:
-                    backward_layer = (affine_bn_relu_backward if self.use_batchnorm
-                                      else affine_ln_relu_backward)
-                    (dhidden, grads[f"W{i}"], grads[f"b{i}"], grads[f"gamma{i}"],
-                     grads[f"beta{i}"]) = backward_layer(dhidden, cache, need_dx=i > 1)
-                else:
-                    dhidden, grads[f"W{i}"], grads[f"b{i}"] = affine_relu_backward(
-                        dhidden, cache, need_dx=i > 1)
+                dhidden = layer_set.dropout_backward(dhidden, drop_cache)
+                layer_grads = backward_layer(dhidden, cache, need_dx=i > 1)
+                dhidden, grads[f"W{i}"], grads[f"b{i}"] = layer_grads[:3]
+                if norms:
+                    grads[f"gamma{i}"], grads[f"beta{i}"] = layer_grads[3:]
             return grads
 
         return self._loss_and_grads(scores, y, backward, l2=l2)
