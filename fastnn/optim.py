@@ -167,17 +167,13 @@ def begin_step(rule, w, config, rows=None):
 _HOST_SCALARS = (int, float, np.generic)  # Python and numpy numbers (not arrays)
 
 
-def apply_step(rule, w, dw, config, rows, l2=None):
+def apply_step(rule, w, dw, config, rows):
     """The array half of an in-place step after begin_step: rule's op on w with config's
-    state and the scalars in rows.
-
-    For the (A, K, B) blocks of K stacked members (fastnn.stacked), l2 (K,)
-    makes the step use dw + l2_k * w and return each member's sum(w**2)
-    before it; otherwise it returns None.
-    """
+    state and the scalars in rows (w a parameter, or the (A, K, B) blocks of K stacked
+    members, fastnn.stacked)."""
     spec = SPECS[rule]
     op = getattr(kernels.for_module(get_array_module(w, dw)), spec.op)
-    return op(w, dw, tuple(config[key] for key in spec.state), rows, l2=l2)
+    op(w, dw, tuple(config[key] for key in spec.state), rows)
 
 
 def fused_update(rule, w, dw, config):

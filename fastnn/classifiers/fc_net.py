@@ -37,7 +37,6 @@ class _FullyConnected(Classifier):
                 self._add_param(f"beta{i}", np.zeros(fan_out), "shift")
                 if normalization == "batchnorm":
                     self._add_norm(i, fan_out)
-        self.bn_params = list(self.norm_params.values())
 
 
 class TwoLayerNet(_FullyConnected):

@@ -19,7 +19,7 @@ update_op = declare(data_args=3)
 
 
 # -- update rules: one in-place step each (fastnn.optim.SPECS says which) ------
-# Signature: rule_(w, dw, state, h, l2=None). w, dw and the state arrays
+# Signature: rule_(w, dw, state, h) -> None. w, dw and the state arrays
 # (a tuple, in the rule's SPECS order) are a parameter of any shape, or the
 # (A, K, B) blocks of K stacked members, member k owning [:, k, :]
 # (fastnn.stacked). h: the rule's scalars (optim.SPECS[rule].scalars), each a
@@ -27,11 +27,10 @@ update_op = declare(data_args=3)
 # member (on w's device: a step's scalars need not come from the host); or h
 # is one array of "scalar rows", (H,) or (K, H), column j holding scalar j
 # (optim.begin_step writes them in place before a step); they
-# are cast to w.dtype, as the course's Python floats are. l2: None, or (K,)
-# for blocks: the step uses dw + l2_k * w_k (the L2 gradient, added while w
-# is read) and returns each member's sum(w_k ** 2) before the step;
-# without l2 it returns None. The formulas are the contract's, in the
-# order of operations every backend's kernel repeats.
+# are cast to w.dtype, as the course's Python floats are. L2 is not theirs:
+# a lone model adds it in its loss, a stack with l2_stacked_ (one path).
+# The formulas are the contract's, in the order of operations every
+# backend's kernel repeats.
 def _scalars(w, h):
     """h as w.dtype values that broadcast against w (per-member ones as (1, K, 1))."""
     xp = get_array_module(w)
@@ -47,69 +46,51 @@ def _scalars(w, h):
     return out
 
 
-def _with_l2(dw, w, l2):
-    """(the gradient to step with, per-member sum(w**2) or None)."""
-    if l2 is None:
-        return dw, None
-    xp = get_array_module(dw, w, l2)
-    return dw + l2.astype(w.dtype)[None, :, None] * w, xp.einsum("akb,akb->k", w, w)
-
-
 @update_op
-def sgd_(w, dw, state, h, l2=None):
+def sgd_(w, dw, state, h):
     (lr,) = _scalars(w, h)
-    dw, sums = _with_l2(dw, w, l2)
     w -= dw * lr
-    return sums
 
 
 @update_op
-def sgd_momentum_(w, dw, state, h, l2=None):
+def sgd_momentum_(w, dw, state, h):
     (v,), (lr, momentum) = state, _scalars(w, h)
-    dw, sums = _with_l2(dw, w, l2)
     v *= momentum
     v -= dw * lr
     w += v
-    return sums
 
 
 @update_op
-def sgd_nesterov_(w, dw, state, h, l2=None):
+def sgd_nesterov_(w, dw, state, h):
     """v = momentum * v - lr * dw; w + momentum * v - lr * dw."""
     (v,), (lr, momentum) = state, _scalars(w, h)
-    dw, sums = _with_l2(dw, w, l2)
     v *= momentum
     v -= dw * lr
     w += momentum * v
     w -= dw * lr
-    return sums
 
 
 @update_op
-def rmsprop_(w, dw, state, h, l2=None):
+def rmsprop_(w, dw, state, h):
     xp = get_array_module(w, dw)
     (cache,), (lr, decay, one_minus_decay, eps) = state, _scalars(w, h)
-    dw, sums = _with_l2(dw, w, l2)
     cache *= decay
     cache += one_minus_decay * (dw * dw)
     w -= lr * dw / (xp.sqrt(cache) + eps)
-    return sums
 
 
 @update_op
-def adam_(w, dw, state, h, l2=None):
+def adam_(w, dw, state, h):
     """Adam (and AdamW: `decay` = 1 - lr * weight_decay multiplies w first)."""
     xp = get_array_module(w, dw)
     (m, v), (lr, beta1, one_minus_beta1, beta2, one_minus_beta2, c1, c2, eps,
              decay) = state, _scalars(w, h)
-    dw, sums = _with_l2(dw, w, l2)
     m *= beta1
     m += one_minus_beta1 * dw
     v *= beta2
     v += one_minus_beta2 * (dw * dw)
     w *= decay
     w -= lr * (m / c1) / (xp.sqrt(v / c2) + eps)
-    return sums
 
 
 @declare(data_args=2)
@@ -128,83 +109,67 @@ def l2_stacked_(dw, w, reg):
 # A lone parameter is the one-member block (1, 1, size); the stack passes its
 # members' blocks (fastnn.stacked). h (K, H) holds the rule's scalars in
 # w.dtype, one row per member (cast as the reference casts them, so the
-# arithmetic matches fastnn.optim's rules); l2 (K,), use_l2 and partial: see
-# _l2_args. The inner loop over b is contiguous and vectorises.
+# arithmetic matches fastnn.optim's rules). The inner loop over b is contiguous and vectorises.
 @_jit
-def _sgd(w, dw, h, l2, use_l2, partial):
+def _sgd(w, dw, h):
     outer, members, inner = w.shape
     for a in range(outer):
         for k in range(members):
-            lr, l2_k = h[k, 0], l2[k]
+            lr = h[k, 0]
             for b in range(inner):
                 wi, g = w[a, k, b], dw[a, k, b]
-                if use_l2:
-                    g = g + l2_k * wi
-                    partial[k, b] += wi * wi
                 w[a, k, b] = wi - g * lr
 
 
 @_jit
-def _sgd_momentum(w, dw, v, h, l2, use_l2, partial):
+def _sgd_momentum(w, dw, v, h):
     outer, members, inner = w.shape
     for a in range(outer):
         for k in range(members):
-            lr, momentum, l2_k = h[k, 0], h[k, 1], l2[k]
+            lr, momentum = h[k, 0], h[k, 1]
             for b in range(inner):
                 wi, g = w[a, k, b], dw[a, k, b]
-                if use_l2:
-                    g = g + l2_k * wi
-                    partial[k, b] += wi * wi
                 vi = v[a, k, b] * momentum - g * lr
                 v[a, k, b] = vi
                 w[a, k, b] = wi + vi
 
 
 @_jit
-def _sgd_nesterov(w, dw, v, h, l2, use_l2, partial):
+def _sgd_nesterov(w, dw, v, h):
     outer, members, inner = w.shape
     for a in range(outer):
         for k in range(members):
-            lr, momentum, l2_k = h[k, 0], h[k, 1], l2[k]
+            lr, momentum = h[k, 0], h[k, 1]
             for b in range(inner):
                 wi, g = w[a, k, b], dw[a, k, b]
-                if use_l2:
-                    g = g + l2_k * wi
-                    partial[k, b] += wi * wi
                 vi = v[a, k, b] * momentum - g * lr
                 v[a, k, b] = vi
                 w[a, k, b] = (wi + momentum * vi) - g * lr
 
 
 @_jit
-def _rmsprop(w, dw, cache, h, l2, use_l2, partial):
+def _rmsprop(w, dw, cache, h):
     outer, members, inner = w.shape
     for a in range(outer):
         for k in range(members):
-            lr, decay, one_minus_decay, eps, l2_k = h[k, 0], h[k, 1], h[k, 2], h[k, 3], l2[k]
+            lr, decay, one_minus_decay, eps = h[k, 0], h[k, 1], h[k, 2], h[k, 3]
             for b in range(inner):
                 wi, g = w[a, k, b], dw[a, k, b]
-                if use_l2:
-                    g = g + l2_k * wi
-                    partial[k, b] += wi * wi
                 ci = cache[a, k, b] * decay + one_minus_decay * (g * g)
                 cache[a, k, b] = ci
                 w[a, k, b] = wi - lr * g / (np.sqrt(ci) + eps)
 
 
 @_jit
-def _adam(w, dw, m, v, h, l2, use_l2, partial):
+def _adam(w, dw, m, v, h):
     outer, members, inner = w.shape
     for a in range(outer):
         for k in range(members):
             lr, beta1, one_minus_beta1, beta2, one_minus_beta2 = h[k, 0], h[k, 1], h[k, 2], \
                 h[k, 3], h[k, 4]
-            c1, c2, eps, decay, l2_k = h[k, 5], h[k, 6], h[k, 7], h[k, 8], l2[k]
+            c1, c2, eps, decay = h[k, 5], h[k, 6], h[k, 7], h[k, 8]
             for b in range(inner):
                 wi, g = w[a, k, b], dw[a, k, b]
-                if use_l2:
-                    g = g + l2_k * wi
-                    partial[k, b] += wi * wi
                 mi = m[a, k, b] * beta1 + one_minus_beta1 * g
                 vi = v[a, k, b] * beta2 + one_minus_beta2 * (g * g)
                 m[a, k, b] = mi
@@ -237,37 +202,18 @@ def _scalar_rows(h, members, dtype):
     return rows
 
 
-_NO_L2 = {}
-
-
-def _l2_args(w, l2):
-    """(l2 (K,) in w.dtype, whether to use it, the (K, B) partial sums of w**2)."""
-    if l2 is None:
-        key = (w.shape[1], w.dtype)
-        if key not in _NO_L2:  # placeholders the kernel never reads
-            _NO_L2[key] = (np.zeros(w.shape[1], dtype=w.dtype), False,
-                           np.zeros((1, 1), dtype=w.dtype))
-        return _NO_L2[key]
-    return np.ascontiguousarray(l2, dtype=w.dtype), True, np.zeros(w.shape[1:], dtype=w.dtype)
-
-
 def _update_op_numba(kernel, reference_op):
     """The table op for one rule's kernel: reference_op's signature and results.
 
     A parameter or state array that is not C-contiguous (a transposed view,
     say) runs reference_op, which takes any strides and gives the same values.
     """
-    def op(w, dw, state, h, l2=None):
+    def op(w, dw, state, h):
         if not (w.flags.c_contiguous and all(s.flags.c_contiguous for s in state)):
-            return reference_op(w, dw, state, h, l2)
+            return reference_op(w, dw, state, h)
         shape = w.shape if w.ndim == 3 else (1, 1, w.size)
-        blocks = w.reshape(shape)
-        l2_args = _l2_args(blocks, l2)
-        kernel(blocks, np.ascontiguousarray(dw).reshape(shape),
-               *(s.reshape(shape) for s in state), _scalar_rows(h, shape[1], w.dtype), *l2_args)
-        if l2_args[1]:
-            return l2_args[2].sum(axis=1, dtype=np.float64).astype(w.dtype)
-        return None
+        kernel(w.reshape(shape), np.ascontiguousarray(dw).reshape(shape),
+               *(s.reshape(shape) for s in state), _scalar_rows(h, shape[1], w.dtype))
 
     op.__name__ = op.__qualname__ = reference_op.__name__
     op.__doc__ = reference_op.__doc__
@@ -304,7 +250,7 @@ def l2_stacked_numba(dw, w, reg):
 
 
 # -- CuPy: one formula per rule, the operations of the reference in its order
-# g is the gradient (dw, plus l2_k * w when l2 is given); w and the state
+# g is the gradient dw; w and the state
 # are read and written; the scalars are named in optim.SPECS[rule].scalars order.
 _RULES = {
     "sgd": ((), ("lr",), "w = w - g * lr;"),
@@ -352,13 +298,9 @@ def _rule_kernel(rule, on_device):
 
 def _update_op_cupy(rule):
     """The table op of one rule: the reference's signature and results."""
-    def op(w, dw, state, h, l2=None):
+    def op(w, dw, state, h):
         import cupy
 
-        sums = None
-        if l2 is not None:  # blocks (A, K, B); the kernel then needs no reduction
-            sums = cupy.einsum("akb,akb->k", w, w)
-            dw = dw + l2.astype(w.dtype)[None, :, None] * w
         if hasattr(h, "shape"):  # scalar rows (H,) or (K, H): contiguous columns
             columns = cupy.ascontiguousarray(h.astype(w.dtype, copy=False).reshape(
                 -1, h.shape[-1]).T)
@@ -368,7 +310,6 @@ def _update_op_cupy(rule):
                 else w.dtype.type(v) for v, device in zip(h, on_device)]
         inner = w.shape[2] if w.ndim == 3 else w.size
         _rule_kernel(rule, on_device)(dw, *args, np.int64(inner), w, *state)
-        return sums
 
     op.__name__ = op.__qualname__ = f"{rule}_"
     return op
