@@ -195,12 +195,10 @@ class Solver:
         self._step_index = self._xp.zeros((), dtype=np.int64)
         self._scalar_rows = {}
         self.optim_configs = {name: dict(self.optim_config) for name in self.model.params}
-        if self.update_rule == "adamw":  # decay the model's weights only
+        if optim.by_role(self.update_rule):  # e.g. adamw decays the model's weights only
             roles = check_roles(self.model)
-            for name, config in self.optim_configs.items():
-                config.setdefault("weight_decay", optim.DEFAULTS["adamw"]["weight_decay"])
-                if roles[name] != "weight":
-                    config["weight_decay"] = 0.0
+            self.optim_configs = {name: optim.role_config(self.update_rule, config, roles[name])
+                                  for name, config in self.optim_configs.items()}
         self._base_lr = {name: config.get("learning_rate",
                                           optim.DEFAULTS[self.update_rule]["learning_rate"])
                          for name, config in self.optim_configs.items()}

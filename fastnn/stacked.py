@@ -277,8 +277,9 @@ class StackedSolver(Solver):
         self.optim_configs = {}
         for name in stack.params:
             config = {**self._shared, "learning_rate": lr}
-            if self.update_rule == "adamw":  # the weights only, as Solver
-                config["weight_decay"] = decay if stack.param_roles[name] == "weight" else 0.0
+            if optim.by_role(self.update_rule):  # as Solver (adamw: the weights only)
+                config = optim.role_config(self.update_rule, {**config, "weight_decay": decay},
+                                           stack.param_roles[name])
             self.optim_configs[name] = config
         self._base_lr = {name: lr for name in stack.params}
         # the update ops add reg_k * W to the weights' gradients as they read W
