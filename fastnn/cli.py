@@ -36,15 +36,23 @@ import time
 
 import numpy as np
 
+from fastnn import models
 from fastnn.files import FolderInUse, lock_folder, read_json, write_json
 from fastnn.runs import (CONFIG_FORMAT, FORMAT_VERSION, LEGACY_DEFAULTS,
-                         METRICS_FORMAT, RECIPES, RESUMABLE, RULE_OPTIONS, build_model,
+                         METRICS_FORMAT, RESUMABLE, RULE_OPTIONS, build_model,
                          build_solver, check_config, complete, load_data,
                          new_config, not_applicable, option_name, predict, recorded,
                          setup_runtime)
 
 START_TIME = time.perf_counter()  # budgets count from the command's start
 TUNE_BEST_FORMAT = "fastnn-tune-best"  # fastnn.tune's best.json (kept here: no import of tune)
+
+
+# the argparse keywords of a model option's flag, by its kind (fastnn.models.Option)
+OPTION_KINDS = {"int": {"type": int}, "float": {"type": float}, "ints": {"type": int, "nargs": "+"},
+                "bool": {"action": argparse.BooleanOptionalAction}}
+# the models fastnn tune searches, its default first
+TUNE_MODELS = sorted(models.TUNABLE, key=lambda name: name != models.DEFAULT_TUNE_MODEL)
 
 
 class UsageError(Exception):
@@ -74,24 +82,14 @@ def build_parser():
     add("--config", dest="config_file", metavar="FILE",
         help="start from the configuration in FILE (a run's config.json, or a tune folder's "
              "best.json); flags override it")
-    add("--model", choices=list(RECIPES),
-        help="convnet (the main job), fc (fully connected), two_layer (TwoLayerNet) or "
-             "three_layer_conv (ThreeLayerConvNet); the other defaults are that model's "
-             "recipe: convnet's below, fc's after a slash (convnet)")
-    add("--widths", type=int, nargs="+", help="convnet channels of each group (32 64 128)")
-    add("--stem-width", type=int, help="convnet channels of the stem (24)")
-    add("--label-smoothing", type=float,
-        help="convnet: mix the one-hot targets with the uniform distribution (0.2)")
-    add("--hidden-dims", type=int, nargs="+", help="fc hidden sizes (1024 512 256)")
-    add("--hidden-dim", type=int, help="two_layer / three_layer_conv hidden size (100 / 500)")
-    add("--num-filters", type=int, help="three_layer_conv filters (32)")
-    add("--filter-size", type=int, help="three_layer_conv filter size (7)")
-    add("--batchnorm", action=argparse.BooleanOptionalAction, help="fc batchnorm (on)")
-    add("--dropout", type=float, help="fc dropout: probability of dropping a unit (0.3)")
+    abouts = [model.about for model in models.MODELS.values()]
+    add("--model", choices=list(models.MODELS),
+        help=f"{', '.join(abouts[:-1])} or {abouts[-1]}; the other defaults are that model's "
+             f"recipe: {models.DEFAULT_MODEL}'s below, fc's after a slash "
+             f"({models.DEFAULT_MODEL})")
+    for key, option in models.OPTIONS.items():  # the models' own options
+        add(option_name(key), help=option.help, **OPTION_KINDS[option.kind])
     add("--reg", type=float, help="L2 regularisation strength (5e-4 / 0)")
-    add("--weight-scale", type=float,
-        help="fc, two_layer, three_layer_conv: std of the initial weights (1e-2; "
-             "three_layer_conv 1e-3); convnet draws He-style weights")
     add("--update-rule", choices=list(RULE_OPTIONS), help="update rule (sgd_nesterov / adam)")
     add("--lr", "--learning-rate", dest="learning_rate", type=float,
         help="learning rate (0.2 / 1e-3)")
@@ -132,13 +130,14 @@ def build_parser():
                     "plots to the run folder (retrain the best: fastnn train --config "
                     "DIR/best.json).")
     add = tune.add_argument
-    add("--model", choices=["fc", "convnet"], default="fc",
-        help="fc: fully connected nets, K trials at once as a stack; convnet: ConvNets around "
-             "the main job's recipe (learning rate, reg, momentum, label smoothing), one "
-             "trial at a time (fc)")
-    add("--widths", type=int, nargs="+", default=None,
-        help="convnet trials' group widths (the recipe's 32 64 128)")
-    add("--stem-width", type=int, default=None, help="convnet trials' stem width (24)")
+    searches = {name: models.MODELS[name].search for name in TUNE_MODELS}
+    add("--model", choices=TUNE_MODELS, default=TUNE_MODELS[0],
+        help="; ".join(search.about for search in searches.values())
+             + f" ({TUNE_MODELS[0]})")
+    for search in searches.values():  # model options the trials take from a flag
+        for key, text in search.flags.items():
+            add(option_name(key), default=None, help=text,
+                **OPTION_KINDS[models.OPTIONS[key].kind])
     add("--trials", type=int, default=60, help="trials in the study, all workers together (60)")
     add("--budget-minutes", type=float, default=None,
         help="stop in time to finish within M minutes of the command's start (none)")
@@ -656,14 +655,16 @@ def tune_holds_run(folder):
 def fill_tune_defaults(options):
     """The per-model defaults of --parallel and --crop-padding (None: not given); --epochs
     stays None when not given: a resumed study keeps its own (fastnn.tune.check_epochs)."""
-    if options["model"] == "convnet":
-        if (options["parallel"] or 1) != 1:
-            raise UsageError(f"convnet trials train one at a time; --parallel "
-                             f"{options['parallel']} applies to --model fc")
-    else:
-        for name in ("widths", "stem_width"):
-            if options[name] is not None:
-                raise UsageError(f"{option_name(name)} applies to tune --model convnet, not fc")
+    model, search = options["model"], models.MODELS[options["model"]].search
+    if not search.stacked and (options["parallel"] or 1) != 1:
+        stacked = [name for name in TUNE_MODELS if models.MODELS[name].search.stacked]
+        raise UsageError(f"{model} trials train one at a time; --parallel "
+                         f"{options['parallel']} applies to --model {'/'.join(stacked)}")
+    for other in TUNE_MODELS:
+        for name in models.MODELS[other].search.flags:
+            if name not in search.flags and options[name] is not None:
+                raise UsageError(f"{option_name(name)} applies to tune --model {other}, "
+                                 f"not {model}")
     from fastnn.tune import model_defaults
 
     options.update({k: v for k, v in model_defaults(options["model"]).items()

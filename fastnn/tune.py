@@ -33,6 +33,7 @@ import warnings
 
 import numpy as np
 
+from fastnn import models
 from fastnn.files import atomic_write, read_json, write_json
 from fastnn.interrupt import TrainingInterrupted, stop_requests
 from fastnn.plots import save_figure
@@ -41,33 +42,11 @@ from fastnn.runs import (augment_options, build_model, build_solver, complete, d
 
 BEST_FORMAT, FORMAT_VERSION = "fastnn-tune-best", 1
 
-UPDATE_RULES = ("adam", "adamw", "sgd_momentum")
-# What one round's trials share, and the full range each is drawn from.
-STRUCTURE_SPACE = {
-    "num_hidden": ("int", 1, 4, False),
-    "hidden_width": ("int", 256, 2048, True),
-    "width_ratio": ("float", 0.25, 1.0, False),  # each later layer is this much narrower
-    "log2_batch_size": ("int", 7, 9, False),
-    "lr_decay": ("float", 0.85, 1.0, False),
-    "update_rule_id": ("int", 0, len(UPDATE_RULES) - 1, False),  # index into UPDATE_RULES
-    "augment": ("int", 0, 1, False),  # random horizontal flips (and --crop-padding crops)
-}
-MEMBER_SPACE = {
-    "learning_rate": ("float", 1e-4, 1e-2, True),
-    "reg": ("float", 1e-6, 1e-1, True),
-    "weight_scale": ("float", 1e-3, 1e-1, True),
-    "dropout": ("float", 0.0, 0.6, False),
-}
-# --model convnet: one ConvNet trial at a time (a stack of conv nets would save
-# nothing: their products are already large), around the main job's recipe, in
-# a small space; every trial trains all its epochs (the plain Solver has no
-# per-epoch pruning hook), and its per-epoch validation accuracy is reported.
-CONV_SPACE = {
-    "learning_rate": ("float", 0.05, 0.5, True),
-    "reg": ("float", 1e-4, 2e-3, True),
-    "momentum": ("float", 0.8, 0.95, False),
-    "label_smoothing": ("float", 0.0, 0.3, False),
-}
+# the searches' spaces live in fastnn.models' registry (Search); these names stay for callers
+UPDATE_RULES = models.FC_UPDATE_RULES
+STRUCTURE_SPACE = models.FC_STRUCTURE  # what one round's trials share
+MEMBER_SPACE = models.FC_MEMBER  # what each trial draws
+CONV_SPACE = models.CONV_SPACE
 RESERVE_SECONDS = 45  # the final test pass, plots and files
 
 
@@ -386,13 +365,12 @@ def open_storage(options, log=print, stop=None):
 
 def search_space(model="fc"):
     """Every searched parameter's (kind, low, high, log), as JSON keeps it."""
-    spaces = CONV_SPACE if model == "convnet" else {**STRUCTURE_SPACE, **MEMBER_SPACE}
-    return {name: list(spec) for name, spec in spaces.items()}
+    return {name: list(spec) for name, spec in models.MODELS[model].search.space.items()}
 
 
 def check_search_space(study, where, model="fc"):
-    """SystemExit unless `study` draws from this fastnn's search space (of `model`: fc or
-    convnet); records it in a new study."""
+    """SystemExit unless `study` draws from this fastnn's search space (of `model`, one of
+    fastnn.models.TUNABLE); records it in a new study."""
     from optuna.study import StudyDirection
 
     name, ours = study.study_name, search_space(model)
@@ -674,9 +652,7 @@ class Worker:
 # A configuration known to do well on CIFAR-10 (about 0.62 test accuracy after
 # 30 epochs with flips and a one-cycle schedule): the first trial of a new study, so the
 # search starts from it.
-BASELINE = {"num_hidden": 3, "hidden_width": 1024, "width_ratio": 0.5, "log2_batch_size": 8,
-            "lr_decay": 1.0, "update_rule_id": UPDATE_RULES.index("adamw"), "augment": 1,
-            "learning_rate": 1e-3, "reg": 1e-6, "weight_scale": 1e-2, "dropout": 0.3}
+BASELINE = models.MODELS["fc"].search.baseline
 
 
 def run_round(worker, taken, data, options, clock, log):
@@ -762,8 +738,7 @@ def run_round(worker, taken, data, options, clock, log):
             best_id = member_id
         config = configs[member_id]
         log(f"{name}: val {value:.4f} ({result['status']}) "
-            f"{config['hidden_dims']} bs {config['batch_size']} "
-            f"{config['update_rule']} lr {config['learning_rate']:.2e}")
+            f"{models.MODELS['fc'].search.summary(config)}")
     budget = "" if clock.deadline is None else f"; {clock.left():.0f} s of budget left"
     log(f"round of {len(trials)} took {time.perf_counter() - round_start:.0f} s{budget}")
     round_best = None
@@ -775,27 +750,26 @@ def run_round(worker, taken, data, options, clock, log):
 
 def model_defaults(model):
     """--parallel, --epochs and --crop-padding of a search of `model` when not given."""
-    if model == "convnet":
-        recipe = defaults_for("convnet")
-        return {"parallel": 1, "epochs": recipe["epochs"], "crop_padding": recipe["crop_padding"]}
-    return {"parallel": 2, "epochs": 30, "crop_padding": 0}
+    search = models.MODELS[model].search
+    return {"parallel": search.parallel, "epochs": search.epochs,
+            "crop_padding": search.crop_padding}
 
 
-def conv_baseline():
-    """The main job's recipe, as CONV_SPACE values: a new convnet study's first trial."""
-    recipe = defaults_for("convnet")
-    return {name: recipe[name] for name in CONV_SPACE}
+def conv_baseline(model="convnet"):
+    """The first trial of a new study of `model` (one trained one at a time)."""
+    return models.MODELS[model].search.baseline
 
 
 def conv_train_config(params, options, slot):
-    """A `fastnn train` configuration for one convnet trial: the recipe with `params`,
-    the architecture and schedule of `options` (cli's tune flags); the weights' seed
-    follows the slot, as train_config's does."""
-    config = {**defaults_for("convnet"), **params, "epochs": options["epochs"],
+    """A `fastnn train` configuration for one trial trained alone: its model's recipe with
+    `params`, the architecture (the model's tune flags) and schedule of `options` (cli's tune
+    flags); the weights' seed follows the slot, as train_config's does."""
+    model = options.get("model", "convnet")
+    config = {**defaults_for(model), **params, "epochs": options["epochs"],
               "lr_schedule": None if options["lr_schedule"] == "none" else options["lr_schedule"],
               "crop_padding": options["crop_padding"], "seed": options["seed"],
               "model_seed": options["seed"] + slot}
-    for key in ("widths", "stem_width"):
+    for key in models.MODELS[model].search.flags:
         if options.get(key) is not None:
             config[key] = options[key]
     for key in ("data", "num_training", "num_validation", "num_test"):  # as train_config
@@ -804,15 +778,17 @@ def conv_train_config(params, options, slot):
 
 
 def run_conv_trial(worker, taken, data, options, clock, log):
-    """Train one convnet trial (worker.take(1)'s [(trial, slot)]) with the plain Solver;
-    returns (outcome, trial_best, model_epochs) as run_round does."""
+    """Train one trial (worker.take(1)'s [(trial, slot)]) of a model searched one trial at a
+    time (convnet) with the plain Solver; returns (outcome, trial_best, model_epochs) as
+    run_round does."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     (trial, slot), = taken
     with warnings.catch_warnings():  # a retry holds its lost trial's values already
         warnings.filterwarnings("ignore", "Inconsistent parameter values", RuntimeWarning)
-        params = {name: _suggest(trial, name, spec) for name, spec in CONV_SPACE.items()}
+        search = models.MODELS[options.get("model", "convnet")].search
+        params = {name: _suggest(trial, name, spec) for name, spec in search.space.items()}
     config = conv_train_config(params, options, slot)
     trial.set_user_attr("config", config)
     start = time.perf_counter()
@@ -837,10 +813,8 @@ def run_conv_trial(worker, taken, data, options, clock, log):
     if not worker.finish(trial, value):
         return [], None, solver.epoch
     budget = "" if clock.deadline is None else f"; {clock.left():.0f} s of budget left"
-    log(f"trial {trial.number}: val {value:.4f} (complete) convnet "
-        f"lr {config['learning_rate']:.2e} reg {config['reg']:.1e} "
-        f"momentum {config['momentum']:.3f} smoothing {config['label_smoothing']:.2f}; "
-        f"{time.perf_counter() - start:.0f} s{budget}")
+    log(f"trial {trial.number}: val {value:.4f} (complete) {config['model']} "
+        f"{search.summary(config)}; {time.perf_counter() - start:.0f} s{budget}")
     return [(trial.number, value)], (value, config, model, trial.number), solver.epoch
 
 
@@ -997,7 +971,7 @@ def _tune(options, log, data, stop):
                        for k in ("X_train", "y_train", "X_val", "y_val")}}
     if not options["shared"] and not study.trials:
         # Not with a shared storage: workers starting together would each enqueue it.
-        study.enqueue_trial(conv_baseline() if options.get("model") == "convnet" else BASELINE)
+        study.enqueue_trial(models.MODELS[options.get("model", "fc")].search.baseline)
     best = previous_best(out_dir)  # (val_acc, config, model, trial number)
     trained_here = 0
     stopped = None  # TuneStopped, when the search ends early
@@ -1036,7 +1010,8 @@ def _tune(options, log, data, stop):
                     continue
                 waiting = False
                 round_start = time.perf_counter()
-                trainer = run_conv_trial if options.get("model") == "convnet" else run_round
+                stacked = models.MODELS[options.get("model", "fc")].search.stacked
+                trainer = run_round if stacked else run_conv_trial
                 outcome, round_best, model_epochs = trainer(worker, taken, data, options, clock,
                                                             log)
                 round_seconds = time.perf_counter() - round_start
