@@ -60,6 +60,8 @@ class Search(NamedTuple):
     crop_padding: int  # --crop-padding when not given
     summary: Callable  # a trial's config -> its values in the log line
     flags: dict = {}   # option -> tune flag help: model options every trial takes from a flag
+    shared: tuple = ()  # with `stacked`: the parameters one stack's trials share (its first
+                        # trial draws them; a queued trial brings its own)
 
 
 class Model(NamedTuple):
@@ -193,7 +195,7 @@ MODELS = {
                {"num_hidden": 3, "hidden_width": 1024, "width_ratio": 0.5, "log2_batch_size": 8,
                 "lr_decay": 1.0, "update_rule_id": FC_UPDATE_RULES.index("adamw"), "augment": 1,
                 "learning_rate": 1e-3, "reg": 1e-6, "weight_scale": 1e-2, "dropout": 0.3},
-               stacked=True, parallel=2, epochs=30, crop_padding=0,
+               stacked=True, parallel=2, epochs=30, crop_padding=0, shared=tuple(FC_STRUCTURE),
                summary=lambda c: (f"{c['hidden_dims']} bs {c['batch_size']} "
                                   f"{c['update_rule']} lr {c['learning_rate']:.2e}"))),
     "two_layer": Model("two_layer (TwoLayerNet)", _build_two_layer,
