@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from fastnn import models
+from fastnn import models, optim
 from fastnn.files import FolderInUse, lock_folder, read_json, write_json
 from fastnn.runs import (CONFIG_FORMAT, FORMAT_VERSION, LEGACY_DEFAULTS,
                          METRICS_FORMAT, RESUMABLE, RULE_OPTIONS, build_model,
@@ -93,12 +93,8 @@ def build_parser():
     add("--update-rule", choices=list(RULE_OPTIONS), help="update rule (sgd_nesterov / adam)")
     add("--lr", "--learning-rate", dest="learning_rate", type=float,
         help="learning rate (0.2 / 1e-3)")
-    add("--momentum", type=float, help="sgd_momentum / sgd_nesterov momentum (0.9)")
-    add("--beta1", type=float, help="adam/adamw beta1 (0.9)")
-    add("--beta2", type=float, help="adam/adamw beta2 (0.999)")
-    add("--decay-rate", type=float, help="rmsprop decay rate (0.99)")
-    add("--epsilon", type=float, help="rmsprop/adam/adamw epsilon (1e-8)")
-    add("--weight-decay", type=float, help="adamw decoupled weight decay (1e-2)")
+    for key, text in rule_option_help().items():  # the update rules' hyperparameters
+        add(option_name(key), type=float, help=text)
     add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"],
         help="learning-rate schedule (onecycle / none); multiplies with --lr-decay")
     add("--augment", action=argparse.BooleanOptionalAction,
@@ -196,6 +192,18 @@ def build_parser():
 
 
 # -- helpers -----------------------------------------------------------------
+def rule_option_help():
+    """{hyperparameter: its flag's help} for the update rules' options (fastnn.optim's table):
+    the rules that take it and their defaults, e.g. "adam/adamw beta1 (0.9)"."""
+    rules, defaults = {}, {}
+    for rule, keys in RULE_OPTIONS.items():
+        for key in keys:
+            rules.setdefault(key, []).append(rule)
+            defaults.setdefault(key, {})[f"{optim.DEFAULTS[rule][key]:g}"] = None
+    return {key: f"{'/'.join(rules[key])} {key.replace('_', ' ')} ({' / '.join(defaults[key])})"
+            for key in rules}
+
+
 def one_line(exc):
     """An exception's message on one line (OSError: 'reason: file')."""
     if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, FolderInUse):

@@ -32,9 +32,9 @@ from fastnn.solver import Solver
 # conv keys and flip_test (and had the fc defaults); every later one records each
 # key that applies to it, so for them this fills only keys that do nothing.
 LEGACY_DEFAULTS = {
-    "model": "fc", "reg": 0.0, "update_rule": "adam",
-    "learning_rate": 1e-3, "momentum": None, "beta1": None, "beta2": None,
-    "decay_rate": None, "epsilon": None, "weight_decay": None, "lr_schedule": None,
+    "model": "fc", "reg": 0.0, "update_rule": "adam", "learning_rate": 1e-3,
+    # the update rules' other hyperparameters (fastnn.optim.RANGES): the rule's default
+    **{key: None for key in optim.RANGES if key != "learning_rate"}, "lr_schedule": None,
     "augment": False, "crop_padding": 0, "lr_decay": 0.9, "epochs": 15, "batch_size": 256,
     "backend": "numpy", "seed": 0, "data": None, "num_training": 49000,
     "num_validation": 1000, "num_test": 10000, "threads": None, "print_every": 50,
@@ -78,12 +78,10 @@ _INT_RANGES = {"epochs": (1, None), "batch_size": (1, None), "num_training": (1,
                "crop_padding": (0, None), "print_every": (1, None), "threads": (1, None),
                "seed": (0, None), "model_seed": (0, None),
                **{k: o.bounds for k, o in models.OPTIONS.items() if o.kind == "int"}}
-_FLOAT_RANGES = {"learning_rate": (0, None, True),
-                 "reg": (0, None, False), "lr_decay": (0, None, True),
-                 "momentum": (0, 1, False, True),
-                 "beta1": (0, 1, False, True), "beta2": (0, 1, False, True),
-                 "decay_rate": (0, 1, False, True), "epsilon": (0, None, True),
-                 "weight_decay": (0, None, False),
+_FLOAT_RANGES = {"reg": (0, None, False), "lr_decay": (0, None, True),
+                 # the update rules' hyperparameters, as fastnn.optim checks them (inf: no bound)
+                 **{k: (low, None if high == float("inf") else high, low_open, high_open)
+                    for k, (low, high, low_open, high_open) in optim.RANGES.items()},
                  **{k: o.bounds for k, o in models.OPTIONS.items() if o.kind == "float"}}
 _CHOICES = {"backend": ("numpy", "cupy"), "lr_schedule": (None, "step", "cosine", "onecycle")}
 _BOOLEANS = ("augment", "flip_test", *(k for k, o in models.OPTIONS.items() if o.kind == "bool"))

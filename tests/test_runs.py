@@ -255,3 +255,37 @@ def test_no_module_but_the_registries_names_a_model_or_rule():
                     found += [f"{os.path.relpath(path, root)}:{i}" for i, line in enumerate(fh, 1)
                               if pattern.search(line)]
     assert not found, found
+
+
+NEW_RULE = """
+import sys
+from fastnn import optim
+# a new rule with a new hyperparameter, declared in fastnn.optim alone (its op: sgd_momentum's)
+optim.SPECS["heavy_ball"] = optim.Rule({"learning_rate": 1e-2, "momentum": 0.9, "damping": 0.0},
+                                       ("velocity",), "sgd_momentum_",
+                                       lambda c: (c["learning_rate"], c["momentum"]))
+optim.DEFAULTS["heavy_ball"] = optim.SPECS["heavy_ball"].defaults
+optim.RULES["heavy_ball"] = optim.sgd_momentum
+optim.RANGES["damping"] = (0, 1, False, True)
+from fastnn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_new_update_rule_and_its_hyperparameters_need_only_fastnn_optim(cifar_root, tmp_path):
+    """--update-rule, its hyperparameters' flags, their checks and the recorded config all come
+    from fastnn.optim's tables."""
+    run = [sys.executable, "-c", NEW_RULE, "train", "--data", cifar_root, "--num-training", "64",
+           "--num-validation", "16", "--num-test", "16", "--model", "two_layer",
+           "--hidden-dim", "8", "--epochs", "1", "--batch-size", "16", "--update-rule",
+           "heavy_ball"]
+    bad = subprocess.run([*run, "--damping", "2", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--damping must be in [0, 1), got 2.0" in bad.stderr
+    helps = subprocess.run([*run, "--help"], capture_output=True, text=True, check=True)
+    assert "heavy_ball damping (0)" in helps.stdout
+    good = subprocess.run([*run, "--damping", "0.5", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["update_rule"], config["damping"]) == ("heavy_ball", 0.5)
