@@ -214,16 +214,21 @@ def recipe_of(model):
     return RECIPES[MODELS[model].recipe][1]
 
 
-def _check_tables():
-    """The tables agree: every option declared, every recipe's model registered."""
+def check_tables():
+    """ValueError unless the tables agree: each model's options declared in OPTIONS, its
+    recipe one of RECIPES made for it, each recipe's model registered."""
     for name, model in MODELS.items():
-        unknown = set(model.options) - set(OPTIONS) - {"model_seed"}
-        if unknown or model.recipe not in RECIPES or RECIPES[model.recipe][0] != name:
-            raise ValueError(f"models.MODELS[{name!r}]: undeclared options {sorted(unknown)} "
-                             f"or recipe {model.recipe!r} is not one of its RECIPES")
+        unknown = sorted(set(model.options) - set(OPTIONS) - {"model_seed"})
+        if unknown:
+            raise ValueError(f"models.MODELS[{name!r}] takes undeclared options {unknown}; "
+                             "declare them in models.OPTIONS")
+        if RECIPES.get(model.recipe, (None,))[0] != name:
+            raise ValueError(f"models.MODELS[{name!r}] names recipe {model.recipe!r}, which is "
+                             f"not a recipe of {name!r} in models.RECIPES")
     for name, (model, _) in RECIPES.items():
         if model not in MODELS:
-            raise ValueError(f"models.RECIPES[{name!r}] names no model in MODELS: {model!r}")
+            raise ValueError(f"models.RECIPES[{name!r}] names no model in models.MODELS: "
+                             f"{model!r}")
 
 
-_check_tables()
+check_tables()  # at import: a broken entry fails loudly, not at its first use

@@ -206,7 +206,8 @@ from fastnn import models
 # a new model: one registry entry (here TwoLayerNet under another name), its recipe, its search
 models.MODELS["wide_two_layer"] = models.MODELS["two_layer"]._replace(
     about="wide_two_layer (a wide TwoLayerNet)", recipe="wide",
-    search=models.Search("wide_two_layer: learning rates", {"learning_rate": ("float", 1e-3, 1e-2, True)},
+    search=models.Search("wide_two_layer: learning rates",
+                         {"learning_rate": ("float", 1e-3, 1e-2, True)},
                          {"learning_rate": 5e-3}, stacked=False, parallel=1, epochs=1,
                          crop_padding=0, summary=lambda c: f"lr {c['learning_rate']:.2e}"))
 models.RECIPES["wide"] = ("wide_two_layer", {"hidden_dim": 24, "update_rule": "sgd_momentum",
@@ -245,7 +246,8 @@ def test_a_new_model_with_its_recipe_and_search_is_one_registry_entry(cifar_root
 def test_no_module_but_the_registries_names_a_model_or_rule():
     """Model and rule behaviour comes from fastnn.models and fastnn.optim, not name checks."""
     root = os.path.dirname(fastnn.__file__)
-    pattern = re.compile(r"""(==|!=)\s*["'](adamw|adam|convnet|fc|two_layer|three_layer_conv)["']""")
+    names = "|".join(["adamw", "adam", "convnet", "fc", "two_layer", "three_layer_conv"])
+    pattern = re.compile(rf"""(==|!=)\s*["']({names})["']""")
     found = []
     for folder, _, files in os.walk(root):
         for name in files:
@@ -289,3 +291,16 @@ def test_a_new_update_rule_and_its_hyperparameters_need_only_fastnn_optim(cifar_
     assert good.returncode == 0, good.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["update_rule"], config["damping"]) == ("heavy_ball", 0.5)
+
+
+def test_a_registry_entry_that_does_not_fit_fails_loudly(monkeypatch):
+    from fastnn import models
+
+    monkeypatch.setitem(models.MODELS, "typo", models.MODELS["fc"]._replace(
+        options=("hiden_dims",), recipe="typo"))
+    with pytest.raises(ValueError, match=r"undeclared options \['hiden_dims'\]"):
+        models.check_tables()
+    monkeypatch.setitem(models.MODELS, "typo", models.MODELS["fc"]._replace(recipe="typo"))
+    monkeypatch.setitem(models.RECIPES, "typo", ("fc", {}))
+    with pytest.raises(ValueError, match="recipe 'typo'"):
+        models.check_tables()
