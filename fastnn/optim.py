@@ -13,6 +13,13 @@ the fused in-place path (`fused_update`) and the Solver's and the stack's path (
 writes the step's scalars into arrays in place, then `apply_step`) all run
 it, so they give the same parameters by construction. Adding a rule: its `Rule` here, its op
 declared in kernels/updates.py with its Numba and CuPy versions registered there.
+
+What a rule does to a parameter may depend on the parameter's role
+(`model.param_roles`: weight, bias, scale, shift; fastnn.classifiers.base.ROLES):
+`role_config` gives one parameter's config, from the rule's properties
+(`Rule.decoupled_decay`) and the roles' (DECAYED_ROLES). A Solver asks
+`by_role` whether it needs the model's roles at all, so no code outside this
+module names a rule.
 """
 from typing import Callable, NamedTuple
 
@@ -30,6 +37,9 @@ class Rule(NamedTuple):
     op: str                 # the kernel-table op that applies one step in place
     scalars: Callable       # filled config -> the op's scalars (floats, or per-member arrays)
     counts_steps: bool = False  # config["t"] += 1 before each step (bias corrections)
+    # its `weight_decay` hyperparameter shrinks the parameters of DECAYED_ROLES only
+    # (decoupled weight decay, as AdamW): every other parameter gets weight_decay 0
+    decoupled_decay: bool = False
 
 
 def _adam_scalars(c):
@@ -51,11 +61,31 @@ SPECS = {
                     "rmsprop_", lambda c: (c["learning_rate"], c["decay_rate"],
                                            1 - c["decay_rate"], c["epsilon"])),
     "adam": Rule(_ADAM, ("m", "v"), "adam_", _adam_scalars, counts_steps=True),
-    # Solver sets weight_decay to 0 for all but the model's "weight" parameters
     "adamw": Rule({**_ADAM, "weight_decay": 1e-2}, ("m", "v"), "adam_", _adam_scalars,
-                  counts_steps=True),
+                  counts_steps=True, decoupled_decay=True),
 }
 DEFAULTS = {name: spec.defaults for name, spec in SPECS.items()}
+# The parameter roles that decoupled weight decay shrinks: weights, not biases or the
+# norms' scales and shifts.
+DECAYED_ROLES = ("weight",)
+
+
+def by_role(rule):
+    """Whether parameters of different roles get different configs under `rule` (role_config);
+    only then does a Solver need its model's param_roles."""
+    return SPECS[rule].decoupled_decay
+
+
+def role_config(rule, config, role):
+    """The optim config of one parameter of `role` under `rule`: a copy of `config` with what
+    the rule does by role applied (decoupled decay: weight_decay, its default when missing,
+    for DECAYED_ROLES; 0 for the others)."""
+    config = dict(config)
+    if SPECS[rule].decoupled_decay:
+        config.setdefault("weight_decay", DEFAULTS[rule]["weight_decay"])
+        if role not in DECAYED_ROLES:
+            config["weight_decay"] = 0.0
+    return config
 
 
 def check_rule(rule):
@@ -206,6 +236,7 @@ rmsprop = _functional(
 adam = _functional("adam", "Adam with bias correction (state: m, v, t).")
 adamw = _functional(
     "adamw", "Adam with decoupled weight decay: w * (1 - lr * weight_decay), then the Adam "
-             "step.\n\nSolver sets weight_decay to 0 for everything but the model's weights.")
+             "step.\n\nSolver sets weight_decay to 0 for everything but the model's weights "
+             "(role_config).")
 
 RULES = {name: globals()[name] for name in SPECS}

@@ -4,7 +4,7 @@ A run configuration is a flat dict with the keys of DEFAULTS (`fastnn
 train` writes it to a run folder's config.json, `fastnn tune` records one
 per trial). This module is the one place that knows what the keys mean:
 
-    new_config(given)          a new run: the model's recipe (RECIPES) under the given keys
+    new_config(given)          a new run: the model's recipe (models.RECIPES) under the given keys
     complete(config)           a stored config: missing keys get their LEGACY_DEFAULTS value
     check_config(config)       ValueError naming the first bad value or unknown key
     not_applicable(config, keys)  the keys that do nothing under this model / rule
@@ -13,8 +13,9 @@ per trial). This module is the one place that knows what the keys mean:
     changed_options(old, new)  what differs between two configs beyond what --resume may change
 
 Which option applies to which model, update rule or switch is listed in
-three tables (MODEL_OPTIONS, RULE_OPTIONS, NEEDS); a new model adds a row to
-MODEL_OPTIONS, a new rule arrives through fastnn.optim's table.
+three tables (MODEL_OPTIONS, RULE_OPTIONS, NEEDS); a new model (its options,
+recipe, builder and checks) arrives through fastnn.models' registry, a new
+rule through fastnn.optim's table.
 """
 import json
 import numbers
@@ -22,7 +23,7 @@ import os
 
 import numpy as np
 
-from fastnn import optim
+from fastnn import models, optim
 from fastnn.inference import DEFAULT_BATCH_SIZE
 from fastnn.solver import Solver
 
@@ -31,32 +32,20 @@ from fastnn.solver import Solver
 # conv keys and flip_test (and had the fc defaults); every later one records each
 # key that applies to it, so for them this fills only keys that do nothing.
 LEGACY_DEFAULTS = {
-    "model": "fc", "hidden_dims": [1024, 512, 256], "hidden_dim": 100, "batchnorm": True,
-    "dropout": 0.3, "reg": 0.0, "weight_scale": 1e-2, "update_rule": "adam",
-    "learning_rate": 1e-3, "momentum": None, "beta1": None, "beta2": None,
-    "decay_rate": None, "epsilon": None, "weight_decay": None, "lr_schedule": None,
+    "model": "fc", "reg": 0.0, "update_rule": "adam", "learning_rate": 1e-3,
+    # the update rules' other hyperparameters (fastnn.optim.RANGES): the rule's default
+    **{key: None for key in optim.RANGES if key != "learning_rate"}, "lr_schedule": None,
     "augment": False, "crop_padding": 0, "lr_decay": 0.9, "epochs": 15, "batch_size": 256,
     "backend": "numpy", "seed": 0, "data": None, "num_training": 49000,
     "num_validation": 1000, "num_test": 10000, "threads": None, "print_every": 50,
-    # added with the conv models: off, or the constructors' defaults
-    "widths": [32, 64, 128], "stem_width": 24, "label_smoothing": 0.0,
-    "num_filters": 32, "filter_size": 7, "flip_test": False,
+    "flip_test": False,  # added with the conv models, off
+    # the models' options (fastnn.models.OPTIONS): the fc ones, then the constructors' defaults
+    **{key: option.legacy for key, option in models.OPTIONS.items()},
 }
-# What a new run of each model trains with unless told otherwise (over
-# LEGACY_DEFAULTS). convnet is the main job; its target: >= 0.85 test accuracy
-# on all of CIFAR-10's test images in 10 minutes on a 2-core CPU (the recipe of
-# the issue's PyTorch reference run, 0.855; benchmarks/README.md has the runs).
-RECIPES = {
-    "convnet": {"update_rule": "sgd_nesterov", "learning_rate": 0.2, "momentum": 0.9,
-                "reg": 5e-4, "lr_schedule": "onecycle", "lr_decay": 1.0, "epochs": 11,
-                "augment": True, "crop_padding": 2, "label_smoothing": 0.2,
-                "flip_test": True},
-    "fc": {},  # the earlier main job: about 0.58 in 90 seconds
-    "two_layer": {},
-    "three_layer_conv": {"weight_scale": 1e-3, "reg": 1e-3, "hidden_dim": 500, "epochs": 5,
-                         "lr_decay": 0.95},
-}
-DEFAULT_MODEL = "convnet"
+# What a new run of each model trains with unless told otherwise (over LEGACY_DEFAULTS):
+# its default recipe in fastnn.models.RECIPES.
+RECIPES = {name: models.recipe_of(name) for name in models.MODELS}
+DEFAULT_MODEL = models.DEFAULT_MODEL
 
 
 def defaults_for(model):
@@ -69,11 +58,7 @@ def defaults_for(model):
 # `fastnn train` with no flags: the main job
 DEFAULTS = defaults_for(DEFAULT_MODEL)
 # Options only some models take (every model takes reg).
-MODEL_OPTIONS = {"fc": ("hidden_dims", "batchnorm", "dropout", "weight_scale", "model_seed"),
-                 "two_layer": ("hidden_dim", "weight_scale"),
-                 "three_layer_conv": ("num_filters", "filter_size", "hidden_dim",
-                                      "weight_scale"),
-                 "convnet": ("widths", "stem_width", "label_smoothing", "model_seed")}
+MODEL_OPTIONS = {name: model.options for name, model in models.MODELS.items()}
 # The optim_config keys each update rule takes besides learning_rate, from
 # fastnn.optim's one table.
 RULE_OPTIONS = {rule: tuple(k for k in optim.DEFAULTS[rule] if k != "learning_rate")
@@ -89,18 +74,17 @@ CONFIG_FORMAT, METRICS_FORMAT, FORMAT_VERSION = "fastnn-run-config", "fastnn-run
 
 # value checks: key -> (low, high, low_open, high_open); None: unbounded on that side
 _INT_RANGES = {"epochs": (1, None), "batch_size": (1, None), "num_training": (1, None),
-               "num_validation": (1, None), "num_test": (1, None), "hidden_dim": (1, None),
+               "num_validation": (1, None), "num_test": (1, None),
                "crop_padding": (0, None), "print_every": (1, None), "threads": (1, None),
-               "seed": (0, None), "model_seed": (0, None), "stem_width": (1, None),
-               "num_filters": (1, None), "filter_size": (1, None)}
-_FLOAT_RANGES = {"learning_rate": (0, None, True), "weight_scale": (0, None, True),
-                 "reg": (0, None, False), "lr_decay": (0, None, True),
-                 "dropout": (0, 1, False, True), "momentum": (0, 1, False, True),
-                 "beta1": (0, 1, False, True), "beta2": (0, 1, False, True),
-                 "decay_rate": (0, 1, False, True), "epsilon": (0, None, True),
-                 "weight_decay": (0, None, False), "label_smoothing": (0, 1, False, True)}
+               "seed": (0, None), "model_seed": (0, None),
+               **{k: o.bounds for k, o in models.OPTIONS.items() if o.kind == "int"}}
+_FLOAT_RANGES = {"reg": (0, None, False), "lr_decay": (0, None, True),
+                 # the update rules' hyperparameters, as fastnn.optim checks them (inf: no bound)
+                 **{k: (low, None if high == float("inf") else high, low_open, high_open)
+                    for k, (low, high, low_open, high_open) in optim.RANGES.items()},
+                 **{k: o.bounds for k, o in models.OPTIONS.items() if o.kind == "float"}}
 _CHOICES = {"backend": ("numpy", "cupy"), "lr_schedule": (None, "step", "cosine", "onecycle")}
-_BOOLEANS = ("augment", "batchnorm", "flip_test")
+_BOOLEANS = ("augment", "flip_test", *(k for k, o in models.OPTIONS.items() if o.kind == "bool"))
 # None means "the rule's default" (the rule options), "all cores" (threads), "the default
 # folder" (data); every other key must hold a value of its type.
 _OPTIONAL = {"threads", "data", *(k for keys in RULE_OPTIONS.values() for k in keys)}
@@ -188,20 +172,9 @@ def check_config(config):
             if key in config and key not in skip and not (config[key] is None
                                                           and key in _OPTIONAL):
                 _check_number(key, config[key], bounds, integer)
-    if config["model"] == "fc":
-        dims = config["hidden_dims"]
-        if not isinstance(dims, (list, tuple)) or not dims or any(
-                isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in dims):
-            raise ValueError(f"--hidden-dims must be one or more sizes >= 1, got {dims!r}")
-    if config["model"] == "convnet":
-        widths = config["widths"]
-        if not isinstance(widths, (list, tuple)) or not widths or any(
-                isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1
-                for w in widths):
-            raise ValueError(f"--widths must be one or more channel counts >= 1, got {widths!r}")
-        if len(widths) > 5:  # each group halves the 32x32 image
-            raise ValueError(f"--widths: at most 5 groups fit 32x32 images (each halves the "
-                             f"size), got {len(widths)}: {widths!r}")
+    model_check = models.MODELS[config["model"]].check
+    if model_check is not None:
+        model_check(config)
     if config["augment"] and config["crop_padding"] >= 32:
         raise ValueError(f"--crop-padding must be below the image size 32, "
                          f"got {config['crop_padding']}")
@@ -226,28 +199,8 @@ def load_data(config, data_root=None):
 
 def build_model(config):
     """A new, initialised classifier for CIFAR-10 images (3x32x32, 10 classes)."""
-    from fastnn.classifiers import ConvNet, FullyConnectedNet, ThreeLayerConvNet, TwoLayerNet
-
     config = complete(config)
-    input_dim, num_classes = 3 * 32 * 32, 10
-    if config["model"] == "convnet":
-        return ConvNet(config["widths"], config["stem_width"], (3, 32, 32), num_classes,
-                       reg=config["reg"], seed=config.get("model_seed", config["seed"]),
-                       label_smoothing=config["label_smoothing"])
-    if config["model"] == "three_layer_conv":
-        np.random.seed(config["seed"])  # ThreeLayerConvNet draws its weights from np.random
-        return ThreeLayerConvNet((3, 32, 32), config["num_filters"], config["filter_size"],
-                                 config["hidden_dim"], num_classes,
-                                 weight_scale=config["weight_scale"], reg=config["reg"])
-    if config["model"] == "two_layer":
-        np.random.seed(config["seed"])  # TwoLayerNet draws its weights from np.random
-        return TwoLayerNet(input_dim, config["hidden_dim"], num_classes,
-                           weight_scale=config["weight_scale"], reg=config["reg"])
-    # model_seed (written by fastnn tune) draws the weights and dropout; seed the batches
-    return FullyConnectedNet(config["hidden_dims"], input_dim, num_classes,
-                             dropout=config["dropout"], use_batchnorm=config["batchnorm"],
-                             reg=config["reg"], weight_scale=config["weight_scale"],
-                             seed=config.get("model_seed", config["seed"]))
+    return models.MODELS[config["model"]].build(config)
 
 
 def optim_config(config):

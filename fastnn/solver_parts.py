@@ -32,12 +32,10 @@ class Updater:
         # (begin_step): each parameter's update-op scalar rows
         self.scalar_rows = {}
         self.configs = {name: dict(optim_config) for name in model.params}
-        if self.update_rule == "adamw":  # decay the model's weights only
+        if optim.by_role(self.update_rule):  # e.g. adamw decays the model's weights only
             roles = check_roles(model)
-            for name, config in self.configs.items():
-                config.setdefault("weight_decay", optim.DEFAULTS["adamw"]["weight_decay"])
-                if roles[name] != "weight":
-                    config["weight_decay"] = 0.0
+            self.configs = {name: optim.role_config(self.update_rule, config, roles[name])
+                            for name, config in self.configs.items()}
         self.base_lr = {name: config.get("learning_rate",
                                          optim.DEFAULTS[self.update_rule]["learning_rate"])
                         for name, config in self.configs.items()}

@@ -62,8 +62,9 @@ class StackedUpdater(Updater):
         self.configs = {}
         for name in stack.params:
             config = {**shared, "learning_rate": lr}
-            if self.update_rule == "adamw":  # the weights only, as Solver
-                config["weight_decay"] = decay if stack.param_roles[name] == "weight" else 0.0
+            if optim.by_role(self.update_rule):  # as Solver (adamw: the weights only)
+                config = optim.role_config(self.update_rule, {**config, "weight_decay": decay},
+                                           stack.param_roles[name])
             self.configs[name] = config
         self.base_lr = {name: lr for name in stack.params}
 

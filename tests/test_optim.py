@@ -185,3 +185,38 @@ def test_step_scalars_may_be_device_arrays(backend, rule):
         optim.fused_update(rule, w_dev, xp.asarray(dw), config_dev)
         assert w_dev is before
     np.testing.assert_array_equal(fastnn.to_numpy(w_dev), fastnn.to_numpy(w_num))
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_decay_by_role_is_a_property_of_the_rule_not_its_name(monkeypatch, stacked):
+    """A rule declared with decoupled_decay (as a Lion would be) decays only the weights,
+    whatever its name: the Solvers ask the rule, not for "adamw"."""
+    from fastnn.classifiers import FullyConnectedNet
+    from fastnn.solver import Solver
+    from fastnn.stacked import StackedFullyConnectedNet, StackedSolver
+
+    monkeypatch.setitem(optim.SPECS, "decoupled", optim.SPECS["adamw"])
+    monkeypatch.setitem(optim.DEFAULTS, "decoupled", optim.DEFAULTS["adamw"])
+    monkeypatch.setitem(optim.RULES, "decoupled", optim.adamw)
+    rng = np.random.default_rng(0)
+    data = {"X_train": rng.standard_normal((8, 6)).astype(np.float32),
+            "y_train": rng.integers(0, 3, 8), "X_val": rng.standard_normal((4, 6)).astype(
+                np.float32), "y_val": rng.integers(0, 3, 4)}
+    config = {"learning_rate": 1e-3, "weight_decay": 0.5}
+    if stacked:
+        stack = StackedFullyConnectedNet([5], [{"seed": 0}], input_dim=6, num_classes=3,
+                                         use_batchnorm=True)
+        solver = StackedSolver(stack, data, update_rule="decoupled", optim_configs=[config])
+    else:
+        model = FullyConnectedNet([5], input_dim=6, num_classes=3, use_batchnorm=True, seed=0)
+        solver = Solver(model, data, update_rule="decoupled", optim_config=config, verbose=False)
+    decay = {name: float(np.max(fastnn.to_numpy(c["weight_decay"])))
+             for name, c in solver.optim_configs.items()}
+    assert decay == {"W1": 0.5, "b1": 0.0, "gamma1": 0.0, "beta1": 0.0, "W2": 0.5, "b2": 0.0}
+
+
+def test_role_config_decays_the_weights_only_and_fills_the_default():
+    assert optim.role_config("adamw", {}, "weight") == {"weight_decay": 1e-2}
+    assert optim.role_config("adamw", {"weight_decay": 0.3}, "bias") == {"weight_decay": 0.0}
+    assert optim.role_config("adam", {"beta1": 0.8}, "bias") == {"beta1": 0.8}
+    assert [rule for rule in optim.SPECS if optim.by_role(rule)] == ["adamw"]

@@ -1,6 +1,14 @@
 """fastnn.runs: config checks, what applies to which model and rule, building a run."""
+import json
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+
+import fastnn
 
 from fastnn.runs import (DEFAULTS, LEGACY_DEFAULTS, MODEL_OPTIONS, RECIPES, RULE_OPTIONS,
                          build_model, build_solver, changed_options, check_config, complete,
@@ -190,3 +198,109 @@ def test_a_checkpoint_refuses_a_solver_of_another_configuration(tmp_path):
                                          "iteration 4, after epoch 1, but 2 iterations make"):
         other.load_checkpoint(path)
     again.load_checkpoint(path)
+
+
+NEW_MODEL = """
+import sys
+from fastnn import models
+# a new model: one registry entry (here TwoLayerNet under another name), its recipe, its search
+models.MODELS["wide_two_layer"] = models.MODELS["two_layer"]._replace(
+    about="wide_two_layer (a wide TwoLayerNet)", recipe="wide",
+    search=models.Search("wide_two_layer: learning rates",
+                         {"learning_rate": ("float", 1e-3, 1e-2, True)},
+                         {"learning_rate": 5e-3}, stacked=False, parallel=1, epochs=1,
+                         crop_padding=0, summary=lambda c: f"lr {c['learning_rate']:.2e}"))
+models.RECIPES["wide"] = ("wide_two_layer", {"hidden_dim": 24, "update_rule": "sgd_momentum",
+                                             "learning_rate": 1e-2})
+models.TUNABLE.append("wide_two_layer")
+from fastnn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_new_model_with_its_recipe_and_search_is_one_registry_entry(cifar_root, tmp_path):
+    """runs, the CLI and tune take a model from fastnn.models alone: train, its --help, tune."""
+    data = ["--data", cifar_root, "--num-training", "64", "--num-validation", "16",
+            "--num-test", "16"]
+    run = [sys.executable, "-c", NEW_MODEL]
+    train = subprocess.run([*run, "train", "--model", "wide_two_layer", "--out",
+                            str(tmp_path / "run"), *data, "--epochs", "1", "--batch-size", "16"],
+                           capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["model"], config["hidden_dim"], config["update_rule"]) == \
+        ("wide_two_layer", 24, "sgd_momentum")
+    refused = subprocess.run([*run, "train", "--model", "wide_two_layer", "--dropout", "0.1",
+                              "--out", str(tmp_path / "no"), *data], capture_output=True, text=True)
+    assert refused.returncode == 2 and "applies to --model fc, not wide_two_layer" in refused.stderr
+    helps = subprocess.run([*run, "tune", "--help"], capture_output=True, text=True, check=True)
+    assert "wide_two_layer: learning rates" in helps.stdout
+    tune = subprocess.run([*run, "tune", "--model", "wide_two_layer", "--trials", "1", "--out",
+                           str(tmp_path / "tune"), *data], capture_output=True, text=True)
+    assert tune.returncode == 0, tune.stderr
+    best = json.loads((tmp_path / "tune" / "best.json").read_text())
+    assert best["config"]["model"] == "wide_two_layer" and best["config"]["hidden_dim"] == 24
+    assert best["config"]["learning_rate"] == 5e-3  # the search's baseline, its first trial
+
+
+def test_no_module_but_the_registries_names_a_model_or_rule():
+    """Model and rule behaviour comes from fastnn.models and fastnn.optim, not name checks."""
+    root = os.path.dirname(fastnn.__file__)
+    names = "|".join(["adamw", "adam", "convnet", "fc", "two_layer", "three_layer_conv"])
+    pattern = re.compile(rf"""(==|!=)\s*["']({names})["']""")
+    found = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as fh:
+                    found += [f"{os.path.relpath(path, root)}:{i}" for i, line in enumerate(fh, 1)
+                              if pattern.search(line)]
+    assert not found, found
+
+
+NEW_RULE = """
+import sys
+from fastnn import optim
+# a new rule with a new hyperparameter, declared in fastnn.optim alone (its op: sgd_momentum's)
+optim.SPECS["heavy_ball"] = optim.Rule({"learning_rate": 1e-2, "momentum": 0.9, "damping": 0.0},
+                                       ("velocity",), "sgd_momentum_",
+                                       lambda c: (c["learning_rate"], c["momentum"]))
+optim.DEFAULTS["heavy_ball"] = optim.SPECS["heavy_ball"].defaults
+optim.RULES["heavy_ball"] = optim.sgd_momentum
+optim.RANGES["damping"] = (0, 1, False, True)
+from fastnn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_new_update_rule_and_its_hyperparameters_need_only_fastnn_optim(cifar_root, tmp_path):
+    """--update-rule, its hyperparameters' flags, their checks and the recorded config all come
+    from fastnn.optim's tables."""
+    run = [sys.executable, "-c", NEW_RULE, "train", "--data", cifar_root, "--num-training", "64",
+           "--num-validation", "16", "--num-test", "16", "--model", "two_layer",
+           "--hidden-dim", "8", "--epochs", "1", "--batch-size", "16", "--update-rule",
+           "heavy_ball"]
+    bad = subprocess.run([*run, "--damping", "2", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--damping must be in [0, 1), got 2.0" in bad.stderr
+    helps = subprocess.run([*run, "--help"], capture_output=True, text=True, check=True)
+    assert "heavy_ball damping (0)" in helps.stdout
+    good = subprocess.run([*run, "--damping", "0.5", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["update_rule"], config["damping"]) == ("heavy_ball", 0.5)
+
+
+def test_a_registry_entry_that_does_not_fit_fails_loudly(monkeypatch):
+    from fastnn import models
+
+    monkeypatch.setitem(models.MODELS, "typo", models.MODELS["fc"]._replace(
+        options=("hiden_dims",), recipe="typo"))
+    with pytest.raises(ValueError, match=r"undeclared options \['hiden_dims'\]"):
+        models.check_tables()
+    monkeypatch.setitem(models.MODELS, "typo", models.MODELS["fc"]._replace(recipe="typo"))
+    monkeypatch.setitem(models.RECIPES, "typo", ("fc", {}))
+    with pytest.raises(ValueError, match="recipe 'typo'"):
+        models.check_tables()

@@ -765,3 +765,61 @@ def test_fastnn_storage_names_the_storage_and_storage_wins(cifar_root, tmp_path,
     storage = f"sqlite:///{tmp_path / 'flag.db'}"
     assert main(tune_args(cifar_root, tmp_path / "b", "--trials", "1", "--storage", storage)) == 0
     assert len(optuna.load_study(study_name="fastnn", storage=storage).trials) == 1
+
+
+def test_the_optuna_internals_tune_uses_still_exist(tmp_path):
+    """fastnn.tune.optuna_api is the one place tune reaches into Optuna: each of its calls and
+    names still does what tune needs on the installed Optuna (this fails when one changes)."""
+    import warnings
+
+    from optuna.trial import TrialState
+
+    from fastnn.tune import optuna_api as api
+
+    missing = [name for name in api.DATABASE_CALLS
+               if not callable(getattr(optuna.storages.RDBStorage, name, None))]
+    assert not missing, f"RDBStorage lost {missing}: patient_storage_class wraps them"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'api.db'}",
+                                             heartbeat_interval=60, grace_period=120,
+                                             heartbeat_stale_trial_callback=retry)
+    for study in (optuna.create_study(), optuna.create_study(storage=storage)):
+        own = api.study_storage(study)  # the study's own storage (a cache around a database)
+        study.enqueue_trial({"x": 0.5})
+        queued, = study.get_trials(deepcopy=False)
+        assert queued.system_attrs[api.FIXED_PARAMS] == {"x": 0.5}  # enqueue_trial's values
+        assert own.set_trial_state_values(api.storage_id(queued), TrialState.RUNNING)
+        trial = api.trial_handle(study, api.storage_id(queued))  # a live Trial for the claim
+        assert trial.number == queued.number and api.storage_id(trial) == api.storage_id(queued)
+        assert trial.suggest_float("x", 0.0, 1.0) == 0.5  # it takes the queued value
+        trial.report(0.25, 1)
+        study.tell(trial, 0.5)
+        made = api.trial_handle(study, own.create_new_trial(
+            own.get_study_id_from_name(study.study_name)))
+        assert study.get_trials(deepcopy=False)[-1].number == made.number
+    # a lost trial handed to the heartbeat retry callback: the retry names it
+    own.set_trial_state_values(api.storage_id(made), TrialState.FAIL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        assert own.get_heartbeat_interval() == 60
+        own.get_heartbeat_stale_trial_callback()(study, own.get_trial(api.storage_id(made)))
+    retried = study.get_trials(deepcopy=False)[-1]
+    assert retried.state == TrialState.WAITING
+    assert retried.system_attrs[api.FAILED_TRIAL] == made.number
+    assert retried.system_attrs[api.RETRY_HISTORY] == [made.number]
+
+
+def test_tune_is_split_by_job_and_catches_only_what_it_names():
+    """Each module of fastnn.tune under 500 lines; no `except Exception` (a storage error is
+    one of storage.storage_errors(), anything else is a bug and shows)."""
+    import pathlib
+
+    folder = pathlib.Path(fastnn.__file__).parent / "tune"
+    sizes = {path.name: len(path.read_text().splitlines()) for path in folder.glob("*.py")}
+    assert len(sizes) > 4 and max(sizes.values()) < 500, sizes
+    broad = [f"{path.name}:{i}" for path in folder.glob("*.py")
+             for i, line in enumerate(path.read_text().splitlines(), 1)
+             if re.search(r"except\s*(Exception|BaseException)?\s*(as \w+)?:", line)]
+    assert not broad, broad

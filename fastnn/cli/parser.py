@@ -1,0 +1,152 @@
+"""The fastnn command line: `build_parser`, its flags from the registries (fastnn.models'
+models and options, fastnn.optim's rules and hyperparameters)."""
+import argparse
+
+from fastnn import models, optim
+from fastnn.runs import RULE_OPTIONS, option_name
+
+# the argparse keywords of a model option's flag, by its kind (fastnn.models.Option)
+OPTION_KINDS = {"int": {"type": int}, "float": {"type": float}, "ints": {"type": int, "nargs": "+"},
+                "bool": {"action": argparse.BooleanOptionalAction}}
+# the models fastnn tune searches, its default first
+TUNE_MODELS = sorted(models.TUNABLE, key=lambda name: name != models.DEFAULT_TUNE_MODEL)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="fastnn", description="Train, evaluate and tune classifiers on CIFAR-10 "
+        "(fastnn train / evaluate / tune). Set FASTNN_DEBUG=1 (or pass --debug) for tracebacks.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=False,
+                       help="show the full traceback of an error (also: FASTNN_DEBUG=1)")
+
+    train = commands.add_parser(
+        "train", help="train a classifier on CIFAR-10", parents=[debug],
+        argument_default=argparse.SUPPRESS,
+        description="Train a classifier on CIFAR-10 into a run folder (config.json, metrics.json, "
+                    "model.npz, checkpoint.npz, plots). Flags that do not apply to the chosen "
+                    "--model or --update-rule are refused.")
+    add = train.add_argument
+    add("--config", dest="config_file", metavar="FILE",
+        help="start from the configuration in FILE (a run's config.json, or a tune folder's "
+             "best.json); flags override it")
+    abouts = [model.about for model in models.MODELS.values()]
+    add("--model", choices=list(models.MODELS),
+        help=f"{', '.join(abouts[:-1])} or {abouts[-1]}; the other defaults are that model's "
+             f"recipe: {models.DEFAULT_MODEL}'s below, fc's after a slash "
+             f"({models.DEFAULT_MODEL})")
+    for key, option in models.OPTIONS.items():  # the models' own options
+        add(option_name(key), help=option.help, **OPTION_KINDS[option.kind])
+    add("--reg", type=float, help="L2 regularisation strength (5e-4 / 0)")
+    add("--update-rule", choices=list(RULE_OPTIONS), help="update rule (sgd_nesterov / adam)")
+    add("--lr", "--learning-rate", dest="learning_rate", type=float,
+        help="learning rate (0.2 / 1e-3)")
+    for key, text in rule_option_help().items():  # the update rules' hyperparameters
+        add(option_name(key), type=float, help=text)
+    add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"],
+        help="learning-rate schedule (onecycle / none); multiplies with --lr-decay")
+    add("--augment", action=argparse.BooleanOptionalAction,
+        help="random horizontal flips of the training images (on / off)")
+    add("--crop-padding", type=int,
+        help="with --augment, also random translations by up to this many pixels, "
+             "zeros shifted in (2 / 0)")
+    add("--flip-test", action=argparse.BooleanOptionalAction,
+        help="test accuracy from the mean of each image's and its mirror's scores (on / off)")
+    add("--lr-decay", type=float, help="learning-rate factor after each epoch (1 / 0.9)")
+    add("--epochs", type=int, help="epochs (11 / 15)")
+    add("--batch-size", type=int, help="minibatch size (256)")
+    add("--backend", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (GPU) (numpy)")
+    add("--seed", type=int, help="seed for weights, batches and dropout (0)")
+    add("--data", help="folder holding cifar-10-batches-py or cifar-10-python.tar.gz "
+                       "(default: $FASTNN_DATA, else ~/.cache/fastnn, downloaded there)")
+    add("--num-training", type=int, help="training images (49000)")
+    add("--num-validation", type=int, help="validation images (1000)")
+    add("--num-test", type=int, help="test images (10000)")
+    add("--threads", type=int, help="CPU threads (all cores)")
+    add("--print-every", type=int, help="read the loss every N iterations (50)")
+    add("--out", help="run folder (default: a new one under runs/)")
+    add("--resume", metavar="DIR", help="continue the stopped run in DIR")
+
+    tune = commands.add_parser(
+        "tune", help="search hyperparameters with Optuna", parents=[debug],
+        description="Search hyperparameters on CIFAR-10 with Optuna, --parallel trials trained "
+                    "together as one stack; writes best.json, trials.csv, best_model.npz and "
+                    "plots to the run folder (retrain the best: fastnn train --config "
+                    "DIR/best.json).")
+    add = tune.add_argument
+    searches = {name: models.MODELS[name].search for name in TUNE_MODELS}
+    add("--model", choices=TUNE_MODELS, default=TUNE_MODELS[0],
+        help="; ".join(search.about for search in searches.values())
+             + f" ({TUNE_MODELS[0]})")
+    for search in searches.values():  # model options the trials take from a flag
+        for key, text in search.flags.items():
+            add(option_name(key), default=None, help=text,
+                **OPTION_KINDS[models.OPTIONS[key].kind])
+    add("--trials", type=int, default=60, help="trials in the study, all workers together (60)")
+    add("--budget-minutes", type=float, default=None,
+        help="stop in time to finish within M minutes of the command's start (none)")
+    add("--parallel", type=int, default=None,
+        help="fc trials trained together as one stack (2; more pays for small nets and on "
+             "GPUs); convnet trials train one at a time")
+    add("--epochs", type=int, default=None,
+        help="epochs per trial (fc 30; convnet the recipe's 11; a resumed study keeps its own "
+             "and refuses another)")
+    add("--final-epochs", type=int, default=0,
+        help="retrain the best configuration for this many epochs at the end (0: no)")
+    add("--crop-padding", type=int, default=None,
+        help="trials that augment (fc: a searched choice; convnet: always) also translate "
+             "by up to this many pixels (fc 0; convnet 2)")
+    add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"], default="onecycle",
+        help="learning-rate schedule of every trial (onecycle)")
+    add("--storage", default=None,
+        help="study storage shared by workers: postgresql+psycopg://USER@HOST:PORT/DB (the "
+             "password from ~/.pgpass or PGPASSWORD, not the command line, where ps shows it), "
+             "sqlite:///PATH or journal:PATH (default: $FASTNN_STORAGE, else sqlite in the run "
+             "folder)")
+    add("--study-name", default="fastnn", help="study name in the storage (fastnn)")
+    add("--heartbeat-seconds", type=int, default=10,
+        help="a worker records a heartbeat for its running trials this often (10)")
+    add("--grace-seconds", type=int, default=60,
+        help="a trial with no heartbeat for this long is lost: FAIL, and run again (60)")
+    add("--outage-seconds", type=int, default=60,
+        help="a database server that stops answering is waited for this long (retrying with "
+             "backoff) before the worker stops (60)")
+    add("--resume", action="store_true", help="continue the study in the storage")
+    add("--out", default=None, help="run folder (default: a new one under runs/)")
+    add("--seed", type=int, default=0, help="sampler and training seed (0)")
+    add("--backend", choices=["numpy", "cupy"], default="numpy",
+        help="numpy (CPU) or cupy (GPU) (numpy)")
+    add("--data", default=None,
+        help="folder holding cifar-10-batches-py or cifar-10-python.tar.gz "
+             "(default: $FASTNN_DATA, else ~/.cache/fastnn)")
+    add("--num-training", type=int, default=49000, help="training images per trial (49000)")
+    add("--num-validation", type=int, default=1000,
+        help="validation images that score the trials (1000)")
+    add("--num-test", type=int, default=10000, help="test images for the best model (10000)")
+    add("--threads", type=int, default=None, help="CPU threads (all cores)")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="test accuracy and confusion matrix of a run", parents=[debug],
+        description="Test accuracy and confusion matrix (printed, and DIR/confusion.png) of the "
+                    "model in a train or tune run folder.")
+    evaluate.add_argument("run_dir", help="a run folder of `fastnn train` or `fastnn tune`")
+    evaluate.add_argument("--data", help="folder holding cifar-10-batches-py")
+    evaluate.add_argument("--backend", choices=["numpy", "cupy"], default=None,
+                          help="numpy (CPU) or cupy (GPU) (the run's)")
+    evaluate.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
+                          help="average each image's scores with its mirror's (default: as the "
+                               "run was trained to test)")
+    return parser
+
+
+def rule_option_help():
+    """{hyperparameter: its flag's help} for the update rules' options (fastnn.optim's table):
+    the rules that take it and their defaults, e.g. "adam/adamw beta1 (0.9)"."""
+    rules, defaults = {}, {}
+    for rule, keys in RULE_OPTIONS.items():
+        for key in keys:
+            rules.setdefault(key, []).append(rule)
+            defaults.setdefault(key, {})[f"{optim.DEFAULTS[rule][key]:g}"] = None
+    return {key: f"{'/'.join(rules[key])} {key.replace('_', ' ')} ({' / '.join(defaults[key])})"
+            for key in rules}

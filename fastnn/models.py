@@ -1,0 +1,234 @@
+"""The model registry: what `fastnn train`, `fastnn tune` and fastnn.runs know of each model.
+
+One entry per model in MODELS (a `Model`): how to build it from a run
+configuration, the configuration keys (options) it takes, its default recipe,
+the checks of its options beyond their ranges, and, when `fastnn tune` can
+search it, its search (a `Search`: the space Optuna draws from, the first
+trial, the defaults of the tune flags). A model's options are declared once
+in OPTIONS (their `fastnn train` flag, their range, their value in a
+configuration written before they existed); RECIPES names the settings a new
+run trains with. fastnn.runs, fastnn.cli and fastnn.tune read these tables
+and name no model, so a new model, option or recipe is an entry here (and its
+class in fastnn.classifiers).
+"""
+import numbers
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10  # CIFAR-10
+
+
+class Option(NamedTuple):
+    """A configuration key that only some models take."""
+    kind: str          # "int", "float", "bool", or "ints" (one or more ints)
+    legacy: object     # its value in a configuration written before it existed
+    help: str          # its `fastnn train` flag's help
+    bounds: tuple = None  # (low, high[, low_open, high_open]) for runs.check_config; None: high
+
+
+OPTIONS = {
+    "widths": Option("ints", [32, 64, 128], "convnet channels of each group (32 64 128)"),
+    "stem_width": Option("int", 24, "convnet channels of the stem (24)", (1, None)),
+    "label_smoothing": Option(
+        "float", 0.0, "convnet: mix the one-hot targets with the uniform distribution (0.2)",
+        (0, 1, False, True)),
+    "hidden_dims": Option("ints", [1024, 512, 256], "fc hidden sizes (1024 512 256)"),
+    "hidden_dim": Option("int", 100, "two_layer / three_layer_conv hidden size (100 / 500)",
+                         (1, None)),
+    "num_filters": Option("int", 32, "three_layer_conv filters (32)", (1, None)),
+    "filter_size": Option("int", 7, "three_layer_conv filter size (7)", (1, None)),
+    "batchnorm": Option("bool", True, "fc batchnorm (on)"),
+    "dropout": Option("float", 0.3, "fc dropout: probability of dropping a unit (0.3)",
+                      (0, 1, False, True)),
+    "weight_scale": Option("float", 1e-2, "fc, two_layer, three_layer_conv: std of the initial "
+                           "weights (1e-2; three_layer_conv 1e-3); convnet draws He-style weights",
+                           (0, None, True)),
+}
+
+
+class Search(NamedTuple):
+    """How `fastnn tune --model NAME` searches a model."""
+    about: str         # in tune --model's help
+    space: dict        # parameter -> (kind "int"/"float", low, high, log): what Optuna draws
+    baseline: dict     # a new study's first trial: a value per parameter of `space`
+    stacked: bool      # K trials trained as one stacked net (fastnn.tune's fc search); else one
+                       # trial at a time with the plain Solver, its config the model's recipe
+                       # with the drawn values
+    parallel: int      # --parallel when not given
+    epochs: int        # --epochs of a new study when not given
+    crop_padding: int  # --crop-padding when not given
+    summary: Callable  # a trial's config -> its values in the log line
+    flags: dict = {}   # option -> tune flag help: model options every trial takes from a flag
+    shared: tuple = ()  # with `stacked`: the parameters one stack's trials share (its first
+                        # trial draws them; a queued trial brings its own)
+
+
+class Model(NamedTuple):
+    """A classifier fastnn train and tune can build."""
+    about: str         # in --model's help
+    build: Callable    # complete run config -> a new classifier of CIFAR-10 images
+    options: tuple     # the configuration keys it takes besides reg (others refuse them)
+    recipe: str        # its recipe in RECIPES: what a new run trains with by default
+    check: Callable = None  # complete run config -> ValueError for a bad value of its options
+    search: Search = None   # None: fastnn tune does not search it
+
+
+def _check_sizes(config, key, what):
+    value = config[key]
+    if not isinstance(value, (list, tuple)) or not value or any(
+            isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in value):
+        raise ValueError(f"--{key.replace('_', '-')} must be one or more {what} >= 1, "
+                         f"got {value!r}")
+
+
+def _check_fc(config):
+    _check_sizes(config, "hidden_dims", "sizes")
+
+
+def _check_convnet(config):
+    _check_sizes(config, "widths", "channel counts")
+    if len(config["widths"]) > 5:  # each group halves the 32x32 image
+        raise ValueError(f"--widths: at most 5 groups fit 32x32 images (each halves the "
+                         f"size), got {len(config['widths'])}: {config['widths']!r}")
+
+
+def _build_convnet(config):
+    from fastnn.classifiers import ConvNet
+
+    return ConvNet(config["widths"], config["stem_width"], IMAGE_SHAPE, NUM_CLASSES,
+                   reg=config["reg"], seed=config.get("model_seed", config["seed"]),
+                   label_smoothing=config["label_smoothing"])
+
+
+def _build_fc(config):
+    from fastnn.classifiers import FullyConnectedNet
+
+    # model_seed (written by fastnn tune) draws the weights and dropout; seed the batches
+    return FullyConnectedNet(config["hidden_dims"], int(np.prod(IMAGE_SHAPE)), NUM_CLASSES,
+                             dropout=config["dropout"], use_batchnorm=config["batchnorm"],
+                             reg=config["reg"], weight_scale=config["weight_scale"],
+                             seed=config.get("model_seed", config["seed"]))
+
+
+def _build_two_layer(config):
+    from fastnn.classifiers import TwoLayerNet
+
+    np.random.seed(config["seed"])  # TwoLayerNet draws its weights from np.random
+    return TwoLayerNet(int(np.prod(IMAGE_SHAPE)), config["hidden_dim"], NUM_CLASSES,
+                       weight_scale=config["weight_scale"], reg=config["reg"])
+
+
+def _build_three_layer_conv(config):
+    from fastnn.classifiers import ThreeLayerConvNet
+
+    np.random.seed(config["seed"])  # ThreeLayerConvNet draws its weights from np.random
+    return ThreeLayerConvNet(IMAGE_SHAPE, config["num_filters"], config["filter_size"],
+                             config["hidden_dim"], NUM_CLASSES,
+                             weight_scale=config["weight_scale"], reg=config["reg"])
+
+
+# What a new run trains with unless told otherwise (over runs.LEGACY_DEFAULTS): a recipe is a
+# model and its settings, named. convnet is the main job; its target: >= 0.85 test accuracy
+# on all of CIFAR-10's test images in 10 minutes on a 2-core CPU (the recipe of the issue's
+# PyTorch reference run, 0.855; benchmarks/README.md has the runs).
+RECIPES = {
+    "convnet": ("convnet", {
+        "update_rule": "sgd_nesterov", "learning_rate": 0.2, "momentum": 0.9, "reg": 5e-4,
+        "lr_schedule": "onecycle", "lr_decay": 1.0, "epochs": 11, "augment": True,
+        "crop_padding": 2, "label_smoothing": 0.2, "flip_test": True}),
+    "fc": ("fc", {}),  # the earlier main job: about 0.58 in 90 seconds
+    "two_layer": ("two_layer", {}),
+    "three_layer_conv": ("three_layer_conv", {"weight_scale": 1e-3, "reg": 1e-3,
+                                              "hidden_dim": 500, "epochs": 5, "lr_decay": 0.95}),
+}
+
+# fastnn tune --model fc: each round's structural choices (the first block, shared by the
+# round's stack) and per-trial values (the second block).
+FC_UPDATE_RULES = ("adam", "adamw", "sgd_momentum")  # update_rule_id indexes these
+FC_STRUCTURE = {
+    "num_hidden": ("int", 1, 4, False),
+    "hidden_width": ("int", 256, 2048, True),
+    "width_ratio": ("float", 0.25, 1.0, False),  # each later layer is this much narrower
+    "log2_batch_size": ("int", 7, 9, False),
+    "lr_decay": ("float", 0.85, 1.0, False),
+    "update_rule_id": ("int", 0, len(FC_UPDATE_RULES) - 1, False),
+    "augment": ("int", 0, 1, False),  # random horizontal flips (and --crop-padding crops)
+}
+FC_MEMBER = {
+    "learning_rate": ("float", 1e-4, 1e-2, True),
+    "reg": ("float", 1e-6, 1e-1, True),
+    "weight_scale": ("float", 1e-3, 1e-1, True),
+    "dropout": ("float", 0.0, 0.6, False),
+}
+# --model convnet: one ConvNet trial at a time (a stack of conv nets would save nothing:
+# their products are already large), around the main job's recipe, in a small space; every
+# trial trains all its epochs, and its per-epoch validation accuracy is reported.
+CONV_SPACE = {
+    "learning_rate": ("float", 0.05, 0.5, True),
+    "reg": ("float", 1e-4, 2e-3, True),
+    "momentum": ("float", 0.8, 0.95, False),
+    "label_smoothing": ("float", 0.0, 0.3, False),
+}
+_CONV_RECIPE = RECIPES["convnet"][1]
+
+MODELS = {
+    "convnet": Model(
+        "convnet (the main job)", _build_convnet,
+        ("widths", "stem_width", "label_smoothing", "model_seed"), "convnet", _check_convnet,
+        Search("convnet: ConvNets around the main job's recipe (learning rate, reg, momentum, "
+               "label smoothing), one trial at a time", CONV_SPACE,
+               # the main job's recipe, as CONV_SPACE values
+               {name: _CONV_RECIPE[name] for name in CONV_SPACE}, stacked=False, parallel=1,
+               epochs=_CONV_RECIPE["epochs"], crop_padding=_CONV_RECIPE["crop_padding"],
+               summary=lambda c: (f"lr {c['learning_rate']:.2e} reg {c['reg']:.1e} momentum "
+                                  f"{c['momentum']:.3f} smoothing {c['label_smoothing']:.2f}"),
+               flags={"widths": "convnet trials' group widths (the recipe's 32 64 128)",
+                      "stem_width": "convnet trials' stem width (24)"})),
+    "fc": Model(
+        "fc (fully connected)", _build_fc,
+        ("hidden_dims", "batchnorm", "dropout", "weight_scale", "model_seed"), "fc", _check_fc,
+        Search("fc: fully connected nets, K trials at once as a stack",
+               {**FC_STRUCTURE, **FC_MEMBER},
+               # known to do well on CIFAR-10 (about 0.62 test accuracy after 30 epochs with
+               # flips and a one-cycle schedule): a new study starts from it
+               {"num_hidden": 3, "hidden_width": 1024, "width_ratio": 0.5, "log2_batch_size": 8,
+                "lr_decay": 1.0, "update_rule_id": FC_UPDATE_RULES.index("adamw"), "augment": 1,
+                "learning_rate": 1e-3, "reg": 1e-6, "weight_scale": 1e-2, "dropout": 0.3},
+               stacked=True, parallel=2, epochs=30, crop_padding=0, shared=tuple(FC_STRUCTURE),
+               summary=lambda c: (f"{c['hidden_dims']} bs {c['batch_size']} "
+                                  f"{c['update_rule']} lr {c['learning_rate']:.2e}"))),
+    "two_layer": Model("two_layer (TwoLayerNet)", _build_two_layer,
+                       ("hidden_dim", "weight_scale"), "two_layer"),
+    "three_layer_conv": Model("three_layer_conv (ThreeLayerConvNet)", _build_three_layer_conv,
+                              ("num_filters", "filter_size", "hidden_dim", "weight_scale"),
+                              "three_layer_conv"),
+}
+DEFAULT_MODEL = "convnet"  # `fastnn train` with no flags: the main job
+TUNABLE = [name for name, model in MODELS.items() if model.search is not None]
+DEFAULT_TUNE_MODEL = "fc"  # `fastnn tune` with no --model
+
+
+def recipe_of(model):
+    """The settings of `model`'s default recipe (over runs.LEGACY_DEFAULTS)."""
+    return RECIPES[MODELS[model].recipe][1]
+
+
+def check_tables():
+    """ValueError unless the tables agree: each model's options declared in OPTIONS, its
+    recipe one of RECIPES made for it, each recipe's model registered."""
+    for name, model in MODELS.items():
+        unknown = sorted(set(model.options) - set(OPTIONS) - {"model_seed"})
+        if unknown:
+            raise ValueError(f"models.MODELS[{name!r}] takes undeclared options {unknown}; "
+                             "declare them in models.OPTIONS")
+        if RECIPES.get(model.recipe, (None,))[0] != name:
+            raise ValueError(f"models.MODELS[{name!r}] names recipe {model.recipe!r}, which is "
+                             f"not a recipe of {name!r} in models.RECIPES")
+    for name, (model, _) in RECIPES.items():
+        if model not in MODELS:
+            raise ValueError(f"models.RECIPES[{name!r}] names no model in models.MODELS: "
+                             f"{model!r}")
+
+
+check_tables()  # at import: a broken entry fails loudly, not at its first use
