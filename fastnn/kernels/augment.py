@@ -1,5 +1,9 @@
 """Augmentation: random flips and crops, a pure function of (seed, step, image).
 
+`flip` is a bool (a random flip per image, from the step's key) or a boolean
+array (N,) naming the images to mirror: the Solver's alternating flips
+(rng.alternating_flips), drawn per dataset image rather than per batch row.
+
 The op's reference (plain xp, the declaration) and its Numba version; the cupy
 table runs the reference.
 """
@@ -21,17 +25,31 @@ def flip_crop_offsets(xp, count, seed, step, padding):
     return flips, dy.astype(xp.int64) - padding, dx.astype(xp.int64) - padding
 
 
+def _given_flips(xp, flip, n):
+    """The boolean array (n,) `flip` names, or None when `flip` is a bool (True: random)."""
+    if getattr(flip, "ndim", 0) == 0:
+        return None
+    if flip.shape != (n,):
+        raise ValueError(f"flip as an array names the images to mirror: it needs shape ({n},), "
+                         f"got {flip.shape}")
+    return xp.asarray(flip, dtype=bool)
+
+
 @declare()
 def flip_crop(x, seed, step, flip, padding):
     """Random horizontal flips and zero-padded random crops of images x (N, C, H, W).
 
     Image i is shifted by (dy, dx) in [-padding, padding] (pixels shifted in
-    are 0) and, when `flip`, mirrored left-right with probability 1/2.
+    are 0) and mirrored left-right: with probability 1/2 when `flip` is True,
+    never when False, exactly when flip[i] for a boolean array flip (N,).
     """
     xp = get_array_module(x)
     n, channels, height, width = x.shape
     flips, dy, dx = flip_crop_offsets(xp, n, seed, step, padding)
-    if not flip:
+    given = _given_flips(xp, flip, n)
+    if given is not None:
+        flips = given
+    elif not flip:
         flips = xp.zeros_like(flips)
     rows = xp.arange(height)[None, :] + dy[:, None]
     cols = xp.arange(width)[None, :]
@@ -45,12 +63,16 @@ def flip_crop(x, seed, step, flip, padding):
 
 
 @_jit
-def _flip_crop(x, out, key, flip, padding):
+def _flip_crop(x, out, key, flip, padding, given):
+    # given: the images to mirror (bool, (N,)), or empty for flip's random choice
     n, channels, height, width = x.shape
     span = np.uint64(2 * padding + 1)
     for i in range(n):
         z = _mix64(np.uint64(i) * _GOLDEN + key)
-        mirrored = flip and (z >> np.uint64(63)) == np.uint64(1)
+        if given.shape[0]:
+            mirrored = given[i]
+        else:
+            mirrored = flip and (z >> np.uint64(63)) == np.uint64(1)
         dy = np.int64(((z >> np.uint64(32)) & np.uint64(0xFFFF)) % span) - padding
         dx = np.int64((z & np.uint64(0xFFFF)) % span) - padding
         for c in range(channels):
@@ -68,5 +90,7 @@ def _flip_crop(x, out, key, flip, padding):
 def flip_crop_numba(x, seed, step, flip, padding):
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
-    _flip_crop(x, out, np.uint64(augment_key(seed, int(step))), bool(flip), np.int64(padding))
+    given = _given_flips(np, flip, x.shape[0])
+    _flip_crop(x, out, np.uint64(augment_key(seed, int(step))), given is None and bool(flip),
+               np.int64(padding), np.zeros(0, dtype=bool) if given is None else given)
     return out
