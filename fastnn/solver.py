@@ -43,10 +43,12 @@ OPTIONS = {
     "lr_schedule_config": None,
     "augment": None,          # None, or {"flip": True, "crop_padding": 4} (True: those)
 }
-AUGMENT_DEFAULTS = {"flip": True, "crop_padding": 4}
+AUGMENT_DEFAULTS = {"flip": True, "crop_padding": 4, "padding_mode": "zeros"}
 # flip: True, a random mirror per image per step; "alternate", airbench's alternating
 # flips (rng.alternating_flips: a coin per image in epoch 0, then the opposite each epoch)
 FLIPS = (False, True, "alternate")
+# what a translation shifts in: zeros, or the image's reflection (airbench's)
+PADDING_MODES = ("zeros", "reflect")
 
 
 def _gather(xp, source, idx, out):
@@ -76,6 +78,9 @@ def check_augment(augment, X_train):
         raise ValueError(f"augment's flip must be True (random flips), False or 'alternate' "
                          f"(alternating flips), got {flip!r}")
     options["flip"] = flip if isinstance(flip, str) else bool(flip)
+    if options["padding_mode"] not in PADDING_MODES:
+        raise ValueError(f"augment's padding_mode must be one of {PADDING_MODES}, got "
+                         f"{options['padding_mode']!r}")
     return options
 
 
@@ -156,13 +161,13 @@ class Solver:
         _gather(xp, self.X_train, idx, X_batch)
         _gather(xp, self.y_train, idx, y_batch)
         if self.augment:  # the step as the step counter array (see _begin_step)
-            flip = self.augment["flip"]
+            flip, augment = self.augment["flip"], kernels.for_module(xp).flip_crop
             if flip == "alternate":  # by dataset image; the epoch from the counter, on the device
                 flip = alternating_flips(idx, self._augment_seed,
                                          self._step_index // self.iterations_per_epoch)
-            X_batch = kernels.for_module(xp).flip_crop(X_batch, self._augment_seed,
-                                                       self._step_index, flip,
-                                                       self.augment["crop_padding"])
+            X_batch = augment(X_batch, self._augment_seed, self._step_index, flip,
+                              self.augment["crop_padding"],
+                              self.augment["padding_mode"] == "reflect")
         return X_batch, y_batch
 
     def __init__(self, model, data, **kwargs):

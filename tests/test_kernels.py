@@ -690,28 +690,35 @@ def test_l2_stacked(ops, dtype, shape):
 @pytest.mark.parametrize("shape", [(1, 1, 4, 4), (6, 3, 8, 8), (40, 2, 5, 7)])
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("padding", [0, 1, 3])
-def test_flip_crop_bit_identical_to_reference(ops, dtype, shape, flip, padding):
+@pytest.mark.parametrize("reflect", [False, True])
+def test_flip_crop_bit_identical_to_reference(ops, dtype, shape, flip, padding, reflect):
     xp, table = ops
     x_host = np.random.default_rng(11).standard_normal(shape).astype(dtype)
     x = xp.asarray(x_host)
     for seed, step in ((0, 0), (17, 3)):
-        out = table.flip_crop(x, seed, step, flip, padding)
+        out = table.flip_crop(x, seed, step, flip, padding, reflect)
         assert out.dtype == dtype and out.shape == shape
-        np.testing.assert_array_equal(_host(out), reference.flip_crop(x_host, seed, step, flip, padding))
+        np.testing.assert_array_equal(_host(out), reference.flip_crop(x_host, seed, step, flip,
+                                                                      padding, reflect))
 
 
-def test_flip_crop_moves_pixels_only(ops):
-    """Each output image is its input shifted (zeros shifted in) and maybe mirrored."""
+@pytest.mark.parametrize("mode", ["constant", "reflect"])
+def test_flip_crop_moves_pixels_only(ops, mode):
+    """Each output image is its input shifted (zeros or, with reflect, its reflection
+    shifted in, as numpy pads) and maybe mirrored."""
     xp, table = ops
     x_host = np.random.default_rng(12).uniform(1, 2, (30, 2, 6, 6))
-    out = _host(table.flip_crop(xp.asarray(x_host), 5, 0, True, 2))
+    out = _host(table.flip_crop(xp.asarray(x_host), 5, 0, True, 2, mode == "reflect"))
     for image, result in zip(x_host, out):
         candidates = []
         for mirrored in (image, image[:, :, ::-1]):
-            padded = np.pad(mirrored, ((0, 0), (2, 2), (2, 2)))
+            padded = np.pad(mirrored, ((0, 0), (2, 2), (2, 2)), mode=mode)
             candidates += [padded[:, 2 + dy:8 + dy, 2 + dx:8 + dx]
                            for dy in range(-2, 3) for dx in range(-2, 3)]
         assert any(np.array_equal(result, c) for c in candidates)
+    moved = [not (np.array_equal(r, i) or np.array_equal(r, i[..., ::-1]))
+             for i, r in zip(x_host, out)]
+    assert sum(moved) > 15  # most of the 25 shifts move the image
     identity = _host(table.flip_crop(xp.asarray(x_host), 5, 0, False, 0))
     np.testing.assert_array_equal(identity, x_host)
 

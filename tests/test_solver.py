@@ -481,6 +481,26 @@ def test_bad_flip_is_named(flip):
         Solver(model, _data(), verbose=False, augment={"flip": flip})
 
 
+def test_bad_padding_mode_is_named():
+    model = FullyConnectedNet([8], input_dim=3 * 8 * 8, seed=0)
+    with pytest.raises(ValueError, match=r"padding_mode must be one of \('zeros', 'reflect'\), "
+                                         "got 'edge'"):
+        Solver(model, _data(), verbose=False, augment={"padding_mode": "edge"})
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_translations_shift_in_zeros_or_the_reflection(backend, mode):
+    """padding_mode 'reflect' (airbench's translations): no zero is shifted in."""
+    data = _indexed_images(12)
+    data["X_train"] = np.abs(data["X_train"]) + 1
+    model = FullyConnectedNet([6], input_dim=30, num_classes=3, weight_scale=0.1, seed=0)
+    batches = _training_batches(model)
+    Solver(model, data, batch_size=4, num_epochs=2, seed=3, verbose=False,
+           augment={"flip": "alternate", "crop_padding": 2, "padding_mode": mode}).train()
+    zeros = sum(int((batch == 0).sum()) for batch in batches)
+    assert (zeros == 0) == (mode == "reflect")
+
+
 def _indexed_images(n, seed=0):
     """Images (n, 2, 3, 5): channel 0 holds the image's index everywhere (mirroring keeps
     it), channel 1 random (mirroring changes it)."""

@@ -35,13 +35,21 @@ def _given_flips(xp, flip, n):
     return xp.asarray(flip, dtype=bool)
 
 
+def _reflect(xp, index, size):
+    """Indices past an edge reflected back inside (no edge repeat), as numpy's and
+    torch's "reflect" padding: valid for indices in (-size, 2 * size - 1)."""
+    index = xp.abs(index)
+    return xp.where(index >= size, 2 * (size - 1) - index, index)
+
+
 @declare()
-def flip_crop(x, seed, step, flip, padding):
-    """Random horizontal flips and zero-padded random crops of images x (N, C, H, W).
+def flip_crop(x, seed, step, flip, padding, reflect=False):
+    """Random horizontal flips and random crops of the padded images x (N, C, H, W).
 
     Image i is shifted by (dy, dx) in [-padding, padding] (pixels shifted in
-    are 0) and mirrored left-right: with probability 1/2 when `flip` is True,
-    never when False, exactly when flip[i] for a boolean array flip (N,).
+    are 0, or with `reflect` the image's reflection: airbench's translations;
+    padding < H, W) and mirrored left-right: with probability 1/2 when `flip`
+    is True, never when False, exactly when flip[i] for a boolean array flip (N,).
     """
     xp = get_array_module(x)
     n, channels, height, width = x.shape
@@ -54,6 +62,8 @@ def flip_crop(x, seed, step, flip, padding):
     rows = xp.arange(height)[None, :] + dy[:, None]
     cols = xp.arange(width)[None, :]
     cols = xp.where(flips[:, None], width - 1 - cols, cols) + dx[:, None]
+    if reflect:
+        rows, cols = _reflect(xp, rows, height), _reflect(xp, cols, width)
     valid = (((rows >= 0) & (rows < height))[:, None, :, None]
              & ((cols >= 0) & (cols < width))[:, None, None, :])
     picked = x[xp.arange(n)[:, None, None, None], xp.arange(channels)[None, :, None, None],
@@ -63,7 +73,7 @@ def flip_crop(x, seed, step, flip, padding):
 
 
 @_jit
-def _flip_crop(x, out, key, flip, padding, given):
+def _flip_crop(x, out, key, flip, padding, given, reflect):
     # given: the images to mirror (bool, (N,)), or empty for flip's random choice
     n, channels, height, width = x.shape
     span = np.uint64(2 * padding + 1)
@@ -78,19 +88,30 @@ def _flip_crop(x, out, key, flip, padding, given):
         for c in range(channels):
             for r in range(height):
                 src_r = r + dy
+                if reflect:
+                    src_r = _reflected(src_r, height)
                 for col in range(width):
                     src_c = (width - 1 - col if mirrored else col) + dx
+                    if reflect:
+                        src_c = _reflected(src_c, width)
                     if 0 <= src_r < height and 0 <= src_c < width:
                         out[i, c, r, col] = x[i, c, src_r, src_c]
                     else:
                         out[i, c, r, col] = 0
 
 
+@_jit
+def _reflected(index, size):
+    index = abs(index)
+    return 2 * (size - 1) - index if index >= size else index
+
+
 @flip_crop.register("numpy")
-def flip_crop_numba(x, seed, step, flip, padding):
+def flip_crop_numba(x, seed, step, flip, padding, reflect=False):
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
     given = _given_flips(np, flip, x.shape[0])
     _flip_crop(x, out, np.uint64(augment_key(seed, int(step))), given is None and bool(flip),
-               np.int64(padding), np.zeros(0, dtype=bool) if given is None else given)
+               np.int64(padding), np.zeros(0, dtype=bool) if given is None else given,
+               bool(reflect))
     return out
