@@ -73,10 +73,17 @@ def flip_crop(x, seed, step, flip, padding, reflect=False):
 
 
 @_jit
+def _reflected(index, size):
+    index = abs(index)
+    return 2 * (size - 1) - index if index >= size else index
+
+
+@_jit
 def _flip_crop(x, out, key, flip, padding, given, reflect):
     # given: the images to mirror (bool, (N,)), or empty for flip's random choice
     n, channels, height, width = x.shape
     span = np.uint64(2 * padding + 1)
+    source_cols = np.empty(width, dtype=np.int64)
     for i in range(n):
         z = _mix64(np.uint64(i) * _GOLDEN + key)
         if given.shape[0]:
@@ -85,25 +92,24 @@ def _flip_crop(x, out, key, flip, padding, given, reflect):
             mirrored = flip and (z >> np.uint64(63)) == np.uint64(1)
         dy = np.int64(((z >> np.uint64(32)) & np.uint64(0xFFFF)) % span) - padding
         dx = np.int64((z & np.uint64(0xFFFF)) % span) - padding
+        if reflect:  # every pixel comes from inside: one column map per image, then a gather
+            for col in range(width):
+                source_cols[col] = _reflected((width - 1 - col if mirrored else col) + dx, width)
+            for c in range(channels):
+                for r in range(height):
+                    src_r = _reflected(r + dy, height)
+                    for col in range(width):
+                        out[i, c, r, col] = x[i, c, src_r, source_cols[col]]
+            continue
         for c in range(channels):
             for r in range(height):
                 src_r = r + dy
-                if reflect:
-                    src_r = _reflected(src_r, height)
                 for col in range(width):
                     src_c = (width - 1 - col if mirrored else col) + dx
-                    if reflect:
-                        src_c = _reflected(src_c, width)
                     if 0 <= src_r < height and 0 <= src_c < width:
                         out[i, c, r, col] = x[i, c, src_r, src_c]
                     else:
                         out[i, c, r, col] = 0
-
-
-@_jit
-def _reflected(index, size):
-    index = abs(index)
-    return 2 * (size - 1) - index if index >= size else index
 
 
 @flip_crop.register("numpy")
