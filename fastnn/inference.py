@@ -1,11 +1,20 @@
-"""Batched prediction, with optional flip test-time averaging.
+"""Batched prediction, with optional test-time augmentation (TTA).
 
 Every path that scores a whole split (Solver.check_accuracy, `fastnn train`'s
 test pass, `fastnn evaluate`, `fastnn tune`) goes through `batch_scores`, so
 no path runs 10,000 images through a ConvNet in one batch (its activations
-would not fit in memory). With `flip`, an image's scores are the mean of the
-scores of the image and of its left-right mirror.
+would not fit in memory).
+
+Test-time augmentation averages an image's scores over views of it, each
+view one batched pass of the model (airbench's `infer`, tta_level 0/1/2):
+  tta=0  the image as given;
+  tta=1  the mean of the image's and its left-right mirror's scores (= flip=True);
+  tta=2  half tta=1's mean, half the mean of tta=1's mean over the image translated
+         by one pixel down-right and up-left (edges padded by reflection): weights
+         1/4 for the image and its mirror, 1/8 for each of the four shifted views.
 """
+import numbers
+
 import numpy as np
 
 from fastnn.backend import get_array_module, to_numpy
@@ -14,43 +23,83 @@ from fastnn.checks import as_size
 DEFAULT_BATCH_SIZE = 256
 
 
-def _check(X, batch_size, flip):
-    """batch_size as a Python int (>= 1); flip only for images."""
+TTA_LEVELS = (0, 1, 2)
+
+
+def _check(X, batch_size, flip, tta=None):
+    """(batch_size as a Python int >= 1, the TTA level of flip and tta); TTA only for images."""
     batch_size = as_size(batch_size, "batch_size", low=1)
-    if flip and X.ndim != 4:
-        raise ValueError(f"flip averaging mirrors images shaped (N, C, H, W); X has shape "
-                         f"{X.shape}: pass flip=False for other inputs")
-    return batch_size
+    if tta is None:
+        level = 1 if flip else 0
+    elif isinstance(tta, bool) or not isinstance(tta, numbers.Integral) or tta not in TTA_LEVELS:
+        raise ValueError(f"tta must be one of {TTA_LEVELS} (0: none, 1: mirror, 2: mirror and "
+                         f"1-pixel translations), got {tta!r}")
+    elif flip and tta != 1:
+        raise ValueError(f"flip=True is tta=1; got both flip=True and tta={tta!r}: pass tta "
+                         f"alone")
+    else:
+        level = int(tta)
+    if level and X.ndim != 4:
+        raise ValueError(f"flip averaging and tta mirror images shaped (N, C, H, W); X has "
+                         f"shape {X.shape}: pass flip=False (tta=0) for other inputs")
+    return batch_size, level
 
 
-def batch_scores(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False):
-    """Yield (start, scores) for rows start:start+batch_size of X (N, ...); scores (B, C).
+def _mirror_mean(model, xp, batch, scores):
+    """The mean of `scores` (the model's scores of batch (B, C, H, W)) and its mirror's."""
+    mirrored = model.loss(xp.ascontiguousarray(batch[..., ::-1]))
+    return (scores + mirrored) * scores.dtype.type(0.5)
 
-    Each batch moves to the model's backend (and dtype) on its own, so a
-    host X never goes to the device whole.
-    """
-    batch_size = _check(X, batch_size, flip)
+
+def _view_scores(model, xp, batch, level):
+    """(plain scores, scores averaged over the TTA level's views) of batch (B, C, H, W);
+    both (B, classes), one model pass per view."""
+    plain = model.loss(batch)
+    if level == 0:
+        return plain, plain
+    mirrored = _mirror_mean(model, xp, batch, plain)
+    if level == 1:
+        return plain, mirrored
+    height, width = batch.shape[2:]
+    padded = xp.pad(batch, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    shifted = [_mirror_mean(model, xp, view, model.loss(view)) for view in (
+        xp.ascontiguousarray(padded[:, :, :height, :width]),  # content moved down-right
+        xp.ascontiguousarray(padded[:, :, 2:, 2:]))]          # and up-left
+    half = plain.dtype.type(0.5)
+    return plain, (mirrored + (shifted[0] + shifted[1]) * half) * half
+
+
+def _batches(model, X, batch_size):
+    """Yield (start, batch): X's rows start:start+batch_size on the model's backend and dtype."""
     xp = get_array_module(*model.params.values())
     dtype = getattr(model, "dtype", None)
     for start in range(0, X.shape[0], batch_size):
-        batch = xp.asarray(X[start:start + batch_size], dtype=dtype)
-        scores = model.loss(batch)
-        if flip:
-            mirrored = model.loss(xp.ascontiguousarray(batch[..., ::-1]))
-            scores = (scores + mirrored) * scores.dtype.type(0.5)
-        yield start, scores
+        yield start, xp.asarray(X[start:start + batch_size], dtype=dtype)
 
 
-def predict_scores(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False):
+def batch_scores(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False, tta=None):
+    """Yield (start, scores) for rows start:start+batch_size of X (N, ...); scores (B, C).
+
+    Each batch moves to the model's backend (and dtype) on its own, so a
+    host X never goes to the device whole. flip=True is tta=1; tta (0, 1, 2):
+    the test-time augmentation level (see the module docstring).
+    """
+    batch_size, level = _check(X, batch_size, flip, tta)
+    xp = get_array_module(*model.params.values())
+    for start, batch in _batches(model, X, batch_size):
+        yield start, _view_scores(model, xp, batch, level)[1]
+
+
+def predict_scores(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False, tta=None):
     """Scores (N, C) for X (N, ...) on the model's backend, batch_size rows at a time."""
     xp = get_array_module(*model.params.values())
-    parts = [scores for _, scores in batch_scores(model, X, batch_size, flip)]
+    parts = [scores for _, scores in batch_scores(model, X, batch_size, flip, tta)]
     if not parts:
         return xp.zeros((0, 0), dtype=getattr(model, "dtype", np.float32))
     return xp.concatenate(parts)
 
 
-def predict(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False):
+def predict(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False, tta=None):
     """Predicted labels (N,) (int64, on the model's backend) for X (N, ...), in batches.
 
     Raises ValueError when some images get NaN scores (NaN or infinite pixels, NaN
@@ -58,7 +107,7 @@ def predict(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False):
     """
     xp = get_array_module(*model.params.values())
     labels, nan_rows = [], []
-    for _, scores in batch_scores(model, X, batch_size, flip):
+    for _, scores in batch_scores(model, X, batch_size, flip, tta):
         labels.append(xp.argmax(scores, axis=1))
         nan_rows.append(xp.isnan(scores).any(axis=1))
     if not labels:
@@ -82,7 +131,7 @@ def _refuse_nan_scores(X, nan_rows):
                      f"{shown}), so they have no predicted class; {cause}")
 
 
-def count_correct(model, X, y, batch_size=DEFAULT_BATCH_SIZE, flip=False):
+def count_correct(model, X, y, batch_size=DEFAULT_BATCH_SIZE, flip=False, tta=None):
     """How many rows of X the model labels as y (N,): a 0-d int64 array on the model's
     backend (no device read, so a training loop can call it without a sync)."""
     xp = get_array_module(*model.params.values())
@@ -91,32 +140,33 @@ def count_correct(model, X, y, batch_size=DEFAULT_BATCH_SIZE, flip=False):
         raise ValueError(f"X has {X.shape[0]} rows but y has shape {y.shape}; "
                          "they need one label per row")
     correct = xp.zeros((), dtype=np.int64)
-    for start, scores in batch_scores(model, X, batch_size, flip):
+    for start, scores in batch_scores(model, X, batch_size, flip, tta):
         correct += (xp.argmax(scores, axis=1) == y[start:start + scores.shape[0]]).sum()
     return correct
 
 
-def accuracy(model, X, y, batch_size=DEFAULT_BATCH_SIZE, flip=False):
+def accuracy(model, X, y, batch_size=DEFAULT_BATCH_SIZE, flip=False, tta=None):
     """Fraction of X (N, ...) the model labels as y (N,): a Python float (0.0 for N = 0)."""
-    return float(count_correct(model, X, y, batch_size, flip)) / max(X.shape[0], 1)
+    return float(count_correct(model, X, y, batch_size, flip, tta)) / max(X.shape[0], 1)
 
 
-def plain_and_flip_accuracy(model, X, y, batch_size=DEFAULT_BATCH_SIZE):
-    """(accuracy without, accuracy with flip averaging) of X (N, C, H, W) against y (N,),
-    Python floats, from one pass: each batch is scored once as given and once mirrored."""
-    batch_size = _check(X, batch_size, flip=True)
+def plain_and_flip_accuracy(model, X, y, batch_size=DEFAULT_BATCH_SIZE, tta=1):
+    """(accuracy without, accuracy with test-time augmentation at level tta: 1, flip
+    averaging, or 2) of X (N, C, H, W) against y (N,), Python floats, from one pass: the
+    plain scores of each batch are also the first view of its average."""
+    batch_size, level = _check(X, batch_size, flip=False, tta=tta)
+    if level == 0:
+        raise ValueError("plain_and_flip_accuracy compares plain scores with tta 1 or 2, "
+                         f"got tta={tta!r}: use accuracy() for plain scores alone")
     xp = get_array_module(*model.params.values())
     y = xp.asarray(y)
     if y.shape != (X.shape[0],):
         raise ValueError(f"X has {X.shape[0]} rows but y has shape {y.shape}; "
                          "they need one label per row")
-    dtype = getattr(model, "dtype", None)
     correct = xp.zeros(2, dtype=np.int64)
-    for start in range(0, X.shape[0], batch_size):
-        batch = xp.asarray(X[start:start + batch_size], dtype=dtype)
+    for start, batch in _batches(model, X, batch_size):
         labels = y[start:start + batch.shape[0]]
-        plain = model.loss(batch)
-        both = (plain + model.loss(xp.ascontiguousarray(batch[..., ::-1]))) * plain.dtype.type(0.5)
+        plain, both = _view_scores(model, xp, batch, level)
         correct += xp.stack([(xp.argmax(plain, axis=1) == labels).sum(),
                              (xp.argmax(both, axis=1) == labels).sum()])
     plain_correct, flip_correct = (int(v) for v in to_numpy(correct))

@@ -21,6 +21,7 @@ from fastnn import inference, kernels, optim, schedules
 from fastnn.backend import get_array_module, to_numpy
 from fastnn.checks import as_optional_size, as_real, as_size
 from fastnn.interrupt import TrainingInterrupted, stop_requests
+from fastnn.kernels.rng import alternating_flips
 from fastnn.serialization import (CHECKPOINT_FORMAT, model_state, read_checkpoint,
                                   set_model_state, write_checkpoint)
 from fastnn.solver_parts import Tracker, Updater
@@ -42,7 +43,12 @@ OPTIONS = {
     "lr_schedule_config": None,
     "augment": None,          # None, or {"flip": True, "crop_padding": 4} (True: those)
 }
-AUGMENT_DEFAULTS = {"flip": True, "crop_padding": 4}
+AUGMENT_DEFAULTS = {"flip": True, "crop_padding": 4, "padding_mode": "zeros"}
+# flip: True, a random mirror per image per step; "alternate", airbench's alternating
+# flips (rng.alternating_flips: a coin per image in epoch 0, then the opposite each epoch)
+FLIPS = (False, True, "alternate")
+# what a translation shifts in: zeros, or the image's reflection (airbench's)
+PADDING_MODES = ("zeros", "reflect")
 
 
 def _gather(xp, source, idx, out):
@@ -67,6 +73,14 @@ def check_augment(augment, X_train):
                          f"{X_train.shape}")
     options["crop_padding"] = as_size(options["crop_padding"], "crop_padding", low=0,
                                       high=min(X_train.shape[2:]) - 1)
+    flip = options["flip"]
+    if (flip != "alternate") if isinstance(flip, str) else flip not in FLIPS:
+        raise ValueError(f"augment's flip must be True (random flips), False or 'alternate' "
+                         f"(alternating flips), got {flip!r}")
+    options["flip"] = flip if isinstance(flip, str) else bool(flip)
+    if options["padding_mode"] not in PADDING_MODES:
+        raise ValueError(f"augment's padding_mode must be one of {PADDING_MODES}, got "
+                         f"{options['padding_mode']!r}")
     return options
 
 
@@ -147,10 +161,13 @@ class Solver:
         _gather(xp, self.X_train, idx, X_batch)
         _gather(xp, self.y_train, idx, y_batch)
         if self.augment:  # the step as the step counter array (see _begin_step)
-            X_batch = kernels.for_module(xp).flip_crop(X_batch, self._augment_seed,
-                                                       self._step_index,
-                                                       self.augment["flip"],
-                                                       self.augment["crop_padding"])
+            flip, augment = self.augment["flip"], kernels.for_module(xp).flip_crop
+            if flip == "alternate":  # by dataset image; the epoch from the counter, on the device
+                flip = alternating_flips(idx, self._augment_seed,
+                                         self._step_index // self.iterations_per_epoch)
+            X_batch = augment(X_batch, self._augment_seed, self._step_index, flip,
+                              self.augment["crop_padding"],
+                              self.augment["padding_mode"] == "reflect")
         return X_batch, y_batch
 
     def __init__(self, model, data, **kwargs):
@@ -243,12 +260,13 @@ class Solver:
         self.tracker.read_losses(self)
 
     # -- accuracy and the best model -------------------------------------------
-    def check_accuracy(self, X, y, num_samples=None, batch_size=128, flip=False):
+    def check_accuracy(self, X, y, num_samples=None, batch_size=128, flip=False, tta=None):
         """Fraction of `X` the model classifies as `y` (a Python float).
 
         num_samples: evaluate a random subsample of this size. Predictions
         run in batches of `batch_size` (fastnn.inference); correct counts stay
-        on the device. flip: average each image's scores with its mirror's.
+        on the device. flip: average each image's scores with its mirror's;
+        tta: the test-time augmentation level instead (fastnn.inference).
         """
         num_samples = as_optional_size(num_samples, "num_samples", low=1)
         xp = self._xp
@@ -257,7 +275,8 @@ class Solver:
         if num_samples is not None and n > num_samples:
             idx = xp.asarray(self._eval_rng.choice(n, num_samples, replace=False))
             X, y, n = X[idx], y[idx], num_samples
-        return float(inference.count_correct(self.model, X, y, batch_size, flip)) / max(n, 1)
+        correct = inference.count_correct(self.model, X, y, batch_size, flip, tta)
+        return float(correct) / max(n, 1)
 
     # -- the loop ------------------------------------------------------------
     def train(self):

@@ -118,5 +118,80 @@ def test_solver_check_accuracy_runs_in_batches_with_optional_flip():
     acc = solver.check_accuracy(X, y, batch_size=8)
     assert max(recording.rows) <= 8
     assert acc == inference.accuracy(model, X, y)
+    assert solver.check_accuracy(X, y, tta=2) == inference.accuracy(model, X, y, tta=2)
     flipped = solver.check_accuracy(X, y, batch_size=8, flip=True)
     assert flipped == inference.accuracy(model, X, y, flip=True)
+
+
+
+def _reference_tta2(model, X, xp):
+    """airbench's tta_level=2, the views cut in plain numpy: 1/2 the image-and-mirror mean,
+    1/2 the mean of that mean over X reflect-padded by 1 and cut at (0, 0) and at (2, 2)."""
+    def scores(images):
+        return fastnn.to_numpy(model.loss(xp.asarray(np.ascontiguousarray(images))))
+
+    def mirror_mean(images):
+        return (scores(images) + scores(images[..., ::-1])) / 2
+
+    padded = np.pad(X, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    height, width = X.shape[2:]
+    assert np.array_equal(padded[:, :, 0, 1:-1], X[:, :, 1])  # reflection, not the edge
+    translated = mirror_mean(padded[:, :, :height, :width]) + mirror_mean(padded[:, :, 2:, 2:])
+    return 0.5 * mirror_mean(X) + 0.5 * translated / 2
+
+
+def test_tta2_is_the_mean_of_the_mirrors_and_one_pixel_translations(backend):
+    """tta=2: airbench's six views, weighted 1/4 (image, mirror) and 1/8 (each translated
+    view and its mirror); one model pass per view and batch."""
+    model, X, _ = small_model_and_images()
+    recording = Recording(model)
+    got = fastnn.to_numpy(inference.predict_scores(recording, X, batch_size=10, tta=2))
+    assert recording.rows == [10] * 6 + [10] * 6 + [3] * 6
+    want = _reference_tta2(model, X, backend)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+    flipped = fastnn.to_numpy(inference.predict_scores(model, X, batch_size=10, flip=True))
+    assert not np.allclose(got, flipped, rtol=1e-3, atol=1e-3 * scale)  # translations count
+
+
+def test_tta1_is_flip_exactly_everywhere(backend):
+    """tta=1 is flip=True bit for bit, in every function; tta=0 the plain scores."""
+    model, X, y = small_model_and_images()
+    for tta, flip in ((1, True), (0, False)):
+        np.testing.assert_array_equal(
+            fastnn.to_numpy(inference.predict_scores(model, X, batch_size=7, tta=tta)),
+            fastnn.to_numpy(inference.predict_scores(model, X, batch_size=7, flip=flip)))
+        np.testing.assert_array_equal(fastnn.to_numpy(inference.predict(model, X, tta=tta)),
+                                      fastnn.to_numpy(inference.predict(model, X, flip=flip)))
+        assert (inference.accuracy(model, X, y, 5, tta=tta)
+                == inference.accuracy(model, X, y, 5, flip=flip))
+    assert (inference.plain_and_flip_accuracy(model, X, y, 4, tta=1)
+            == inference.plain_and_flip_accuracy(model, X, y, 4))
+    assert inference.accuracy(model, X, y, tta=1, flip=True) == inference.accuracy(
+        model, X, y, flip=True)
+
+
+def test_plain_and_tta2_accuracy_in_one_pass(backend):
+    model, X, y = small_model_and_images()
+    recording = Recording(model)
+    plain, tta2 = inference.plain_and_flip_accuracy(recording, X, y, batch_size=23, tta=2)
+    assert recording.rows == [23] * 6  # the plain pass is the first view
+    assert plain == inference.accuracy(model, X, y)
+    assert tta2 == inference.accuracy(model, X, y, tta=2)
+
+
+@pytest.mark.parametrize("tta, flip, match", [
+    (3, False, r"tta must be one of \(0, 1, 2\).*got 3"),
+    (True, False, "tta must be one of .*got True"),
+    (1.0, False, "tta must be one of .*got 1.0"),
+    ("2", False, "tta must be one of .*got '2'"),
+    (2, True, "flip=True is tta=1; got both flip=True and tta=2"),
+    (0, True, "got both flip=True and tta=0")])
+def test_bad_tta_is_named(tta, flip, match):
+    model, X, y = small_model_and_images()
+    with pytest.raises(ValueError, match=match):
+        inference.predict(model, X, tta=tta, flip=flip)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\).*\(23, 60\).*tta=0"):
+        inference.accuracy(model, X.reshape(23, -1), y, tta=2)
+    with pytest.raises(ValueError, match="got tta=0: use accuracy"):
+        inference.plain_and_flip_accuracy(model, X, y, tta=0)

@@ -14,6 +14,7 @@ from fastnn import kernels, layers, optim
 from fastnn.backend import get_array_module
 from fastnn.kernels import (_cupy, _numba, activations, conv, examples, losses, norms, pool,
                             reference, registry, updates, winograd)
+from fastnn.kernels import rng as keyed
 from helpers import backend_tolerances, host_copies, numba_kernels, tolerances
 
 X_SHAPES = [(1, 7), (5, 3), (64, 10), (3, 4, 5), (97, 130)]  # the last spans several chunks
@@ -689,31 +690,74 @@ def test_l2_stacked(ops, dtype, shape):
 @pytest.mark.parametrize("shape", [(1, 1, 4, 4), (6, 3, 8, 8), (40, 2, 5, 7)])
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("padding", [0, 1, 3])
-def test_flip_crop_bit_identical_to_reference(ops, dtype, shape, flip, padding):
+@pytest.mark.parametrize("reflect", [False, True])
+def test_flip_crop_bit_identical_to_reference(ops, dtype, shape, flip, padding, reflect):
     xp, table = ops
     x_host = np.random.default_rng(11).standard_normal(shape).astype(dtype)
     x = xp.asarray(x_host)
     for seed, step in ((0, 0), (17, 3)):
-        out = table.flip_crop(x, seed, step, flip, padding)
+        out = table.flip_crop(x, seed, step, flip, padding, reflect)
         assert out.dtype == dtype and out.shape == shape
-        np.testing.assert_array_equal(_host(out), reference.flip_crop(x_host, seed, step, flip, padding))
+        np.testing.assert_array_equal(_host(out), reference.flip_crop(x_host, seed, step, flip,
+                                                                      padding, reflect))
 
 
-def test_flip_crop_moves_pixels_only(ops):
-    """Each output image is its input shifted (zeros shifted in) and maybe mirrored."""
+@pytest.mark.parametrize("mode", ["constant", "reflect"])
+def test_flip_crop_moves_pixels_only(ops, mode):
+    """Each output image is its input shifted (zeros or, with reflect, its reflection
+    shifted in, as numpy pads) and maybe mirrored."""
     xp, table = ops
     x_host = np.random.default_rng(12).uniform(1, 2, (30, 2, 6, 6))
-    out = _host(table.flip_crop(xp.asarray(x_host), 5, 0, True, 2))
+    out = _host(table.flip_crop(xp.asarray(x_host), 5, 0, True, 2, mode == "reflect"))
     for image, result in zip(x_host, out):
         candidates = []
         for mirrored in (image, image[:, :, ::-1]):
-            padded = np.pad(mirrored, ((0, 0), (2, 2), (2, 2)))
+            padded = np.pad(mirrored, ((0, 0), (2, 2), (2, 2)), mode=mode)
             candidates += [padded[:, 2 + dy:8 + dy, 2 + dx:8 + dx]
                            for dy in range(-2, 3) for dx in range(-2, 3)]
         assert any(np.array_equal(result, c) for c in candidates)
+    moved = [not (np.array_equal(r, i) or np.array_equal(r, i[..., ::-1]))
+             for i, r in zip(x_host, out)]
+    assert sum(moved) > 15  # most of the 25 shifts move the image
     identity = _host(table.flip_crop(xp.asarray(x_host), 5, 0, False, 0))
     np.testing.assert_array_equal(identity, x_host)
 
+
+
+def test_flip_crop_mirrors_the_images_a_flip_array_names(ops, dtype):
+    """flip as a boolean array (N,): exactly those images are mirrored; the crop offsets
+    are the step's, as with flip=False; the fast path is the reference bit for bit."""
+    xp, table = ops
+    x_host = np.random.default_rng(13).standard_normal((9, 2, 5, 6)).astype(dtype)
+    x = xp.asarray(x_host)
+    flips_host = np.array([True, False, False, True, True, False, True, False, False])
+    flips = xp.asarray(flips_host)
+    np.testing.assert_array_equal(_host(table.flip_crop(x, 3, 4, flips, 0)),
+                                  np.where(flips_host[:, None, None, None],
+                                           x_host[..., ::-1], x_host))
+    shifted = _host(table.flip_crop(x, 3, 4, flips, 2))
+    np.testing.assert_array_equal(shifted, reference.flip_crop(x_host, 3, 4, flips_host, 2))
+    unflipped = _host(table.flip_crop(x, 3, 4, False, 2))
+    np.testing.assert_array_equal(shifted[~flips_host], unflipped[~flips_host])
+    with pytest.raises(ValueError, match=r"needs shape \(9,\), got \(4,\)"):
+        table.flip_crop(x, 3, 4, flips[:4], 0)
+
+
+def test_alternating_flips_match_a_hand_computation(backend):
+    """Epoch 0: image i's coin (SplitMix64 of i under the seed's flip key, by hand); each
+    later epoch the opposite of the one before; the epoch an int or a 0-d array."""
+    indices = np.array([*range(40), 12345, 2**40 + 7])
+    seed_key = keyed.mix64(keyed.mix64(9 * keyed.GOLDEN + keyed.FLIP_STREAM))
+    coins = [keyed.mix64(seed_key + int(i) * keyed.GOLDEN) >> 63 == 1 for i in indices]
+    assert 0 < sum(coins) < len(coins)
+    for epoch in range(4):
+        expected = [coin != (epoch % 2 == 1) for coin in coins]
+        for given in (epoch, backend.asarray(epoch)):
+            flips = keyed.alternating_flips(backend.asarray(indices), 9, given)
+            assert isinstance(flips, backend.ndarray) and flips.dtype == bool
+            assert _host(flips).tolist() == expected
+    other_seed = _host(keyed.alternating_flips(backend.asarray(indices), 10, 0))
+    assert other_seed.tolist() != [bool(c) for c in coins]
 
 # -- norms: layernorm and groupnorm -------------------------------------------
 def _norm_case(xp, shape, dtype, seed, channels_last=False):

@@ -473,6 +473,82 @@ def test_non_finite_loss_from_inf_input_keeps_finite_params(backend, hidden):
     _assert_params_equal(model.params, initial)
 
 
+
+@pytest.mark.parametrize("flip", ["random", "Alternate", None, 2])
+def test_bad_flip_is_named(flip):
+    model = FullyConnectedNet([8], input_dim=3 * 8 * 8, seed=0)
+    with pytest.raises(ValueError, match=f"flip must be True .* or 'alternate' .*got {flip!r}"):
+        Solver(model, _data(), verbose=False, augment={"flip": flip})
+
+
+def test_bad_padding_mode_is_named():
+    model = FullyConnectedNet([8], input_dim=3 * 8 * 8, seed=0)
+    with pytest.raises(ValueError, match=r"padding_mode must be one of \('zeros', 'reflect'\), "
+                                         "got 'edge'"):
+        Solver(model, _data(), verbose=False, augment={"padding_mode": "edge"})
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_translations_shift_in_zeros_or_the_reflection(backend, mode):
+    """padding_mode 'reflect' (airbench's translations): no zero is shifted in."""
+    data = _indexed_images(12)
+    data["X_train"] = np.abs(data["X_train"]) + 1
+    model = FullyConnectedNet([6], input_dim=30, num_classes=3, weight_scale=0.1, seed=0)
+    batches = _training_batches(model)
+    Solver(model, data, batch_size=4, num_epochs=2, seed=3, verbose=False,
+           augment={"flip": "alternate", "crop_padding": 2, "padding_mode": mode}).train()
+    zeros = sum(int((batch == 0).sum()) for batch in batches)
+    assert (zeros == 0) == (mode == "reflect")
+
+
+def _indexed_images(n, seed=0):
+    """Images (n, 2, 3, 5): channel 0 holds the image's index everywhere (mirroring keeps
+    it), channel 1 random (mirroring changes it)."""
+    X = np.random.default_rng(seed).standard_normal((n, 2, 3, 5)).astype(np.float32)
+    X[:, 0] = np.arange(n)[:, None, None]
+    return dict(X_train=X, y_train=np.arange(n) % 3, X_val=X[:4], y_val=np.arange(4) % 3)
+
+
+def _training_batches(model):
+    """Host copies of the batches model.loss trains on, in order (the spy wraps model.loss)."""
+    batches, loss = [], model.loss
+
+    def spy(X, y=None):
+        if y is not None:
+            batches.append(fastnn.to_numpy(X).copy())
+        return loss(X, y)
+
+    model.loss = spy
+    return batches
+
+
+def test_alternating_flips_by_image_and_epoch(backend):
+    """augment flip 'alternate': in epoch 0 image i is mirrored by its coin (computed here by
+    hand from the Solver's augment seed), in every later epoch the opposite of the epoch
+    before; each epoch still sees every image once."""
+    from fastnn.kernels import rng as keyed
+
+    data = _indexed_images(12)
+    model = FullyConnectedNet([6], input_dim=30, num_classes=3, weight_scale=0.1, seed=0)
+    batches = _training_batches(model)
+    solver = Solver(model, data, batch_size=4, num_epochs=4, seed=3, verbose=False,
+                    augment={"flip": "alternate", "crop_padding": 0})
+    solver.train()
+    seed_key = keyed.mix64(keyed.mix64(solver._augment_seed * keyed.GOLDEN + keyed.FLIP_STREAM))
+    coins = [keyed.mix64(seed_key + i * keyed.GOLDEN) >> 63 == 1 for i in range(12)]
+    assert 0 < sum(coins) < 12
+    assert len(batches) == 4 * 3
+    for epoch in range(4):
+        images = np.concatenate(batches[3 * epoch:3 * epoch + 3])
+        index = images[:, 0, 0, 0].astype(int)
+        assert sorted(index) == list(range(12))
+        for i, image in zip(index, images):
+            original = data["X_train"][i]
+            mirrored = not np.array_equal(image, original)
+            if mirrored:
+                np.testing.assert_array_equal(image, original[..., ::-1])
+            assert mirrored == (coins[i] != (epoch % 2 == 1)), (epoch, i)
+
 # -- checkpoints ------------------------------------------------------------------------------
 def _resumable(seed=4, kind="fc", **kwargs):
     if kind == "fc":
@@ -653,6 +729,38 @@ def test_resume_without_seeds_is_bit_identical(tmp_path):
     assert resumed.loss_history == full.loss_history
     _assert_params_equal(model2.params, model.params)
 
+
+
+def test_resume_with_alternating_flips_is_bit_identical(backend, tmp_path):
+    """Alternating flips and translations: 1 epoch, checkpoint, 2 more (the flips reversed
+    across the boundary) == 3 epochs in one go, bit for bit; and not random flips' run."""
+    data = _data(n_train=24, n_val=8, shape=(3, 4, 4), classes=4, seed=2)
+    path = tmp_path / "run.npz"
+
+    def build(flip="alternate"):
+        model = FullyConnectedNet([16], input_dim=48, num_classes=4, weight_scale=0.1, seed=5)
+        return model, dict(update_rule="sgd_momentum", batch_size=8, verbose=False, seed=7,
+                           optim_config={"learning_rate": 0.05},
+                           augment={"flip": flip, "crop_padding": 1})
+
+    model, options = build()
+    Solver(model, data, num_epochs=1, checkpoint_path=str(path), **options).train()
+    model, options = build()
+    resumed = Solver(model, data, num_epochs=3, **options)
+    resumed.load_checkpoint(str(path))
+    assert resumed.epoch == 1
+    resumed.train()
+
+    model_full, options = build()
+    full = Solver(model_full, data, num_epochs=3, **options)
+    full.train()
+    assert resumed.loss_history == full.loss_history
+    _assert_params_equal(model.params, model_full.params)
+
+    model_random, options = build(flip=True)
+    random = Solver(model_random, data, num_epochs=3, **options)
+    random.train()
+    assert random.loss_history[3:] != full.loss_history[3:]
 
 def test_adamw_decays_the_declared_weights():
     model = _small()

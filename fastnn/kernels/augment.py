@@ -1,5 +1,9 @@
 """Augmentation: random flips and crops, a pure function of (seed, step, image).
 
+`flip` is a bool (a random flip per image, from the step's key) or a boolean
+array (N,) naming the images to mirror: the Solver's alternating flips
+(rng.alternating_flips), drawn per dataset image rather than per batch row.
+
 The op's reference (plain xp, the declaration) and its Numba version; the cupy
 table runs the reference.
 """
@@ -21,21 +25,45 @@ def flip_crop_offsets(xp, count, seed, step, padding):
     return flips, dy.astype(xp.int64) - padding, dx.astype(xp.int64) - padding
 
 
+def _given_flips(xp, flip, n):
+    """The boolean array (n,) `flip` names, or None when `flip` is a bool (True: random)."""
+    if getattr(flip, "ndim", 0) == 0:
+        return None
+    if flip.shape != (n,):
+        raise ValueError(f"flip as an array names the images to mirror: it needs shape ({n},), "
+                         f"got {flip.shape}")
+    return xp.asarray(flip, dtype=bool)
+
+
+def _reflect(xp, index, size):
+    """Indices past an edge reflected back inside (no edge repeat), as numpy's and
+    torch's "reflect" padding: valid for indices in (-size, 2 * size - 1)."""
+    index = xp.abs(index)
+    return xp.where(index >= size, 2 * (size - 1) - index, index)
+
+
 @declare()
-def flip_crop(x, seed, step, flip, padding):
-    """Random horizontal flips and zero-padded random crops of images x (N, C, H, W).
+def flip_crop(x, seed, step, flip, padding, reflect=False):
+    """Random horizontal flips and random crops of the padded images x (N, C, H, W).
 
     Image i is shifted by (dy, dx) in [-padding, padding] (pixels shifted in
-    are 0) and, when `flip`, mirrored left-right with probability 1/2.
+    are 0, or with `reflect` the image's reflection: airbench's translations;
+    padding < H, W) and mirrored left-right: with probability 1/2 when `flip`
+    is True, never when False, exactly when flip[i] for a boolean array flip (N,).
     """
     xp = get_array_module(x)
     n, channels, height, width = x.shape
     flips, dy, dx = flip_crop_offsets(xp, n, seed, step, padding)
-    if not flip:
+    given = _given_flips(xp, flip, n)
+    if given is not None:
+        flips = given
+    elif not flip:
         flips = xp.zeros_like(flips)
     rows = xp.arange(height)[None, :] + dy[:, None]
     cols = xp.arange(width)[None, :]
     cols = xp.where(flips[:, None], width - 1 - cols, cols) + dx[:, None]
+    if reflect:
+        rows, cols = _reflect(xp, rows, height), _reflect(xp, cols, width)
     valid = (((rows >= 0) & (rows < height))[:, None, :, None]
              & ((cols >= 0) & (cols < width))[:, None, None, :])
     picked = x[xp.arange(n)[:, None, None, None], xp.arange(channels)[None, :, None, None],
@@ -45,14 +73,34 @@ def flip_crop(x, seed, step, flip, padding):
 
 
 @_jit
-def _flip_crop(x, out, key, flip, padding):
+def _reflected(index, size):
+    index = abs(index)
+    return 2 * (size - 1) - index if index >= size else index
+
+
+@_jit
+def _flip_crop(x, out, key, flip, padding, given, reflect):
+    # given: the images to mirror (bool, (N,)), or empty for flip's random choice
     n, channels, height, width = x.shape
     span = np.uint64(2 * padding + 1)
+    source_cols = np.empty(width, dtype=np.int64)
     for i in range(n):
         z = _mix64(np.uint64(i) * _GOLDEN + key)
-        mirrored = flip and (z >> np.uint64(63)) == np.uint64(1)
+        if given.shape[0]:
+            mirrored = given[i]
+        else:
+            mirrored = flip and (z >> np.uint64(63)) == np.uint64(1)
         dy = np.int64(((z >> np.uint64(32)) & np.uint64(0xFFFF)) % span) - padding
         dx = np.int64((z & np.uint64(0xFFFF)) % span) - padding
+        if reflect:  # every pixel comes from inside: one column map per image, then a gather
+            for col in range(width):
+                source_cols[col] = _reflected((width - 1 - col if mirrored else col) + dx, width)
+            for c in range(channels):
+                for r in range(height):
+                    src_r = _reflected(r + dy, height)
+                    for col in range(width):
+                        out[i, c, r, col] = x[i, c, src_r, source_cols[col]]
+            continue
         for c in range(channels):
             for r in range(height):
                 src_r = r + dy
@@ -65,8 +113,11 @@ def _flip_crop(x, out, key, flip, padding):
 
 
 @flip_crop.register("numpy")
-def flip_crop_numba(x, seed, step, flip, padding):
+def flip_crop_numba(x, seed, step, flip, padding, reflect=False):
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
-    _flip_crop(x, out, np.uint64(augment_key(seed, int(step))), bool(flip), np.int64(padding))
+    given = _given_flips(np, flip, x.shape[0])
+    _flip_crop(x, out, np.uint64(augment_key(seed, int(step))), given is None and bool(flip),
+               np.int64(padding), np.zeros(0, dtype=bool) if given is None else given,
+               bool(reflect))
     return out

@@ -36,7 +36,7 @@ def mix64(z, xp=None):
 
 # Each purpose draws from its own stream of keys: a seed shared by dropout and
 # augmentation (or a dropout seed equal to an augment seed) gives unrelated masks.
-DROPOUT_STREAM, AUGMENT_STREAM = 1, 2
+DROPOUT_STREAM, AUGMENT_STREAM, FLIP_STREAM = 1, 2, 3
 
 
 def is_step_array(step):
@@ -75,6 +75,20 @@ def augment_key(seed, step):
     return stream_key(seed, step, AUGMENT_STREAM)
 
 
+def alternating_flips(indices, seed, epoch):
+    """Boolean (N,): whether each dataset image `indices` (N,) is mirrored in `epoch`.
+
+    airbench's alternating flips: image i is mirrored in epoch 0 by a coin of
+    (seed, i) and, after that, exactly in the epochs it was not in the one
+    before: coin(seed, i) XOR (epoch odd). `epoch` is an int or a 0-d integer
+    array (the Solver's, computed on the device from the step counter).
+    """
+    xp = get_array_module(indices)
+    z = _hash_positions_of(xp, indices, stream_key(seed, 0, FLIP_STREAM))
+    coins = (z >> xp.uint64(63)) == xp.uint64(1)
+    return coins ^ (epoch % 2 == 1)
+
+
 def keep_threshold(p):
     """Units whose 24-bit hash is >= this are kept: P(keep) = 1 - p (to 2**-24)."""
     if not 0.0 <= p < 1.0:
@@ -90,8 +104,13 @@ def dropout_keep(xp, size, seed, step, p):
 
 def _hash_positions(xp, count, key):
     """SplitMix64 of positions 0..count-1 under `key` (an int or a 0-d uint64 array)."""
+    return _hash_positions_of(xp, xp.arange(count, dtype=xp.uint64), key)
+
+
+def _hash_positions_of(xp, positions, key):
+    """SplitMix64 of the integer array `positions` under `key` (an int or a 0-d uint64 array)."""
     key = xp.uint64(key) if isinstance(key, numbers.Integral) else key
-    return mix64(xp.arange(count, dtype=xp.uint64) * xp.uint64(GOLDEN) + key, xp)
+    return mix64(positions.astype(xp.uint64, copy=False) * xp.uint64(GOLDEN) + key, xp)
 
 
 # -- stacked models (fastnn.stacked): K members along a model axis ----------
