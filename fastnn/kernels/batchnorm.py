@@ -275,32 +275,33 @@ def _bn_act_apply(x, mean, scale, beta, out, activation):
 
 
 @_jit_inline
-def _bn_act_grad(dout, x, out, mean, inv_std, gamma, beta, r, c, activation):
-    """The gradient at the batchnorm's output, row r, channel c."""
-    if activation == GELU:
-        y = (x[r, c] - mean[c]) * (inv_std[c] * gamma[c]) + beta[c]
-        return dout[r, c] * gelu_grad_scalar(y)
-    return dout[r, c] if out[r, c] > 0 else 0  # a select, not a branch: it vectorises
-
-
-@_jit_inline
-def _bn_act_grad_sums(dout, x, out, mean, inv_std, gamma, beta, total, total_xhat, activation):
+def _bn_act_grad_sums(dout, x, out, mean, inv_std, gamma, beta, g_out, total, total_xhat,
+                      activation):
+    """The sums of g and g x_hat, g the gradient at the batchnorm's output; gelu's g (two
+    transcendentals per value) is kept in g_out (dx's memory) for the second pass."""
     rows, channels = x.shape
     for r in range(rows):
         for c in range(channels):
-            g = _bn_act_grad(dout, x, out, mean, inv_std, gamma, beta, r, c, activation)
+            if activation == GELU:
+                y = (x[r, c] - mean[c]) * inv_std[c] * gamma[c] + beta[c]
+                g = dout[r, c] * gelu_grad_scalar(y)
+                g_out[r, c] = g
+            else:
+                g = dout[r, c] if out[r, c] > 0 else 0  # a select, not a branch: it vectorises
             total[c] += g
             total_xhat[c] += g * ((x[r, c] - mean[c]) * inv_std[c])
 
 
 @_jit_inline
-def _bn_act_grad_apply(dout, x, out, mean, inv_std, gamma, beta, factor, m, dbeta, dgamma, dx,
-                       activation):
+def _bn_act_grad_apply(dout, x, out, mean, inv_std, factor, m, dbeta, dgamma, dx, activation):
     """dx = factor * (m g - dbeta - x_hat dgamma), g the gradient at the batchnorm's output."""
     rows, channels = x.shape
     for r in range(rows):
         for c in range(channels):
-            g = _bn_act_grad(dout, x, out, mean, inv_std, gamma, beta, r, c, activation)
+            if activation == GELU:
+                g = dx[r, c]  # the first pass's
+            else:
+                g = dout[r, c] if out[r, c] > 0 else 0
             x_hat = (x[r, c] - mean[c]) * inv_std[c]
             dx[r, c] = factor[c] * (m * g - dbeta[c] - x_hat * dgamma[c])
 
@@ -319,24 +320,22 @@ def _bn_gelu_apply(x, mean, scale, beta, out):
 
 @_jit
 def _bn_relu_grad_sums(dout, x, out, mean, inv_std, total, total_xhat):
-    _bn_act_grad_sums(dout, x, out, mean, inv_std, mean, mean, total, total_xhat, RELU)
+    _bn_act_grad_sums(dout, x, out, mean, inv_std, mean, mean, out, total, total_xhat, RELU)
 
 
 @_jit
-def _bn_gelu_grad_sums(dout, x, mean, inv_std, gamma, beta, total, total_xhat):
-    _bn_act_grad_sums(dout, x, x, mean, inv_std, gamma, beta, total, total_xhat, GELU)
+def _bn_gelu_grad_sums(dout, x, g_out, mean, inv_std, gamma, beta, total, total_xhat):
+    _bn_act_grad_sums(dout, x, x, mean, inv_std, gamma, beta, g_out, total, total_xhat, GELU)
 
 
 @_jit
 def _bn_relu_grad_apply(dout, x, out, mean, inv_std, factor, m, dbeta, dgamma, dx):
-    _bn_act_grad_apply(dout, x, out, mean, inv_std, mean, mean, factor, m, dbeta, dgamma, dx,
-                       RELU)
+    _bn_act_grad_apply(dout, x, out, mean, inv_std, factor, m, dbeta, dgamma, dx, RELU)
 
 
 @_jit
-def _bn_gelu_grad_apply(dout, x, mean, inv_std, gamma, beta, factor, m, dbeta, dgamma, dx):
-    _bn_act_grad_apply(dout, x, x, mean, inv_std, gamma, beta, factor, m, dbeta, dgamma, dx,
-                       GELU)
+def _bn_gelu_grad_apply(dout, x, mean, inv_std, factor, m, dbeta, dgamma, dx):
+    _bn_act_grad_apply(dout, x, x, mean, inv_std, factor, m, dbeta, dgamma, dx, GELU)
 
 
 def _partial_sums(kernel, row_arrays, args):
@@ -390,19 +389,19 @@ def _bn_act_test_forward(apply, x, gamma, beta, running_mean, running_var, eps):
     return out
 
 
-def _bn_act_backward(grad_sums, grad_apply, rows_arrays, gamma, mean, inv_std, *params):
-    """The Numba fused backward: rows_arrays (dout, x[, out]) C-contiguous and params
-    (gelu's gamma and beta) as the kernels (_bn_relu_grad_*, _bn_gelu_grad_*) take them."""
-    x = rows_arrays[1]
+def _bn_act_backward(grad_sums, grad_apply, dout, x, out, gamma, mean, inv_std, *params):
+    """The Numba fused backward: relu's kernels read out (C-contiguous); gelu's (out None)
+    take params (gamma, beta) and keep their g in dx between the passes."""
+    dout, x = np.ascontiguousarray(dout), np.ascontiguousarray(x)
     rows, channels = x.shape
     mean, inv_std = mean.astype(x.dtype), inv_std.astype(x.dtype)
-    params = (mean, inv_std) + params
-    dbeta, dgamma = _partial_sums(grad_sums, rows_arrays, params)
+    dx = np.empty_like(x)
+    per_value = (dout, x, np.ascontiguousarray(out) if out is not None else dx)
+    dbeta, dgamma = _partial_sums(grad_sums, per_value, (mean, inv_std) + params)
     dgamma, dbeta = dgamma.astype(x.dtype), dbeta.astype(x.dtype)
     factor = (gamma * inv_std / x.dtype.type(max(rows, 1))).astype(x.dtype)
-    dx = np.empty_like(x)
-    _run_rows(grad_apply, rows, rows_arrays + (dx,), *params, factor, x.dtype.type(rows), dbeta,
-              dgamma)
+    _run_rows(grad_apply, rows, per_value[:2 if out is None else 3] + (dx,), mean, inv_std,
+              factor, x.dtype.type(rows), dbeta, dgamma)
     return dx, dgamma, dbeta
 
 
@@ -418,8 +417,7 @@ def batchnorm_relu_test_forward_numba(x, gamma, beta, running_mean, running_var,
 
 @batchnorm_relu_backward.register("numpy")
 def batchnorm_relu_backward_numba(dout, x, out, gamma, mean, inv_std):
-    arrays = tuple(np.ascontiguousarray(a) for a in (dout, x, out))
-    return _bn_act_backward(_bn_relu_grad_sums, _bn_relu_grad_apply, arrays, gamma, mean,
+    return _bn_act_backward(_bn_relu_grad_sums, _bn_relu_grad_apply, dout, x, out, gamma, mean,
                             inv_std)
 
 
@@ -435,6 +433,5 @@ def batchnorm_gelu_test_forward_numba(x, gamma, beta, running_mean, running_var,
 
 @batchnorm_gelu_backward.register("numpy")
 def batchnorm_gelu_backward_numba(dout, x, gamma, beta, mean, inv_std):
-    arrays = tuple(np.ascontiguousarray(a) for a in (dout, x))
-    return _bn_act_backward(_bn_gelu_grad_sums, _bn_gelu_grad_apply, arrays, gamma, mean,
+    return _bn_act_backward(_bn_gelu_grad_sums, _bn_gelu_grad_apply, dout, x, None, gamma, mean,
                             inv_std, np.ascontiguousarray(gamma), np.ascontiguousarray(beta))
