@@ -96,16 +96,13 @@ def max_pool_backward_fast(dout, cache):
     return kernels.for_module(xp).max_pool_backward(dout, cache)
 
 
-def spatial_batchnorm_relu_forward(x, gamma, beta, bn_param):
-    """relu(spatial_batchnorm_forward(x, gamma, beta, bn_param)) in two fused passes.
-
-    x (N, C, H, W), gamma and beta (C,), bn_param as for batchnorm_forward
-    (running statistics updated the same way) -> out (N, C, H, W), a view of
-    channels-last rows. The cache keeps x's rows and out (no x_hat).
-    """
+def _spatial_batchnorm_act_forward(x, gamma, beta, bn_param, activation):
+    """activation(spatial batchnorm(x)), fused (ops batchnorm_{activation}_*) -> (out,
+    per-element rows, mean, inv_std) of channels-last rows; mode test: (out, None, None, None)."""
     xp = get_array_module(x, gamma, beta)
+    where = f"spatial_batchnorm_{activation}_forward"
     if getattr(x, "ndim", None) != 4 or gamma.shape != (x.shape[1],) or beta.shape != gamma.shape:
-        raise ValueError(f"spatial_batchnorm_relu_forward: x (N, C, H, W) needs gamma and beta of "
+        raise ValueError(f"{where}: x (N, C, H, W) needs gamma and beta of "
                          f"shape (C,); got x {getattr(x, 'shape', None)}, gamma {gamma.shape}, "
                          f"beta {beta.shape}")
     mode = bn_param.get("mode", "train")
@@ -118,27 +115,67 @@ def spatial_batchnorm_relu_forward(x, gamma, beta, bn_param):
         running_mean = xp.zeros(channels, dtype=x.dtype)
     if running_var is None:
         running_var = xp.zeros(channels, dtype=x.dtype)
+    table = kernels.for_module(xp)
     if mode == "train":
-        out, mean, inv_std, var = kernels.for_module(xp).batchnorm_relu_train_forward(
+        out, mean, inv_std, var = getattr(table, f"batchnorm_{activation}_train_forward")(
             rows, gamma, beta, eps)
         bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mean
         bn_param["running_var"] = momentum * running_var + (1 - momentum) * var
-        return from_channels_last_rows(out, x.shape), (rows, out, gamma, mean, inv_std)
+        return out, rows, mean, inv_std
     if mode == "test":
         bn_param["running_mean"], bn_param["running_var"] = running_mean, running_var
-        out = kernels.for_module(xp).batchnorm_relu_test_forward(
+        out = getattr(table, f"batchnorm_{activation}_test_forward")(
             rows, gamma, beta, running_mean, running_var, eps)
-        return from_channels_last_rows(out, x.shape), None
+        return out, None, None, None
     raise ValueError(f"batchnorm mode must be 'train' or 'test', got {mode!r}")
+
+
+def _check_train_cache(cache, where):
+    if cache is None:
+        raise ValueError(f"{where} needs the cache of a train-mode forward "
+                         "pass; test mode uses fixed running statistics and has no backward")
+
+
+def spatial_batchnorm_relu_forward(x, gamma, beta, bn_param):
+    """relu(spatial_batchnorm_forward(x, gamma, beta, bn_param)) in two fused passes.
+
+    x (N, C, H, W), gamma and beta (C,), bn_param as for batchnorm_forward
+    (running statistics updated the same way) -> out (N, C, H, W), a view of
+    channels-last rows. The cache keeps x's rows and out (no x_hat).
+    """
+    out, rows, mean, inv_std = _spatial_batchnorm_act_forward(x, gamma, beta, bn_param, "relu")
+    cache = None if rows is None else (rows, out, gamma, mean, inv_std)
+    return from_channels_last_rows(out, x.shape), cache
 
 
 def spatial_batchnorm_relu_backward(dout, cache):
     """dout (N, C, H, W) -> (dx (N, C, H, W), dgamma (C,), dbeta (C,)); a train-mode cache."""
-    if cache is None:
-        raise ValueError("spatial_batchnorm_relu_backward needs the cache of a train-mode forward "
-                         "pass; test mode uses fixed running statistics and has no backward")
+    _check_train_cache(cache, "spatial_batchnorm_relu_backward")
     rows, out, gamma, mean, inv_std = cache
     xp = get_array_module(dout, rows)
     dx, dgamma, dbeta = kernels.for_module(xp).batchnorm_relu_backward(
         channels_last_rows(dout), rows, out, gamma, mean, inv_std)
+    return from_channels_last_rows(dx, dout.shape), dgamma, dbeta
+
+
+def spatial_batchnorm_gelu_forward(x, gamma, beta, bn_param):
+    """gelu(spatial_batchnorm_forward(x, gamma, beta, bn_param)) in two fused passes, as
+    spatial_batchnorm_relu_forward (gelu as layers.gelu_forward: exact, with erf).
+
+    x (N, C, H, W), gamma and beta (C,) -> out (N, C, H, W), a view of channels-last
+    rows. The cache keeps x's rows, gamma and beta (the backward recomputes the
+    batchnorm's output from them).
+    """
+    out, rows, mean, inv_std = _spatial_batchnorm_act_forward(x, gamma, beta, bn_param, "gelu")
+    cache = None if rows is None else (rows, gamma, beta, mean, inv_std)
+    return from_channels_last_rows(out, x.shape), cache
+
+
+def spatial_batchnorm_gelu_backward(dout, cache):
+    """dout (N, C, H, W) -> (dx (N, C, H, W), dgamma (C,), dbeta (C,)); a train-mode cache."""
+    _check_train_cache(cache, "spatial_batchnorm_gelu_backward")
+    rows, gamma, beta, mean, inv_std = cache
+    xp = get_array_module(dout, rows)
+    dx, dgamma, dbeta = kernels.for_module(xp).batchnorm_gelu_backward(
+        channels_last_rows(dout), rows, gamma, beta, mean, inv_std)
     return from_channels_last_rows(dx, dout.shape), dgamma, dbeta

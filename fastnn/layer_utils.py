@@ -2,7 +2,8 @@
 from typing import Callable, NamedTuple, Optional
 
 from fastnn.fast_layers import (conv_backward_fast, conv_forward_fast, max_pool_backward_fast,
-                                max_pool_forward_fast, spatial_batchnorm_relu_backward,
+                                max_pool_forward_fast, spatial_batchnorm_gelu_backward,
+                                spatial_batchnorm_gelu_forward, spatial_batchnorm_relu_backward,
                                 spatial_batchnorm_relu_forward)
 from fastnn.layers import (affine_backward, affine_forward, batchnorm_backward,
                            batchnorm_forward, dropout_backward, dropout_forward,
@@ -99,6 +100,24 @@ def conv_bn_relu_backward(dout, cache):
     """dout (N, F, H', W') -> (dx, dw, db, dgamma, dbeta)."""
     conv_cache, bn_relu_cache = cache
     dan, dgamma, dbeta = spatial_batchnorm_relu_backward(dout, bn_relu_cache)
+    dx, dw, db = conv_backward_fast(dan, conv_cache)
+    return dx, dw, db, dgamma, dbeta
+
+
+def conv_bn_gelu_forward(x, w, b, gamma, beta, conv_param, bn_param):
+    """gelu(spatial_batchnorm(conv(x, w) + b)) -> out (N, F, H', W'); gamma, beta (F,).
+
+    The batchnorm and the gelu run fused (fast_layers.spatial_batchnorm_gelu_forward).
+    """
+    a, conv_cache = conv_forward_fast(x, w, b, conv_param)
+    out, bn_gelu_cache = spatial_batchnorm_gelu_forward(a, gamma, beta, bn_param)
+    return out, (conv_cache, bn_gelu_cache)
+
+
+def conv_bn_gelu_backward(dout, cache):
+    """dout (N, F, H', W') -> (dx, dw, db, dgamma, dbeta)."""
+    conv_cache, bn_gelu_cache = cache
+    dan, dgamma, dbeta = spatial_batchnorm_gelu_backward(dout, bn_gelu_cache)
     dx, dw, db = conv_backward_fast(dan, conv_cache)
     return dx, dw, db, dgamma, dbeta
 

@@ -60,6 +60,19 @@ def relu_backward(dout, cache):
     return kernels.for_module(xp).relu_backward(dout, cache)
 
 
+def gelu_forward(x):
+    """x * Phi(x), Phi the standard normal CDF (exact, with erf: PyTorch's GELU default),
+    any shape -> (out, cache)."""
+    xp = get_array_module(x)
+    return kernels.for_module(xp).gelu_forward(x), x
+
+
+def gelu_backward(dout, cache):
+    """dout * (Phi(x) + x phi(x)), x the forward's input, same shape as dout."""
+    xp = get_array_module(dout, cache)
+    return kernels.for_module(xp).gelu_backward(dout, cache)
+
+
 def _batchnorm_settings(x, gamma, beta, bn_param, where):
     """Check a batchnorm's arguments (x (..., N, D), gamma and beta x's shape without N)
     -> (xp, mode, eps, momentum, running_mean, running_var); in test mode the running

@@ -3,7 +3,7 @@
 Fast against naive to 1e-9 of the largest magnitude in float64 and 1e-5 in
 float32 (the contract's tolerance), on random shapes, on channels-last
 views (the fast layers' own layout) and other strided views; the fused
-batchnorm + relu against the composition of the public layers and against
+batchnorm + relu / gelu against the composition of the public layers and against
 numerical gradients.
 """
 import numpy as np
@@ -186,58 +186,71 @@ def test_fast_layers_reject_bad_input():
         fast_layers.max_pool_forward_fast(x, {"pool_height": 6, "pool_width": 2, "stride": 1})
 
 
-# -- fused spatial batchnorm + relu ----------------------------------------------
-def _bn_relu_naive(x, gamma, beta, bn_param):
+# -- fused spatial batchnorm + relu / gelu -----------------------------------------
+ACTIVATIONS = ["relu", "gelu"]
+
+
+def _fused(activation, direction):
+    return getattr(fast_layers, f"spatial_batchnorm_{activation}_{direction}")
+
+
+def _bn_act_naive(x, gamma, beta, bn_param, activation):
     normed, bn_cache = layers.spatial_batchnorm_forward(x, gamma, beta, bn_param)
-    out, relu_cache = layers.relu_forward(normed)
-    return out, (bn_cache, relu_cache)
+    out, act_cache = getattr(layers, f"{activation}_forward")(normed)
+    return out, (bn_cache, act_cache)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_spatial_batchnorm_relu_matches_the_layers(backend, dtype, layout):
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_spatial_batchnorm_act_matches_the_layers(backend, dtype, layout, activation):
     xp, rng = backend, np.random.default_rng(10)
     x = _views(xp, xp.asarray(rng.standard_normal((3, 4, 5, 6)) * 2 + 0.5, dtype=dtype))[layout]
     gamma = xp.asarray(rng.standard_normal(4), dtype=dtype)
     beta = xp.asarray(rng.standard_normal(4), dtype=dtype)
     fused_param, plain_param = {"mode": "train"}, {"mode": "train"}
-    out, cache = fast_layers.spatial_batchnorm_relu_forward(x, gamma, beta, fused_param)
-    out_plain, (bn_cache, relu_cache) = _bn_relu_naive(x, gamma, beta, plain_param)
+    out, cache = _fused(activation, "forward")(x, gamma, beta, fused_param)
+    out_plain, (bn_cache, act_cache) = _bn_act_naive(x, gamma, beta, plain_param, activation)
     assert out.dtype == dtype
     _close(out, out_plain, dtype)
     for key in ("running_mean", "running_var"):
         _close(fused_param[key], plain_param[key], dtype)
-    dout = xp.asarray(rng.standard_normal(x.shape), dtype=dtype)
-    expected = layers.spatial_batchnorm_backward(layers.relu_backward(dout, relu_cache), bn_cache)
-    for got, want in zip(fast_layers.spatial_batchnorm_relu_backward(dout, cache), expected):
+    dout = _views(xp, xp.asarray(rng.standard_normal(x.shape), dtype=dtype))[layout]
+    dnormed = getattr(layers, f"{activation}_backward")(dout, act_cache)
+    expected = layers.spatial_batchnorm_backward(dnormed, bn_cache)
+    for got, want in zip(_fused(activation, "backward")(dout, cache), expected):
         assert got.dtype == dtype and got.shape == want.shape
         _close(got, want, dtype)
     for param in (fused_param, plain_param):
         param["mode"] = "test"
-    test_out, test_cache = fast_layers.spatial_batchnorm_relu_forward(x, gamma, beta, fused_param)
+    test_out, test_cache = _fused(activation, "forward")(x, gamma, beta, fused_param)
     assert test_cache is None
-    _close(test_out, _bn_relu_naive(x, gamma, beta, plain_param)[0], dtype)
+    _close(test_out, _bn_act_naive(x, gamma, beta, plain_param, activation)[0], dtype)
 
 
-def test_spatial_batchnorm_relu_backward_matches_numerical(backend):
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_spatial_batchnorm_act_backward_matches_numerical(backend, activation):
     xp, rng = backend, np.random.default_rng(11)
     x = xp.asarray(rng.standard_normal((2, 3, 4, 3)))
     gamma, beta = xp.asarray(rng.standard_normal(3)), xp.asarray(rng.standard_normal(3))
     dout = xp.asarray(rng.standard_normal(x.shape))
-    _, cache = fast_layers.spatial_batchnorm_relu_forward(x, gamma, beta, {"mode": "train"})
-    grads = fast_layers.spatial_batchnorm_relu_backward(dout, cache)
+    _, cache = _fused(activation, "forward")(x, gamma, beta, {"mode": "train"})
+    grads = _fused(activation, "backward")(dout, cache)
     inputs = [x, gamma, beta]
     for i, grad in enumerate(grads):
         def f(_):
-            return fast_layers.spatial_batchnorm_relu_forward(*inputs, {"mode": "train"})[0]
+            return _fused(activation, "forward")(*inputs, {"mode": "train"})[0]
         assert rel_error(eval_numerical_gradient_array(f, inputs[i], dout), grad) < 1e-6
 
 
-def test_spatial_batchnorm_relu_rejects_bad_input():
-    with pytest.raises(ValueError, match="gamma and beta of shape"):
-        fast_layers.spatial_batchnorm_relu_forward(np.zeros((2, 3, 2, 2)), np.ones(4), np.zeros(4),
-                                                   {"mode": "train"})
-    with pytest.raises(ValueError, match="train-mode forward"):
-        fast_layers.spatial_batchnorm_relu_backward(np.zeros((2, 3, 2, 2)), None)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_spatial_batchnorm_act_rejects_bad_input(activation):
+    with pytest.raises(ValueError, match=f"spatial_batchnorm_{activation}_forward: x .* gamma "
+                                         "and beta of shape"):
+        _fused(activation, "forward")(np.zeros((2, 3, 2, 2)), np.ones(4), np.zeros(4),
+                                      {"mode": "train"})
+    with pytest.raises(ValueError, match=f"spatial_batchnorm_{activation}_backward needs .* "
+                                         "train-mode forward"):
+        _fused(activation, "backward")(np.zeros((2, 3, 2, 2)), None)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 6, 4), (2, 8, 5, 6), (1, 3, 4, 4)])

@@ -55,7 +55,8 @@ def _outputs(result, args):
 # The ops that run fast on each backend. A fast version lost (a misnamed or
 # unregistered kernel) fails here instead of running the reference in silence.
 NUMBA_OPS = set(kernels.OPS)  # every op has a Numba version
-CUPY_OPS = {"relu_forward", "relu_backward", "dropout_forward", "dropout_backward", "softmax_loss",
+CUPY_OPS = {"relu_forward", "relu_backward", "gelu_forward", "gelu_backward",
+            "dropout_forward", "dropout_backward", "softmax_loss",
             "layernorm_forward", "layernorm_backward", "groupnorm_forward", "groupnorm_backward",
             "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward",
             "conv_pool_forward", "conv_pool_backward",
@@ -257,6 +258,43 @@ def test_relu_non_contiguous_input(ops, dtype):
     dout = xp.asarray(np.random.default_rng(2).standard_normal((9, 6)), dtype=dtype)
     np.testing.assert_array_equal(_host(table.relu_backward(dout, out)),
                                   _reference("relu_backward", dout, out))
+
+
+# -- gelu ----------------------------------------------------------------------
+def _strided_views(xp, a):
+    """a (2-D or more) as it is, transposed, a slice of a bigger array, and every other row."""
+    bigger = xp.zeros((2 * a.shape[0],) + a.shape[1:], dtype=a.dtype)
+    bigger[::2] = a
+    return {"contiguous": a, "transposed": xp.ascontiguousarray(a.T).T,
+            "sliced": xp.concatenate([a, a], axis=-1)[..., a.shape[-1]:],
+            "every_other": bigger[::2]}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced", "every_other"])
+@pytest.mark.parametrize("shape", X_SHAPES)
+def test_gelu(ops, dtype, shape, layout):
+    """Forward and backward against the reference on dense and strided views, tails included
+    (|x| up to 12: gelu is x, or 0, to the dtype's precision there)."""
+    xp, table = ops
+    rng = np.random.default_rng(12)
+    x = _strided_views(xp, xp.asarray(rng.standard_normal(shape) * 4, dtype=dtype))[layout]
+    dout = _strided_views(xp, xp.asarray(rng.standard_normal(shape), dtype=dtype))[layout]
+    out = table.gelu_forward(x)
+    assert out.dtype == dtype and out.shape == shape
+    _close(out, _reference("gelu_forward", x), dtype)
+    dx = table.gelu_backward(dout, x)
+    assert dx.dtype == dtype and dx.shape == shape
+    _close(dx, _reference("gelu_backward", dout, x), dtype)
+
+
+def test_gelu_non_finite_like_reference(ops, dtype):
+    """NaN stays NaN, inf gives inf and -inf NaN (-inf * 0, as PyTorch's x * Phi(x)), on every
+    backend as in the reference, so a diverged activation reaches the loss's non-finite check."""
+    xp, table = ops
+    x = xp.asarray(np.array([[np.nan, -np.inf, np.inf, -40.0, 0.0, 40.0]]), dtype=dtype)
+    out = _host(table.gelu_forward(x))
+    np.testing.assert_array_equal(out, _reference("gelu_forward", x))
+    np.testing.assert_array_equal(out[0], [np.nan, np.nan, np.inf, 0, 0, 40])
 
 
 # -- dropout -------------------------------------------------------------------
@@ -860,7 +898,7 @@ def _elementwise_as_cuda(name, in_params, out_params, operation):
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
 def test_elementwise_cuda_sources_compile(tmp_path, dtype_name):
-    """Every ElementwiseKernel body (relu, dropout, each update rule) and the
+    """Every ElementwiseKernel body (relu, gelu, dropout, each update rule) and the
     softmax loss's RawKernel compile (with CuPy's -ftz=true)."""
     ctype = {"float32": "float", "float64": "double"}[dtype_name]
     kernels_ = [_elementwise_as_cuda(name, *parts) for name, parts in _cupy._SOURCES.items()]
@@ -1151,6 +1189,37 @@ def test_batchnorm_relu(ops, dtype, shape):
     expected = reference.batchnorm_relu_test_forward(x, gamma, beta, running_mean, running_var,
                                                      1e-5)
     assert got.dtype == dtype and got.shape == shape and float(_host(got).min()) == 0.0
+    _close(got, expected, dtype, 10.0)
+
+
+@pytest.mark.parametrize("shape", BN_RELU_SHAPES)
+def test_batchnorm_gelu(ops, dtype, shape):
+    """The fused batchnorm + gelu trio against the reference, on strided rows too."""
+    xp, table = ops
+    rng = np.random.default_rng(7)
+    x = xp.asarray(rng.standard_normal(shape) * 3 + 10, dtype=dtype)  # offset: the shifted sums
+    x = xp.concatenate([x, x], axis=1)[:, shape[1]:]  # strided rows
+    gamma = xp.asarray(rng.standard_normal(shape[1]), dtype=dtype)
+    beta = xp.asarray(rng.standard_normal(shape[1]), dtype=dtype)
+    got = table.batchnorm_gelu_train_forward(x, gamma, beta, 1e-5)
+    expected = reference.batchnorm_gelu_train_forward(*host_copies(x, gamma, beta), 1e-5)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.shape == e.shape
+        _close(g, e, dtype, 10.0)
+    _, mean, inv_std, _ = expected
+    dout = xp.asarray(rng.standard_normal(shape), dtype=dtype)
+    got = table.batchnorm_gelu_backward(dout, x, gamma, beta, xp.asarray(mean),
+                                        xp.asarray(inv_std))
+    expected = reference.batchnorm_gelu_backward(*host_copies(dout, x, gamma, beta), mean, inv_std)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.shape == e.shape
+        _close(g, e, dtype, float(np.abs(_host(e)).max()) + 1)
+    running_mean = xp.asarray(mean * 0.9)
+    running_var = xp.asarray(np.abs(inv_std) + 0.5)
+    got = table.batchnorm_gelu_test_forward(x, gamma, beta, running_mean, running_var, 1e-5)
+    expected = reference.batchnorm_gelu_test_forward(
+        *host_copies(x, gamma, beta, running_mean, running_var), 1e-5)
+    assert got.dtype == dtype and got.shape == shape
     _close(got, expected, dtype, 10.0)
 
 

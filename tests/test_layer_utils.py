@@ -10,10 +10,10 @@ import pytest
 
 import fastnn
 from fastnn.gradient_check import eval_numerical_gradient_array, rel_error
+from fastnn import layer_utils
 from fastnn.layer_utils import (affine_bn_relu_backward, affine_bn_relu_forward,
-                                affine_relu_backward, affine_relu_forward, conv_bn_relu_backward,
-                                conv_bn_relu_forward, conv_relu_backward, conv_relu_forward,
-                                conv_relu_pool_backward, conv_relu_pool_forward)
+                                affine_relu_backward, affine_relu_forward, conv_relu_backward,
+                                conv_relu_forward, conv_relu_pool_backward, conv_relu_pool_forward)
 from fastnn.layers import conv_forward_naive
 
 GRAD_TOL = 1e-7
@@ -211,16 +211,18 @@ def test_conv_relu_pool_backward_matches_numerical(backend):
            conv_relu_pool_backward, [x, w, b], (2, 3, 2, 3), 3)
 
 
-def test_conv_bn_relu_backward_matches_numerical(backend):
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_conv_bn_act_backward_matches_numerical(backend, activation):
     xp = backend
     x, w, b, gamma, beta = (xp.asarray(a) for a in _conv_case(4, bn=True))
+    sandwich_forward = getattr(layer_utils, f"conv_bn_{activation}_forward")
 
     def forward(x_, w_, b_, gamma_, beta_):
-        return conv_bn_relu_forward(x_, w_, b_, gamma_, beta_, CONV_PARAM, {"mode": "train"})
+        return sandwich_forward(x_, w_, b_, gamma_, beta_, CONV_PARAM, {"mode": "train"})
 
     out, cache = forward(x, w, b, gamma, beta)
     dout = xp.asarray(np.random.default_rng(5).standard_normal(out.shape))
-    grads = conv_bn_relu_backward(dout, cache)
+    grads = getattr(layer_utils, f"conv_bn_{activation}_backward")(dout, cache)
     inputs = [x, w, b, gamma, beta]
     for i, grad in enumerate(grads):
         def f(_, i=i):

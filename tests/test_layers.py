@@ -94,6 +94,38 @@ def test_relu_keeps_dtype_and_shape(backend, dtype):
     assert out.shape == x.shape and dx.shape == x.shape
 
 
+# -- gelu ----------------------------------------------------------------------
+def test_gelu_backward_matches_numerical(backend):
+    xp, rng = backend, _rng(40)
+    x = xp.asarray(rng.standard_normal((4, 5)) * 2)
+    dout = xp.asarray(rng.standard_normal((4, 5)))
+    out, cache = layers.gelu_forward(x)
+    dx = layers.gelu_backward(dout, cache)
+    dx_num = eval_numerical_gradient_array(lambda v: layers.gelu_forward(v)[0], x, dout)
+    assert rel_error(dx, dx_num) < GRAD_TOL
+
+
+@pytest.mark.parametrize("value, expected", [
+    (0.0, 0.0), (1.0, 0.8413447460685429), (-1.0, -0.15865525393145707),
+    (3.0, 2.9959503059051097), (-6.0, -5.919525870226e-09)])
+def test_gelu_is_x_times_the_normal_cdf(backend, value, expected):
+    """gelu(x) = x Phi(x), exact (Phi(1) = 0.8413447460685429, Phi(3) = 0.9986501019683699),
+    not the tanh approximation (0.841192 at 1)."""
+    out, _ = layers.gelu_forward(backend.asarray([value]))
+    # at -6, 1 + erf(x / sqrt 2) cancels ~8 digits: a looser bound there
+    np.testing.assert_allclose(fastnn.to_numpy(out), [expected],
+                               rtol=1e-6 if value == -6 else 1e-14, atol=0)
+
+
+def test_gelu_keeps_dtype_and_shape(backend, dtype):
+    xp = backend
+    x = xp.asarray(_rng(41).standard_normal((2, 3, 4)), dtype=dtype)
+    out, cache = layers.gelu_forward(x)
+    dx = layers.gelu_backward(xp.ones_like(x), cache)
+    assert out.dtype == dtype and dx.dtype == dtype
+    assert out.shape == x.shape and dx.shape == x.shape
+
+
 # -- batchnorm -----------------------------------------------------------------
 def _bn_inputs(xp, rng, N=6, D=4, dtype=np.float64):
     x = xp.asarray(3.0 * rng.standard_normal((N, D)) + 2.0, dtype=dtype)
@@ -534,6 +566,18 @@ def test_layernorm_matches_pytorch():
     np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-12)
     for got, want in zip(layers.layernorm_backward(dout, cache), expected_grads):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_gelu_matches_pytorch():
+    torch = pytest.importorskip("torch")
+    rng = _rng(42)
+    x = rng.standard_normal((5, 7)) * 3
+    dout = rng.standard_normal(x.shape)
+    expected, (expected_dx,) = _torch_grads(torch.nn.functional.gelu, (x,), dout)
+    out, cache = layers.gelu_forward(x)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(layers.gelu_backward(dout, cache), expected_dx, rtol=1e-12,
+                               atol=1e-14)
 
 
 @pytest.mark.parametrize("G", [1, 2, 6])

@@ -37,6 +37,12 @@ def _jit(function, **flags):
     """
     return compile_cache.enable(numba.njit(nogil=True, error_model="numpy", **flags)(function))
 
+def _jit_inline(function):
+    """_jit for a body inlined into its callers (Numba IR inlining), so that a constant
+    argument, such as an activation's number, is folded away in each caller."""
+    return _jit(function, inline="always")
+
+
 _GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _UNIT_SHIFT = np.uint64(64 - UNIT_BITS)

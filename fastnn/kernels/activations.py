@@ -1,8 +1,10 @@
-"""Activations: relu and dropout (a stack's per-member dropout too).
+"""Activations: relu, gelu and dropout (a stack's per-member dropout too).
 
 Each op: its reference (plain xp, the declaration), its Numba version and its
 CuPy version, in that order.
 """
+import math
+
 import numpy as np
 
 from fastnn.backend import get_array_module
@@ -72,6 +74,100 @@ def relu_forward_cupy(x):
 @relu_backward.register("cupy")
 def relu_backward_cupy(dout, out):
     return _cupy._kernel("relu_backward")(dout, out)
+
+
+# -- gelu: exact, x * Phi(x) with erf (PyTorch's approximate="none", airbench's) ----
+_SQRT_HALF = 0.7071067811865476       # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327    # 1 / sqrt(2 pi)
+
+
+def erf(xp, x):
+    """erf of x element-wise on xp, in x's dtype: numpy has none (math.erf per element,
+    in float64); cupy has cupyx.scipy.special.erf."""
+    if xp is np:
+        return np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype, copy=False)
+    import cupyx.scipy.special
+
+    return cupyx.scipy.special.erf(x)
+
+
+def gelu_xp(xp, x):
+    """x * Phi(x) on xp (the references' gelu, shared with the fused batchnorm + gelu)."""
+    half = x.dtype.type(0.5)
+    return x * (half + half * erf(xp, x * x.dtype.type(_SQRT_HALF)))
+
+
+def gelu_grad_xp(xp, x):
+    """d gelu / dx = Phi(x) + x phi(x) on xp."""
+    half = x.dtype.type(0.5)
+    return (half + half * erf(xp, x * x.dtype.type(_SQRT_HALF))
+            + x * x.dtype.type(_INV_SQRT_2PI) * xp.exp(-half * x * x))
+
+
+@declare()
+def gelu_forward(x):
+    """x * Phi(x) (Phi the standard normal CDF, through erf), same shape and dtype."""
+    return gelu_xp(get_array_module(x), x)
+
+
+@declare(data_args=2)
+def gelu_backward(dout, x):
+    """dout * (Phi(x) + x phi(x)); x is the forward's input."""
+    xp = get_array_module(dout, x)
+    return dout * gelu_grad_xp(xp, x)
+
+
+# scalar gelu for the Numba kernels (here and the fused batchnorm + gelu), in float64
+@_jit
+def gelu_scalar(v):
+    return 0.5 * v * (1.0 + math.erf(v * _SQRT_HALF))
+
+
+@_jit
+def gelu_grad_scalar(v):
+    return 0.5 * (1.0 + math.erf(v * _SQRT_HALF)) + v * _INV_SQRT_2PI * math.exp(-0.5 * v * v)
+
+
+@_jit
+def _gelu_forward(x, out):
+    for i in range(x.size):
+        out[i] = gelu_scalar(x[i])
+
+
+@_jit
+def _gelu_backward(dout, x, dx):
+    for i in range(dout.size):
+        dx[i] = dout[i] * gelu_grad_scalar(x[i])
+
+
+@gelu_forward.register("numpy")
+def gelu_forward_numba(x):
+    return elementwise_unary(_gelu_forward, x)
+
+
+@gelu_backward.register("numpy")
+def gelu_backward_numba(dout, x):
+    return elementwise_binary(_gelu_backward, dout, x)
+
+
+# erf of float or double (CUDA's overloads); literals cast to T so float stays float
+_cupy._SOURCES.update({
+    "gelu_forward": ("T x", "T y",
+                     f"y = x * ((T)0.5 + (T)0.5 * erf(x * (T){_SQRT_HALF}))"),
+    "gelu_backward": ("T dout, T x", "T dx",
+                      f"dx = dout * ((T)0.5 + (T)0.5 * erf(x * (T){_SQRT_HALF})"
+                      f" + x * (T){_INV_SQRT_2PI} * exp((T)-0.5 * x * x))"),
+})
+
+
+@gelu_forward.register("cupy")
+def gelu_forward_cupy(x):
+    return _cupy._kernel("gelu_forward")(x)
+
+
+@gelu_backward.register("cupy")
+def gelu_backward_cupy(dout, x):
+    return _cupy._kernel("gelu_backward")(dout, x)
 
 
 # -- dropout: its mask a pure function of (seed, step, position) (fastnn.kernels.rng)

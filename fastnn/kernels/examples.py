@@ -61,7 +61,7 @@ STACKED_FEATURE_ROWS = [(1600, 200), (4096, 512)]        # (K*H, N): feature-maj
 CONVS = [(64, 3, 32, 32, 24), (64, 24, 32, 32, 32), (64, 64, 8, 8, 128)]
 CONV_POOLS = [(64, 24, 32, 32, 32), (64, 64, 8, 8, 128)]  # each followed by a 2x2 pool
 POOLS = [(64, 32, 32, 32), (64, 128, 8, 8)]               # (N, C, H, W), 2x2 stride 2
-BN_RELU_ROWS = [(65536, 32), (4096, 128)]                 # (N*H*W, C)
+BN_RELU_ROWS = [(65536, 32), (4096, 128)]                 # (N*H*W, C), relu or gelu
 GROUPNORM_IMAGES = [(256, 32, 32, 32), (256, 128, 8, 8)]
 
 
@@ -93,6 +93,12 @@ def _bn_relu_backward(d, shape, xp):
     return d.normal(*shape), x, out, gamma, mean, inv_std
 
 
+def _bn_gelu_backward(d, shape, xp):
+    x, gamma, beta, eps = EXAMPLES["batchnorm_gelu_train_forward"].make(d, shape, xp)
+    _, mean, inv_std, _ = reference.batchnorm_gelu_train_forward(x, gamma, beta, eps)
+    return d.normal(*shape), x, gamma, beta, mean, inv_std
+
+
 def _conv(d, shape, xp):
     n, c, h, w, f = shape
     return _channels_last(xp, d.normal(n, c, h, w)), d.normal(f, c, 3, 3), None, 1, 1
@@ -116,6 +122,8 @@ EXAMPLES = {
     "relu_forward": Example(lambda d, s, xp: (d.normal(*s),), (7, 9), ACTIVATIONS),
     "relu_backward": Example(lambda d, s, xp: (d.normal(*s), np.maximum(d.normal(*s), 0)),
                              (7, 9), ACTIVATIONS),
+    "gelu_forward": Example(lambda d, s, xp: (d.normal(*s),), (7, 9), ACTIVATIONS),
+    "gelu_backward": Example(lambda d, s, xp: (d.normal(*s), d.normal(*s)), (7, 9), ACTIVATIONS),
     "dropout_forward": Example(lambda d, s, xp: (d.normal(*s), 0.2, 1234, 7), (7, 9),
                                ACTIVATIONS),
     "dropout_backward": Example(lambda d, s, xp: (d.normal(*s), 0.2, 1234, 7), (7, 9),
@@ -148,6 +156,13 @@ EXAMPLES = {
         lambda d, s, xp: (d.normal(*s), d.positive(s[1]), d.normal(s[1]), d.normal(s[1]),
                           d.positive(s[1]), 1e-5), (8, 6), BN_RELU_ROWS),
     "batchnorm_relu_backward": Example(_bn_relu_backward, (8, 6), BN_RELU_ROWS),
+    "batchnorm_gelu_train_forward": Example(
+        lambda d, s, xp: (d.normal(*s), d.positive(s[1]), d.normal(s[1]), 1e-5), (8, 6),
+        BN_RELU_ROWS),
+    "batchnorm_gelu_test_forward": Example(
+        lambda d, s, xp: (d.normal(*s), d.positive(s[1]), d.normal(s[1]), d.normal(s[1]),
+                          d.positive(s[1]), 1e-5), (8, 6), BN_RELU_ROWS),
+    "batchnorm_gelu_backward": Example(_bn_gelu_backward, (8, 6), BN_RELU_ROWS),
     "layernorm_forward": Example(
         lambda d, s, xp: (d.normal(*s), d.positive(s[1]), d.normal(s[1]), 1e-5), (8, 6),
         ACTIVATIONS[1:]),
