@@ -2,7 +2,8 @@
 
 `save(model, path)` / `load(path)` store a classifier (class, constructor
 arguments, dtype, parameters, the arrays of its `buffers` (not trained), the
-running statistics of its `norm_params` layers, fastnn version); `load` rebuilds it on the active backend.
+running statistics of its `norm_params` layers, fastnn version); `load`
+rebuilds it on the active backend.
 `write_npz` / `read_npz` are the shared atomic writer and checked reader
 (Solver checkpoints use them). Every file carries its format's name and
 version; a newer version than this fastnn knows is refused, older ones are
@@ -94,7 +95,8 @@ def model_state(model):
     """Arrays that describe a model: its parameters and the running statistics of its norms."""
     arrays = {f"param/{name}": value for name, value in model.params.items()}
     # arrays a model computes with but does not train (ConvNet's whitening filters)
-    arrays.update({f"buffer/{name}": value for name, value in getattr(model, "buffers", {}).items()})
+    arrays.update({f"buffer/{name}": value
+                   for name, value in getattr(model, "buffers", {}).items()})
     for key, bn_param in norm_params(model).items():
         for stat in STATISTICS:
             if bn_param.get(stat) is not None:

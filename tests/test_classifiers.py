@@ -837,3 +837,14 @@ def test_conv_net_all_options_save_load_and_checkpoint_resume(backend, tmp_path)
                      verbose=False, optim_config={"learning_rate": 0.1})
     resumed.load_checkpoint(str(tmp_path / "ck.npz"))
     np.testing.assert_array_equal(fastnn.to_numpy(fresh.buffers["W1"]), filters)
+
+
+def test_conv_net_file_without_its_whitening_filters_is_refused(tmp_path):
+    from fastnn.serialization import MODEL_FORMAT, read_npz, write_npz
+
+    fastnn.save(_tiny_whiten_net(), tmp_path / "m.npz")
+    arrays, meta = read_npz(tmp_path / "m.npz", MODEL_FORMAT)
+    del arrays["buffer/W1"]
+    write_npz(tmp_path / "cut.npz", arrays, meta)
+    with pytest.raises(ValueError, match="has no buffer 'W1'"):
+        fastnn.load(tmp_path / "cut.npz")
