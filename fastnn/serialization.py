@@ -1,8 +1,9 @@
 """Saving models and checkpoints: `.npz` files with a JSON metadata entry, written atomically.
 
 `save(model, path)` / `load(path)` store a classifier (class, constructor
-arguments, dtype, parameters, the running statistics of its `norm_params`
-layers, fastnn version); `load` rebuilds it on the active backend.
+arguments, dtype, parameters, the arrays of its `buffers` (not trained), the
+running statistics of its `norm_params` layers, fastnn version); `load`
+rebuilds it on the active backend.
 `write_npz` / `read_npz` are the shared atomic writer and checked reader
 (Solver checkpoints use them). Every file carries its format's name and
 version; a newer version than this fastnn knows is refused, older ones are
@@ -93,6 +94,9 @@ def read_npz(path, expected_format, version=FORMAT_VERSION):
 def model_state(model):
     """Arrays that describe a model: its parameters and the running statistics of its norms."""
     arrays = {f"param/{name}": value for name, value in model.params.items()}
+    # arrays a model computes with but does not train (ConvNet's whitening filters)
+    arrays.update({f"buffer/{name}": value
+                   for name, value in getattr(model, "buffers", {}).items()})
     for key, bn_param in norm_params(model).items():
         for stat in STATISTICS:
             if bn_param.get(stat) is not None:
@@ -139,6 +143,13 @@ def set_model_state(model, arrays, source):
     if extra:
         raise ValueError(f"{source} is incompatible: unexpected parameters {sorted(extra)}")
     known = set()
+    for name, current in getattr(model, "buffers", {}).items():
+        known.add(f"buffer/{name}")
+        stored = arrays.get(f"buffer/{name}")
+        if stored is None:
+            raise ValueError(f"{source} is incompatible: it has no buffer {name!r}")
+        current[...] = _checked(stored, f"buffer {name!r}", current.shape, current.dtype, xp,
+                                source)
     for key, bn_param in norm_params(model).items():
         for stat in STATISTICS:
             name = f"norm/{key}/{stat}"
@@ -151,7 +162,8 @@ def set_model_state(model, arrays, source):
                                           model.dtype, xp, source)
     extra = sorted(k for k in arrays if not k.startswith("param/") and k not in known)
     if extra:
-        raise ValueError(f"{source} is incompatible: unexpected running statistics {extra}")
+        raise ValueError(f"{source} is incompatible: unexpected running statistics or buffers "
+                         f"{extra}")
 
 
 def write_checkpoint(path, arrays, meta):

@@ -3,10 +3,14 @@ import numpy as np
 import pytest
 
 import fastnn
-from fastnn import kernels
+from fastnn import kernels, layers
 from fastnn.classifiers import ConvNet, FullyConnectedNet, ThreeLayerConvNet, TwoLayerNet
 from fastnn.classifiers.base import Classifier
 from fastnn.gradient_check import eval_numerical_gradient, rel_error
+from fastnn.init import whitening_filters
+from fastnn.layers import (conv_forward_naive, gelu_forward, max_pool_forward_naive,
+                           spatial_batchnorm_forward)
+from fastnn.solver import Solver
 
 GRAD_TOL = 1e-6
 N, D, C = 3, 5, 4
@@ -619,3 +623,228 @@ def test_conv_net_seed_reproduces_and_dtype_is_kept(dtype):
     X = np.random.default_rng(6).standard_normal((2, 2, 6, 5)).astype(dtype)
     loss, grads = a.loss(X, np.array([0, 2]))
     assert a.loss(X).dtype == dtype and all(g.dtype == dtype for g in grads.values())
+
+
+# -- ConvNet keyword options (airbench's recipe; each off by default) -----------------------
+AIRBENCH_OPTIONS = dict(activation="gelu", bn_scale="frozen", bn_eps=1e-12, bn_momentum=0.6,
+                        logit_scale=1 / 9, head_bias=False, dirac_init=True, stem="whiten")
+
+
+def _tiny_whiten_net(**options):
+    """A tiny net with every option on; C = 2 makes a whitening stem of 2*2*2*2 = 16."""
+    kwargs = dict(AIRBENCH_OPTIONS, stem_width=16, input_dim=(2, 7, 6), widths=(3, 4))
+    kwargs.update(options)
+    return _tiny_conv_net(**kwargs)
+
+
+def test_conv_net_default_options_leave_the_net_as_it_was():
+    """Passing every option at its default is the net of no options: same init_args (no new
+    keys, so files and checkpoints written before still match), parameters and gradients."""
+    defaults = dict(activation="relu", bn_scale="learned", bn_eps=1e-5, bn_momentum=0.9,
+                    logit_scale=1.0, head_bias=True, dirac_init=False, stem="conv")
+    plain, explicit = _tiny_conv_net(), _tiny_conv_net(**defaults)
+    assert plain.init_args == explicit.init_args and not set(defaults) & set(plain.init_args)
+    assert plain.buffers == {} and list(plain.params) == list(explicit.params)
+    rng = np.random.default_rng(8)
+    X, y = rng.standard_normal((3, 2, 6, 5)), rng.integers(0, 3, 3)
+    (loss0, grads0), (loss1, grads1) = plain.loss(X, y), explicit.loss(X, y)
+    assert float(loss0) == float(loss1) and list(grads0) == list(grads1)
+    for name in grads0:
+        np.testing.assert_array_equal(grads0[name], grads1[name])
+
+
+@pytest.mark.parametrize("options", [
+    dict(AIRBENCH_OPTIONS, stem_width=16),
+    dict(stem="whiten", stem_width=16),  # relu after the whitening conv
+    dict(activation="gelu"), dict(bn_scale="frozen"), dict(logit_scale=0.25, head_bias=False)],
+    ids=["all", "whiten_relu", "gelu", "frozen_scale", "logit_scale_no_head_bias"])
+def test_conv_net_option_gradients(backend, options):
+    """Every trainable parameter, in float64; the whitening filters have no gradient.
+
+    The filters are perturbed too: dirac's exact zeros would give exact ties (kinks) and
+    gradients so small that round-off dominates their relative error."""
+    xp = backend
+    kwargs = dict(options, input_dim=(2, 7, 6))
+    model = _tiny_conv_net(reg=0.3, widths=(2, 3), **kwargs)
+    _perturb_non_weights(model, seed=1)
+    rng = np.random.default_rng(3)
+    for name, value in model.params.items():
+        if name.startswith("W"):
+            value[...] = value + xp.asarray(0.3 * rng.standard_normal(value.shape))
+    # data whose smallest gradients (logits / 9) stay well above round-off at h = 1e-5
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((4, 2, 7, 6)), rng.integers(0, 3, 4)
+    if model.buffers:
+        model.init_whitening(xp.asarray(X))
+    _check_model_gradients(model, xp.asarray(X), xp.asarray(y))
+
+
+def test_conv_net_all_options_structure(backend):
+    model = _tiny_whiten_net(dtype=np.float32)
+    assert set(model.params) == {"b1", "W2", "beta2", "W3", "beta3", "W4", "beta4", "W5", "beta5",
+                                 "W6"}
+    assert model.param_roles["b1"] == "bias" and model.weight_names() == [
+        "W2", "W3", "W4", "W5", "W6"]
+    # the whitening filters: 2x2, C -> 16, not a parameter (no update rule or L2 sees them)
+    assert set(model.buffers) == {"W1"} and model.buffers["W1"].shape == (16, 2, 2, 2)
+    assert isinstance(model.buffers["W1"], backend.ndarray)
+    assert model.buffers["W1"].dtype == np.float32
+    for i in range(2, 6):
+        assert model.norm_params[str(i)]["eps"] == 1e-12
+        assert model.norm_params[str(i)]["momentum"] == 0.6
+    X = backend.asarray(np.random.default_rng(0).standard_normal((2, 2, 7, 6)), dtype=np.float32)
+    assert model.loss(X).shape == (2, 3)
+
+
+def test_conv_net_whitening_stem_sizes_and_init():
+    # a 2x2 conv without padding loses a pixel a side: 3 groups need 9, not 8
+    with pytest.raises(ValueError, match="needs at least 9 pixels a side"):
+        ConvNet(widths=(2, 2, 2), input_dim=(3, 8, 8), stem="whiten")
+    ConvNet(widths=(2, 2, 2), input_dim=(3, 9, 9), stem="whiten")
+    with pytest.raises(ValueError, match="pass stem_width=16"):
+        ConvNet(widths=(2,), input_dim=(2, 8, 8), stem="whiten")
+    with pytest.raises(ValueError, match="stem='whiten'"):
+        _tiny_conv_net().init_whitening(np.zeros((2, 2, 6, 5)))
+    model = _tiny_whiten_net()
+    with pytest.raises(ValueError, match=r"\(N, 2, H, W\)"):
+        model.init_whitening(np.zeros((2, 3, 7, 6)))
+    X = np.random.default_rng(3).standard_normal((5, 2, 7, 6))
+    model.init_whitening(X, eps=1e-3)
+    np.testing.assert_array_equal(model.buffers["W1"], whitening_filters(X, 2, 1e-3))
+
+
+def test_conv_net_all_options_loss_is_the_layers_by_hand():
+    """The loss equals the naive layers composed by hand as airbench's net: 2x2 conv with
+    the whitening filters and b1, no padding (7x6 -> 6x5), gelu; per group conv - pool -
+    batchnorm (scale 1, eps 1e-12) - gelu - conv - batchnorm - gelu; global max; the
+    affine without bias, times 1/9; softmax."""
+    model = _tiny_whiten_net()
+    _perturb_non_weights(model, seed=5)
+    rng = np.random.default_rng(4)
+    X, y = rng.standard_normal((3, 2, 7, 6)), rng.integers(0, 3, 3)
+    model.init_whitening(X)
+    p = model.params
+    hidden, _ = conv_forward_naive(X, model.buffers["W1"], p["b1"], {"stride": 1, "pad": 0})
+    hidden, _ = gelu_forward(hidden)
+    assert hidden.shape == (3, 16, 6, 5)
+    for i in range(2, 6):
+        hidden, _ = conv_forward_naive(hidden, p[f"W{i}"], np.zeros(len(p[f"W{i}"])),
+                                       {"stride": 1, "pad": 1})
+        if i % 2 == 0:
+            hidden, _ = max_pool_forward_naive(hidden, {"pool_height": 2, "pool_width": 2,
+                                                        "stride": 2})
+        ones = np.ones(hidden.shape[1])
+        hidden, _ = spatial_batchnorm_forward(hidden, ones, p[f"beta{i}"],
+                                              {"mode": "train", "eps": 1e-12})
+        hidden, _ = gelu_forward(hidden)
+    scores = hidden.max(axis=(2, 3)) @ p["W6"] / 9
+    expected, _ = layers.softmax_loss(scores, y)
+    assert float(model.loss(X, y)[0]) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_conv_net_frozen_scale_is_the_learned_net_at_gamma_one():
+    """bn_scale="frozen": no gamma parameters, the scores and the other gradients of the
+    learned-scale net at its initial gamma = 1; the ones are made once, not per step."""
+    learned, frozen = _tiny_conv_net(), _tiny_conv_net(bn_scale="frozen")
+    assert not [name for name in frozen.params if name.startswith("gamma")]
+    assert "scale" not in frozen.param_roles.values()
+    rng = np.random.default_rng(6)
+    X, y = rng.standard_normal((4, 2, 6, 5)), rng.integers(0, 3, 4)
+    (loss0, grads0), (loss1, grads1) = learned.loss(X, y), frozen.loss(X, y)
+    assert float(loss0) == float(loss1) and set(grads1) == set(frozen.params)
+    for name in grads1:
+        np.testing.assert_array_equal(grads0[name], grads1[name])
+    ones = dict(frozen._ones)
+    frozen.loss(X, y)
+    assert all(frozen._ones[c] is ones[c] for c in ones)
+
+
+def test_conv_net_bn_momentum_and_eps_reach_the_batchnorms():
+    """running = momentum * running + (1 - momentum) * batch: from zero, 0.4 of the batch
+    mean at momentum 0.6 against 0.1 at the default 0.9."""
+    default, airbench = _tiny_conv_net(), _tiny_conv_net(bn_momentum=0.6, bn_eps=1e-12)
+    X = np.random.default_rng(7).standard_normal((4, 2, 6, 5)) + 1
+    y = np.array([0, 1, 2, 0])
+    default.loss(X, y)
+    airbench.loss(X, y)
+    mean0, mean1 = default.norm_params["1"]["running_mean"], airbench.norm_params["1"][
+        "running_mean"]
+    np.testing.assert_allclose(mean1, 4 * mean0, rtol=1e-12)
+    assert airbench.norm_params["1"]["eps"] == 1e-12 and default.norm_params["1"]["eps"] == 1e-5
+
+
+def test_conv_net_logit_scale_and_head_without_bias():
+    plain = _tiny_conv_net()
+    scaled = _tiny_conv_net(logit_scale=1 / 9, head_bias=False)
+    assert "b6" not in scaled.params and "b6" in plain.params
+    plain.params["b6"][:] = 0
+    X = np.random.default_rng(8).standard_normal((3, 2, 6, 5))
+    np.testing.assert_allclose(scaled.loss(X), plain.loss(X) / 9, rtol=1e-12)
+
+
+def test_conv_net_dirac_init():
+    """Each 3x3 conv's first min(F, C) filters are the identity on their input channel; the
+    others are the default net's (same seed, same draws)."""
+    plain, dirac = _tiny_conv_net(seed=3), _tiny_conv_net(seed=3, dirac_init=True)
+    for i in range(1, 6):
+        w, w0 = dirac.params[f"W{i}"], plain.params[f"W{i}"]
+        m = min(w.shape[:2])
+        identity = np.zeros((m,) + w.shape[1:])
+        identity[np.arange(m), np.arange(m), 1, 1] = 1
+        np.testing.assert_array_equal(w[:m], identity, err_msg=f"W{i}")
+        np.testing.assert_array_equal(w[m:], w0[m:], err_msg=f"W{i}")
+    np.testing.assert_array_equal(dirac.params["W6"], plain.params["W6"])
+
+
+def test_conv_net_rejects_bad_options():
+    for options, match in [(dict(activation="tanh"), "activation"),
+                           (dict(bn_scale="fixed"), "bn_scale"), (dict(stem="patch"), "stem"),
+                           (dict(bn_eps=0), "bn_eps"), (dict(bn_momentum=1.5), "bn_momentum"),
+                           (dict(logit_scale=-1), "logit_scale"),
+                           (dict(head_bias="no"), "head_bias"), (dict(dirac_init=1), "dirac_init")]:
+        with pytest.raises(ValueError, match=match):
+            _tiny_conv_net(**options)
+
+
+def test_conv_net_all_options_save_load_and_checkpoint_resume(backend, tmp_path):
+    """The whitening filters (not a parameter) travel in model files and Solver checkpoints;
+    training moves b1 and the betas but never the filters."""
+    xp = backend
+    model = _tiny_whiten_net()
+    rng = np.random.default_rng(9)
+    X, y = rng.standard_normal((8, 2, 7, 6)), rng.integers(0, 3, 8)
+    model.init_whitening(xp.asarray(X))
+    filters = fastnn.to_numpy(model.buffers["W1"]).copy()
+    b1 = fastnn.to_numpy(model.params["b1"]).copy()
+    data = dict(X_train=X, y_train=y, X_val=X[:4], y_val=y[:4])
+    solver = Solver(model, data, update_rule="sgd_momentum", batch_size=4, num_epochs=1,
+                    verbose=False, optim_config={"learning_rate": 0.1},
+                    checkpoint_path=str(tmp_path / "ck.npz"))
+    solver.train()
+    np.testing.assert_array_equal(fastnn.to_numpy(model.buffers["W1"]), filters)
+    assert not np.array_equal(fastnn.to_numpy(model.params["b1"]), b1)
+    fastnn.save(model, tmp_path / "m.npz")
+    loaded = fastnn.load(tmp_path / "m.npz")
+    assert loaded.init_args == model.init_args and loaded.options == model.options
+    np.testing.assert_array_equal(fastnn.to_numpy(loaded.buffers["W1"]), filters)
+    for name in model.params:
+        np.testing.assert_array_equal(fastnn.to_numpy(loaded.params[name]),
+                                      fastnn.to_numpy(model.params[name]))
+    Xt = xp.asarray(X[:3])
+    np.testing.assert_array_equal(fastnn.to_numpy(loaded.loss(Xt)), fastnn.to_numpy(model.loss(Xt)))
+    fresh = _tiny_whiten_net()  # placeholder filters until the checkpoint's come back
+    resumed = Solver(fresh, data, update_rule="sgd_momentum", batch_size=4, num_epochs=1,
+                     verbose=False, optim_config={"learning_rate": 0.1})
+    resumed.load_checkpoint(str(tmp_path / "ck.npz"))
+    np.testing.assert_array_equal(fastnn.to_numpy(fresh.buffers["W1"]), filters)
+
+
+def test_conv_net_file_without_its_whitening_filters_is_refused(tmp_path):
+    from fastnn.serialization import MODEL_FORMAT, read_npz, write_npz
+
+    fastnn.save(_tiny_whiten_net(), tmp_path / "m.npz")
+    arrays, meta = read_npz(tmp_path / "m.npz", MODEL_FORMAT)
+    del arrays["buffer/W1"]
+    write_npz(tmp_path / "cut.npz", arrays, meta)
+    with pytest.raises(ValueError, match="has no buffer 'W1'"):
+        fastnn.load(tmp_path / "cut.npz")

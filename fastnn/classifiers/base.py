@@ -11,6 +11,9 @@ A model has:
   (layernorm) are not in it;
 - `bn_params`: the same dicts as a list, in the order they were made (the
   course's form);
+- optionally `buffers`: name -> backend array the model computes with but no
+  update rule sees (not in `params`; ConvNet's whitening filters), saved and
+  restored with the params (fastnn.serialization);
 - `init_args` (JSON-able constructor arguments), `dtype`, `loss(X, y=None)`.
 
 Roles are declared where a parameter is made (`Classifier._add_param`); no
