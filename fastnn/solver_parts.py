@@ -30,10 +30,11 @@ class Updater:
     state waits), set by the Solver from its train_epochs.
     """
 
+    frozen = frozenset()  # a class attribute: the stack's updater has it too
+
     def __init__(self, update_rule, model, optim_config, fused, lr_multipliers=None,
                  decayed_roles=None):
         self.update_rule, self.fused = update_rule, fused
-        self.frozen = frozenset()
         # the step's scalars as arrays of the backend, rewritten in place before each step
         # (begin_step): each parameter's update-op scalar rows
         self.scalar_rows = {}
