@@ -205,13 +205,10 @@ def _prepare(rule, w, config, copy):
     return config, tuple(state)
 
 
-def _decayed(spec, w, dw, config):
-    """dw + weight_decay * w for a rule whose given `weight_decay` is coupled (the SGD rules',
-    torch.optim.SGD's: the decay goes through the momentum); dw itself otherwise."""
-    decay = config.get("weight_decay") if spec.optional else None
-    if not decay:
-        return dw
-    out = w * w.dtype.type(decay)  # a new array: the caller's gradient is kept
+def _decayed(w, dw, decay):
+    """dw + decay * w: the SGD rules' coupled weight decay (torch.optim.SGD's: it goes
+    through the momentum), in a new array (the caller's gradient is kept)."""
+    out = w * w.dtype.type(decay)
     out += dw
     return out
 
@@ -222,8 +219,10 @@ def _step(rule, w, dw, config, copy):
         w = w.copy()
     config, state = _prepare(rule, w, config, copy)
     spec = SPECS[rule]
-    getattr(kernels.for_module(get_array_module(w, dw)), spec.op)(
-        w, _decayed(spec, w, dw, config), state, spec.scalars(config))
+    if spec.optional and config.get("weight_decay"):
+        dw = _decayed(w, dw, config["weight_decay"])
+    getattr(kernels.for_module(get_array_module(w, dw)), spec.op)(w, dw, state,
+                                                                 spec.scalars(config))
     return w, config
 
 
@@ -268,7 +267,9 @@ def apply_step(rule, w, dw, config, rows):
     members, fastnn.stacked)."""
     spec = SPECS[rule]
     op = getattr(kernels.for_module(get_array_module(w, dw)), spec.op)
-    op(w, _decayed(spec, w, dw, config), tuple(config[key] for key in spec.state), rows)
+    if spec.optional and config.get("weight_decay"):  # off: two lookups, no call
+        dw = _decayed(w, dw, config["weight_decay"])
+    op(w, dw, tuple(config[key] for key in spec.state), rows)
 
 
 def fused_update(rule, w, dw, config):
