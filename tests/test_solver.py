@@ -961,10 +961,11 @@ def _options_on(**kwargs):
     return options
 
 
-def test_train_epochs_freezes_a_parameter_after_its_epochs():
+@pytest.mark.parametrize("fused", [True, False])
+def test_train_epochs_freezes_a_parameter_after_its_epochs(fused):
     model = _small(use_batchnorm=True)
     start = _host_params(model)
-    options = _options_on(lookahead=None)
+    options = _options_on(lookahead=None, fused_updates=fused)
     solver = Solver(model, _small_data(), num_epochs=1, **options)
     solver.tracker.restore_best = lambda: None  # the parameters training left
     solver.train()
