@@ -221,7 +221,7 @@ class Solver:
         self._reset()
 
     def _check_role_options(self):
-        """lr_multipliers, decayed_roles, train_epochs and lookahead, checked (a stack refuses them)."""
+        """lr_multipliers, decayed_roles, train_epochs, lookahead: checked (a stack refuses them)."""
         model = self.model
         given = [name for name in ("lr_multipliers", "decayed_roles", "train_epochs", "lookahead")
                  if getattr(self, name) not in (None, False)]
