@@ -17,9 +17,44 @@ declared in kernels/updates.py with its Numba and CuPy versions registered there
 What a rule does to a parameter may depend on the parameter's role
 (`model.param_roles`: weight, bias, scale, shift; fastnn.classifiers.base.ROLES):
 `role_config` gives one parameter's config, from the rule's properties
-(`Rule.decoupled_decay`) and the roles' (DECAYED_ROLES). A Solver asks
-`by_role` whether it needs the model's roles at all, so no code outside this
-module names a rule.
+(`Rule.decoupled_decay`, `Rule.optional`), the roles' (DECAYED_ROLES, or the
+Solver's `decayed_roles`) and a role's learning-rate multiplier (the Solver's
+`lr_multipliers`). A Solver asks `by_role` whether it needs the model's roles
+at all, so no code outside this module names a rule.
+
+Weight decay comes in two kinds, as in PyTorch:
+- adamw's (`decoupled_decay`): w * (1 - lr * weight_decay), then the Adam step;
+- the SGD rules' optional `weight_decay` (torch.optim.SGD's): the rule steps
+  with dw + weight_decay * w, so the decay goes through the momentum.
+Either way a role's learning-rate multiplier m scales its gradient step but
+not its decay step: role_config gives it learning_rate * m and
+weight_decay / m, so lr * weight_decay stays the same (airbench's bias_scaler).
+
+airbench94 (legacy/airbench94.py main(): lr 11.5 and weight decay 0.0153 per
+1024 examples, momentum 0.85, bias_scaler 64, batch N, a summed loss, torch
+SGD with lr = 11.5 / kilostep_scale, kilostep_scale = 1024 * (1 + 1 / (1 -
+0.85)), and weight_decay = wd / lr per group) in fastnn's terms (a mean loss,
+so fastnn's learning rate is torch's times N):
+
+    Solver(model, data, update_rule="sgd_nesterov", batch_size=N,
+           optim_config={"learning_rate": 11.5 * N / 1024 / (1 + 1 / (1 - 0.85)),  # 1.5 at N=1024
+                         "momentum": 0.85, "weight_decay": 0.0153 / 11.5},          # any N
+           lr_multipliers={"shift": 64.0}, decayed_roles=("weight", "bias", "shift"),
+           lr_schedule="triangle")
+
+Each step is then airbench's, g = dw + wd_r * w; buf = mu * buf + g;
+w -= lr_r * (g + mu * buf), exactly while the learning rate is constant.
+Under a schedule it differs slightly: fastnn's sgd_nesterov keeps the
+learning rate inside its velocity (v = mu * v - lr_t * g; w += mu * v - lr_t * g,
+so the momentum of past steps carries their own learning rates), torch's
+scales the whole buffer by the current one. During airbench's warm-up (lr
+rising) fastnn's momentum part is up to about mu / (1 - mu) steps' worth of
+lr change smaller, during the decay larger. Over airbench94's 486 steps of the
+"triangle" schedule that is up to about 7% of a step in the first steps and
+15% in the last (where the factor nears 0.07), 0.3% to 2% of the parameters
+at the end (random and steady gradients); tests/test_optim.py checks the
+first steps. Reproducing torch's form exactly would take a rule of its own
+(its op in kernels/updates.py).
 """
 from typing import Callable, NamedTuple
 
@@ -40,6 +75,9 @@ class Rule(NamedTuple):
     # its `weight_decay` hyperparameter shrinks the parameters of DECAYED_ROLES only
     # (decoupled weight decay, as AdamW): every other parameter gets weight_decay 0
     decoupled_decay: bool = False
+    # hyperparameters the rule takes when given but does not fill in (configs and checkpoints
+    # of runs without them stay as they were): the SGD rules' coupled `weight_decay`
+    optional: tuple = ()
 
 
 def _adam_scalars(c):
@@ -52,11 +90,14 @@ def _adam_scalars(c):
 _ADAM = {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}
 
 SPECS = {
-    "sgd": Rule({"learning_rate": 1e-2}, (), "sgd_", lambda c: (c["learning_rate"],)),
+    "sgd": Rule({"learning_rate": 1e-2}, (), "sgd_", lambda c: (c["learning_rate"],),
+                optional=("weight_decay",)),
     "sgd_momentum": Rule({"learning_rate": 1e-2, "momentum": 0.9}, ("velocity",),
-                         "sgd_momentum_", lambda c: (c["learning_rate"], c["momentum"])),
+                         "sgd_momentum_", lambda c: (c["learning_rate"], c["momentum"]),
+                         optional=("weight_decay",)),
     "sgd_nesterov": Rule({"learning_rate": 1e-2, "momentum": 0.9}, ("velocity",),
-                         "sgd_nesterov_", lambda c: (c["learning_rate"], c["momentum"])),
+                         "sgd_nesterov_", lambda c: (c["learning_rate"], c["momentum"]),
+                         optional=("weight_decay",)),
     "rmsprop": Rule({"learning_rate": 1e-2, "decay_rate": 0.99, "epsilon": 1e-8}, ("cache",),
                     "rmsprop_", lambda c: (c["learning_rate"], c["decay_rate"],
                                            1 - c["decay_rate"], c["epsilon"])),
@@ -70,21 +111,33 @@ DEFAULTS = {name: spec.defaults for name, spec in SPECS.items()}
 DECAYED_ROLES = ("weight",)
 
 
-def by_role(rule):
-    """Whether parameters of different roles get different configs under `rule` (role_config);
-    only then does a Solver need its model's param_roles."""
-    return SPECS[rule].decoupled_decay
+def by_role(rule, config=None):
+    """Whether parameters of different roles get different configs under `rule` with
+    `config` (role_config); only then does a Solver need its model's param_roles (a Solver
+    with lr_multipliers or decayed_roles always does)."""
+    return SPECS[rule].decoupled_decay or bool((config or {}).get("weight_decay"))
 
 
-def role_config(rule, config, role):
+def role_config(rule, config, role, lr_multiplier=1.0, decayed_roles=None):
     """The optim config of one parameter of `role` under `rule`: a copy of `config` with what
-    the rule does by role applied (decoupled decay: weight_decay, its default when missing,
-    for DECAYED_ROLES; 0 for the others)."""
+    the rule does by role applied.
+
+    Weight decay (adamw's, its default when missing; the SGD rules' when given)
+    stays for `decayed_roles` (default DECAYED_ROLES) and is 0 for the others.
+    lr_multiplier m: learning_rate * m and weight_decay / m, so that the decay
+    step lr * weight_decay is the same for every role (airbench's bias_scaler).
+    """
     config = dict(config)
+    decayed_roles = DECAYED_ROLES if decayed_roles is None else decayed_roles
     if SPECS[rule].decoupled_decay:
         config.setdefault("weight_decay", DEFAULTS[rule]["weight_decay"])
-        if role not in DECAYED_ROLES:
-            config["weight_decay"] = 0.0
+    if "weight_decay" in config and role not in decayed_roles:
+        config["weight_decay"] = 0.0
+    if lr_multiplier != 1.0:
+        config["learning_rate"] = (config.get("learning_rate", DEFAULTS[rule]["learning_rate"])
+                                   * lr_multiplier)
+        if "weight_decay" in config:
+            config["weight_decay"] = config["weight_decay"] / lr_multiplier
     return config
 
 
@@ -96,10 +149,11 @@ def check_rule(rule):
 
 def check_config_keys(rule, config, where):
     """Raise ValueError naming the keys of `config` that rule `rule` does not know (typos)."""
-    unknown = sorted(set(config) - set(DEFAULTS[rule]))
+    known = {*DEFAULTS[rule], *SPECS[rule].optional}
+    unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"{where} has unknown keys {unknown} for update rule {rule!r}; "
-                         f"known: {sorted(DEFAULTS[rule])}")
+                         f"known: {sorted(known)}")
 
 
 # Each hyperparameter's allowed values: (low, high, low end open, high end open), all finite.
@@ -151,12 +205,22 @@ def _prepare(rule, w, config, copy):
     return config, tuple(state)
 
 
+def _decayed(w, dw, decay):
+    """dw + decay * w: the SGD rules' coupled weight decay (torch.optim.SGD's: it goes
+    through the momentum), in a new array (the caller's gradient is kept)."""
+    out = w * w.dtype.type(decay)
+    out += dw
+    return out
+
+
 def _step(rule, w, dw, config, copy):
     """One step of `rule` on w (a copy of w and its state when `copy`) -> (w, config)."""
     if copy:
         w = w.copy()
     config, state = _prepare(rule, w, config, copy)
     spec = SPECS[rule]
+    if spec.optional and config.get("weight_decay"):
+        dw = _decayed(w, dw, config["weight_decay"])
     getattr(kernels.for_module(get_array_module(w, dw)), spec.op)(w, dw, state,
                                                                  spec.scalars(config))
     return w, config
@@ -203,6 +267,8 @@ def apply_step(rule, w, dw, config, rows):
     members, fastnn.stacked)."""
     spec = SPECS[rule]
     op = getattr(kernels.for_module(get_array_module(w, dw)), spec.op)
+    if spec.optional and config.get("weight_decay"):  # off: two lookups, no call
+        dw = _decayed(w, dw, config["weight_decay"])
     op(w, dw, tuple(config[key] for key in spec.state), rows)
 
 
@@ -225,12 +291,14 @@ def _functional(name, doc):
     return rule
 
 
-sgd = _functional("sgd", "w - learning_rate * dw.")
+_COUPLED = ("\n\nWith `weight_decay` given (optional), dw + weight_decay * w in place of dw "
+            "(torch.optim.SGD's weight decay).")
+sgd = _functional("sgd", "w - learning_rate * dw." + _COUPLED)
 sgd_momentum = _functional(
-    "sgd_momentum", "v = momentum * v - learning_rate * dw; w + v (state: velocity).")
+    "sgd_momentum", "v = momentum * v - learning_rate * dw; w + v (state: velocity)." + _COUPLED)
 sgd_nesterov = _functional(
     "sgd_nesterov", "Nesterov momentum: v = momentum * v - learning_rate * dw; "
-                    "w + momentum * v - learning_rate * dw (state: velocity).")
+                    "w + momentum * v - learning_rate * dw (state: velocity)." + _COUPLED)
 rmsprop = _functional(
     "rmsprop", "cache = d * cache + (1 - d) * dw**2; w - lr * dw / (sqrt(cache) + eps).")
 adam = _functional("adam", "Adam with bias correction (state: m, v, t).")

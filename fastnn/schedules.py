@@ -12,12 +12,14 @@ import math
 
 from fastnn.checks import as_optional_size, as_real
 
-SCHEDULES = ("constant", "step", "cosine", "onecycle")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "triangle")
 DEFAULTS = {
     "constant": {},
     "step": {"step_epochs": None, "gamma": 0.1},             # None: a third of the epochs
     "cosine": {"min_factor": 0.0},
     "onecycle": {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4},
+    # airbench's get_lr: linear from 0.2 up to 1 over the first 23% of steps, then down to 0.07
+    "triangle": {"pct_start": 0.23, "start_factor": 0.2, "end_factor": 0.07},
 }
 
 
@@ -38,12 +40,15 @@ def check_schedule(schedule, config=None):
             config[key] = as_optional_size(value, where, low=1)
         elif key in _UNIT_INTERVAL:
             config[key] = as_real(value, where, 0, 1)
+        elif key in _NON_NEGATIVE:
+            config[key] = as_real(value, where, 0, math.inf)
         else:  # gamma and the divisors
             config[key] = as_real(value, where, 0, math.inf, low_open=True)
     return config
 
 
 _UNIT_INTERVAL = ("min_factor", "pct_start")
+_NON_NEGATIVE = ("start_factor", "end_factor")
 
 
 def _cosine(start, end, fraction):
@@ -59,6 +64,10 @@ def lr_factor(schedule, iteration, total_iterations, iterations_per_epoch, confi
     - onecycle: warm-up from 1/div_factor to 1 over the first pct_start of
       training, then down to 1/(div_factor*final_div_factor), both halves
       cosine-shaped (as PyTorch's OneCycleLR)
+    - triangle: airbench's get_lr, both halves straight lines: from
+      start_factor up to 1 over the first int(pct_start * total) iterations,
+      then down to end_factor at iteration `total` (so the last iteration,
+      total - 1, is a step above end_factor, as in airbench)
     """
     name = schedule or "constant"
     config = check_schedule(name, config)
@@ -71,6 +80,13 @@ def lr_factor(schedule, iteration, total_iterations, iterations_per_epoch, confi
         return config["gamma"] ** ((iteration // max(iterations_per_epoch, 1)) // step_epochs)
     if name == "cosine":
         return _cosine(1.0, config["min_factor"], iteration / total)
+    if name == "triangle":
+        warmup = int(total * config["pct_start"])
+        if iteration < warmup:
+            fraction = iteration / warmup
+            return config["start_factor"] * (1 - fraction) + 1.0 * fraction
+        fraction = (iteration - warmup) / max(total - warmup, 1)
+        return 1.0 * (1 - fraction) + config["end_factor"] * fraction
     start = 1.0 / config["div_factor"]
     end = start / config["final_div_factor"]
     warmup = max(config["pct_start"] * total, 1.0)

@@ -24,7 +24,8 @@ from fastnn.interrupt import TrainingInterrupted, stop_requests
 from fastnn.kernels.rng import alternating_flips
 from fastnn.serialization import (CHECKPOINT_FORMAT, model_state, read_checkpoint,
                                   set_model_state, write_checkpoint)
-from fastnn.solver_parts import Tracker, Updater
+from fastnn.classifiers.base import ROLES
+from fastnn.solver_parts import Lookahead, Tracker, Updater, check_lookahead
 
 __all__ = ["Solver", "TrainingInterrupted", "CHECKPOINT_FORMAT"]
 
@@ -42,6 +43,13 @@ OPTIONS = {
     "lr_schedule": None,      # None, "step", "cosine" or "onecycle" (fastnn.schedules)
     "lr_schedule_config": None,
     "augment": None,          # None, or {"flip": True, "crop_padding": 4} (True: those)
+    # by parameter role (model.param_roles; optim.role_config): {role: m} multiplies the
+    # role's learning rate but not its decay step (airbench: {"shift": 64.0}); the roles
+    # weight_decay shrinks (None: optim.DECAYED_ROLES, the weights)
+    "lr_multipliers": None,
+    "decayed_roles": None,
+    "train_epochs": None,     # {param name: epochs}: it gets no steps after that many epochs
+    "lookahead": None,        # True or {"every", "base", "power"}: solver_parts.Lookahead
 }
 AUGMENT_DEFAULTS = {"flip": True, "crop_padding": 4, "padding_mode": "zeros"}
 # flip: True, a random mirror per image per step; "alternate", airbench's alternating
@@ -198,6 +206,7 @@ class Solver:
         if missing:
             raise ValueError(f"data is missing {missing}; it needs X_train, y_train, X_val, y_val")
         self.augment = check_augment(self.augment, data["X_train"])
+        self._check_role_options()
         self._xp = get_array_module(*model.params.values())
         dtype = getattr(self.model, "dtype", None)
         self.X_train, self.y_train = self._to_device(data["X_train"], data["y_train"], "train", dtype)
@@ -211,6 +220,41 @@ class Solver:
         self._augment_seed = int(augment_seq.generate_state(1)[0])
         self._reset()
 
+    def _check_role_options(self):
+        """lr_multipliers, decayed_roles, train_epochs, lookahead: checked (a stack refuses them)."""
+        model = self.model
+        given = [name for name in ("lr_multipliers", "decayed_roles", "train_epochs", "lookahead")
+                 if getattr(self, name) not in (None, False)]
+        if given and getattr(model, "num_members", None) is not None:
+            raise ValueError(f"StackedSolver does not take {given}; train the members with "
+                             "Solver for those")
+        multipliers = dict(self.lr_multipliers or {})
+        for role, value in multipliers.items():
+            if role not in ROLES:
+                raise ValueError(f"lr_multipliers names role {role!r}; roles are {ROLES}")
+            multipliers[role] = as_real(value, f"lr_multipliers[{role!r}]", 0, math.inf,
+                                        low_open=True)
+        self.lr_multipliers = multipliers or None
+        if self.decayed_roles is not None:
+            if isinstance(self.decayed_roles, str) or not set(self.decayed_roles) <= set(ROLES):
+                raise ValueError(f"decayed_roles must be a list of roles from {ROLES}, got "
+                                 f"{self.decayed_roles!r}")
+            self.decayed_roles = tuple(self.decayed_roles)
+        epochs = dict(self.train_epochs or {})
+        for name, value in epochs.items():
+            if name not in model.params:
+                raise ValueError(f"train_epochs names {name!r}, which is not a parameter of "
+                                 f"this model; its parameters: {sorted(model.params)}")
+            epochs[name] = as_size(value, f"train_epochs[{name!r}]", low=0)
+        self.train_epochs = epochs or None
+        self.lookahead = check_lookahead(self.lookahead)
+
+    def _freeze(self):
+        """The updater's frozen parameters: those whose train_epochs have passed."""
+        if self.train_epochs:
+            self.updater.frozen = frozenset(name for name, epochs in self.train_epochs.items()
+                                            if self.epoch >= epochs)
+
     def _reset(self):
         self.epoch = 0
         self._t = 0
@@ -220,10 +264,13 @@ class Solver:
         self._step_index = self._xp.zeros((), dtype=np.int64)
         self.updater = self._make_updater()
         self.tracker = self._make_tracker()
+        self._lookahead = Lookahead(self.model, self.lookahead) if self.lookahead else None
+        self._freeze()
 
     # the parts (fastnn.solver_parts); StackedSolver makes the stack's
     def _make_updater(self):
-        return Updater(self.update_rule, self.model, self.optim_config, self.fused_updates)
+        return Updater(self.update_rule, self.model, self.optim_config, self.fused_updates,
+                       self.lr_multipliers, self.decayed_roles)
 
     def _make_tracker(self):
         return Tracker(self.model, self._xp)
@@ -295,6 +342,8 @@ class Solver:
                     self._step()
                     t = self._t
                     self._t += 1
+                    if self._lookahead is not None:
+                        self._lookahead.after_step(self._t, total)
                     if bar is not None:
                         bar.update(1)
                     # a device read only when something is shown (else at epoch ends)
@@ -312,6 +361,7 @@ class Solver:
                         self._epoch_order = None
                         if not self.lr_schedule:  # the classic decay; schedules set it per step
                             self.updater.decay_learning_rates(self.lr_decay)
+                        self._freeze()
                         if bar is not None:
                             bar.close()
                             bar = None
@@ -359,6 +409,8 @@ class Solver:
         self._read_losses()
         arrays = {f"model/{k}": v for k, v in model_state(self.model).items()}
         configs = self.updater.save(arrays)
+        if self._lookahead is not None:
+            self._lookahead.save(arrays)
         if self._epoch_order is not None:
             arrays["epoch_order"] = self._epoch_order
         seed = getattr(self.model, "dropout_param", {}).get("seed")
@@ -403,6 +455,9 @@ class Solver:
         self.updater.load(meta["optim_configs"], arrays, xp)
         self._epoch_order = xp.asarray(arrays["epoch_order"]) if "epoch_order" in arrays else None
         self.epoch, self._t = int(meta["epoch"]), int(meta["t"])
+        self._freeze()
+        if self._lookahead is not None:
+            self._lookahead.load(arrays, path, xp)
         self._batch_rng.bit_generator.state = meta["batch_rng"]
         self._eval_rng.bit_generator.state = meta["eval_rng"]
         self._augment_seed = int(meta["augment_seed"])

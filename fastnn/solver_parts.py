@@ -15,6 +15,7 @@ import math
 
 from fastnn import optim
 from fastnn.backend import to_numpy
+from fastnn.checks import as_real, as_size
 from fastnn.classifiers.base import check_roles, norm_params
 from fastnn.serialization import STATISTICS
 
@@ -24,17 +25,27 @@ class Updater:
 
     fused: in-place ops (optim.begin_step / apply_step) on `view(w)` of each
     parameter; otherwise the functional rules, which rebind model.params.
+    lr_multipliers {role: m} and decayed_roles: by parameter role, see
+    optim.role_config. `frozen`: names of parameters that get no step (their
+    state waits), set by the Solver from its train_epochs.
     """
 
-    def __init__(self, update_rule, model, optim_config, fused):
+    frozen = frozenset()  # a class attribute: the stack's updater has it too
+
+    def __init__(self, update_rule, model, optim_config, fused, lr_multipliers=None,
+                 decayed_roles=None):
         self.update_rule, self.fused = update_rule, fused
         # the step's scalars as arrays of the backend, rewritten in place before each step
         # (begin_step): each parameter's update-op scalar rows
         self.scalar_rows = {}
         self.configs = {name: dict(optim_config) for name in model.params}
-        if optim.by_role(self.update_rule):  # e.g. adamw decays the model's weights only
+        lr_multipliers = lr_multipliers or {}
+        # e.g. adamw decays the model's weights only
+        if optim.by_role(self.update_rule, optim_config) or lr_multipliers or decayed_roles:
             roles = check_roles(model)
-            self.configs = {name: optim.role_config(self.update_rule, config, roles[name])
+            self.configs = {name: optim.role_config(self.update_rule, config, roles[name],
+                                                    lr_multipliers.get(roles[name], 1.0),
+                                                    decayed_roles)
                             for name, config in self.configs.items()}
         self.base_lr = {name: config.get("learning_rate",
                                          optim.DEFAULTS[self.update_rule]["learning_rate"])
@@ -59,21 +70,25 @@ class Updater:
         and bias corrections into its scalar rows (optim.begin_step), the same arrays from
         step to step. (The functional rules take Python floats: nothing to do.)"""
         if self.fused:
-            rows = self.scalar_rows
+            rows, frozen = self.scalar_rows, self.frozen
             for name, w in params.items():
+                if name in frozen:
+                    continue
                 rows[name] = optim.begin_step(self.update_rule, self.view(w), self.configs[name],
                                               rows.get(name))
 
     def step(self, params, grads):
         """Update every parameter with its gradient (in place when fused)."""
-        rule, configs = self.update_rule, self.configs
+        rule, configs, frozen = self.update_rule, self.configs, self.frozen
         if self.fused:  # in place: params[name] stays the same array
             view, rows = self.view, self.scalar_rows
             for name, w in params.items():
-                optim.apply_step(rule, view(w), view(grads[name]), configs[name], rows[name])
+                if name not in frozen:
+                    optim.apply_step(rule, view(w), view(grads[name]), configs[name], rows[name])
         else:
             for name, w in list(params.items()):
-                params[name], configs[name] = optim.RULES[rule](w, grads[name], configs[name])
+                if name not in frozen:
+                    params[name], configs[name] = optim.RULES[rule](w, grads[name], configs[name])
 
     def save(self, arrays):
         """The configs' arrays into `arrays` (optim/NAME/KEY); returns the rest (JSON)."""
@@ -96,6 +111,79 @@ class Updater:
             config.update({k[len(prefix):]: xp.asarray(v) for k, v in arrays.items()
                            if k.startswith(prefix)})
             self.configs[name] = config
+
+
+LOOKAHEAD_DEFAULTS = {"every": 5, "base": 0.95 ** 5, "power": 3.0}
+
+
+def check_lookahead(lookahead):
+    """The `lookahead` option with defaults filled in (None: off; True: the defaults)."""
+    if lookahead is None or lookahead is False:
+        return None
+    options = dict(LOOKAHEAD_DEFAULTS) if lookahead is True else {**LOOKAHEAD_DEFAULTS,
+                                                                   **dict(lookahead)}
+    unknown = sorted(set(options) - set(LOOKAHEAD_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown lookahead options {unknown}; known: "
+                         f"{sorted(LOOKAHEAD_DEFAULTS)}")
+    options["every"] = as_size(options["every"], "lookahead['every']", low=1)
+    options["base"] = as_real(options["base"], "lookahead['base']", 0, 1)
+    options["power"] = as_real(options["power"], "lookahead['power']", 0, math.inf)
+    return options
+
+
+class Lookahead:
+    """airbench's Lookahead: an average of the model's parameters and running statistics.
+
+    Every `every` steps, with s steps done of `total`, decay d = base * (s /
+    total) ** power (a host float: no device read), each array w and its
+    average a: a += (1 - d) * (w - a); w = a. After the last step the model
+    gets the average (d = 1). The averages live on the model's backend,
+    starting as copies of its arrays.
+    """
+
+    def __init__(self, model, options):
+        self.model, self.options = model, options
+        self.averages = {key: value.copy() for key, value in self._arrays().items()}
+
+    def _arrays(self):
+        """The arrays averaged: "param/NAME" and "norm/KEY/STAT" -> the model's array."""
+        arrays = {f"param/{name}": w for name, w in self.model.params.items()}
+        for key, bn_param in norm_params(self.model).items():
+            arrays.update({f"norm/{key}/{stat}": bn_param[stat] for stat in STATISTICS
+                           if bn_param.get(stat) is not None})
+        return arrays
+
+    def after_step(self, steps, total):
+        """Called with `steps` done of `total`: average (and copy back) when it is time."""
+        every = self.options["every"]
+        if steps % every == 0:
+            self.update(self.options["base"] * (steps / total) ** self.options["power"])
+        if steps == total:
+            self.update(1.0)
+
+    def update(self, decay):
+        """a += (1 - decay) * (w - a); w = a, in place, for every averaged array."""
+        averages = self.averages
+        for key, w in self._arrays().items():
+            average = averages[key]
+            if decay != 1.0:
+                w -= average                 # w - a, in w's memory: no temporary
+                w *= w.dtype.type(1.0 - decay)
+                average += w
+            w[...] = average
+
+    def save(self, arrays):
+        arrays.update({f"lookahead/{key}": value for key, value in self.averages.items()})
+
+    def load(self, arrays, path, xp):
+        saved = {key[len("lookahead/"):]: value for key, value in arrays.items()
+                 if key.startswith("lookahead/")}
+        if set(saved) != set(self.averages):
+            raise ValueError(f"{path} is incompatible: it holds no lookahead averages for this "
+                             "model (it was written without lookahead); resume it without "
+                             "the lookahead option")
+        self.averages = {key: xp.asarray(value) for key, value in saved.items()}
 
 
 class Tracker:

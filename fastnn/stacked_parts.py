@@ -32,6 +32,10 @@ def check_member_configs(update_rule, optim_configs, k_count):
         raise ValueError(f"optim_configs has {len(configs)} entries for a stack of "
                          f"{k_count} members; give one dict per member")
     defaults = optim.DEFAULTS[update_rule]
+    for k, config in enumerate(configs):
+        if set(config) & set(optim.SPECS[update_rule].optional):  # the stack has its own L2
+            raise ValueError(f"optim_configs[{k}] sets {update_rule}'s weight_decay, which a "
+                             "stack does not take; give each member a `reg` (L2) instead")
     for config in configs:
         for key, value in defaults.items():
             config.setdefault(key, value)

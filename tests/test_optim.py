@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastnn
-from fastnn import optim
+from fastnn import optim, schedules
 
 DEFAULTS = {
     "sgd": {"learning_rate": 1e-2},
@@ -220,3 +220,109 @@ def test_role_config_decays_the_weights_only_and_fills_the_default():
     assert optim.role_config("adamw", {"weight_decay": 0.3}, "bias") == {"weight_decay": 0.0}
     assert optim.role_config("adam", {"beta1": 0.8}, "bias") == {"beta1": 0.8}
     assert [rule for rule in optim.SPECS if optim.by_role(rule)] == ["adamw"]
+
+
+# -- weight decay and learning rates by role (issue 22: airbench's optimizer) ---------------
+def test_sgd_weight_decay_is_torchs_coupled_decay_and_off_by_default():
+    w, (dw, *_) = _problem((3, 4), np.float64)
+    decayed, config = optim.sgd_nesterov(w, dw, {"learning_rate": 0.1, "weight_decay": 0.3})
+    plain, _ = optim.sgd_nesterov(w, dw + 0.3 * w, {"learning_rate": 0.1})
+    np.testing.assert_allclose(decayed, plain, rtol=1e-15)
+    assert config["weight_decay"] == 0.3
+    # not given: not filled in (configs and checkpoints stay as they were)
+    assert "weight_decay" not in optim.sgd_nesterov(w, dw)[1]
+    assert "weight_decay" not in optim.sgd(w, dw)[1]
+    with pytest.raises(ValueError, match="weight_decay"):
+        optim.check_config("sgd", {"weight_decay": -1.0}, "optim_config")
+    with pytest.raises(ValueError, match=r"unknown keys \['weight_decay'\] for update rule 'adam'"):
+        optim.check_config("adam", {"weight_decay": 0.1}, "optim_config")
+
+
+def test_role_multiplier_scales_the_learning_rate_not_the_decay_step():
+    config = {"learning_rate": 0.5, "momentum": 0.85, "weight_decay": 0.01}
+    shift = optim.role_config("sgd_nesterov", config, "shift", 64.0, ("weight", "shift"))
+    assert shift == {"learning_rate": 32.0, "momentum": 0.85, "weight_decay": 0.01 / 64}
+    assert optim.role_config("sgd_nesterov", config, "bias", 1.0, ("weight",))["weight_decay"] == 0
+    # adamw: the same decay step lr * weight_decay, whatever the multiplier
+    adamw = optim.role_config("adamw", {"learning_rate": 1e-3}, "weight", 4.0)
+    assert adamw["learning_rate"] * adamw["weight_decay"] == pytest.approx(1e-3 * 1e-2)
+    assert optim.by_role("sgd", {"weight_decay": 0.1}) and not optim.by_role("sgd", {})
+
+
+def _torch_nesterov_sgd(groups, momentum, steps):
+    """torch.optim.SGD(groups, momentum=momentum, nesterov=True).step(), transcribed (torch
+    isn't a dependency): per group lr, weight_decay; per parameter w and its grads, one a
+    step. Returns the parameters after the steps."""
+    out = {}
+    for group in groups:
+        for name, w, grads in group["params"]:
+            w, buf = w.copy(), None
+            for grad in grads[:steps]:
+                g = grad + group["weight_decay"] * w
+                buf = g.copy() if buf is None else momentum * buf + g
+                w = w - group["lr"] * (g + momentum * buf)
+            out[name] = w
+    return out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_airbench_hyperparameters_map_to_sgd_nesterov_exactly(fused):
+    """airbench94's optimizer (summed loss, lr and wd per 1024 examples through
+    kilostep_scale, BN biases' lr x64 with wd / lr per group) equals fastnn's sgd_nesterov
+    with the mapping in fastnn.optim's docstring, at a constant learning rate."""
+    from fastnn.classifiers import FullyConnectedNet
+    from fastnn.solver_parts import Updater
+
+    n, hyp_lr, hyp_wd, momentum, bias_scaler = 64, 11.5, 0.0153, 0.85, 64.0
+    kilostep_scale = 1024 * (1 + 1 / (1 - momentum))
+    lr, wd = hyp_lr / kilostep_scale, hyp_wd * n / kilostep_scale
+    model = FullyConnectedNet([5], input_dim=6, num_classes=3, use_batchnorm=True, seed=0,
+                              dtype=np.float64)
+    model.param_roles["gamma1"] = "scale"   # airbench's frozen BN scale: not in its optimizer
+    start = {k: np.array(v) for k, v in model.params.items()}
+    rng = np.random.default_rng(1)
+    steps = 4
+    grads = {k: [rng.standard_normal(v.shape) for _ in range(steps)] for k, v in start.items()}
+    trained = [k for k in start if model.param_roles[k] != "scale"]
+    shifts = [k for k in trained if model.param_roles[k] == "shift"]
+    groups = [dict(params=[(k, start[k], [g * n for g in grads[k]]) for k in shifts],
+                   lr=lr * bias_scaler, weight_decay=wd / (lr * bias_scaler)),
+              dict(params=[(k, start[k], [g * n for g in grads[k]]) for k in trained
+                           if k not in shifts], lr=lr, weight_decay=wd / lr)]
+    expected = _torch_nesterov_sgd(groups, momentum, steps)
+
+    config = {"learning_rate": hyp_lr * n / 1024 / (1 + 1 / (1 - momentum)),
+              "momentum": momentum, "weight_decay": hyp_wd / hyp_lr}
+    updater = Updater("sgd_nesterov", model, config, fused, {"shift": bias_scaler},
+                      ("weight", "bias", "shift"))
+    updater.frozen = frozenset({"gamma1"})
+    for i in range(steps):
+        updater.begin_step(model.params)
+        updater.step(model.params, {k: g[i] for k, g in grads.items()})
+    for name in trained:
+        np.testing.assert_allclose(model.params[name], expected[name], rtol=1e-12, atol=1e-14,
+                                   err_msg=name)
+    np.testing.assert_array_equal(model.params["gamma1"], start["gamma1"])
+
+
+def test_nesterov_differs_from_torchs_when_the_learning_rate_changes():
+    """fastnn's velocity carries each step's own learning rate, torch's buffer takes the
+    current one: equal at a constant rate, a few percent apart under airbench's warm-up."""
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(50) for _ in range(12)]
+    mu = 0.85
+
+    def run(rates):
+        w, config = np.zeros(50), {"momentum": mu}
+        w_torch, buf = np.zeros(50), np.zeros(50)
+        for lr, g in zip(rates, grads):
+            config["learning_rate"] = lr
+            w, config = optim.sgd_nesterov(w, g, config)
+            buf = mu * buf + g
+            w_torch = w_torch - lr * (g + mu * buf)
+        return np.abs(w - w_torch).max() / np.abs(w_torch).max()
+
+    assert run([0.3] * 12) < 1e-14
+    # airbench94's first steps: ceil(9.9 * 49) = 486 steps at batch 1024
+    warmup = [schedules.lr_factor("triangle", t, 486, 49) for t in range(12)]
+    assert 1e-3 < run(warmup) < 0.2

@@ -911,3 +911,175 @@ def test_a_checkpoint_written_before_the_parts_resumes():
     np.testing.assert_allclose(resumed.loss_history, straight.loss_history, rtol=1e-9)
     for name, value in straight.model.params.items():
         np.testing.assert_allclose(resumed.model.params[name], value, rtol=1e-9, atol=1e-12)
+
+
+# -- airbench's solver options (issue 22) -----------------------------------------------------
+def _airbench_get_lr(step, total_train_steps):
+    """airbench94's get_lr, transcribed."""
+    warmup_steps = int(total_train_steps * 0.23)
+    warmdown_steps = total_train_steps - warmup_steps
+    if step < warmup_steps:
+        frac = step / warmup_steps
+        return 0.2 * (1 - frac) + 1.0 * frac
+    frac = (step - warmup_steps) / warmdown_steps
+    return 1.0 * (1 - frac) + 0.07 * frac
+
+
+@pytest.mark.parametrize("total", [1, 3, 10, 486])
+def test_triangle_schedule_is_airbenchs_get_lr(total):
+    from fastnn import schedules
+
+    for t in range(total):
+        assert schedules.lr_factor("triangle", t, total, 7) == pytest.approx(
+            _airbench_get_lr(t, total), rel=1e-14, abs=1e-15)
+    custom = {"pct_start": 0.5, "start_factor": 0.0, "end_factor": 0.0}
+    assert schedules.lr_factor("triangle", 5, 10, 5, custom) == 1.0
+    assert schedules.lr_factor("triangle", 2, 10, 5, custom) == pytest.approx(0.4)
+
+
+def test_triangle_schedule_sets_the_solvers_learning_rate():
+    model = _small()
+    solver = Solver(model, _small_data(), update_rule="sgd_nesterov", lr_schedule="triangle",
+                    optim_config={"learning_rate": 0.1}, batch_size=8, num_epochs=2,
+                    verbose=False, seed=0)
+    rates = []
+    for _ in range(10):
+        solver._step()
+        rates.append(solver.optim_configs["W1"]["learning_rate"])
+        solver._t += 1
+    assert rates == pytest.approx([0.1 * _airbench_get_lr(t, 10) for t in range(10)])
+
+
+def _options_on(**kwargs):
+    """Every issue-22 solver option on, over a batchnorm net (roles weight, bias, scale, shift)."""
+    options = dict(update_rule="sgd_nesterov", lr_schedule="triangle", lookahead={"every": 3},
+                   optim_config={"learning_rate": 0.05, "momentum": 0.85, "weight_decay": 1e-3},
+                   lr_multipliers={"shift": 8.0}, decayed_roles=("weight", "bias", "shift"),
+                   train_epochs={"b1": 1, "gamma1": 0}, batch_size=8, verbose=False, seed=3,
+                   num_train_samples=20)
+    options.update(kwargs)
+    return options
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_train_epochs_freezes_a_parameter_after_its_epochs(fused):
+    model = _small(use_batchnorm=True)
+    start = _host_params(model)
+    options = _options_on(lookahead=None, fused_updates=fused)
+    solver = Solver(model, _small_data(), num_epochs=1, **options)
+    solver.tracker.restore_best = lambda: None  # the parameters training left
+    solver.train()
+    after_one = _host_params(model)
+    np.testing.assert_array_equal(after_one["gamma1"], start["gamma1"])  # 0 epochs: never
+    assert not np.array_equal(after_one["b1"], start["b1"])
+    solver.num_epochs = 3
+    solver.train()
+    np.testing.assert_array_equal(model.params["b1"], after_one["b1"])  # frozen after epoch 1
+    assert not np.array_equal(model.params["W1"], after_one["W1"])
+    assert solver.optim_configs["beta1"]["learning_rate"] == pytest.approx(
+        8 * solver.optim_configs["W1"]["learning_rate"])
+    assert solver.optim_configs["beta1"]["weight_decay"] == pytest.approx(1e-3 / 8)
+    assert solver.optim_configs["gamma1"]["weight_decay"] == 0.0
+
+
+def test_lookahead_is_airbenchs_weight_and_statistics_average():
+    """Solver(lookahead=...) == the plain Solver's steps with airbench's LookaheadState
+    transcribed in numpy beside them (every 3 steps, decay base * (s / total) ** 3, the
+    average copied back at the end); params and batchnorm running statistics."""
+    data = _small_data()
+    kwargs = dict(update_rule="sgd_momentum", optim_config={"learning_rate": 0.05},
+                  batch_size=8, num_epochs=2, verbose=False, seed=3)
+    model = _small(use_batchnorm=True)
+    solver = Solver(model, data, lookahead={"every": 3, "base": 0.9, "power": 3}, **kwargs)
+    solver.tracker.restore_best = lambda: None  # the parameters training left
+    solver.train()
+
+    plain_model = _small(use_batchnorm=True)
+    plain = Solver(plain_model, data, **kwargs)
+
+    def state():
+        out = {f"p/{k}": v for k, v in plain_model.params.items()}
+        out.update({f"bn/{i}/{k}": p[k] for i, p in enumerate(plain_model.bn_params)
+                    for k in ("running_mean", "running_var")})
+        return out
+
+    ema = {k: v.copy() for k, v in state().items()}
+    total = 2 * plain.iterations_per_epoch
+
+    def update(decay):
+        for key, w in state().items():
+            ema[key] = ema[key] + (1 - decay) * (w - ema[key])
+            w[...] = ema[key]
+
+    for steps in range(1, total + 1):
+        plain._step()
+        plain._t += 1
+        if plain._t % plain.iterations_per_epoch == 0:
+            plain._epoch_order = None  # a new permutation each epoch, as train() draws
+        if steps % 3 == 0:
+            update(0.9 * (steps / total) ** 3)
+    update(1.0)
+    for key, w in state().items():
+        mine = (model.params[key[2:]] if key.startswith("p/") else
+                model.bn_params[int(key.split("/")[1])][key.split("/")[2]])
+        np.testing.assert_allclose(mine, w, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_resume_with_every_airbench_option_is_bit_identical(tmp_path):
+    """4 epochs in one go == resumed from its epoch-2 checkpoint, with lookahead,
+    train_epochs (b1 frozen from epoch 1), role multipliers, SGD weight decay and the
+    triangle schedule on (which depend on the run's length, so both runs are 4 epochs)."""
+    data = _small_data()
+    model_full = _small(use_batchnorm=True)
+    full = Solver(model_full, data, num_epochs=4, checkpoint_name=str(tmp_path / "run"),
+                  **_options_on())
+    full.train()
+    model = _small(use_batchnorm=True)
+    _scramble(model)
+    resumed = Solver(model, data, num_epochs=4, **_options_on())
+    resumed.load_checkpoint(str(tmp_path / "run_epoch_2.npz"))
+    assert resumed.epoch == 2 and resumed.updater.frozen == {"b1", "gamma1"}
+    resumed.train()
+    assert resumed.loss_history == full.loss_history
+    assert resumed.val_acc_history == full.val_acc_history
+    _assert_params_equal(model.params, model_full.params)
+    _assert_params_equal(resumed._lookahead.averages, full._lookahead.averages)
+    for a, b in zip(model.bn_params, model_full.bn_params):
+        np.testing.assert_array_equal(a["running_var"], b["running_var"])
+
+
+def test_a_checkpoint_without_lookahead_is_refused_with_lookahead(tmp_path):
+    path = tmp_path / "run.npz"
+    Solver(_small(), _small_data(), num_epochs=1, checkpoint_path=str(path), verbose=False,
+           seed=0).train()
+    solver = Solver(_small(), _small_data(), num_epochs=2, verbose=False, seed=0, lookahead=True)
+    with pytest.raises(ValueError, match="written without lookahead"):
+        solver.load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(lr_multipliers={"beta": 64.0}), r"lr_multipliers names role 'beta'; roles are"),
+    (dict(lr_multipliers={"shift": 0.0}), r"lr_multipliers\['shift'\]"),
+    (dict(decayed_roles="weight"), "decayed_roles must be a list of roles"),
+    (dict(decayed_roles=("weights",)), "decayed_roles must be a list of roles"),
+    (dict(train_epochs={"stem_b": 3}), "train_epochs names 'stem_b', which is not a parameter"),
+    (dict(train_epochs={"b1": -1}), r"train_epochs\['b1'\]"),
+    (dict(lookahead={"every": 0}), r"lookahead\['every'\]"),
+    (dict(lookahead={"base": 1.5}), r"lookahead\['base'\]"),
+    (dict(lookahead={"period": 5}), r"unknown lookahead options \['period'\]"),
+    (dict(lr_schedule="triangle", lr_schedule_config={"end_factor": -1}), "end_factor"),
+])
+def test_bad_airbench_options_are_named(options, match):
+    with pytest.raises(ValueError, match=match):
+        Solver(_small(), _small_data(), verbose=False, **options)
+
+
+def test_the_stack_refuses_the_solver_only_options():
+    from fastnn.stacked import StackedFullyConnectedNet, StackedSolver
+
+    stack = StackedFullyConnectedNet([5], [{"seed": 0}], input_dim=12, num_classes=4)
+    with pytest.raises(ValueError, match=r"StackedSolver does not take \['lookahead'\]"):
+        StackedSolver(stack, _small_data(), lookahead=True)
+    with pytest.raises(ValueError, match="weight_decay, which a stack does not take"):
+        StackedSolver(stack, _small_data(), update_rule="sgd",
+                      optim_configs=[{"weight_decay": 0.1}])
