@@ -10,16 +10,20 @@ iteration, so a resumed run gets the same rates.
 """
 import math
 
-from fastnn.checks import as_optional_size, as_real
+from fastnn.checks import as_optional_size, as_real, as_size
 
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "triangle")
 DEFAULTS = {
     "constant": {},
     "step": {"step_epochs": None, "gamma": 0.1},             # None: a third of the epochs
     "cosine": {"min_factor": 0.0},
-    "onecycle": {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4},
+    # min_iterations: a run of fewer iterations peaks at total / min_iterations of the learning
+    # rate (a warm-up of a few steps to the full rate diverges); 0: always the full peak
+    "onecycle": {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4,
+                 "min_iterations": 0},
     # airbench's get_lr: linear from 0.2 up to 1 over the first 23% of steps, then down to 0.07
-    "triangle": {"pct_start": 0.23, "start_factor": 0.2, "end_factor": 0.07},
+    "triangle": {"pct_start": 0.23, "start_factor": 0.2, "end_factor": 0.07,
+                 "min_iterations": 0},
 }
 
 
@@ -38,6 +42,8 @@ def check_schedule(schedule, config=None):
         where = f"lr_schedule_config[{key!r}]"
         if key == "step_epochs":
             config[key] = as_optional_size(value, where, low=1)
+        elif key == "min_iterations":
+            config[key] = as_size(value, where, low=0)
         elif key in _UNIT_INTERVAL:
             config[key] = as_real(value, where, 0, 1)
         elif key in _NON_NEGATIVE:
@@ -68,6 +74,10 @@ def lr_factor(schedule, iteration, total_iterations, iterations_per_epoch, confi
       start_factor up to 1 over the first int(pct_start * total) iterations,
       then down to end_factor at iteration `total` (so the last iteration,
       total - 1, is a step above end_factor, as in airbench)
+
+    Both cycles take `min_iterations` (0: off): a run of fewer iterations
+    has its whole cycle scaled by total / min_iterations, so a shortened run
+    warms up to a lower peak instead of diverging.
     """
     name = schedule or "constant"
     config = check_schedule(name, config)
@@ -80,16 +90,18 @@ def lr_factor(schedule, iteration, total_iterations, iterations_per_epoch, confi
         return config["gamma"] ** ((iteration // max(iterations_per_epoch, 1)) // step_epochs)
     if name == "cosine":
         return _cosine(1.0, config["min_factor"], iteration / total)
+    # a short run scales the whole cycle down (min_iterations)
+    peak = min(1.0, total / config["min_iterations"]) if config["min_iterations"] else 1.0
     if name == "triangle":
         warmup = int(total * config["pct_start"])
         if iteration < warmup:
             fraction = iteration / warmup
-            return config["start_factor"] * (1 - fraction) + 1.0 * fraction
+            return peak * (config["start_factor"] * (1 - fraction) + 1.0 * fraction)
         fraction = (iteration - warmup) / max(total - warmup, 1)
-        return 1.0 * (1 - fraction) + config["end_factor"] * fraction
+        return peak * (1.0 * (1 - fraction) + config["end_factor"] * fraction)
     start = 1.0 / config["div_factor"]
     end = start / config["final_div_factor"]
     warmup = max(config["pct_start"] * total, 1.0)
     if iteration < warmup:
-        return _cosine(start, 1.0, iteration / warmup)
-    return _cosine(1.0, end, (iteration - warmup) / max(total - warmup, 1.0))
+        return peak * _cosine(start, 1.0, iteration / warmup)
+    return peak * _cosine(1.0, end, (iteration - warmup) / max(total - warmup, 1.0))

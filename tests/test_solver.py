@@ -937,6 +937,25 @@ def test_triangle_schedule_is_airbenchs_get_lr(total):
     assert schedules.lr_factor("triangle", 2, 10, 5, custom) == pytest.approx(0.4)
 
 
+@pytest.mark.parametrize("name", ["onecycle", "triangle"])
+def test_a_short_run_scales_its_cycle_down(name):
+    """min_iterations: a run of fewer iterations peaks lower, in proportion; longer runs and the
+    default (0) get the plain cycle, bit for bit."""
+    from fastnn import schedules
+
+    for total in (19, 200, 2000):
+        plain = [schedules.lr_factor(name, t, total, 10) for t in range(total)]
+        scaled = [schedules.lr_factor(name, t, total, 10, {"min_iterations": 200})
+                  for t in range(total)]
+        assert scaled == pytest.approx([min(1.0, total / 200) * f for f in plain], rel=1e-15)
+        if total >= 200:
+            assert scaled == plain
+    assert max(schedules.lr_factor(name, t, 19, 10, {"min_iterations": 200})
+               for t in range(19)) <= 19 / 200
+    with pytest.raises(TypeError, match="min_iterations"):
+        schedules.check_schedule(name, {"min_iterations": 2.5})
+
+
 def test_triangle_schedule_sets_the_solvers_learning_rate():
     model = _small()
     solver = Solver(model, _small_data(), update_rule="sgd_nesterov", lr_schedule="triangle",
