@@ -281,11 +281,15 @@ def _bn_act_grad_sums(dout, x, out, mean, inv_std, gamma, beta, g_out, total, to
     transcendentals per value) is kept in g_out (dx's memory) for the second pass."""
     rows, channels = x.shape
     for r in range(rows):
+        if activation == GELU:
+            # a loop of its own: in float32 throughout, it vectorises at full width (beside
+            # the float64 sums, at half)
+            for c in range(channels):
+                y = (x[r, c] - mean[c]) * inv_std[c] * gamma[c] + beta[c]
+                g_out[r, c] = dout[r, c] * gelu_grad_scalar(y)
         for c in range(channels):
             if activation == GELU:
-                y = (x[r, c] - mean[c]) * inv_std[c] * gamma[c] + beta[c]
-                g = dout[r, c] * gelu_grad_scalar(y)
-                g_out[r, c] = g
+                g = g_out[r, c]
             else:
                 g = dout[r, c] if out[r, c] > 0 else 0  # a select, not a branch: it vectorises
             total[c] += g
