@@ -12,8 +12,8 @@ import pytest
 import fastnn
 from fastnn import kernels, layers, optim
 from fastnn.backend import get_array_module
-from fastnn.kernels import (_cupy, _numba, activations, conv, examples, losses, norms, pool,
-                            reference, registry, updates, winograd)
+from fastnn.kernels import (_cupy, _numba, activations, batchnorm, conv, examples, losses, norms,
+                            pool, reference, registry, updates, winograd)
 from fastnn.kernels import rng as keyed
 from helpers import backend_tolerances, host_copies, numba_kernels, tolerances
 
@@ -296,6 +296,79 @@ def test_gelu_non_finite_like_reference(ops, dtype):
     np.testing.assert_array_equal(out, _reference("gelu_forward", x))
     np.testing.assert_array_equal(out[0], [np.nan, np.nan, np.inf, 0, 0, 40])
 
+
+
+def _gelu_grid(dtype):
+    """A dense grid of inputs: [-12, 12] every 1.2e-5, both signs' magnitudes from the
+    smallest to the largest of the dtype, and NaN, +-inf."""
+    info = np.finfo(dtype)
+    magnitudes = np.geomspace(float(info.tiny), float(info.max), 20_000)
+    return np.concatenate([np.linspace(-12, 12, 2_000_001), magnitudes, -magnitudes,
+                           [0.0, np.nan, np.inf, -np.inf]]).astype(dtype)
+
+
+def _gelu_exact(x):
+    """gelu and its gradient in float64 (math.erf per value) of float64 x."""
+    phi = 0.5 + 0.5 * activations.erf(np, x * activations._SQRT_HALF)
+    with np.errstate(over="ignore"):  # x * x of the largest x: exp(-inf) is 0
+        return x * phi, phi + x * activations._INV_SQRT_2PI * np.exp(-0.5 * x * x)
+
+
+def _assert_gelu_close(got, exact, x, dtype):
+    """The contract's tolerance (1e-6 of the largest magnitude in float32, 1e-12 in float64)
+    over every window [-b, b] of the grid, from tiny to the largest values; NaN and inf
+    where the float64 reference has them."""
+    tol = {np.float32: 1e-6, np.float64: 1e-12}[np.dtype(dtype).type]
+    got = got.astype(np.float64)
+    finite = np.isfinite(x)
+    np.testing.assert_array_equal(got[~finite], exact[~finite])
+    for bound in (1e-30, 1e-3, 0.5, 2, 6, 12, 1e3, np.inf):
+        window = finite & (np.abs(x) <= bound)
+        scale = np.abs(exact[window]).max()
+        np.testing.assert_allclose(got[window], exact[window], rtol=0, atol=tol * scale,
+                                   err_msg=f"|x| <= {bound}")
+
+
+def test_gelu_dense_grid_against_float64(ops, dtype):
+    """gelu, its gradient and the fused batchnorm + gelu (at unit scale) against the float64
+    reference on a dense grid: the tails, tiny and huge values, NaN and inf included."""
+    xp, table = ops
+    x = _gelu_grid(dtype)
+    exact_out, exact_grad = _gelu_exact(x.astype(np.float64))
+    _assert_gelu_close(_host(table.gelu_forward(xp.asarray(x))), exact_out, x, dtype)
+    dout = xp.ones_like(xp.asarray(x))
+    _assert_gelu_close(_host(table.gelu_backward(dout, xp.asarray(x))), exact_grad, x, dtype)
+    # rows (M, 8); mean 0, variance 1, eps 0, gamma 1, beta 0: the batchnorm is the identity
+    rows = xp.asarray(np.concatenate([x, np.zeros(-x.size % 8, dtype)]).reshape(-1, 8))
+    ones, zeros = xp.ones(8, dtype=dtype), xp.zeros(8, dtype=dtype)
+    fused = _host(table.batchnorm_gelu_test_forward(rows, ones, zeros, zeros, ones, 0.0))
+    _assert_gelu_close(fused.reshape(-1)[:x.size], exact_out, x, dtype)
+
+
+def test_gelu_float32_kernels_vectorise():
+    """The float32 gelu loops (standalone and fused with batchnorm) compile to vector code with
+    no call to libm's erf or exp (scalar calls, 15-20x slower here); float64 keeps libm."""
+    import re
+
+    import numba
+
+    def llvm_ir(dispatcher, *arg_types):
+        # a fresh compile: the cached kernels cannot be inspected
+        options = {k: v for k, v in dispatcher.targetoptions.items()
+                   if k not in ("cache", "nopython")}
+        fresh = numba.njit(**options)(dispatcher.py_func)
+        fresh.compile(arg_types)
+        return fresh.inspect_llvm(arg_types)
+
+    f32, f64 = numba.float32[::1], numba.float64[::1]
+    rows32 = numba.float32[:, ::1]
+    for name, ir in [("_gelu_forward", llvm_ir(activations._gelu_forward, f32, f32)),
+                     ("_gelu_backward", llvm_ir(activations._gelu_backward, f32, f32, f32)),
+                     ("_bn_gelu_apply", llvm_ir(batchnorm._bn_gelu_apply, rows32, numba.float32[::1],
+                                                numba.float32[::1], numba.float32[::1], rows32))]:
+        assert re.search(r"<\d+ x float>", ir), f"{name}: no float32 vector code"
+        assert not re.search(r"call [^(]*@\w*(erf|exp)\w*\(", ir), f"{name}: calls libm erf/exp"
+    assert re.search(r"@\w*erf\w*\(", llvm_ir(activations._gelu_forward, f64, f64))
 
 # -- dropout -------------------------------------------------------------------
 @pytest.mark.parametrize("shape", X_SHAPES)

@@ -37,6 +37,13 @@ def _jit(function, **flags):
     """
     return compile_cache.enable(numba.njit(nogil=True, error_model="numpy", **flags)(function))
 
+
+def _jit_float32(function):
+    """_jit for float32 arithmetic that LLVM may contract into FMAs (the polynomials of
+    activations.py); no other fast-math flag, so NaN and inf keep IEEE semantics."""
+    return _jit(function, fastmath={"contract"})
+
+
 def _jit_inline(function):
     """_jit for a body inlined into its callers (Numba IR inlining), so that a constant
     argument, such as an activation's number, is folded away in each caller."""

@@ -7,8 +7,8 @@ cupy table runs the references.
 import numpy as np
 
 from fastnn.backend import get_array_module
-from fastnn.kernels._numba import (_jit, _jit_inline, _row_blocks, _row_dot, _row_squared_deviation,
-                                   _row_sum, _run_chunks)
+from fastnn.kernels._numba import (_jit, _jit_float32, _jit_inline, _row_blocks, _row_dot,
+                                   _row_squared_deviation, _row_sum, _run_chunks)
 from fastnn.kernels.activations import gelu_grad_scalar, gelu_grad_xp, gelu_scalar, gelu_xp
 from fastnn.kernels.registry import declare
 
@@ -281,11 +281,15 @@ def _bn_act_grad_sums(dout, x, out, mean, inv_std, gamma, beta, g_out, total, to
     transcendentals per value) is kept in g_out (dx's memory) for the second pass."""
     rows, channels = x.shape
     for r in range(rows):
+        if activation == GELU:
+            # a loop of its own: in float32 throughout, it vectorises at full width (beside
+            # the float64 sums, at half)
+            for c in range(channels):
+                y = (x[r, c] - mean[c]) * inv_std[c] * gamma[c] + beta[c]
+                g_out[r, c] = dout[r, c] * gelu_grad_scalar(y)
         for c in range(channels):
             if activation == GELU:
-                y = (x[r, c] - mean[c]) * inv_std[c] * gamma[c] + beta[c]
-                g = dout[r, c] * gelu_grad_scalar(y)
-                g_out[r, c] = g
+                g = g_out[r, c]
             else:
                 g = dout[r, c] if out[r, c] > 0 else 0  # a select, not a branch: it vectorises
             total[c] += g
@@ -307,13 +311,16 @@ def _bn_act_grad_apply(dout, x, out, mean, inv_std, factor, m, dbeta, dgamma, dx
 
 
 # relu's backward reads its output (out > 0), gelu's recomputes the batchnorm's output
-# from x; the relu kernels keep their own arguments (unused places filled by others)
+# from x; the relu kernels keep their own arguments (unused places filled by others).
+# The gelu kernels compile with _jit_float32: in float32 their erf and exp are polynomials
+# (activations.gelu_scalar) whose FMAs the flag allows; the relu kernels keep plain _jit
+# (their machine code unchanged).
 @_jit
 def _bn_relu_apply(x, mean, scale, beta, out):
     _bn_act_apply(x, mean, scale, beta, out, RELU)
 
 
-@_jit
+@_jit_float32
 def _bn_gelu_apply(x, mean, scale, beta, out):
     _bn_act_apply(x, mean, scale, beta, out, GELU)
 
@@ -323,7 +330,7 @@ def _bn_relu_grad_sums(dout, x, out, mean, inv_std, total, total_xhat):
     _bn_act_grad_sums(dout, x, out, mean, inv_std, mean, mean, out, total, total_xhat, RELU)
 
 
-@_jit
+@_jit_float32
 def _bn_gelu_grad_sums(dout, x, g_out, mean, inv_std, gamma, beta, total, total_xhat):
     _bn_act_grad_sums(dout, x, x, mean, inv_std, gamma, beta, g_out, total, total_xhat, GELU)
 
