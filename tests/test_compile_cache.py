@@ -88,3 +88,27 @@ def test_no_home_means_no_cache_folder(monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # what it does without a home
     assert compile_cache.cache_root() is None
+
+
+def test_the_cache_folder_changes_with_any_kernel_source(tmp_path):
+    """Kernels inline helpers from other files (GELU's erf into batchnorm's loops), which Numba's
+    per-file check does not see: editing any kernel file must start a fresh cache folder."""
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    (folder / "a.py").write_text("x = 1\n")
+    (folder / "b.py").write_text("y = 2\n")
+    first = compile_cache.sources_digest(str(folder))
+    compile_cache.sources_digest.cache_clear()
+    (folder / "b.py").write_text("y = 3\n")
+    assert compile_cache.sources_digest(str(folder)) != first
+    compile_cache.sources_digest.cache_clear()
+    (folder / "b.py").write_text("y = 2\n")
+    (folder / "notes.txt").write_text("not a source")
+    assert compile_cache.sources_digest(str(folder)) == first
+
+
+def test_kernels_are_cached_under_the_digest_of_their_sources(tmp_path):
+    _compile_in_subprocess(tmp_path, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    digest = compile_cache.sources_digest(os.path.join(PACKAGE, "kernels"))
+    cached = [name for name in _cache_files(tmp_path / "numba") if "_relu_forward" in name]
+    assert cached and all(digest in name.split(os.sep) for name in cached), cached

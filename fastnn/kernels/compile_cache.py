@@ -9,11 +9,16 @@ install (`fastnn` without `set_backend`). So fastnn's kernels are cached in
 - `$NUMBA_CACHE_DIR` when the user set it (Numba's own setting), else
 - `$XDG_CACHE_HOME/fastnn/numba` (`~/.cache/fastnn/numba`),
 
-each install location in its own subfolder, and not cached at all (each
+each install location in its own subfolder, under a digest of all the kernel
+sources (Numba checks only a function's own file, but fastnn's kernels inline
+helpers from other files, such as GELU's erf into the fused batchnorm: any
+edited kernel file starts a fresh cache), and not cached at all (each
 process compiles them again) when that folder cannot be written: a read-only
 home, no home. Only fastnn's own dispatchers get this cache (`enable`); Numba's
 settings for the user's other jitted code are left alone.
 """
+import functools
+import hashlib
 import os
 
 from numba.core import caching, config
@@ -36,6 +41,17 @@ def cache_root():
     return os.path.join(base, "fastnn", "numba")
 
 
+@functools.lru_cache(maxsize=None)
+def sources_digest(folder):
+    """16 hex digits naming the contents of every .py file in `folder` (the kernel sources)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as fh:
+                digest.update(name.encode() + b"\0" + fh.read() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 class _UserFolderLocator(caching.UserWideCacheLocator):
     """Numba's user-wide locator, pointed at `cache_root()` instead of Numba's own folder.
 
@@ -48,7 +64,8 @@ class _UserFolderLocator(caching.UserWideCacheLocator):
         root = cache_root()
         if root is None:
             raise OSError("no user cache folder")  # from_function then gives no locator
-        self._cache_path = os.path.join(root, self.get_suitable_cache_subpath(py_file))
+        self._cache_path = os.path.join(root, self.get_suitable_cache_subpath(py_file),
+                                        sources_digest(os.path.dirname(os.path.abspath(py_file))))
 
     @classmethod
     def from_function(cls, py_func, py_file):
