@@ -240,6 +240,30 @@ def recipes_of(model):
                         if name != default and recipe(name).model == model]
 
 
+def search_for(model, recipe_name=None):
+    """How `fastnn tune --model model --recipe recipe_name` searches: MODELS[model].search
+    moved to the recipe (None: the model's own, its search as declared). Its trials and
+    baseline take the recipe's values; each log-scaled range is scaled by the recipe's value
+    over the declared baseline's (so it keeps its width around the recipe), each other range
+    widened to hold the recipe's value."""
+    search = MODELS[model].search
+    if recipe_name is None or recipe_name == MODELS[model].recipe:
+        return search
+    settings = recipe(recipe_name).settings
+    baseline = {name: settings.get(name, value) for name, value in search.baseline.items()}
+    space = {}
+    for name, (kind, low, high, log) in search.space.items():
+        old, new = search.baseline[name], baseline[name]
+        if log and kind == "float":
+            low, high = low * new / old, high * new / old
+        else:
+            low, high = min(low, new), max(high, new)
+        space[name] = (kind, low, high, log)
+    return search._replace(space=space, baseline=baseline,
+                           epochs=settings.get("epochs", search.epochs),
+                           crop_padding=settings.get("crop_padding", search.crop_padding))
+
+
 def check_tables():
     """ValueError unless the tables agree: each model's options declared in OPTIONS, its
     recipe one of RECIPES made for it, each recipe's model registered."""

@@ -845,3 +845,29 @@ def test_flags_replace_the_tta_of_a_config_file(cifar_root, tmp_path):
     assert (config["tta"], config["flip_test"]) == (0, False)
     metrics = json.loads((again / "metrics.json").read_text())
     assert metrics["test_acc"] == metrics["test_acc_plain"] == metrics["test_acc_tta"]
+
+
+def test_tune_convnet_searches_around_the_chosen_recipe(cifar_root, tmp_path, capsys,
+                                                        monkeypatch):
+    import optuna
+
+    from fastnn import models
+
+    monkeypatch.setitem(models.RECIPES, "slow", models.Recipe("convnet", {
+        **models.RECIPES["convnet"].settings, "learning_rate": 0.02, "momentum": 0.7,
+        "epochs": 1, "tta": 2}, "a test recipe"))
+    out = tmp_path / "tune"
+    args = ["tune", "--out", str(out), "--data", cifar_root, "--num-training", "64",
+            "--num-validation", "16", "--num-test", "16", "--model", "convnet", "--widths", "4",
+            "8", "--stem-width", "4", "--trials", "1"]
+    assert main([*args, "--recipe", "fc"]) == 2
+    assert "--recipe fc trains --model fc, not convnet" in last_error(capsys)
+    assert main([*args, "--recipe", "slow"]) == 0
+    config = json.loads((out / "best.json").read_text())["config"]
+    # the first trial is the recipe, trained for its epochs
+    assert (config["recipe"], config["learning_rate"], config["momentum"], config["epochs"],
+            config["tta"]) == ("slow", 0.02, 0.7, 1, 2)
+    study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
+    low, high = study.user_attrs["fastnn_search_space"]["learning_rate"][1:3]
+    assert low < 0.02 < high < 0.2  # the learning rate's range moved to the recipe's
+    assert study.user_attrs["fastnn_search_space"]["momentum"][1] == 0.7

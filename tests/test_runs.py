@@ -368,3 +368,17 @@ def test_augment_options_carry_the_flips_and_the_padding_mode():
         check_config({**config, "padding_mode": "edge"})
     with pytest.raises(ValueError, match=r"--flip must be one of \['random', 'alternate'\]"):
         check_config({**config, "flip": True})
+
+
+def test_a_search_moves_to_the_recipe_it_starts_from(monkeypatch):
+    from fastnn import models
+
+    assert models.search_for("convnet") is models.MODELS["convnet"].search
+    monkeypatch.setitem(models.RECIPES, "slow", models.Recipe("convnet", {
+        "learning_rate": 0.02, "momentum": 0.99, "epochs": 30}))
+    search, declared = models.search_for("convnet", "slow"), models.MODELS["convnet"].search
+    assert search.baseline == {**declared.baseline, "learning_rate": 0.02, "momentum": 0.99}
+    assert search.space["learning_rate"] == (  # scaled by 0.02 / 0.2
+        "float", pytest.approx(0.005), pytest.approx(0.05), True)
+    assert search.space["momentum"] == ("float", 0.8, 0.99, False)  # widened to hold it
+    assert search.space["reg"] == declared.space["reg"] and search.epochs == 30

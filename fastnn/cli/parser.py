@@ -113,6 +113,9 @@ def build_parser():
     add("--model", choices=TUNE_MODELS, default=TUNE_MODELS[0],
         help="; ".join(search.about for search in searches.values())
              + f" ({TUNE_MODELS[0]})")
+    add("--recipe", choices=list(models.RECIPES), default=None,
+        help="convnet: search around this recipe of --model (its values are the first trial, "
+             "the ranges move to them) (the model's own)")
     for search in searches.values():  # model options the trials take from a flag
         for key, text in search.flags.items():
             add(option_name(key), default=None, help=text,
