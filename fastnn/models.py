@@ -20,11 +20,14 @@ IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10  # CIFAR-10
 
 
 class Option(NamedTuple):
-    """A configuration key that only some models take."""
-    kind: str          # "int", "float", "bool", or "ints" (one or more ints)
-    legacy: object     # its value in a configuration written before it existed
+    """A configuration key that only some models take (or, with `solver`, a Solver option)."""
+    kind: str          # "int", "float", "bool", "ints" (one or more ints) or "choice"
+    legacy: object     # its value in a configuration written before it existed (off)
     help: str          # its `fastnn train` flag's help
     bounds: tuple = None  # (low, high[, low_open, high_open]) for runs.check_config; None: high
+    choices: tuple = None  # kind "choice": its values
+    solver: str = None  # the Solver keyword it is (every model takes it); None: a model option,
+                        # read by the models' builders
 
 
 OPTIONS = {

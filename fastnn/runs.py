@@ -98,7 +98,10 @@ _FLOAT_RANGES = {"reg": (0, None, False), "lr_decay": (0, None, True),
                     for k, (low, high, low_open, high_open) in optim.RANGES.items()},
                  **{k: o.bounds for k, o in models.OPTIONS.items() if o.kind == "float"}}
 _CHOICES = {"backend": ("numpy", "cupy"), "lr_schedule": (None, "step", "cosine", "onecycle"),
-            "flip": ("random", "alternate"), "padding_mode": ("zeros", "reflect")}
+            "flip": ("random", "alternate"), "padding_mode": ("zeros", "reflect"),
+            **{k: o.choices for k, o in models.OPTIONS.items() if o.kind == "choice"}}
+# Solver keywords from the registry's options (fastnn.models.OPTIONS' `solver`): key -> keyword
+SOLVER_OPTIONS = {k: o.solver for k, o in models.OPTIONS.items() if o.solver}
 _BOOLEANS = ("augment", "flip_test", *(k for k, o in models.OPTIONS.items() if o.kind == "bool"))
 # None means "the rule's default" (the rule options), "all cores" (threads), "the default
 # folder" (data); every other key must hold a value of its type.
@@ -318,6 +321,7 @@ def build_solver(model, data, config, out_dir=None, verbose=True):
                        num_epochs=config["epochs"], print_every=config["print_every"],
                        verbose=verbose, progress=verbose, seed=config["seed"],
                        lr_schedule=config["lr_schedule"], augment=augment_options(config),
+                       **{word: config[key] for key, word in SOLVER_OPTIONS.items()},
                        checkpoint_path=out_dir and os.path.join(out_dir, "checkpoint.npz"))
     solver.run_config = recorded(config)
     return solver

@@ -382,3 +382,36 @@ def test_a_search_moves_to_the_recipe_it_starts_from(monkeypatch):
         "float", pytest.approx(0.005), pytest.approx(0.05), True)
     assert search.space["momentum"] == ("float", 0.8, 0.99, False)  # widened to hold it
     assert search.space["reg"] == declared.space["reg"] and search.epochs == 30
+
+
+NEW_SOLVER_OPTION = """
+import sys
+from fastnn import models
+# a new Solver option (here the existing `sampling`), declared once: its flag, check, legacy
+# value (a config written before it: the Solver's default) and keyword come from this entry
+models.OPTIONS["sampling"] = models.Option("choice", "epoch", "how batches are drawn (epoch)",
+                                           choices=("epoch", "replacement"), solver="sampling")
+import numpy as np
+from fastnn import runs
+from fastnn.cli.parser import build_parser
+config = runs.new_config({"model": "two_layer", "hidden_dim": 4, "sampling": "replacement"})
+runs.check_config(config)
+try:
+    runs.check_config({**config, "sampling": "shuffle"})
+except ValueError as exc:
+    print(exc)
+data = {k: np.zeros((4, 3, 32, 32), np.float32) for k in ("X_train", "X_val")}
+data.update({k: np.zeros(4, np.int64) for k in ("y_train", "y_val")})
+solver = runs.build_solver(runs.build_model(config), data, config, verbose=False)
+print(solver.sampling, runs.complete({})["sampling"])
+print(build_parser().parse_args(["train", "--sampling", "replacement"]).sampling)
+"""
+
+
+def test_a_solver_option_is_one_registry_entry():
+    result = subprocess.run([sys.executable, "-c", NEW_SOLVER_OPTION], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "--sampling must be one of ['epoch', 'replacement'], got 'shuffle'",
+        "replacement epoch", "replacement"]

@@ -8,7 +8,7 @@ from fastnn.runs import RULE_OPTIONS, option_name
 
 # the argparse keywords of a model option's flag, by its kind (fastnn.models.Option)
 OPTION_KINDS = {"int": {"type": int}, "float": {"type": float}, "ints": {"type": int, "nargs": "+"},
-                "bool": {"action": argparse.BooleanOptionalAction}}
+                "bool": {"action": argparse.BooleanOptionalAction}, "choice": {}}
 # the models fastnn tune searches, its default first
 TUNE_MODELS = sorted(models.TUNABLE, key=lambda name: name != models.DEFAULT_TUNE_MODEL)
 
@@ -62,7 +62,8 @@ def build_parser():
              f"recipe: {models.DEFAULT_MODEL}'s below, fc's after a slash "
              f"({models.DEFAULT_MODEL})")
     for key, option in models.OPTIONS.items():  # the models' own options
-        add(option_name(key), help=option.help, **OPTION_KINDS[option.kind])
+        add(option_name(key), help=option.help, **OPTION_KINDS[option.kind],
+            **({"choices": list(option.choices)} if option.kind == "choice" else {}))
     add("--reg", type=float, help="L2 regularisation strength (5e-4 / 0)")
     add("--update-rule", choices=list(RULE_OPTIONS), help="update rule (sgd_nesterov / adam)")
     add("--lr", "--learning-rate", dest="learning_rate", type=float,
