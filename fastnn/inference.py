@@ -52,11 +52,11 @@ def _mirror_mean(model, xp, batch, scores):
 
 
 def _view_scores(model, xp, batch, level):
-    """(plain scores, scores averaged over the TTA level's views) of batch (B, C, H, W);
-    both (B, classes), one model pass per view."""
+    """The scores of batch (B, C, H, W) at each TTA level 0..level, each (B, classes), one
+    model pass per view (a level's views include the lower levels')."""
     plain = model.loss(batch)
     if level == 0:
-        return plain, plain
+        return (plain,)
     mirrored = _mirror_mean(model, xp, batch, plain)
     if level == 1:
         return plain, mirrored
@@ -66,7 +66,7 @@ def _view_scores(model, xp, batch, level):
         xp.ascontiguousarray(padded[:, :, :height, :width]),  # content moved down-right
         xp.ascontiguousarray(padded[:, :, 2:, 2:]))]          # and up-left
     half = plain.dtype.type(0.5)
-    return plain, (mirrored + (shifted[0] + shifted[1]) * half) * half
+    return plain, mirrored, (mirrored + (shifted[0] + shifted[1]) * half) * half
 
 
 def _batches(model, X, batch_size):
@@ -87,7 +87,7 @@ def batch_scores(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False, tta=None):
     batch_size, level = _check(X, batch_size, flip, tta)
     xp = get_array_module(*model.params.values())
     for start, batch in _batches(model, X, batch_size):
-        yield start, _view_scores(model, xp, batch, level)[1]
+        yield start, _view_scores(model, xp, batch, level)[-1]
 
 
 def predict_scores(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False, tta=None):
@@ -154,21 +154,26 @@ def plain_and_flip_accuracy(model, X, y, batch_size=DEFAULT_BATCH_SIZE, tta=1):
     """(accuracy without, accuracy with test-time augmentation at level tta: 1, flip
     averaging, or 2) of X (N, C, H, W) against y (N,), Python floats, from one pass: the
     plain scores of each batch are also the first view of its average."""
-    batch_size, level = _check(X, batch_size, flip=False, tta=tta)
-    if level == 0:
+    if _check(X, batch_size, flip=False, tta=tta)[1] == 0:
         raise ValueError("plain_and_flip_accuracy compares plain scores with tta 1 or 2, "
                          f"got tta={tta!r}: use accuracy() for plain scores alone")
+    accuracies = tta_accuracies(model, X, y, batch_size, tta)
+    return accuracies[0], accuracies[-1]
+
+
+def tta_accuracies(model, X, y, batch_size=DEFAULT_BATCH_SIZE, tta=1):
+    """The accuracies (Python floats) at each TTA level 0..tta of X (N, C, H, W) against
+    y (N,), from one pass: a level's views include the lower levels'."""
+    batch_size, level = _check(X, batch_size, flip=False, tta=tta)
     xp = get_array_module(*model.params.values())
     y = xp.asarray(y)
     if y.shape != (X.shape[0],):
         raise ValueError(f"X has {X.shape[0]} rows but y has shape {y.shape}; "
                          "they need one label per row")
-    correct = xp.zeros(2, dtype=np.int64)
+    correct = xp.zeros(level + 1, dtype=np.int64)
     for start, batch in _batches(model, X, batch_size):
         labels = y[start:start + batch.shape[0]]
-        plain, both = _view_scores(model, xp, batch, level)
-        correct += xp.stack([(xp.argmax(plain, axis=1) == labels).sum(),
-                             (xp.argmax(both, axis=1) == labels).sum()])
-    plain_correct, flip_correct = (int(v) for v in to_numpy(correct))
+        correct += xp.stack([(xp.argmax(scores, axis=1) == labels).sum()
+                             for scores in _view_scores(model, xp, batch, level)])
     n = max(X.shape[0], 1)
-    return plain_correct / n, flip_correct / n
+    return tuple(int(v) / n for v in to_numpy(correct))

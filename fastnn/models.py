@@ -20,11 +20,14 @@ IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10  # CIFAR-10
 
 
 class Option(NamedTuple):
-    """A configuration key that only some models take."""
-    kind: str          # "int", "float", "bool", or "ints" (one or more ints)
-    legacy: object     # its value in a configuration written before it existed
+    """A configuration key that only some models take (or, with `solver`, a Solver option)."""
+    kind: str          # "int", "float", "bool", "ints" (one or more ints) or "choice"
+    legacy: object     # its value in a configuration written before it existed (off)
     help: str          # its `fastnn train` flag's help
     bounds: tuple = None  # (low, high[, low_open, high_open]) for runs.check_config; None: high
+    choices: tuple = None  # kind "choice": its values
+    solver: str = None  # the Solver keyword it is (every model takes it); None: a model option,
+                        # read by the models' builders
 
 
 OPTIONS = {
@@ -45,6 +48,13 @@ OPTIONS = {
                            "weights (1e-2; three_layer_conv 1e-3); convnet draws He-style weights",
                            (0, None, True)),
 }
+
+
+class Recipe(NamedTuple):
+    """A named way to train a model: its settings over runs.LEGACY_DEFAULTS."""
+    model: str         # its model in MODELS
+    settings: dict     # configuration keys (model options, rule, schedule, augmentation, tta)
+    about: str = ""    # one line in `fastnn train --help`'s list of recipes
 
 
 class Search(NamedTuple):
@@ -129,19 +139,31 @@ def _build_three_layer_conv(config):
 
 
 # What a new run trains with unless told otherwise (over runs.LEGACY_DEFAULTS): a recipe is a
-# model and its settings, named. convnet is the main job; its target: >= 0.85 test accuracy
-# on all of CIFAR-10's test images in 10 minutes on a 2-core CPU (the recipe of the issue's
-# PyTorch reference run, 0.855; benchmarks/README.md has the runs).
+# model and its settings, named (`fastnn train --recipe NAME`; a run folder records the name).
+# A new recipe is one entry here; a setting it needs that no recipe had is one OPTIONS entry
+# (a model option) or one runs.LEGACY_DEFAULTS entry (a training option), whose legacy value
+# keeps it off for the run folders written before. convnet is the main job; its target: >= 0.85
+# test accuracy on all of CIFAR-10's test images in 10 minutes on a 2-core CPU (the recipe of
+# the issue's PyTorch reference run, 0.855; benchmarks/README.md has the runs).
 RECIPES = {
-    "convnet": ("convnet", {
+    "convnet": Recipe("convnet", {
         "update_rule": "sgd_nesterov", "learning_rate": 0.2, "momentum": 0.9, "reg": 5e-4,
         "lr_schedule": "onecycle", "lr_decay": 1.0, "epochs": 11, "augment": True,
-        "crop_padding": 2, "label_smoothing": 0.2, "flip_test": True}),
-    "fc": ("fc", {}),  # the earlier main job: about 0.58 in 90 seconds
-    "two_layer": ("two_layer", {}),
-    "three_layer_conv": ("three_layer_conv", {"weight_scale": 1e-3, "reg": 1e-3,
-                                              "hidden_dim": 500, "epochs": 5, "lr_decay": 0.95}),
+        "crop_padding": 2, "label_smoothing": 0.2, "flip_test": True, "tta": 1},
+        "the main job (default): ConvNet 32/64/128, 11 epochs, 0.86 in 8 min"),
+    "fc": Recipe("fc", {}, "the earlier main job, fully connected: 0.58 in 90 s"),
+    "two_layer": Recipe("two_layer", {}, "the course's TwoLayerNet"),
+    "three_layer_conv": Recipe("three_layer_conv", {
+        "weight_scale": 1e-3, "reg": 1e-3, "hidden_dim": 500, "epochs": 5, "lr_decay": 0.95},
+        "the course's ThreeLayerConvNet, 5 epochs"),
 }
+DEFAULT_RECIPE = "convnet"  # `fastnn train` with no flags: the main job
+
+
+def recipe(name):
+    """RECIPES[name] as a Recipe (an entry may be a plain (model, settings) pair)."""
+    return Recipe(*RECIPES[name])
+
 
 # fastnn tune --model fc: each round's structural choices (the first block, shared by the
 # round's stack) and per-trial values (the second block).
@@ -170,7 +192,7 @@ CONV_SPACE = {
     "momentum": ("float", 0.8, 0.95, False),
     "label_smoothing": ("float", 0.0, 0.3, False),
 }
-_CONV_RECIPE = RECIPES["convnet"][1]
+_CONV_RECIPE = RECIPES["convnet"].settings
 
 MODELS = {
     "convnet": Model(
@@ -204,14 +226,45 @@ MODELS = {
                               ("num_filters", "filter_size", "hidden_dim", "weight_scale"),
                               "three_layer_conv"),
 }
-DEFAULT_MODEL = "convnet"  # `fastnn train` with no flags: the main job
+DEFAULT_MODEL = RECIPES[DEFAULT_RECIPE].model
 TUNABLE = [name for name, model in MODELS.items() if model.search is not None]
 DEFAULT_TUNE_MODEL = "fc"  # `fastnn tune` with no --model
 
 
 def recipe_of(model):
     """The settings of `model`'s default recipe (over runs.LEGACY_DEFAULTS)."""
-    return RECIPES[MODELS[model].recipe][1]
+    return recipe(MODELS[model].recipe).settings
+
+
+def recipes_of(model):
+    """The names of `model`'s recipes, its default first."""
+    default = MODELS[model].recipe
+    return [default] + [name for name in RECIPES
+                        if name != default and recipe(name).model == model]
+
+
+def search_for(model, recipe_name=None):
+    """How `fastnn tune --model model --recipe recipe_name` searches: MODELS[model].search
+    moved to the recipe (None: the model's own, its search as declared). Its trials and
+    baseline take the recipe's values; each log-scaled range is scaled by the recipe's value
+    over the declared baseline's (so it keeps its width around the recipe), each other range
+    widened to hold the recipe's value."""
+    search = MODELS[model].search
+    if recipe_name is None or recipe_name == MODELS[model].recipe:
+        return search
+    settings = recipe(recipe_name).settings
+    baseline = {name: settings.get(name, value) for name, value in search.baseline.items()}
+    space = {}
+    for name, (kind, low, high, log) in search.space.items():
+        old, new = search.baseline[name], baseline[name]
+        if log and kind == "float":
+            low, high = low * new / old, high * new / old
+        else:
+            low, high = min(low, new), max(high, new)
+        space[name] = (kind, low, high, log)
+    return search._replace(space=space, baseline=baseline,
+                           epochs=settings.get("epochs", search.epochs),
+                           crop_padding=settings.get("crop_padding", search.crop_padding))
 
 
 def check_tables():
@@ -225,7 +278,8 @@ def check_tables():
         if RECIPES.get(model.recipe, (None,))[0] != name:
             raise ValueError(f"models.MODELS[{name!r}] names recipe {model.recipe!r}, which is "
                              f"not a recipe of {name!r} in models.RECIPES")
-    for name, (model, _) in RECIPES.items():
+    for name in RECIPES:
+        model = recipe(name).model
         if model not in MODELS:
             raise ValueError(f"models.RECIPES[{name!r}] names no model in models.MODELS: "
                              f"{model!r}")

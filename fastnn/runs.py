@@ -4,7 +4,8 @@ A run configuration is a flat dict with the keys of DEFAULTS (`fastnn
 train` writes it to a run folder's config.json, `fastnn tune` records one
 per trial). This module is the one place that knows what the keys mean:
 
-    new_config(given)          a new run: the model's recipe (models.RECIPES) under the given keys
+    new_config(given)          a new run: its recipe (models.RECIPES) under the given keys
+    recipe_config(name)        a recipe's complete configuration
     complete(config)           a stored config: missing keys get their LEGACY_DEFAULTS value
     check_config(config)       ValueError naming the first bad value or unknown key
     not_applicable(config, keys)  the keys that do nothing under this model / rule
@@ -39,6 +40,9 @@ LEGACY_DEFAULTS = {
     "backend": "numpy", "seed": 0, "data": None, "num_training": 49000,
     "num_validation": 1000, "num_test": 10000, "threads": None, "print_every": 50,
     "flip_test": False,  # added with the conv models, off
+    # added with named recipes: no recipe recorded; tta: as flip_test says (complete() fills
+    # it); flips drawn at random, crops padded with zeros, as before
+    "recipe": None, "tta": 0, "flip": "random", "padding_mode": "zeros",
     # the models' options (fastnn.models.OPTIONS): the fc ones, then the constructors' defaults
     **{key: option.legacy for key, option in models.OPTIONS.items()},
 }
@@ -48,11 +52,19 @@ RECIPES = {name: models.recipe_of(name) for name in models.MODELS}
 DEFAULT_MODEL = models.DEFAULT_MODEL
 
 
+def recipe_config(name):
+    """The complete configuration of the recipe `name` (models.RECIPES), named in it."""
+    if not isinstance(name, str) or name not in models.RECIPES:
+        raise ValueError(f"--recipe must be one of {sorted(models.RECIPES)}, got {name!r}")
+    recipe = models.recipe(name)
+    return {**LEGACY_DEFAULTS, **recipe.settings, "model": recipe.model, "recipe": name}
+
+
 def defaults_for(model):
     """The complete configuration a new run of `model` gets with no other flags."""
     if not isinstance(model, str) or model not in RECIPES:
         raise ValueError(f"--model must be one of {sorted(RECIPES)}, got {model!r}")
-    return {**LEGACY_DEFAULTS, **RECIPES[model], "model": model}
+    return recipe_config(models.MODELS[model].recipe)
 
 
 # `fastnn train` with no flags: the main job
@@ -64,7 +76,9 @@ MODEL_OPTIONS = {name: model.options for name, model in models.MODELS.items()}
 RULE_OPTIONS = {rule: tuple(k for k in optim.DEFAULTS[rule] if k != "learning_rate")
                 for rule in optim.RULES}
 # Options that do something only when another option is on: option -> (switch, why).
-NEEDS = {"crop_padding": ("augment", "--crop-padding shifts the crops of --augment")}
+NEEDS = {"crop_padding": ("augment", "--crop-padding shifts the crops of --augment"),
+         "flip": ("augment", "--flip says how --augment flips"),
+         "padding_mode": ("augment", "--padding-mode fills the crops of --augment")}
 # What --resume may change: where and how fast it runs and how long, not what it trains.
 RESUMABLE = {"epochs", "backend", "data", "threads", "print_every"}
 # Every key a configuration may hold (fastnn tune's trials add model_seed).
@@ -76,14 +90,18 @@ CONFIG_FORMAT, METRICS_FORMAT, FORMAT_VERSION = "fastnn-run-config", "fastnn-run
 _INT_RANGES = {"epochs": (1, None), "batch_size": (1, None), "num_training": (1, None),
                "num_validation": (1, None), "num_test": (1, None),
                "crop_padding": (0, None), "print_every": (1, None), "threads": (1, None),
-               "seed": (0, None), "model_seed": (0, None),
+               "seed": (0, None), "model_seed": (0, None), "tta": (0, 2),
                **{k: o.bounds for k, o in models.OPTIONS.items() if o.kind == "int"}}
 _FLOAT_RANGES = {"reg": (0, None, False), "lr_decay": (0, None, True),
                  # the update rules' hyperparameters, as fastnn.optim checks them (inf: no bound)
                  **{k: (low, None if high == float("inf") else high, low_open, high_open)
                     for k, (low, high, low_open, high_open) in optim.RANGES.items()},
                  **{k: o.bounds for k, o in models.OPTIONS.items() if o.kind == "float"}}
-_CHOICES = {"backend": ("numpy", "cupy"), "lr_schedule": (None, "step", "cosine", "onecycle")}
+_CHOICES = {"backend": ("numpy", "cupy"), "lr_schedule": (None, "step", "cosine", "onecycle"),
+            "flip": ("random", "alternate"), "padding_mode": ("zeros", "reflect"),
+            **{k: o.choices for k, o in models.OPTIONS.items() if o.kind == "choice"}}
+# Solver keywords from the registry's options (fastnn.models.OPTIONS' `solver`): key -> keyword
+SOLVER_OPTIONS = {k: o.solver for k, o in models.OPTIONS.items() if o.solver}
 _BOOLEANS = ("augment", "flip_test", *(k for k, o in models.OPTIONS.items() if o.kind == "bool"))
 # None means "the rule's default" (the rule options), "all cores" (threads), "the default
 # folder" (data); every other key must hold a value of its type.
@@ -91,13 +109,38 @@ _OPTIONAL = {"threads", "data", *(k for keys in RULE_OPTIONS.values() for k in k
 
 
 def complete(config):
-    """A stored (or partial) `config` with LEGACY_DEFAULTS for every key it lacks."""
-    return {**LEGACY_DEFAULTS, **config}
+    """A stored (or partial) `config` with LEGACY_DEFAULTS for every key it lacks (tta: the
+    level its flip_test meant)."""
+    full = {**LEGACY_DEFAULTS, **config}
+    if "tta" not in config:
+        full["tta"] = 1 if full["flip_test"] is True else 0
+    return full
+
+
+def tta_alias(given):
+    """`given` with --flip-test as --tta 1 (--no-flip-test: 0) and --tta's flip_test (tta >= 1),
+    so the old flag and the new one say the same; check_config refuses the two disagreeing."""
+    if "flip_test" in given and "tta" not in given:
+        return {**given, "tta": 1 if given["flip_test"] is True else 0}
+    if "tta" in given and "flip_test" not in given:
+        return {**given, "flip_test": given["tta"] not in (0, False)}
+    return given
 
 
 def new_config(given):
-    """A new run's configuration: its model's recipe (convnet unless given) under `given`."""
-    return {**defaults_for(given.get("model", DEFAULT_MODEL)), **given}
+    """A new run's configuration: its recipe under `given`; the recipe is given["recipe"], else
+    its model's (given["model"]), else the main job's. ValueError when the two disagree."""
+    given = tta_alias({k: v for k, v in given.items() if not (k == "recipe" and v is None)})
+    if "recipe" not in given:
+        return {**defaults_for(given.get("model", DEFAULT_MODEL)), **given}
+    base = recipe_config(given["recipe"])
+    model = given.get("model", base["model"])
+    if model != base["model"]:
+        defaults_for(model)  # an unknown model is named as such
+        raise ValueError(f"--recipe {given['recipe']} trains --model {base['model']}, not "
+                         f"{model}: drop --model, or pick a recipe of {model} "
+                         f"({', '.join(models.recipes_of(model))})")
+    return {**base, **given}
 
 
 def option_name(key):
@@ -161,6 +204,8 @@ def check_config(config):
         if config[key] not in choices:
             raise ValueError(f"{option_name(key)} must be one of {list(choices)}, "
                              f"got {config[key]!r}")
+    if config["recipe"] is not None and not isinstance(config["recipe"], str):
+        raise ValueError(f"--recipe must be a recipe's name, got {config['recipe']!r}")
     if config["data"] is not None and not isinstance(config["data"], str):
         raise ValueError(f"--data must be a folder (a path), got {config['data']!r}")
     skip = not_applicable(config, config)
@@ -172,6 +217,10 @@ def check_config(config):
             if key in config and key not in skip and not (config[key] is None
                                                           and key in _OPTIONAL):
                 _check_number(key, config[key], bounds, integer)
+    if (config["tta"] >= 1) != config["flip_test"]:
+        raise ValueError(f"--tta {config['tta']} and --{'' if config['flip_test'] else 'no-'}"
+                         "flip-test disagree (--flip-test is --tta 1, --no-flip-test --tta 0); "
+                         "give one of them")
     model_check = models.MODELS[config["model"]].check
     if model_check is not None:
         model_check(config)
@@ -216,13 +265,19 @@ def augment_options(config):
     """The Solver's `augment` option from a run configuration (None: no augmentation)."""
     if not config.get("augment"):
         return None
-    return {"flip": True, "crop_padding": int(config.get("crop_padding") or 0)}
+    # flip: random (True) or alternating; padding_mode: what the crops shift in
+    return {"flip": "alternate" if config.get("flip") == "alternate" else True,
+            "crop_padding": int(config.get("crop_padding") or 0),
+            "padding_mode": config.get("padding_mode") or LEGACY_DEFAULTS["padding_mode"]}
 
 
 def changed_options(old, new):
     """{key: (old value, new value)} for the keys beyond RESUMABLE where two configs differ."""
     old, new = complete(recorded(old)), complete(recorded(new))
-    return {k: (old.get(k), new.get(k)) for k in sorted((set(old) | set(new)) - RESUMABLE)
+    # the recipe's name only names the settings, which are compared one by one (a config.json
+    # from before recipes had names lacks it)
+    return {k: (old.get(k), new.get(k)) for k in sorted((set(old) | set(new)) - RESUMABLE
+                                                         - {"recipe"})
             if old.get(k) != new.get(k)}
 
 
@@ -266,17 +321,19 @@ def build_solver(model, data, config, out_dir=None, verbose=True):
                        num_epochs=config["epochs"], print_every=config["print_every"],
                        verbose=verbose, progress=verbose, seed=config["seed"],
                        lr_schedule=config["lr_schedule"], augment=augment_options(config),
+                       **{word: config[key] for key, word in SOLVER_OPTIONS.items()},
                        checkpoint_path=out_dir and os.path.join(out_dir, "checkpoint.npz"))
     solver.run_config = recorded(config)
     return solver
 
 
-def predict(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False):
+def predict(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False, tta=None):
     """Predicted labels (N,) on the model's backend for X (N, ...), in batches
-    (fastnn.inference.predict; flip: average each image's scores with its mirror's)."""
+    (fastnn.inference.predict; flip: average each image's scores with its mirror's, as tta=1;
+    tta 0/1/2: the test-time augmentation level)."""
     from fastnn.inference import predict as batched_predict
 
-    return batched_predict(model, X, batch_size, flip)
+    return batched_predict(model, X, batch_size, flip, tta)
 
 
 def setup_runtime(config):

@@ -760,3 +760,114 @@ def test_a_config_file_that_is_not_json_says_so(cifar_root, tmp_path, capsys):
         f"fastnn train: error: --config {readme} is not a fastnn configuration: it is not JSON "
         "(Expecting value at line 1); pass a run's config.json or a tune folder's best.json")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_named_recipe_trains_records_itself_and_resumes_as_it_was(cifar_root, tmp_path,
+                                                                    capsys, monkeypatch):
+    from fastnn import models
+
+    # a second convnet recipe, tiny, with the airbench pieces the CLI passes on: alternating
+    # flips, reflected crops, tta 2
+    monkeypatch.setitem(models.RECIPES, "tiny", models.Recipe("convnet", {
+        "widths": [4, 8], "stem_width": 4, "update_rule": "sgd_momentum", "learning_rate": 0.05,
+        "momentum": 0.8, "augment": True, "crop_padding": 1, "flip": "alternate",
+        "padding_mode": "reflect", "flip_test": True, "tta": 2, "batch_size": 16},
+        "a tiny test recipe"))
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    helps = capsys.readouterr().out
+    assert "  tiny (--model convnet): a tiny test recipe" in helps
+    assert "  fc: the earlier main job" in helps
+    data = ["--data", cifar_root, "--num-training", "160", "--num-validation", "40",
+            "--num-test", "50", "--print-every", "5"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    for out, epochs in ((whole, "2"), (part, "1")):
+        assert main(["train", "--recipe", "tiny", "--lr", "0.04", "--out", str(out),
+                     "--epochs", epochs, *data]) == 0
+    config = json.loads((part / "config.json").read_text())
+    assert config["recipe"] == "tiny" and config["learning_rate"] == 0.04  # a flag replaces one
+    for key in ("widths", "update_rule", "momentum", "flip", "padding_mode", "tta"):
+        assert config[key] == models.RECIPES["tiny"].settings[key], key
+    metrics = json.loads((part / "metrics.json").read_text())
+    assert metrics["tta"] == 2 and metrics["test_acc"] == metrics["test_acc_tta"]
+    assert {"test_acc_plain", "test_acc_flip"} <= metrics.keys()
+    capsys.readouterr()
+    assert main(["evaluate", str(part)]) == 0
+    assert (f"test accuracy {metrics['test_acc']:.4f} on 50 images (tta 2"
+            in capsys.readouterr().out)
+    for flag, key in (("0", "test_acc_plain"), ("1", "test_acc_flip")):
+        assert main(["evaluate", str(part), "--tta", flag]) == 0
+        assert f"test accuracy {metrics[key]:.4f} on 50 images" in capsys.readouterr().out
+    assert main(["evaluate", str(part), "--tta", "2", "--no-flip-test"]) == 2
+    assert "--tta 2 and --no-flip-test disagree" in last_error(capsys)
+    # the recipe's settings live in the run folder: resuming needs no registry entry
+    monkeypatch.delitem(models.RECIPES, "tiny")
+    assert main(["train", "--resume", str(part), "--epochs", "2"]) == 0
+    want, _ = checkpoint_params(whole)
+    got, _ = checkpoint_params(part)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert json.loads((part / "config.json").read_text())["recipe"] == "tiny"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--recipe", "fc", "--model", "convnet"],
+     "--recipe fc trains --model fc, not convnet: drop --model, or pick a recipe of convnet "
+     "(convnet)"),
+    (["--model", "fc", "--flip", "alternate"], "--flip does not apply (--augment is off"),
+    (["--model", "fc", "--padding-mode", "reflect"],
+     "--padding-mode does not apply (--augment is off"),
+    (["--tta", "2", "--no-flip-test"], "--tta 2 and --no-flip-test disagree"),
+])
+def test_recipe_tta_and_augment_flags_that_do_not_fit_are_one_line(cifar_root, tmp_path, capsys,
+                                                                   flags, message):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--data", cifar_root, *flags]) == 2
+    error = last_error(capsys)
+    assert message in error and "\n" not in error.strip()
+    assert not out.exists()
+
+
+def test_flags_replace_the_tta_of_a_config_file(cifar_root, tmp_path):
+    """--no-flip-test on a --config whose run tested with tta 2 means tta 0, not a conflict;
+    --model fc alone picks fc's recipe; the augment flags reach the run."""
+    out = tmp_path / "run"
+    assert main(small_args(cifar_root, out, "--epochs", "1", "--tta", "2", "--augment",
+                           "--flip", "alternate", "--padding-mode", "reflect",
+                           "--crop-padding", "1")) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["recipe"], config["tta"], config["flip_test"]) == ("fc", 2, True)
+    assert (config["flip"], config["padding_mode"]) == ("alternate", "reflect")
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(out / "config.json"), "--out", str(again),
+                 "--no-flip-test"]) == 0
+    config = json.loads((again / "config.json").read_text())
+    assert (config["tta"], config["flip_test"]) == (0, False)
+    metrics = json.loads((again / "metrics.json").read_text())
+    assert metrics["test_acc"] == metrics["test_acc_plain"] == metrics["test_acc_tta"]
+
+
+def test_tune_convnet_searches_around_the_chosen_recipe(cifar_root, tmp_path, capsys,
+                                                        monkeypatch):
+    import optuna
+
+    from fastnn import models
+
+    monkeypatch.setitem(models.RECIPES, "slow", models.Recipe("convnet", {
+        **models.RECIPES["convnet"].settings, "learning_rate": 0.02, "momentum": 0.7,
+        "epochs": 1, "tta": 2}, "a test recipe"))
+    out = tmp_path / "tune"
+    args = ["tune", "--out", str(out), "--data", cifar_root, "--num-training", "64",
+            "--num-validation", "16", "--num-test", "16", "--model", "convnet", "--widths", "4",
+            "8", "--stem-width", "4", "--trials", "1"]
+    assert main([*args, "--recipe", "fc"]) == 2
+    assert "--recipe fc trains --model fc, not convnet" in last_error(capsys)
+    assert main([*args, "--recipe", "slow"]) == 0
+    config = json.loads((out / "best.json").read_text())["config"]
+    # the first trial is the recipe, trained for its epochs
+    assert (config["recipe"], config["learning_rate"], config["momentum"], config["epochs"],
+            config["tta"]) == ("slow", 0.02, 0.7, 1, 2)
+    study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
+    low, high = study.user_attrs["fastnn_search_space"]["learning_rate"][1:3]
+    assert low < 0.02 < high < 0.2  # the learning rate's range moved to the recipe's
+    assert study.user_attrs["fastnn_search_space"]["momentum"][1] == 0.7

@@ -113,9 +113,11 @@ def test_recorded_keeps_only_what_applies():
 
 
 def test_new_runs_get_their_models_recipe_and_stored_ones_the_old_defaults():
-    assert new_config({}) == {**LEGACY_DEFAULTS, **RECIPES["convnet"], "model": "convnet"}
+    # (a new run also records its recipe's name)
+    assert new_config({}) == {**LEGACY_DEFAULTS, **RECIPES["convnet"], "model": "convnet",
+                              "recipe": "convnet"}
     assert new_config({"epochs": 3})["epochs"] == 3
-    assert new_config({"model": "fc"}) == {**LEGACY_DEFAULTS, "model": "fc"}
+    assert new_config({"model": "fc"}) == {**LEGACY_DEFAULTS, "model": "fc", "recipe": "fc"}
     # a stored config without a key means the key's value before it existed
     assert complete({}) == LEGACY_DEFAULTS and complete({})["model"] == "fc"
     assert complete({"model": "fc"})["flip_test"] is False
@@ -304,3 +306,112 @@ def test_a_registry_entry_that_does_not_fit_fails_loudly(monkeypatch):
     monkeypatch.setitem(models.RECIPES, "typo", ("fc", {}))
     with pytest.raises(ValueError, match="recipe 'typo'"):
         models.check_tables()
+
+
+def test_a_recipe_names_a_run_and_a_model_that_disagrees_is_refused(monkeypatch):
+    from fastnn import models
+
+    monkeypatch.setitem(models.RECIPES, "slow_fc", models.Recipe(
+        "fc", {"epochs": 40, "dropout": 0.5}, "fc, longer"))
+    config = new_config({"recipe": "slow_fc", "dropout": 0.1})
+    assert (config["model"], config["recipe"], config["epochs"], config["dropout"]) == \
+        ("fc", "slow_fc", 40, 0.1)  # a flag replaces one value of the recipe
+    assert new_config({"model": "fc"})["recipe"] == "fc"  # --model alone: its default recipe
+    assert new_config({"recipe": "slow_fc", "model": "fc"})["epochs"] == 40
+    assert models.recipes_of("fc") == ["fc", "slow_fc"]
+    with pytest.raises(ValueError, match=r"^--recipe slow_fc trains --model fc, not convnet: "
+                                         r"drop --model, or pick a recipe of convnet \(convnet\)$"):
+        new_config({"recipe": "slow_fc", "model": "convnet"})
+    with pytest.raises(ValueError, match=r"--recipe must be one of \[.*\], got 'slow'"):
+        new_config({"recipe": "slow"})
+    with pytest.raises(ValueError, match="--model must be one of"):
+        new_config({"recipe": "slow_fc", "model": "resnet"})
+    # a run folder's recipe is a label: one no longer in the registry still loads
+    check_config({**config, "recipe": "gone"})
+    with pytest.raises(ValueError, match="--recipe must be a recipe's name, got 3"):
+        check_config({"recipe": 3})
+    assert changed_options({**config, "recipe": None}, config) == {}
+
+
+def test_tta_is_flip_test_extended_and_old_configs_mean_what_they_said():
+    assert complete({"model": "convnet", "flip_test": True})["tta"] == 1  # before tta existed
+    assert complete({"model": "fc"})["tta"] == 0
+    assert (DEFAULTS["tta"], DEFAULTS["flip_test"]) == (1, True)
+    for given, want in (({"flip_test": False}, (0, False)), ({"flip_test": True}, (1, True)),
+                        ({"tta": 2}, (2, True)), ({"tta": 0}, (0, False))):
+        config = new_config(given)
+        assert (config["tta"], config["flip_test"]) == want, given
+        check_config(config)
+    with pytest.raises(ValueError, match=r"--tta 2 and --no-flip-test disagree"):
+        check_config(new_config({"tta": 2, "flip_test": False}))
+    with pytest.raises(ValueError, match=r"--tta must be in \[0, 2\], got 3"):
+        check_config({"tta": 3, "flip_test": True})
+    with pytest.raises(ValueError, match="--tta must be an integer, got True"):
+        check_config({"tta": True, "flip_test": True})
+
+
+def test_augment_options_carry_the_flips_and_the_padding_mode():
+    from fastnn.runs import augment_options
+
+    config = new_config({"model": "fc", "augment": True, "crop_padding": 2, "flip": "alternate",
+                         "padding_mode": "reflect"})
+    check_config(config)
+    assert augment_options(config) == {"flip": "alternate", "crop_padding": 2,
+                                       "padding_mode": "reflect"}
+    assert augment_options(DEFAULTS) == {"flip": True, "crop_padding": 2, "padding_mode": "zeros"}
+    assert recorded(config)["flip"] == "alternate"
+    off = {**config, "augment": False}
+    assert set(not_applicable(off, {"flip": 0, "padding_mode": 0})) == {"flip", "padding_mode"}
+    assert "--augment is off" in not_applicable(off, {"flip": 0})["flip"]
+    assert not {"flip", "padding_mode"} & recorded(off).keys()
+    with pytest.raises(ValueError, match=r"--padding-mode must be one of \['zeros', 'reflect'\]"):
+        check_config({**config, "padding_mode": "edge"})
+    with pytest.raises(ValueError, match=r"--flip must be one of \['random', 'alternate'\]"):
+        check_config({**config, "flip": True})
+
+
+def test_a_search_moves_to_the_recipe_it_starts_from(monkeypatch):
+    from fastnn import models
+
+    assert models.search_for("convnet") is models.MODELS["convnet"].search
+    monkeypatch.setitem(models.RECIPES, "slow", models.Recipe("convnet", {
+        "learning_rate": 0.02, "momentum": 0.99, "epochs": 30}))
+    search, declared = models.search_for("convnet", "slow"), models.MODELS["convnet"].search
+    assert search.baseline == {**declared.baseline, "learning_rate": 0.02, "momentum": 0.99}
+    assert search.space["learning_rate"] == (  # scaled by 0.02 / 0.2
+        "float", pytest.approx(0.005), pytest.approx(0.05), True)
+    assert search.space["momentum"] == ("float", 0.8, 0.99, False)  # widened to hold it
+    assert search.space["reg"] == declared.space["reg"] and search.epochs == 30
+
+
+NEW_SOLVER_OPTION = """
+import sys
+from fastnn import models
+# a new Solver option (here the existing `sampling`), declared once: its flag, check, legacy
+# value (a config written before it: the Solver's default) and keyword come from this entry
+models.OPTIONS["sampling"] = models.Option("choice", "epoch", "how batches are drawn (epoch)",
+                                           choices=("epoch", "replacement"), solver="sampling")
+import numpy as np
+from fastnn import runs
+from fastnn.cli.parser import build_parser
+config = runs.new_config({"model": "two_layer", "hidden_dim": 4, "sampling": "replacement"})
+runs.check_config(config)
+try:
+    runs.check_config({**config, "sampling": "shuffle"})
+except ValueError as exc:
+    print(exc)
+data = {k: np.zeros((4, 3, 32, 32), np.float32) for k in ("X_train", "X_val")}
+data.update({k: np.zeros(4, np.int64) for k in ("y_train", "y_val")})
+solver = runs.build_solver(runs.build_model(config), data, config, verbose=False)
+print(solver.sampling, runs.complete({})["sampling"])
+print(build_parser().parse_args(["train", "--sampling", "replacement"]).sampling)
+"""
+
+
+def test_a_solver_option_is_one_registry_entry():
+    result = subprocess.run([sys.executable, "-c", NEW_SOLVER_OPTION], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "--sampling must be one of ['epoch', 'replacement'], got 'shuffle'",
+        "replacement epoch", "replacement"]

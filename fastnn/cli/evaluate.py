@@ -3,10 +3,14 @@ import os
 
 import numpy as np
 
-from fastnn.cli.common import TUNE_BEST_FORMAT, CommandError, failing_as
+from fastnn.cli.common import TUNE_BEST_FORMAT, CommandError, UsageError, failing_as
 from fastnn.cli.train import checked, extension_note, finished_metrics, read_run_config
 from fastnn.files import read_json
-from fastnn.runs import FORMAT_VERSION, complete, load_data, predict, setup_runtime
+from fastnn.runs import FORMAT_VERSION, complete, load_data, predict, setup_runtime, tta_alias
+
+# what each test-time augmentation level averages, as the accuracy line says it
+TTA_WORDS = {0: "flip averaging off", 1: "flip averaging on",
+             2: "tta 2: averaged over mirror and 1-pixel translations"}
 
 
 def confusion_matrix(y_true, y_pred, num_classes):
@@ -45,7 +49,12 @@ def evaluate_command(args):
     config = complete(config)
     if finished is not None and finished["trained_epochs"] < config["epochs"]:
         print(extension_note(run_dir, finished, config["epochs"]))
-    flip = config["flip_test"] if args.flip_test is None else args.flip_test
+    given = {k: v for k, v in (("tta", args.tta), ("flip_test", args.flip_test)) if v is not None}
+    given = tta_alias(given)
+    if given and (given["tta"] >= 1) != given["flip_test"]:
+        raise UsageError(f"--tta {given['tta']} and --{'' if given['flip_test'] else 'no-'}"
+                         "flip-test disagree (--flip-test is --tta 1); give one of them")
+    tta = given.get("tta", config["tta"])
     if args.backend:
         config["backend"] = args.backend
     with failing_as(CommandError, (RuntimeError, ValueError), "backend: "):
@@ -55,13 +64,13 @@ def evaluate_command(args):
     with failing_as(CommandError, (OSError, ValueError), "cannot evaluate: "):
         model = fastnn.load(model_path)
     with failing_as(CommandError, ValueError, f"cannot evaluate {model_path}: "):
-        y_pred = fastnn.to_numpy(predict(model, data["X_test"], flip=flip))
+        y_pred = fastnn.to_numpy(predict(model, data["X_test"], tta=tta))
     y_true = data["y_test"]
     accuracy = float((y_pred == y_true).mean())
     matrix = confusion_matrix(y_true, y_pred, len(CLASSES))
     width = max(len(c) for c in CLASSES)
     print(f"test accuracy {accuracy:.4f} on {len(y_true)} images "
-          f"(flip averaging {'on' if flip else 'off'})")
+          f"({TTA_WORDS[tta]})")
     print("confusion matrix (rows: true class, columns: predicted)")
     print(" " * (width + 1) + " ".join(f"{c[:5]:>5}" for c in CLASSES))
     for name, row in zip(CLASSES, matrix):

@@ -1,15 +1,37 @@
 """The fastnn command line: `build_parser`, its flags from the registries (fastnn.models'
 models and options, fastnn.optim's rules and hyperparameters)."""
 import argparse
+import textwrap
 
 from fastnn import models, optim
 from fastnn.runs import RULE_OPTIONS, option_name
 
 # the argparse keywords of a model option's flag, by its kind (fastnn.models.Option)
 OPTION_KINDS = {"int": {"type": int}, "float": {"type": float}, "ints": {"type": int, "nargs": "+"},
-                "bool": {"action": argparse.BooleanOptionalAction}}
+                "bool": {"action": argparse.BooleanOptionalAction}, "choice": {}}
 # the models fastnn tune searches, its default first
 TUNE_MODELS = sorted(models.TUNABLE, key=lambda name: name != models.DEFAULT_TUNE_MODEL)
+
+
+class LinesHelpFormatter(argparse.HelpFormatter):
+    """Wraps each line of a description or epilog on its own (the list of recipes keeps one
+    entry a line, its wrapped rest indented)."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n".join(textwrap.fill(line, width, initial_indent=indent,
+                                        subsequent_indent=indent + "    ")
+                          for line in text.splitlines())
+
+
+def recipes_epilog():
+    """`fastnn train --help`'s list of recipes, one line each, the default one first."""
+    names = sorted(models.RECIPES, key=lambda name: name != models.DEFAULT_RECIPE)
+    lines = []
+    for name in names:
+        recipe = models.recipe(name)
+        model = "" if recipe.model == name else f" (--model {recipe.model})"
+        lines.append(f"  {name}{model}: {recipe.about}")
+    return "recipes (--recipe NAME; a flag replaces one value of it):\n" + "\n".join(lines)
 
 
 def build_parser():
@@ -23,21 +45,25 @@ def build_parser():
 
     train = commands.add_parser(
         "train", help="train a classifier on CIFAR-10", parents=[debug],
-        argument_default=argparse.SUPPRESS,
+        argument_default=argparse.SUPPRESS, formatter_class=LinesHelpFormatter,
         description="Train a classifier on CIFAR-10 into a run folder (config.json, metrics.json, "
                     "model.npz, checkpoint.npz, plots). Flags that do not apply to the chosen "
-                    "--model or --update-rule are refused.")
+                    "--model or --update-rule are refused.", epilog=recipes_epilog())
     add = train.add_argument
     add("--config", dest="config_file", metavar="FILE",
         help="start from the configuration in FILE (a run's config.json, or a tune folder's "
              "best.json); flags override it")
+    add("--recipe", choices=list(models.RECIPES),
+        help=f"the named settings to train with, listed below; flags replace single values "
+             f"(without it: --model's recipe, else {models.DEFAULT_RECIPE})")
     abouts = [model.about for model in models.MODELS.values()]
     add("--model", choices=list(models.MODELS),
         help=f"{', '.join(abouts[:-1])} or {abouts[-1]}; the other defaults are that model's "
              f"recipe: {models.DEFAULT_MODEL}'s below, fc's after a slash "
              f"({models.DEFAULT_MODEL})")
     for key, option in models.OPTIONS.items():  # the models' own options
-        add(option_name(key), help=option.help, **OPTION_KINDS[option.kind])
+        add(option_name(key), help=option.help, **OPTION_KINDS[option.kind],
+            **({"choices": list(option.choices)} if option.kind == "choice" else {}))
     add("--reg", type=float, help="L2 regularisation strength (5e-4 / 0)")
     add("--update-rule", choices=list(RULE_OPTIONS), help="update rule (sgd_nesterov / adam)")
     add("--lr", "--learning-rate", dest="learning_rate", type=float,
@@ -51,8 +77,17 @@ def build_parser():
     add("--crop-padding", type=int,
         help="with --augment, also random translations by up to this many pixels, "
              "zeros shifted in (2 / 0)")
+    add("--flip", choices=["random", "alternate"],
+        help="with --augment, how images are flipped: at random each step, or alternate "
+             "(airbench: each image mirrored on every other epoch after a random first) "
+             "(random)")
+    add("--padding-mode", choices=["zeros", "reflect"],
+        help="with --augment, what --crop-padding shifts in: zeros or the mirrored edge (zeros)")
+    add("--tta", type=int, choices=[0, 1, 2],
+        help="test-time augmentation: 0 none, 1 the mean of each image's and its mirror's "
+             "scores, 2 also 1-pixel translations (1 / 0)")
     add("--flip-test", action=argparse.BooleanOptionalAction,
-        help="test accuracy from the mean of each image's and its mirror's scores (on / off)")
+        help="the same as --tta 1 (--no-flip-test: --tta 0)")
     add("--lr-decay", type=float, help="learning-rate factor after each epoch (1 / 0.9)")
     add("--epochs", type=int, help="epochs (11 / 15)")
     add("--batch-size", type=int, help="minibatch size (256)")
@@ -79,6 +114,9 @@ def build_parser():
     add("--model", choices=TUNE_MODELS, default=TUNE_MODELS[0],
         help="; ".join(search.about for search in searches.values())
              + f" ({TUNE_MODELS[0]})")
+    add("--recipe", choices=list(models.RECIPES), default=None,
+        help="convnet: search around this recipe of --model (its values are the first trial, "
+             "the ranges move to them) (the model's own)")
     for search in searches.values():  # model options the trials take from a flag
         for key, text in search.flags.items():
             add(option_name(key), default=None, help=text,
@@ -134,9 +172,11 @@ def build_parser():
     evaluate.add_argument("--data", help="folder holding cifar-10-batches-py")
     evaluate.add_argument("--backend", choices=["numpy", "cupy"], default=None,
                           help="numpy (CPU) or cupy (GPU) (the run's)")
+    evaluate.add_argument("--tta", type=int, choices=[0, 1, 2], default=None,
+                          help="test-time augmentation: 0 none, 1 mirror, 2 mirror and 1-pixel "
+                               "translations (default: as the run was trained to test)")
     evaluate.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
-                          help="average each image's scores with its mirror's (default: as the "
-                               "run was trained to test)")
+                          help="the same as --tta 1 (--no-flip-test: --tta 0)")
     return parser
 
 

@@ -12,7 +12,7 @@ from fastnn.cli.common import (TUNE_BEST_FORMAT, CommandError, UsageError, check
 from fastnn.files import FolderInUse, lock_folder, read_json, write_json
 from fastnn.runs import (CONFIG_FORMAT, FORMAT_VERSION, LEGACY_DEFAULTS, METRICS_FORMAT, RESUMABLE,
                          build_model, build_solver, check_config, complete, load_data, new_config,
-                         not_applicable, option_name, recorded, setup_runtime)
+                         not_applicable, option_name, recorded, setup_runtime, tta_alias)
 
 
 def train_holds_run(folder):
@@ -38,6 +38,8 @@ def read_config_file(path):
             config = read_json(path, CONFIG_FORMAT, FORMAT_VERSION)
         # a stored configuration without a key means that key's value before it existed
         config = {"model": LEGACY_DEFAULTS["model"], **config}
+        if "tta" not in config and "flip_test" in config:  # written before tta: as flip_test
+            config = tta_alias(config)
         check_config(new_config(config))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"--config {path}: {one_line(exc)}") from exc
@@ -135,8 +137,10 @@ def train_command(args):
     base = {}
     if "config_file" in args:
         base = read_config_file(args.config_file)
-    # a new run: its model's recipe (convnet unless told), then the file, then the flags
-    config = new_config({**base, **given})
+    # a new run: its recipe (--recipe, else --model's, else the main job's), then the file,
+    # then the flags (--flip-test and --tta each replacing both of the file's)
+    with failing_as(UsageError, ValueError):
+        config = new_config({**base, **tta_alias(given)})
     check_flags(config, given)
     out_dir = getattr(args, "out", None)
     if out_dir is not None:
@@ -250,10 +254,11 @@ def run_training(solver, model, data, config, out_dir):
         chance = (f"; that is chance level (1/{len(CLASSES)} for {len(CLASSES)} classes): the "
                   "run learned nothing measurable; train it longer (--epochs) or on more images "
                   "(--num-training)")
+    level2 = f", {metrics['test_acc_tta']:.4f} with tta 2" if metrics["tta"] == 2 else ""
     print(f"best val acc {solver.best_val_acc:.4f}; test acc {metrics['test_acc']:.4f} on "
           f"{metrics['num_test']} images ({metrics['test_acc_plain']:.4f} without, "
-          f"{metrics['test_acc_flip']:.4f} with flip averaging); {metrics['seconds']:.0f} s; "
-          f"run folder {out_dir}{chance}")
+          f"{metrics['test_acc_flip']:.4f} with flip averaging{level2}); "
+          f"{metrics['seconds']:.0f} s; run folder {out_dir}{chance}")
     return 0
 
 
@@ -261,20 +266,22 @@ def write_results(solver, model, data, config, out_dir, start, failure):
     """model.npz, metrics.json (with `failure`, None when the run finished) and the plots."""
     import fastnn
     from fastnn import plots
-    from fastnn.inference import plain_and_flip_accuracy
+    from fastnn.inference import tta_accuracies
 
-    # both accuracies from one batched pass; test_acc is the one the run asks for. It runs
-    # first so that model.npz and metrics.json are replaced together (an extended run's
-    # files say the same number of epochs even when a kill comes during the test pass)
-    test_plain, test_flip = plain_and_flip_accuracy(model, data["X_test"], data["y_test"])
+    # the accuracy at each test-time augmentation level up to the run's (at least flip
+    # averaging, for old readers) from one batched pass; test_acc is the one the run asks for.
+    # It runs first so that model.npz and metrics.json are replaced together (an extended
+    # run's files say the same number of epochs even when a kill comes during the test pass)
+    tta = config["tta"]
+    by_level = tta_accuracies(model, data["X_test"], data["y_test"], tta=max(tta, 1))
     fastnn.save(model, os.path.join(out_dir, "model.npz"))
-    test_acc = test_flip if config["flip_test"] else test_plain
+    test_plain, test_flip, test_acc = by_level[0], by_level[1], by_level[tta]
     per_epoch = [{"epoch": e, "train_acc": tr, "val_acc": va}
                  for e, (tr, va) in enumerate(zip(solver.train_acc_history, solver.val_acc_history))]
     metrics = {"status": "diverged" if failure else "finished", "failure": failure,
                "best_val_acc": solver.best_val_acc, "test_acc": test_acc,
                "flip_test": config["flip_test"], "test_acc_plain": test_plain,
-               "test_acc_flip": test_flip,
+               "test_acc_flip": test_flip, "tta": tta, "test_acc_tta": test_acc,
                "num_test": int(data["X_test"].shape[0]), "epochs": per_epoch,
                "loss_history": [v if np.isfinite(v) else None for v in solver.loss_history],
                "seconds": round(time.perf_counter() - start, 2)}

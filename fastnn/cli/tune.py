@@ -34,9 +34,18 @@ def fill_tune_defaults(options):
             if name not in search.flags and options[name] is not None:
                 raise UsageError(f"{option_name(name)} applies to tune --model {other}, "
                                  f"not {model}")
+    recipe = options.get("recipe")
+    if recipe is not None and recipe != models.MODELS[model].recipe:
+        if models.recipe(recipe).model != model:
+            raise UsageError(f"--recipe {recipe} trains --model {models.recipe(recipe).model}, "
+                             f"not {model}: drop --recipe, or pick a recipe of {model} "
+                             f"({', '.join(models.recipes_of(model))})")
+        if search.stacked:
+            raise UsageError(f"{model} trials are built from the search's structure; --recipe "
+                             f"{recipe} applies to the models searched one trial at a time")
     from fastnn.tune import model_defaults
 
-    options.update({k: v for k, v in model_defaults(options["model"]).items()
+    options.update({k: v for k, v in model_defaults(options["model"], recipe).items()
                     if options[k] is None and k != "epochs"})
 
 

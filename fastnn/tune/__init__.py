@@ -83,8 +83,9 @@ def tune(options, log=print, data=None):
 def _tune(options, log, data, stop):
     import fastnn
 
-    search = models.MODELS[options.setdefault("model", models.DEFAULT_TUNE_MODEL)].search
-    for key, value in model_defaults(options["model"]).items():
+    search = models.search_for(options.setdefault("model", models.DEFAULT_TUNE_MODEL),
+                               options.get("recipe"))
+    for key, value in model_defaults(options["model"], options.get("recipe")).items():
         if options.get(key) is None and key != "epochs":  # epochs: the study's, if it has any
             options[key] = value
     clock = Clock(options["budget_minutes"], options["start"])

@@ -113,7 +113,7 @@ def write_results(study, best, data, options, results, trained_here, log):
     value, config, model, number = best
     out_dir = options["out"]
     test_acc = float((fastnn.to_numpy(predict(model, data["X_test"],
-                                              flip=complete(config)["flip_test"]))
+                                              tta=complete(config)["tta"]))
                       == data["y_test"]).mean())
     study_best = {"study_best_trial": None, "study_best_val_acc": None}
     if study is not None:

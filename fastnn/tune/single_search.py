@@ -9,7 +9,7 @@ import time
 import warnings
 
 from fastnn import models
-from fastnn.runs import build_model, build_solver, defaults_for, recorded
+from fastnn.runs import build_model, build_solver, recipe_config, recorded
 from fastnn.tune.storage import wait
 from fastnn.tune.study import suggest
 
@@ -22,11 +22,12 @@ def conv_baseline(model="convnet"):
 
 
 def conv_train_config(params, options, slot):
-    """A `fastnn train` configuration for one trial trained alone: its model's recipe with
-    `params`, the architecture (the model's tune flags) and schedule of `options` (cli's tune
-    flags); the weights' seed follows the slot, as train_config's does."""
+    """A `fastnn train` configuration for one trial trained alone: its recipe (--recipe, else
+    its model's) with `params`, the architecture (the model's tune flags) and schedule of
+    `options` (cli's tune flags); the weights' seed follows the slot, as train_config's does."""
     model = options.get("model", "convnet")
-    config = {**defaults_for(model), **params, "epochs": options["epochs"],
+    recipe = options.get("recipe") or models.MODELS[model].recipe
+    config = {**recipe_config(recipe), **params, "epochs": options["epochs"],
               "lr_schedule": None if options["lr_schedule"] == "none" else options["lr_schedule"],
               "crop_padding": options["crop_padding"], "seed": options["seed"],
               "model_seed": options["seed"] + slot}
@@ -48,7 +49,7 @@ def run_conv_trial(worker, taken, data, options, clock, log):
     (trial, slot), = taken
     with warnings.catch_warnings():  # a retry holds its lost trial's values already
         warnings.filterwarnings("ignore", "Inconsistent parameter values", RuntimeWarning)
-        search = models.MODELS[options.get("model", "convnet")].search
+        search = models.search_for(options.get("model", "convnet"), options.get("recipe"))
         params = {name: suggest(trial, name, spec) for name, spec in search.space.items()}
     config = conv_train_config(params, options, slot)
     trial.set_user_attr("config", config)

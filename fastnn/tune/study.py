@@ -16,17 +16,18 @@ SEARCH_SPACE_ATTR = "fastnn_search_space"  # a study user attribute: the ranges 
 RESERVE_SECONDS = 45  # the final test pass, plots and files
 
 
-def search_space(model=models.DEFAULT_TUNE_MODEL):
-    """Every searched parameter's (kind, low, high, log), as JSON keeps it."""
-    return {name: list(spec) for name, spec in models.MODELS[model].search.space.items()}
+def search_space(model=models.DEFAULT_TUNE_MODEL, recipe=None):
+    """Every searched parameter's (kind, low, high, log), as JSON keeps it (around `recipe`:
+    fastnn.models.search_for)."""
+    return {name: list(spec) for name, spec in models.search_for(model, recipe).space.items()}
 
 
-def check_search_space(study, where, model=models.DEFAULT_TUNE_MODEL):
+def check_search_space(study, where, model=models.DEFAULT_TUNE_MODEL, recipe=None):
     """SystemExit unless `study` draws from this fastnn's search space (of `model`, one of
     fastnn.models.TUNABLE); records it in a new study."""
     from optuna.study import StudyDirection
 
-    name, ours = study.study_name, search_space(model)
+    name, ours = study.study_name, search_space(model, recipe)
     if study.direction != StudyDirection.MAXIMIZE:
         raise SystemExit(f"fastnn: study {name!r} in the {where} minimizes its objective, so it "
                          "is not a fastnn tune study; choose another --study-name")
@@ -41,7 +42,7 @@ def check_search_space(study, where, model=models.DEFAULT_TUNE_MODEL):
                     theirs[param] = [type(dist).__name__, low, high, getattr(dist, "log", None)]
         ours = {param: ours.get(param) for param in theirs}  # only what its trials drew
         if not theirs:
-            study.set_user_attr(SEARCH_SPACE_ATTR, search_space(model))
+            study.set_user_attr(SEARCH_SPACE_ATTR, search_space(model, recipe))
             return
     differ = sorted(p for p in ours.keys() | theirs.keys() if ours.get(p) != theirs.get(p))
     if differ:
@@ -64,7 +65,8 @@ def create_study(options, storage):
     except optuna.exceptions.DuplicatedStudyError:
         raise SystemExit(f"fastnn: study {options['study_name']!r} already exists in the {where}; "
                          "pass --resume to continue it") from None
-    check_search_space(study, where, options.get("model", models.DEFAULT_TUNE_MODEL))
+    check_search_space(study, where, options.get("model", models.DEFAULT_TUNE_MODEL),
+                       options.get("recipe"))
     return study
 
 
@@ -97,9 +99,10 @@ def suggest(trial, name, spec, fixed=None):
     return trial.suggest_float(name, low, high, log=log)
 
 
-def model_defaults(model):
-    """--parallel, --epochs and --crop-padding of a search of `model` when not given."""
-    search = models.MODELS[model].search
+def model_defaults(model, recipe=None):
+    """--parallel, --epochs and --crop-padding of a search of `model` (around `recipe`) when
+    not given."""
+    search = models.search_for(model, recipe)
     return {"parallel": search.parallel, "epochs": search.epochs,
             "crop_padding": search.crop_padding}
 
@@ -117,7 +120,8 @@ def check_epochs(study, options):
     theirs = trial_epochs(study)
     if options.get("epochs") is None:
         options["epochs"] = min(theirs) if len(theirs) == 1 else \
-            model_defaults(options.get("model", models.DEFAULT_TUNE_MODEL))["epochs"]
+            model_defaults(options.get("model", models.DEFAULT_TUNE_MODEL),
+                           options.get("recipe"))["epochs"]
     elif theirs and theirs != {options["epochs"]}:
         where = describe_storage(options["storage"])
         shown = " and ".join(str(e) for e in sorted(theirs))
