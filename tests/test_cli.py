@@ -813,7 +813,7 @@ def test_a_named_recipe_trains_records_itself_and_resumes_as_it_was(cifar_root, 
 @pytest.mark.parametrize("flags, message", [
     (["--recipe", "fc", "--model", "convnet"],
      "--recipe fc trains --model fc, not convnet: drop --model, or pick a recipe of convnet "
-     "(convnet)"),
+     "(convnet, airbench94)"),
     (["--model", "fc", "--flip", "alternate"], "--flip does not apply (--augment is off"),
     (["--model", "fc", "--padding-mode", "reflect"],
      "--padding-mode does not apply (--augment is off"),

@@ -320,7 +320,8 @@ def test_a_recipe_names_a_run_and_a_model_that_disagrees_is_refused(monkeypatch)
     assert new_config({"recipe": "slow_fc", "model": "fc"})["epochs"] == 40
     assert models.recipes_of("fc") == ["fc", "slow_fc"]
     with pytest.raises(ValueError, match=r"^--recipe slow_fc trains --model fc, not convnet: "
-                                         r"drop --model, or pick a recipe of convnet \(convnet\)$"):
+                                         r"drop --model, or pick a recipe of convnet \(convnet, "
+                                         r"airbench94\)$"):
         new_config({"recipe": "slow_fc", "model": "convnet"})
     with pytest.raises(ValueError, match=r"--recipe must be one of \[.*\], got 'slow'"):
         new_config({"recipe": "slow"})
