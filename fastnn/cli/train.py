@@ -114,16 +114,18 @@ def check_flags(config, given):
                          + ("; drop them" if len(unused) > 1 else "; drop it"))
 
 
-def prepare(config, new=True):
+def prepare(config):
     """Backend, data, model and Solver for `config`, or CommandError saying what is wrong.
-    new: the run starts from scratch (a model initialised from the training images gets them;
-    else its checkpoint holds what they set)."""
+    A model that starts from the training images gets them (runs.build_model), on resume too:
+    the checkpoint replaces what they set, but the Solver's first forward pass (its label
+    check) runs before that, and airbench94's placeholder whitening filters overflow there
+    (batchnorm's running variance starts at zero, its eps is 1e-12)."""
     with failing_as(CommandError, (RuntimeError, ValueError), "backend: "):
         setup_runtime(config)
     with failing_as(CommandError, (RuntimeError, ValueError, OSError), "CIFAR-10 data: "):
         data = load_data(config)
     with failing_as(CommandError, ValueError):
-        model = build_model(config, data if new else None)
+        model = build_model(config, data)
         solver = build_solver(model, data, config)
     return data, model, solver
 
@@ -197,8 +199,8 @@ def resume_run(args, given):
             if stored["epochs"] > trained:  # config.json asks for more: a stopped extension
                 print(extension_note(out_dir, finished, stored["epochs"]))
             return 0
+        data, model, solver = prepare(config)
         checkpoint = os.path.join(out_dir, "checkpoint.npz")
-        data, model, solver = prepare(config, new=not os.path.exists(checkpoint))
         solver.checkpoint_path = checkpoint
         if os.path.exists(checkpoint):
             with failing_as(CommandError, (OSError, ValueError), "cannot resume: ", unchanged):
