@@ -11,6 +11,7 @@ per trial). This module is the one place that knows what the keys mean:
     not_applicable(config, keys)  the keys that do nothing under this model / rule
     recorded(config)           the config without keys that do not apply
     load_data / build_model / build_solver / predict / setup_runtime
+    solver_options(config)     the Solver keywords of the registry's Solver options
     changed_options(old, new)  what differs between two configs beyond what --resume may change
 
 Which option applies to which model, update rule or switch is listed in
@@ -256,9 +257,9 @@ def load_data(config, data_root=None):
 def build_model(config, data=None):
     """A new, initialised classifier for CIFAR-10 images (3x32x32, 10 classes).
 
-    data: a new run's data (load_data's dict): a model that starts from its training images
-    (models.Model.init: the convnet's whitening stem) gets them here, once; None for a model
-    whose state a checkpoint will replace (a resumed run)."""
+    data: the run's data (load_data's dict): a model that starts from its training images
+    (models.Model.init: the convnet's whitening stem) gets them here (a resumed run's
+    checkpoint then replaces what they set); None: it stays as drawn."""
     config = complete(config)
     entry = models.MODELS[config["model"]]
     model = entry.build(config)
