@@ -26,8 +26,9 @@ class Option(NamedTuple):
     help: str          # its `fastnn train` flag's help
     bounds: tuple = None  # (low, high[, low_open, high_open]) for runs.check_config; None: high
     choices: tuple = None  # kind "choice": its values
-    solver: str = None  # the Solver keyword it is (every model takes it); None: a model option,
-                        # read by the models' builders
+    solver: str = None  # the Solver keyword it sets (runs.solver_options: every model takes it,
+                        # unless models list it as theirs); None: a model option, read by the
+                        # models' builders
 
 
 OPTIONS = {
@@ -47,6 +48,38 @@ OPTIONS = {
     "weight_scale": Option("float", 1e-2, "fc, two_layer, three_layer_conv: std of the initial "
                            "weights (1e-2; three_layer_conv 1e-3); convnet draws He-style weights",
                            (0, None, True)),
+    # ConvNet's keywords (fastnn.classifiers.conv_net), each off at its legacy value
+    "activation": Option("choice", "relu", "convnet activation (relu; airbench94 gelu)",
+                         choices=("relu", "gelu")),
+    "bn_scale": Option("choice", "learned", "convnet batchnorm scale: learned, or frozen at 1 "
+                       "(only the shifts learn) (learned)", choices=("learned", "frozen")),
+    "bn_eps": Option("float", 1e-5, "convnet batchnorm epsilon (1e-5)", (0, None, True)),
+    "bn_momentum": Option("float", 0.9, "convnet batchnorm running statistics: running = m * "
+                          "running + (1 - m) * batch (0.9)", (0, 1)),
+    "logit_scale": Option("float", 1.0, "convnet: multiply the scores by this (1)",
+                          (0, None, True)),
+    "head_bias": Option("bool", True, "convnet: a bias in the last affine layer (on)"),
+    "dirac_init": Option("bool", False, "convnet: start each 3x3 conv's first filters as the "
+                         "identity (off)"),
+    "stem": Option("choice", "conv", "convnet stem: a 3x3 conv with batchnorm, or whiten: a 2x2 "
+                   "conv whose filters whiten the training images' patches, not trained (conv)",
+                   choices=("conv", "whiten")),
+    "stem_bias_epochs": Option("int", 0, "convnet with --stem whiten: train the stem's bias for "
+                               "this many epochs only (0: all)", (0, None),
+                               solver="train_epochs"),
+    # Solver options (every model takes them; stem_bias_epochs above is the convnet's):
+    # runs.solver_options maps each to its Solver keyword
+    "shift_lr_multiplier": Option("float", 1.0, "multiply the batchnorm shifts' learning rate "
+                                  "(not their weight decay) by this (1)", (0, None, True),
+                                  solver="lr_multipliers"),
+    "decay_all_roles": Option("bool", False, "--weight-decay shrinks every parameter (biases, "
+                              "batchnorm shifts and scales too), not only the weights (off)",
+                              solver="decayed_roles"),
+    "lookahead": Option("bool", False, "average the parameters every 5 steps (airbench's "
+                        "Lookahead) and train on with the average (off)", solver="lookahead"),
+    "lr_min_iterations": Option("int", 0, "onecycle / triangle: a run of fewer iterations "
+                                "peaks at lr * iterations / this (0: always at --lr)", (0, None),
+                                solver="lr_schedule_config"),
 }
 
 
@@ -82,6 +115,9 @@ class Model(NamedTuple):
     recipe: str        # its recipe in RECIPES: what a new run trains with by default
     check: Callable = None  # complete run config -> ValueError for a bad value of its options
     search: Search = None   # None: fastnn tune does not search it
+    init: Callable = None   # (model, complete run config, data): a new run's start from its
+                            # training images (runs.build_model; a resumed run's checkpoint
+                            # holds what it set)
 
 
 def _check_sizes(config, key, what):
@@ -101,6 +137,18 @@ def _check_convnet(config):
     if len(config["widths"]) > 5:  # each group halves the 32x32 image
         raise ValueError(f"--widths: at most 5 groups fit 32x32 images (each halves the "
                          f"size), got {len(config['widths'])}: {config['widths']!r}")
+    if config["stem"] == "whiten" and config["stem_width"] != 2 * IMAGE_SHAPE[0] * 4:
+        raise ValueError(f"--stem whiten makes {2 * IMAGE_SHAPE[0] * 4} channels (2 per "
+                         f"channel of a 2x2 RGB patch), got --stem-width "
+                         f"{config['stem_width']}: drop --stem-width")
+    if config["stem_bias_epochs"] and config["stem"] != "whiten":
+        raise ValueError(f"--stem-bias-epochs applies to --stem whiten (its bias b1), got "
+                         f"--stem {config['stem']}: drop --stem-bias-epochs")
+
+
+# ConvNet's keyword options, each a config key of the same name
+CONVNET_KEYWORDS = ("activation", "bn_scale", "bn_eps", "bn_momentum", "logit_scale", "head_bias",
+                    "dirac_init", "stem")
 
 
 def _build_convnet(config):
@@ -108,7 +156,15 @@ def _build_convnet(config):
 
     return ConvNet(config["widths"], config["stem_width"], IMAGE_SHAPE, NUM_CLASSES,
                    reg=config["reg"], seed=config.get("model_seed", config["seed"]),
-                   label_smoothing=config["label_smoothing"])
+                   label_smoothing=config["label_smoothing"],
+                   **{key: config[key] for key in CONVNET_KEYWORDS})
+
+
+def _init_convnet(model, config, data):
+    """A new convnet's start from its training images: the whitening stem's filters from the
+    first 5000 (airbench), as the Solver sees them (before augmentation)."""
+    if config["stem"] == "whiten":
+        model.init_whitening(data["X_train"][:5000])
 
 
 def _build_fc(config):
@@ -149,8 +205,29 @@ RECIPES = {
     "convnet": Recipe("convnet", {
         "update_rule": "sgd_nesterov", "learning_rate": 0.2, "momentum": 0.9, "reg": 5e-4,
         "lr_schedule": "onecycle", "lr_decay": 1.0, "epochs": 11, "augment": True,
-        "crop_padding": 2, "label_smoothing": 0.2, "flip_test": True, "tta": 1},
+        "crop_padding": 2, "label_smoothing": 0.2, "flip_test": True, "tta": 1,
+        # a run of fewer steps (--epochs 1 --num-training 5000: 19) peaks lower: warmed up
+        # to 0.2 in a few steps it diverged; the full run's 2101 are unchanged
+        "lr_min_iterations": 200},
         "the main job (default): ConvNet 32/64/128, 11 epochs, 0.86 in 8 min"),
+    # airbench94 (KellerJordan/cifar10-airbench, legacy/airbench94.py's hyp): 10 epochs for its
+    # 9.9. Its lr 11.5 and weight decay 0.0153 per 1024 examples, momentum 0.85, in fastnn's
+    # terms (fastnn.optim's docstring): lr 11.5 / (1 + 1 / (1 - 0.85)) = 1.5 at batch 1024
+    # (scale it with --batch-size), weight decay 0.0153 / 11.5 (any batch size); its
+    # bias_scaler 64 on the batchnorm shifts' learning rate
+    "airbench94": Recipe("convnet", {
+        "widths": [64, 256, 256], "stem": "whiten", "activation": "gelu", "bn_scale": "frozen",
+        "bn_eps": 1e-12, "bn_momentum": 0.6, "logit_scale": 1 / 9, "head_bias": False,
+        "dirac_init": True, "label_smoothing": 0.2, "stem_bias_epochs": 3,
+        "update_rule": "sgd_nesterov", "learning_rate": 11.5 / (1 + 1 / (1 - 0.85)),
+        "momentum": 0.85, "weight_decay": 0.0153 / 11.5, "shift_lr_multiplier": 64.0,
+        "decay_all_roles": True, "reg": 0.0, "lr_schedule": "triangle", "lr_decay": 1.0,
+        "epochs": 10, "batch_size": 1024, "augment": True, "flip": "alternate",
+        "crop_padding": 2, "padding_mode": "reflect", "flip_test": True, "tta": 2,
+        "lookahead": True},
+        "airbench94's recipe: ConvNet 64/256/256 with a whitening stem, GELU, frozen "
+        "batchnorm scales, Nesterov SGD at batch 1024, triangle schedule, lookahead, "
+        "alternating flips, tta 2; 10 epochs"),
     "fc": Recipe("fc", {}, "the earlier main job, fully connected: 0.58 in 90 s"),
     "two_layer": Recipe("two_layer", {}, "the course's TwoLayerNet"),
     "three_layer_conv": Recipe("three_layer_conv", {
@@ -197,7 +274,8 @@ _CONV_RECIPE = RECIPES["convnet"].settings
 MODELS = {
     "convnet": Model(
         "convnet (the main job)", _build_convnet,
-        ("widths", "stem_width", "label_smoothing", "model_seed"), "convnet", _check_convnet,
+        ("widths", "stem_width", "label_smoothing", *CONVNET_KEYWORDS, "stem_bias_epochs",
+         "model_seed"), "convnet", _check_convnet,
         Search("convnet: ConvNets around the main job's recipe (learning rate, reg, momentum, "
                "label smoothing), one trial at a time", CONV_SPACE,
                # the main job's recipe, as CONV_SPACE values
@@ -206,7 +284,8 @@ MODELS = {
                summary=lambda c: (f"lr {c['learning_rate']:.2e} reg {c['reg']:.1e} momentum "
                                   f"{c['momentum']:.3f} smoothing {c['label_smoothing']:.2f}"),
                flags={"widths": "convnet trials' group widths (the recipe's 32 64 128)",
-                      "stem_width": "convnet trials' stem width (24)"})),
+                      "stem_width": "convnet trials' stem width (24)"}),
+        init=_init_convnet),
     "fc": Model(
         "fc (fully connected)", _build_fc,
         ("hidden_dims", "batchnorm", "dropout", "weight_scale", "model_seed"), "fc", _check_fc,

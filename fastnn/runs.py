@@ -11,6 +11,7 @@ per trial). This module is the one place that knows what the keys mean:
     not_applicable(config, keys)  the keys that do nothing under this model / rule
     recorded(config)           the config without keys that do not apply
     load_data / build_model / build_solver / predict / setup_runtime
+    solver_options(config)     the Solver keywords of the registry's Solver options
     changed_options(old, new)  what differs between two configs beyond what --resume may change
 
 Which option applies to which model, update rule or switch is listed in
@@ -24,7 +25,8 @@ import os
 
 import numpy as np
 
-from fastnn import models, optim
+from fastnn import models, optim, schedules
+from fastnn.classifiers.base import ROLES
 from fastnn.inference import DEFAULT_BATCH_SIZE
 from fastnn.solver import Solver
 
@@ -72,9 +74,12 @@ DEFAULTS = defaults_for(DEFAULT_MODEL)
 # Options only some models take (every model takes reg).
 MODEL_OPTIONS = {name: model.options for name, model in models.MODELS.items()}
 # The optim_config keys each update rule takes besides learning_rate, from
-# fastnn.optim's one table.
-RULE_OPTIONS = {rule: tuple(k for k in optim.DEFAULTS[rule] if k != "learning_rate")
+# fastnn.optim's one table (and those it takes only when given: the SGD rules' weight_decay).
+RULE_OPTIONS = {rule: tuple(k for k in (*optim.DEFAULTS[rule], *optim.SPECS[rule].optional)
+                            if k != "learning_rate")
                 for rule in optim.RULES}
+# those a rule takes only when given: None (off) is not recorded, as before they existed
+_GIVEN_ONLY = {rule: optim.SPECS[rule].optional for rule in optim.RULES}
 # Options that do something only when another option is on: option -> (switch, why).
 NEEDS = {"crop_padding": ("augment", "--crop-padding shifts the crops of --augment"),
          "flip": ("augment", "--flip says how --augment flips"),
@@ -97,7 +102,8 @@ _FLOAT_RANGES = {"reg": (0, None, False), "lr_decay": (0, None, True),
                  **{k: (low, None if high == float("inf") else high, low_open, high_open)
                     for k, (low, high, low_open, high_open) in optim.RANGES.items()},
                  **{k: o.bounds for k, o in models.OPTIONS.items() if o.kind == "float"}}
-_CHOICES = {"backend": ("numpy", "cupy"), "lr_schedule": (None, "step", "cosine", "onecycle"),
+_CHOICES = {"backend": ("numpy", "cupy"),
+            "lr_schedule": (None, *(s for s in schedules.SCHEDULES if s != "constant")),
             "flip": ("random", "alternate"), "padding_mode": ("zeros", "reflect"),
             **{k: o.choices for k, o in models.OPTIONS.items() if o.kind == "choice"}}
 # Solver keywords from the registry's options (fastnn.models.OPTIONS' `solver`): key -> keyword
@@ -171,7 +177,9 @@ def not_applicable(config, keys):
 def recorded(config):
     """`config` without the keys that do not apply: what a run folder or a trial records."""
     skip = not_applicable(config, config)
-    return {k: v for k, v in config.items() if k not in skip}
+    given_only = _GIVEN_ONLY.get(config.get("update_rule"), ())
+    return {k: v for k, v in config.items()
+            if k not in skip and not (v is None and k in given_only)}
 
 
 def _check_number(key, value, bounds, integer):
@@ -246,10 +254,18 @@ def load_data(config, data_root=None):
                             num_test=config["num_test"], root=data_root or config["data"])
 
 
-def build_model(config):
-    """A new, initialised classifier for CIFAR-10 images (3x32x32, 10 classes)."""
+def build_model(config, data=None):
+    """A new, initialised classifier for CIFAR-10 images (3x32x32, 10 classes).
+
+    data: the run's data (load_data's dict): a model that starts from its training images
+    (models.Model.init: the convnet's whitening stem) gets them here (a resumed run's
+    checkpoint then replaces what they set); None: it stays as drawn."""
     config = complete(config)
-    return models.MODELS[config["model"]].build(config)
+    entry = models.MODELS[config["model"]]
+    model = entry.build(config)
+    if data is not None and entry.init is not None:
+        entry.init(model, config, data)
+    return model
 
 
 def optim_config(config):
@@ -269,6 +285,31 @@ def augment_options(config):
     return {"flip": "alternate" if config.get("flip") == "alternate" else True,
             "crop_padding": int(config.get("crop_padding") or 0),
             "padding_mode": config.get("padding_mode") or LEGACY_DEFAULTS["padding_mode"]}
+
+
+# The Solver options (models.OPTIONS' `solver`) whose config value is simpler than the Solver
+# keyword's: key -> (complete config -> the keyword's value); the legacy value gives None (off)
+_SOLVER_VALUES = {
+    "shift_lr_multiplier": lambda c: (None if c["shift_lr_multiplier"] == 1.0
+                                      else {"shift": float(c["shift_lr_multiplier"])}),
+    "decay_all_roles": lambda c: ROLES if c["decay_all_roles"] else None,
+    "lookahead": lambda c: bool(c["lookahead"]) or None,
+    # only the cycles take it (another schedule ignores the recipe's value)
+    "lr_min_iterations": lambda c: (
+        {"min_iterations": c["lr_min_iterations"]} if c["lr_min_iterations"] and
+        "min_iterations" in schedules.DEFAULTS[c["lr_schedule"] or "constant"] else None),
+    # the convnet's whitening stem's bias (b1) gets no steps after that many epochs
+    "stem_bias_epochs": lambda c: ({"b1": c["stem_bias_epochs"]} if c["stem_bias_epochs"]
+                                   else None),
+}
+
+
+def solver_options(config):
+    """The Solver keywords of the registry's Solver options (models.OPTIONS' `solver`) from a
+    run configuration."""
+    config = complete(config)
+    return {word: _SOLVER_VALUES[key](config) if key in _SOLVER_VALUES else config[key]
+            for key, word in SOLVER_OPTIONS.items()}
 
 
 def changed_options(old, new):
@@ -321,7 +362,7 @@ def build_solver(model, data, config, out_dir=None, verbose=True):
                        num_epochs=config["epochs"], print_every=config["print_every"],
                        verbose=verbose, progress=verbose, seed=config["seed"],
                        lr_schedule=config["lr_schedule"], augment=augment_options(config),
-                       **{word: config[key] for key, word in SOLVER_OPTIONS.items()},
+                       **solver_options(config),
                        checkpoint_path=out_dir and os.path.join(out_dir, "checkpoint.npz"))
     solver.run_config = recorded(config)
     return solver

@@ -813,7 +813,7 @@ def test_a_named_recipe_trains_records_itself_and_resumes_as_it_was(cifar_root, 
 @pytest.mark.parametrize("flags, message", [
     (["--recipe", "fc", "--model", "convnet"],
      "--recipe fc trains --model fc, not convnet: drop --model, or pick a recipe of convnet "
-     "(convnet)"),
+     "(convnet, airbench94)"),
     (["--model", "fc", "--flip", "alternate"], "--flip does not apply (--augment is off"),
     (["--model", "fc", "--padding-mode", "reflect"],
      "--padding-mode does not apply (--augment is off"),
@@ -871,3 +871,56 @@ def test_tune_convnet_searches_around_the_chosen_recipe(cifar_root, tmp_path, ca
     low, high = study.user_attrs["fastnn_search_space"]["learning_rate"][1:3]
     assert low < 0.02 < high < 0.2  # the learning rate's range moved to the recipe's
     assert study.user_attrs["fastnn_search_space"]["momentum"][1] == 0.7
+
+
+def test_the_airbench94_recipe_trains_resumes_bit_for_bit_and_evaluates_with_tta_2(
+        cifar_root, tmp_path, capsys, monkeypatch):
+    from fastnn.init import whitening_filters
+    from fastnn.runs import load_data
+    from fastnn.solver import Solver
+
+    # tiny widths and batches (the lr scaled to batch 16 as the recipe's comment says); the
+    # stem's bias trained 1 epoch, so the resumed epoch has it frozen
+    tiny = ["--recipe", "airbench94", "--widths", "4", "8", "8", "--batch-size", "16",
+            "--lr", str(1.5 * 16 / 1024), "--stem-bias-epochs", "1", "--epochs", "2",
+            "--data", cifar_root, "--num-training", "160", "--num-validation", "40",
+            "--num-test", "50", "--print-every", "5"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(["train", *tiny, "--out", str(whole)]) == 0
+    loss = json.loads((whole / "metrics.json").read_text())["loss_history"]
+    assert np.mean(loss[-5:]) < np.mean(loss[:3])  # it trains
+    # the same run stopped after its first epoch's checkpoint (as a second Ctrl-C does)
+    write_checkpoints = Solver._write_checkpoints
+
+    def stop_after_epoch_1(self):
+        write_checkpoints(self)
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Solver, "_write_checkpoints", stop_after_epoch_1)
+    assert main(["train", *tiny, "--out", str(part)]) == 130
+    monkeypatch.undo()
+    after_one, meta = checkpoint_params(part)
+    assert meta["epoch"] == 1
+    config = json.loads((part / "config.json").read_text())
+    assert (config["recipe"], config["stem"], config["lookahead"], config["tta"]) == (
+        "airbench94", "whiten", True, 2)
+    # the stem whitens the training images as the Solver sees them, set once, when the run
+    # started: the resumed run keeps its checkpoint's
+    filters = whitening_filters(load_data(config)["X_train"][:5000])
+    np.testing.assert_allclose(after_one["model/buffer/W1"], filters, rtol=1e-5, atol=1e-6)
+    assert main(["train", "--resume", str(part)]) == 0
+    want, _ = checkpoint_params(whole)
+    got, meta = checkpoint_params(part)
+    assert want.keys() == got.keys() and meta["epoch"] == 2
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert not np.array_equal(got["model/param/W2"], after_one["model/param/W2"])
+    np.testing.assert_array_equal(got["model/param/b1"], after_one["model/param/b1"])  # frozen
+    metrics = json.loads((part / "metrics.json").read_text())
+    assert metrics["tta"] == 2 and metrics["test_acc"] == metrics["test_acc_tta"]
+    assert metrics["test_acc"] == json.loads((whole / "metrics.json").read_text())["test_acc"]
+    capsys.readouterr()
+    assert main(["evaluate", str(part)]) == 0
+    assert (f"test accuracy {metrics['test_acc']:.4f} on 50 images (tta 2"
+            in capsys.readouterr().out)

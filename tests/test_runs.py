@@ -320,7 +320,8 @@ def test_a_recipe_names_a_run_and_a_model_that_disagrees_is_refused(monkeypatch)
     assert new_config({"recipe": "slow_fc", "model": "fc"})["epochs"] == 40
     assert models.recipes_of("fc") == ["fc", "slow_fc"]
     with pytest.raises(ValueError, match=r"^--recipe slow_fc trains --model fc, not convnet: "
-                                         r"drop --model, or pick a recipe of convnet \(convnet\)$"):
+                                         r"drop --model, or pick a recipe of convnet \(convnet, "
+                                         r"airbench94\)$"):
         new_config({"recipe": "slow_fc", "model": "convnet"})
     with pytest.raises(ValueError, match=r"--recipe must be one of \[.*\], got 'slow'"):
         new_config({"recipe": "slow"})
@@ -415,3 +416,103 @@ def test_a_solver_option_is_one_registry_entry():
     assert result.stdout.splitlines() == [
         "--sampling must be one of ['epoch', 'replacement'], got 'shuffle'",
         "replacement epoch", "replacement"]
+
+
+def tiny_images(n, seed=0):
+    """n random CIFAR-shaped images and labels as a data dict's train and val splits."""
+    rng = np.random.default_rng(seed)
+    return {"X_train": rng.standard_normal((n, 3, 32, 32)).astype(np.float32),
+            "y_train": rng.integers(0, 10, n), "X_val": rng.standard_normal(
+                (8, 3, 32, 32)).astype(np.float32), "y_val": rng.integers(0, 10, 8)}
+
+
+def test_the_airbench94_recipe_builds_airbenchs_convnet_and_solver():
+    from fastnn.classifiers.base import ROLES
+    from fastnn.init import whitening_filters
+
+    config = new_config({"recipe": "airbench94", "widths": [4, 8, 8], "batch_size": 16})
+    check_config(config)
+    assert (config["epochs"], config["tta"], config["label_smoothing"], config["reg"]) == (
+        10, 2, 0.2, 0.0)  # airbench's 9.9 epochs rounded
+    data = tiny_images(64)
+    model = build_model(config, data)
+    assert model.widths == [4, 8, 8] and model.stem_width == 24
+    assert model.options == dict(activation="gelu", bn_scale="frozen", bn_eps=1e-12,
+                                 bn_momentum=0.6, logit_scale=1 / 9, head_bias=False,
+                                 dirac_init=True, stem="whiten")
+    # the stem whitens the new run's training images (all 64 of them: fewer than 5000)
+    np.testing.assert_allclose(model.buffers["W1"], whitening_filters(data["X_train"]),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(build_model(config).buffers["W1"], model.buffers["W1"])  # as drawn
+    solver = build_solver(model, data, config, verbose=False)
+    # fastnn.optim's docstring: airbench's lr 11.5 and weight decay 0.0153 per 1024 examples
+    # at momentum 0.85, in fastnn's terms for batch 1024
+    assert solver.optim_config == {"learning_rate": pytest.approx(1.5), "momentum": 0.85,
+                                   "weight_decay": pytest.approx(0.0153 / 11.5)}
+    assert (solver.update_rule, solver.batch_size, solver.lr_schedule) == (
+        "sgd_nesterov", 16, "triangle")
+    assert solver.lr_multipliers == {"shift": 64.0} and solver.decayed_roles == ROLES
+    assert solver.lookahead == {"every": 5, "base": 0.95 ** 5, "power": 3.0}
+    assert solver.train_epochs == {"b1": 3}
+    assert solver.augment == {"flip": "alternate", "crop_padding": 2, "padding_mode": "reflect"}
+    assert solver.lr_schedule_config["min_iterations"] == 0
+    # the shifts' learning rate is 64x, their decay step lr * weight_decay the weights'
+    configs = solver.optim_configs
+    assert configs["beta2"]["learning_rate"] == pytest.approx(64 * 1.5)
+    assert configs["beta2"]["learning_rate"] * configs["beta2"]["weight_decay"] == \
+        pytest.approx(configs["W2"]["learning_rate"] * configs["W2"]["weight_decay"])
+    assert configs["b1"]["weight_decay"] == configs["W2"]["weight_decay"]
+
+
+def schedule_factors(config, num_training):
+    """The learning-rate factor of each iteration of a run of `config` on `num_training`
+    images (config -> Solver -> fastnn.schedules)."""
+    from fastnn import schedules
+
+    solver = build_solver(build_model(config), tiny_images(num_training), config, verbose=False)
+    total = solver.num_epochs * solver.iterations_per_epoch
+    return [schedules.lr_factor(solver.lr_schedule, t, total, solver.iterations_per_epoch,
+                                solver.lr_schedule_config) for t in range(total)]
+
+
+def test_a_shortened_default_run_peaks_lower_and_a_full_one_as_before():
+    # the main job's recipe, tiny widths, batch 16: 19 iterations, as --epochs 1
+    # --num-training 5000 at batch 256 (which warmed up to lr 0.2 and diverged)
+    tiny = {"widths": [4], "stem_width": 4, "batch_size": 16}
+    short = new_config({**tiny, "epochs": 1})
+    assert short["lr_min_iterations"] == 200 and short["lr_schedule"] == "onecycle"
+    factors = schedule_factors(short, 19 * 16)
+    unscaled = schedule_factors({**short, "lr_min_iterations": 0}, 19 * 16)
+    assert len(factors) == 19 and max(unscaled) > 0.99
+    assert factors == pytest.approx([f * 19 / 200 for f in unscaled])  # peaks at lr 0.019
+    # 11 epochs of 19 = 209 iterations >= 200: the full cycle, bit for bit as without the key
+    full = new_config({**tiny, "epochs": 11})
+    assert schedule_factors(full, 19 * 16) == schedule_factors(
+        {**full, "lr_min_iterations": 0}, 19 * 16)
+    # a schedule without a cycle ignores the recipe's value
+    assert new_config({**tiny, "lr_schedule": "cosine"})["lr_min_iterations"] == 200
+    assert schedule_factors(new_config({**tiny, "epochs": 1, "lr_schedule": "cosine"}),
+                            19 * 16)[0] == 1.0
+
+
+def test_a_config_written_before_the_airbench_keys_loads_with_them_off():
+    from fastnn import models
+    from fastnn.runs import solver_options
+
+    new_keys = ("activation", "bn_scale", "bn_eps", "bn_momentum", "logit_scale", "head_bias",
+                "dirac_init", "stem", "stem_bias_epochs", "shift_lr_multiplier",
+                "decay_all_roles", "lookahead", "lr_min_iterations")
+    old = {k: v for k, v in recorded(new_config({"widths": [4], "stem_width": 4})).items()
+           if k not in new_keys}  # a convnet config.json as written before these keys
+    check_config(old)
+    full = complete(old)
+    assert {k: full[k] for k in new_keys} == {k: models.OPTIONS[k].legacy for k in new_keys}
+    assert {k: full[k] for k in new_keys} == dict(
+        activation="relu", bn_scale="learned", bn_eps=1e-5, bn_momentum=0.9, logit_scale=1.0,
+        head_bias=True, dirac_init=False, stem="conv", stem_bias_epochs=0,
+        shift_lr_multiplier=1.0, decay_all_roles=False, lookahead=False, lr_min_iterations=0)
+    assert set(solver_options(old).values()) == {None}  # the Solver's own defaults
+    model = build_model(old, tiny_images(16))
+    assert set(model.init_args) == {"widths", "stem_width", "input_dim", "num_classes", "reg",
+                                    "dtype", "seed", "label_smoothing"}  # as before
+    assert changed_options(old, {**old, **{k: full[k] for k in new_keys}}) == {}

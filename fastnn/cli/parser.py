@@ -70,7 +70,7 @@ def build_parser():
         help="learning rate (0.2 / 1e-3)")
     for key, text in rule_option_help().items():  # the update rules' hyperparameters
         add(option_name(key), type=float, help=text)
-    add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"],
+    add("--lr-schedule", choices=["none", "step", "cosine", "onecycle", "triangle"],
         help="learning-rate schedule (onecycle / none); multiplies with --lr-decay")
     add("--augment", action=argparse.BooleanOptionalAction,
         help="random horizontal flips of the training images (on / off)")
@@ -135,7 +135,7 @@ def build_parser():
     add("--crop-padding", type=int, default=None,
         help="trials that augment (fc: a searched choice; convnet: always) also translate "
              "by up to this many pixels (fc 0; convnet 2)")
-    add("--lr-schedule", choices=["none", "step", "cosine", "onecycle"], default="onecycle",
+    add("--lr-schedule", choices=["none", "step", "cosine", "onecycle", "triangle"], default="onecycle",
         help="learning-rate schedule of every trial (onecycle)")
     add("--storage", default=None,
         help="study storage shared by workers: postgresql+psycopg://USER@HOST:PORT/DB (the "
@@ -187,6 +187,8 @@ def rule_option_help():
     for rule, keys in RULE_OPTIONS.items():
         for key in keys:
             rules.setdefault(key, []).append(rule)
-            defaults.setdefault(key, {})[f"{optim.DEFAULTS[rule][key]:g}"] = None
+            # a hyperparameter a rule takes only when given (the SGD rules' weight decay): off
+            default = optim.DEFAULTS[rule].get(key)
+            defaults.setdefault(key, {})["off" if default is None else f"{default:g}"] = None
     return {key: f"{'/'.join(rules[key])} {key.replace('_', ' ')} ({' / '.join(defaults[key])})"
             for key in rules}

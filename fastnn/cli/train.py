@@ -115,13 +115,17 @@ def check_flags(config, given):
 
 
 def prepare(config):
-    """Backend, data, model and Solver for `config`, or CommandError saying what is wrong."""
+    """Backend, data, model and Solver for `config`, or CommandError saying what is wrong.
+    A model that starts from the training images gets them (runs.build_model), on resume too:
+    the checkpoint replaces what they set, but the Solver's first forward pass (its label
+    check) runs before that, and airbench94's placeholder whitening filters overflow there
+    (batchnorm's running variance starts at zero, its eps is 1e-12)."""
     with failing_as(CommandError, (RuntimeError, ValueError), "backend: "):
         setup_runtime(config)
     with failing_as(CommandError, (RuntimeError, ValueError, OSError), "CIFAR-10 data: "):
         data = load_data(config)
     with failing_as(CommandError, ValueError):
-        model = build_model(config)
+        model = build_model(config, data)
         solver = build_solver(model, data, config)
     return data, model, solver
 

@@ -22,7 +22,7 @@ BEST_FORMAT, FORMAT_VERSION = "fastnn-tune-best", 1
 def retrain(config, data, epochs, log):
     """Train `config` for `epochs` with the plain Solver; returns (model, best val acc)."""
     config = {**config, "epochs": epochs, "print_every": 10**9}
-    model = build_model(config)
+    model = build_model(config, data)
     solver = build_solver(model, data, config, out_dir=None)
     solver.verbose = False
     solver.train()

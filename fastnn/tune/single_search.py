@@ -54,7 +54,7 @@ def run_conv_trial(worker, taken, data, options, clock, log):
     config = conv_train_config(params, options, slot)
     trial.set_user_attr("config", config)
     start = time.perf_counter()
-    model = build_model(config)
+    model = build_model(config, data)
     solver = build_solver(model, data, config, out_dir=None, verbose=False)
     wait(0, worker.stop)  # a signal since the trial was taken (the Solver sees only its own)
     try:
