@@ -2,7 +2,7 @@
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/conv_step.py
         [--widths 32 64 128] [--stem-width 24] [--batch 256] [--steps 5] [--rounds 3]
-        [--cpu-time] [--no-torch]
+        [--cpu-time] [--no-torch] [--recipe NAME]
 
 One step = forward, backward and a plain SGD update of every parameter, on
 the contract's ConvNet and the same net in PyTorch (no conv biases, batchnorm
@@ -15,7 +15,10 @@ machine distort far less than wall time (but it hides how well each uses
 two cores). Then come fastnn's peak resident set, its step memory
 (tracemalloc: what the forward keeps for the backward, and the backward's
 peak above that) and its time per op (timing wrappers around the layer
-functions ConvNet calls).
+functions ConvNet calls). `--recipe NAME` times the ConvNet of a `fastnn train`
+recipe instead (e.g. airbench94: its whitening stem set from the step's
+random images, GELU, frozen batchnorm scales), fastnn only: PyTorch ports of
+the recipes are not written yet.
 """
 import argparse
 import collections
@@ -31,10 +34,15 @@ from fastnn.classifiers import ConvNet
 from fastnn.classifiers import conv_net as conv_net_module
 
 
-def forward_mflop(widths, stem_width, input_dim=(3, 32, 32)):
-    """Multiply-adds x 2 of the convs and the affine layer, per image (MFLOP)."""
+def forward_mflop(widths, stem_width, input_dim=(3, 32, 32), stem="conv"):
+    """Multiply-adds x 2 of the convs and the affine layer, per image (MFLOP); stem "whiten":
+    a 2x2 conv without padding (one pixel less each way)."""
     channels, height, width = input_dim
-    flop = 2 * 9 * channels * stem_width * height * width
+    if stem == "whiten":
+        height, width = height - 1, width - 1
+        flop = 2 * 4 * channels * stem_width * height * width
+    else:
+        flop = 2 * 9 * channels * stem_width * height * width
     c_in = stem_width
     for w in widths:
         flop += 2 * 9 * c_in * w * height * width  # the group's first conv, before its pool
@@ -106,6 +114,8 @@ class OpTimer:
              "conv_pool_backward_fast", "max_pool_forward_fast",
              "max_pool_backward_fast", "spatial_batchnorm_forward", "spatial_batchnorm_backward",
              "spatial_batchnorm_relu_forward", "spatial_batchnorm_relu_backward",
+             "spatial_batchnorm_gelu_forward", "spatial_batchnorm_gelu_backward",
+             "relu_forward", "relu_backward", "gelu_forward", "gelu_backward",
              "affine_forward", "affine_backward")
 
     def __init__(self, clock=time.perf_counter):
@@ -120,6 +130,11 @@ class OpTimer:
                 continue
             self.originals[name] = original
             setattr(conv_net_module, name, self._timed(name, original))
+        # ConvNet picks its batchnorm+activation layers from a table built at import
+        self.activations = dict(conv_net_module._ACTIVATIONS)
+        conv_net_module._ACTIVATIONS.update({
+            key: tuple(self._timed(f.__name__, f) for f in layers)
+            for key, layers in self.activations.items()})
         return self
 
     def _timed(self, name, function):
@@ -133,24 +148,25 @@ class OpTimer:
     def __exit__(self, *exc):
         for name, original in self.originals.items():
             setattr(conv_net_module, name, original)
+        conv_net_module._ACTIVATIONS.update(self.activations)
 
 
 def memory_profile(model, X, y):
     """(MB kept for the backward at the end of the forward, MB peak of the step above that).
 
-    tracemalloc sees numpy's allocations; the end of the forward is the head's
-    affine_forward call.
+    tracemalloc sees numpy's allocations; the end of the forward is the model's call of
+    the shared loss (Classifier._loss_and_grads, with the scores).
     """
     import tracemalloc
 
     marks = {}
-    original = conv_net_module.affine_forward
+    original = model._loss_and_grads
 
     def marked(*args, **kwargs):
         marks["forward"] = tracemalloc.get_traced_memory()[0]
         return original(*args, **kwargs)
 
-    conv_net_module.affine_forward = marked
+    model._loss_and_grads = marked
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
@@ -158,14 +174,17 @@ def memory_profile(model, X, y):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-        conv_net_module.affine_forward = original
+        del model._loss_and_grads  # the class's method again
     return (marks["forward"] - base) / 2**20, (peak - marks["forward"]) / 2**20
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--widths", type=int, nargs="+", default=None,
+                        help="group widths (32 64 128, or the recipe's)")
     parser.add_argument("--stem-width", type=int, default=24)
+    parser.add_argument("--recipe", default=None,
+                        help="time the ConvNet of this fastnn train recipe (fastnn only)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
@@ -185,7 +204,21 @@ def main():
     X = rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, args.batch)
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model = ConvNet(widths=args.widths, stem_width=args.stem_width, seed=0)
+    stem = "conv"
+    if args.recipe:
+        from fastnn import runs
+
+        given = {"recipe": args.recipe, **({"widths": args.widths} if args.widths else {})}
+        config = runs.new_config(given)
+        if config["model"] != "convnet":
+            parser.error(f"--recipe {args.recipe} trains --model {config['model']}, not a ConvNet")
+        model = runs.build_model(config, {"X_train": X})
+        args.widths, args.stem_width = config["widths"], config["stem_width"]
+        stem = config.get("stem") or "conv"
+        args.no_torch = True  # no PyTorch port of the recipes yet
+    else:
+        args.widths = args.widths or [32, 64, 128]
+        model = ConvNet(widths=args.widths, stem_width=args.stem_width, seed=0)
     contenders = {"fastnn numpy": fastnn_step(model, X, y)}
     rss_fastnn = None
     if not args.no_torch:
@@ -206,8 +239,10 @@ def main():
 
     blas = [(p["internal_api"], p.get("architecture"), p["num_threads"])
             for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
-    mflop = forward_mflop(args.widths, args.stem_width)
-    print(f"ConvNet(widths={tuple(args.widths)}, stem_width={args.stem_width}), batch {args.batch}, "
+    mflop = forward_mflop(args.widths, args.stem_width, stem=stem)
+    recipe = f" of --recipe {args.recipe}" if args.recipe else ""
+    print(f"ConvNet{recipe}(widths={tuple(args.widths)}, stem_width={args.stem_width}), "
+          f"batch {args.batch}, "
           f"{mflop:.1f} MFLOP forward per image; OPENBLAS_CORETYPE="
           f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; numpy BLAS {blas}; fastnn "
           f"{fastnn.__version__}" + ("" if args.no_torch else
