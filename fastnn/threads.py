@@ -23,16 +23,34 @@ def _limit_blas(n):
     _blas_limiter = ThreadpoolController().limit(limits=int(n), user_api="blas")
 
 
+def _numba():
+    """The numba module, or None where it cannot be imported (fastnn.kernels then runs the
+    reference ops)."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba
+
+
+def _thread_limit():
+    """NUMBA_NUM_THREADS as Numba reads it (all cores when unset)."""
+    numba = _numba()
+    if numba is not None:
+        return numba.config.NUMBA_NUM_THREADS
+    return int(os.environ.get("NUMBA_NUM_THREADS") or os.cpu_count() or 1)
+
+
 def set_num_threads(n):
     """Use `n` threads (1 to NUMBA_NUM_THREADS) for matrix products and Numba."""
-    import numba
-
-    limit = numba.config.NUMBA_NUM_THREADS
+    limit = _thread_limit()
     n = as_size(n, "the thread count")
     if not 1 <= n <= limit:
         raise ValueError(f"thread count must be in [1, {limit}] (NUMBA_NUM_THREADS), got {n}")
     global _num_threads
-    numba.set_num_threads(n)  # for the user's own parallel Numba code
+    numba = _numba()
+    if numba is not None:
+        numba.set_num_threads(n)  # for the user's own parallel Numba code
     _limit_blas(n)
     _num_threads = n
 
@@ -41,9 +59,7 @@ def get_num_threads():
     """The number of threads fastnn's CPU work uses (starts no thread pool)."""
     if _num_threads is not None:
         return _num_threads
-    import numba
-
-    return numba.config.NUMBA_NUM_THREADS
+    return _thread_limit()
 
 
 # OpenBLAS's idle threads spin for 2**28 cycles (about 0.1 s) after each product before
@@ -86,6 +102,4 @@ def configure_thread_pools():
     shorten OpenBLAS's spinning (shorten_blas_spin)."""
     shorten_blas_spin()
     if os.environ.get("NUMBA_NUM_THREADS"):
-        import numba
-
-        _limit_blas(numba.config.NUMBA_NUM_THREADS)
+        _limit_blas(_thread_limit())

@@ -85,3 +85,40 @@ def test_no_import_cycle_among_fastnn_modules():
     graph = import_graph()
     assert "fastnn.runs" in graph["fastnn.tune"] and "fastnn.runs" in graph["fastnn.cli.train"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+WITHOUT_NUMBA = """
+import sys, warnings
+import numpy as np
+
+class Blocked:  # numba and llvmlite as in a broken install: importing them fails
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("numba", "llvmlite"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, Blocked())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import fastnn
+    import fastnn.layers, fastnn.fast_layers, fastnn.layer_utils, fastnn.optim
+    import fastnn.classifiers, fastnn.solver, fastnn.gradient_check, fastnn.data
+from fastnn import kernels
+from fastnn.classifiers import ConvNet
+assert any("Numba cannot be imported" in str(w.message) for w in caught), caught
+assert kernels.for_module(np).name == "numpy-reference", kernels.for_module(np).name
+x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+loss, grads = ConvNet(widths=(4,), stem_width=4, input_dim=(3, 8, 8), seed=0).loss(x, np.array([1, 2]))
+assert np.isfinite(loss) and fastnn.get_num_threads() >= 1
+print("ok")
+"""
+
+
+def test_fastnn_imports_and_runs_its_references_without_numba():
+    """A broken Numba (llvmlite missing, say) costs speed, not the package: the contract's
+    modules import, a warning says why, and the numpy backend runs the reference ops."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", WITHOUT_NUMBA], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

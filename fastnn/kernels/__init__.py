@@ -23,7 +23,7 @@ import numpy as np
 # the family modules declare and register their ops on import
 from fastnn.kernels import (activations, augment, batchnorm, conv, losses, norms,  # noqa: F401
                             pool, updates)
-from fastnn.kernels.registry import OPS as _DECLARED
+from fastnn.kernels.registry import OPS as _DECLARED, fast_ops
 
 OPS = tuple(_DECLARED)  # every op's name, in declaration order
 # how many leading arguments of each op are data arrays that share one dtype
@@ -75,6 +75,6 @@ def for_module(xp):
         table = types.SimpleNamespace(**{
             op.name: _for_dtypes(op.fast.get(name), op.reference, op.dtypes, op.data_args)
             for op in _DECLARED.values()})
-        table.name = name
+        table.name = name if fast_ops(name) else f"{name}-reference"
         _tables[name] = table
     return table

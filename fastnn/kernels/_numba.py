@@ -19,22 +19,46 @@ in the installed package (fastnn.kernels.compile_cache: `~/.cache/fastnn/numba`
 or `$NUMBA_CACHE_DIR`).
 """
 import os
+import warnings
 
-import numba
 import numpy as np
 
-from fastnn.kernels import compile_cache
+from fastnn.kernels import registry
 from fastnn.kernels.rng import GOLDEN, MIX1, MIX2, UNIT_BITS
 from fastnn.threads import configure_thread_pools, get_num_threads
 
-configure_thread_pools()
+try:
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic, overload
+except ImportError as exc:  # a broken install (e.g. llvmlite missing): numpy runs the references
+    numba = ir = types = None
+    registry.unavailable["numpy"] = f"Numba cannot be imported ({type(exc).__name__}: {exc})"
+    warnings.warn(f"fastnn: {registry.unavailable['numpy']}; the CPU backend runs its plain-"
+                  "numpy reference ops, which are correct but much slower. Reinstall Numba "
+                  "(pip install --force-reinstall numba) for the fast kernels.", RuntimeWarning,
+                  stacklevel=2)
+
+    def intrinsic(function):  # the stand-ins leave the kernels uncompiled and unregistered
+        return function
+
+    def overload(function, **options):
+        return lambda implementation: implementation
+else:
+    from fastnn.kernels import compile_cache
+
+    configure_thread_pools()
 
 
 def _jit(function, **flags):
     """Compile with Numba, cached on disk in the user cache folder when it is writable.
 
-    error_model="numpy": no per-division zero checks, so the loops vectorise.
+    error_model="numpy": no per-division zero checks, so the loops vectorise. Without
+    Numba the function stays plain Python (its op's numpy registration is dropped).
     """
+    if numba is None:
+        return function
     return compile_cache.enable(numba.njit(nogil=True, error_model="numpy", **flags)(function))
 
 

@@ -6,15 +6,12 @@ CuPy version, in that order.
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic, overload
 
 from fastnn.backend import get_array_module
 from fastnn.kernels import _cupy
 from fastnn.kernels._numba import (_GOLDEN, _UNIT_SHIFT, _flat, _jit, _jit_float32,
-                                   _jit_inline, _mix64, elementwise_binary,
-                                   elementwise_unary)
+                                   _jit_inline, _mix64, elementwise_binary, elementwise_unary,
+                                   intrinsic, ir, overload, types)
 from fastnn.kernels.registry import declare
 from fastnn.kernels.rng import (GOLDEN, UNIT_BITS, dropout_key, dropout_keep, dropout_step_term,
                                 keep_threshold, mix64)

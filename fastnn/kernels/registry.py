@@ -22,6 +22,9 @@ BACKENDS = ("numpy", "cupy")
 FLOATS = (np.float32, np.float64)  # other dtypes (float16) run the reference
 
 OPS = {}  # op name -> Op, in declaration order
+# backend -> why its fast versions cannot run (set by kernels/_numba.py when Numba does not
+# import); their registrations are then dropped and the backend runs the references
+unavailable = {}
 
 
 class Op:
@@ -44,6 +47,8 @@ class Op:
                              f"({self.fast[backend].__qualname__}); register one per backend")
 
         def decorator(function):
+            if backend in unavailable:
+                return function
             if _parameters(function) != _parameters(self.reference):
                 raise ValueError(
                     f"op {self.name}: its {backend} version {function.__qualname__}"
