@@ -53,8 +53,8 @@ def conv_pool_forward_fast(x, w, b, conv_param, pool_param):
     """max_pool_forward_fast(conv_forward_fast(x, w, b, conv_param), pool_param) as one op
     -> (out (N, F, H'', W''), cache).
 
-    On numpy a 3x3 stride-1 pad-1 conv (Winograd) with a 2x2 stride-2 pool on even
-    sizes pools each output tile as it is made; otherwise it is the two layers.
+    On numpy a 3x3 stride-1 pad-1 conv (Winograd) with a 2x2 stride-2 pool pools each
+    output tile as it is made; otherwise it is the two layers.
     """
     xp = get_array_module(x, w, b)
     stride, pad, out_height, out_width = conv_geometry(x, w, b, conv_param,

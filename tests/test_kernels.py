@@ -1112,8 +1112,10 @@ def test_winograd_conv_matches_the_reference(dtype, case, layout, has_bias, monk
                          dtype, has_bias)
 
 
-# (N, C, H, W, F): even sizes fuse the pool into the conv; odd ones run the two ops
-CONV_POOL_CASES = [(2, 8, 6, 4, 8), (3, 9, 4, 8, 12), (2, 16, 2, 2, 8), (2, 8, 5, 6, 8)]
+# (N, C, H, W, F): the pool fuses into the conv on even and odd sizes (an odd one's last
+# row or column dropped)
+CONV_POOL_CASES = [(2, 8, 6, 4, 8), (3, 9, 4, 8, 12), (2, 16, 2, 2, 8), (2, 8, 5, 6, 8),
+                   (3, 8, 7, 7, 9), (2, 10, 3, 5, 8), (2, 8, 2, 3, 8)]
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -1128,7 +1130,7 @@ def test_conv_pool_matches_the_two_reference_ops(dtype, case, layout, has_bias, 
         x = _channels_last_view(np, x)
     w = rng.standard_normal((f, c, 3, 3)).astype(dtype)
     b = rng.standard_normal(f).astype(dtype) if has_bias else None
-    assert pool._pool_fuses(h, w_, w.shape, 1, 1, 2, 2, 2) == (h % 2 == 0 and w_ % 2 == 0)
+    assert pool._pool_fuses(h, w_, w.shape, 1, 1, 2, 2, 2) == (min(h, w_) >= 2)
     out, saved = pool.conv_pool_forward_numba(x, w, b, 1, 1, 2, 2, 2)
     out_ref, saved_ref = reference.conv_pool_forward(
         x, w, np.zeros(f, dtype) if b is None else b, 1, 1, 2, 2, 2)

@@ -1,8 +1,8 @@
 """Max pooling, and a convolution fused with the max pool that follows it (conv_pool).
 
 Each op: its reference (plain xp, the declaration), its Numba version and its
-CuPy version. On numpy a 3x3 Winograd conv with a 2x2 stride-2 pool on even
-sizes pools each output tile as it is made (winograd.py); elsewhere conv_pool
+CuPy version. On numpy a 3x3 Winograd conv with a 2x2 stride-2 pool pools each
+output tile as it is made (winograd.py); elsewhere conv_pool
 is the two ops one after the other (conv_pool_ops).
 """
 import numpy as np
@@ -170,9 +170,10 @@ def max_pool_backward_numba(dout, saved):
 
 
 def _pool_fuses(height, width, w_shape, stride, pad, pool_height, pool_width, pool_stride):
-    """A Winograd conv (of an H x W output) whose 2x2 output tiles are the pool's windows."""
+    """A Winograd conv (of an H x W output) whose 2x2 output tiles are the pool's windows
+    (an odd H or W: its last row or column, which the pool drops, is never made)."""
     return (_winograd_fits(w_shape, stride, pad) and (pool_height, pool_width, pool_stride)
-            == (2, 2, 2) and height % 2 == 0 and width % 2 == 0)
+            == (2, 2, 2) and min(height, width) >= 2)
 
 
 # where the pool does not fuse: the two ops, one after the other
@@ -184,8 +185,8 @@ _conv_then_pool, _conv_then_pool_backward = conv_pool_ops(
 def conv_pool_forward_numba(x, w, b, stride, pad, pool_height, pool_width, pool_stride):
     """max_pool_forward(conv_forward(x, w, b, stride, pad), ...) -> (out, (conv saved, pool saved)).
 
-    A 3x3 Winograd conv with a 2x2 stride-2 pool on even sizes pools each output
-    tile as it is made: the full-size conv output never exists.
+    A 3x3 Winograd conv with a 2x2 stride-2 pool pools each output tile as it is
+    made: the full-size conv output never exists (nor an odd size's dropped edge).
     """
     pool = (pool_height, pool_width, pool_stride)
     if not _pool_fuses(x.shape[2], x.shape[3], w.shape, stride, pad, *pool):

@@ -139,7 +139,11 @@ def _takes_over(v, best):
 @_jit
 def _winograd_output_pool(m, start, stop, bias, pooled, argmax):
     """As _winograd_output, then a 2x2 stride-2 max pool of each tile (its window):
-    pooled and argmax (n, H/2, W/2, F) get each window's max and first tap (row-major)."""
+    pooled and argmax (n, H // 2, W // 2, F) get each window's max and first tap (row-major).
+
+    m holds the tiles of the pool's windows only (H // 2 by W // 2 per image): an odd
+    conv output's last row and column, which the pool drops, are never made.
+    """
     tiles_y, tiles_x, filters = pooled.shape[1], pooled.shape[2], pooled.shape[3]
     t = 0
     for image in range(start, stop):
@@ -229,25 +233,34 @@ def _winograd_filter_grad(du):
     return np.ascontiguousarray(dg.reshape(-1, du.shape[2]))
 
 
-def _winograd_geometry(x_nhwc, widths):
+def _winograd_geometry(x_nhwc, widths, pooled=False):
     """(tiles_y, tiles_x, tiles per image, images per chunk): a chunk's transformed tiles of
-    all `widths` channel counts within CONV_CHUNK_BYTES (_numba.py)."""
+    all `widths` channel counts within CONV_CHUNK_BYTES (_numba.py).
+
+    pooled: the tiles of a following 2x2 stride-2 pool's windows only (H // 2 by W // 2:
+    an odd size's last row or column is dropped by the pool); else all (H + 1) // 2 by
+    (W + 1) // 2, an odd size's last tiles half outside the image. The chunk is sized
+    for all tiles either way (the backward's input gradient needs them).
+    """
     n, height, width = x_nhwc.shape[:3]
     tiles_y, tiles_x = (height + 1) // 2, (width + 1) // 2
-    tiles = tiles_y * tiles_x
-    per_image = 16 * tiles * sum(widths) * x_nhwc.itemsize
-    return tiles_y, tiles_x, tiles, max(1, min(n, _numba.CONV_CHUNK_BYTES // per_image))
+    per_image = 16 * tiles_y * tiles_x * sum(widths) * x_nhwc.itemsize
+    if pooled:
+        tiles_y, tiles_x = height // 2, width // 2
+    step = max(1, min(n, _numba.CONV_CHUNK_BYTES // per_image))
+    return tiles_y, tiles_x, tiles_y * tiles_x, step
 
 
 def _winograd_forward(x_nhwc, w_mat, bias, pool=False):
     """x_nhwc (n, H, W, C), w_mat (9C, F), bias (F,) or None -> out (n, H, W, F).
 
-    pool (H and W even): each 2x2 output tile max-pooled on the spot instead ->
-    (pooled, argmax), both (n, H/2, W/2, F): the full-size output is never written.
+    pool: each 2x2 output tile max-pooled on the spot instead -> (pooled, argmax), both
+    (n, H // 2, W // 2, F): the full-size output is never written (nor, for an odd H or
+    W, the last row or column the pool drops).
     """
     n, height, width, channels = x_nhwc.shape
     filters, dtype = w_mat.shape[1], x_nhwc.dtype
-    tiles_y, tiles_x, tiles, step = _winograd_geometry(x_nhwc, (channels, filters))
+    tiles_y, tiles_x, tiles, step = _winograd_geometry(x_nhwc, (channels, filters), pool)
     u = _winograd_filters(w_mat)
     bias = np.zeros(filters, dtype) if bias is None else bias
     if pool:
@@ -279,13 +292,16 @@ def _winograd_forward(x_nhwc, w_mat, bias, pool=False):
 def _winograd_backward(dout_nhwc, x_nhwc, w_mat, need_dx, has_bias, argmax=None):
     """-> (dx (n, H, W, C) or None, dw_mat (9C, F), db (F,) or None).
 
-    argmax (n, H/2, W/2, F): dout_nhwc is the gradient of the output's 2x2 max pool
-    (_winograd_forward with pool), unpooled tile by tile.
+    argmax (n, H // 2, W // 2, F): dout_nhwc is the gradient of the output's 2x2 max pool
+    (_winograd_forward with pool), unpooled tile by tile. The filters' gradient then
+    takes the pool's windows' tiles only; the input gradient takes all tiles (an odd
+    size's last input row still feeds the row above it).
     """
     n, height, width, channels = x_nhwc.shape
     filters, dtype = w_mat.shape[1], x_nhwc.dtype
     widths = (channels, filters)
     tiles_y, tiles_x, tiles, step = _winograd_geometry(x_nhwc, widths)
+    dw_tiles_y, dw_tiles_x, dw_tiles, _ = _winograd_geometry(x_nhwc, widths, argmax is not None)
     u_flipped = _winograd_filters(w_mat, flip=True) if need_dx else None
     dx = np.empty_like(x_nhwc) if need_dx else None
     no_bias = np.zeros(channels, dtype)
@@ -297,14 +313,17 @@ def _winograd_backward(dout_nhwc, x_nhwc, w_mat, need_dx, has_bias, argmax=None)
         s = partial.get(worker)
         if s is None:
             padded = (2 * tiles_y + 2, 2 * tiles_x + 2)
+            dw_padded = (2 * dw_tiles_y + 2, 2 * dw_tiles_x + 2)
             s = partial[worker] = dict(
                 du=np.zeros((16, channels, filters), dtype), db=np.zeros(filters, dtype),
                 du_chunk=np.empty((16, channels, filters), dtype),
-                padded_x=np.zeros(padded + (channels,), dtype),
-                padded_dout=np.zeros(padded + (filters,), dtype),
+                padded_x=np.zeros(dw_padded + (channels,), dtype),
+                padded_dout=np.zeros(dw_padded + (filters,), dtype),
                 v=np.empty((step * tiles, 16, channels), dtype),
                 e=np.empty((step * tiles, 16, filters), dtype))
-        count = (stop - start) * tiles
+            s["padded_dout_dx"] = (s["padded_dout"] if padded == dw_padded
+                                   else np.zeros(padded + (filters,), dtype))
+        count = (stop - start) * dw_tiles
         v, e = s["v"][:count], s["e"][:count]
         _winograd_input(x_nhwc, None, start, stop, s["padded_x"], v)
         _winograd_output_grad(dout_nhwc, argmax, start, stop, s["padded_dout"], e)
@@ -313,8 +332,9 @@ def _winograd_backward(dout_nhwc, x_nhwc, w_mat, need_dx, has_bias, argmax=None)
         if has_bias:  # (a pool's gradient has the same sum as the unpooled one)
             s["db"] += dout_rows[start * dout_pixels:stop * dout_pixels].sum(axis=0)
         if need_dx:  # into the same buffers (their tiles are used up): less cache in use
-            v_dout, m_dx = e, v
-            _winograd_input(dout_nhwc, argmax, start, stop, s["padded_dout"], v_dout)
+            count = (stop - start) * tiles
+            v_dout, m_dx = s["e"][:count], s["v"][:count]
+            _winograd_input(dout_nhwc, argmax, start, stop, s["padded_dout_dx"], v_dout)
             np.matmul(v_dout.transpose(1, 0, 2), u_flipped, out=m_dx.transpose(1, 0, 2))
             _winograd_output(m_dx, start, stop, no_bias, dx)
 
