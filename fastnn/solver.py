@@ -250,10 +250,14 @@ class Solver:
         self.lookahead = check_lookahead(self.lookahead)
 
     def _freeze(self):
-        """The updater's frozen parameters: those whose train_epochs have passed."""
+        """The updater's frozen parameters: those whose train_epochs have passed (a model
+        that declares `frozen`, as fastnn's classifiers do, is told them while it trains:
+        see Classifier)."""
         if self.train_epochs:
             self.updater.frozen = frozenset(name for name, epochs in self.train_epochs.items()
                                             if self.epoch >= epochs)
+            if hasattr(self.model, "frozen"):
+                self.model.frozen = self.updater.frozen
 
     def _reset(self):
         self.epoch = 0
@@ -334,6 +338,7 @@ class Solver:
         tracker = self.tracker
         if not tracker.best_params:  # the initial parameters: a finite fallback from the start
             tracker.keep_as_best()
+        self._freeze()
         with stop_requests() as stop:
             try:
                 while self._t < total and not tracker.finished():
@@ -376,6 +381,8 @@ class Solver:
             finally:
                 if bar is not None:
                     bar.close()
+                if self.train_epochs and hasattr(self.model, "frozen"):
+                    self.model.frozen = frozenset()  # every gradient again outside training
         self._read_losses()
         tracker.restore_best()
 

@@ -5,6 +5,7 @@ import pytest
 import fastnn
 from fastnn import kernels, layers
 from fastnn.classifiers import ConvNet, FullyConnectedNet, ThreeLayerConvNet, TwoLayerNet
+from fastnn.classifiers import conv_net
 from fastnn.classifiers.base import Classifier
 from fastnn.gradient_check import eval_numerical_gradient, rel_error
 from fastnn.init import whitening_filters
@@ -694,6 +695,30 @@ def test_conv_net_all_options_structure(backend):
         assert model.norm_params[str(i)]["momentum"] == 0.6
     X = backend.asarray(np.random.default_rng(0).standard_normal((2, 2, 7, 6)), dtype=np.float32)
     assert model.loss(X).shape == (2, 3)
+
+
+def test_conv_net_skips_the_stem_backward_once_its_bias_is_frozen(backend, monkeypatch):
+    """With b1 in model.frozen (the Solver's train_epochs passed) the loss leaves b1's
+    gradient out and the first group's conv computes no input gradient; every other
+    gradient is the same."""
+    xp = backend
+    model = _tiny_whiten_net()
+    rng = np.random.default_rng(5)
+    X, y = xp.asarray(rng.standard_normal((4, 2, 7, 6))), xp.asarray(rng.integers(0, 3, 4))
+    model.init_whitening(X)
+    loss, grads = model.loss(X, y)
+    asked = []
+    real = conv_net.conv_pool_backward_fast
+    monkeypatch.setattr(conv_net, "conv_pool_backward_fast",
+                        lambda dout, cache, need_dx=True: asked.append(need_dx) or real(
+                            dout, cache, need_dx))
+    model.frozen = frozenset({"b1"})
+    frozen_loss, frozen_grads = model.loss(X, y)
+    assert float(frozen_loss) == float(loss)
+    assert set(frozen_grads) == set(grads) - {"b1"}
+    for name, grad in frozen_grads.items():
+        np.testing.assert_array_equal(fastnn.to_numpy(grad), fastnn.to_numpy(grads[name]))
+    assert asked == [True, False]  # the second group's conv, then the first's (no dx)
 
 
 def test_conv_net_whitening_stem_sizes_and_init():

@@ -980,6 +980,27 @@ def _options_on(**kwargs):
     return options
 
 
+def test_the_model_is_told_its_frozen_parameters_while_it_trains():
+    """A Classifier's `frozen` holds the parameters past their train_epochs during train()
+    (its loss may skip their gradients) and is empty again afterwards."""
+    model = _small(use_batchnorm=True)
+    seen = []
+    real_loss = model.loss
+
+    def loss(X, y=None):
+        if y is not None:
+            seen.append(model.frozen)
+        return real_loss(X, y)
+
+    model.loss = loss
+    solver = Solver(model, _small_data(), num_epochs=3, **_options_on(lookahead=None))
+    solver.train()
+    per_epoch = solver.iterations_per_epoch
+    assert seen[:per_epoch] == [frozenset({"gamma1"})] * per_epoch
+    assert seen[per_epoch:] == [frozenset({"gamma1", "b1"})] * (2 * per_epoch)
+    assert model.frozen == frozenset()
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_train_epochs_freezes_a_parameter_after_its_epochs(fused):
     model = _small(use_batchnorm=True)

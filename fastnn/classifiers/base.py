@@ -60,7 +60,13 @@ class Classifier:
     with `_add_param` (after `_start_params`), register each running-
     statistics layer with `_add_norm`, and return `_loss_and_grads(...)` from
     `loss(X, y)`.
+
+    `frozen`: names of parameters the Solver gives no steps now (its
+    train_epochs), set by the Solver while it trains; a loss may leave their
+    gradients out and skip the backward work only they need.
     """
+
+    frozen = frozenset()
 
     def _start_params(self):
         self.params, self.param_roles, self.norm_params, self.bn_params = {}, {}, {}, []

@@ -244,6 +244,9 @@ class ConvNet(Classifier):
                 grads[f"b{last}"] = db
             dhidden = max_pool_backward_fast(dfeatures.reshape(n, channels, 1, 1),
                                              head_pool_cache)
+            # the whitening stem learns its bias only, and not once the Solver froze it:
+            # then nothing needs the gradient of the stem's output (as autograd skips it)
+            stem_learns = first == 2 and "b1" not in self.frozen
             for i in range(self.num_convs, first - 1, -1):
                 conv_cache, pooled, bn_cache = caches[i - first]
                 dhidden, dgamma, dbeta = bn_act_backward(dhidden, bn_cache)
@@ -251,8 +254,9 @@ class ConvNet(Classifier):
                     grads[f"gamma{i}"] = dgamma
                 grads[f"beta{i}"] = dbeta
                 conv_backward = conv_pool_backward_fast if pooled else conv_backward_fast
-                dhidden, grads[f"W{i}"], _ = conv_backward(dhidden, conv_cache, need_dx=i > 1)
-            if first == 2:  # the whitening stem: only its bias learns
+                need_dx = i > first or (i > 1 and stem_learns)
+                dhidden, grads[f"W{i}"], _ = conv_backward(dhidden, conv_cache, need_dx=need_dx)
+            if stem_learns:
                 grads["b1"] = act_backward(dhidden, stem_cache).sum(axis=(0, 2, 3))
             return grads
 
