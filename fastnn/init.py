@@ -36,17 +36,24 @@ def patch_covariance(X, kernel_size=2):
     return covariance / (n * per_image)
 
 
-def whitening_filters(X, kernel_size=2, eps=5e-4):
+def whitening_filters(X, kernel_size=2, eps=5e-4, relative=False):
     """Patch-whitening conv filters from images X (N, C, H, W) (any backend) -> a host
     float64 array (2*C*k*k, C, k, k).
 
     Filter i < C*k*k is the covariance's eigenvector of the i-th largest eigenvalue
     divided by sqrt(eigenvalue + eps); filters C*k*k.. are their negatives (so a relu
     or gelu after the conv passes both signs). Eigenvector signs are LAPACK's.
+
+    relative: eps in units of the patches' mean variance (the covariance's mean
+    diagonal), so the filters whiten alike however the images are scaled. airbench's
+    eps 5e-4 is for images normalised to unit variance per channel, where the two
+    agree; fastnn's get_cifar10_data gives mean-subtracted 0-255 pixels (~4000).
     """
     if not eps >= 0:
         raise ValueError(f"whitening_filters: eps must be >= 0, got {eps}")
     covariance = patch_covariance(X, kernel_size)
+    if relative:
+        eps = eps * float(np.mean(np.diag(covariance)))
     channels = covariance.shape[0] // (kernel_size * kernel_size)
     eigenvalues, eigenvectors = np.linalg.eigh(covariance, UPLO="U")  # ascending
     eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors.T[::-1]  # rows, descending

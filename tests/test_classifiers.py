@@ -735,7 +735,7 @@ def test_conv_net_whitening_stem_sizes_and_init():
         model.init_whitening(np.zeros((2, 3, 7, 6)))
     X = np.random.default_rng(3).standard_normal((5, 2, 7, 6))
     model.init_whitening(X, eps=1e-3)
-    np.testing.assert_array_equal(model.buffers["W1"], whitening_filters(X, 2, 1e-3))
+    np.testing.assert_array_equal(model.buffers["W1"], whitening_filters(X, 2, 1e-3, relative=True))
 
 
 def test_conv_net_all_options_loss_is_the_layers_by_hand():

@@ -58,6 +58,27 @@ def test_whitened_patches_have_identity_covariance():
             np.testing.assert_allclose(covariance, np.diag(values / (values + eps)), atol=1e-9)
 
 
+def test_relative_eps_whitens_alike_at_any_scale():
+    """relative=True: eps in units of the patches' mean variance, so images scaled by s
+    give the filters of the unscaled images divided by s (same whitened outputs); an
+    absolute eps does not (airbench's 5e-4 assumes unit-variance images)."""
+    x = _images(3, n=6)
+    variance = float(np.mean(np.diag(patch_covariance(x, 2))))
+    def up_to_sign(a, b):  # LAPACK's eigenvector signs may differ between the two
+        return a * np.sign((a * b).sum(axis=(1, 2, 3)))[:, None, None, None]
+
+    def norms(filters):  # 1 / sqrt(eigenvalue + eps): free of the eigenvectors' round-off
+        return np.sqrt((filters ** 2).sum(axis=(1, 2, 3)))
+
+    expected = whitening_filters(x, 2, 5e-4 * variance)
+    for scale in (1.0, 255.0):
+        relative = whitening_filters(scale * x, 2, 5e-4, relative=True) * scale
+        np.testing.assert_allclose(up_to_sign(relative, expected), expected, atol=1e-6)
+        np.testing.assert_allclose(norms(relative), norms(expected), rtol=1e-6)
+    absolute = whitening_filters(255.0 * x, 2, 5e-4) * 255.0
+    assert np.abs(norms(absolute) / norms(expected) - 1).max() > 1e-4
+
+
 def test_patch_covariance_is_chunk_independent(monkeypatch):
     """Accumulated over chunks of images (bounded memory), the same covariance."""
     x = _images(2, n=9)

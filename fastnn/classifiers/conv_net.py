@@ -177,7 +177,9 @@ class ConvNet(Classifier):
 
     def init_whitening(self, X, eps=5e-4):
         """Set the whitening stem's filters from training images X (N, C, H, W) (airbench:
-        the first 5000, normalised as the training data are): fastnn.init.whitening_filters."""
+        the first 5000, normalised as the training data are): fastnn.init.whitening_filters
+        with eps relative to the images' variance (airbench's 5e-4 on its unit-variance
+        images, whatever scale X has)."""
         if self.options["stem"] != "whiten":
             raise ValueError(f"init_whitening needs a ConvNet built with stem='whiten'; this one "
                              f"has stem={self.options['stem']!r}")
@@ -185,7 +187,7 @@ class ConvNet(Classifier):
         if getattr(X, "ndim", None) != 4 or X.shape[1] != channels:
             raise ValueError(f"init_whitening needs images (N, {channels}, H, W); got shape "
                              f"{getattr(X, 'shape', None)}")
-        filters = whitening_filters(X, WHITEN_KERNEL, eps)
+        filters = whitening_filters(X, WHITEN_KERNEL, eps, relative=True)
         self.buffers["W1"][...] = active_xp().asarray(filters, dtype=self.dtype)
 
     def _gamma(self, i):
