@@ -17,8 +17,10 @@ two cores). Then come fastnn's peak resident set, its step memory
 peak above that) and its time per op (timing wrappers around the layer
 functions ConvNet calls). `--recipe NAME` times the ConvNet of a `fastnn train`
 recipe instead (e.g. airbench94: its whitening stem set from the step's
-random images, GELU, frozen batchnorm scales), fastnn only: PyTorch ports of
-the recipes are not written yet.
+random images, GELU, frozen batchnorm scales); a recipe with the whitening
+stem races airbench's net in PyTorch (benchmarks/airbench_torch.py, float32,
+the recipe's label smoothing). `--frozen-stem`: the steps after the stem's
+bias stops learning (airbench's epoch 3 on), which skip the stem's backward.
 """
 import argparse
 import collections
@@ -58,7 +60,8 @@ def fastnn_step(model, X, y, lr=1e-3):
     def step():
         _, grads = model.loss(X, y)
         for name, w in model.params.items():
-            optim.fused_update("sgd", w, grads[name], configs[name])
+            if name in grads:  # not a frozen one (--frozen-stem)
+                optim.fused_update("sgd", w, grads[name], configs[name])
 
     return step
 
@@ -79,19 +82,30 @@ def torch_net(widths, stem_width, channels=3, num_classes=10):
     return nn.Sequential(*layers)
 
 
-def torch_step(widths, stem_width, X, y, channels_last, lr=1e-3):
+def torch_step(widths, stem_width, X, y, channels_last, lr=1e-3, airbench=False,
+               frozen_stem=False, label_smoothing=0.0):
+    """airbench: airbench's net (benchmarks/airbench_torch.py) instead of the contract's,
+    its stem's bias frozen with frozen_stem."""
     import torch
 
-    net = torch_net(widths, stem_width)
+    if airbench:
+        import airbench_torch
+
+        net = airbench_torch.make_net(widths, channels_last=False)
+        airbench_torch.init_whitening_conv(net[0], torch.from_numpy(X))
+        net[0].bias.requires_grad = not frozen_stem
+    else:
+        net = torch_net(widths, stem_width)
     inputs, labels = torch.from_numpy(X), torch.from_numpy(y)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(net(inputs), labels)
+        loss = torch.nn.functional.cross_entropy(net(inputs), labels,
+                                                 label_smoothing=label_smoothing)
         loss.backward()
         optimizer.step()
 
@@ -184,7 +198,11 @@ def main():
                         help="group widths (32 64 128, or the recipe's)")
     parser.add_argument("--stem-width", type=int, default=24)
     parser.add_argument("--recipe", default=None,
-                        help="time the ConvNet of this fastnn train recipe (fastnn only)")
+                        help="time the ConvNet of this fastnn train recipe (a whitening-stem "
+                             "recipe against airbench's net in PyTorch)")
+    parser.add_argument("--frozen-stem", action="store_true",
+                        help="with a whitening-stem recipe: its bias frozen (airbench's epochs "
+                             "3 on): no stem backward")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
@@ -215,7 +233,12 @@ def main():
         model = runs.build_model(config, {"X_train": X})
         args.widths, args.stem_width = config["widths"], config["stem_width"]
         stem = config.get("stem") or "conv"
-        args.no_torch = True  # no PyTorch port of the recipes yet
+        if stem != "whiten":
+            args.no_torch = True  # only airbench's net is ported (benchmarks/airbench_torch.py)
+        if args.frozen_stem:
+            if stem != "whiten":
+                parser.error("--frozen-stem needs a recipe with the whitening stem")
+            model.frozen = frozenset({"b1"})
     else:
         args.widths = args.widths or [32, 64, 128]
         model = ConvNet(widths=args.widths, stem_width=args.stem_width, seed=0)
@@ -226,8 +249,11 @@ def main():
 
         if args.cpu_time:
             torch.set_num_threads(1)
-        contenders["torch NCHW"] = torch_step(args.widths, args.stem_width, X, y, False)
-        contenders["torch channels-last"] = torch_step(args.widths, args.stem_width, X, y, True)
+        port = dict(airbench=stem == "whiten", frozen_stem=args.frozen_stem,
+                    label_smoothing=model.label_smoothing if stem == "whiten" else 0.0)
+        contenders["torch NCHW"] = torch_step(args.widths, args.stem_width, X, y, False, **port)
+        contenders["torch channels-last"] = torch_step(args.widths, args.stem_width, X, y, True,
+                                                       **port)
     for name, step in contenders.items():  # warm up: compile, allocate, fill caches
         time_steps(step, 2)
         if name == "fastnn numpy":

@@ -52,6 +52,7 @@ LEGACY_DEFAULTS = {
 # its default recipe in fastnn.models.RECIPES.
 RECIPES = {name: models.recipe_of(name) for name in models.MODELS}
 DEFAULT_MODEL = models.DEFAULT_MODEL
+DEFAULT_RECIPE = models.DEFAULT_RECIPE
 
 
 def recipe_config(name):
@@ -70,7 +71,7 @@ def defaults_for(model):
 
 
 # `fastnn train` with no flags: the main job
-DEFAULTS = defaults_for(DEFAULT_MODEL)
+DEFAULTS = recipe_config(DEFAULT_RECIPE)
 # Options only some models take (every model takes reg).
 MODEL_OPTIONS = {name: model.options for name, model in models.MODELS.items()}
 # The optim_config keys each update rule takes besides learning_rate, from
@@ -137,8 +138,10 @@ def new_config(given):
     """A new run's configuration: its recipe under `given`; the recipe is given["recipe"], else
     its model's (given["model"]), else the main job's. ValueError when the two disagree."""
     given = tta_alias({k: v for k, v in given.items() if not (k == "recipe" and v is None)})
+    if "recipe" not in given and "model" not in given:
+        given = {**given, "recipe": DEFAULT_RECIPE}
     if "recipe" not in given:
-        return {**defaults_for(given.get("model", DEFAULT_MODEL)), **given}
+        return {**defaults_for(given["model"]), **given}
     base = recipe_config(given["recipe"])
     model = given.get("model", base["model"])
     if model != base["model"]:

@@ -37,10 +37,11 @@ TINY_MODELS = {
 
 
 def convnet_args(root, out, *extra):
-    """A tiny run with the convnet defaults (the main job's recipe), tiny widths."""
-    return ["train", "--out", str(out), "--data", root, "--num-training", "160",
-            "--num-validation", "40", "--num-test", "50", "--widths", "4", "8",
-            "--stem-width", "4", "--batch-size", "16", "--print-every", "5", *extra]
+    """A tiny run of --model convnet with its own recipe (convnet), tiny widths."""
+    return ["train", "--out", str(out), "--data", root, "--model", "convnet",
+            "--num-training", "160", "--num-validation", "40", "--num-test", "50",
+            "--widths", "4", "8", "--stem-width", "4", "--batch-size", "16", "--print-every", "5",
+            *extra]
 
 
 def checkpoint_params(run_dir):
@@ -373,7 +374,32 @@ def test_python_dash_m_fastnn_shows_help():
     assert "--resume" in result.stdout and "--lr-schedule" in result.stdout
 
 
-def test_train_defaults_to_the_convnet_recipe(cifar_root, tmp_path):
+def test_train_without_model_or_recipe_is_the_main_job(cifar_root, tmp_path):
+    """No --model or --recipe: the main job's recipe (airbench_small), its whitening stem,
+    GELU and lookahead, tta 2; it trains."""
+    from fastnn import models
+    from fastnn.classifiers import ConvNet
+
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--data", cifar_root, "--num-training", "160",
+            "--num-validation", "40", "--num-test", "50", "--widths", "4", "8",
+            "--batch-size", "16", "--epochs", "2", "--print-every", "5"]
+    assert main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"] == models.DEFAULT_RECIPE == "airbench_small"
+    for key, value in models.RECIPES["airbench_small"].settings.items():
+        if key not in ("epochs", "batch_size", "widths"):
+            assert config[key] == value, key
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tta"] == 2 and metrics["test_acc"] == metrics["test_acc_tta"]
+    model = fastnn.load(out / "model.npz")
+    assert isinstance(model, ConvNet) and model.options["stem"] == "whiten"
+    assert model.buffers["W1"].shape == (24, 3, 2, 2)
+    loss = metrics["loss_history"]
+    assert np.isfinite(loss).all() and np.mean(loss[-5:]) < np.mean(loss[:3])
+
+
+def test_model_convnet_alone_trains_the_convnet_recipe(cifar_root, tmp_path):
     from fastnn.classifiers import ConvNet
     from fastnn.runs import RECIPES
 
@@ -813,7 +839,7 @@ def test_a_named_recipe_trains_records_itself_and_resumes_as_it_was(cifar_root, 
 @pytest.mark.parametrize("flags, message", [
     (["--recipe", "fc", "--model", "convnet"],
      "--recipe fc trains --model fc, not convnet: drop --model, or pick a recipe of convnet "
-     "(convnet, airbench94)"),
+     "(convnet, airbench_small, airbench94)"),
     (["--model", "fc", "--flip", "alternate"], "--flip does not apply (--augment is off"),
     (["--model", "fc", "--padding-mode", "reflect"],
      "--padding-mode does not apply (--augment is off"),

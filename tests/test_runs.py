@@ -114,8 +114,13 @@ def test_recorded_keeps_only_what_applies():
 
 def test_new_runs_get_their_models_recipe_and_stored_ones_the_old_defaults():
     # (a new run also records its recipe's name)
-    assert new_config({}) == {**LEGACY_DEFAULTS, **RECIPES["convnet"], "model": "convnet",
-                              "recipe": "convnet"}
+    # no --model or --recipe: the main job (airbench_small); --model convnet: its own recipe
+    from fastnn import models
+
+    assert new_config({}) == {**LEGACY_DEFAULTS, **models.RECIPES["airbench_small"].settings,
+                              "model": "convnet", "recipe": "airbench_small"} == DEFAULTS
+    assert new_config({"model": "convnet"}) == {**LEGACY_DEFAULTS, **RECIPES["convnet"],
+                                                "model": "convnet", "recipe": "convnet"}
     assert new_config({"epochs": 3})["epochs"] == 3
     assert new_config({"model": "fc"}) == {**LEGACY_DEFAULTS, "model": "fc", "recipe": "fc"}
     # a stored config without a key means the key's value before it existed
@@ -137,10 +142,11 @@ def test_build_model_builds_each_model_from_its_recipe():
                  "num_filters": 4, "filter_size": 3}
         model = build_model({**defaults_for(name), **small})
         assert type(model) is cls, name
-    convnet = build_model({**DEFAULTS, "widths": [4, 8], "stem_width": 4, "seed": 3})
-    assert convnet.label_smoothing == DEFAULTS["label_smoothing"]
+    recipe = defaults_for("convnet")
+    convnet = build_model({**recipe, "widths": [4, 8], "stem_width": 4, "seed": 3})
+    assert convnet.label_smoothing == recipe["label_smoothing"]
     assert convnet.params["W1"].shape == (4, 3, 3, 3)
-    again = build_model({**DEFAULTS, "widths": [4, 8], "stem_width": 4, "seed": 3})
+    again = build_model({**recipe, "widths": [4, 8], "stem_width": 4, "seed": 3})
     np.testing.assert_array_equal(again.params["W1"], convnet.params["W1"])
 
 
@@ -321,7 +327,7 @@ def test_a_recipe_names_a_run_and_a_model_that_disagrees_is_refused(monkeypatch)
     assert models.recipes_of("fc") == ["fc", "slow_fc"]
     with pytest.raises(ValueError, match=r"^--recipe slow_fc trains --model fc, not convnet: "
                                          r"drop --model, or pick a recipe of convnet \(convnet, "
-                                         r"airbench94\)$"):
+                                         r"airbench_small, airbench94\)$"):
         new_config({"recipe": "slow_fc", "model": "convnet"})
     with pytest.raises(ValueError, match=r"--recipe must be one of \[.*\], got 'slow'"):
         new_config({"recipe": "slow"})
@@ -337,7 +343,8 @@ def test_a_recipe_names_a_run_and_a_model_that_disagrees_is_refused(monkeypatch)
 def test_tta_is_flip_test_extended_and_old_configs_mean_what_they_said():
     assert complete({"model": "convnet", "flip_test": True})["tta"] == 1  # before tta existed
     assert complete({"model": "fc"})["tta"] == 0
-    assert (DEFAULTS["tta"], DEFAULTS["flip_test"]) == (1, True)
+    assert (DEFAULTS["tta"], DEFAULTS["flip_test"]) == (2, True)
+    assert (defaults_for("convnet")["tta"], defaults_for("convnet")["flip_test"]) == (1, True)
     for given, want in (({"flip_test": False}, (0, False)), ({"flip_test": True}, (1, True)),
                         ({"tta": 2}, (2, True)), ({"tta": 0}, (0, False))):
         config = new_config(given)
@@ -359,7 +366,10 @@ def test_augment_options_carry_the_flips_and_the_padding_mode():
     check_config(config)
     assert augment_options(config) == {"flip": "alternate", "crop_padding": 2,
                                        "padding_mode": "reflect"}
-    assert augment_options(DEFAULTS) == {"flip": True, "crop_padding": 2, "padding_mode": "zeros"}
+    assert augment_options(DEFAULTS) == {"flip": "alternate", "crop_padding": 2,
+                                         "padding_mode": "reflect"}
+    assert augment_options(defaults_for("convnet")) == {"flip": True, "crop_padding": 2,
+                                                        "padding_mode": "zeros"}
     assert recorded(config)["flip"] == "alternate"
     off = {**config, "augment": False}
     assert set(not_applicable(off, {"flip": 0, "padding_mode": 0})) == {"flip", "padding_mode"}
@@ -478,7 +488,7 @@ def schedule_factors(config, num_training):
 def test_a_shortened_default_run_peaks_lower_and_a_full_one_as_before():
     # the main job's recipe, tiny widths, batch 16: 19 iterations, as --epochs 1
     # --num-training 5000 at batch 256 (which warmed up to lr 0.2 and diverged)
-    tiny = {"widths": [4], "stem_width": 4, "batch_size": 16}
+    tiny = {"model": "convnet", "widths": [4], "stem_width": 4, "batch_size": 16}
     short = new_config({**tiny, "epochs": 1})
     assert short["lr_min_iterations"] == 200 and short["lr_schedule"] == "onecycle"
     factors = schedule_factors(short, 19 * 16)

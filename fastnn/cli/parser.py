@@ -4,7 +4,7 @@ import argparse
 import textwrap
 
 from fastnn import models, optim
-from fastnn.runs import RULE_OPTIONS, option_name
+from fastnn.runs import DEFAULTS, MODEL_OPTIONS, RULE_OPTIONS, option_name, recipe_config
 
 # the argparse keywords of a model option's flag, by its kind (fastnn.models.Option)
 OPTION_KINDS = {"int": {"type": int}, "float": {"type": float}, "ints": {"type": int, "nargs": "+"},
@@ -34,6 +34,29 @@ def recipes_epilog():
     return "recipes (--recipe NAME; a flag replaces one value of it):\n" + "\n".join(lines)
 
 
+def _value_text(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def defaults_note(key):
+    """`fastnn train`'s default of config `key`, for its flag's help: "(X)", the main job's
+    value (models.DEFAULT_RECIPE), or "(X / Y)" with fc's after a slash where fc takes the key
+    and trains with another value. From the recipes, so the help follows them."""
+    main = _value_text(DEFAULTS[key])
+    fc = recipe_config(models.MODELS["fc"].recipe)
+    model_keys = {k for keys in MODEL_OPTIONS.values() for k in keys}
+    if key in model_keys and key not in MODEL_OPTIONS["fc"]:
+        return f"({main})"
+    other = _value_text(fc[key])
+    return f"({main})" if other == main else f"({main} / {other})"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="fastnn", description="Train, evaluate and tune classifiers on CIFAR-10 "
@@ -55,42 +78,50 @@ def build_parser():
              "best.json); flags override it")
     add("--recipe", choices=list(models.RECIPES),
         help=f"the named settings to train with, listed below; flags replace single values "
-             f"(without it: --model's recipe, else {models.DEFAULT_RECIPE})")
+             f"(without it: --model's recipe, else {models.DEFAULT_RECIPE}, the main job)")
     abouts = [model.about for model in models.MODELS.values()]
     add("--model", choices=list(models.MODELS),
         help=f"{', '.join(abouts[:-1])} or {abouts[-1]}; the other defaults are that model's "
-             f"recipe: {models.DEFAULT_MODEL}'s below, fc's after a slash "
-             f"({models.DEFAULT_MODEL})")
+             f"recipe (the defaults shown are the main job's, {models.DEFAULT_RECIPE}, and "
+             f"fc's after a slash) ({models.DEFAULT_MODEL})")
     for key, option in models.OPTIONS.items():  # the models' own options
-        add(option_name(key), help=option.help, **OPTION_KINDS[option.kind],
+        note = f" {defaults_note(key)}" if key in MODEL_OPTIONS[models.DEFAULT_MODEL] or \
+            option.solver else ""  # the others' texts name their models' values
+        add(option_name(key), help=option.help + note, **OPTION_KINDS[option.kind],
             **({"choices": list(option.choices)} if option.kind == "choice" else {}))
-    add("--reg", type=float, help="L2 regularisation strength (5e-4 / 0)")
-    add("--update-rule", choices=list(RULE_OPTIONS), help="update rule (sgd_nesterov / adam)")
+    add("--reg", type=float, help=f"L2 regularisation strength {defaults_note('reg')}")
+    add("--update-rule", choices=list(RULE_OPTIONS),
+        help=f"update rule {defaults_note('update_rule')}")
     add("--lr", "--learning-rate", dest="learning_rate", type=float,
-        help="learning rate (0.2 / 1e-3)")
+        help=f"learning rate {defaults_note('learning_rate')}")
     for key, text in rule_option_help().items():  # the update rules' hyperparameters
+        if DEFAULTS.get(key) is not None:  # the main job's value, where it sets one
+            text += f"; the main job {_value_text(DEFAULTS[key])}"
         add(option_name(key), type=float, help=text)
     add("--lr-schedule", choices=["none", "step", "cosine", "onecycle", "triangle"],
-        help="learning-rate schedule (onecycle / none); multiplies with --lr-decay")
+        help=f"learning-rate schedule {defaults_note('lr_schedule')}; multiplies with "
+             "--lr-decay")
     add("--augment", action=argparse.BooleanOptionalAction,
-        help="random horizontal flips of the training images (on / off)")
+        help=f"random horizontal flips of the training images {defaults_note('augment')}")
     add("--crop-padding", type=int,
-        help="with --augment, also random translations by up to this many pixels, "
-             "zeros shifted in (2 / 0)")
+        help="with --augment, also random translations by up to this many pixels "
+             f"{defaults_note('crop_padding')}")
     add("--flip", choices=["random", "alternate"],
         help="with --augment, how images are flipped: at random each step, or alternate "
              "(airbench: each image mirrored on every other epoch after a random first) "
-             "(random)")
+             f"{defaults_note('flip')}")
     add("--padding-mode", choices=["zeros", "reflect"],
-        help="with --augment, what --crop-padding shifts in: zeros or the mirrored edge (zeros)")
+        help="with --augment, what --crop-padding shifts in: zeros or the mirrored edge "
+             f"{defaults_note('padding_mode')}")
     add("--tta", type=int, choices=[0, 1, 2],
         help="test-time augmentation: 0 none, 1 the mean of each image's and its mirror's "
-             "scores, 2 also 1-pixel translations (1 / 0)")
+             f"scores, 2 also 1-pixel translations {defaults_note('tta')}")
     add("--flip-test", action=argparse.BooleanOptionalAction,
         help="the same as --tta 1 (--no-flip-test: --tta 0)")
-    add("--lr-decay", type=float, help="learning-rate factor after each epoch (1 / 0.9)")
-    add("--epochs", type=int, help="epochs (11 / 15)")
-    add("--batch-size", type=int, help="minibatch size (256)")
+    add("--lr-decay", type=float,
+        help=f"learning-rate factor after each epoch {defaults_note('lr_decay')}")
+    add("--epochs", type=int, help=f"epochs {defaults_note('epochs')}")
+    add("--batch-size", type=int, help=f"minibatch size {defaults_note('batch_size')}")
     add("--backend", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (GPU) (numpy)")
     add("--seed", type=int, help="seed for weights, batches and dropout (0)")
     add("--data", help="folder holding cifar-10-batches-py or cifar-10-python.tar.gz "
