@@ -1092,6 +1092,7 @@ def test_winograd_conv_matches_the_reference(dtype, case, layout, has_bias, monk
     """The numpy kernels' Winograd F(2x2, 3x3) path (every channel count let through it here),
     forward and both backwards, against the direct reference, across several chunks."""
     monkeypatch.setattr(winograd, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "WINOGRAD_MIN_SIZE", 1)  # and every size
     monkeypatch.setattr(_numba, "CONV_CHUNK_BYTES", 4000)  # several chunks of images per call
     n, c, h, w_, f = case
     rng = np.random.default_rng(sum(case))
@@ -1191,6 +1192,8 @@ def test_winograd_takes_the_3x3_same_convs_of_enough_channels():
     assert not winograd._winograd_fits((32, 32, 3, 3), 2, 1)  # strided
     assert not winograd._winograd_fits((32, 32, 3, 3), 1, 0)  # another padding
     assert not winograd._winograd_fits((32, 32, 5, 5), 1, 2)  # another filter size
+    assert winograd._winograd_fits((32, 32, 3, 3), 1, 1, (4, 7))
+    assert not winograd._winograd_fits((32, 32, 3, 3), 1, 1, (3, 8))  # a 3-pixel output
 
 
 def test_winograd_conv_at_the_reference_nets_widths_in_float32():

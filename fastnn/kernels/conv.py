@@ -206,7 +206,7 @@ def conv_forward_numba(x, w, b, stride, pad):
     filters, _, filter_height, filter_width = w.shape
     out_height, out_width, pixels, depth, step = _conv_shapes(x_nhwc, w.shape, stride, pad)
     dtype = x_nhwc.dtype
-    if _winograd_fits(w.shape, stride, pad):
+    if _winograd_fits(w.shape, stride, pad, (out_height, out_width)):
         out = _winograd_forward(x_nhwc, w_mat, bias)
         return out.transpose(0, 3, 1, 2), (x_nhwc, w_mat, w.shape, stride, pad, b is not None)
     out = np.empty((n, out_height, out_width, filters), dtype=dtype)
@@ -246,7 +246,7 @@ def conv_backward_numba(dout, saved, need_dx=True):
     dtype = x_nhwc.dtype
     out_height, out_width, pixels, depth, step = _conv_shapes(x_nhwc, w_shape, stride, pad)
     dout_nhwc = _channels_last(dout).astype(dtype, copy=False)
-    if _winograd_fits(w_shape, stride, pad):
+    if _winograd_fits(w_shape, stride, pad, (out_height, out_width)):
         dx, dw_mat, db = _winograd_backward(dout_nhwc, x_nhwc, w_mat, need_dx, has_bias)
         return (None if dx is None else dx.transpose(0, 3, 1, 2)), _filters_from_matrix(
             dw_mat, w_shape), db

@@ -23,12 +23,20 @@ from fastnn.kernels._numba import _jit, _run_chunks
 # (B^T d B)^T (A dy A^T)] G. A narrow input (the stem's 3 channels) gives
 # products too thin to pay for the transforms: im2col stays there.
 WINOGRAD_MIN_CHANNELS = 8
+# A plain conv whose output is smaller than this either way stays on im2col too: a 3x3
+# output's 2x2 tiles make 16 values for 9, with thin products (im2col measured 1.3-1.6x
+# faster at 128 and 256 channels, 3x3, batch 256; Winograd 1.3x faster at 4x4). A conv
+# fused with a 2x2 pool makes only the pool's windows, so it takes Winograd at any size.
+WINOGRAD_MIN_SIZE = 4
 
 
-def _winograd_fits(w_shape, stride, pad):
+def _winograd_fits(w_shape, stride, pad, out_size=None):
+    """Whether Winograd F(2x2, 3x3) takes a conv of filters w_shape; out_size: its output
+    (H', W') for a plain conv (none: a conv fused with its pool)."""
     filters, channels, filter_height, filter_width = w_shape
     return (filter_height, filter_width, stride, pad) == (3, 3, 1, 1) and min(
-        channels, filters) >= WINOGRAD_MIN_CHANNELS
+        channels, filters) >= WINOGRAD_MIN_CHANNELS and (
+            out_size is None or min(out_size) >= WINOGRAD_MIN_SIZE)
 
 
 @_jit
