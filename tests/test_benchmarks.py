@@ -69,3 +69,28 @@ def test_arrays_take_the_nets_input_shape_and_epoch_size():
     assert np.array_equal(images["X_val"].reshape(20, -1), flat["X_val"])
     assert WORKLOADS["deep_bn"].arrays(flat)["X_train"].shape == (600, 3072)
     assert conv.iterations_per_epoch(600) == 2 and conv.warmup_images == 4 * 256
+
+
+def test_conv_step_times_a_recipe_with_its_stem_frozen():
+    """conv_step.py --recipe (a whitening-stem recipe, tiny) runs one timed step, with the
+    stem's backward skipped under --frozen-stem (no gelu_backward among the ops)."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "conv_step.py"), "--recipe", "airbench_small",
+         "--widths", "4", "4", "4", "--batch", "8", "--steps", "1", "--rounds", "1",
+         "--frozen-stem", "--no-torch"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "fastnn numpy" in result.stdout and "conv_pool_backward_fast" in result.stdout
+    ops = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert "spatial_batchnorm_gelu_backward" in ops and "gelu_backward" not in ops
+
+
+def test_the_airbench_port_trains_and_times_steps(cifar_root):
+    """benchmarks/airbench_torch.py (PyTorch's airbench94 on the CPU): a tiny run to the test
+    accuracies, and the step-rate mode."""
+    pytest.importorskip("torch")
+    import airbench_torch
+
+    common = ["--widths", "4", "4", "4", "--batch-size", "16", "--num-training", "64",
+              "--threads", "1", "--data", cifar_root]
+    airbench_torch.main([*common, "--epochs", "2"])
+    airbench_torch.main([*common, "--steps", "2", "--layout", "nchw"])
