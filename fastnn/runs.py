@@ -22,6 +22,7 @@ rule through fastnn.optim's table.
 import json
 import numbers
 import os
+import sys
 
 import numpy as np
 
@@ -381,9 +382,14 @@ def predict(model, X, batch_size=DEFAULT_BATCH_SIZE, flip=False, tta=None):
 
 
 def setup_runtime(config):
-    """Make config's backend active and apply its thread count (None: leave as is)."""
+    """Make config's backend active and apply its thread count (None: leave as is); a backend
+    without its fast kernels (a broken Numba) is said on stderr, with what to do."""
     import fastnn
+    from fastnn.kernels import registry
 
-    fastnn.set_backend(config.get("backend", DEFAULTS["backend"]))
+    backend = config.get("backend", DEFAULTS["backend"])
+    fastnn.set_backend(backend)
+    if backend in registry.unavailable:
+        print(f"fastnn: {registry.unavailable[backend]}", file=sys.stderr)
     if config.get("threads"):
         fastnn.set_num_threads(config["threads"])

@@ -104,8 +104,11 @@ with warnings.catch_warnings(record=True) as caught:
     import fastnn.classifiers, fastnn.solver, fastnn.gradient_check, fastnn.data
 from fastnn import kernels
 from fastnn.classifiers import ConvNet
-assert any("Numba cannot be imported" in str(w.message) for w in caught), caught
+from fastnn.runs import setup_runtime
+assert not caught, [str(w.message) for w in caught]  # the contract's modules import silently
+assert "Numba cannot be imported" in kernels.registry.unavailable["numpy"]
 assert kernels.for_module(np).name == "numpy-reference", kernels.for_module(np).name
+setup_runtime({"backend": "numpy"})  # a command on numpy says it (stderr) and what to do
 x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
 loss, grads = ConvNet(widths=(4,), stem_width=4, input_dim=(3, 8, 8), seed=0).loss(x, np.array([1, 2]))
 assert np.isfinite(loss) and fastnn.get_num_threads() >= 1
@@ -115,10 +118,14 @@ print("ok")
 
 def test_fastnn_imports_and_runs_its_references_without_numba():
     """A broken Numba (llvmlite missing, say) costs speed, not the package: the contract's
-    modules import, a warning says why, and the numpy backend runs the reference ops."""
+    modules import without a word (even under -W error), the numpy backend runs the
+    reference ops, and the commands say why on stderr (runs.setup_runtime) and what to do."""
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", WITHOUT_NUMBA], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-W", "error", "-c", WITHOUT_NUMBA],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    said = result.stderr.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("fastnn: Numba cannot be imported"), said
+    assert "pip install --force-reinstall numba" in said[0]

@@ -19,7 +19,6 @@ in the installed package (fastnn.kernels.compile_cache: `~/.cache/fastnn/numba`
 or `$NUMBA_CACHE_DIR`).
 """
 import os
-import warnings
 
 import numpy as np
 
@@ -33,12 +32,13 @@ try:
     from numba import types
     from numba.extending import intrinsic, overload
 except ImportError as exc:  # a broken install (e.g. llvmlite missing): numpy runs the references
+    # Importing stays silent (the contract's modules import cleanly); the commands say it
+    # once they run on numpy (runs.setup_runtime), where the speed matters.
     numba = ir = types = None
-    registry.unavailable["numpy"] = f"Numba cannot be imported ({type(exc).__name__}: {exc})"
-    warnings.warn(f"fastnn: {registry.unavailable['numpy']}; the CPU backend runs its plain-"
-                  "numpy reference ops, which are correct but much slower. Reinstall Numba "
-                  "(pip install --force-reinstall numba) for the fast kernels.", RuntimeWarning,
-                  stacklevel=2)
+    registry.unavailable["numpy"] = (
+        f"Numba cannot be imported ({type(exc).__name__}: {exc}); the CPU backend runs its "
+        "plain-numpy reference ops, which are correct but much slower. Reinstall Numba (pip "
+        "install --force-reinstall numba) for the fast kernels.")
 
     def intrinsic(function):  # the stand-ins leave the kernels uncompiled and unregistered
         return function

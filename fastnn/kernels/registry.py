@@ -22,8 +22,9 @@ BACKENDS = ("numpy", "cupy")
 FLOATS = (np.float32, np.float64)  # other dtypes (float16) run the reference
 
 OPS = {}  # op name -> Op, in declaration order
-# backend -> why its fast versions cannot run (set by kernels/_numba.py when Numba does not
-# import); their registrations are then dropped and the backend runs the references
+# backend -> why its fast versions cannot run, and what to do (set by kernels/_numba.py when
+# Numba does not import); their registrations are then dropped and the backend runs the
+# references
 unavailable = {}
 
 
