@@ -135,6 +135,14 @@ def tta_alias(given):
     return given
 
 
+def check_tta(config):
+    """ValueError when config's tta and flip_test (after tta_alias) say different things."""
+    if (config["tta"] >= 1) != config["flip_test"]:
+        raise ValueError(f"--tta {config['tta']} and --{'' if config['flip_test'] else 'no-'}"
+                         "flip-test disagree (--flip-test is --tta 1, --no-flip-test --tta 0); "
+                         "give one of them")
+
+
 def new_config(given):
     """A new run's configuration: its recipe under `given`; the recipe is given["recipe"], else
     its model's (given["model"]), else the main job's. ValueError when the two disagree."""
@@ -229,10 +237,7 @@ def check_config(config):
             if key in config and key not in skip and not (config[key] is None
                                                           and key in _OPTIONAL):
                 _check_number(key, config[key], bounds, integer)
-    if (config["tta"] >= 1) != config["flip_test"]:
-        raise ValueError(f"--tta {config['tta']} and --{'' if config['flip_test'] else 'no-'}"
-                         "flip-test disagree (--flip-test is --tta 1, --no-flip-test --tta 0); "
-                         "give one of them")
+    check_tta(config)
     model_check = models.MODELS[config["model"]].check
     if model_check is not None:
         model_check(config)

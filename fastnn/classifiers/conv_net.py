@@ -256,8 +256,8 @@ class ConvNet(Classifier):
                     grads[f"gamma{i}"] = dgamma
                 grads[f"beta{i}"] = dbeta
                 conv_backward = conv_pool_backward_fast if pooled else conv_backward_fast
-                need_dx = i > first or (i > 1 and stem_learns)
-                dhidden, grads[f"W{i}"], _ = conv_backward(dhidden, conv_cache, need_dx=need_dx)
+                dhidden, grads[f"W{i}"], _ = conv_backward(dhidden, conv_cache,
+                                                           need_dx=i > first or stem_learns)
             if stem_learns:
                 grads["b1"] = act_backward(dhidden, stem_cache).sum(axis=(0, 2, 3))
             return grads

@@ -6,7 +6,8 @@ import numpy as np
 from fastnn.cli.common import TUNE_BEST_FORMAT, CommandError, UsageError, failing_as
 from fastnn.cli.train import checked, extension_note, finished_metrics, read_run_config
 from fastnn.files import read_json
-from fastnn.runs import FORMAT_VERSION, complete, load_data, predict, setup_runtime, tta_alias
+from fastnn.runs import (FORMAT_VERSION, check_tta, complete, load_data, predict, setup_runtime,
+                         tta_alias)
 
 # what each test-time augmentation level averages, as the accuracy line says it
 TTA_WORDS = {0: "flip averaging off", 1: "flip averaging on",
@@ -51,9 +52,9 @@ def evaluate_command(args):
         print(extension_note(run_dir, finished, config["epochs"]))
     given = {k: v for k, v in (("tta", args.tta), ("flip_test", args.flip_test)) if v is not None}
     given = tta_alias(given)
-    if given and (given["tta"] >= 1) != given["flip_test"]:
-        raise UsageError(f"--tta {given['tta']} and --{'' if given['flip_test'] else 'no-'}"
-                         "flip-test disagree (--flip-test is --tta 1); give one of them")
+    if given:
+        with failing_as(UsageError, ValueError):
+            check_tta(given)
     tta = given.get("tta", config["tta"])
     if args.backend:
         config["backend"] = args.backend

@@ -44,16 +44,18 @@ def _value_text(value):
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+_FC_DEFAULTS = recipe_config(models.MODELS["fc"].recipe)
+_MODEL_KEYS = {k for keys in MODEL_OPTIONS.values() for k in keys}
+
+
 def defaults_note(key):
     """`fastnn train`'s default of config `key`, for its flag's help: "(X)", the main job's
     value (models.DEFAULT_RECIPE), or "(X / Y)" with fc's after a slash where fc takes the key
     and trains with another value. From the recipes, so the help follows them."""
     main = _value_text(DEFAULTS[key])
-    fc = recipe_config(models.MODELS["fc"].recipe)
-    model_keys = {k for keys in MODEL_OPTIONS.values() for k in keys}
-    if key in model_keys and key not in MODEL_OPTIONS["fc"]:
+    if key in _MODEL_KEYS and key not in MODEL_OPTIONS["fc"]:
         return f"({main})"
-    other = _value_text(fc[key])
+    other = _value_text(_FC_DEFAULTS[key])
     return f"({main})" if other == main else f"({main} / {other})"
 
 
