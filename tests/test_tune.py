@@ -779,6 +779,23 @@ def test_the_optuna_internals_tune_uses_still_exist(tmp_path):
     missing = [name for name in api.DATABASE_CALLS
                if not callable(getattr(optuna.storages.RDBStorage, name, None))]
     assert not missing, f"RDBStorage lost {missing}: patient_storage_class wraps them"
+    # the fallback warning an outage makes RDBStorage log, and its logger, are still there,
+    # and quiet_fallback_warnings drops that warning (only that one)
+    import importlib
+    import inspect
+    import logging
+
+    assert api.RDB_FALLBACK_WARNING in inspect.getsource(importlib.import_module(api.RDB_LOGGER))
+    api.quiet_fallback_warnings()
+    api.quiet_fallback_warnings()  # once: a second call adds no second filter
+    logger = logging.getLogger(api.RDB_LOGGER)
+    assert len(logger.filters) == 1
+
+    def record(message):
+        return logging.LogRecord(api.RDB_LOGGER, logging.WARNING, __file__, 0, message, (), None)
+
+    assert not logger.filter(record(f"{api.RDB_FALLBACK_WARNING}: server closed the connection"))
+    assert logger.filter(record("another warning"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)

@@ -9,6 +9,8 @@ that `enqueue_trial` and the heartbeat retry callback write. Any Optuna
 release may change these; tests/test_tune.py::test_the_optuna_internals_tune_uses_still_exist
 fails when one does.
 """
+import logging
+
 FIXED_PARAMS = "fixed_params"    # Study.enqueue_trial: a queued trial's given values
 FAILED_TRIAL = "failed_trial"    # RetryHeartbeatStaleTrialCallback: the trial a retry runs again
 RETRY_HISTORY = "retry_history"  # ... and the numbers of the lost trials it retries
@@ -24,6 +26,26 @@ DATABASE_CALLS = (
     "set_trial_system_attr", "get_trial_user_attrs", "get_trial_system_attrs",
     "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "_get_trials",
     "get_best_trial", "_get_best_trial_id", "record_heartbeat", "_get_stale_trial_ids")
+
+
+# RDBStorage._get_trials logs this warning (on this logger) when a query fails with an
+# OperationalError, a database server gone mid-query among them, and then tries another
+# query; fastnn's patient storage reports an outage itself, in one line, so the warning
+# (a traceback of SQL) is dropped
+RDB_LOGGER = "optuna.storages._rdb.storage"
+RDB_FALLBACK_WARNING = "Caught an error from sqlalchemy"
+
+
+class _DropFallbackWarning(logging.Filter):
+    def filter(self, record):
+        return not record.getMessage().startswith(RDB_FALLBACK_WARNING)
+
+
+def quiet_fallback_warnings():
+    """Drop RDBStorage's fallback warning (RDB_FALLBACK_WARNING); once per process."""
+    logger = logging.getLogger(RDB_LOGGER)
+    if not any(isinstance(f, _DropFallbackWarning) for f in logger.filters):
+        logger.addFilter(_DropFallbackWarning())
 
 
 def study_storage(study):

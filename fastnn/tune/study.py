@@ -9,7 +9,7 @@ import math
 import time
 
 from fastnn import models
-from fastnn.tune.optuna_api import FAILED_TRIAL, FIXED_PARAMS
+from fastnn.tune.optuna_api import FAILED_TRIAL, FIXED_PARAMS, quiet_fallback_warnings
 from fastnn.tune.storage import describe_storage
 
 SEARCH_SPACE_ATTR = "fastnn_search_space"  # a study user attribute: the ranges its trials drew from
@@ -55,6 +55,7 @@ def create_study(options, storage):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_fallback_warnings()  # an outage is reported by the patient storage
     sampler = optuna.samplers.TPESampler(seed=options["seed"], n_startup_trials=8)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2)
     where = describe_storage(options["storage"])
