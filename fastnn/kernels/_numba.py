@@ -12,7 +12,9 @@ the cores go to BLAS and fastnn's kernels never use Numba's thread pool.
 The conv and norm kernels split a batch over Python threads of their own
 (_run_chunks), each with a one-thread BLAS; loading this module shortens
 OpenBLAS's spinning (fastnn.threads.shorten_blas_spin) so that an idle BLAS
-thread does not hold a core they need.
+thread does not hold a core they need, and keeps freed memory in the process
+(fastnn.memory.keep_freed_memory) so that each step's large arrays do not
+page-fault anew.
 
 Kernels are compiled on first use and cached on disk in a user folder, never
 in the installed package (fastnn.kernels.compile_cache: `~/.cache/fastnn/numba`
@@ -24,6 +26,7 @@ import numpy as np
 
 from fastnn.kernels import registry
 from fastnn.kernels.rng import GOLDEN, MIX1, MIX2, UNIT_BITS
+from fastnn.memory import keep_freed_memory
 from fastnn.threads import configure_thread_pools, get_num_threads
 
 try:
@@ -49,6 +52,7 @@ else:
     from fastnn.kernels import compile_cache
 
     configure_thread_pools()
+    keep_freed_memory()  # the kernels' large temporaries are reused, not page-faulted anew
 
 
 def _jit(function, **flags):
