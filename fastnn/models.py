@@ -226,7 +226,7 @@ RECIPES = {
                          "airbench94's recipe: ConvNet 64/256/256 with a whitening stem, GELU, "
                          "frozen batchnorm scales, Nesterov SGD at batch 1024, triangle "
                          "schedule, lookahead, alternating flips, tta 2; 10 epochs: 0.904 "
-                         "in 43 min on a 2-core Xeon"),
+                         "in 37 min on a 2-core Xeon"),
     "convnet": Recipe("convnet", {
         "update_rule": "sgd_nesterov", "learning_rate": 0.2, "momentum": 0.9, "reg": 5e-4,
         "lr_schedule": "onecycle", "lr_decay": 1.0, "epochs": 11, "augment": True,
