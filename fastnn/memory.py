@@ -22,6 +22,7 @@ M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int; blocks over 2 GB are still mmapped
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+OPT_OUT = "FASTNN_KEEP_FREED_MEMORY"  # "0": leave the allocator alone
 
 kept = False  # whether keep_freed_memory changed the allocator in this process
 
@@ -32,7 +33,7 @@ def keep_freed_memory():
     global kept
     if kept:
         return True
-    if os.environ.get("FASTNN_KEEP_FREED_MEMORY", "1") == "0":
+    if os.environ.get(OPT_OUT, "1") == "0":
         return False
     if any(name in os.environ for name in USER_SETTINGS):
         return False

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from fastnn.memory import OPT_OUT, USER_SETTINGS
+
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
     reason="keep_freed_memory changes glibc's malloc only")
@@ -37,9 +39,7 @@ print(memory.kept, faults_of_a_round())
 
 
 def probe(**env_changes):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES",
-                        "FASTNN_KEEP_FREED_MEMORY")}
+    env = {k: v for k, v in os.environ.items() if k not in (*USER_SETTINGS, OPT_OUT)}
     env.update(env_changes)
     out = subprocess.run([sys.executable, "-W", "error", "-c", PROBE], env=env, check=True,
                          capture_output=True, text=True).stdout.split()
@@ -55,7 +55,7 @@ def test_freed_large_blocks_are_reused_without_page_faults():
 
 
 @glibc_only
-@pytest.mark.parametrize("setting", [{"FASTNN_KEEP_FREED_MEMORY": "0"},
+@pytest.mark.parametrize("setting", [{OPT_OUT: "0"},
                                      {"MALLOC_TRIM_THRESHOLD_": "131072"}])
 def test_the_users_settings_are_left_alone(setting):
     kept, faults = probe(**setting)
