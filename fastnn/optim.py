@@ -55,6 +55,14 @@ lr change smaller, during the decay larger. Over airbench94's 486 steps of the
 at the end (random and steady gradients); tests/test_optim.py checks the
 first steps. Reproducing torch's form exactly would take a rule of its own
 (its op in kernels/updates.py).
+
+muon (airbench94_muon.py's optimizer; Muon: KellerJordan/Muon) steps each conv filter (4-D)
+as a whole: Nesterov momentum (muon_momentum, torch's form), the filter's norm reset to
+sqrt(F), then muon_learning_rate times the momentum's (F, C*kh*kw) matrix orthogonalised by
+three Newton-Schulz iterations (kernels.updates.orthogonalize); no weight decay for them. Every
+other parameter (the head, biases, batchnorm shifts) gets sgd_nesterov's step with
+learning_rate, momentum and weight_decay, by role as above. A schedule scales both learning
+rates (Rule.scaled). fastnn.models' `_airbench_muon` maps airbench94_muon's hyperparameters.
 """
 from typing import Callable, NamedTuple
 
@@ -78,6 +86,12 @@ class Rule(NamedTuple):
     # hyperparameters the rule takes when given but does not fill in (configs and checkpoints
     # of runs without them stay as they were): the SGD rules' coupled `weight_decay`
     optional: tuple = ()
+    # hyperparameters that a schedule and lr_decay scale as they scale learning_rate (muon's
+    # muon_learning_rate)
+    scaled: tuple = ()
+    # parameters of this many dimensions get the rule's own step and no weight decay (muon:
+    # the conv filters); None: every parameter gets the same step
+    filter_ndim: int = None
 
 
 def _adam_scalars(c):
@@ -104,6 +118,13 @@ SPECS = {
     "adam": Rule(_ADAM, ("m", "v"), "adam_", _adam_scalars, counts_steps=True),
     "adamw": Rule({**_ADAM, "weight_decay": 1e-2}, ("m", "v"), "adam_", _adam_scalars,
                   counts_steps=True, decoupled_decay=True),
+    # airbench94_muon's: Muon on the conv filters, Nesterov SGD (sgd_nesterov's) on the rest
+    "muon": Rule({"learning_rate": 1e-2, "momentum": 0.85, "muon_learning_rate": 0.24,
+                  "muon_momentum": 0.6}, ("velocity",), "muon_",
+                 lambda c: (c["learning_rate"], c["momentum"], c["muon_learning_rate"],
+                            c["muon_momentum"]),
+                 optional=("weight_decay",), scaled=("muon_learning_rate",),
+                 filter_ndim=kernels.updates.FILTER_NDIM),
 }
 DEFAULTS = {name: spec.defaults for name, spec in SPECS.items()}
 # The parameter roles that decoupled weight decay shrinks: weights, not biases or the
@@ -161,7 +182,8 @@ _INF = float("inf")
 RANGES = {"learning_rate": (0, _INF, True, False), "momentum": (0, 1, False, True),
           "decay_rate": (0, 1, False, True), "beta1": (0, 1, False, True),
           "beta2": (0, 1, False, True), "epsilon": (0, _INF, True, False),
-          "weight_decay": (0, _INF, False, False)}
+          "weight_decay": (0, _INF, False, False), "muon_learning_rate": (0, _INF, True, False),
+          "muon_momentum": (0, 1, False, True)}
 
 
 def check_config(rule, config, where):
@@ -219,7 +241,7 @@ def _step(rule, w, dw, config, copy):
         w = w.copy()
     config, state = _prepare(rule, w, config, copy)
     spec = SPECS[rule]
-    if spec.optional and config.get("weight_decay"):
+    if spec.optional and config.get("weight_decay") and w.ndim != spec.filter_ndim:
         dw = _decayed(w, dw, config["weight_decay"])
     getattr(kernels.for_module(get_array_module(w, dw)), spec.op)(w, dw, state,
                                                                  spec.scalars(config))
@@ -267,7 +289,8 @@ def apply_step(rule, w, dw, config, rows):
     members, fastnn.stacked)."""
     spec = SPECS[rule]
     op = getattr(kernels.for_module(get_array_module(w, dw)), spec.op)
-    if spec.optional and config.get("weight_decay"):  # off: two lookups, no call
+    if (spec.optional and config.get("weight_decay")  # off: two lookups, no call
+            and w.ndim != spec.filter_ndim):
         dw = _decayed(w, dw, config["weight_decay"])
     op(w, dw, tuple(config[key] for key in spec.state), rows)
 
@@ -306,5 +329,13 @@ adamw = _functional(
     "adamw", "Adam with decoupled weight decay: w * (1 - lr * weight_decay), then the Adam "
              "step.\n\nSolver sets weight_decay to 0 for everything but the model's weights "
              "(role_config).")
+
+muon = _functional(
+    "muon", "Muon (airbench94_muon's) on conv filters, Nesterov SGD on everything else.\n\n"
+            "A 4-D w (F, C, kh, kw): v = muon_momentum * v + dw; w *= sqrt(F) / |w|; w -= "
+            "muon_learning_rate * orthogonalize(dw + muon_momentum * v), the step's (F, C*kh*kw) "
+            "matrix orthogonalised by Newton-Schulz iterations (kernels.updates.orthogonalize); "
+            "no weight decay (the norm is fixed). Any other w: sgd_nesterov's step with "
+            "learning_rate, momentum (and weight_decay when given). State: velocity." + _COUPLED)
 
 RULES = {name: globals()[name] for name in SPECS}

@@ -12,7 +12,7 @@ import math
 
 from fastnn.checks import as_optional_size, as_real, as_size
 
-SCHEDULES = ("constant", "step", "cosine", "onecycle", "triangle")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "triangle", "linear")
 DEFAULTS = {
     "constant": {},
     "step": {"step_epochs": None, "gamma": 0.1},             # None: a third of the epochs
@@ -24,6 +24,8 @@ DEFAULTS = {
     # airbench's get_lr: linear from 0.2 up to 1 over the first 23% of steps, then down to 0.07
     "triangle": {"pct_start": 0.23, "start_factor": 0.2, "end_factor": 0.07,
                  "min_iterations": 0},
+    # airbench94_muon's: from 1 straight down to end_factor, no warm-up
+    "linear": {"end_factor": 0.0},
 }
 
 
@@ -74,6 +76,7 @@ def lr_factor(schedule, iteration, total_iterations, iterations_per_epoch, confi
       start_factor up to 1 over the first int(pct_start * total) iterations,
       then down to end_factor at iteration `total` (so the last iteration,
       total - 1, is a step above end_factor, as in airbench)
+    - linear: airbench94_muon's, 1 - (1 - end_factor) * iteration / total
 
     Both cycles take `min_iterations` (0: off): a run of fewer iterations
     has its whole cycle scaled by total / min_iterations, so a shortened run
@@ -90,6 +93,8 @@ def lr_factor(schedule, iteration, total_iterations, iterations_per_epoch, confi
         return config["gamma"] ** ((iteration // max(iterations_per_epoch, 1)) // step_epochs)
     if name == "cosine":
         return _cosine(1.0, config["min_factor"], iteration / total)
+    if name == "linear":
+        return 1.0 - (1.0 - config["end_factor"]) * min(iteration / total, 1.0)
     # a short run scales the whole cycle down (min_iterations)
     peak = min(1.0, total / config["min_iterations"]) if config["min_iterations"] else 1.0
     if name == "triangle":

@@ -50,20 +50,29 @@ class Updater:
         self.base_lr = {name: config.get("learning_rate",
                                          optim.DEFAULTS[self.update_rule]["learning_rate"])
                         for name, config in self.configs.items()}
+        # the rule's other learning rates (muon's muon_learning_rate): scaled alike
+        self.base_scaled = {name: {key: config.get(key, optim.DEFAULTS[self.update_rule][key])
+                                   for key in optim.SPECS[self.update_rule].scaled}
+                            for name, config in self.configs.items()}
 
     def view(self, w):
         """The array the update op steps for parameter w."""
         return w
 
+    base_scaled = {}  # name -> {key: base value} of the rule's `scaled` hyperparameters
+
     def set_learning_rates(self, factor):
-        """learning_rate = base * factor (a schedule's)."""
+        """learning_rate = base * factor (a schedule's), and the rule's other learning rates."""
         for name, config in self.configs.items():
             config["learning_rate"] = self.base_lr[name] * factor
+            for key, base in self.base_scaled.get(name, {}).items():
+                config[key] = base * factor
 
     def decay_learning_rates(self, lr_decay):
-        default = optim.DEFAULTS[self.update_rule]["learning_rate"]
+        defaults = optim.DEFAULTS[self.update_rule]
         for config in self.configs.values():
-            config["learning_rate"] = config.get("learning_rate", default) * lr_decay
+            for key in ("learning_rate", *optim.SPECS[self.update_rule].scaled):
+                config[key] = config.get(key, defaults[key]) * lr_decay
 
     def begin_step(self, params):
         """The host half of a fused step: each parameter's learning rate, Adam's step count

@@ -25,6 +25,10 @@ EVAL_BATCH_SIZE = 512
 
 def check_member_configs(update_rule, optim_configs, k_count):
     """(one filled config per member, the hyperparameters they share)."""
+    if optim.SPECS[update_rule].filter_ndim is not None:
+        raise ValueError(f"update rule {update_rule!r} steps each conv filter as a whole, and a "
+                         "stack's update ops take member blocks; use another rule, or train the "
+                         "members one at a time with Solver")
     configs = [{} for _ in range(k_count)] if optim_configs is None else [
         optim.check_config(update_rule, c or {}, f"optim_configs[{k}]")
         for k, c in enumerate(optim_configs)]

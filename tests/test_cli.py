@@ -157,7 +157,7 @@ def test_a_run_stopped_in_its_first_epoch_resumes_from_the_start(cifar_root, tmp
     (("--lr", "-1"), "--lr must be > 0"),
     (("--hidden-dims", "0"), "--hidden-dims must be one or more sizes >= 1"),
     (("--momentum", "0.9"), r"--momentum does not apply \(it applies to --update-rule "
-                            r"sgd_momentum/sgd_nesterov, not adam\); drop it"),
+                            r"sgd_momentum/sgd_nesterov/muon, not adam\); drop it"),
     (("--update-rule", "adam", "--weight-decay", "0.1"), "--weight-decay does not apply"),
     (("--crop-padding", "4"), "--crop-padding does not apply.*--augment is off"),
     (("--model", "two_layer", "--dropout", "0.1"),
@@ -375,7 +375,7 @@ def test_python_dash_m_fastnn_shows_help():
 
 
 def test_train_without_model_or_recipe_is_the_main_job(cifar_root, tmp_path):
-    """No --model or --recipe: the main job's recipe (airbench_small), its whitening stem,
+    """No --model or --recipe: the main job's recipe (airbench_muon), its whitening stem,
     GELU and lookahead, tta 2; it trains."""
     from fastnn import models
     from fastnn.classifiers import ConvNet
@@ -386,8 +386,9 @@ def test_train_without_model_or_recipe_is_the_main_job(cifar_root, tmp_path):
             "--batch-size", "16", "--epochs", "2", "--print-every", "5"]
     assert main(args) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["recipe"] == models.DEFAULT_RECIPE == "airbench_small"
-    for key, value in models.RECIPES["airbench_small"].settings.items():
+    assert config["recipe"] == models.DEFAULT_RECIPE == "airbench_muon"
+    assert config["update_rule"] == "muon"
+    for key, value in models.RECIPES["airbench_muon"].settings.items():
         if key not in ("epochs", "batch_size", "widths"):
             assert config[key] == value, key
     metrics = json.loads((out / "metrics.json").read_text())
@@ -839,7 +840,7 @@ def test_a_named_recipe_trains_records_itself_and_resumes_as_it_was(cifar_root, 
 @pytest.mark.parametrize("flags, message", [
     (["--recipe", "fc", "--model", "convnet"],
      "--recipe fc trains --model fc, not convnet: drop --model, or pick a recipe of convnet "
-     "(convnet, airbench_small, airbench94)"),
+     "(convnet, airbench_muon, airbench94_muon, airbench_small, airbench94)"),
     (["--model", "fc", "--flip", "alternate"], "--flip does not apply (--augment is off"),
     (["--model", "fc", "--padding-mode", "reflect"],
      "--padding-mode does not apply (--augment is off"),

@@ -60,7 +60,7 @@ CUPY_OPS = {"relu_forward", "relu_backward", "gelu_forward", "gelu_backward",
             "layernorm_forward", "layernorm_backward", "groupnorm_forward", "groupnorm_backward",
             "conv_forward", "conv_backward", "max_pool_forward", "max_pool_backward",
             "conv_pool_forward", "conv_pool_backward",
-            "sgd_", "sgd_momentum_", "sgd_nesterov_", "rmsprop_", "adam_"}
+            "sgd_", "sgd_momentum_", "sgd_nesterov_", "rmsprop_", "adam_", "muon_"}
 
 
 def test_each_backend_runs_exactly_its_fast_ops():
@@ -582,8 +582,10 @@ def test_reference_batchnorm_against_numpy():
 
 # -- in-place update rules: every rule's op, lone parameters and stacked blocks --
 # 3-D shapes are stacked blocks (A, K, B) with per-member learning rates (and
-# weight decays); the others are lone parameters with the rule's defaults.
-UPDATE_SHAPES = [(1, 5), (4, 6), (11,), (97, 130), (1, 1, 1), (1, 3, 5), (7, 4, 9), (40, 2, 33)]
+# weight decays); the others are lone parameters with the rule's defaults (4-D: conv filters,
+# which muon steps with its own formula).
+UPDATE_SHAPES = [(1, 5), (4, 6), (11,), (97, 130), (1, 1, 1), (1, 3, 5), (7, 4, 9), (40, 2, 33),
+                 (6, 4, 3, 3)]
 
 
 def _update_problem(xp, rule, shape, dtype, seed=10):

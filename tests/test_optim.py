@@ -13,9 +13,12 @@ DEFAULTS = {
     "adam": {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8},
     "adamw": {"learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8,
               "weight_decay": 1e-2},
+    # airbench94_muon's; on a parameter that is not a conv filter, sgd_nesterov's step
+    "muon": {"learning_rate": 1e-2, "momentum": 0.85, "muon_learning_rate": 0.24,
+             "muon_momentum": 0.6},
 }
 STATE = {"sgd": (), "sgd_momentum": ("velocity",), "sgd_nesterov": ("velocity",),
-         "rmsprop": ("cache",), "adam": ("m", "v"), "adamw": ("m", "v")}
+         "rmsprop": ("cache",), "adam": ("m", "v"), "adamw": ("m", "v"), "muon": ("velocity",)}
 RULES = list(DEFAULTS)
 
 
@@ -39,7 +42,7 @@ def _contract_steps(rule, w, grads, hp):
         elif rule == "sgd_momentum":
             state["velocity"] = hp["momentum"] * state["velocity"] - lr * dw
             w = w + state["velocity"]
-        elif rule == "sgd_nesterov":  # the course's Nesterov form
+        elif rule in ("sgd_nesterov", "muon"):  # the course's Nesterov form
             state["velocity"] = hp["momentum"] * state["velocity"] - lr * dw
             w = w + hp["momentum"] * state["velocity"] - lr * dw
         elif rule == "rmsprop":
@@ -74,6 +77,8 @@ HYPER = {  # non-default values, so a rule that ignores its config fails
     "adam": {"learning_rate": 0.01, "beta1": 0.8, "beta2": 0.99, "epsilon": 1e-6},
     "adamw": {"learning_rate": 0.01, "beta1": 0.8, "beta2": 0.99, "epsilon": 1e-6,
               "weight_decay": 0.1},  # a later addition to the contract's four
+    "muon": {"learning_rate": 0.05, "momentum": 0.7, "muon_learning_rate": 0.1,
+             "muon_momentum": 0.5},
 }
 
 
@@ -326,3 +331,127 @@ def test_nesterov_differs_from_torchs_when_the_learning_rate_changes():
     # airbench94's first steps: ceil(9.9 * 49) = 486 steps at batch 1024
     warmup = [schedules.lr_factor("triangle", t, 486, 49) for t in range(12)]
     assert 1e-3 < run(warmup) < 0.2
+
+
+# -- muon (issue 22: airbench94_muon's optimizer) -------------------------------------------
+def _newton_schulz(g, steps=3):
+    """airbench94_muon's zeropower_via_newtonschulz5, written out in float64."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (np.linalg.norm(g) + 1e-7)
+    if g.shape[0] > g.shape[1]:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if g.shape[0] > g.shape[1] else x
+
+
+def _airbench_muon_steps(w, grads, lr, momentum):
+    """airbench94_muon's Muon.step (nesterov) on filters w, transcribed in float64."""
+    w, buf = w.astype(np.float64), np.zeros(w.shape)
+    for g in grads:
+        g = g.astype(np.float64)
+        buf = momentum * buf + g
+        g = g + momentum * buf
+        w = w * (np.sqrt(len(w)) / np.linalg.norm(w))
+        w = w - lr * _newton_schulz(g.reshape(len(g), -1)).reshape(g.shape)
+    return w, buf
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (30, 2, 2, 2)], ids=["wide", "tall"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_muon_steps_conv_filters_as_airbench94_muon(backend, dtype, shape, fused):
+    xp = backend
+    w_host, grads = _problem(shape, dtype, seed=5)
+    config = dict(HYPER["muon"])
+    w = xp.array(w_host)  # a copy: the fused step is in place
+    for dw in grads:
+        if fused:
+            config = optim.fused_update("muon", w, xp.asarray(dw), config)
+        else:
+            w, config = optim.muon(w, xp.asarray(dw), config)
+    expected_w, expected_v = _airbench_muon_steps(w_host, grads, 0.1, 0.5)
+    rtol = 2e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(fastnn.to_numpy(w), expected_w, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(fastnn.to_numpy(config["velocity"]), expected_v, rtol=rtol,
+                               atol=rtol)
+    # the norm is reset before each step, so it stays near sqrt(F) (not at it)
+    assert abs(float(np.linalg.norm(fastnn.to_numpy(w))) / np.sqrt(shape[0]) - 1) < 0.2
+
+
+def test_orthogonalize_keeps_the_singular_vectors_and_brings_the_values_near_one():
+    """airbench94_muon's 3 steps: singular values spread over a decade end in [0.5, 1.5]
+    (its docstring's band), the singular vectors unchanged."""
+    from fastnn.kernels.updates import orthogonalize
+
+    rng = np.random.default_rng(0)
+    for shape in [(16, 144), (144, 16), (96, 864)]:
+        u, _, vt = np.linalg.svd(rng.standard_normal(shape), full_matrices=False)
+        g = (u * np.geomspace(0.1, 1, min(shape))) @ vt
+        out = orthogonalize(g.astype(np.float32))
+        s = np.linalg.svd(out, compute_uv=False)
+        assert 0.5 < s.min() and s.max() < 1.5, (shape, s.min(), s.max())
+        in_basis = u.T @ out @ vt.T  # diagonal: the same singular vectors
+        np.testing.assert_allclose(in_basis - np.diag(np.diag(in_basis)), 0, atol=1e-5)
+
+
+def test_muon_filters_take_no_weight_decay_the_rest_do():
+    w, (dw, *_) = _problem((6, 2, 3, 3), np.float64, seed=6)
+    hp = {"learning_rate": 0.1, "momentum": 0.8}
+    decayed, _ = optim.muon(w, dw, {**hp, "weight_decay": 0.5})
+    plain, _ = optim.muon(w, dw, dict(hp))
+    np.testing.assert_array_equal(decayed, plain)
+    matrix, (dm, *_) = _problem((4, 5), np.float64, seed=6)
+    decayed, _ = optim.muon(matrix, dm, {**hp, "weight_decay": 0.5})
+    nesterov, _ = optim.sgd_nesterov(matrix, dm, {**hp, "weight_decay": 0.5})
+    np.testing.assert_array_equal(decayed, nesterov)
+    with pytest.raises(ValueError, match="muon_momentum"):
+        optim.check_config("muon", {"muon_momentum": 1.0}, "optim_config")
+
+
+def test_muon_matches_torch_airbench94_muon():
+    """One of airbench94_muon's Muon steps in PyTorch (float32, its Newton-Schulz in float32
+    rather than bfloat16) and fastnn's muon give the same filters."""
+    torch = pytest.importorskip("torch")
+    w_host, grads = _problem((12, 4, 3, 3), np.float32, seed=8)
+    p = torch.tensor(w_host)
+    buf = torch.zeros_like(p)
+    w, config = w_host.copy(), {"muon_learning_rate": 0.24, "muon_momentum": 0.6}
+    for g in grads:
+        g_t = torch.tensor(g)
+        buf.mul_(0.6).add_(g_t)
+        g_t = g_t.add(buf, alpha=0.6)
+        p.mul_(len(p) ** 0.5 / p.norm())
+        x = g_t.reshape(len(g_t), -1)
+        x = x / (x.norm() + 1e-7)
+        for _ in range(3):
+            a = x @ x.T
+            x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
+        p.add_(x.view(g_t.shape), alpha=-0.24)
+        config = optim.fused_update("muon", w, g, config)
+    np.testing.assert_allclose(w, p.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_schedule_scales_muons_learning_rate_too():
+    from fastnn.classifiers import ConvNet
+    from fastnn.solver_parts import Updater
+
+    model = ConvNet((4,), 6, (3, 8, 8), 3, seed=0)
+    updater = Updater("muon", model, {"learning_rate": 0.5, "muon_learning_rate": 0.2}, True)
+    updater.set_learning_rates(0.25)
+    assert updater.configs["W2"]["muon_learning_rate"] == pytest.approx(0.05)
+    assert updater.configs["W2"]["learning_rate"] == pytest.approx(0.125)
+    updater.decay_learning_rates(0.5)
+    assert updater.configs["b4"]["muon_learning_rate"] == pytest.approx(0.025)
+
+
+def test_a_stack_refuses_muon():
+    from fastnn.stacked import StackedFullyConnectedNet, StackedSolver
+
+    rng = np.random.default_rng(0)
+    data = {"X_train": rng.standard_normal((8, 6)).astype(np.float32),
+            "y_train": rng.integers(0, 3, 8), "X_val": rng.standard_normal((4, 6)).astype(
+                np.float32), "y_val": rng.integers(0, 3, 4)}
+    stack = StackedFullyConnectedNet([5], [{"seed": 0}], input_dim=6, num_classes=3)
+    with pytest.raises(ValueError, match="'muon' steps each conv filter as a whole"):
+        StackedSolver(stack, data, update_rule="muon")

@@ -114,11 +114,11 @@ def test_recorded_keeps_only_what_applies():
 
 def test_new_runs_get_their_models_recipe_and_stored_ones_the_old_defaults():
     # (a new run also records its recipe's name)
-    # no --model or --recipe: the main job (airbench_small); --model convnet: its own recipe
+    # no --model or --recipe: the main job (airbench_muon); --model convnet: its own recipe
     from fastnn import models
 
-    assert new_config({}) == {**LEGACY_DEFAULTS, **models.RECIPES["airbench_small"].settings,
-                              "model": "convnet", "recipe": "airbench_small"} == DEFAULTS
+    assert new_config({}) == {**LEGACY_DEFAULTS, **models.RECIPES["airbench_muon"].settings,
+                              "model": "convnet", "recipe": "airbench_muon"} == DEFAULTS
     assert new_config({"model": "convnet"}) == {**LEGACY_DEFAULTS, **RECIPES["convnet"],
                                                 "model": "convnet", "recipe": "convnet"}
     assert new_config({"epochs": 3})["epochs"] == 3
@@ -327,7 +327,8 @@ def test_a_recipe_names_a_run_and_a_model_that_disagrees_is_refused(monkeypatch)
     assert models.recipes_of("fc") == ["fc", "slow_fc"]
     with pytest.raises(ValueError, match=r"^--recipe slow_fc trains --model fc, not convnet: "
                                          r"drop --model, or pick a recipe of convnet \(convnet, "
-                                         r"airbench_small, airbench94\)$"):
+                                         r"airbench_muon, airbench94_muon, airbench_small, "
+                                         r"airbench94\)$"):
         new_config({"recipe": "slow_fc", "model": "convnet"})
     with pytest.raises(ValueError, match=r"--recipe must be one of \[.*\], got 'slow'"):
         new_config({"recipe": "slow"})
@@ -474,6 +475,33 @@ def test_the_airbench94_recipe_builds_airbenchs_convnet_and_solver():
     assert configs["b1"]["weight_decay"] == configs["W2"]["weight_decay"]
 
 
+def test_the_airbench_muon_recipes_are_airbench94_muons_optimizer():
+    """airbench94_muon.py's hyperparameters (batch 2000: bias_lr 0.053, head_lr 0.67, wd 2e-6 *
+    2000 as wd / lr per group, SGD momentum 0.85; Muon lr 0.24, momentum 0.6; lr straight down
+    to 0) in fastnn's terms (a mean loss: torch's rates times the batch size; the head's over
+    the last width, whose square root scales the scores)."""
+    for name, widths, epochs in (("airbench_muon", [32, 112, 176], 8),
+                                 ("airbench94_muon", [64, 256, 256], 8)):
+        config = new_config({"recipe": name})
+        check_config(config)
+        width, head_lr = widths[-1], 0.67 * 2000 / widths[-1]
+        assert (config["widths"], config["epochs"], config["batch_size"]) == (widths, epochs, 2000)
+        assert config["logit_scale"] == pytest.approx(width ** -0.5)
+        solver = build_solver(build_model({**config, "widths": [4, 8, 8]}), tiny_images(64),
+                              {**config, "widths": [4, 8, 8], "batch_size": 16}, verbose=False)
+        assert solver.update_rule == "muon" and solver.lookahead is None
+        assert (solver.lr_schedule, solver.lr_schedule_config) == ("linear", {"end_factor": 0.0})
+        configs = solver.optim_configs
+        assert configs["W2"]["muon_learning_rate"] == 0.24
+        assert configs["W2"]["muon_momentum"] == 0.6 and configs["W8"]["momentum"] == 0.85
+        assert configs["W8"]["learning_rate"] == pytest.approx(head_lr)         # the head
+        for bias in ("beta2", "b1"):  # the batchnorm shifts and the stem's bias
+            assert configs[bias]["learning_rate"] == pytest.approx(0.053 * 2000)
+        for name_ in ("W8", "beta2", "b1"):  # torch's wd / lr per group: a step's decay 0.004
+            assert configs[name_]["learning_rate"] * configs[name_]["weight_decay"] == \
+                pytest.approx(2e-6 * 2000)
+
+
 def schedule_factors(config, num_training):
     """The learning-rate factor of each iteration of a run of `config` on `num_training`
     images (config -> Solver -> fastnn.schedules)."""
@@ -511,7 +539,7 @@ def test_a_config_written_before_the_airbench_keys_loads_with_them_off():
 
     new_keys = ("activation", "bn_scale", "bn_eps", "bn_momentum", "logit_scale", "head_bias",
                 "dirac_init", "stem", "stem_bias_epochs", "shift_lr_multiplier",
-                "decay_all_roles", "lookahead", "lr_min_iterations")
+                "decay_all_roles", "lookahead", "lr_min_iterations", "bias_lr_multiplier")
     old = {k: v for k, v in recorded(new_config({"widths": [4], "stem_width": 4})).items()
            if k not in new_keys}  # a convnet config.json as written before these keys
     check_config(old)
@@ -520,7 +548,8 @@ def test_a_config_written_before_the_airbench_keys_loads_with_them_off():
     assert {k: full[k] for k in new_keys} == dict(
         activation="relu", bn_scale="learned", bn_eps=1e-5, bn_momentum=0.9, logit_scale=1.0,
         head_bias=True, dirac_init=False, stem="conv", stem_bias_epochs=0,
-        shift_lr_multiplier=1.0, decay_all_roles=False, lookahead=False, lr_min_iterations=0)
+        shift_lr_multiplier=1.0, decay_all_roles=False, lookahead=False, lr_min_iterations=0,
+        bias_lr_multiplier=1.0)
     assert set(solver_options(old).values()) == {None}  # the Solver's own defaults
     model = build_model(old, tiny_images(16))
     assert set(model.init_args) == {"widths", "stem_width", "input_dim", "num_classes", "reg",

@@ -937,6 +937,18 @@ def test_triangle_schedule_is_airbenchs_get_lr(total):
     assert schedules.lr_factor("triangle", 2, 10, 5, custom) == pytest.approx(0.4)
 
 
+def test_linear_schedule_is_airbench94_muons():
+    """airbench94_muon: lr = initial * (1 - step / total_train_steps), from the first step."""
+    from fastnn import schedules
+
+    for total in (1, 7, 200):
+        assert [schedules.lr_factor("linear", t, total, 25) for t in range(total)] == \
+            pytest.approx([1 - t / total for t in range(total)], rel=1e-15, abs=1e-15)
+    assert schedules.lr_factor("linear", 5, 10, 5, {"end_factor": 0.5}) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="min_iterations"):
+        schedules.check_schedule("linear", {"min_iterations": 3})
+
+
 @pytest.mark.parametrize("name", ["onecycle", "triangle"])
 def test_a_short_run_scales_its_cycle_down(name):
     """min_iterations: a run of fewer iterations peaks lower, in proportion; longer runs and the

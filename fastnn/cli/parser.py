@@ -3,8 +3,11 @@ models and options, fastnn.optim's rules and hyperparameters)."""
 import argparse
 import textwrap
 
-from fastnn import models, optim
+from fastnn import models, optim, schedules
 from fastnn.runs import DEFAULTS, MODEL_OPTIONS, RULE_OPTIONS, option_name, recipe_config
+
+# --lr-schedule's values: none (constant) and fastnn.schedules' others
+SCHEDULE_CHOICES = ["none", *(name for name in schedules.SCHEDULES if name != "constant")]
 
 # the argparse keywords of a model option's flag, by its kind (fastnn.models.Option)
 OPTION_KINDS = {"int": {"type": int}, "float": {"type": float}, "ints": {"type": int, "nargs": "+"},
@@ -100,7 +103,7 @@ def build_parser():
         if DEFAULTS.get(key) is not None:  # the main job's value, where it sets one
             text += f"; the main job {_value_text(DEFAULTS[key])}"
         add(option_name(key), type=float, help=text)
-    add("--lr-schedule", choices=["none", "step", "cosine", "onecycle", "triangle"],
+    add("--lr-schedule", choices=SCHEDULE_CHOICES,
         help=f"learning-rate schedule {defaults_note('lr_schedule')}; multiplies with "
              "--lr-decay")
     add("--augment", action=argparse.BooleanOptionalAction,
@@ -168,7 +171,7 @@ def build_parser():
     add("--crop-padding", type=int, default=None,
         help="trials that augment (fc: a searched choice; convnet: always) also translate "
              "by up to this many pixels (fc 0; convnet 2)")
-    add("--lr-schedule", choices=["none", "step", "cosine", "onecycle", "triangle"], default="onecycle",
+    add("--lr-schedule", choices=SCHEDULE_CHOICES, default="onecycle",
         help="learning-rate schedule of every trial (onecycle)")
     add("--storage", default=None,
         help="study storage shared by workers: postgresql+psycopg://USER@HOST:PORT/DB (the "
@@ -223,5 +226,7 @@ def rule_option_help():
             # a hyperparameter a rule takes only when given (the SGD rules' weight decay): off
             default = optim.DEFAULTS[rule].get(key)
             defaults.setdefault(key, {})["off" if default is None else f"{default:g}"] = None
-    return {key: f"{'/'.join(rules[key])} {key.replace('_', ' ')} ({' / '.join(defaults[key])})"
+    # a rule's own key (muon_learning_rate) names its rule once: "muon learning rate (0.24)"
+    return {key: f"{'' if rules[key] == [key.split('_')[0]] else '/'.join(rules[key]) + ' '}"
+                 f"{key.replace('_', ' ')} ({' / '.join(defaults[key])})"
             for key in rules}

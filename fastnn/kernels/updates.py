@@ -12,6 +12,7 @@ import numpy as np
 
 from fastnn.backend import get_array_module
 from fastnn.kernels._numba import _jit
+from fastnn.kernels import registry
 from fastnn.kernels.registry import declare
 
 # an update's data arguments: w, dw and its state (a tuple of arrays); its scalars h are not
@@ -68,6 +69,53 @@ def sgd_nesterov_(w, dw, state, h):
     v -= dw * lr
     w += momentum * v
     w -= dw * lr
+
+
+# Muon's orthogonalisation (KellerJordan/cifar10-airbench, airbench94_muon.py's
+# zeropower_via_newtonschulz5): the quintic's coefficients, chosen for the steepest slope at
+# zero, so a few steps take every singular value into about [0.5, 1.5]
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+FILTER_NDIM = 4  # muon_ orthogonalises conv filters (F, C, kh, kw) as (F, C * kh * kw)
+
+
+def orthogonalize(g, steps=3, eps=1e-7):
+    """g (m, n) -> about U V^T of its SVD U S V^T: `steps` Newton-Schulz iterations of the
+    quintic NEWTON_SCHULZ on g / |g| (Frobenius), in g's dtype (airbench94_muon's 3 steps)."""
+    xp = get_array_module(g)
+    a, b, c = (g.dtype.type(v) for v in NEWTON_SCHULZ)
+    x = g / (xp.linalg.norm(g) + g.dtype.type(eps))
+    wide = x.shape[0] <= x.shape[1]  # iterate on the smaller Gram matrix
+    if not wide:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x if wide else x.T
+
+
+@update_op
+def muon_(w, dw, state, h):
+    """Muon (airbench94_muon.py) on conv filters, Nesterov SGD on every other parameter.
+
+    A 4-D w (F, C, kh, kw), with scalars (lr, momentum, muon_lr, muon_momentum):
+    v = muon_momentum * v + dw; w *= sqrt(F) / |w|; w -= muon_lr * orthogonalize(dw +
+    muon_momentum * v) (as (F, C * kh * kw)). Any other w: sgd_nesterov_ with (lr, momentum).
+    """
+    lr, momentum, muon_lr, muon_momentum = _scalars(w, h)
+    if w.ndim != FILTER_NDIM:
+        return sgd_nesterov_(w, dw, state, (lr, momentum))
+    _muon_filters(w, dw, state[0], muon_lr, muon_momentum)
+
+
+def _muon_filters(w, dw, v, lr, momentum):
+    """Muon's step on filters w (F, ...) in place: momentum v, the weights' norm kept at
+    sqrt(F), the step orthogonalised (muon_'s formula; lr, momentum of w's dtype)."""
+    xp = get_array_module(w, dw)
+    v *= momentum
+    v += dw
+    nesterov = dw + momentum * v
+    w *= w.dtype.type(np.sqrt(w.shape[0])) / (xp.linalg.norm(w) + w.dtype.type(1e-30))
+    w -= lr * orthogonalize(nesterov.reshape(w.shape[0], -1)).reshape(w.shape)
 
 
 @update_op
@@ -227,6 +275,25 @@ rmsprop_.register("numpy")(_update_op_numba(_rmsprop, rmsprop_))
 adam_.register("numpy")(_update_op_numba(_adam, adam_))
 
 
+def _muon_op(nesterov_op):
+    """muon_ on one backend: filters by the reference (its products are BLAS's, or cuBLAS's),
+    every other parameter by that backend's sgd_nesterov_ op."""
+    def op(w, dw, state, h):
+        if w.ndim == FILTER_NDIM:
+            return muon_(w, dw, state, h)
+        if hasattr(h, "shape"):  # scalar rows (H,) or (K, H): the first two columns
+            return nesterov_op(w, dw, state, h[..., :2])
+        return nesterov_op(w, dw, state, tuple(h[:2]))
+
+    op.__name__ = op.__qualname__ = "muon_"
+    op.__doc__ = muon_.__doc__
+    return op
+
+
+# (without Numba, registry drops both registrations: the references run)
+muon_.register("numpy")(_muon_op(registry.OPS["sgd_nesterov_"].fast.get("numpy", sgd_nesterov_)))
+
+
 @_jit
 def _l2_stacked(dw, w, reg, partial):
     outer, members, inner = w.shape
@@ -320,3 +387,4 @@ sgd_momentum_.register("cupy")(_update_op_cupy("sgd_momentum"))
 sgd_nesterov_.register("cupy")(_update_op_cupy("sgd_nesterov"))
 rmsprop_.register("cupy")(_update_op_cupy("rmsprop"))
 adam_.register("cupy")(_update_op_cupy("adam"))
+muon_.register("cupy")(_muon_op(_update_op_cupy("sgd_nesterov")))
