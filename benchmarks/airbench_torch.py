@@ -13,6 +13,15 @@ the recipe at the main job's widths.
     python benchmarks/airbench_torch.py --widths 64 256 256 --epochs 10
     python benchmarks/airbench_torch.py --steps 20 --batch-size 512   # step rate only
 
+`--muon` trains airbench94_muon.py's recipe instead (fastnn's `airbench_muon` and
+`airbench94_muon`): its Muon on the 3x3 filters, Nesterov SGD on the rest (bias lr
+0.053, head lr 0.67 with the head's weights at std 1 and its scores over the width,
+weight decay 2e-6 per example of a step), batch 2000, 8 epochs, the rates straight
+down to 0, no Lookahead; the whitening bias learns 3 epochs at the common rate, as
+fastnn's recipe has it (airbench94_muon.py takes its rate down to 0 over them).
+
+    python benchmarks/airbench_torch.py --muon --widths 32 112 176
+
 Only the benchmarks import this (PyTorch is optional).
 """
 import argparse
@@ -32,6 +41,8 @@ from fastnn.data import load_cifar10  # noqa: E402
 HYP = {"lr": 11.5, "momentum": 0.85, "weight_decay": 0.0153, "bias_scaler": 64.0,
        "label_smoothing": 0.2, "whiten_bias_epochs": 3, "translate": 2,
        "batchnorm_momentum": 0.6, "scaling_factor": 1 / 9, "tta_level": 2}
+MUON_HYP = {"bias_lr": 0.053, "head_lr": 0.67, "weight_decay": 2e-6, "momentum": 0.85,
+            "muon_lr": 0.24, "muon_momentum": 0.6, "epochs": 8, "batch_size": 2000}
 CIFAR_MEAN = torch.tensor((0.4914, 0.4822, 0.4465))
 CIFAR_STD = torch.tensor((0.2470, 0.2435, 0.2616))
 
@@ -80,7 +91,9 @@ class Mul(nn.Module):
         return x * self.scale
 
 
-def make_net(widths, channels_last=True):
+def make_net(widths, channels_last=True, muon=False):
+    """airbench94's net; muon: airbench94_muon's head (weights at std 1, scores over the
+    width)."""
     whiten_width = 2 * 3 * 2 ** 2
     net = nn.Sequential(
         Conv(3, whiten_width, 2, padding=0, bias=True), nn.GELU(),
@@ -88,8 +101,11 @@ def make_net(widths, channels_last=True):
         ConvGroup(widths[0], widths[1], HYP["batchnorm_momentum"]),
         ConvGroup(widths[1], widths[2], HYP["batchnorm_momentum"]),
         nn.MaxPool2d(3), nn.Flatten(), nn.Linear(widths[2], 10, bias=False),
-        Mul(HYP["scaling_factor"]))
+        Mul(1 / widths[2] if muon else HYP["scaling_factor"]))
     net[0].weight.requires_grad = False
+    if muon:
+        head = net[-2].weight.data
+        head *= 1 / head.std()
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
@@ -117,6 +133,52 @@ def optimizer_for(net, batch_size):
     return torch.optim.SGD([dict(params=norm_biases, lr=lr_biases, weight_decay=wd / lr_biases),
                             dict(params=others, lr=lr, weight_decay=wd / lr)],
                            momentum=HYP["momentum"], nesterov=True)
+
+
+def orthogonalize(g, steps=3, eps=1e-7):
+    """airbench94_muon's zeropower_via_newtonschulz5, in float32 (not bfloat16)."""
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    x = g / (g.norm() + eps)
+    if g.size(0) > g.size(1):
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if g.size(0) > g.size(1) else x
+
+
+class Muon(torch.optim.Optimizer):
+    """airbench94_muon's Muon (Nesterov): momentum, the weights' norm reset to sqrt(F), the
+    step orthogonalised."""
+
+    def __init__(self, params, lr, momentum):
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                g = p.grad.add(buf, alpha=group["momentum"])
+                p.mul_(len(p) ** 0.5 / p.norm())
+                p.add_(orthogonalize(g.reshape(len(g), -1)).view(g.shape), alpha=-group["lr"])
+
+
+def muon_optimizers(net, batch_size):
+    """airbench94_muon's two optimizers: SGD for the biases and the head (wd / lr per group),
+    Muon for the 3x3 filters."""
+    hyp, named = MUON_HYP, list(net.named_parameters())
+    wd = hyp["weight_decay"] * batch_size
+    biases = [p for k, p in named if p.requires_grad and p.ndim == 1]   # whitening, norms
+    head = [p for k, p in named if p.requires_grad and p.ndim == 2]
+    filters = [p for k, p in named if p.requires_grad and p.ndim == 4]
+    sgd = torch.optim.SGD([dict(params=biases, lr=hyp["bias_lr"], weight_decay=wd / hyp["bias_lr"]),
+                           dict(params=head, lr=hyp["head_lr"], weight_decay=wd / hyp["head_lr"])],
+                          momentum=hyp["momentum"], nesterov=True)
+    return [sgd, Muon(filters, hyp["muon_lr"], hyp["muon_momentum"])]
 
 
 # -- data and augmentation (airbench94.py's CifarLoader) ---------------------------
@@ -183,9 +245,11 @@ def peak_rss_gb():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", type=int, nargs=3, default=[64, 256, 256])
-    parser.add_argument("--epochs", type=float, default=10.0,
-                        help="fastnn's airbench94 recipe: 10 (airbench94.py: 9.9)")
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--epochs", type=float, default=None,
+                        help="fastnn's airbench94 recipe: 10 (airbench94.py: 9.9); --muon: 8")
+    parser.add_argument("--batch-size", type=int, default=None, help="1024; --muon: 2000")
+    parser.add_argument("--muon", action="store_true",
+                        help="airbench94_muon's recipe (fastnn's airbench_muon)")
     parser.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -194,6 +258,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=0,
                         help="time this many training steps (after 3 warm-up steps) and stop")
     args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = float(MUON_HYP["epochs"]) if args.muon else 10.0
+    if args.batch_size is None:
+        args.batch_size = MUON_HYP["batch_size"] if args.muon else 1024
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     channels_last = args.layout == "channels_last"
@@ -208,20 +276,23 @@ def main(argv=None):
     test_images = normalised(X_test)
     test_labels = torch.from_numpy(np.asarray(y_test, dtype=np.int64))
 
-    net = make_net(args.widths, channels_last)
+    net = make_net(args.widths, channels_last, args.muon)
     init_whitening_conv(net[0], train_images[:5000])
-    optimizer = optimizer_for(net, args.batch_size)
+    optimizers = (muon_optimizers(net, args.batch_size) if args.muon
+                  else [optimizer_for(net, args.batch_size)])
     loss_fn = nn.CrossEntropyLoss(label_smoothing=HYP["label_smoothing"], reduction="none")
     per_epoch = len(train_images) // args.batch_size
     total = math.ceil(per_epoch * args.epochs) if not args.steps else args.steps + 3
     warmup = int(total * 0.23)
 
-    def lr_factor(step):  # airbench94's triangle
+    def lr_factor(step):  # airbench94's triangle; airbench94_muon's straight line
+        if args.muon:
+            return 1.0 - step / total
         if step < warmup:
             return 0.2 + 0.8 * step / warmup
         return 1.0 - 0.93 * (step - warmup) / (total - warmup)
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor) for o in optimizers]
     alpha = 0.95 ** 5 * (torch.arange(total + 1) / total) ** 3
     ema = {k: v.clone() for k, v in net.state_dict().items()}
 
@@ -243,16 +314,19 @@ def main(argv=None):
                                             padded):
             t0 = time.perf_counter()
             loss = loss_fn(net(layout(inputs)), labels).sum()
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
+            for optimizer, scheduler in zip(optimizers, schedulers):
+                optimizer.step()
+                scheduler.step()
             step += 1
-            if step % 5 == 0:
+            if step % 5 == 0 and not args.muon:
                 lookahead(alpha[step].item())
             step_times.append(time.perf_counter() - t0)
             if step >= total:
-                lookahead(1.0)
+                if not args.muon:
+                    lookahead(1.0)
                 done = True
                 break
         if args.steps:
@@ -274,7 +348,8 @@ def main(argv=None):
     train_seconds = time.perf_counter() - start
     plain = accuracy(net, test_images, test_labels, 0, layout)
     tta = accuracy(net, test_images, test_labels, HYP["tta_level"], layout)
-    print(f"widths {tuple(args.widths)} {args.layout} batch {args.batch_size} seed {args.seed}: "
+    print(f"widths {tuple(args.widths)} {'muon ' if args.muon else ''}{args.layout} "
+          f"batch {args.batch_size} seed {args.seed}: "
           f"test {plain:.4f}, tta2 {tta:.4f}; wall {time.perf_counter() - start:.0f} s "
           f"({train_seconds:.0f} s to the end of training), peak RSS {peak_rss_gb():.2f} GB",
           flush=True)

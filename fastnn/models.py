@@ -242,12 +242,13 @@ def _airbench_muon(widths, epochs, batch_size=2000):
 
 
 RECIPES = {
-    # 8 epochs (airbench94_muon's) at 32/112/176: 0.8855 in 8:52 (seed 0), against 0.8828 in
-    # 9:44 for airbench_small, 0.8783 in 7:47 at 32/96/160 (benchmarks/README.md)
+    # 8 epochs (airbench94_muon's) at 32/112/176: 0.8815 mean over 3 seeds (0.8805-0.8826) in
+    # 9:08-9:43; at 32/96/160 0.8783 in 7:47 (seed 0); airbench_small 0.8794 in 9:11-9:53
+    # (benchmarks/README.md)
     "airbench_muon": Recipe("convnet", _airbench_muon([32, 112, 176], 8),
                             "the main job (default): airbench94_muon's recipe at ConvNet "
                             "32/112/176: Muon on the conv filters, Nesterov SGD on the rest, "
-                            "batch 2000, 8 epochs, tta 2"),
+                            "batch 2000, 8 epochs, tta 2: 0.882 in 9-10 min on a 2-core Xeon"),
     "airbench94_muon": Recipe("convnet", _airbench_muon([64, 256, 256], 8),
                               "airbench94_muon's recipe: ConvNet 64/256/256, Muon on the conv "
                               "filters, Nesterov SGD on the rest, batch 2000, 8 epochs, tta 2"),

@@ -86,11 +86,12 @@ def test_conv_step_times_a_recipe_with_its_stem_frozen():
 
 def test_the_airbench_port_trains_and_times_steps(cifar_root):
     """benchmarks/airbench_torch.py (PyTorch's airbench94 on the CPU): a tiny run to the test
-    accuracies, and the step-rate mode."""
+    accuracies (airbench94's recipe and airbench94_muon's), and the step-rate mode."""
     pytest.importorskip("torch")
     import airbench_torch
 
     common = ["--widths", "4", "4", "4", "--batch-size", "16", "--num-training", "64",
               "--threads", "1", "--data", cifar_root]
     airbench_torch.main([*common, "--epochs", "2"])
+    airbench_torch.main([*common, "--epochs", "2", "--muon"])
     airbench_torch.main([*common, "--steps", "2", "--layout", "nchw"])
