@@ -108,6 +108,10 @@ class Search(NamedTuple):
     flags: dict = {}   # option -> tune flag help: model options every trial takes from a flag
     shared: tuple = ()  # with `stacked`: the parameters one stack's trials share (its first
                         # trial draws them; a queued trial brings its own)
+    lr_schedule: str = "onecycle"  # --lr-schedule when not given ("none": constant)
+    # searched around a recipe that sets them (search_for): parameter -> (kind, low, high,
+    # log), the range as factors of the recipe's value
+    relative: dict = {}
 
 
 class Model(NamedTuple):
@@ -327,9 +331,14 @@ MODELS = {
                {name: _CONV_RECIPE[name] for name in CONV_SPACE}, stacked=False, parallel=1,
                epochs=_CONV_RECIPE["epochs"], crop_padding=_CONV_RECIPE["crop_padding"],
                summary=lambda c: (f"lr {c['learning_rate']:.2e} reg {c['reg']:.1e} momentum "
-                                  f"{c['momentum']:.3f} smoothing {c['label_smoothing']:.2f}"),
+                                  f"{c['momentum']:.3f} smoothing {c['label_smoothing']:.2f}"
+                                  + "".join(f" {key.replace('_', ' ')} {c[key]:.2e}"
+                                            for key in ("weight_decay", "muon_learning_rate")
+                                            if c.get(key))),
                flags={"widths": "convnet trials' group widths (the recipe's 32 64 128)",
-                      "stem_width": "convnet trials' stem width (24)"}),
+                      "stem_width": "convnet trials' stem width (24)"},
+               relative={"weight_decay": ("float", 0.25, 4.0, True),
+                         "muon_learning_rate": ("float", 0.5, 2.0, True)}),
         init=_init_convnet),
     "fc": Model(
         "fc (fully connected)", _build_fc,
@@ -372,23 +381,32 @@ def search_for(model, recipe_name=None):
     moved to the recipe (None: the model's own, its search as declared). Its trials and
     baseline take the recipe's values; each log-scaled range is scaled by the recipe's value
     over the declared baseline's (so it keeps its width around the recipe), each other range
-    widened to hold the recipe's value."""
+    widened to hold the recipe's value. A log-scaled parameter the recipe turns off (0: the
+    airbench recipes' reg, who decay the weights instead) is not searched; the `relative`
+    parameters the recipe sets (its weight decay, muon's learning rate) are, around its
+    values. Epochs, crops and the schedule are the recipe's."""
     search = MODELS[model].search
     if recipe_name is None or recipe_name == MODELS[model].recipe:
         return search
     settings = recipe(recipe_name).settings
-    baseline = {name: settings.get(name, value) for name, value in search.baseline.items()}
-    space = {}
+    baseline, space = {}, {}
     for name, (kind, low, high, log) in search.space.items():
-        old, new = search.baseline[name], baseline[name]
+        old, new = search.baseline[name], settings.get(name, search.baseline[name])
         if log and kind == "float":
+            if new == 0:
+                continue  # off in the recipe: it stays off
             low, high = low * new / old, high * new / old
         else:
             low, high = min(low, new), max(high, new)
-        space[name] = (kind, low, high, log)
+        space[name], baseline[name] = (kind, low, high, log), new
+    for name, (kind, low, high, log) in search.relative.items():
+        if settings.get(name):
+            value = settings[name]
+            space[name], baseline[name] = (kind, low * value, high * value, log), value
     return search._replace(space=space, baseline=baseline,
                            epochs=settings.get("epochs", search.epochs),
-                           crop_padding=settings.get("crop_padding", search.crop_padding))
+                           crop_padding=settings.get("crop_padding", search.crop_padding),
+                           lr_schedule=settings.get("lr_schedule") or "none")
 
 
 def check_tables():

@@ -900,6 +900,27 @@ def test_tune_convnet_searches_around_the_chosen_recipe(cifar_root, tmp_path, ca
     assert study.user_attrs["fastnn_search_space"]["momentum"][1] == 0.7
 
 
+def test_tune_convnet_around_the_main_jobs_recipe(cifar_root, tmp_path):
+    """--recipe airbench_muon: the first trial is the recipe (muon, its weight decay, its linear
+    schedule), and the search draws no reg (the recipe's 0 leaves no log range)."""
+    import optuna
+
+    from fastnn import models
+
+    out = tmp_path / "tune"
+    assert main(["tune", "--out", str(out), "--data", cifar_root, "--num-training", "64",
+                 "--num-validation", "16", "--num-test", "16", "--model", "convnet",
+                 "--widths", "4", "8", "--trials", "1", "--epochs", "1",
+                 "--recipe", "airbench_muon"]) == 0
+    config = json.loads((out / "best.json").read_text())["config"]
+    settings = models.RECIPES["airbench_muon"].settings
+    for key in ("update_rule", "weight_decay", "learning_rate", "lr_schedule", "batch_size"):
+        assert config[key] == settings[key], key
+    study = optuna.load_study(study_name="fastnn", storage=f"sqlite:///{out / 'study.db'}")
+    assert set(study.user_attrs["fastnn_search_space"]) == {
+        "learning_rate", "momentum", "label_smoothing", "weight_decay", "muon_learning_rate"}
+
+
 def test_the_airbench94_recipe_trains_resumes_bit_for_bit_and_evaluates_with_tta_2(
         cifar_root, tmp_path, capsys, monkeypatch):
     from fastnn.init import whitening_filters

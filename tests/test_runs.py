@@ -396,6 +396,27 @@ def test_a_search_moves_to_the_recipe_it_starts_from(monkeypatch):
     assert search.space["reg"] == declared.space["reg"] and search.epochs == 30
 
 
+def test_a_search_around_an_airbench_recipe_drops_reg_and_searches_its_decay():
+    """The airbench recipes set reg 0 (their weight decay does its work): reg is not searched
+    (a log range around 0 is empty); their weight decay, muon's learning rate and their
+    schedule are the search's."""
+    from fastnn import models
+
+    for name in ("airbench_muon", "airbench94"):
+        settings = models.RECIPES[name].settings
+        search = models.search_for("convnet", name)
+        assert "reg" not in search.space and "reg" not in search.baseline
+        assert search.baseline["weight_decay"] == settings["weight_decay"]
+        kind, low, high, log = search.space["weight_decay"]
+        assert log and low < settings["weight_decay"] < high
+        assert search.lr_schedule == settings["lr_schedule"]
+        assert all(low <= search.baseline[k] <= high for k, (_, low, high, _) in
+                   search.space.items())
+    assert models.search_for("convnet", "airbench_muon").baseline["muon_learning_rate"] == 0.24
+    assert "muon_learning_rate" not in models.search_for("convnet", "airbench94").space
+    assert models.search_for("convnet").lr_schedule == "onecycle"  # the convnet recipe's
+
+
 NEW_SOLVER_OPTION = """
 import sys
 from fastnn import models

@@ -171,8 +171,8 @@ def build_parser():
     add("--crop-padding", type=int, default=None,
         help="trials that augment (fc: a searched choice; convnet: always) also translate "
              "by up to this many pixels (fc 0; convnet 2)")
-    add("--lr-schedule", choices=SCHEDULE_CHOICES, default="onecycle",
-        help="learning-rate schedule of every trial (onecycle)")
+    add("--lr-schedule", choices=SCHEDULE_CHOICES, default=None,
+        help="learning-rate schedule of every trial (onecycle; with --recipe, the recipe's)")
     add("--storage", default=None,
         help="study storage shared by workers: postgresql+psycopg://USER@HOST:PORT/DB (the "
              "password from ~/.pgpass or PGPASSWORD, not the command line, where ps shows it), "

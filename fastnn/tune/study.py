@@ -101,11 +101,11 @@ def suggest(trial, name, spec, fixed=None):
 
 
 def model_defaults(model, recipe=None):
-    """--parallel, --epochs and --crop-padding of a search of `model` (around `recipe`) when
-    not given."""
+    """--parallel, --epochs, --crop-padding and --lr-schedule of a search of `model` (around
+    `recipe`) when not given."""
     search = models.search_for(model, recipe)
     return {"parallel": search.parallel, "epochs": search.epochs,
-            "crop_padding": search.crop_padding}
+            "crop_padding": search.crop_padding, "lr_schedule": search.lr_schedule}
 
 
 def trial_epochs(study):
