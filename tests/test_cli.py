@@ -900,6 +900,39 @@ def test_tune_convnet_searches_around_the_chosen_recipe(cifar_root, tmp_path, ca
     assert study.user_attrs["fastnn_search_space"]["momentum"][1] == 0.7
 
 
+def test_the_main_job_resumes_bit_for_bit_with_muons_state(cifar_root, tmp_path, monkeypatch):
+    """The main job (update rule muon, linear schedule) stopped after its first epoch and
+    resumed ends with the parameters and optimizer state of the run that never stopped."""
+    from fastnn.serialization import read_npz
+    from fastnn.solver import Solver
+
+    tiny = ["--widths", "4", "8", "8", "--batch-size", "16", "--stem-bias-epochs", "1",
+            "--epochs", "2", "--data", cifar_root, "--num-training", "160",
+            "--num-validation", "40", "--num-test", "50", "--print-every", "5"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(["train", *tiny, "--out", str(whole)]) == 0
+    write_checkpoints = Solver._write_checkpoints
+
+    def stop_after_epoch_1(self):
+        write_checkpoints(self)
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Solver, "_write_checkpoints", stop_after_epoch_1)
+    assert main(["train", *tiny, "--out", str(part)]) == 130
+    monkeypatch.undo()
+    assert json.loads((part / "config.json").read_text())["update_rule"] == "muon"
+    assert main(["train", "--resume", str(part)]) == 0
+    want, _ = read_npz(os.path.join(whole, "checkpoint.npz"), "fastnn-checkpoint")
+    got, meta = read_npz(os.path.join(part, "checkpoint.npz"), "fastnn-checkpoint")
+    assert meta["epoch"] == 2 and meta["update_rule"] == "muon"
+    assert {k for k in want if k.startswith("optim/W2/")} == {"optim/W2/velocity"}
+    assert want.keys() == got.keys()
+    for name in want:
+        if name.startswith(("model/", "optim/")):
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 def test_tune_convnet_around_the_main_jobs_recipe(cifar_root, tmp_path):
     """--recipe airbench_muon: the first trial is the recipe (muon, its weight decay, its linear
     schedule), and the search draws no reg (the recipe's 0 leaves no log range)."""
