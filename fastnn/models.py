@@ -255,7 +255,8 @@ RECIPES = {
                             "batch 2000, 8 epochs, tta 2: 0.882 in 9-10 min on a 2-core Xeon"),
     "airbench94_muon": Recipe("convnet", _airbench_muon([64, 256, 256], 8),
                               "airbench94_muon's recipe: ConvNet 64/256/256, Muon on the conv "
-                              "filters, Nesterov SGD on the rest, batch 2000, 8 epochs, tta 2"),
+                              "filters, Nesterov SGD on the rest, batch 2000, 8 epochs, tta 2: "
+                              "0.9065 in 29 min (2.9 GB) on a 2-core Xeon"),
     # widths 32 96 160 against 32 64 128: 0.879 against 0.869 (3 seeds each), 1.3x the time
     "airbench_small": Recipe("convnet", {**_AIRBENCH, "widths": [32, 96, 160]},
                              "the main job before airbench_muon: airbench94's recipe at ConvNet "
