@@ -236,11 +236,12 @@ def _airbench_muon(widths, epochs, batch_size=2000):
     the filters excepted); the learning rates straight down to 0 (no warm-up, no lookahead)."""
     width = widths[-1]
     head_lr = 0.67 * batch_size / width
+    bias_multiplier = 0.053 * batch_size / head_lr  # the biases' and shifts' 0.053
     return {**_AIRBENCH, "widths": widths, "update_rule": "muon", "learning_rate": head_lr,
             "momentum": 0.85, "muon_learning_rate": 0.24, "muon_momentum": 0.6,
             "weight_decay": 2e-6 * batch_size / head_lr,
-            "shift_lr_multiplier": 0.053 * batch_size / head_lr,
-            "bias_lr_multiplier": 0.053 * batch_size / head_lr, "logit_scale": width ** -0.5,
+            "shift_lr_multiplier": bias_multiplier, "bias_lr_multiplier": bias_multiplier,
+            "logit_scale": width ** -0.5,
             "lr_schedule": "linear", "lookahead": False, "batch_size": batch_size,
             "epochs": epochs}
 

@@ -235,13 +235,19 @@ def _decayed(w, dw, decay):
     return out
 
 
+def _coupled_decay(spec, w, config):
+    """Whether w steps with the SGD rules' coupled weight decay: given, and w is not a filter
+    that the rule steps on its own (muon's)."""
+    return bool(spec.optional and config.get("weight_decay") and w.ndim != spec.filter_ndim)
+
+
 def _step(rule, w, dw, config, copy):
     """One step of `rule` on w (a copy of w and its state when `copy`) -> (w, config)."""
     if copy:
         w = w.copy()
     config, state = _prepare(rule, w, config, copy)
     spec = SPECS[rule]
-    if spec.optional and config.get("weight_decay") and w.ndim != spec.filter_ndim:
+    if _coupled_decay(spec, w, config):
         dw = _decayed(w, dw, config["weight_decay"])
     getattr(kernels.for_module(get_array_module(w, dw)), spec.op)(w, dw, state,
                                                                  spec.scalars(config))
@@ -289,8 +295,7 @@ def apply_step(rule, w, dw, config, rows):
     members, fastnn.stacked)."""
     spec = SPECS[rule]
     op = getattr(kernels.for_module(get_array_module(w, dw)), spec.op)
-    if (spec.optional and config.get("weight_decay")  # off: two lookups, no call
-            and w.ndim != spec.filter_ndim):
+    if _coupled_decay(spec, w, config):  # off: a few lookups, no array work
         dw = _decayed(w, dw, config["weight_decay"])
     op(w, dw, tuple(config[key] for key in spec.state), rows)
 

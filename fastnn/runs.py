@@ -296,12 +296,20 @@ def augment_options(config):
             "padding_mode": config.get("padding_mode") or LEGACY_DEFAULTS["padding_mode"]}
 
 
+def _multipliers(config):
+    """The Solver's lr_multipliers, {role: m}, from the role options (ROLE_lr_multiplier) whose
+    value is not 1 (None: none)."""
+    multipliers = {key[:-len("_lr_multiplier")]: float(config[key])
+                   for key, word in SOLVER_OPTIONS.items()
+                   if word == "lr_multipliers" and config[key] != 1.0}
+    return multipliers or None
+
+
 # The Solver options (models.OPTIONS' `solver`) whose config value is simpler than the Solver
 # keyword's: key -> (complete config -> the keyword's value); the legacy value gives None (off)
 _SOLVER_VALUES = {
-    # lr_multipliers: {role: m} of the roles whose multiplier is not 1 (None: none)
-    "shift_lr_multiplier": lambda c: _multipliers(c),
-    "bias_lr_multiplier": lambda c: _multipliers(c),
+    "shift_lr_multiplier": _multipliers,
+    "bias_lr_multiplier": _multipliers,
     "decay_all_roles": lambda c: ROLES if c["decay_all_roles"] else None,
     "lookahead": lambda c: bool(c["lookahead"]) or None,
     # only the cycles take it (another schedule ignores the recipe's value)
@@ -312,14 +320,6 @@ _SOLVER_VALUES = {
     "stem_bias_epochs": lambda c: ({"b1": c["stem_bias_epochs"]} if c["stem_bias_epochs"]
                                    else None),
 }
-
-
-def _multipliers(config):
-    """The Solver's lr_multipliers from the role options (SOLVER_OPTIONS naming it)."""
-    multipliers = {key[:-len("_lr_multiplier")]: float(config[key])
-                   for key, word in SOLVER_OPTIONS.items()
-                   if word == "lr_multipliers" and config[key] != 1.0}
-    return multipliers or None
 
 
 def solver_options(config):

@@ -31,6 +31,7 @@ class Updater:
     """
 
     frozen = frozenset()  # a class attribute: the stack's updater has it too
+    base_scaled = {}  # name -> {key: base value} of the rule's `scaled` hyperparameters (too)
 
     def __init__(self, update_rule, model, optim_config, fused, lr_multipliers=None,
                  decayed_roles=None):
@@ -58,8 +59,6 @@ class Updater:
     def view(self, w):
         """The array the update op steps for parameter w."""
         return w
-
-    base_scaled = {}  # name -> {key: base value} of the rule's `scaled` hyperparameters
 
     def set_learning_rates(self, factor):
         """learning_rate = base * factor (a schedule's), and the rule's other learning rates."""

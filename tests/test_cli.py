@@ -44,6 +44,25 @@ def convnet_args(root, out, *extra):
             *extra]
 
 
+def train_stopped_after_epoch_1(monkeypatch, args):
+    """`fastnn train ARGS` stopped right after its first epoch's checkpoint, as a second Ctrl-C
+    stops it; returns its exit code."""
+    from fastnn.solver import Solver
+
+    write_checkpoints = Solver._write_checkpoints
+
+    def stop_after_epoch_1(self):
+        write_checkpoints(self)
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Solver, "_write_checkpoints", stop_after_epoch_1)
+    try:
+        return main(["train", *args])
+    finally:
+        monkeypatch.undo()
+
+
 def checkpoint_params(run_dir):
     arrays, meta = read_npz(os.path.join(run_dir, "checkpoint.npz"), "fastnn-checkpoint")
     return {k: v for k, v in arrays.items() if k.startswith("model/")}, meta
@@ -904,23 +923,13 @@ def test_the_main_job_resumes_bit_for_bit_with_muons_state(cifar_root, tmp_path,
     """The main job (update rule muon, linear schedule) stopped after its first epoch and
     resumed ends with the parameters and optimizer state of the run that never stopped."""
     from fastnn.serialization import read_npz
-    from fastnn.solver import Solver
 
     tiny = ["--widths", "4", "8", "8", "--batch-size", "16", "--stem-bias-epochs", "1",
             "--epochs", "2", "--data", cifar_root, "--num-training", "160",
             "--num-validation", "40", "--num-test", "50", "--print-every", "5"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert main(["train", *tiny, "--out", str(whole)]) == 0
-    write_checkpoints = Solver._write_checkpoints
-
-    def stop_after_epoch_1(self):
-        write_checkpoints(self)
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Solver, "_write_checkpoints", stop_after_epoch_1)
-    assert main(["train", *tiny, "--out", str(part)]) == 130
-    monkeypatch.undo()
+    assert train_stopped_after_epoch_1(monkeypatch, [*tiny, "--out", str(part)]) == 130
     assert json.loads((part / "config.json").read_text())["update_rule"] == "muon"
     assert main(["train", "--resume", str(part)]) == 0
     want, _ = read_npz(os.path.join(whole, "checkpoint.npz"), "fastnn-checkpoint")
@@ -958,7 +967,6 @@ def test_the_airbench94_recipe_trains_resumes_bit_for_bit_and_evaluates_with_tta
         cifar_root, tmp_path, capsys, monkeypatch):
     from fastnn.init import whitening_filters
     from fastnn.runs import load_data
-    from fastnn.solver import Solver
 
     # tiny widths and batches (the lr scaled to batch 16 as the recipe's comment says); the
     # stem's bias trained 1 epoch, so the resumed epoch has it frozen
@@ -971,16 +979,7 @@ def test_the_airbench94_recipe_trains_resumes_bit_for_bit_and_evaluates_with_tta
     loss = json.loads((whole / "metrics.json").read_text())["loss_history"]
     assert np.mean(loss[-5:]) < np.mean(loss[:3])  # it trains
     # the same run stopped after its first epoch's checkpoint (as a second Ctrl-C does)
-    write_checkpoints = Solver._write_checkpoints
-
-    def stop_after_epoch_1(self):
-        write_checkpoints(self)
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Solver, "_write_checkpoints", stop_after_epoch_1)
-    assert main(["train", *tiny, "--out", str(part)]) == 130
-    monkeypatch.undo()
+    assert train_stopped_after_epoch_1(monkeypatch, [*tiny, "--out", str(part)]) == 130
     after_one, meta = checkpoint_params(part)
     assert meta["epoch"] == 1
     config = json.loads((part / "config.json").read_text())
